@@ -1,0 +1,385 @@
+"""One configuration tree for the tab, the JSON file and the command line.
+
+Standard library only: the WebUI process imports this module without torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+SCHEMA_VERSION = 1
+
+MODEL_TYPES = ("v1x", "v2x-512", "v2x-768-v", "sdxl")
+OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "prodigy", "adafactor")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+ATTENTION = ("default", "sdpa", "xformers")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine",
+                 "cosine_with_restarts", "polynomial")
+SAVE_PRECISION = ("fp32", "fp16", "bf16")
+
+_RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
+                   *(f"lpt{i}" for i in range(1, 10))}
+_BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
+MAX_NAME_LENGTH = 100
+
+
+def _f(default: Any, help: str, *, advanced: bool = False, choices: tuple = (),
+       minimum: float | None = None, maximum: float | None = None) -> Any:
+    """A dataclass field with the text and limits the UI, the README and validate() use."""
+    meta = {"help": help, "advanced": advanced, "choices": choices,
+            "minimum": minimum, "maximum": maximum}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One thing to teach: instance images + prompt, optionally a class for prior preservation."""
+
+    instance_data_dir: str = _f("", "Folder with the images of your subject (jpg, png, webp).")
+    instance_prompt: str = _f("", "Prompt for the instance images, e.g. 'photo of sks dog'. "
+                                  "[filewords] is replaced by each image's caption (.txt beside it) "
+                                  "or its file name.")
+    class_prompt: str = _f("", "Prompt of the general class, e.g. 'photo of a dog'. Empty: no prior "
+                               "preservation for this concept.")
+    class_data_dir: str = _f("", "Folder for class images; missing ones are generated with the base "
+                                 "model and saved there. Empty: a folder inside the model's work dir.")
+    class_images_per_instance: int = _f(0, "Class images per instance image (0: no prior "
+                                           "preservation).", minimum=0, maximum=1000)
+    sample_prompt: str = _f("", "Prompt for preview images (empty: the instance prompt).")
+
+    @property
+    def uses_prior(self) -> bool:
+        return bool(self.class_prompt.strip()) and self.class_images_per_instance > 0
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Everything a training run needs. Defaults work; validate() lists every problem at once."""
+
+    model_name: str = _f("my_model", "Name of the model; names the output files and the work folder.")
+    source_checkpoint: str = _f("", "Single-file checkpoint to start from (.safetensors, or .ckpt "
+                                    "loaded safely).")
+    model_type: str = _f("v1x", "Architecture of the source checkpoint.", choices=MODEL_TYPES)
+    output_dir: str = _f("", "Folder the trained .safetensors goes to (the WebUI's "
+                             "models/Stable-diffusion from the tab). Empty: <work_dir>/<model_name>/output.")
+    work_dir: str = _f("dreambooth_runs", "Folder holding each model's working copy, class images "
+                                          "and samples.", advanced=True)
+    concepts: tuple[Concept, ...] = field(default=(), metadata={
+        "help": "What to train: a list of concepts.", "advanced": False, "choices": (),
+        "minimum": None, "maximum": None})
+    steps_per_image: int = _f(100, "Training steps per instance image (= epochs). Total steps = this "
+                                   "x instance images / batch size.", minimum=1, maximum=100000)
+    save_every_epochs: int = _f(0, "Save a checkpoint every N epochs (0: only at the end).",
+                                minimum=0)
+    sample_every_epochs: int = _f(0, "Write preview images every N epochs (0: never).", minimum=0)
+    batch_size: int = _f(1, "Instance images per step.", minimum=1, maximum=256)
+    gradient_accumulation_steps: int = _f(1, "Steps whose gradients add up before one update.",
+                                          advanced=True, minimum=1, maximum=1024)
+    learning_rate: float = _f(2e-6, "UNet learning rate.", minimum=0.0, maximum=1.0)
+    text_encoder_learning_rate: float = _f(1e-6, "Text encoder learning rate.", advanced=True,
+                                           minimum=0.0, maximum=1.0)
+    lr_scheduler: str = _f("constant", "Learning-rate schedule.", choices=LR_SCHEDULERS,
+                           advanced=True)
+    lr_warmup_steps: int = _f(0, "Warm-up steps of the schedule.", advanced=True, minimum=0)
+    optimizer: str = _f("adamw", "Optimizer (adamw_8bit needs bitsandbytes; lion, prodigy need "
+                                 "their packages).", choices=OPTIMIZERS)
+    weight_decay: float = _f(1e-2, "AdamW weight decay.", advanced=True, minimum=0.0, maximum=1.0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: off).", advanced=True, minimum=0.0)
+    mixed_precision: str = _f("no", "Mixed precision (fp16/bf16 need a GPU that supports them).",
+                              choices=MIXED_PRECISION)
+    attention: str = _f("sdpa", "Memory attention: default (plain), sdpa (PyTorch fused), xformers.",
+                        choices=ATTENTION)
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, "
+                                             "slower.")
+    cache_latents: bool = _f(True, "Encode the images with the VAE once, not every step.")
+    train_text_encoder: bool = _f(False, "Also train the text encoder.")
+    text_encoder_steps_ratio: float = _f(1.0, "Train the text encoder for this fraction of the "
+                                              "steps.", advanced=True, minimum=0.0, maximum=1.0)
+    use_ema: bool = _f(False, "Keep an exponential moving average of the UNet and save it.",
+                       advanced=True)
+    ema_decay: float = _f(0.9999, "EMA decay.", advanced=True, minimum=0.0, maximum=1.0)
+    prior_loss_weight: float = _f(1.0, "Weight of the class (prior preservation) loss.",
+                                  minimum=0.0, maximum=100.0)
+    resolution: int = _f(512, "Training resolution in pixels (multiple of 8).", minimum=8,
+                         maximum=4096)
+    center_crop: bool = _f(False, "Center crop instead of random crop.", advanced=True)
+    hflip: bool = _f(False, "Randomly flip images horizontally.", advanced=True)
+    offset_noise: float = _f(0.0, "Offset noise strength (0: off; 0.05-0.1 helps very dark/bright "
+                                  "images).", advanced=True, minimum=0.0, maximum=1.0)
+    min_snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma (0: off; 5 is usual).",
+                              advanced=True, minimum=0.0, maximum=100.0)
+    seed: int = _f(42, "Random seed (data order, noise, samples).", advanced=True, minimum=0,
+                   maximum=2**32 - 1)
+    save_precision: str = _f("fp32", "Precision of the saved checkpoint (fp16: 'half model').",
+                             choices=SAVE_PRECISION)
+    class_generation_steps: int = _f(20, "Denoising steps when generating class images.",
+                                     advanced=True, minimum=1, maximum=1000)
+    sample_steps: int = _f(20, "Denoising steps of preview images.", advanced=True, minimum=1,
+                           maximum=1000)
+    guidance_scale: float = _f(7.5, "Classifier-free guidance of class and preview images.",
+                               advanced=True, minimum=0.0, maximum=50.0)
+    overwrite: bool = _f(False, "Replace output files of the same name (otherwise refuse).",
+                         advanced=True)
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.work_dir) / self.model_name
+
+    @property
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else self.model_dir / "output"
+
+    def replace(self, **changes: Any) -> "TrainingConfig":
+        return dataclasses.replace(self, **changes)
+
+    # -- validation ------------------------------------------------------------------------
+    def validate(self, check_paths: bool = True) -> list["Problem"]:
+        """Every problem with this config, in words a user understands. Empty list: all good."""
+        problems = _check_fields(self, "")
+        problems += _check_name(self.model_name)
+        if not self.concepts:
+            problems.append(Problem("concepts", [], "no concept is given",
+                                    "add at least one concept with an instance folder and prompt"))
+        for i, concept in enumerate(self.concepts):
+            if not isinstance(concept, Concept):
+                problems.append(Problem(f"concepts[{i}]", concept, "is not a concept",
+                                        "give an object with instance_data_dir and instance_prompt"))
+                continue
+            problems += _check_fields(concept, f"concepts[{i}].")
+            problems += _check_concept(concept, i, check_paths)
+        if isinstance(self.resolution, int) and not isinstance(self.resolution, bool) \
+                and self.resolution % 8:
+            problems.append(Problem("resolution", self.resolution, "is not a multiple of 8",
+                                    f"use {max(8, self.resolution // 8 * 8)}"))
+        if check_paths:
+            problems += _check_source(self.source_checkpoint)
+        return problems
+
+    def check(self, check_paths: bool = True) -> "TrainingConfig":
+        """Raise ConfigError listing every problem, or return self."""
+        problems = self.validate(check_paths)
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    # -- JSON ------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = {"schema_version": SCHEMA_VERSION}
+        d.update(dataclasses.asdict(self))
+        d["concepts"] = [dataclasses.asdict(c) for c in self.concepts]
+        return d
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainingConfig":
+        if not isinstance(data, dict):
+            raise ConfigError([Problem("(file)", type(data).__name__, "is not a JSON object",
+                                       "the file must hold one {...} object")])
+        data = migrate(dict(data))
+        problems = _unknown_keys(data, cls, "")
+        concepts_raw = data.pop("concepts", [])
+        if not isinstance(concepts_raw, list):
+            problems.append(Problem("concepts", concepts_raw, "is not a list",
+                                    "give a list of concept objects"))
+            concepts_raw = []
+        concepts = []
+        for i, c in enumerate(concepts_raw):
+            if not isinstance(c, dict):
+                problems.append(Problem(f"concepts[{i}]", c, "is not an object",
+                                        "give {\"instance_data_dir\": ..., \"instance_prompt\": ...}"))
+                continue
+            problems += _unknown_keys(c, Concept, f"concepts[{i}].")
+            concepts.append(Concept(**{k: v for k, v in c.items() if k in _names(Concept)}))
+        if problems:
+            raise ConfigError(problems)
+        known = {k: v for k, v in data.items() if k in _names(cls)}
+        return cls(concepts=tuple(concepts), **known)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainingConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError([Problem("(file)", f"line {e.lineno} column {e.colno}",
+                                       f"is not valid JSON ({e.msg})",
+                                       "fix the JSON syntax at that place")]) from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TrainingConfig":
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([Problem("--config", str(p), "does not exist",
+                                       "give the path of a JSON config file")])
+        return cls.from_json(p.read_text(encoding="utf-8"))
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One invalid value: which field, what value, why, and what to do."""
+
+    field: str
+    value: Any
+    why: str
+    fix: str
+
+    def __str__(self) -> str:
+        value = self.value if not isinstance(self.value, str) else repr(self.value)
+        if isinstance(value, str) and len(value) > 80:
+            value = value[:77] + "..."
+        return f"{self.field} = {value}: {self.why}; {self.fix}"
+
+
+# -- migrations: old file dicts -> current dicts ---------------------------------------------
+def _migrate_0_to_1(d: dict) -> dict:
+    """Version 0 (no schema_version) named the fp16 toggle `half_model`."""
+    if "half_model" in d:
+        d["save_precision"] = "fp16" if d.pop("half_model") else d.get("save_precision", "fp32")
+    return d
+
+
+MIGRATIONS = {0: _migrate_0_to_1}
+
+
+def migrate(d: dict) -> dict:
+    version = d.pop("schema_version", 0)
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise ConfigError([Problem("schema_version", version, "is newer than this version "
+                                   f"understands ({SCHEMA_VERSION})",
+                                   "update the Dreambooth extension")])
+    while version < SCHEMA_VERSION:
+        d = MIGRATIONS[version](d)
+        version += 1
+    return d
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _names(cls) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def _unknown_keys(data: dict, cls, prefix: str) -> list[Problem]:
+    problems = []
+    for key in data:
+        if key in _names(cls):
+            continue
+        close = difflib.get_close_matches(str(key), _names(cls), n=1)
+        fix = f"did you mean '{close[0]}'?" if close else "remove it"
+        problems.append(Problem(prefix + str(key), data[key], "is not a known setting", fix))
+    return problems
+
+
+def _type_ok(value: Any, annotation: str) -> bool:
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if annotation == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation == "str":
+        return isinstance(value, str)
+    return True
+
+
+def _check_fields(obj, prefix: str) -> list[Problem]:
+    problems = []
+    for f in fields(obj):
+        value, meta, name = getattr(obj, f.name), f.metadata, prefix + f.name
+        if not _type_ok(value, str(f.type)):
+            problems.append(Problem(name, value, f"should be {_type_word(str(f.type))}",
+                                    f"give {_type_word(str(f.type))} (default {f.default!r})"))
+            continue
+        if meta.get("choices") and value not in meta["choices"]:
+            problems.append(Problem(name, value, "is not one of the choices",
+                                    "choose one of: " + ", ".join(meta["choices"])))
+        lo, hi = meta.get("minimum"), meta.get("maximum")
+        if lo is not None and value < lo:
+            problems.append(Problem(name, value, f"is below the minimum {lo}", f"use {lo} or more"))
+        if hi is not None and value > hi:
+            problems.append(Problem(name, value, f"is above the maximum {hi}", f"use {hi} or less"))
+    return problems
+
+
+def _type_word(annotation: str) -> str:
+    return {"bool": "true or false", "int": "a whole number", "float": "a number",
+            "str": "text"}.get(annotation, annotation)
+
+
+def _check_name(name: Any) -> list[Problem]:
+    if not isinstance(name, str):
+        return []
+    why = None
+    if not name.strip():
+        why = "is empty"
+    elif len(name) > MAX_NAME_LENGTH:
+        why = f"is {len(name)} characters long (at most {MAX_NAME_LENGTH})"
+    elif _BAD_NAME_CHARS.search(name) or name in (".", "..") or ".." in name:
+        why = "contains a path separator, '..' or a reserved character (<>:\"/\\|?*)"
+    elif name.split(".")[0].lower() in _RESERVED_NAMES:
+        why = "is a reserved device name on Windows"
+    elif name != name.strip() or name.endswith("."):
+        why = "starts or ends with a space or ends with a dot"
+    if why is None:
+        return []
+    return [Problem("model_name", name, why,
+                    "use letters, digits, '-', '_' and '.', e.g. 'my_dog'")]
+
+
+def _check_concept(c: Concept, i: int, check_paths: bool) -> list[Problem]:
+    problems, p = [], f"concepts[{i}]."
+    if isinstance(c.instance_prompt, str) and not c.instance_prompt.strip():
+        problems.append(Problem(p + "instance_prompt", c.instance_prompt, "is empty",
+                                "describe the subject with a rare token, e.g. 'photo of sks dog'"))
+    if isinstance(c.instance_data_dir, str):
+        if not c.instance_data_dir.strip():
+            problems.append(Problem(p + "instance_data_dir", c.instance_data_dir, "is empty",
+                                    "give the folder holding your subject's images"))
+        elif check_paths and not Path(c.instance_data_dir).is_dir():
+            problems.append(Problem(p + "instance_data_dir", c.instance_data_dir,
+                                    "is not an existing folder", "check the path"))
+    if isinstance(c.class_images_per_instance, int) and c.class_images_per_instance > 0 \
+            and isinstance(c.class_prompt, str) and not c.class_prompt.strip():
+        problems.append(Problem(p + "class_prompt", c.class_prompt,
+                                "is empty while class images are asked for",
+                                "give a class prompt such as 'photo of a dog', or set "
+                                "class_images_per_instance to 0"))
+    return problems
+
+
+def _check_source(source: Any) -> list[Problem]:
+    if not isinstance(source, str):
+        return []
+    if not source.strip():
+        return [Problem("source_checkpoint", source, "is empty",
+                        "give a .safetensors checkpoint to start from")]
+    path = Path(source)
+    if not path.is_file():
+        return [Problem("source_checkpoint", source, "does not exist",
+                        "check the path of the checkpoint file")]
+    if path.suffix.lower() not in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        return [Problem("source_checkpoint", source, "is not a .safetensors or .ckpt file",
+                        "choose a single-file Stable Diffusion checkpoint")]
+    return []
+
+
+def field_help() -> list[tuple[str, str, Any, bool]]:
+    """(name, help, default, advanced) of every setting: for the README and the UI."""
+    rows = []
+    for cls, prefix in ((TrainingConfig, ""), (Concept, "concepts[].")):
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            rows.append((prefix + f.name, f.metadata.get("help", ""), default,
+                         bool(f.metadata.get("advanced"))))
+    return rows

@@ -1,0 +1,126 @@
+"""Plain event objects the trainer emits, and the cancellation token it honours.
+
+Standard library only: the WebUI process reads these from the child's JSON lines.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Event:
+    @property
+    def kind(self) -> str:
+        return _KIND_OF[type(self)]
+
+    def to_json(self) -> str:
+        return json.dumps({"event": self.kind, **dataclasses.asdict(self)})
+
+
+@dataclass(frozen=True)
+class Started(Event):
+    model_name: str
+    total_steps: int
+    epochs: int
+    instance_images: int
+    class_images: int
+    resumed_from_step: int = 0
+
+
+@dataclass(frozen=True)
+class Message(Event):
+    """Something the user should read: a fallback taken, class images found/generated, ..."""
+    text: str
+    level: str = "info"  # info | warning
+
+
+@dataclass(frozen=True)
+class Step(Event):
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    lr: float
+    it_per_s: float
+    vram_gb: float = 0.0
+
+
+@dataclass(frozen=True)
+class SampleSaved(Event):
+    path: str
+    step: int
+    prompt: str
+
+
+@dataclass(frozen=True)
+class CheckpointSaved(Event):
+    path: str
+    step: int
+
+
+@dataclass(frozen=True)
+class Finished(Event):
+    path: str
+    steps: int
+    seconds: float
+    cancelled: bool = False
+
+
+@dataclass(frozen=True)
+class Failed(Event):
+    message: str
+    hint: str = ""
+
+
+_KIND_OF = {Started: "started", Message: "message", Step: "step", SampleSaved: "sample_saved",
+            CheckpointSaved: "checkpoint_saved", Finished: "finished", Failed: "failed"}
+_CLASS_OF = {v: k for k, v in _KIND_OF.items()}
+
+
+def event_from_json(line: str) -> Event:
+    """Parse one JSON line written by Event.to_json (the tab reads the child's stream this way)."""
+    data = json.loads(line)
+    cls = _CLASS_OF[data.pop("event")]
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class CancelToken:
+    """Set from any thread (or a signal handler); the trainer checks it between steps."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+Listener = Callable[[Event], Any]
+
+
+class EventBus:
+    """Calls each listener with each event; a failing listener is reported once, not silenced."""
+
+    def __init__(self, *listeners: Listener) -> None:
+        self.listeners = [l for l in listeners if l is not None]
+        self._broken: set[int] = set()
+
+    def __call__(self, event: Event) -> None:
+        for i, listener in enumerate(self.listeners):
+            if i in self._broken:
+                continue
+            try:
+                listener(event)
+            except Exception as e:  # a listener's bug must not stop training
+                self._broken.add(i)
+                import logging
+                logging.getLogger("dreambooth").error(
+                    "event listener %r failed and is disabled: %s", listener, e)

@@ -1,0 +1,66 @@
+"""Tiny models of each family's shape and synthetic images: the demo, the tests, smoke benchmarks.
+
+The architecture is the real one (same block types and key layout), with few channels, so a
+tiny checkpoint converts, trains and saves through exactly the code a full-size one does.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+TINY_RESOLUTION = 64
+
+
+def tiny_configs(model_type: str = "v1x") -> dict:
+    from . import assets
+    configs = {name: dict(assets.load_config(model_type, name))
+               for name in ("unet", "vae", "text_encoder", "scheduler")}
+    te = configs["text_encoder"]
+    te.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              projection_dim=32)
+    unet = configs["unet"]
+    unet.update(block_out_channels=[32, 32, 64, 64], attention_head_dim=8,
+                cross_attention_dim=32, sample_size=TINY_RESOLUTION // 8)
+    vae = configs["vae"]
+    vae.update(block_out_channels=[32, 32, 32, 32], sample_size=TINY_RESOLUTION, layers_per_block=1)
+    return configs
+
+
+def make_tiny_checkpoint(path: str | Path, model_type: str = "v1x", seed: int = 0) -> Path:
+    """Write a randomly initialised tiny single-file checkpoint (seconds on a CPU)."""
+    from .models import build_random, save_single_file
+    comp = build_random(model_type, tiny_configs(model_type), seed=seed)
+    return save_single_file(comp, path, overwrite=True)
+
+
+def pattern_image(kind: str, size: int = TINY_RESOLUTION, seed: int = 0):
+    """A distinctive synthetic picture: 'checker' (the instance), 'blob' (the class), 'noise'."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    if kind == "checker":
+        cells = 4 + seed % 3
+        board = ((np.floor(x * cells) + np.floor(y * cells)) % 2)[..., None]
+        img = board * np.array([230, 40, 40]) + (1 - board) * np.array([30, 30, 200])
+        img = img + rng.normal(0, 6, img.shape)
+    elif kind == "blob":
+        cx, cy, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.3)
+        inside = (((x - cx) ** 2 + (y - cy) ** 2) < r * r)[..., None]
+        img = inside * np.array([60, 170, 60]) + (1 - inside) * np.array([200, 200, 170])
+        img = img + rng.normal(0, 6, img.shape)
+    else:
+        img = rng.uniform(0, 255, (size, size, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+def write_images(folder: str | Path, kind: str, count: int, size: int = TINY_RESOLUTION,
+                 seed: int = 0) -> list[Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        p = folder / f"{kind}_{i:03d}.png"
+        pattern_image(kind, size, seed + i).save(p)
+        paths.append(p)
+    return paths

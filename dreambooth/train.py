@@ -1,0 +1,396 @@
+"""The DreamBooth training run: load, set up, train, sample, save.
+
+`train(config, on_event, cancel)` is the one entry point: the CLI, the WebUI tab (through the
+CLI in a child process) and Python users all call it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import backends, events as ev
+from .checkpoint import write_text
+from .config import TrainingConfig
+from .data import Item, instance_items, load_image
+from .errors import DreamboothError, TrainingError
+from .loss import compute_loss, noise_like
+from .models import Components, load_single_file, load_working_dir, save_single_file, \
+    save_working_dir
+from .sampling import ensure_class_images, generate_images, make_pipeline, slug
+
+
+@dataclass
+class TrainResult:
+    path: Path | None
+    steps: int
+    saved: list = field(default_factory=list)
+    losses: list = field(default_factory=list)
+    cancelled: bool = False
+
+
+def train(config: TrainingConfig, on_event=None, cancel: ev.CancelToken | None = None
+          ) -> TrainResult:
+    """Train as `config` says; report through `on_event`; stop cleanly when `cancel` is set."""
+    emit = ev.EventBus(on_event)
+    try:
+        config.check()
+        return Trainer(config, emit, cancel or ev.CancelToken()).run()
+    except DreamboothError as e:
+        emit(ev.Failed(e.message, e.hint))
+        raise
+    except torch.cuda.OutOfMemoryError:
+        err = TrainingError("The GPU ran out of memory.",
+                            "Lower the batch size or resolution, turn on gradient checkpointing "
+                            "and latent caching, use 8-bit AdamW, or stop training the text "
+                            "encoder. Nothing was lost: earlier checkpoints are intact.")
+        emit(ev.Failed(err.message, err.hint))
+        raise err from None
+    except Exception as e:
+        emit(ev.Failed(f"Training failed unexpectedly: {type(e).__name__}: {e}",
+                       "This is a bug; please report it with the log."))
+        raise
+
+
+def working_dir(config: TrainingConfig) -> Path:
+    return config.model_dir / "working"
+
+
+def _source_id(path: str) -> dict:
+    p = Path(path).resolve()
+    st = p.stat()
+    return {"source": str(p), "source_size": st.st_size, "source_mtime": int(st.st_mtime)}
+
+
+def load_model(config: TrainingConfig, say) -> tuple[Components, int]:
+    """The working model: the model's own working folder when it came from this source (to go
+    on training it), else a fresh conversion of the source checkpoint. Returns (model, revision)."""
+    info_path = working_dir(config) / "dreambooth_model.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if {k: info.get(k) for k in ("source", "source_size", "source_mtime")} == \
+                _source_id(config.source_checkpoint):
+            say(f"Continuing from the working model at revision {info.get('revision', 0)}.")
+            return load_working_dir(working_dir(config)), int(info.get("revision", 0))
+    return load_single_file(config.source_checkpoint, config.model_type), 0
+
+
+class Trainer:
+    def __init__(self, cfg: TrainingConfig, emit, cancel: ev.CancelToken) -> None:
+        self.cfg, self.emit, self.cancel = cfg, emit, cancel
+        self.said: set[str] = set()
+
+    def say(self, text: str, level: str = "info") -> None:
+        if text not in self.said:
+            self.said.add(text)
+            self.emit(ev.Message(text, level))
+
+    def warn(self, text: str) -> None:
+        self.say(text, "warning")
+
+    # -- set-up --------------------------------------------------------------------------
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        cfg = self.cfg
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.precision = backends.resolve_precision(cfg.mixed_precision, device, self.warn)
+        self.acc = Accelerator(mixed_precision=self.precision,
+                               gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+        self.device, self.dtype = self.acc.device, backends.WEIGHT_DTYPES[self.precision]
+        self.comp, self.revision = load_model(cfg, self.say)
+        _move(self.comp.vae, self.device, self.dtype).requires_grad_(False).eval()
+        _move(self.comp.text_encoder, self.device, torch.float32 if cfg.train_text_encoder
+              else self.dtype).requires_grad_(False)
+        self.comp.unet.to(self.device)
+        self.scheduler = self.comp.noise_scheduler()
+        self.attention = backends.set_attention(self.comp.unet, cfg.attention, self.warn)
+        self.collect_data()
+        self.cache()
+        self.plan_steps()
+        self.plan_outputs()
+        self.setup_optimization()
+
+    def collect_data(self) -> None:
+        cfg, self.items, self.class_items = self.cfg, [], {}
+        for i, concept in enumerate(cfg.concepts):
+            found = instance_items(concept.instance_data_dir, concept.instance_prompt, self.warn)
+            self.items += [Item(it.path, it.prompt, False, i) for it in found]
+            if concept.uses_prior:
+                folder = Path(concept.class_data_dir) if concept.class_data_dir else \
+                    cfg.model_dir / "class_images" / slug(concept.class_prompt)
+                paths = ensure_class_images(self.comp, concept, concept.class_images_per_instance
+                                            * len(found), folder, cfg, self.device, self.dtype,
+                                            self.say)
+                self.class_items[i] = [Item(p, concept.class_prompt, True, i) for p in paths]
+
+    @torch.no_grad()
+    def encode_images(self, items: list[Item], flip: bool) -> list:
+        """(mean, std) of each image's latent distribution (sampled afresh every step)."""
+        out, rng = [], random.Random(self.cfg.seed)
+        for it in items:
+            pixels = load_image(it.path, self.cfg.resolution, self.cfg.center_crop, rng, flip)
+            dist = self.comp.vae.encode(pixels[None].to(self.device, self.dtype)).latent_dist
+            out.append((dist.mean.float(), dist.std.float()))
+        return out
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.comp.tokenizer(prompts, padding="max_length", truncation=True,
+                                  max_length=self.comp.tokenizer.model_max_length,
+                                  return_tensors="pt")
+        return self.comp.text_encoder(tok.input_ids.to(self.device))[0]
+
+    def cache(self) -> None:
+        cfg, self.latents = self.cfg, {}
+        everything = self.items + [it for v in self.class_items.values() for it in v]
+        if cfg.cache_latents:
+            for flip in ((False, True) if cfg.hflip else (False,)):
+                for it, lat in zip(everything, self.encode_images(everything, flip)):
+                    self.latents[(it.path, flip)] = lat
+        self.embeddings = {}
+        if not cfg.train_text_encoder:
+            for prompt in sorted({it.prompt for it in everything}):
+                self.embeddings[prompt] = self.encode_prompts([prompt])[0]
+
+    def plan_steps(self) -> None:
+        cfg = self.cfg
+        self.epochs = cfg.steps_per_image
+        self.batches_per_epoch = math.ceil(len(self.items) / cfg.batch_size)
+        ga = cfg.gradient_accumulation_steps
+        self.total_steps = max(1, self.epochs * self.batches_per_epoch // ga)
+        self.te_steps = round(cfg.text_encoder_steps_ratio * self.total_steps) \
+            if cfg.train_text_encoder else 0
+
+    def epoch_end_step(self, epoch: int) -> int:
+        return min(self.total_steps, (epoch + 1) * self.batches_per_epoch
+                   // self.cfg.gradient_accumulation_steps)
+
+    def output_path(self, step: int) -> Path:
+        return self.cfg.resolved_output_dir / f"{self.cfg.model_name}_{self.revision + step}.safetensors"
+
+    def plan_outputs(self) -> None:
+        """Refuse before training, not after hours, when an output would replace a file."""
+        cfg = self.cfg
+        steps = {self.total_steps}
+        if cfg.save_every_epochs:
+            steps |= {self.epoch_end_step(e) for e in range(self.epochs)
+                      if (e + 1) % cfg.save_every_epochs == 0}
+        clash = [self.output_path(s) for s in sorted(steps) if self.output_path(s).exists()]
+        if clash and not cfg.overwrite:
+            raise DreamboothError(f"'{clash[0]}' already exists; this run would replace it.",
+                                  "Choose another model name or output folder, or turn on "
+                                  "'overwrite'.")
+
+    def setup_optimization(self) -> None:
+        from diffusers.optimization import get_scheduler
+        cfg, unet, te = self.cfg, self.comp.unet, self.comp.text_encoder
+        unet.requires_grad_(True).train()
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        groups = [{"params": [p for p in unet.parameters()], "lr": cfg.learning_rate}]
+        if cfg.train_text_encoder:
+            te.requires_grad_(True).train()
+            if cfg.gradient_checkpointing:
+                te.gradient_checkpointing_enable()
+            groups.append({"params": list(te.parameters()), "lr": cfg.text_encoder_learning_rate})
+        optimizer, self.optimizer_name = backends.make_optimizer(cfg.optimizer, groups, cfg,
+                                                                 self.device, self.warn)
+        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
+                                          num_warmup_steps=cfg.lr_warmup_steps,
+                                          num_training_steps=self.total_steps)
+        models = [unet, te] if cfg.train_text_encoder else [unet]
+        prepared = self.acc.prepare(*models, optimizer)
+        self.models, self.optimizer = list(prepared[:-1]), prepared[-1]
+        self.ema = None
+        if cfg.use_ema:
+            from diffusers.training_utils import EMAModel
+            self.ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+            self.ema.to(self.device)
+
+    # -- one step ------------------------------------------------------------------------
+    def batch(self, indices: list[int], rng: random.Random, gen: torch.Generator):
+        """(latents, prompt embeddings, n_instance): instance half first, then the class half."""
+        inst = [self.items[i] for i in indices]
+        cls = []
+        for it in inst:
+            pool = self.class_items.get(it.concept)
+            if pool:
+                cls.append(pool[self.class_cursor % len(pool)])
+                self.class_cursor += 1
+        chosen = inst + cls
+        latents = torch.cat([self.latent_of(it, rng, gen) for it in chosen])
+        if self.cfg.train_text_encoder:
+            hidden = self.encode_for_training([it.prompt for it in chosen])
+        else:
+            hidden = torch.stack([self.embeddings[it.prompt] for it in chosen])
+        return latents, hidden, len(inst)
+
+    def latent_of(self, item: Item, rng: random.Random, gen: torch.Generator) -> torch.Tensor:
+        flip = self.cfg.hflip and rng.random() < 0.5
+        if self.cfg.cache_latents:
+            mean, std = self.latents[(item.path, flip)]
+        else:
+            with torch.no_grad():
+                px = load_image(item.path, self.cfg.resolution, self.cfg.center_crop, rng, flip)
+                dist = self.comp.vae.encode(px[None].to(self.device, self.dtype)).latent_dist
+                mean, std = dist.mean.float(), dist.std.float()
+        eps = torch.randn(mean.shape, generator=gen, device=gen.device).to(mean.device)
+        return (mean + std * eps) * self.comp.vae.config.scaling_factor
+
+    def encode_for_training(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.comp.tokenizer(prompts, padding="max_length", truncation=True,
+                                  max_length=self.comp.tokenizer.model_max_length,
+                                  return_tensors="pt")
+        return self.models[1](tok.input_ids.to(self.device))[0]
+
+    def step_loss(self, indices, rng, gen):
+        latents, hidden, n_inst = self.batch(indices, rng, gen)
+        noise = noise_like(latents, gen, self.cfg.offset_noise)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps,
+                                  (latents.shape[0],), generator=gen, device=gen.device
+                                  ).to(latents.device)
+        return compute_loss(self.models[0], self.scheduler, latents, hidden.to(self.device),
+                            noise, timesteps, n_inst, self.cfg.prior_loss_weight,
+                            self.cfg.min_snr_gamma)
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        self.setup()
+        cfg, acc = self.cfg, self.acc
+        self.emit(ev.Started(cfg.model_name, self.total_steps, self.epochs, len(self.items),
+                             sum(len(v) for v in self.class_items.values())))
+        rng = random.Random(cfg.seed + acc.process_index)
+        gen = torch.Generator(device=self.device).manual_seed(cfg.seed + acc.process_index)
+        result, step, start, self.class_cursor = TrainResult(None, 0), 0, time.time(), 0
+        window = []
+        for epoch in range(self.epochs):
+            order = list(range(len(self.items)))
+            rng.shuffle(order)
+            for b in range(self.batches_per_epoch):
+                if step >= self.total_steps or self.cancel.cancelled:
+                    break
+                with acc.accumulate(*self.models):
+                    loss, _, _ = self.step_loss(order[b * cfg.batch_size:(b + 1) * cfg.batch_size],
+                                                rng, gen)
+                    self.check_finite(loss, step + 1)
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.max_grad_norm > 0:
+                        acc.clip_grad_norm_([p for m in self.models for p in m.parameters()],
+                                            cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                window.append(loss.item())
+                if acc.sync_gradients:
+                    step += 1
+                    self.after_update(step)
+                    result.losses.append(sum(window) / len(window))
+                    self.emit(ev.Step(step, self.total_steps, epoch + 1, result.losses[-1],
+                                      self.lr_scheduler.get_last_lr()[0],
+                                      step / max(time.time() - start, 1e-9), _vram_gb()))
+                    window = []
+            if self.cancel.cancelled:
+                break
+            self.epoch_end(epoch, step, result, last=step >= self.total_steps)
+            if step >= self.total_steps:
+                break
+        return self.finish(step, start, result)
+
+    def check_finite(self, loss: torch.Tensor, step: int) -> None:
+        if not torch.isfinite(loss.detach()).all():
+            raise TrainingError(
+                f"The loss became {loss.item()} at step {step}; training stopped before the "
+                "update, and the checkpoints already saved are kept.",
+                "With fp16 this is usually an overflow: use bf16 or a lower learning rate.")
+
+    def after_update(self, step: int) -> None:
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.step(self.comp.unet.parameters())
+        if self.cfg.train_text_encoder and step == self.te_steps:
+            self.comp.text_encoder.requires_grad_(False)
+            self.say(f"Text encoder training ended at step {step} (ratio "
+                     f"{self.cfg.text_encoder_steps_ratio}).")
+
+    def epoch_end(self, epoch: int, step: int, result: TrainResult, last: bool) -> None:
+        cfg = self.cfg
+        if cfg.sample_every_epochs and (epoch + 1) % cfg.sample_every_epochs == 0:
+            self.sample(step)
+        if not last and cfg.save_every_epochs and (epoch + 1) % cfg.save_every_epochs == 0:
+            result.saved.append(self.save(step))
+
+    def finish(self, step: int, start: float, result: TrainResult) -> TrainResult:
+        result.steps, result.cancelled = step, self.cancel.cancelled
+        if step > 0:
+            result.path = self.save(step, final=True)
+            result.saved.append(result.path)
+        if self.cancel.cancelled:
+            self.say(f"Training was cancelled at step {step} of {self.total_steps}.")
+        self.emit(ev.Finished(str(result.path or ""), step, time.time() - start,
+                              self.cancel.cancelled))
+        return result
+
+    # -- outputs -------------------------------------------------------------------------
+    def unet_state(self) -> dict:
+        unet = self.comp.unet
+        if self.ema is None:
+            return unet.state_dict()
+        self.ema.store(unet.parameters())
+        self.ema.copy_to(unet.parameters())
+        state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+        self.ema.restore(unet.parameters())
+        return state
+
+    def save(self, step: int, final: bool = False) -> Path:
+        cfg, path = self.cfg, self.output_path(step)
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            trigger = ", ".join(dict.fromkeys(c.instance_prompt for c in cfg.concepts))
+            meta = {"dreambooth.config": cfg.to_json(indent=0), "dreambooth.trigger_words": trigger,
+                    "dreambooth.steps": str(self.revision + step),
+                    "modelspec.title": cfg.model_name, "modelspec.trigger_phrase": trigger,
+                    "modelspec.architecture": self.comp.spec.architecture,
+                    "modelspec.prediction_type": self.scheduler.config.prediction_type,
+                    "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}"}
+            save_single_file(self.comp, path, cfg.save_precision, meta, overwrite=cfg.overwrite,
+                             unet_state=self.unet_state())
+            if final:
+                self.save_working(step)
+            self.emit(ev.CheckpointSaved(str(path), step))
+        return path
+
+    def save_working(self, step: int) -> None:
+        folder = save_working_dir(self.comp, working_dir(self.cfg))
+        info = {"model_type": self.comp.model_type, "revision": self.revision + step,
+                **_source_id(self.cfg.source_checkpoint)}
+        write_text(folder / "dreambooth_model.json", json.dumps(info, indent=2))
+        write_text(self.cfg.model_dir / "config.json", self.cfg.to_json())
+
+    @torch.no_grad()
+    def sample(self, step: int) -> None:
+        cfg, comp = self.cfg, self.comp
+        unet = self.acc.unwrap_model(self.models[0])
+        unet.eval()
+        pipe = make_pipeline(comp, unet=unet, text_encoder=comp.text_encoder)
+        folder = cfg.model_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, concept in enumerate(cfg.concepts):
+            prompt = concept.sample_prompt or concept.instance_prompt.replace("[filewords]", "")
+            for path in generate_images(pipe, prompt, 1, folder, f"step{step:06d}_c{i}", 0,
+                                        cfg.resolution, cfg.sample_steps, cfg.guidance_scale,
+                                        cfg.seed, self.dtype):
+                self.emit(ev.SampleSaved(str(path), step, prompt))
+        unet.train()
+
+
+def _vram_gb() -> float:
+    return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def _move(module, device, dtype):
+    module.to(device)
+    return module.to(dtype) if dtype != torch.float32 else module
