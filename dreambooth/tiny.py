@@ -31,7 +31,32 @@ def make_tiny_checkpoint(path: str | Path, model_type: str = "v1x", seed: int = 
     """Write a randomly initialised tiny single-file checkpoint (seconds on a CPU)."""
     from .models import build_random, save_single_file
     comp = build_random(model_type, tiny_configs(model_type), seed=seed)
+    calibrate_vae(comp)
     return save_single_file(comp, path, overwrite=True)
+
+
+def calibrate_vae(comp) -> None:
+    """Give the random VAE the statistics of a trained one: a near-deterministic posterior
+    (tiny variance, as SD's VAE has) and a scaling factor that makes latents unit-variance
+    (what SD's 0.18215 does), so training on the tiny model sees the images, not noise."""
+    import torch
+    vae = comp.vae
+    latent = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[latent:] = 0.0
+        vae.quant_conv.bias[latent:] = -12.0  # log-variance: std ~ 0.0025
+        pixels = torch.stack([_as_tensor(pattern_image(kind, TINY_RESOLUTION, i))
+                              for kind in ("checker", "blob", "noise") for i in range(4)])
+        std = vae.encode(pixels).latent_dist.mean.std().item()
+    factor = round(1.0 / max(std, 1e-6), 5)
+    comp.configs["vae"]["scaling_factor"] = factor
+    vae.register_to_config(scaling_factor=factor)
+
+
+def _as_tensor(image):
+    import torch
+    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1)
 
 
 def pattern_image(kind: str, size: int = TINY_RESOLUTION, seed: int = 0):

@@ -99,7 +99,9 @@ class Trainer:
         cfg = self.cfg
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.precision = backends.resolve_precision(cfg.mixed_precision, device, self.warn)
-        self.acc = Accelerator(mixed_precision=self.precision,
+        # cpu=True on a machine without CUDA: else accelerate >= 1.x treats each of N launched
+        # CPU processes as a separate single-process run (N copies racing on the same files)
+        self.acc = Accelerator(mixed_precision=self.precision, cpu=device.type == "cpu",
                                gradient_accumulation_steps=cfg.gradient_accumulation_steps)
         self.device, self.dtype = self.acc.device, backends.WEIGHT_DTYPES[self.precision]
         self.comp, self.revision = load_model(cfg, self.say)
@@ -123,9 +125,10 @@ class Trainer:
             if concept.uses_prior:
                 folder = Path(concept.class_data_dir) if concept.class_data_dir else \
                     cfg.model_dir / "class_images" / slug(concept.class_prompt)
-                paths = ensure_class_images(self.comp, concept, concept.class_images_per_instance
-                                            * len(found), folder, cfg, self.device, self.dtype,
-                                            self.say)
+                with self.acc.main_process_first():  # rank 0 makes them, the others reuse them
+                    paths = ensure_class_images(self.comp, concept, concept.class_images_per_instance
+                                                * len(found), folder, cfg, self.device, self.dtype,
+                                                self.say)
                 self.class_items[i] = [Item(p, concept.class_prompt, True, i) for p in paths]
 
     @torch.no_grad()
@@ -160,7 +163,8 @@ class Trainer:
     def plan_steps(self) -> None:
         cfg = self.cfg
         self.epochs = cfg.steps_per_image
-        self.batches_per_epoch = math.ceil(len(self.items) / cfg.batch_size)
+        global_batch = cfg.batch_size * self.acc.num_processes
+        self.batches_per_epoch = math.ceil(len(self.items) / global_batch)
         ga = cfg.gradient_accumulation_steps
         self.total_steps = max(1, self.epochs * self.batches_per_epoch // ga)
         self.te_steps = round(cfg.text_encoder_steps_ratio * self.total_steps) \
@@ -213,34 +217,56 @@ class Trainer:
             self.ema.to(self.device)
 
     # -- one step ------------------------------------------------------------------------
-    def batch(self, indices: list[int], rng: random.Random, gen: torch.Generator):
-        """(latents, prompt embeddings, n_instance): instance half first, then the class half."""
-        inst = [self.items[i] for i in indices]
-        cls = []
-        for it in inst:
+    def global_batch(self, order: list[int], b: int) -> tuple[list[Item], list[int]]:
+        """The b-th global batch (batch size x processes; the last one wraps around): instance
+        items, then one class item per instance item whose concept has prior preservation.
+        Returns (items, owner) where owner[i] is the instance row a row belongs to."""
+        gbs = self.cfg.batch_size * self.acc.num_processes
+        inst = [self.items[order[(b * gbs + k) % len(order)]] for k in range(gbs)]
+        cls, owner = [], list(range(gbs))
+        for row, it in enumerate(inst):
             pool = self.class_items.get(it.concept)
             if pool:
                 cls.append(pool[self.class_cursor % len(pool)])
+                owner.append(row)
                 self.class_cursor += 1
-        chosen = inst + cls
-        latents = torch.cat([self.latent_of(it, rng, gen) for it in chosen])
+        return inst + cls, owner
+
+    def batch(self, order: list[int], b: int, rng: random.Random, gen: torch.Generator):
+        """(latents, prompt embeddings, n_instance) of this process's share of the global batch.
+        Every random draw is made for the whole global batch on every process, so N processes
+        see exactly what one process with N times the batch would."""
+        items, owner = self.global_batch(order, b)
+        bs, rank = self.cfg.batch_size, self.acc.process_index
+        rows = [i for i, o in enumerate(owner) if rank * bs <= o < (rank + 1) * bs]
+        flips = [self.cfg.hflip and rng.random() < 0.5 for _ in items]
+        seeds = [rng.getrandbits(32) for _ in items]
+        eps = torch.randn((len(items), *self.latent_shape), generator=gen, device=gen.device)
+        latents = torch.cat([self.latent_of(items[i], flips[i], seeds[i], eps[i:i + 1])
+                             for i in rows])
+        chosen = [items[i] for i in rows]
         if self.cfg.train_text_encoder:
             hidden = self.encode_for_training([it.prompt for it in chosen])
         else:
             hidden = torch.stack([self.embeddings[it.prompt] for it in chosen])
-        return latents, hidden, len(inst)
+        return latents, hidden, bs, rows, len(items)
 
-    def latent_of(self, item: Item, rng: random.Random, gen: torch.Generator) -> torch.Tensor:
-        flip = self.cfg.hflip and rng.random() < 0.5
+    def latent_of(self, item: Item, flip: bool, seed: int, eps: torch.Tensor) -> torch.Tensor:
         if self.cfg.cache_latents:
             mean, std = self.latents[(item.path, flip)]
         else:
             with torch.no_grad():
-                px = load_image(item.path, self.cfg.resolution, self.cfg.center_crop, rng, flip)
+                px = load_image(item.path, self.cfg.resolution, self.cfg.center_crop,
+                                random.Random(seed), flip)
                 dist = self.comp.vae.encode(px[None].to(self.device, self.dtype)).latent_dist
                 mean, std = dist.mean.float(), dist.std.float()
-        eps = torch.randn(mean.shape, generator=gen, device=gen.device).to(mean.device)
-        return (mean + std * eps) * self.comp.vae.config.scaling_factor
+        return (mean + std * eps.to(mean.device)) * self.comp.vae.config.scaling_factor
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        factor = 2 ** (len(self.comp.vae.config.block_out_channels) - 1)
+        side = self.cfg.resolution // factor
+        return (self.comp.vae.config.latent_channels, side, side)
 
     def encode_for_training(self, prompts: list[str]) -> torch.Tensor:
         tok = self.comp.tokenizer(prompts, padding="max_length", truncation=True,
@@ -248,12 +274,12 @@ class Trainer:
                                   return_tensors="pt")
         return self.models[1](tok.input_ids.to(self.device))[0]
 
-    def step_loss(self, indices, rng, gen):
-        latents, hidden, n_inst = self.batch(indices, rng, gen)
-        noise = noise_like(latents, gen, self.cfg.offset_noise)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps,
-                                  (latents.shape[0],), generator=gen, device=gen.device
-                                  ).to(latents.device)
+    def step_loss(self, order, b, rng, gen):
+        latents, hidden, n_inst, rows, n_global = self.batch(order, b, rng, gen)
+        noise = noise_like(torch.empty((n_global, *self.latent_shape)), gen,
+                           self.cfg.offset_noise)[rows].to(self.device)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (n_global,),
+                                  generator=gen, device=gen.device)[rows].to(self.device)
         return compute_loss(self.models[0], self.scheduler, latents, hidden.to(self.device),
                             noise, timesteps, n_inst, self.cfg.prior_loss_weight,
                             self.cfg.min_snr_gamma)
@@ -264,8 +290,8 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         self.emit(ev.Started(cfg.model_name, self.total_steps, self.epochs, len(self.items),
                              sum(len(v) for v in self.class_items.values())))
-        rng = random.Random(cfg.seed + acc.process_index)
-        gen = torch.Generator(device=self.device).manual_seed(cfg.seed + acc.process_index)
+        rng = random.Random(cfg.seed)  # the same on every process: see batch()
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         result, step, start, self.class_cursor = TrainResult(None, 0), 0, time.time(), 0
         window = []
         for epoch in range(self.epochs):
@@ -275,8 +301,7 @@ class Trainer:
                 if step >= self.total_steps or self.cancel.cancelled:
                     break
                 with acc.accumulate(*self.models):
-                    loss, _, _ = self.step_loss(order[b * cfg.batch_size:(b + 1) * cfg.batch_size],
-                                                rng, gen)
+                    loss, _, _ = self.step_loss(order, b, rng, gen)
                     self.check_finite(loss, step + 1)
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.max_grad_norm > 0:
@@ -318,7 +343,8 @@ class Trainer:
 
     def epoch_end(self, epoch: int, step: int, result: TrainResult, last: bool) -> None:
         cfg = self.cfg
-        if cfg.sample_every_epochs and (epoch + 1) % cfg.sample_every_epochs == 0:
+        if cfg.sample_every_epochs and (epoch + 1) % cfg.sample_every_epochs == 0 \
+                and self.acc.is_main_process:
             self.sample(step)
         if not last and cfg.save_every_epochs and (epoch + 1) % cfg.save_every_epochs == 0:
             result.saved.append(self.save(step))

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny models built from configs (seconds on a CPU), synthetic images, no network."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from dreambooth.tiny import make_tiny_checkpoint, write_images
+
+
+class NetworkBlocked(RuntimeError):
+    pass
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection in this process fails loudly."""
+    def refuse(*args, **kwargs):
+        raise NetworkBlocked(f"network access attempted: {args[:2]}")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tmp_path_factory):
+    """A tiny randomly initialised SD1.x-shaped single-file checkpoint."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("source") / "tiny_v1x.safetensors", "v1x")
+
+
+@pytest.fixture(scope="session")
+def instance_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("instance")
+    write_images(folder, "checker", 4)
+    return folder
+
+
+@pytest.fixture
+def quick_config(tiny_source, instance_dir, tmp_path):
+    """A config that trains the tiny model for a few steps into tmp_path."""
+    from dreambooth import Concept, TrainingConfig
+    return TrainingConfig(
+        model_name="quick", source_checkpoint=str(tiny_source), work_dir=str(tmp_path / "runs"),
+        output_dir=str(tmp_path / "out"), resolution=64, center_crop=True, steps_per_image=2,
+        learning_rate=1e-4, concepts=(Concept(str(instance_dir), "photo of sks pattern"),),
+        class_generation_steps=2, sample_steps=2)

@@ -1,0 +1,103 @@
+"""Bad input gets a clear message naming the problem and the fix; nothing half-written is left."""
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+from dreambooth import Concept, events as ev, train
+from dreambooth.tiny import write_images
+
+pytestmark = pytest.mark.reliability
+
+
+def run_cli(config, tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(config.to_json())
+    return subprocess.run([sys.executable, "-m", "dreambooth", "train", "--config", str(path)],
+                          capture_output=True, text=True)
+
+
+def assert_clear_failure(out, *words):
+    assert out.returncode in (1, 2), out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert "error:" in out.stderr
+    for word in words:
+        assert word in out.stderr, out.stderr
+
+
+def final_files(folder):
+    return [p for p in folder.rglob("*") if p.is_file() and p.suffix == ".safetensors"] \
+        if folder.exists() else []
+
+
+def test_empty_instance_folder(quick_config, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = quick_config.replace(concepts=(Concept(str(empty), "photo of sks dog"),))
+    out = run_cli(cfg, tmp_path)
+    assert_clear_failure(out, str(empty), "empty")
+    assert final_files(tmp_path / "out") == []
+
+
+def test_folder_of_non_images(quick_config, tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("hello")
+    (folder / "fake.png").write_bytes(b"this is not a png")
+    cfg = quick_config.replace(concepts=(Concept(str(folder), "photo of sks dog"),))
+    out = run_cli(cfg, tmp_path)
+    assert_clear_failure(out, "none a readable image")
+    assert final_files(tmp_path / "out") == []
+
+
+def test_one_corrupt_image_is_skipped_with_a_warning_naming_it(quick_config, tmp_path):
+    folder = tmp_path / "mixed"
+    write_images(folder, "checker", 2)
+    good = (folder / "checker_000.png").read_bytes()
+    (folder / "broken.png").write_bytes(good[: len(good) // 2])
+    seen = []
+    result = train(quick_config.replace(concepts=(Concept(str(folder), "photo of sks"),)),
+                   seen.append)
+    warnings = [e.text for e in seen if isinstance(e, ev.Message) and e.level == "warning"]
+    assert any("broken.png" in w for w in warnings), warnings
+    assert result.path.exists()
+    started = next(e for e in seen if isinstance(e, ev.Started))
+    assert started.instance_images == 2
+
+
+def test_missing_source_file(quick_config, tmp_path):
+    out = run_cli(quick_config.replace(source_checkpoint=str(tmp_path / "nope.safetensors")),
+                  tmp_path)
+    assert_clear_failure(out, "source_checkpoint", "does not exist")
+
+
+class Exploit:
+    """Unpickling this runs a command that creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_ckpt_whose_pickle_would_run_code_is_refused_and_nothing_runs(quick_config, tmp_path):
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "evil.ckpt"
+    with open(ckpt, "wb") as fh:
+        pickle.dump({"state_dict": Exploit(marker)}, fh)
+    out = run_cli(quick_config.replace(source_checkpoint=str(ckpt)), tmp_path)
+    assert_clear_failure(out, "evil.ckpt", "refused")
+    assert not marker.exists(), "the pickle's code ran"
+    assert final_files(tmp_path / "out") == []
+
+
+def test_existing_output_is_never_replaced_unless_asked(quick_config, tmp_path):
+    first = train(quick_config.replace(steps_per_image=1))
+    before = first.path.read_bytes()
+    fresh = quick_config.replace(steps_per_image=1, work_dir=str(tmp_path / "other_runs"))
+    out = run_cli(fresh, tmp_path)
+    assert_clear_failure(out, "already exists", "overwrite")
+    assert first.path.read_bytes() == before

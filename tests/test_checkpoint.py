@@ -1,0 +1,100 @@
+"""Single file in, working model, single file out: same keys, shapes and values; loads in diffusers."""
+import json
+
+import pytest
+import torch
+
+from dreambooth import CheckpointError
+from dreambooth.assets import load_tokenizer
+from dreambooth.checkpoint import read_checkpoint, write_safetensors
+from dreambooth.models import COMPONENTS_KEY, ldm_state, load_single_file, load_working_dir, \
+    save_single_file, save_working_dir
+
+
+def test_tokenizer_ships_with_the_package(no_network):
+    tok = load_tokenizer()
+    assert tok("a photo of sks dog").input_ids == [49406, 320, 1125, 539, 48136, 1929, 49407]
+    padded = tok("a dog", padding="max_length", max_length=77, truncation=True).input_ids
+    assert len(padded) == 77 and padded[-1] == 49407
+
+
+def test_single_file_round_trip_is_exact(tiny_source, tmp_path, no_network):
+    original, meta = read_checkpoint(tiny_source)
+    comp = load_single_file(str(tiny_source), "v1x")
+    out = save_single_file(comp, tmp_path / "again.safetensors")
+    again, _ = read_checkpoint(out)
+    assert set(again) == set(original)
+    for key in original:
+        assert again[key].shape == original[key].shape, key
+        assert torch.equal(again[key], original[key]), key
+    assert json.loads(meta[COMPONENTS_KEY])["unet"]["block_out_channels"] == [32, 32, 64, 64]
+
+
+def test_layout_is_the_one_the_webui_loads(tiny_source):
+    state, _ = read_checkpoint(tiny_source)
+    prefixes = {k.split(".")[0] for k in state}
+    assert {"model", "first_stage_model", "cond_stage_model"} <= prefixes
+    for key in ("model.diffusion_model.input_blocks.0.0.weight",
+                "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+                "model.diffusion_model.input_blocks.3.0.op.weight",
+                "model.diffusion_model.middle_block.1.proj_in.weight",
+                "model.diffusion_model.output_blocks.2.1.conv.weight",
+                "model.diffusion_model.output_blocks.5.2.conv.weight",
+                "model.diffusion_model.out.2.weight", "model.diffusion_model.time_embed.0.weight",
+                "first_stage_model.encoder.mid.attn_1.q.weight",
+                "first_stage_model.decoder.up.3.block.0.conv1.weight",
+                "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+                "cond_stage_model.transformer.text_model.embeddings.position_ids",
+                "alphas_cumprod"):
+        assert key in state, key
+    assert state["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4
+
+
+def test_half_model_casts_floats_only(tiny_source, tmp_path):
+    comp = load_single_file(str(tiny_source), "v1x")
+    state, _ = read_checkpoint(save_single_file(comp, tmp_path / "half.safetensors", "fp16"))
+    assert state["model.diffusion_model.out.2.weight"].dtype == torch.float16
+    assert state["cond_stage_model.transformer.text_model.embeddings.position_ids"].dtype == torch.int64
+
+
+def test_output_reloads_into_diffusers_and_generates(tiny_source, no_network):
+    from dreambooth.sampling import make_pipeline
+    comp = load_single_file(str(tiny_source), "v1x")
+    pipe = make_pipeline(comp)
+    image = pipe("photo of sks pattern", height=64, width=64, num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+
+def test_working_dir_is_a_diffusers_folder_both_ends_read(tiny_source, tmp_path, no_network):
+    from diffusers import StableDiffusionPipeline
+    comp = load_single_file(str(tiny_source), "v1x")
+    folder = save_working_dir(comp, tmp_path / "working")
+    te_keys = set(read_checkpoint(folder / "text_encoder" / "model.safetensors")[0])
+    assert all(k.startswith("text_model.") for k in te_keys)
+    assert (folder / "tokenizer" / "vocab.json").is_file()
+    assert (folder / "tokenizer" / "merges.txt").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+    for name, module in (("unet", pipe.unet), ("vae", pipe.vae)):
+        ours = getattr(comp, name).state_dict()
+        assert all(torch.equal(ours[k], v) for k, v in module.state_dict().items()), name
+    ours_te = comp.text_encoder.state_dict()
+    for k, v in pipe.text_encoder.state_dict().items():
+        assert torch.equal(ours_te[k], v), k
+    back = load_working_dir(folder)
+    assert set(ldm_state(back)) == set(ldm_state(comp))
+
+
+def test_type_mismatch_is_refused_in_plain_words(tiny_source):
+    with pytest.raises(CheckpointError) as err:
+        load_single_file(str(tiny_source), "sdxl")
+    assert "v1x" in str(err.value)
+
+
+def test_checkpoint_without_vae_is_refused(tiny_source, tmp_path):
+    state, meta = read_checkpoint(tiny_source)
+    unet_only = {k: v for k, v in state.items() if not k.startswith("first_stage_model.")}
+    path = write_safetensors(tmp_path / "novae.safetensors", unet_only, meta)
+    with pytest.raises(CheckpointError) as err:
+        load_single_file(str(path), "v1x")
+    assert "VAE" in str(err.value)

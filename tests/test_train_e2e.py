@@ -1,0 +1,127 @@
+"""End to end through the real entry points on the tiny model, offline."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dreambooth import Concept, events as ev, train
+from dreambooth.checkpoint import read_checkpoint
+from dreambooth.events import CancelToken, event_from_json
+
+
+def test_train_in_process_offline_single_file_to_single_file(quick_config, tiny_source,
+                                                             no_network):
+    seen = []
+    cfg = quick_config.replace(sample_every_epochs=2, save_every_epochs=1)
+    result = train(cfg, seen.append)
+    kinds = [e.kind for e in seen]
+    assert kinds[0] in ("message", "started") and kinds[-1] == "finished"
+    steps = [e for e in seen if isinstance(e, ev.Step)]
+    assert [s.step for s in steps] == list(range(1, 9))
+    assert all(s.loss > 0 and s.it_per_s > 0 for s in steps)
+    assert any(isinstance(e, ev.SampleSaved) for e in seen)
+    assert result.path.name == "quick_8.safetensors"
+    assert [p.name for p in result.saved] == ["quick_4.safetensors", "quick_8.safetensors"]
+    original, _ = read_checkpoint(tiny_source)
+    trained, meta = read_checkpoint(result.path)
+    assert set(trained) == set(original)
+    assert all(trained[k].shape == original[k].shape for k in original)
+    changed = [k for k in original if k.startswith("model.diffusion_model.")
+               and not torch.equal(trained[k], original[k])]
+    assert changed, "the UNet must have been trained"
+    assert json.loads(meta["dreambooth.config"])["model_name"] == "quick"
+    assert meta["modelspec.trigger_phrase"] == "photo of sks pattern"
+
+
+def test_cli_with_json_config_and_events_stream(quick_config, tmp_path):
+    cfg_path = tmp_path / "run.json"
+    cfg_path.write_text(quick_config.replace(save_precision="fp16").to_json())
+    events_path = tmp_path / "events.jsonl"
+    out = subprocess.run([sys.executable, "-m", "dreambooth", "train", "--config", str(cfg_path),
+                          "--events-jsonl", str(events_path)], capture_output=True, text=True,
+                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    path = out.stdout.strip().splitlines()[-1]
+    assert path.endswith("quick_8.safetensors")
+    state, _ = read_checkpoint(path)
+    assert state["model.diffusion_model.out.2.weight"].dtype == torch.float16
+    events = [event_from_json(line) for line in events_path.read_text().splitlines()]
+    assert isinstance(events[-1], ev.Finished) and events[-1].path == path
+    assert any(isinstance(e, ev.Started) and e.total_steps == 8 for e in events)
+
+
+def test_cli_flags_build_the_same_config(quick_config, tmp_path):
+    c = quick_config.concepts[0]
+    out = subprocess.run([sys.executable, "-m", "dreambooth", "train", "--print-config",
+                          "--source-checkpoint", quick_config.source_checkpoint,
+                          "--instance-dir", c.instance_data_dir, "--instance-prompt",
+                          c.instance_prompt, "--class-prompt", "photo of a pattern",
+                          "--resolution", "64", "--optimizer", "adamw_8bit",
+                          "--train-text-encoder", "true"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["resolution"] == 64 and data["optimizer"] == "adamw_8bit"
+    assert data["train_text_encoder"] is True
+    assert data["concepts"][0]["class_images_per_instance"] == 1
+
+
+def test_cancel_stops_between_steps_and_keeps_the_work(quick_config):
+    cancel = CancelToken()
+    seen = []
+
+    def listener(event):
+        seen.append(event)
+        if isinstance(event, ev.Step) and event.step == 3:
+            cancel.cancel()
+    result = train(quick_config, listener, cancel)
+    assert result.cancelled and result.steps == 3
+    assert result.path.name == "quick_3.safetensors" and result.path.exists()
+    assert isinstance(seen[-1], ev.Finished) and seen[-1].cancelled
+
+
+def test_class_images_are_generated_once_and_reused(quick_config, tmp_path):
+    class_dir = tmp_path / "class"
+    concept = Concept(quick_config.concepts[0].instance_data_dir, "photo of sks pattern",
+                      "photo of a pattern", str(class_dir), 2)
+    cfg = quick_config.replace(concepts=(concept,), steps_per_image=1)
+    seen = []
+    train(cfg, seen.append)
+    assert len(list(class_dir.glob("*.png"))) == 8
+    assert any("found 0, generating 8" in getattr(e, "text", "") for e in seen)
+    seen.clear()
+    train(cfg.replace(model_name="again"), seen.append)
+    assert any("found 8, generating 0" in getattr(e, "text", "") for e in seen)
+
+
+@pytest.mark.parametrize("choice", ["default", "sdpa", "xformers"])
+def test_every_attention_choice_trains_or_falls_back_loudly(quick_config, choice):
+    seen = []
+    train(quick_config.replace(attention=choice, steps_per_image=1, model_name=choice),
+          seen.append)
+    if choice == "xformers" and not torch.cuda.is_available():
+        assert any("using SDPA instead" in getattr(e, "text", "") for e in seen)
+
+
+@pytest.mark.parametrize("choice", ["adamw", "adamw_8bit", "adafactor"])
+def test_optimizers_run_or_fall_back_loudly(quick_config, choice):
+    seen = []
+    result = train(quick_config.replace(optimizer=choice, steps_per_image=1, model_name=choice),
+                   seen.append)
+    assert result.steps == 4
+    fell_back = [e for e in seen if "instead" in getattr(e, "text", "")]
+    if choice == "adamw_8bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            assert fell_back, "a missing bitsandbytes must be said"
+
+
+def test_text_encoder_ema_offset_snr_and_accumulation_all_run(quick_config):
+    result = train(quick_config.replace(train_text_encoder=True, text_encoder_steps_ratio=0.5,
+                                        use_ema=True, offset_noise=0.05, min_snr_gamma=5.0,
+                                        gradient_accumulation_steps=2, hflip=True,
+                                        cache_latents=False, gradient_checkpointing=True,
+                                        lr_scheduler="cosine", lr_warmup_steps=1))
+    assert result.steps == 4 and result.path.exists()
