@@ -129,6 +129,12 @@ class TrainingConfig:
                                advanced=True, minimum=0.0, maximum=50.0)
     overwrite: bool = _f(False, "Replace output files of the same name (otherwise refuse).",
                          advanced=True)
+    state_every_steps: int = _f(500, "Save the full training state every N steps, so a run that "
+                                     "was stopped or crashed can resume exactly (0: off).",
+                                advanced=True, minimum=0)
+    resume: str = _f("auto", "'auto': go on from the newest saved state of an unfinished run; "
+                             "'never': start over; or the path of one saved state folder.",
+                     advanced=True)
 
     # -- derived ---------------------------------------------------------------------------
     @property
@@ -163,6 +169,11 @@ class TrainingConfig:
                                     f"use {max(8, self.resolution // 8 * 8)}"))
         if check_paths:
             problems += _check_source(self.source_checkpoint)
+        if isinstance(self.resume, str) and self.resume not in ("auto", "never") and (
+                not self.resume.strip() or (check_paths and not Path(self.resume).is_dir())):
+            problems.append(Problem("resume", self.resume, "is not 'auto', 'never' or an "
+                                    "existing saved-state folder",
+                                    "use 'auto', 'never', or a step_* folder of the model's state"))
         return problems
 
     def check(self, check_paths: bool = True) -> "TrainingConfig":

@@ -22,6 +22,8 @@ from .errors import DreamboothError, TrainingError
 from .loss import compute_loss, noise_like
 from .models import Components, load_single_file, load_working_dir, save_single_file, \
     save_working_dir
+from .state import ModelLock, choose_snapshot, snapshot_info, clear_snapshots, fresh_rng, load_snapshot, \
+    save_snapshot
 from .sampling import ensure_class_images, generate_images, make_pipeline, slug
 
 
@@ -105,6 +107,9 @@ class Trainer:
                                gradient_accumulation_steps=cfg.gradient_accumulation_steps)
         self.device, self.dtype = self.acc.device, backends.WEIGHT_DTYPES[self.precision]
         self.comp, self.revision = load_model(cfg, self.say)
+        self.resume_from = choose_snapshot(cfg, cfg.model_dir)
+        if self.resume_from is not None:
+            self.revision = snapshot_info(self.resume_from)["revision"]
         _move(self.comp.vae, self.device, self.dtype).requires_grad_(False).eval()
         _move(self.comp.text_encoder, self.device, torch.float32 if cfg.train_text_encoder
               else self.dtype).requires_grad_(False)
@@ -286,22 +291,43 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        self.setup()
-        cfg, acc = self.cfg, self.acc
+        import contextlib
+        import os
+        # one lock per launch: its rank 0 takes it (torchrun / accelerate launch set RANK)
+        with ModelLock(self.cfg.model_dir, self.say) if os.environ.get("RANK", "0") == "0" \
+                else contextlib.nullcontext():
+            self.setup()
+            return self.loop(self.start_position())
+
+    def start_position(self) -> dict:
+        """Fresh generators at step 0, or everything restored from the chosen snapshot."""
+        self.rng, self.gen = fresh_rng(self.cfg.seed)  # the same on every process: see batch()
+        self.class_cursor = 0
+        snapshot = self.resume_from
+        if snapshot is None:
+            return {"step": 0, "epoch": 0, "batch": 0, "order": None}
+        position = load_snapshot(self, snapshot)
+        self.say(f"Resuming from step {position['step']} of {self.total_steps} ({snapshot.name}).")
+        if self.cfg.train_text_encoder and position["step"] >= self.te_steps:
+            self.comp.text_encoder.requires_grad_(False)
+        return position
+
+    def loop(self, position: dict) -> TrainResult:
+        cfg, acc, step = self.cfg, self.acc, position["step"]
         self.emit(ev.Started(cfg.model_name, self.total_steps, self.epochs, len(self.items),
-                             sum(len(v) for v in self.class_items.values())))
-        rng = random.Random(cfg.seed)  # the same on every process: see batch()
-        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        result, step, start, self.class_cursor = TrainResult(None, 0), 0, time.time(), 0
-        window = []
-        for epoch in range(self.epochs):
-            order = list(range(len(self.items)))
-            rng.shuffle(order)
-            for b in range(self.batches_per_epoch):
-                if step >= self.total_steps or self.cancel.cancelled:
+                             sum(len(v) for v in self.class_items.values()), step))
+        result, start, window, self.resumed_at = TrainResult(None, step), time.time(), [], step
+        for epoch in range(position["epoch"], self.epochs):
+            order, first = (position["order"], position["batch"]) \
+                if epoch == position["epoch"] and position["order"] is not None else \
+                (self.rng.sample(range(len(self.items)), len(self.items)), 0)
+            next_batch = first
+            for b in range(first, self.batches_per_epoch):
+                at_boundary = acc.step % cfg.gradient_accumulation_steps == 0
+                if step >= self.total_steps or (self.cancel.cancelled and at_boundary):
                     break
                 with acc.accumulate(*self.models):
-                    loss, _, _ = self.step_loss(order, b, rng, gen)
+                    loss, _, _ = self.step_loss(order, b, self.rng, self.gen)
                     self.check_finite(loss, step + 1)
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.max_grad_norm > 0:
@@ -310,20 +336,32 @@ class Trainer:
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 window.append(loss.item())
+                next_batch = b + 1
                 if acc.sync_gradients:
                     step += 1
                     self.after_update(step)
                     result.losses.append(sum(window) / len(window))
+                    window = []
                     self.emit(ev.Step(step, self.total_steps, epoch + 1, result.losses[-1],
                                       self.lr_scheduler.get_last_lr()[0],
-                                      step / max(time.time() - start, 1e-9), _vram_gb()))
-                    window = []
+                                      (step - self.resumed_at) / max(time.time() - start, 1e-9),
+                                      _vram_gb()))
+                    if cfg.state_every_steps and step % cfg.state_every_steps == 0 \
+                            and step < self.total_steps:
+                        self.snapshot(step, epoch, b + 1, order)
             if self.cancel.cancelled:
+                if step > self.resumed_at:
+                    self.snapshot(step, epoch, next_batch, order)
                 break
             self.epoch_end(epoch, step, result, last=step >= self.total_steps)
             if step >= self.total_steps:
                 break
         return self.finish(step, start, result)
+
+    def snapshot(self, step: int, epoch: int, batch: int, order: list[int]) -> None:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            save_snapshot(self, step, epoch, batch, order)
 
     def check_finite(self, loss: torch.Tensor, step: int) -> None:
         if not torch.isfinite(loss.detach()).all():
@@ -351,9 +389,11 @@ class Trainer:
 
     def finish(self, step: int, start: float, result: TrainResult) -> TrainResult:
         result.steps, result.cancelled = step, self.cancel.cancelled
-        if step > 0:
+        if step > self.resumed_at or (step > 0 and not result.cancelled):
             result.path = self.save(step, final=True)
             result.saved.append(result.path)
+        if not result.cancelled and self.acc.is_main_process:
+            clear_snapshots(self.cfg.model_dir)
         if self.cancel.cancelled:
             self.say(f"Training was cancelled at step {step} of {self.total_steps}.")
         self.emit(ev.Finished(str(result.path or ""), step, time.time() - start,
@@ -384,7 +424,7 @@ class Trainer:
                     "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}"}
             save_single_file(self.comp, path, cfg.save_precision, meta, overwrite=cfg.overwrite,
                              unet_state=self.unet_state())
-            if final:
+            if final and not self.cancel.cancelled:
                 self.save_working(step)
             self.emit(ev.CheckpointSaved(str(path), step))
         return path

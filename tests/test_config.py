@@ -24,7 +24,7 @@ def full_config():
         text_encoder_steps_ratio=0.25, use_ema=True, ema_decay=0.999, prior_loss_weight=0.7,
         resolution=768, center_crop=True, hflip=True, offset_noise=0.05, min_snr_gamma=5.0,
         seed=1234, save_precision="bf16", class_generation_steps=30, sample_steps=25,
-        guidance_scale=6.0, overwrite=True)
+        guidance_scale=6.0, overwrite=True, state_every_steps=25, resume="never")
 
 
 def test_every_field_round_trips_through_json():

@@ -1,0 +1,190 @@
+"""Faults injected: a kill mid-run resumes exactly, a kill mid-save loses nothing, NaN stops
+cleanly, one run per model, safe loading."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dreambooth import Concept, DreamboothError, TrainingError, events as ev, train
+from dreambooth.checkpoint import read_checkpoint, write_safetensors
+from dreambooth.state import ModelLock, snapshots
+
+pytestmark = pytest.mark.reliability
+
+
+def cli(config, tmp_path, name):
+    path = tmp_path / f"{name}.json"
+    path.write_text(config.to_json())
+    events = tmp_path / f"{name}.jsonl"
+    cmd = [sys.executable, "-m", "dreambooth", "train", "--config", str(path),
+           "--events-jsonl", str(events)]
+    return cmd, events
+
+
+def read_events(path):
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    return [ev.event_from_json(line) for line in lines if line.endswith("}")]
+
+
+def losses(events):
+    return {e.step: e.loss for e in events if isinstance(e, ev.Step)}
+
+
+@pytest.fixture
+def long_config(quick_config):
+    return quick_config.replace(steps_per_image=12, state_every_steps=4)  # 48 steps
+
+
+def test_killed_run_resumes_exactly(long_config, tmp_path):
+    straight_cmd, straight_events = cli(long_config.replace(model_name="straight"), tmp_path, "a")
+    assert subprocess.run(straight_cmd, capture_output=True).returncode == 0
+    reference = losses(read_events(straight_events))
+
+    cfg = long_config.replace(model_name="killed")
+    cmd, events = cli(cfg, tmp_path, "b")
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while max(losses(read_events(events)), default=0) < 14 and time.time() < deadline:
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    killed_at = max(losses(read_events(events)))
+    assert killed_at < 48, "the run finished before it could be killed"
+    assert snapshots(cfg.model_dir), "a state snapshot must exist"
+    assert (cfg.model_dir / ".train.lock").exists(), "the killed run left its lock"
+    events.unlink()
+
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    resumed = read_events(events)
+    started = next(e for e in resumed if isinstance(e, ev.Started))
+    assert started.resumed_from_step >= 12
+    texts = [e.text for e in resumed if isinstance(e, ev.Message)]
+    assert any(f"Resuming from step {started.resumed_from_step} of 48" in t for t in texts)
+    assert any("stale training lock" in t for t in texts)
+    after = losses(resumed)
+    assert sorted(after) == list(range(started.resumed_from_step + 1, 49))
+    assert all(after[s] == reference[s] for s in after), "loss sequence differs after resume"
+    a, _ = read_checkpoint(tmp_path / "out" / "straight_48.safetensors")
+    b, _ = read_checkpoint(tmp_path / "out" / "killed_48.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "final weights differ after resume"
+    assert snapshots(cfg.model_dir) == [], "a finished run clears its snapshots"
+
+
+def test_resume_with_a_changed_config_is_refused_listing_the_changes(long_config):
+    cancel = ev.CancelToken()
+
+    def stop_at_6(event):
+        if isinstance(event, ev.Step) and event.step == 6:
+            cancel.cancel()
+    train(long_config, stop_at_6, cancel)
+    with pytest.raises(DreamboothError) as err:
+        train(long_config.replace(learning_rate=5e-4, seed=7))
+    text = str(err.value)
+    assert "learning_rate" in text and "seed" in text and "never" in text
+
+
+def test_choosing_a_snapshot_uses_that_snapshot(long_config):
+    cancel = ev.CancelToken()
+    first = {}
+
+    def record(event):
+        if isinstance(event, ev.Step):
+            first[event.step] = event.loss
+            if event.step == 10:
+                cancel.cancel()
+    train(long_config, record, cancel)
+    chosen = [p for p in snapshots(long_config.model_dir) if p.name.endswith("00000004")][0]
+    seen = []
+    train(long_config.replace(resume=str(chosen), overwrite=True), seen.append)
+    started = next(e for e in seen if isinstance(e, ev.Started))
+    assert started.resumed_from_step == 4
+    again = {e.step: e.loss for e in seen if isinstance(e, ev.Step)}
+    assert min(again) == 5
+    assert all(again[s] == first[s] for s in range(5, 11))
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_saved_checkpoints(quick_config, monkeypatch):
+    import dreambooth.train as train_module
+    real = train_module.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        total, inst, prior = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 6:
+            total = total * float("nan")
+        return total, inst, prior
+    monkeypatch.setattr(train_module, "compute_loss", poisoned)
+    seen = []
+    with pytest.raises(TrainingError) as err:
+        train(quick_config.replace(save_every_epochs=1), seen.append)
+    assert "step 6" in err.value.message and "bf16" in err.value.hint
+    saved = [e.path for e in seen if isinstance(e, ev.CheckpointSaved)]
+    assert saved and all(os.path.exists(p) for p in saved)
+    state, _ = read_checkpoint(saved[-1])
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert isinstance(seen[-1], ev.Failed)
+
+
+def test_second_run_of_the_same_model_is_refused(quick_config):
+    with ModelLock(quick_config.model_dir, lambda t: None):
+        with pytest.raises(DreamboothError) as err:
+            train(quick_config)
+    assert "already being trained" in str(err.value)
+    assert train(quick_config).path.exists()  # the lock is released afterwards
+
+
+def test_stale_lock_from_a_dead_process_is_cleared(quick_config):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    quick_config.model_dir.mkdir(parents=True)
+    (quick_config.model_dir / ".train.lock").write_text(
+        json.dumps({"pid": dead.pid, "host": os.uname().nodename}))
+    seen = []
+    assert train(quick_config, seen.append).path.exists()
+    assert any("stale training lock" in getattr(e, "text", "") for e in seen)
+
+
+WRITER = """
+import sys, torch
+from dreambooth.checkpoint import write_safetensors
+state = {f"t{i}": torch.full((1024, 1024), float(i)) for i in range(400)}
+print("writing", flush=True)
+write_safetensors(sys.argv[1], state, overwrite=True)
+"""
+
+
+def test_kill_during_save_leaves_the_previous_file_intact(tmp_path):
+    target = tmp_path / "model.safetensors"
+    write_safetensors(target, {"w": torch.ones(4)}, {"v": "old"})
+    before = target.read_bytes()
+    child = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE)
+    assert child.stdout.readline().strip() == b"writing"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        partial = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        if partial and partial[0].stat().st_size > 1_000_000:
+            break
+        time.sleep(0.005)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert partial, "the writer never started writing"
+    assert target.read_bytes() == before
+    state, meta = read_checkpoint(target)
+    assert meta["v"] == "old" and torch.equal(state["w"], torch.ones(4))
+
+
+def test_safe_loading_refuses_code_but_reads_plain_tensor_ckpt(tmp_path):
+    good = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {"a": torch.ones(2)}}, good)
+    from dreambooth.checkpoint import read_checkpoint as read
+    state, _ = read(good)
+    assert torch.equal(state["a"], torch.ones(2))
