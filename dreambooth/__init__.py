@@ -18,14 +18,14 @@ __all__ = ["TrainingConfig", "Concept", "Problem", "train", "create_model", "Can
 
 
 def train(config, on_event=None, cancel=None):
-    """Run training (see dreambooth.train.train)."""
-    from .train import train as _train
+    """Run training (see dreambooth.trainer.train)."""
+    from .trainer import train as _train
     return _train(config, on_event, cancel)
 
 
 def create_model(config):
     """Convert the config's source checkpoint into the model's working folder; returns it."""
-    from .train import load_model, working_dir
+    from .trainer import load_model, working_dir
     from .models import save_working_dir
     comp, _ = load_model(config, lambda text: None)
     return save_working_dir(comp, working_dir(config))

@@ -45,24 +45,73 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
 
 
 def _read_pickle(path: Path) -> dict:
-    """torch.load with weights_only: tensors and plain containers only, no code runs."""
+    """Tensors and plain containers only, no code runs: torch's weights-only loader, then (for
+    the training-framework objects old SD .ckpt files carry) an allow-list unpickler that turns
+    those into inert placeholders and refuses everything else."""
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as first:
+        obj = _read_pickle_allow_listed(path, first)
+    except Exception as e:  # a damaged file fails inside the unpickler in many ways
+
+        raise CheckpointError(f"'{path.name}' is not a readable checkpoint ({e}).",
+                              "The file may be truncated or not a model: download it again.") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or \
+            not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"'{path.name}' does not hold a model state dict.",
+                              "Choose a Stable Diffusion checkpoint file.")
+    return obj
+
+
+class _Inert:
+    """Stands in for a harmless object (a trainer callback) of an old checkpoint; never called."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+# Module prefixes whose objects old checkpoints hold beside the weights, never needed to load them.
+_INERT_PREFIXES = ("pytorch_lightning.", "lightning.", "lightning_fabric.")
+_ALLOWED = {("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
+            ("torch._utils", "_rebuild_parameter"), ("torch", "Size"), ("builtins", "set"),
+            ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+            ("numpy", "dtype"), ("_codecs", "encode")}
+_STORAGES = {"FloatStorage", "HalfStorage", "BFloat16Storage", "DoubleStorage", "LongStorage",
+             "IntStorage", "ByteStorage", "BoolStorage", "CharStorage", "ShortStorage"}
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module.startswith(_INERT_PREFIXES):
+            return _Inert
+        if (module, name) in _ALLOWED or (module == "torch" and name in _STORAGES):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+
+class _AllowListPickle:
+    Unpickler = _AllowListUnpickler
+    load = staticmethod(lambda fh, **kw: _AllowListUnpickler(fh, **kw).load())
+
+
+def _read_pickle_allow_listed(path: Path, first: Exception):
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False,
+                          pickle_module=_AllowListPickle)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"'{path.name}' was refused: it holds Python objects beyond tensors, which could run "
             f"code when loaded ({str(e).splitlines()[0][:200]}).",
             "Use a .safetensors version of this model, or convert the file with a tool you "
             "trust.") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # a damaged file fails inside the unpickler in many ways
         raise CheckpointError(f"'{path.name}' is not a readable checkpoint ({e}).",
                               "The file may be truncated or not a model: download it again.") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"'{path.name}' does not hold a model state dict.",
-                              "Choose a Stable Diffusion checkpoint file.")
-    return obj
 
 
 def cast_for_save(state: dict, precision: str) -> dict:

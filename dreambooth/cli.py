@@ -109,7 +109,7 @@ def run_training(config: TrainingConfig, events_jsonl: str | None) -> int:
     jsonl = JsonLines(events_jsonl) if events_jsonl else None
     console = ConsoleProgress(stream=sys.stderr)
     try:
-        from . import train
+        from .trainer import train
         result = train(config, _fanout(console, jsonl), cancel)
     except DreamboothError:
         raise

@@ -64,6 +64,12 @@ def instance_items(folder: str | Path, prompt: str, warn) -> list[Item]:
     if bad:
         listed = ", ".join(f"{p.name} ({why})" for p, why in bad[:10])
         warn(f"{len(bad)} file(s) in '{folder}' could not be used and are skipped: {listed}")
+    seen: dict[str, Path] = {}
+    for p in good:
+        twin = seen.setdefault(p.name.lower(), p)
+        if twin is not p:
+            warn(f"'{twin.name}' and '{p.name}' in '{folder}' differ only in case; both are used "
+                 "here, but on Windows or macOS one would replace the other. Rename one.")
     if not good:
         others = [p for p in Path(folder).iterdir() if p.is_file()]
         detail = f"it holds {len(others)} file(s), none a readable image" if others else "it is empty"

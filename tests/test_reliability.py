@@ -112,7 +112,7 @@ def test_choosing_a_snapshot_uses_that_snapshot(long_config):
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_saved_checkpoints(quick_config, monkeypatch):
-    import dreambooth.train as train_module
+    import dreambooth.trainer as train_module
     real = train_module.compute_loss
     calls = {"n": 0}
 
