@@ -57,6 +57,16 @@ def train(config: TrainingConfig, on_event=None, cancel: ev.CancelToken | None =
         emit(ev.Failed(f"Training failed unexpectedly: {type(e).__name__}: {e}",
                        "This is a bug; please report it with the log."))
         raise
+    finally:
+        release_memory()
+
+
+def release_memory() -> None:
+    """Give the GPU memory of a finished, failed or cancelled run back (the models are gone)."""
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def working_dir(config: TrainingConfig) -> Path:

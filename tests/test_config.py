@@ -109,3 +109,14 @@ def test_importing_the_core_loads_neither_webui_gradio_nor_torch():
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_readme_config_reference_is_current():
+    import importlib.util
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("config_table", root / "tools/config_table.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    readme = (root / "README.md").read_text()
+    assert tool.replace_in(readme) == readme, "run: python tools/config_table.py --write"

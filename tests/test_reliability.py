@@ -188,3 +188,21 @@ def test_safe_loading_refuses_code_but_reads_plain_tensor_ckpt(tmp_path):
     from dreambooth.checkpoint import read_checkpoint as read
     state, _ = read(good)
     assert torch.equal(state["a"], torch.ones(2))
+
+
+def test_ctrl_c_in_the_cli_is_a_clean_stop_that_keeps_the_work(long_config, tmp_path):
+    cmd, events = cli(long_config.replace(model_name="interrupted"), tmp_path, "c")
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while max(losses(read_events(events)), default=0) < 6 and time.time() < deadline:
+        time.sleep(0.02)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err
+    assert "Traceback" not in err
+    saved = out.strip().splitlines()[-1]
+    assert os.path.exists(saved) and "interrupted_" in saved
+    finished = [e for e in read_events(events) if isinstance(e, ev.Finished)]
+    assert finished and finished[-1].cancelled
+    assert snapshots(long_config.replace(model_name="interrupted").model_dir), \
+        "a cancelled run keeps its state so it can resume"
