@@ -215,7 +215,8 @@ class Trainer:
         if cfg.train_text_encoder:
             te.requires_grad_(True).train()
             if cfg.gradient_checkpointing:
-                te.gradient_checkpointing_enable()
+                te.gradient_checkpointing_enable(  # reentrant would leave it without grads
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
             groups.append({"params": list(te.parameters()), "lr": cfg.text_encoder_learning_rate})
         optimizer, self.optimizer_name = backends.make_optimizer(cfg.optimizer, groups, cfg,
                                                                  self.device, self.warn)

@@ -118,10 +118,31 @@ def test_optimizers_run_or_fall_back_loudly(quick_config, choice):
             assert fell_back, "a missing bitsandbytes must be said"
 
 
-def test_text_encoder_ema_offset_snr_and_accumulation_all_run(quick_config):
+def test_text_encoder_ema_offset_snr_and_accumulation_all_run(quick_config, tiny_source):
     result = train(quick_config.replace(train_text_encoder=True, text_encoder_steps_ratio=0.5,
                                         use_ema=True, offset_noise=0.05, min_snr_gamma=5.0,
                                         gradient_accumulation_steps=2, hflip=True,
                                         cache_latents=False, gradient_checkpointing=True,
                                         lr_scheduler="cosine", lr_warmup_steps=1))
     assert result.steps == 4 and result.path.exists()
+    before, _ = read_checkpoint(tiny_source)
+    after, _ = read_checkpoint(result.path)
+    te = [k for k in before if k.startswith("cond_stage_model.") and before[k].is_floating_point()]
+    assert any(not torch.equal(before[k], after[k]) for k in te), "the text encoder must train"
+
+
+def test_optional_backends_fall_back_when_forced_to_fail(quick_config, monkeypatch):
+    """Both sides of each fallback, forced by argument rather than by uninstalling packages."""
+    from dreambooth import backends
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot run on this device")
+    monkeypatch.setitem(backends.OPTIMIZERS, "adamw_8bit", broken)
+    monkeypatch.setitem(backends.ATTENTION, "xformers", broken)
+    seen = []
+    result = train(quick_config.replace(optimizer="adamw_8bit", attention="xformers",
+                                        steps_per_image=1), seen.append)
+    texts = [getattr(e, "text", "") for e in seen]
+    assert any("'adamw_8bit' can't run here" in t and "'adamw' instead" in t for t in texts)
+    assert any("'xformers' can't run here" in t and "SDPA instead" in t for t in texts)
+    assert result.path.exists()
