@@ -1,0 +1,210 @@
+"""WebUI glue: the Dreambooth tab, its settings and its HTTP routes. Only this file imports
+`modules`; everything else lives in the `dreambooth` package beside it.
+
+The tab always renders: if our package or a dependency can't load, the tab shows a banner with
+what is missing and the command that fixes it (an exception in on_ui_tabs would make the WebUI
+drop the tab without a word).
+"""
+from __future__ import annotations
+
+import contextlib
+import html
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from modules import call_queue, paths, script_callbacks, sd_models, shared
+
+EXT_ROOT = Path(__file__).resolve().parent.parent
+TAB = ("Dreambooth", "dreambooth")
+SECTION = ("dreambooth", "Dreambooth")
+
+try:  # the extension folder is on sys.path while the WebUI loads this file
+    import dreambooth
+    from dreambooth import host as db_host, runner as db_runner
+    LOAD_ERROR = ""
+    if Path(dreambooth.__file__).resolve().parent.parent != EXT_ROOT:
+        LOAD_ERROR = (f"Another extension's 'dreambooth' package ({dreambooth.__file__}) was "
+                      "loaded instead of this one. Disable the other Dreambooth extension.")
+except Exception as e:  # keep the WebUI starting; the tab explains
+    LOAD_ERROR = f"The Dreambooth package could not be loaded: {type(e).__name__}: {e}"
+
+
+def _opt(name: str, default=None):
+    return getattr(shared.cmd_opts, name, None) or default
+
+
+def _installer():
+    """install.py as a module under a name no other extension uses."""
+    spec = importlib.util.spec_from_file_location("dreambooth_extension_install",
+                                                  EXT_ROOT / "install.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def missing_dependencies(python: str = sys.executable) -> tuple[list[str], str]:
+    """What training still needs (install.py's plan for the interpreter that trains) and the
+    command that installs it."""
+    fix = f'"{python}" "{EXT_ROOT / "install.py"}"'
+    try:
+        if os.path.abspath(python) != os.path.abspath(sys.executable):
+            out = subprocess.run([python, str(EXT_ROOT / "install.py"), "--json"],
+                                 capture_output=True, text=True, timeout=60)
+            plan = json.loads(out.stdout.strip().splitlines()[-1])
+            return plan["install"] + plan["problems"], fix if plan["install"] else ""
+        installer = _installer()
+        plan = installer.current_plan()
+    except Exception as e:  # report, never raise: the tab must render
+        return [f"install.py could not check the dependencies: {e}"], fix
+    if plan.ok:
+        return [], ""
+    command = " ".join(f'"{c}"' if " " in c else c for c in installer.pip_command(plan))
+    return plan.requirements() + plan.problems, command if plan.install else ""
+
+
+if not LOAD_ERROR:
+    class WebUIHost(db_host.Host):
+        """The WebUI as our host: its folders, its checkpoint list, its model and GPU lock."""
+
+        name = "webui"
+
+        def __init__(self) -> None:
+            models = Path(paths.models_path)
+            db_paths = db_host.HostPaths(
+                checkpoints_dir=Path(_opt("ckpt_dir", sd_models.model_path)),
+                lora_dir=Path(_opt("lora_dir", models / "Lora")),
+                work_dir=Path(_opt("dreambooth_dir", models / "dreambooth")),
+                lib_dir=EXT_ROOT / "lib")
+            super().__init__(db_paths, python=_opt("dreambooth_python", sys.executable),
+                             api_auth=_opt("api_auth", ""))
+            self.missing, self.fix_command = missing_dependencies(self.python)
+
+        def list_checkpoints(self):
+            return [db_host.Checkpoint(info.title, info.filename)
+                    for info in sd_models.checkpoints_list.values()]
+
+        def refresh_checkpoints(self) -> None:
+            sd_models.list_models()
+
+        def refresh_loras(self) -> None:
+            networks = sys.modules.get("networks")  # the built-in Lora extension
+            if networks is not None and hasattr(networks, "list_available_networks"):
+                networks.list_available_networks()
+
+        def select_checkpoint(self, path: str) -> str:
+            info = self._info(path)
+            if info is None:
+                sd_models.list_models()
+                info = self._info(path)
+            if info is None:
+                raise FileNotFoundError(f"{path} is not in the WebUI's checkpoint list")
+            shared.opts.set("sd_model_checkpoint", info.title)  # the WebUI reloads on change
+            loaded = getattr(shared.sd_model, "sd_checkpoint_info", None)
+            if loaded is None or loaded.filename != info.filename:
+                with call_queue.queue_lock:
+                    sd_models.reload_model_weights(info=info)
+            return info.title
+
+        @staticmethod
+        def _info(path: str):
+            wanted = os.path.abspath(path)
+            return next((i for i in sd_models.checkpoints_list.values()
+                         if os.path.abspath(i.filename) == wanted), None)
+
+        @contextlib.contextmanager
+        def model_offloaded(self):
+            """No other GPU job while training runs; the WebUI's model waits on the CPU
+            (A1111: send_model_to_cpu/send_model_to_device; a fork without them: unload and
+            reload the weights)."""
+            with call_queue.queue_lock:
+                shared.state.begin(job="dreambooth")
+                model = shared.sd_model
+                move = model is not None and not _opt("dreambooth_no_offload", False)
+                to_cpu = getattr(sd_models, "send_model_to_cpu", None)
+                if move:
+                    to_cpu(model) if to_cpu else sd_models.unload_model_weights()
+                try:
+                    yield
+                finally:
+                    if move and to_cpu:
+                        sd_models.send_model_to_device(model)
+                    elif move:
+                        sd_models.reload_model_weights()
+                    shared.state.end()
+
+        def missing_dependencies(self) -> list[str]:
+            return self.missing
+
+
+def _banner(title: str, lines: list[str], command: str = "") -> str:
+    items = "".join(f"<li>{html.escape(l)}</li>" for l in lines)
+    cmd = f"<pre class='dreambooth-fix'>{html.escape(command)}</pre>" if command else ""
+    return (f"<div class='dreambooth-banner dreambooth-error'><b>{html.escape(title)}</b>"
+            f"<ul>{items}</ul>{cmd}</div>")
+
+
+def _fallback_tab(message: str, command: str = ""):
+    """The tab when the real one can't be built: gradio only, nothing of ours."""
+    import gradio as gr
+    with gr.Blocks(analytics_enabled=False) as blocks:
+        gr.HTML(_banner("The Dreambooth tab could not load.", [message], command),
+                elem_id="dreambooth_banner")
+    return [(blocks, *TAB)]
+
+
+STATE: dict = {}  # the host and run manager of this WebUI process (survive a UI reload)
+
+
+def _manager():
+    if "manager" not in STATE:
+        STATE["host"] = WebUIHost()
+        grace = float(getattr(shared.opts, "dreambooth_cancel_grace_s", 30) or 30)
+        STATE["manager"] = db_runner.MANAGERS.setdefault(str(EXT_ROOT), db_runner.RunManager(
+            STATE["host"], cancel_grace_s=grace))
+        STATE["manager"].host = STATE["host"]
+    return STATE["host"], STATE["manager"]
+
+
+def on_ui_tabs():
+    if LOAD_ERROR:
+        return _fallback_tab(LOAD_ERROR)
+    try:
+        from dreambooth.ui.tab import build_tab
+        host, manager = _manager()
+        banner = ""
+        if host.missing:
+            banner = _banner("Training needs packages that are not installed yet:",
+                             host.missing, host.fix_command)
+        return [(build_tab(host, manager, banner).blocks, *TAB)]
+    except Exception as e:  # never let the WebUI drop the tab silently
+        print(f"[dreambooth] the tab failed to build: {type(e).__name__}: {e}", file=sys.stderr)
+        return _fallback_tab(f"{type(e).__name__}: {e}",
+                             f'"{sys.executable}" "{EXT_ROOT / "install.py"}"')
+
+
+def on_ui_settings():
+    shared.opts.add_option("dreambooth_cancel_grace_s", shared.OptionInfo(
+        30, "Seconds a cancelled training run gets to save before it is stopped hard",
+        section=SECTION))
+
+
+def on_app_started(demo, app):
+    if LOAD_ERROR:
+        return
+    try:
+        from dreambooth import api
+    except ImportError as e:
+        print(f"[dreambooth] HTTP API not available: {e}", file=sys.stderr)
+        return
+    host, manager = _manager()
+    api.mount(app, host, manager)
+
+
+script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_app_started(on_app_started)

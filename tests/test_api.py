@@ -1,0 +1,110 @@
+"""HTTP API under /dreambooth/v1: start, status, cancel on the real child; bad JSON -> 422 with
+the field named; no auth -> 401 when the WebUI's --api-auth is set."""
+from __future__ import annotations
+
+import base64
+import sys
+from pathlib import Path
+
+import pytest
+
+fastapi = pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from dreambooth import api  # noqa: E402
+from dreambooth.host import Host, standalone_paths  # noqa: E402
+from dreambooth.runner import RunManager  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent / "webui_stub"))
+from dreambooth_test_helpers import tiny_inputs, train_python, wait_for  # noqa: E402,F401
+
+
+def _client(tmp_path, auth="", python=sys.executable):
+    paths = standalone_paths(tmp_path / "ui")
+    host = Host(paths, python=python, api_auth=auth)
+    app = fastapi.FastAPI()
+    manager = RunManager(host, cancel_grace_s=60)
+    api.mount(app, host, manager)
+    return TestClient(app), host, manager
+
+
+def _basic(user, password):
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def _body(tiny, tmp_path, steps_per_image=1):
+    return {"model_name": "api_dog", "source_checkpoint": str(tiny["checkpoint"]),
+            "resolution": 64, "center_crop": True, "steps_per_image": steps_per_image,
+            "learning_rate": 1e-4, "output_dir": str(tmp_path / "out"),
+            "concepts": [{"instance_data_dir": str(tiny["instance"]),
+                          "instance_prompt": "photo of sks pattern"}]}
+
+
+def test_auth_is_required_when_the_webui_sets_it(tmp_path):
+    client, _, _ = _client(tmp_path, auth="alice:secret,bob:pw")
+    assert client.get("/dreambooth/v1/status").status_code == 401
+    assert client.get("/dreambooth/v1/status",
+                      headers=_basic("alice", "wrong")).status_code == 401
+    assert client.get("/dreambooth/v1/status",
+                      headers={"Authorization": "Basic !!!"}).status_code == 401
+    ok = client.get("/dreambooth/v1/status", headers=_basic("bob", "pw"))
+    assert ok.status_code == 200 and ok.json()["state"] == "idle"
+    assert client.post("/dreambooth/v1/train", json={}).status_code == 401
+
+
+def test_no_auth_configured_means_open_routes(tmp_path):
+    client, _, _ = _client(tmp_path)
+    assert client.get("/dreambooth/v1/status").status_code == 200
+    assert client.get("/dreambooth/v1/outputs").json() == {"outputs": []}
+
+
+def test_bad_json_and_bad_fields_are_422_naming_the_field(tmp_path):
+    client, _, manager = _client(tmp_path)
+    r = client.post("/dreambooth/v1/train", content=b"{not json",
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "(body)"
+    r = client.post("/dreambooth/v1/train", json=[1, 2])
+    assert r.status_code == 422 and "not a JSON object" in r.json()["detail"][0]["why"]
+    r = client.post("/dreambooth/v1/train", json={"learning_rte": 1e-6, "batch_size": "two"})
+    detail = {d["field"]: d for d in r.json()["detail"]}
+    assert r.status_code == 422 and "did you mean 'learning_rate'" in detail["learning_rte"]["fix"]
+    r = client.post("/dreambooth/v1/train", json={"batch_size": 0, "model_name": "a/b"})
+    fields = {d["field"] for d in r.json()["detail"]}
+    assert r.status_code == 422 and {"batch_size", "model_name", "concepts",
+                                     "source_checkpoint"} <= fields
+    assert not manager.busy()
+
+
+def test_create_model_writes_the_settings_and_lists_it(tmp_path, tiny_inputs):
+    client, host, _ = _client(tmp_path)
+    r = client.post("/dreambooth/v1/models", json={
+        "model_name": "dog", "source_checkpoint": str(tiny_inputs["checkpoint"])})
+    assert r.status_code == 201, r.json()
+    assert r.json()["config"]["model_type"] == "v1x"  # detected from the file
+    assert (host.paths.work_dir / "dog" / "config.json").is_file()
+    models = client.get("/dreambooth/v1/models").json()["models"]
+    assert [m["name"] for m in models] == ["dog"]
+    r = client.post("/dreambooth/v1/models", json={"model_name": "x", "source_checkpoint": "no"})
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "source_checkpoint"
+
+
+@pytest.mark.slow
+def test_start_status_cancel_on_the_real_child(tmp_path, tiny_inputs, train_python):
+    client, host, manager = _client(tmp_path, python=train_python)
+    r = client.post("/dreambooth/v1/train", json=_body(tiny_inputs, tmp_path, 300))
+    assert r.status_code == 202, r.json()
+    assert client.post("/dreambooth/v1/train",
+                       json=_body(tiny_inputs, tmp_path)).status_code == 409
+    wait_for(lambda: client.get("/dreambooth/v1/status").json()["step"] >= 1, timeout=300)
+    status = client.get("/dreambooth/v1/status").json()
+    assert status["state"] == "running" and status["total_steps"] > status["step"]
+    assert status["loss"] is not None and status["active"] is True
+    assert client.post("/dreambooth/v1/cancel").json()["cancelling"] is True
+    final = manager.wait(300)
+    assert final.state == "cancelled"
+    status = client.get("/dreambooth/v1/status").json()
+    assert status["state"] == "cancelled" and not status["active"]
+    outputs = client.get("/dreambooth/v1/outputs").json()["outputs"]
+    assert [o["path"] for o in outputs] == [status["final_path"]]
+    assert Path(status["final_path"]).is_file()

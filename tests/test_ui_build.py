@@ -1,0 +1,114 @@
+"""The tab builds under the installed gradio (3.41 in one venv, 4.x in another), every config
+widget is a real component keyed by its field, and the buttons' handlers work on values."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+
+from dreambooth.host import Host, sniff_model_type, standalone_paths  # noqa: E402
+from dreambooth.ui import fields  # noqa: E402
+from dreambooth.ui.tab import build_tab  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent / "webui_stub"))
+from dreambooth_test_helpers import quick_values, tiny_inputs, train_python  # noqa: E402,F401
+
+
+@pytest.fixture
+def host(tmp_path):
+    paths = standalone_paths(tmp_path / "ui")
+    paths.checkpoints_dir.mkdir(parents=True)
+    return Host(paths)
+
+
+def test_tab_builds_with_a_widget_per_field_and_no_torch(host):
+    tab = build_tab(host)
+    assert isinstance(tab.blocks, gr.Blocks)
+    assert sorted(tab.widgets) == sorted(fields.all_keys())
+    assert "torch" not in sys.modules
+    ids = [c.elem_id for c in tab.blocks.blocks.values() if getattr(c, "elem_id", None)]
+    assert len(ids) == len(set(ids)) and all(i.startswith("dreambooth_") for i in ids)
+
+
+def test_widgets_show_the_field_defaults_and_limits(host):
+    tab = build_tab(host)
+    w = tab.widgets
+    assert w["steps_per_image"].value == 100 and w["optimizer"].value == "adamw"
+    assert w["work_dir"].value == str(host.paths.work_dir)
+    assert w["output_dir"].value == str(host.paths.checkpoints_dir)
+    assert isinstance(w["cache_latents"], gr.Checkbox)
+    assert isinstance(w["source_checkpoint"], gr.Dropdown)
+
+
+def test_checkpoint_dropdown_lists_the_hosts_checkpoints_and_refreshes(host, tmp_path):
+    (host.paths.checkpoints_dir / "a.safetensors").write_bytes(b"x")
+    tab = build_tab(host)
+    assert "a.safetensors" in str(tab.widgets["source_checkpoint"].choices)
+    (host.paths.checkpoints_dir / "b.safetensors").write_bytes(b"x")
+    assert "b.safetensors" in str(tab.on_refresh())
+
+
+def test_model_type_is_detected_from_the_checkpoint_header(host, tmp_path):
+    import json
+    import struct
+    header = json.dumps({"cond_stage_model.model.transformer.resblocks.0.ln_1.weight": {
+        "dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    path = host.paths.checkpoints_dir / "sd2.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    assert sniff_model_type(path) == "v2x-512"
+    tab = build_tab(host)
+    update, message = tab.on_source("sd2.safetensors", "v1x")
+    assert update["value"] == "v2x-512" and "detected" in message
+
+
+def test_concept_panels_add_and_remove(host):
+    tab = build_tab(host)
+    n, *boxes = tab.on_count(3)
+    assert n == 3 and [b["visible"] for b in boxes] == [True, True, True, False]
+    assert tab.on_count(0)[0] == 1 and tab.on_count(99)[0] == fields.MAX_CONCEPTS
+
+
+def test_train_with_bad_values_lists_every_problem_and_starts_nothing(host):
+    tab = build_tab(host)
+    args = [1] + [tab.widgets[k].value for k in tab.widgets]
+    args[1 + list(tab.widgets).index("model_name")] = "bad/name"
+    message = tab.on_train(*args)
+    assert "model_name" in message and "source_checkpoint" in message and "concepts" in message
+    assert not tab.actions.manager.busy()
+
+
+def test_settings_save_and_load_as_the_cli_json(host, tmp_path):
+    from dreambooth import TrainingConfig
+    tab = build_tab(host)
+    values = {k: tab.widgets[k].value for k in tab.widgets}
+    values.update({"model_name": "dog", "learning_rate": 3e-6,
+                   "concepts[0].instance_prompt": "photo of sks dog",
+                   "concepts[0].instance_data_dir": str(tmp_path)})
+    assert "saved" in tab.actions.save_settings(values, 1)
+    saved = host.paths.work_dir / "dog" / "config.json"
+    assert TrainingConfig.load(saved).learning_rate == 3e-6  # what `--config` reads
+    out = tab.on_load("dog")
+    assert "Loaded" in out[0] and out[1] == 1
+    loaded = dict(zip(tab.widgets, out[2 + fields.MAX_CONCEPTS:]))
+    assert loaded["learning_rate"] == 3e-6 and loaded["concepts[0].instance_prompt"] == \
+        "photo of sks dog"
+
+
+@pytest.mark.slow
+def test_train_button_runs_the_child_and_streams_progress(host, tiny_inputs, train_python,
+                                                         tmp_path):
+    host.python = train_python
+    tab = build_tab(host)
+    values = {k: tab.widgets[k].value for k in tab.widgets}
+    values.update(quick_values(tiny_inputs, tmp_path / "work", host.paths.checkpoints_dir))
+    message = tab.on_train(1, *[values[k] for k in tab.widgets])
+    assert "started" in message, message
+    frames = list(tab.stream())
+    progress, result, gallery, loss, final, log, use = frames[-1]
+    assert "data-state='finished'" in progress and "Saved" in result
+    assert Path(final).is_file() and Path(final).parent == host.paths.checkpoints_dir
+    assert "<polyline" in loss or len(frames) >= 1
+    assert use["visible"] is False  # standalone: no txt2img to switch to

@@ -1,0 +1,114 @@
+"""Fixtures shared by the tab, glue, API and browser tests (import them into a test module).
+
+These tests run in the venv that has gradio (the WebUI-like one), which may hold no torch: the
+training child then runs with DREAMBOOTH_TEST_TRAIN_PYTHON (an interpreter with the training
+stack, e.g. .venv/bin/python), exactly as the WebUI runs it with an extension-local lib folder.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+STUB_DIR = Path(__file__).resolve().parent
+REPO = STUB_DIR.parent.parent
+
+
+@functools.lru_cache(maxsize=None)
+def _can_train(python: str) -> str:
+    """'' when `python` can import the training stack, else the reason it can't."""
+    try:
+        out = subprocess.run([python, "-c", "import torch, diffusers, transformers, dreambooth"],
+                             capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    return "" if out.returncode == 0 else out.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def train_python() -> str:
+    """The interpreter training children run with (skips when it lacks torch/diffusers)."""
+    python = os.environ.get("DREAMBOOTH_TEST_TRAIN_PYTHON") or sys.executable
+    reason = _can_train(python)
+    if reason:
+        pytest.skip(f"no interpreter with the training stack (set DREAMBOOTH_TEST_TRAIN_PYTHON): "
+                    f"{reason}")
+    return python
+
+
+@pytest.fixture(scope="session")
+def tiny_inputs(request, tmp_path_factory, train_python) -> dict:
+    """A tiny SD1.x checkpoint and instance images, made by the training interpreter (in this
+    process, with conftest's session fixtures, when that is this interpreter)."""
+    if train_python == sys.executable:
+        return {"checkpoint": request.getfixturevalue("tiny_source"),
+                "instance": request.getfixturevalue("instance_dir")}
+    root = tmp_path_factory.mktemp("tiny_inputs")
+    code = textwrap.dedent(f"""
+        from dreambooth.tiny import make_tiny_checkpoint, write_images
+        make_tiny_checkpoint({str(root / 'tiny_v1x.safetensors')!r}, 'v1x')
+        write_images({str(root / 'instance')!r}, 'checker', 2)
+    """)
+    subprocess.run([train_python, "-c", code], check=True, timeout=300,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    return {"checkpoint": root / "tiny_v1x.safetensors", "instance": root / "instance"}
+
+
+def quick_values(tiny: dict, work: Path, out: Path, steps_per_image: int = 1,
+                 name: str = "quick") -> dict:
+    """Widget values (by key) of a run that takes a few seconds on the tiny model."""
+    return {"model_name": name, "source_checkpoint": str(tiny["checkpoint"]),
+            "model_type": "v1x", "work_dir": str(work), "output_dir": str(out),
+            "resolution": 64, "center_crop": True, "steps_per_image": steps_per_image,
+            "learning_rate": 1e-4, "class_generation_steps": 2, "sample_steps": 2,
+            "concepts[0].instance_data_dir": str(tiny["instance"]),
+            "concepts[0].instance_prompt": "photo of sks pattern"}
+
+
+def load_webui(monkeypatch, data_dir: Path, argv: tuple = ()):
+    """Fresh stand-in `modules` on sys.path over `data_dir`, our preload flags parsed, and
+    scripts/dreambooth_tab.py loaded the way the WebUI loads a script. Returns (modules, glue)."""
+    monkeypatch.setenv("WEBUI_STUB_DATA_DIR", str(data_dir))
+    monkeypatch.syspath_prepend(str(STUB_DIR))
+    monkeypatch.syspath_prepend(str(REPO))
+    for name in [m for m in sys.modules if m == "modules" or m.startswith("modules.")]:
+        monkeypatch.delitem(sys.modules, name)
+    mods = {n: importlib.import_module(f"modules.{n}") for n in (
+        "paths", "shared", "options", "sd_models", "script_callbacks", "call_queue")}
+    preload = _load_file(REPO / "preload.py", "dreambooth_preload")
+    preload.preload(mods["shared"].parser)
+    mods["shared"].cmd_opts = mods["shared"].parser.parse_args(list(argv))
+    os.makedirs(mods["sd_models"].model_path, exist_ok=True)
+    glue = _load_file(REPO / "scripts" / "dreambooth_tab.py", "dreambooth_tab_glue")
+    return mods, glue
+
+
+def _load_file(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def wait_for(predicate, timeout: float = 180.0, every: float = 0.2):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def jsonable(obj) -> str:
+    return json.dumps(obj, default=str)
