@@ -1,0 +1,103 @@
+"""What is benchmarked: the model, the synthetic images, the configurations and their settings."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from dreambooth.tiny import TINY_RESOLUTION as TINY  # noqa: F401  (cli reads C.TINY)
+
+IMAGES = 8  # instance images, and as many class images (enough for batch 8)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    batch_size: int = 1
+    train_text_encoder: bool = False
+    prior: bool = False
+    lora_rank: int = 0  # 0: full fine-tune
+    skip: str = ""  # why it is not run
+
+    @property
+    def images_per_step(self) -> int:
+        """Images through the UNet per step (the class half counts with prior preservation)."""
+        return self.batch_size * (2 if self.prior else 1)
+
+
+@dataclass(frozen=True)
+class Data:
+    instance: tuple
+    classes: tuple
+    resolution: int
+    prompt: str = "photo of sks dog"
+    class_prompt: str = "photo of a dog"
+
+    @property
+    def instance_dir(self) -> str:
+        return str(Path(self.instance[0]).parent)
+
+    @property
+    def class_dir(self) -> str:
+        return str(Path(self.classes[0]).parent)
+
+
+def cases() -> list[Case]:
+    lora = _lora_skip()
+    sdxl = _sdxl_skip()
+    return [Case("full_bs1"), Case("full_bs8", batch_size=8),
+            Case("text_encoder_bs1", train_text_encoder=True),
+            Case("prior_bs1", prior=True),
+            Case("lora_r16_bs1", lora_rank=16, skip=lora),
+            Case("sdxl_lora_1024", lora_rank=16, skip="; ".join(
+                x for x in (lora and f"LoRA {lora}", sdxl and f"SDXL {sdxl}") if x)),
+            Case("sdxl_full_1024", skip=sdxl)]
+
+
+def _lora_skip() -> str:
+    from dreambooth.config import TrainingConfig
+    names = {f.name for f in dataclasses.fields(TrainingConfig)}
+    wanted = {"use_lora", "lora_rank", "lora_alpha", "lora_learning_rate"}
+    return "" if wanted <= names else "not implemented"
+
+
+def _sdxl_skip() -> str:
+    from dreambooth.models import SPECS
+    if "sdxl" not in SPECS:
+        return "not implemented (no 'sdxl' model type yet)"
+    return "not wired into the benchmark yet (needs an SDXL reference step)"
+
+
+def build_model(smoke: bool):
+    """A randomly initialised model of the real SD1.5 architecture (or the tiny one)."""
+    from dreambooth.models import build_random, shipped_configs
+    from dreambooth.tiny import tiny_configs
+    configs = tiny_configs("v1x") if smoke else shipped_configs("v1x")
+    return build_random("v1x", configs, seed=0)
+
+
+def write_data(folder: Path, resolution: int) -> Data:
+    from dreambooth.tiny import write_images
+    instance = write_images(folder / "instance", "checker", IMAGES, size=resolution)
+    classes = write_images(folder / "class", "blob", IMAGES, size=resolution, seed=100)
+    return Data(tuple(map(str, instance)), tuple(map(str, classes)), resolution)
+
+
+def our_config(case: Case, data: Data, work: Path, precision: str, best: bool):
+    """Our settings matching the reference's (best=False), or our best ones (best=True)."""
+    from dreambooth.config import Concept, TrainingConfig
+    concept = Concept(data.instance_dir, data.prompt,
+                      data.class_prompt if case.prior else "",
+                      data.class_dir if case.prior else "", 1 if case.prior else 0)
+    tag = "best" if best else "same"
+    lora = {"use_lora": True, "lora_rank": case.lora_rank, "lora_alpha": float(case.lora_rank),
+            "lora_learning_rate": 5e-4} if case.lora_rank else {}
+    return TrainingConfig(**lora,
+        model_name=f"bench_{case.name}_{tag}", source_checkpoint="(built in memory)",
+        work_dir=str(work / "runs"), output_dir=str(work / "out"), concepts=(concept,),
+        resolution=data.resolution, batch_size=case.batch_size,
+        train_text_encoder=case.train_text_encoder, learning_rate=5e-6,
+        text_encoder_learning_rate=5e-6, weight_decay=1e-2, max_grad_norm=1.0,
+        lr_scheduler="constant", optimizer="adamw", mixed_precision=precision,
+        attention="sdpa",  # the processor diffusers installs by default on torch 2
+        gradient_checkpointing=False, cache_latents=best, steps_per_image=100000, seed=0)

@@ -1,0 +1,163 @@
+"""`python -m bench [--smoke] [--json FILE] [--steps N] [--rounds R] [--only NAMES]`."""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import cases as C
+from .measure import Clock, count_flops, device_name, peak_tflops, release
+
+RUNS = ("reference", "ours_same", "ours_best")
+GB = 1e9
+
+
+def parse(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny model at 64 px (automatic when there is no CUDA GPU)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument("--steps", type=int, help="timed steps per run (default: 2 smoke, 30 GPU)")
+    p.add_argument("--rounds", type=int, help="the runs alternate in this many rounds "
+                                              "(default: 2 smoke, 3 GPU)")
+    p.add_argument("--warmup", type=int, help="untimed steps per run first (default: 1 / 3)")
+    p.add_argument("--only", help="comma-separated configurations to run (default: all)")
+    p.add_argument("--precision", choices=("no", "fp16", "bf16"),
+                   help="mixed precision (default: bf16 on a GPU that has it, else fp16; "
+                        "no on a CPU)")
+    args = p.parse_args(argv)
+    args.forced_smoke = not args.smoke and not torch.cuda.is_available()
+    args.smoke = args.smoke or args.forced_smoke
+    args.steps = args.steps or (2 if args.smoke else 30)
+    args.rounds = max(1, min(args.rounds or (2 if args.smoke else 3), args.steps))
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
+    if args.precision is None:
+        args.precision = "no" if not torch.cuda.is_available() else \
+            "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return args
+
+
+def build_runs(case, base, data, work: Path, precision: str) -> dict:
+    from .ours import OursStep
+    from .reference import ReferenceStep
+    return {
+        "reference": lambda: ReferenceStep(copy.deepcopy(base), data, case.batch_size,
+                                           case.train_text_encoder, case.prior, precision,
+                                           case.lora_rank),
+        "ours_same": lambda: OursStep("ours_same", copy.deepcopy(base),
+                                      C.our_config(case, data, work, precision, best=False)),
+        "ours_best": lambda: OursStep("ours_best", copy.deepcopy(base),
+                                      C.our_config(case, data, work, precision, best=True)),
+    }
+
+
+def run_case(case, base, data, work: Path, args) -> dict:
+    """Set up the three runs one after another, then time them alternating, in rounds; only
+    the run being timed is on the GPU, so each one's peak memory is its own."""
+    home = "cuda" if torch.cuda.is_available() else "cpu"  # parking is a no-op on a CPU
+    runners, clocks, flops = {}, {}, {}
+    for name, build in build_runs(case, base, data, work, args.precision).items():
+        runner = runners[name] = build()
+        for _ in range(args.warmup):
+            runner.step()
+        flops[name] = count_flops(runner.step)
+        clocks[name] = Clock()
+        runner.to("cpu")
+        release()
+    per_round = [args.steps // args.rounds + (r < args.steps % args.rounds)
+                 for r in range(args.rounds)]
+    losses = {}
+    for r, n in enumerate(per_round):
+        for name in (RUNS if r % 2 == 0 else tuple(reversed(RUNS))):
+            runners[name].to(home)
+            losses[name] = clocks[name].time(runners[name].step, n)
+            runners[name].to("cpu")
+            release()
+    result = {name: metrics(case, clocks[name], flops[name], runners[name], losses[name])
+              for name in RUNS}
+    for name in RUNS:
+        result[name]["ratio_to_reference"] = round(
+            result[name]["steps_per_s"] / result["reference"]["steps_per_s"], 3)
+        runners[name].close()
+    return result
+
+
+def metrics(case, clock: Clock, flops: int, runner, loss: float) -> dict:
+    steps_per_s = clock.steps / clock.seconds
+    tflops = flops * steps_per_s / 1e12
+    peak = peak_tflops(device_name())
+    return {"steps_per_s": round(steps_per_s, 4),
+            "images_per_s": round(steps_per_s * case.images_per_step, 4),
+            "steps": clock.steps, "seconds": round(clock.seconds, 4),
+            "peak_allocated_gb": round(clock.peak_allocated / GB, 3),
+            "peak_reserved_gb": round(clock.peak_reserved / GB, 3),
+            "flops_per_step": flops, "tflops": round(tflops, 4),
+            "fraction_of_bf16_peak": round(tflops / peak, 4) if peak else None,
+            "last_loss": loss, "settings": runner.settings()}
+
+
+def header(args) -> dict:
+    import diffusers
+    import transformers
+    name = device_name()
+    return {"benchmark": "dreambooth training step", "smoke": args.smoke, "device": name,
+            "device_bf16_peak_tflops": peak_tflops(name), "precision": args.precision,
+            "resolution": C.TINY if args.smoke else 512, "steps_per_run": args.steps,
+            "rounds": args.rounds, "warmup": args.warmup, "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "images_per_step": "images through the UNet (instance + class with prior)"}
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    torch.manual_seed(0)
+    if not torch.cuda.is_available():  # CPU: denormals from random init slow steps 10-30x
+        torch.set_flush_denormal(True)
+    import diffusers
+    diffusers.utils.logging.set_verbosity_error()  # "modules that should be kept in float32"
+    if args.forced_smoke:
+        print("No CUDA GPU: running the smoke size (tiny model, 64 px); timings are not "
+              "meaningful.", file=sys.stderr)
+    only = set(args.only.split(",")) if args.only else None
+    report = header(args)
+    report["configurations"] = []
+    started = time.perf_counter()
+    base = C.build_model(args.smoke)
+    with tempfile.TemporaryDirectory(prefix="dreambooth_bench_") as tmp:
+        data = C.write_data(Path(tmp), report["resolution"])
+        for case in C.cases():
+            if only is not None and case.name not in only:
+                continue
+            entry = {"name": case.name, "batch_size": case.batch_size,
+                     "train_text_encoder": case.train_text_encoder,
+                     "prior_preservation": case.prior, "lora_rank": case.lora_rank}
+            if case.skip:
+                entry.update(status="skipped", reason=case.skip)
+            else:
+                entry.update(status="ok", runs=run_case(case, base, data, Path(tmp), args))
+            report["configurations"].append(entry)
+            print_entry(entry)
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def print_entry(entry: dict) -> None:
+    if entry["status"] != "ok":
+        print(f"{entry['name']:<18} skipped: {entry['reason']}", flush=True)
+        return
+    for name, r in entry["runs"].items():
+        frac = r["fraction_of_bf16_peak"]
+        print(f"{entry['name']:<18} {name:<10} {r['steps_per_s']:8.3f} steps/s "
+              f"{r['images_per_s']:8.3f} img/s  x{r['ratio_to_reference']:<6.2f} "
+              f"peak {r['peak_allocated_gb']:6.2f}/{r['peak_reserved_gb']:6.2f} GB  "
+              f"{r['tflops']:8.3f} TFLOP/s  "
+              f"{'%5.1f%%' % (100 * frac) if frac is not None else '   n/a'} of peak",
+              flush=True)

@@ -1,0 +1,114 @@
+"""Clocks, FLOP counts, peak memory, device peaks, and moving a run's state on and off the GPU."""
+from __future__ import annotations
+
+import gc
+import platform
+import time
+
+import torch
+
+# Dense bf16 tensor-core peak, TFLOP/s (vendor datasheets, no sparsity). Longest name matched
+# first, so "H100 PCIe" wins over "H100".
+BF16_PEAK_TFLOPS = {
+    "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "H800": 989.0,
+    "GH200": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L4": 121.0,
+    "RTX 4090": 165.2,
+}
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def peak_tflops(name: str) -> float | None:
+    """The device's dense bf16 peak, or None where it is not in the table (CPUs, unknown GPUs)."""
+    for key in sorted(BF16_PEAK_TFLOPS, key=len, reverse=True):
+        if key.lower() in name.lower():
+            return BF16_PEAK_TFLOPS[key]
+    return None
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _cpu_sdpa_mapping() -> dict:
+    """FlopCounterMode counts CUDA attention kernels but not the CPU flash kernel: add it."""
+    from torch.utils import flop_counter as fc
+    aten = torch.ops.aten
+    mapping = {}
+    forward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if forward is not None:
+        mapping[forward] = lambda q, k, v, *a, out_shape=None, **kw: fc.sdpa_flop_count(q, k, v)
+    if backward is not None:
+        mapping[backward] = lambda g, q, k, v, *a, out_shape=None, **kw: \
+            fc.sdpa_backward_flop_count(g, q, k, v)
+    return mapping
+
+
+def count_flops(step) -> int:
+    """FLOPs of one call of `step()` (matmuls, convolutions, attention; forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping()) as counter:
+        step()
+    return int(counter.get_total_flops())
+
+
+class Clock:
+    """Total time and peak memory over the timed blocks of one run."""
+
+    def __init__(self) -> None:
+        self.seconds, self.steps, self.peak_allocated, self.peak_reserved = 0.0, 0, 0, 0
+
+    def time(self, step, n: int) -> float:
+        """Run `step()` n times; returns the last loss."""
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        start = time.perf_counter()
+        loss = float("nan")
+        for _ in range(n):
+            loss = step()
+        sync()
+        self.seconds += time.perf_counter() - start
+        self.steps += n
+        if cuda:
+            self.peak_allocated = max(self.peak_allocated, torch.cuda.max_memory_allocated())
+            self.peak_reserved = max(self.peak_reserved, torch.cuda.max_memory_reserved())
+        return loss
+
+
+def move(obj, device) -> None:
+    """Move modules, optimizer states and (nested) dicts/tuples of tensors to `device`, in place."""
+    if isinstance(obj, torch.nn.Module):
+        obj.to(device)
+    elif isinstance(obj, torch.optim.Optimizer) or hasattr(obj, "optimizer"):
+        opt = obj if isinstance(obj, torch.optim.Optimizer) else obj.optimizer
+        for state in opt.state.values():
+            for k, v in state.items():
+                if torch.is_tensor(v):
+                    state[k] = v.to(device)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            obj[k] = _moved(v, device)
+
+
+def _moved(v, device):
+    if torch.is_tensor(v):
+        return v.to(device)
+    if isinstance(v, (tuple, list)):
+        return type(v)(_moved(x, device) for x in v)
+    if isinstance(v, dict):
+        return {k: _moved(x, device) for k, x in v.items()}
+    return v
+
+
+def release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,68 @@
+"""Our training step: dreambooth.trainer.Trainer, set up by its own setup() over a model built
+in memory (no checkpoint file), stepped exactly as Trainer.loop steps it."""
+from __future__ import annotations
+
+from unittest import mock
+
+import torch
+
+from .measure import move
+
+
+class OursStep:
+    def __init__(self, name: str, comp, config) -> None:
+        from dreambooth import events as ev
+        from dreambooth import trainer as trainer_module
+        self.name, self.messages = name, []
+        def listener(event):
+            if isinstance(event, ev.Message):
+                self.messages.append(event.text)
+        self.trainer = trainer_module.Trainer(config, ev.EventBus(listener), ev.CancelToken())
+        # the model comes from memory, not from converting a 4 GB single file
+        with mock.patch.object(trainer_module, "load_model", lambda cfg, say: (comp, 0)):
+            self.trainer.setup()
+        self.trainer.start_position()  # fresh generators and class cursor, as a new run
+        self.order, self.b, self.updates = None, self.trainer.batches_per_epoch, 0
+
+    def step(self) -> float:
+        """The body of Trainer.loop's inner loop, less its events and snapshots.
+        (Keep in step with dreambooth/trainer.py; a Trainer.update() to call would end this.)"""
+        t, cfg = self.trainer, self.trainer.cfg
+        if self.b >= t.batches_per_epoch:
+            self.order, self.b = t.rng.sample(range(len(t.items)), len(t.items)), 0
+        acc = t.acc
+        with acc.accumulate(*t.models):
+            loss, _, _ = t.step_loss(self.order, self.b, t.rng, t.gen)
+            t.check_finite(loss, self.updates + 1)
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_([p for m in t.models for p in m.parameters()],
+                                    cfg.max_grad_norm)
+            t.optimizer.step()
+            t.optimizer.zero_grad(set_to_none=True)
+        value = loss.item()
+        self.b += 1
+        if acc.sync_gradients:
+            self.updates += 1
+            t.after_update(self.updates)
+        return value
+
+    def to(self, device) -> None:
+        t = self.trainer
+        encoders = getattr(t.comp, "text_encoders", [t.comp.text_encoder])
+        for obj in (t.comp.unet, t.comp.vae, *encoders, t.optimizer, t.latents, t.embeddings):
+            move(obj, device)
+        if t.ema is not None:
+            t.ema.to(device)
+
+    def settings(self) -> dict:
+        t, cfg = self.trainer, self.trainer.cfg
+        return {"attention": t.attention, "optimizer": t.optimizer_name
+                + (" (fused)" if torch.cuda.is_available() else ""),
+                "latents": "cached" if cfg.cache_latents else "VAE every step",
+                "text": "text encoder every step" if cfg.train_text_encoder else "cached",
+                "gradient_checkpointing": cfg.gradient_checkpointing,
+                "mixed_precision": t.precision, "messages": self.messages}
+
+    def close(self) -> None:
+        self.trainer.acc.free_memory()

@@ -1,0 +1,364 @@
+"""Will it fit? Peak GPU memory of a training run, estimated from its config before anything is
+loaded, and the settings to change when it won't fit.
+
+    from dreambooth.memory import estimate, suggest
+    print(estimate(config).gib)                      # about how many GiB the run will need
+    advice = suggest(config, torch.cuda.mem_get_info()[0])
+    if advice.changes: config = config.replace(**dict(advice.changes)); print(advice.message)
+
+How it counts: parameter counts and shapes come from the model type's shipped configs,
+instantiated on the meta device (no memory, no weights); optimizer state from those shapes per
+optimizer; activations by running the UNet (and a trained text encoder) forward on the meta
+device and adding up the tensors autograd saves for backward, per image at the resolution,
+with or without gradient checkpointing and for the chosen attention. The peak is what stays
+resident (weights, optimizer state, EMA, caches) plus the largest of three phases of a step:
+forward/backward (activations and gradients, and autocast's half-precision weight copies),
+the VAE encode (without cached latents) and the optimizer step.
+
+Calibration: the meta count is exact for what autograd saves in the model's own dtype; a real
+step holds more (autocast keeps group norm and softmax outputs in fp32, autograd's gradient
+buffers, kernel workspaces, allocator rounding), which ACTIVATION_FACTOR stands for. Its value,
+and CUDA_OVERHEAD, come from the H100 numbers in the issue (the batch 1 -> 8 slope of a bf16
+step: 1.59 GB per image measured, 0.98 GB counted here) and must be re-measured with
+`python -m bench` on a GPU: the goal is within 15% of the measured peak in every benchmark
+configuration. Standard library and torch only at
+import time; diffusers and transformers are imported (lazily) only to build meta models. The
+core does not import this module.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+GIB = 2 ** 30
+HALF = ("fp16", "bf16")
+ACTIVATION_FACTOR = 1.6  # measured / counted activation bytes: calibrate on a GPU (see above)
+CUDA_OVERHEAD = int(0.6 * GIB)  # cuBLAS/cuDNN workspaces, allocator rounding (calibrate)
+MARGIN = 0.10  # suggest() wants this much of the free memory to spare
+DEFAULT_IMAGES = 20  # instance images assumed where the folders can't be counted
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+# -- parameters ---------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def parameter_shapes(model_type: str) -> dict:
+    """{component: tuple of parameter shapes} of a model type, from meta-device instantiation."""
+    from .models import build_meta
+    comp = build_meta(model_type)
+    modules = {"unet": comp.unet, "vae": comp.vae}
+    modules.update({s.component: getattr(comp, s.component) for s in comp.spec.text_encoders})
+    return {name: tuple(tuple(p.shape) for p in m.parameters()) for name, m in modules.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def lora_shapes(model_type: str, rank: int, component: str = "unet") -> tuple:
+    """Shapes of the LoRA A/B matrices peft adds to the attention projections of a component."""
+    from .models import build_meta
+    targets = ("to_q", "to_k", "to_v", "to_out.0") if component == "unet" else \
+        ("q_proj", "k_proj", "v_proj", "out_proj")
+    module = getattr(build_meta(model_type), component)
+    shapes = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, torch.nn.Linear) and name.endswith(targets):
+            shapes += [(rank, sub.in_features), (sub.out_features, rank)]
+    return tuple(shapes)
+
+
+def numel(shapes) -> int:
+    total = 0
+    for shape in shapes:
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total
+
+
+def optimizer_state_bytes(choice: str, shapes) -> int:
+    """Bytes of optimizer state for fp32 parameters of these shapes."""
+    total = 0
+    for shape in shapes:
+        n = numel([shape])
+        if choice == "adamw_8bit":  # bitsandbytes: 8-bit states from 4096 elements up
+            total += 2 * n if n >= 4096 else 8 * n
+        elif choice == "adafactor":  # factored second moment, no first moment (beta1=None)
+            total += 4 * (numel([shape[:-1]]) + numel([shape[:-2] + shape[-1:]])) \
+                if len(shape) >= 2 else 4 * n
+        else:
+            total += {"adamw": 8, "lion": 4, "prodigy": 16}.get(choice, 8) * n
+    return total
+
+
+# -- activations --------------------------------------------------------------------------------
+class _quiet:
+    """diffusers warns on every dtype cast of a model; these casts are on the meta device."""
+
+    def __enter__(self):
+        import logging
+        self.logger = logging.getLogger("diffusers")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+        return False
+
+
+def _flash_like(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    """SDPA as the fused kernels keep it for backward (q, k, v, out, logsumexp; no T x T
+    matrix), which the meta device would otherwise run as plain maths."""
+    return _SavesLikeFlash.apply(q, k, v)
+
+
+class _SavesLikeFlash(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
+        ctx.save_for_backward(q, k, v, out, torch.empty(q.shape[:-1], device=q.device))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # never run: only forward passes are counted
+        return None, None, None
+
+
+def _saved_bytes(module, run, block_types: tuple = ()) -> tuple[int, int]:
+    """(bytes autograd saves during `run()`, most saved inside one module of `block_types`);
+    parameters and repeated saves of one tensor are not counted."""
+    params = {id(p) for p in module.parameters()}
+    seen, state = set(), {"total": 0}
+
+    def pack(t):
+        base = t._base if t._base is not None else t
+        if id(base) not in params and id(t) not in params and id(base) not in seen:
+            seen.add(id(base))
+            state["total"] += base.numel() * base.element_size()
+        return t
+
+    blocks, hooks = [0], []
+    for sub in module.modules():
+        if type(sub).__name__ in block_types:
+            hooks.append(sub.register_forward_pre_hook(
+                lambda m, a: state.__setitem__("start", state["total"])))
+            hooks.append(sub.register_forward_hook(
+                lambda m, a, o: blocks.append(state["total"] - state["start"])))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return state["total"], max(blocks)
+
+
+BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock")  # what gradient checkpointing recomputes
+
+
+def _unet_inputs(configs: dict, resolution: int, dtype) -> tuple:
+    cfg, vae = configs["unet"], configs["vae"]
+    side = resolution // 2 ** (len(vae["block_out_channels"]) - 1)
+    cross = cfg["cross_attention_dim"]
+    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+    args = (torch.empty(1, cfg.get("in_channels", 4), side, side, dtype=dtype, device="meta"),
+            torch.zeros(1, dtype=torch.long, device="meta"),
+            torch.empty(1, 77, cross, dtype=dtype, device="meta"))
+    kwargs = {}
+    if cfg.get("addition_embed_type") == "text_time":  # SDXL: pooled text + 6 size numbers
+        time_dim = 6 * cfg["addition_time_embed_dim"]
+        pooled = cfg["projection_class_embeddings_input_dim"] - time_dim
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.empty(1, pooled, dtype=dtype, device="meta"),
+            "time_ids": torch.empty(1, 6, dtype=dtype, device="meta")}
+    return args, kwargs
+
+
+@functools.lru_cache(maxsize=None)
+def unet_activation_bytes(model_type: str, resolution: int, attention: str,
+                          checkpointing: bool, half: bool) -> int:
+    """Bytes the UNet saves for backward per image (before ACTIVATION_FACTOR)."""
+    import torch.nn.functional as F
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+    from .models import build_meta
+    comp = build_meta(model_type)
+    dtype = torch.bfloat16 if half else torch.float32
+    with _quiet():
+        unet = comp.unet.to(dtype).train()
+    unet.set_attn_processor(AttnProcessor() if attention == "default" else AttnProcessor2_0())
+    args, kwargs = _unet_inputs(comp.configs, resolution, dtype)
+    run = lambda: unet(*args, **kwargs)  # noqa: E731
+    plain_sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _flash_like
+    try:
+        total, block = _saved_bytes(unet, run, BLOCKS)
+        if not checkpointing:
+            return total
+        unet.enable_gradient_checkpointing()
+        kept, _ = _saved_bytes(unet, run)
+        return kept + block  # block inputs kept, plus one block recomputed in backward
+    finally:
+        F.scaled_dot_product_attention = plain_sdpa
+
+
+@functools.lru_cache(maxsize=None)
+def text_encoder_activation_bytes(model_type: str, component: str, half: bool) -> int:
+    """Bytes a trained text encoder saves for backward per prompt (77 tokens)."""
+    from .models import build_meta
+    te = getattr(build_meta(model_type), component).to(
+        torch.bfloat16 if half else torch.float32).train()
+    ids = torch.zeros(1, 77, dtype=torch.long, device="meta")
+    return _saved_bytes(te, lambda: te(ids, output_hidden_states=True))[0]
+
+
+# -- the estimate -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Estimate:
+    total: int  # bytes at the peak
+    parts: dict = field(default_factory=dict)  # what makes it up, bytes
+    phase: str = ""  # the phase of a step where the peak is
+
+    @property
+    def gib(self) -> float:
+        return self.total / GIB
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in self.parts.items() if v)
+        return f"about {self.gib:.1f} GiB at the {self.phase} ({parts})"
+
+
+def count_images(config) -> tuple[int, int]:
+    """(instance images, class images) of the config's concepts; folders that can't be read
+    count as DEFAULT_IMAGES."""
+    instance = classes = 0
+    for concept in config.concepts:
+        folder = Path(concept.instance_data_dir)
+        n = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) \
+            if folder.is_dir() else DEFAULT_IMAGES
+        instance += n
+        if concept.uses_prior:
+            classes += n * concept.class_images_per_instance
+    return instance or DEFAULT_IMAGES, classes
+
+
+def _trainable(cfg, shapes: dict) -> tuple[list, list]:
+    """(shapes of the trained parameters, names of the text encoders kept in fp32)."""
+    tes = [k for k in shapes if k.startswith("text_encoder")]
+    if getattr(cfg, "use_lora", False):
+        trained = list(lora_shapes(cfg.model_type, cfg.lora_rank, "unet"))
+        if cfg.lora_text_encoder:
+            trained += [s for te in tes for s in lora_shapes(cfg.model_type, cfg.lora_rank, te)]
+    else:
+        trained = list(shapes["unet"]) + [s for te in tes if cfg.train_text_encoder
+                                          for s in shapes[te]]
+    fp32_tes = tes if getattr(cfg, "trains_text_encoder", cfg.train_text_encoder) else []
+    return trained, fp32_tes
+
+
+def _caches(cfg, shapes: dict, images: tuple[int, int], half: bool) -> int:
+    vae = cfg.resolution // 8
+    latents = (images[0] + images[1]) * (2 if cfg.hflip else 1) * 2 * 4 * 4 * vae * vae \
+        if cfg.cache_latents else 0
+    te_width = sum(s[0] for te in shapes if te.startswith("text_encoder")
+                   for s in shapes[te][-1:])  # the final layer norm's width
+    embeddings = 0 if cfg.trains_text_encoder else \
+        (images[0] + images[1]) * 77 * te_width * 4  # at most one prompt per image
+    return latents + embeddings
+
+
+def estimate(config, n_images: tuple[int, int] | None = None) -> Estimate:
+    """Peak GPU memory of training with `config` (bytes), and what it is made of."""
+    cfg, half = config, config.mixed_precision in HALF
+    shapes, wbytes = parameter_shapes(cfg.model_type), 2 if config.mixed_precision in HALF else 4
+    trained, fp32_tes = _trainable(cfg, shapes)
+    unet_n = numel(shapes["unet"])
+    lora_n = numel(trained) if getattr(cfg, "use_lora", False) else 0
+    weights = 4 * unet_n + wbytes * numel(shapes["vae"]) + 4 * lora_n + sum(
+        (4 if te in fp32_tes else wbytes) * numel(shapes[te]) for te in shapes
+        if te.startswith("text_encoder"))
+    per_step = cfg.batch_size * (2 if any(c.uses_prior for c in cfg.concepts) else 1)
+    acts = unet_activation_bytes(cfg.model_type, cfg.resolution, cfg.attention,
+                                 cfg.gradient_checkpointing, half) + sum(
+        text_encoder_activation_bytes(cfg.model_type, te, half) for te in fp32_tes)
+    vae_channels = _vae_channels(shapes)
+    parts = {
+        "weights": weights,
+        "optimizer": optimizer_state_bytes(cfg.optimizer, trained),
+        "ema": 4 * unet_n if cfg.use_ema and not lora_n else 0,
+        "caches": _caches(cfg, shapes, n_images or count_images(cfg), half),
+        "overhead": CUDA_OVERHEAD,
+        "gradients": 4 * numel(trained),
+        "autocast copies": 2 * (unet_n + sum(numel(shapes[te]) for te in fp32_tes)) if half else 0,
+        "activations": int(ACTIVATION_FACTOR * per_step * acts),
+        "vae encode": 0 if cfg.cache_latents else 4 * vae_channels * cfg.resolution ** 2 * wbytes,
+    }
+    resident = sum(parts[k] for k in ("weights", "optimizer", "ema", "caches", "overhead"))
+    grads, acts = parts["gradients"], parts["activations"]
+    phases = {"forward/backward": parts["autocast copies"] + max(acts, grads)
+              + min(acts, grads) // 2,  # activations are freed as gradients arrive
+              "VAE encode": parts["vae encode"], "optimizer step": grads}
+    phase = max(phases, key=phases.get)
+    return Estimate(resident + phases[phase], parts, phase)
+
+
+def _vae_channels(shapes: dict) -> int:
+    """Channels of the VAE's first stage: the output width of its first convolution."""
+    return shapes["vae"][0][0]
+
+
+# -- what to change -----------------------------------------------------------------------------
+# The order users are told to try (the seed behaviour): cheapest in quality and speed first.
+STEPS = (("train_text_encoder", False, "stop training the text encoder"),
+         ("optimizer", "adamw_8bit", "use 8-bit AdamW"),
+         ("mixed_precision", "{half}", "train in {half} mixed precision"),
+         ("gradient_checkpointing", True, "turn on gradient checkpointing"),
+         ("cache_latents", True, "cache the latents"),
+         ("batch_size", 1, "train with batch size 1"))
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    changes: tuple  # ((field, value), ...): apply with config.replace(**dict(changes))
+    fits: bool  # with the changes, within the free memory (less MARGIN)
+    before: Estimate
+    after: Estimate
+    message: str  # one sentence for the user
+
+
+def suggest(config, free_bytes: int, half: str = "bf16",
+            n_images: tuple[int, int] | None = None) -> Suggestion:
+    """The settings to change, in STEPS order and no more than needed, for `config` to fit in
+    `free_bytes` of GPU memory; `half` is the mixed precision the GPU has (bf16 or fp16)."""
+    budget = free_bytes * (1 - MARGIN)
+    before = after = estimate(config, n_images)
+    current, changes, words = config, [], []
+    for name, value, text in STEPS:
+        if after.total <= budget:
+            break
+        value = half if value == "{half}" else value
+        if getattr(current, name) == value:
+            continue
+        candidate = current.replace(**{name: value})
+        trial = estimate(candidate, n_images)
+        if trial.total >= after.total:  # no saving here (e.g. Adafactor is already smaller)
+            continue
+        current, after = candidate, trial
+        changes.append((name, value))
+        words.append(text.format(half=half))
+    fits = after.total <= budget
+    return Suggestion(tuple(changes), fits, before, after,
+                      _sentence(before, after, free_bytes, words, fits))
+
+
+def _sentence(before: Estimate, after: Estimate, free: int, words: list, fits: bool) -> str:
+    need, have = f"about {before.gib:.1f} GiB", f"{free / GIB:.1f} GiB"
+    if not words and fits:
+        return f"This run needs {need} of GPU memory; {have} are free."
+    start = f"This run needs {need} of GPU memory, but only {have} are free."
+    todo = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+    if fits:
+        return f"{start} It fits (about {after.gib:.1f} GiB) if you {todo}."
+    if words:
+        return (f"{start} Even if you {todo}, it needs about {after.gib:.1f} GiB: lower the "
+                "resolution, train a LoRA instead, or use a GPU with more memory.")
+    return f"{start} Lower the resolution, train a LoRA instead, or use a GPU with more memory."
