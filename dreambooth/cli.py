@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .config import Concept, TrainingConfig
+from .config import MODEL_TYPES, Concept, TrainingConfig
 from .errors import ConfigError, DreamboothError
 from .events import CancelToken
+from .ui import standalone as ui_standalone
 
 CONCEPT_FLAGS = {"instance_dir": "instance_data_dir", "instance_prompt": "instance_prompt",
                  "class_prompt": "class_prompt", "class_dir": "class_data_dir",
@@ -75,18 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(tr)
     demo = sub.add_parser("demo", help="train a tiny built-in model on sample images (CPU, ~1 min)")
     demo.add_argument("--out", default="dreambooth_demo", help="folder for everything the demo writes")
-    demo.add_argument("--model-type", default="v1x", help="architecture of the tiny model")
+    demo.add_argument("--model-type", default="v1x", choices=MODEL_TYPES,
+                      help="architecture of the tiny model")
+    demo.add_argument("--lora", action="store_true", help="train a LoRA instead of the whole model")
     demo.add_argument("--steps-per-image", type=int, default=30)
     demo.add_argument("--events-jsonl", help="write every event as a JSON line to FILE ('-': stdout)")
+    ui_standalone.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "ui":
+        return ui_standalone.run(args)
     try:
         if args.command == "demo":
             from .demo import demo_config
-            config = demo_config(Path(args.out), args.model_type, args.steps_per_image)
+            config = demo_config(Path(args.out), args.model_type, args.steps_per_image,
+                                 lora=args.lora)
         else:
             config = config_from_args(args)
             if args.print_config:
@@ -106,20 +113,27 @@ def run_training(config: TrainingConfig, events_jsonl: str | None) -> int:
     config.check()
     cancel = CancelToken()
     _install_signal_handlers(cancel)
-    jsonl = JsonLines(events_jsonl) if events_jsonl else None
-    console = ConsoleProgress(stream=sys.stderr)
+    first = _is_first_process()  # under torchrun / accelerate launch only rank 0 reports
+    jsonl = JsonLines(events_jsonl) if events_jsonl and first else None
+    console = ConsoleProgress(stream=sys.stderr) if first else None
     try:
         from .trainer import train
         result = train(config, _fanout(console, jsonl), cancel)
     except DreamboothError:
         raise
     finally:
-        console.close()
+        if console:
+            console.close()
         if jsonl:
             jsonl.close()
-    if result.path:
+    if result.path and first:
         print(str(result.path))
     return 130 if result.cancelled else 0
+
+
+def _is_first_process() -> bool:
+    import os
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _fanout(*listeners):
