@@ -135,6 +135,28 @@ class TrainingConfig:
     resume: str = _f("auto", "'auto': go on from the newest saved state of an unfinished run; "
                              "'never': start over; or the path of one saved state folder.",
                      advanced=True)
+    use_lora: bool = _f(False, "Train a LoRA (a small file for the WebUI's Lora networks, "
+                               "written to lora_dir) instead of the whole model.")
+    lora_rank: int = _f(16, "LoRA rank (dimension): larger learns more and makes a larger file.",
+                        minimum=1, maximum=1024)
+    lora_alpha: float = _f(16.0, "LoRA alpha: the LoRA's update is scaled by alpha / rank.",
+                           advanced=True, minimum=0.001, maximum=10000.0)
+    lora_text_encoder: bool = _f(False, "With use_lora, also train LoRA layers in the text "
+                                        "encoder(s).")
+    lora_learning_rate: float = _f(1e-4, "Learning rate of the UNet's LoRA layers.", minimum=0.0,
+                                   maximum=1.0)
+    lora_text_encoder_learning_rate: float = _f(5e-5, "Learning rate of the text encoder's LoRA "
+                                                      "layers.", advanced=True, minimum=0.0,
+                                                maximum=1.0)
+    lora_dir: str = _f("", "Folder the LoRA file goes to (the WebUI's models/Lora from the tab). "
+                           "Empty: <work_dir>/<model_name>/lora.")
+    lora_merge: bool = _f(False, "With use_lora, also save a full checkpoint with the LoRA merged "
+                                 "in (to output_dir).", advanced=True)
+    bucketing: bool = _f(False, "Aspect-ratio bucketing: train each image at the size (multiples "
+                                "of 64, about resolution x resolution pixels) closest to its shape "
+                                "instead of a square crop; each batch comes from one size.")
+    bucket_no_upscale: bool = _f(False, "With bucketing, never enlarge an image: a smaller image "
+                                        "gets a size of its own.", advanced=True)
 
     # -- derived ---------------------------------------------------------------------------
     @property
@@ -144,6 +166,15 @@ class TrainingConfig:
     @property
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else self.model_dir / "output"
+
+    @property
+    def resolved_lora_dir(self) -> Path:
+        return Path(self.lora_dir) if self.lora_dir else self.model_dir / "lora"
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        """The text encoder(s) learn: fully, or through LoRA layers."""
+        return self.train_text_encoder or (self.use_lora and self.lora_text_encoder)
 
     def replace(self, **changes: Any) -> "TrainingConfig":
         return dataclasses.replace(self, **changes)
@@ -169,6 +200,7 @@ class TrainingConfig:
                                     f"use {max(8, self.resolution // 8 * 8)}"))
         if check_paths:
             problems += _check_source(self.source_checkpoint)
+        problems += _check_lora_and_buckets(self)
         if isinstance(self.resume, str) and self.resume not in ("auto", "never") and (
                 not self.resume.strip() or (check_paths and not Path(self.resume).is_dir())):
             problems.append(Problem("resume", self.resume, "is not 'auto', 'never' or an "
@@ -366,6 +398,18 @@ def _check_concept(c: Concept, i: int, check_paths: bool) -> list[Problem]:
                                 "is empty while class images are asked for",
                                 "give a class prompt such as 'photo of a dog', or set "
                                 "class_images_per_instance to 0"))
+    return problems
+
+
+def _check_lora_and_buckets(cfg: TrainingConfig) -> list[Problem]:
+    problems = []
+    if cfg.use_lora is True and cfg.train_text_encoder is True:
+        problems.append(Problem("train_text_encoder", True, "trains the whole text encoder, "
+                                "which a LoRA file can't hold",
+                                "turn it off and turn on lora_text_encoder instead"))
+    if cfg.bucketing is True and isinstance(cfg.resolution, int) and cfg.resolution % 64:
+        problems.append(Problem("resolution", cfg.resolution, "is not a multiple of 64, which "
+                                "bucketing needs", f"use {max(64, cfg.resolution // 64 * 64)}"))
     return problems
 
 

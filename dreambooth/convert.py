@@ -100,6 +100,15 @@ def _rename(key: str, pairs: Iterable[tuple[str, str, str]], forward: bool) -> s
     return f"{dst}.{rest}"
 
 
+def unet_module_to_ldm(path: str, config: dict) -> str:
+    """A diffusers UNet module path as the LDM one, e.g. down_blocks.1.attentions.0.proj_in ->
+    input_blocks.4.1.proj_in (no 'model.diffusion_model.' prefix)."""
+    new = _rename(path + ".weight", unet_prefix_map(config), forward=True)
+    if new is None:
+        raise KeyError(f"no LDM name for diffusers UNet module {path!r}")
+    return new[:-len(".weight")]
+
+
 def _is_vae_attention_matrix(key: str) -> bool:
     """VAE mid-block attention q/k/v/out weights: Linear in diffusers, 1x1 Conv in LDM."""
     return ".mid_block.attentions.0." in key and key.endswith(".weight") and any(

@@ -86,6 +86,9 @@ def expand_prompt(prompt: str, image: Path, warn=None) -> str:
 
 
 def caption_for(image: Path, warn=None) -> str:
+    """The image's caption: its .txt beside it, its line in the folder's metadata.jsonl, or
+    the words of its file name."""
+    from .captions import jsonl_captions
     txt = image.with_suffix(".txt")
     if txt.is_file():
         raw = txt.read_bytes()
@@ -96,6 +99,9 @@ def caption_for(image: Path, warn=None) -> str:
                 warn(f"The caption '{txt.name}' is not UTF-8 text; it was read as Latin-1. "
                      "Save it as UTF-8 to be sure of its words.")
             return raw.decode("latin-1").strip()
+    listed = jsonl_captions(image.parent, warn)
+    if image.name in listed:
+        return listed[image.name]
     words = re.sub(r"[_\-]+", " ", re.sub(r"\(\d+\)|\d+$", "", image.stem))
     return " ".join(words.split())
 

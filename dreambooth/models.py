@@ -1,12 +1,14 @@
 """Model families as data, and the working model built from a single-file checkpoint.
 
-A `ModelSpec` per type says what the architecture is; `Components` is the working model
-(UNet, VAE, text encoder, tokenizer, scheduler config) the trainer uses. Component configs
-come from the checkpoint's own metadata when we wrote it, else from the configs shipped in
-dreambooth/assets: nothing is downloaded.
+A `ModelSpec` per type says what the architecture is: resolution, prediction type, and where
+each text encoder lives in the single file and how it conditions the UNet. `Components` is the
+working model (UNet, VAE, text encoder(s), tokenizer(s), scheduler config) the trainer uses.
+Component configs come from the checkpoint's own metadata when we wrote it, else from the
+configs shipped in dreambooth/assets: nothing is downloaded.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -15,28 +17,62 @@ from typing import Any
 
 import torch
 
-from . import assets, convert
-from .checkpoint import read_checkpoint, write_safetensors, write_text
+from . import assets, convert, openclip
+from .checkpoint import read_checkpoint
+from .detect import check_model_type, detect_model_type  # noqa: F401  (re-exported)
 from .errors import CheckpointError
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 COMPONENTS_KEY = "dreambooth.components"
+TYPE_KEY = "dreambooth.model_type"
+
+
+@dataclass(frozen=True)
+class TextEncoderSlot:
+    """One text encoder: its diffusers component, where it lives in the single file, its form."""
+    component: str             # "text_encoder" / "text_encoder_2"
+    prefix: str                # key prefix in the single file
+    layout: str = "clip"       # "clip": transformers' keys; "openclip": OpenCLIP's (q/k/v fused)
+    with_projection: bool = False  # CLIPTextModelWithProjection (SDXL's pooled embedding)
+    pad_token: str | None = None   # OpenCLIP pads with "!", CLIP with its end token
+    extra_layers: int = 0      # layers in the file past the diffusers model (SD 2.x: the 24th)
+    lora_prefix: str = "lora_te"   # kohya LoRA key prefix
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
     title: str
+    family: str  # "v1", "v2", "sdxl": single-file layout, conditioning, LDM yaml, LoRA names
     resolution: int
-    prediction_type: str
+    prediction_type: str  # the scheduler's: "epsilon" or "v_prediction"
     architecture: str  # modelspec.architecture id
+    text_encoders: tuple = ()
     schedule_buffers: bool = True  # the LDM DDPM buffers (betas, alphas_cumprod, ...) in the file
 
+    @property
+    def components(self) -> tuple:
+        return ("unet", "vae", *(s.component for s in self.text_encoders), "scheduler")
 
+
+V1_TE = (TextEncoderSlot("text_encoder", CLIP_PREFIX),)
+V2_TE = (TextEncoderSlot("text_encoder", "cond_stage_model.model.", "openclip", pad_token="!",
+                         extra_layers=1),)
+XL_TE = (TextEncoderSlot("text_encoder", "conditioner.embedders.0.transformer.",
+                         lora_prefix="lora_te1"),
+         TextEncoderSlot("text_encoder_2", "conditioner.embedders.1.model.", "openclip",
+                         with_projection=True, pad_token="!", lora_prefix="lora_te2"))
 SPECS = {
-    "v1x": ModelSpec("v1x", "Stable Diffusion 1.x", 512, "epsilon", "stable-diffusion-v1"),
+    "v1x": ModelSpec("v1x", "Stable Diffusion 1.x", "v1", 512, "epsilon", "stable-diffusion-v1",
+                     V1_TE),
+    "v2x-512": ModelSpec("v2x-512", "Stable Diffusion 2.x 512 (epsilon)", "v2", 512, "epsilon",
+                         "stable-diffusion-v2-512", V2_TE),
+    "v2x-768-v": ModelSpec("v2x-768-v", "Stable Diffusion 2.x 768-v (v-prediction)", "v2", 768,
+                           "v_prediction", "stable-diffusion-v2-768-v", V2_TE),
+    "sdxl": ModelSpec("sdxl", "Stable Diffusion XL", "sdxl", 1024, "epsilon",
+                      "stable-diffusion-xl-v1-base", XL_TE, schedule_buffers=False),
 }
 
 
@@ -47,17 +83,6 @@ def spec_for(model_type: str) -> ModelSpec:
     return SPECS[model_type]
 
 
-def detect_model_type(state: dict) -> str | None:
-    """The family of an LDM state dict from its keys, or None when it is none we know."""
-    if any(k.startswith("conditioner.embedders.") for k in state):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.") for k in state):
-        return "v2x-512"
-    if any(k.startswith(CLIP_PREFIX) for k in state):
-        return "v1x"
-    return None
-
-
 @dataclass
 class Components:
     model_type: str
@@ -66,32 +91,77 @@ class Components:
     vae: Any
     text_encoder: Any
     tokenizer: Any
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # single-file keys kept verbatim (SD2's 24th layer..)
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    source_yaml: str | None = None  # the WebUI's <name>.yaml beside the source checkpoint
 
     @property
     def spec(self) -> ModelSpec:
         return spec_for(self.model_type)
+
+    @property
+    def text_encoders(self) -> list:
+        return [getattr(self, s.component) for s in self.spec.text_encoders]
+
+    @property
+    def tokenizers(self) -> list:
+        return [self.tokenizer if s.component == "text_encoder" else self.tokenizer_2
+                for s in self.spec.text_encoders]
 
     def noise_scheduler(self):
         from diffusers import DDPMScheduler
         return DDPMScheduler.from_config(self.configs["scheduler"])
 
 
+# -- conditioning: how each family's text encoders feed the UNet ------------------------------
+def _token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", truncation=True,
+                     max_length=tokenizer.model_max_length, return_tensors="pt"
+                     ).input_ids.to(device)
+
+
+def encode_prompts(comp: Components, prompts: list[str], device, encoders=None) -> dict:
+    """{"hidden": encoder states [B, 77, D]} and, for SDXL, "pooled" [B, P]. SD 1.x/2.x: the
+    encoder's last hidden state (SD 2.x's model already ends at the penultimate layer); SDXL: the
+    penultimate states of both encoders side by side, pooled from the second."""
+    encoders = list(encoders) if encoders else comp.text_encoders
+    if comp.spec.family != "sdxl":
+        return {"hidden": encoders[0](_token_ids(comp.tokenizer, prompts, device))[0]}
+    hidden = []
+    for tokenizer, encoder in zip(comp.tokenizers, encoders):
+        out = encoder(_token_ids(tokenizer, prompts, device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+    return {"hidden": torch.cat(hidden, dim=-1), "pooled": out[0]}
+
+
+def unet_kwargs(comp: Components, cond: dict, geometry: list, device) -> dict:
+    """Extra UNet inputs: SDXL's pooled text and (original size, crop top-left, target size)."""
+    if comp.spec.family != "sdxl":
+        return {}
+    pooled = cond["pooled"].to(device)
+    time_ids = torch.tensor([list(g) for g in geometry], dtype=pooled.dtype, device=device)
+    return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+
 # -- building -----------------------------------------------------------------------------
 def shipped_configs(model_type: str) -> dict:
-    return {name: assets.load_config(model_type, name)
-            for name in ("unet", "vae", "text_encoder", "scheduler")}
+    return {name: assets.load_config(model_type, name) for name in spec_for(model_type).components}
 
 
-def _instantiate(configs: dict, empty: bool):
+def _instantiate(model_type: str, configs: dict, empty: bool, meta: bool = False) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-    ctx = _empty_weights() if empty else _nullcontext()
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    ctx = torch.device("meta") if meta else _empty_weights() if empty else contextlib.nullcontext()
     with ctx:
-        unet = UNet2DConditionModel.from_config(configs["unet"])
-        vae = AutoencoderKL.from_config(configs["vae"])
-        te = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
-    return unet, vae, te
+        modules = {"unet": UNet2DConditionModel.from_config(configs["unet"]),
+                   "vae": AutoencoderKL.from_config(configs["vae"])}
+        for slot in spec_for(model_type).text_encoders:
+            cls = CLIPTextModelWithProjection if slot.with_projection else CLIPTextModel
+            cfg = {k: v for k, v in configs[slot.component].items()
+                   if k not in ("architectures", "model_type")}
+            modules[slot.component] = cls(CLIPTextConfig(**cfg))
+    return modules
 
 
 def _empty_weights():
@@ -99,34 +169,65 @@ def _empty_weights():
     return init_empty_weights(include_buffers=False)
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
+def _components(model_type: str, configs: dict, modules: dict, extra: dict,
+                source_yaml: str | None = None, tokenizers: bool = True) -> Components:
+    slots = spec_for(model_type).text_encoders
+    toks = {s.component: assets.load_tokenizer(pad_token=s.pad_token) if tokenizers else None
+            for s in slots}
+    return Components(model_type, configs, modules["unet"], modules["vae"],
+                      modules["text_encoder"], toks["text_encoder"], extra,
+                      modules.get("text_encoder_2"), toks.get("text_encoder_2"), source_yaml)
 
-    def __exit__(self, *a):
-        return False
+
+def standard_extras(model_type: str, configs: dict, device=None) -> dict:
+    """Fresh values for the single-file keys no diffusers module holds (OpenCLIP's extras)."""
+    out = {}
+    for slot in spec_for(model_type).text_encoders:
+        if slot.layout == "openclip":
+            shapes = openclip.extra_shapes(configs[slot.component], slot.extra_layers,
+                                           slot.with_projection)
+            out.update(convert.prefixed(openclip.random_extras(shapes, device), slot.prefix))
+    return out
 
 
 def build_random(model_type: str, configs: dict, seed: int = 0) -> Components:
     """A randomly initialised model of the given configs (tests, demo, benchmarks)."""
     torch.manual_seed(seed)
-    unet, vae, te = _instantiate(configs, empty=False)
-    return Components(model_type, configs, unet, vae, te, assets.load_tokenizer())
+    modules = _instantiate(model_type, configs, empty=False)
+    return _components(model_type, configs, modules, standard_extras(model_type, configs))
+
+
+def build_meta(model_type: str, configs: dict | None = None, extra: dict | None = None
+               ) -> Components:
+    """The model on the meta device: shapes without memory (reference layouts, checks)."""
+    configs = configs or shipped_configs(model_type)
+    modules = _instantiate(model_type, configs, empty=True, meta=True)
+    extra = standard_extras(model_type, configs, "meta") if extra is None else \
+        {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in extra.items()}
+    return _components(model_type, configs, modules, extra, tokenizers=False)
+
+
+def reference_layout(comp: Components) -> dict:
+    """Key -> shape a single file of this model must hold: built from its configs on the meta
+    device, independent of the live modules (which may be wrapped, e.g. by LoRA)."""
+    meta = build_meta(comp.model_type, comp.configs, comp.extra)
+    return {k: tuple(v.shape) for k, v in ldm_state(meta).items()}
 
 
 # -- text encoder keys: 'text_model.'-prefixed on disk, whatever transformers does -------------
 def te_state(text_encoder) -> dict:
     sd = text_encoder.state_dict()
-    return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()
+    wrapped = any(k.startswith("text_model.") for k in sd)
+    return {(k if wrapped else "text_model." + k): v for k, v in sd.items()
             if not k.endswith("position_ids")}
 
 
-def te_load(text_encoder, state: dict) -> None:
+def te_load(text_encoder, state: dict, what: str = "text encoder") -> None:
     wants_prefix = any(k.startswith("text_model.") for k in text_encoder.state_dict())
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
     if not wants_prefix:
         state = convert.unprefixed(state, "text_model.")
-    _load_module(text_encoder, state, "text encoder")
+    _load_module(text_encoder, state, what)
 
 
 def _load_module(module, state: dict, what: str) -> None:
@@ -151,41 +252,66 @@ def _load_module(module, state: dict, what: str) -> None:
             p.data = p.data.float()
 
 
+def _te_from_ldm(slot: TextEncoderSlot, state: dict, config: dict) -> tuple[dict, dict]:
+    """(transformers keys of one text encoder, single-file keys to keep verbatim)."""
+    local = convert.unprefixed(state, slot.prefix)
+    if slot.layout == "clip":
+        return local, {}
+    hf, rest = openclip.from_openclip(local, config["num_hidden_layers"], slot.with_projection)
+    return hf, convert.prefixed(rest, slot.prefix)
+
+
+def _te_to_ldm(slot: TextEncoderSlot, state: dict, config: dict) -> dict:
+    if slot.layout == "openclip":
+        return convert.prefixed(openclip.to_openclip(state), slot.prefix)
+    state = dict(state)
+    positions = config.get("max_position_embeddings", 77)
+    state["text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+    return convert.prefixed(state, slot.prefix)
+
+
 # -- single file <-> components -------------------------------------------------------------
+def read_beside_yaml(path: str | Path) -> str | None:
+    """The WebUI's config beside a checkpoint (<name>.yaml), when there is one."""
+    yaml_path = Path(path).with_suffix(".yaml")
+    return yaml_path.read_text(encoding="utf-8") if yaml_path.is_file() else None
+
+
 def load_single_file(path: str, model_type: str) -> Components:
     """A WebUI single-file checkpoint as a working model (fp32), offline."""
+    spec = spec_for(model_type)
     state, metadata = read_checkpoint(path)
-    found = detect_model_type(state)
-    if found is None:
-        raise CheckpointError(f"'{Path(path).name}' is not a Stable Diffusion checkpoint "
-                              "(none of the UNet/VAE/text encoder keys were found).",
-                              "Choose a full Stable Diffusion checkpoint.")
-    family = {"v2x-768-v": "v2x-512"}.get(model_type, model_type)
-    if found != family:
-        raise CheckpointError(f"'{Path(path).name}' is a {found} checkpoint, but the model type "
-                              f"is set to {model_type}.", f"Set the model type to {found}.")
-    spec_for(model_type)
+    source_yaml = read_beside_yaml(path)
+    check_model_type(state, metadata, source_yaml, model_type, Path(path).name,
+                     {n: s.title for n, s in SPECS.items()})
     configs = json.loads(metadata[COMPONENTS_KEY]) if COMPONENTS_KEY in metadata \
         else shipped_configs(model_type)
-    unet, vae, te = _instantiate(configs, empty=True)
-    _load_module(unet, convert.from_ldm(state, convert.unet_prefix_map(configs["unet"]),
-                                        UNET_PREFIX), "UNet")
-    _load_module(vae, convert.from_ldm(state, convert.vae_prefix_map(configs["vae"]), VAE_PREFIX,
-                                       vae=True), "VAE")
-    te_load(te, convert.unprefixed(state, CLIP_PREFIX))
-    return Components(model_type, configs, unet, vae, te, assets.load_tokenizer())
+    modules = _instantiate(model_type, configs, empty=True)
+    _load_module(modules["unet"], convert.from_ldm(state, convert.unet_prefix_map(configs["unet"]),
+                                                   UNET_PREFIX), "UNet")
+    _load_module(modules["vae"], convert.from_ldm(state, convert.vae_prefix_map(configs["vae"]),
+                                                  VAE_PREFIX, vae=True), "VAE")
+    extra = {}
+    for i, slot in enumerate(spec.text_encoders):
+        hf, rest = _te_from_ldm(slot, state, configs[slot.component])
+        te_load(modules[slot.component], hf, "text encoder" + (f" {i + 1}" if i else ""))
+        extra.update(rest)
+    return _components(model_type, configs, modules, extra, source_yaml)
 
 
-def ldm_state(comp: Components, unet_state: dict | None = None) -> dict:
-    """The single-file (LDM) state dict of a working model, in the layout the WebUI loads."""
+def ldm_state(comp: Components, unet_state: dict | None = None,
+              te_states: dict | None = None) -> dict:
+    """The single-file (LDM) state dict of a working model, in the layout the WebUI loads.
+    `unet_state` / `te_states` (component -> 'text_model.'-keyed state) replace the live ones."""
     unet_state = unet_state if unet_state is not None else comp.unet.state_dict()
     state = convert.to_ldm(unet_state, convert.unet_prefix_map(comp.configs["unet"]), UNET_PREFIX)
     state.update(convert.to_ldm(comp.vae.state_dict(), convert.vae_prefix_map(comp.configs["vae"]),
                                 VAE_PREFIX, vae=True))
-    te = te_state(comp.text_encoder)
-    positions = comp.configs["text_encoder"].get("max_position_embeddings", 77)
-    te["text_model.embeddings.position_ids"] = torch.arange(positions)[None]
-    state.update(convert.prefixed(te, CLIP_PREFIX))
+    for slot in comp.spec.text_encoders:
+        te = (te_states or {}).get(slot.component)
+        te = te if te is not None else te_state(getattr(comp, slot.component))
+        state.update(_te_to_ldm(slot, te, comp.configs[slot.component]))
+    state.update(comp.extra)
     if comp.spec.schedule_buffers:
         state.update(schedule_buffers(comp.configs["scheduler"]))
     return state
@@ -216,59 +342,28 @@ def schedule_buffers(scheduler_config: dict) -> dict:
 
 def save_single_file(comp: Components, path: str | Path, precision: str = "fp32",
                      metadata: dict | None = None, overwrite: bool = False,
-                     unet_state: dict | None = None) -> Path:
-    from .checkpoint import cast_for_save
-    meta = {COMPONENTS_KEY: json.dumps(comp.configs), "dreambooth.model_type": comp.model_type}
-    meta.update(metadata or {})
-    state = cast_for_save(ldm_state(comp, unet_state), precision)
-    return write_safetensors(path, state, meta, overwrite=overwrite)
+                     unet_state: dict | None = None, te_states: dict | None = None) -> Path:
+    """Write the single file the WebUI loads (checked against the reference layout before it
+    takes its name), and the WebUI's <name>.yaml beside it when the model needs one."""
+    from . import ldm_yaml
+    from .checkpoint import SAVE_DTYPES, cast_for_save
+    from .filecheck import write_verified
+    from .metadata import model_metadata
+    meta = {COMPONENTS_KEY: json.dumps(comp.configs), TYPE_KEY: comp.model_type,
+            **model_metadata(comp.spec, Path(path).stem, metadata or {})}
+    state = cast_for_save(ldm_state(comp, unet_state, te_states), precision)
+    write_verified(path, state, meta, reference_layout(comp), overwrite=overwrite,
+                   dtype=SAVE_DTYPES[precision])
+    ldm_yaml.write_beside(path, comp)
+    return Path(path)
 
 
-# -- the diffusers working folder (readable by old and new diffusers/transformers) ----------------
+# -- the diffusers working folder (see workdir.py) ---------------------------------------------
 def save_working_dir(comp: Components, folder: str | Path) -> Path:
-    """A diffusers-layout folder; text encoder keys 'text_model.'-prefixed, tokenizer as vocab+merges."""
-    import shutil
-    folder = Path(folder)
-    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"],
-             "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"],
-             "scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None],
-             "feature_extractor": [None, None], "requires_safety_checker": False}
-    parts = {"unet": (comp.unet.state_dict(), "diffusion_pytorch_model.safetensors", "config.json"),
-             "vae": (comp.vae.state_dict(), "diffusion_pytorch_model.safetensors", "config.json"),
-             "text_encoder": (te_state(comp.text_encoder), "model.safetensors", "config.json")}
-    for name, (state, weights, cfg_name) in parts.items():
-        cfg = dict(comp.configs[name])
-        if name == "text_encoder":
-            cfg.setdefault("architectures", ["CLIPTextModel"])
-            cfg.setdefault("model_type", "clip_text_model")
-        write_text(folder / name / cfg_name, json.dumps(cfg, indent=2))
-        write_safetensors(folder / name / weights, {k: v.contiguous() for k, v in state.items()},
-                          {"format": "pt"}, overwrite=True)
-    write_text(folder / "scheduler" / "scheduler_config.json",
-               json.dumps(comp.configs["scheduler"], indent=2))
-    tok = folder / "tokenizer"
-    tok.mkdir(parents=True, exist_ok=True)
-    for f in assets.tokenizer_dir().iterdir():
-        if f.is_file():
-            shutil.copyfile(f, tok / f.name)
-    write_text(folder / "model_index.json", json.dumps(index, indent=2))
-    write_text(folder / "dreambooth_model.json", json.dumps({"model_type": comp.model_type}))
-    return folder
+    from .workdir import save_working_dir as save
+    return save(comp, folder)
 
 
 def load_working_dir(folder: str | Path) -> Components:
-    from safetensors.torch import load_file
-    folder = Path(folder)
-    model_type = json.loads((folder / "dreambooth_model.json").read_text())["model_type"]
-    configs = {n: json.loads((folder / n / "config.json").read_text())
-               for n in ("unet", "vae", "text_encoder")}
-    configs["text_encoder"] = {k: v for k, v in configs["text_encoder"].items()
-                               if k not in ("architectures", "model_type")}
-    configs["scheduler"] = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    unet, vae, te = _instantiate(configs, empty=True)
-    _load_module(unet, load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors")), "UNet")
-    _load_module(vae, load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors")), "VAE")
-    te_load(te, load_file(str(folder / "text_encoder" / "model.safetensors")))
-    return Components(model_type, configs, unet, vae, te, assets.load_tokenizer())
+    from .workdir import load_working_dir as load
+    return load(folder)

@@ -12,14 +12,20 @@ from .data import scan_images
 CLASS_BATCH = 4
 
 
-def make_pipeline(comp, unet=None, text_encoder=None, device=None):
-    """A StableDiffusionPipeline over the working model (no safety checker, no downloads)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def make_pipeline(comp, unet=None, text_encoder=None, device=None, text_encoder_2=None):
+    """The diffusers pipeline of the model's family over the working model (no safety checker,
+    no watermark, no downloads): StableDiffusionPipeline, or StableDiffusionXLPipeline."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     scheduler = DDIMScheduler.from_config(comp.configs["scheduler"])
-    pipe = StableDiffusionPipeline(vae=comp.vae, text_encoder=text_encoder or comp.text_encoder,
-                                   tokenizer=comp.tokenizer, unet=unet or comp.unet,
-                                   scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    parts = dict(vae=comp.vae, text_encoder=text_encoder or comp.text_encoder,
+                 tokenizer=comp.tokenizer, unet=unet or comp.unet, scheduler=scheduler)
+    if comp.spec.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(text_encoder_2=text_encoder_2 or comp.text_encoder_2,
+                                         tokenizer_2=comp.tokenizer_2, add_watermarker=False,
+                                         force_zeros_for_empty_prompt=True, **parts)
+    else:
+        pipe = StableDiffusionPipeline(safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False, **parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

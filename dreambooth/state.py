@@ -22,7 +22,7 @@ from .errors import DreamboothError
 # Settings that change neither the weights nor the order of training: may differ on resume.
 FREE_ON_RESUME = {"output_dir", "overwrite", "sample_every_epochs", "save_every_epochs",
                   "state_every_steps", "resume", "sample_steps", "guidance_scale",
-                  "save_precision", "work_dir", "attention"}
+                  "save_precision", "work_dir", "attention", "lora_dir", "lora_merge"}
 STATE_DIR = "state"
 
 

@@ -13,15 +13,21 @@ TINY_RESOLUTION = 64
 
 
 def tiny_configs(model_type: str = "v1x") -> dict:
-    from . import assets
-    configs = {name: dict(assets.load_config(model_type, name))
-               for name in ("unet", "vae", "text_encoder", "scheduler")}
-    te = configs["text_encoder"]
-    te.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              projection_dim=32)
+    """The shipped configs of `model_type` with few channels and layers: the same block types,
+    key layout and conditioning (SDXL: two encoders, pooled text, size/crop ids)."""
+    from .models import shipped_configs, spec_for
+    spec = spec_for(model_type)
+    configs = {name: dict(cfg) for name, cfg in shipped_configs(model_type).items()}
+    for slot in spec.text_encoders:
+        configs[slot.component].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, projection_dim=32)
     unet = configs["unet"]
     unet.update(block_out_channels=[32, 32, 64, 64], attention_head_dim=8,
-                cross_attention_dim=32, sample_size=TINY_RESOLUTION // 8)
+                cross_attention_dim=32 * len(spec.text_encoders),
+                sample_size=TINY_RESOLUTION // 8)
+    if spec.family == "sdxl":  # 3 levels, deeper transformers further down, as the real one
+        unet.update(block_out_channels=[32, 64, 64], transformer_layers_per_block=[1, 1, 2],
+                    addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
     vae = configs["vae"]
     vae.update(block_out_channels=[32, 32, 32, 32], sample_size=TINY_RESOLUTION, layers_per_block=1)
     return configs

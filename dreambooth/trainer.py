@@ -6,7 +6,6 @@ CLI in a child process) and Python users all call it.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -14,14 +13,17 @@ from pathlib import Path
 
 import torch
 
-from . import backends, events as ev
+from . import backends, buckets, events as ev
+from .buckets import load_bucketed
 from .checkpoint import write_text
 from .config import TrainingConfig
-from .data import Item, instance_items, load_image
+from .data import Item, instance_items
 from .errors import DreamboothError, TrainingError
 from .loss import compute_loss, noise_like
-from .models import Components, load_single_file, load_working_dir, save_single_file, \
-    save_working_dir
+from .lora import add_lora, merged_state, save_lora, ss_metadata
+from .metadata import training_metadata
+from .models import Components, encode_prompts, load_single_file, load_working_dir, \
+    save_single_file, save_working_dir, te_state, unet_kwargs
 from .state import ModelLock, choose_snapshot, snapshot_info, clear_snapshots, fresh_rng, load_snapshot, \
     save_snapshot
 from .sampling import ensure_class_images, generate_images, make_pipeline, slug
@@ -121,8 +123,9 @@ class Trainer:
         if self.resume_from is not None:
             self.revision = snapshot_info(self.resume_from)["revision"]
         _move(self.comp.vae, self.device, self.dtype).requires_grad_(False).eval()
-        _move(self.comp.text_encoder, self.device, torch.float32 if cfg.train_text_encoder
-              else self.dtype).requires_grad_(False)
+        for te in self.comp.text_encoders:
+            _move(te, self.device, torch.float32 if cfg.trains_text_encoder
+                  else self.dtype).requires_grad_(False)
         self.comp.unet.to(self.device)
         self.scheduler = self.comp.noise_scheduler()
         self.attention = backends.set_attention(self.comp.unet, cfg.attention, self.warn)
@@ -145,52 +148,66 @@ class Trainer:
                                                 * len(found), folder, cfg, self.device, self.dtype,
                                                 self.say)
                 self.class_items[i] = [Item(p, concept.class_prompt, True, i) for p in paths]
+        self.bucket_of = buckets.plan([it.path for it in self.items], cfg.resolution,
+                                      cfg.bucketing, cfg.bucket_no_upscale)
+        if cfg.bucketing:
+            self.say("Aspect-ratio buckets (width x height: images): "
+                     + buckets.describe(list(self.bucket_of.values())) + ".")
 
     @torch.no_grad()
-    def encode_images(self, items: list[Item], flip: bool) -> list:
-        """(mean, std) of each image's latent distribution (sampled afresh every step)."""
+    def encode_images(self, pairs: list, flip: bool) -> list:
+        """(mean, std, size conditioning) of each (item, bucket)'s latent distribution (sampled
+        afresh every step)."""
         out, rng = [], random.Random(self.cfg.seed)
-        for it in items:
-            pixels = load_image(it.path, self.cfg.resolution, self.cfg.center_crop, rng, flip)
+        for it, bucket in pairs:
+            pixels, geometry = load_bucketed(it.path, bucket, self.cfg.center_crop, rng, flip)
             dist = self.comp.vae.encode(pixels[None].to(self.device, self.dtype)).latent_dist
-            out.append((dist.mean.float(), dist.std.float()))
+            out.append((dist.mean.float(), dist.std.float(), geometry))
         return out
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.comp.tokenizer(prompts, padding="max_length", truncation=True,
-                                  max_length=self.comp.tokenizer.model_max_length,
-                                  return_tensors="pt")
-        return self.comp.text_encoder(tok.input_ids.to(self.device))[0]
+    def encode_prompts(self, prompts: list[str]) -> dict:
+        return encode_prompts(self.comp, prompts, self.device)
 
     def cache(self) -> None:
+        """Latents of every (image, bucket) a batch can use (class images: every bucket of their
+        concept's instance images), and the prompt embeddings when the text encoder is frozen."""
         cfg, self.latents = self.cfg, {}
-        everything = self.items + [it for v in self.class_items.values() for it in v]
+        pairs = [(it, self.bucket_of[it.path]) for it in self.items]
+        for concept, pool in self.class_items.items():
+            used = sorted({self.bucket_of[it.path] for it in self.items if it.concept == concept})
+            pairs += [(it, b) for b in used for it in pool]
         if cfg.cache_latents:
             for flip in ((False, True) if cfg.hflip else (False,)):
-                for it, lat in zip(everything, self.encode_images(everything, flip)):
-                    self.latents[(it.path, flip)] = lat
+                for (it, b), lat in zip(pairs, self.encode_images(pairs, flip)):
+                    self.latents[(it.path, flip, b)] = lat
         self.embeddings = {}
-        if not cfg.train_text_encoder:
-            for prompt in sorted({it.prompt for it in everything}):
-                self.embeddings[prompt] = self.encode_prompts([prompt])[0]
+        if not cfg.trains_text_encoder:
+            for prompt in sorted({it.prompt for it, _ in pairs}):
+                self.embeddings[prompt] = {k: v[0] for k, v in
+                                           self.encode_prompts([prompt]).items()}
 
     def plan_steps(self) -> None:
         cfg = self.cfg
         self.epochs = cfg.steps_per_image
         global_batch = cfg.batch_size * self.acc.num_processes
-        self.batches_per_epoch = math.ceil(len(self.items) / global_batch)
+        self.batches_per_epoch = buckets.batch_count([self.bucket_of[it.path] for it in self.items],
+                                                     global_batch, cfg.bucketing)
         ga = cfg.gradient_accumulation_steps
         self.total_steps = max(1, self.epochs * self.batches_per_epoch // ga)
         self.te_steps = round(cfg.text_encoder_steps_ratio * self.total_steps) \
-            if cfg.train_text_encoder else 0
+            if cfg.trains_text_encoder else 0
 
     def epoch_end_step(self, epoch: int) -> int:
         return min(self.total_steps, (epoch + 1) * self.batches_per_epoch
                    // self.cfg.gradient_accumulation_steps)
 
-    def output_path(self, step: int) -> Path:
-        return self.cfg.resolved_output_dir / f"{self.cfg.model_name}_{self.revision + step}.safetensors"
+    def output_path(self, step: int, merged: bool = False) -> Path:
+        """The file a save at `step` writes: the checkpoint, or the LoRA (`merged`: the full
+        checkpoint with the LoRA merged in)."""
+        folder = self.cfg.resolved_lora_dir if self.cfg.use_lora and not merged \
+            else self.cfg.resolved_output_dir
+        return folder / f"{self.cfg.model_name}_{self.revision + step}.safetensors"
 
     def plan_outputs(self) -> None:
         """Refuse before training, not after hours, when an output would replace a file."""
@@ -199,7 +216,9 @@ class Trainer:
         if cfg.save_every_epochs:
             steps |= {self.epoch_end_step(e) for e in range(self.epochs)
                       if (e + 1) % cfg.save_every_epochs == 0}
-        clash = [self.output_path(s) for s in sorted(steps) if self.output_path(s).exists()]
+        merges = (False, True) if cfg.use_lora and cfg.lora_merge else (False,)
+        clash = [self.output_path(s, m) for s in sorted(steps) for m in merges
+                 if self.output_path(s, m).exists()]
         if clash and not cfg.overwrite:
             raise DreamboothError(f"'{clash[0]}' already exists; this run would replace it.",
                                   "Choose another model name or output folder, or turn on "
@@ -207,23 +226,29 @@ class Trainer:
 
     def setup_optimization(self) -> None:
         from diffusers.optimization import get_scheduler
-        cfg, unet, te = self.cfg, self.comp.unet, self.comp.text_encoder
-        unet.requires_grad_(True).train()
+        cfg, unet, tes = self.cfg, self.comp.unet, self.comp.text_encoders
+        if cfg.use_lora:  # LoRA layers in, everything else frozen
+            groups = add_lora(self.comp, cfg)
+        else:
+            groups = [{"params": list(unet.requires_grad_(True).parameters()),
+                       "lr": cfg.learning_rate}]
+            if cfg.train_text_encoder:
+                groups.append({"params": [p for te in tes for p in te.requires_grad_(True)
+                                          .parameters()], "lr": cfg.text_encoder_learning_rate})
+        unet.train()
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        groups = [{"params": [p for p in unet.parameters()], "lr": cfg.learning_rate}]
-        if cfg.train_text_encoder:
-            te.requires_grad_(True).train()
+        for te in tes if cfg.trains_text_encoder else ():
+            te.train()
             if cfg.gradient_checkpointing:
                 te.gradient_checkpointing_enable(  # reentrant would leave it without grads
                     gradient_checkpointing_kwargs={"use_reentrant": False})
-            groups.append({"params": list(te.parameters()), "lr": cfg.text_encoder_learning_rate})
         optimizer, self.optimizer_name = backends.make_optimizer(cfg.optimizer, groups, cfg,
                                                                  self.device, self.warn)
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
                                           num_warmup_steps=cfg.lr_warmup_steps,
                                           num_training_steps=self.total_steps)
-        models = [unet, te] if cfg.train_text_encoder else [unet]
+        models = [unet, *tes] if cfg.trains_text_encoder else [unet]
         prepared = self.acc.prepare(*models, optimizer)
         self.models, self.optimizer = list(prepared[:-1]), prepared[-1]
         self.ema = None
@@ -249,56 +274,52 @@ class Trainer:
         return inst + cls, owner
 
     def batch(self, order: list[int], b: int, rng: random.Random, gen: torch.Generator):
-        """(latents, prompt embeddings, n_instance) of this process's share of the global batch.
-        Every random draw is made for the whole global batch on every process, so N processes
-        see exactly what one process with N times the batch would."""
+        """(latents, text conditioning, size conditioning, n_instance, rows, global size) of this
+        process's share of the global batch, all of one bucket. Every random draw is made for the
+        whole global batch on every process, so N processes see exactly what one process with N
+        times the batch would."""
         items, owner = self.global_batch(order, b)
         bs, rank = self.cfg.batch_size, self.acc.process_index
+        bucket = self.bucket_of[items[0].path]  # instance rows come first; class rows follow it
         rows = [i for i, o in enumerate(owner) if rank * bs <= o < (rank + 1) * bs]
         flips = [self.cfg.hflip and rng.random() < 0.5 for _ in items]
         seeds = [rng.getrandbits(32) for _ in items]
-        eps = torch.randn((len(items), *self.latent_shape), generator=gen, device=gen.device)
-        latents = torch.cat([self.latent_of(items[i], flips[i], seeds[i], eps[i:i + 1])
-                             for i in rows])
+        eps = torch.randn((len(items), *buckets.latent_shape(self.comp.vae.config, bucket)),
+                          generator=gen, device=gen.device)
+        drawn = [self.latent_of(items[i], flips[i], seeds[i], eps[i:i + 1], bucket) for i in rows]
         chosen = [items[i] for i in rows]
-        if self.cfg.train_text_encoder:
-            hidden = self.encode_for_training([it.prompt for it in chosen])
+        if self.cfg.trains_text_encoder:
+            cond = self.encode_for_training([it.prompt for it in chosen])
         else:
-            hidden = torch.stack([self.embeddings[it.prompt] for it in chosen])
-        return latents, hidden, bs, rows, len(items)
+            cond = {k: torch.stack([self.embeddings[it.prompt][k] for it in chosen])
+                    for k in self.embeddings[chosen[0].prompt]}
+        return torch.cat([d[0] for d in drawn]), cond, [d[1] for d in drawn], bs, rows, len(items)
 
-    def latent_of(self, item: Item, flip: bool, seed: int, eps: torch.Tensor) -> torch.Tensor:
+    def latent_of(self, item: Item, flip: bool, seed: int, eps: torch.Tensor, bucket) -> tuple:
+        """(scaled latent sample, SDXL size conditioning) of an image in a bucket."""
         if self.cfg.cache_latents:
-            mean, std = self.latents[(item.path, flip)]
+            mean, std, geometry = self.latents[(item.path, flip, bucket)]
         else:
             with torch.no_grad():
-                px = load_image(item.path, self.cfg.resolution, self.cfg.center_crop,
-                                random.Random(seed), flip)
+                px, geometry = load_bucketed(item.path, bucket, self.cfg.center_crop,
+                                             random.Random(seed), flip)
                 dist = self.comp.vae.encode(px[None].to(self.device, self.dtype)).latent_dist
                 mean, std = dist.mean.float(), dist.std.float()
-        return (mean + std * eps.to(mean.device)) * self.comp.vae.config.scaling_factor
+        return (mean + std * eps.to(mean.device)) * self.comp.vae.config.scaling_factor, geometry
 
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        factor = 2 ** (len(self.comp.vae.config.block_out_channels) - 1)
-        side = self.cfg.resolution // factor
-        return (self.comp.vae.config.latent_channels, side, side)
-
-    def encode_for_training(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.comp.tokenizer(prompts, padding="max_length", truncation=True,
-                                  max_length=self.comp.tokenizer.model_max_length,
-                                  return_tensors="pt")
-        return self.models[1](tok.input_ids.to(self.device))[0]
+    def encode_for_training(self, prompts: list[str]) -> dict:
+        return encode_prompts(self.comp, prompts, self.device, self.models[1:])
 
     def step_loss(self, order, b, rng, gen):
-        latents, hidden, n_inst, rows, n_global = self.batch(order, b, rng, gen)
-        noise = noise_like(torch.empty((n_global, *self.latent_shape)), gen,
+        latents, cond, geometry, n_inst, rows, n_global = self.batch(order, b, rng, gen)
+        noise = noise_like(torch.empty((n_global, *latents.shape[1:])), gen,
                            self.cfg.offset_noise)[rows].to(self.device)
         timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (n_global,),
                                   generator=gen, device=gen.device)[rows].to(self.device)
-        return compute_loss(self.models[0], self.scheduler, latents, hidden.to(self.device),
+        return compute_loss(self.models[0], self.scheduler, latents, cond["hidden"].to(self.device),
                             noise, timesteps, n_inst, self.cfg.prior_loss_weight,
-                            self.cfg.min_snr_gamma)
+                            self.cfg.min_snr_gamma,
+                            unet_kwargs(self.comp, cond, geometry, self.device))
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -319,8 +340,9 @@ class Trainer:
             return {"step": 0, "epoch": 0, "batch": 0, "order": None}
         position = load_snapshot(self, snapshot)
         self.say(f"Resuming from step {position['step']} of {self.total_steps} ({snapshot.name}).")
-        if self.cfg.train_text_encoder and position["step"] >= self.te_steps:
-            self.comp.text_encoder.requires_grad_(False)
+        if self.cfg.trains_text_encoder and position["step"] >= self.te_steps:
+            for te in self.comp.text_encoders:
+                te.requires_grad_(False)
         return position
 
     def loop(self, position: dict) -> TrainResult:
@@ -331,7 +353,9 @@ class Trainer:
         for epoch in range(position["epoch"], self.epochs):
             order, first = (position["order"], position["batch"]) \
                 if epoch == position["epoch"] and position["order"] is not None else \
-                (self.rng.sample(range(len(self.items)), len(self.items)), 0)
+                (buckets.epoch_order([self.bucket_of[it.path] for it in self.items],
+                                     cfg.batch_size * acc.num_processes, self.rng,
+                                     cfg.bucketing), 0)
             next_batch = first
             for b in range(first, self.batches_per_epoch):
                 at_boundary = acc.step % cfg.gradient_accumulation_steps == 0
@@ -385,8 +409,9 @@ class Trainer:
         self.lr_scheduler.step()
         if self.ema is not None:
             self.ema.step(self.comp.unet.parameters())
-        if self.cfg.train_text_encoder and step == self.te_steps:
-            self.comp.text_encoder.requires_grad_(False)
+        if self.cfg.trains_text_encoder and step == self.te_steps:
+            for te in self.comp.text_encoders:
+                te.requires_grad_(False)
             self.say(f"Text encoder training ended at step {step} (ratio "
                      f"{self.cfg.text_encoder_steps_ratio}).")
 
@@ -426,25 +451,40 @@ class Trainer:
         cfg, path = self.cfg, self.output_path(step)
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            trigger = ", ".join(dict.fromkeys(c.instance_prompt for c in cfg.concepts))
-            meta = {"dreambooth.config": cfg.to_json(indent=0), "dreambooth.trigger_words": trigger,
-                    "dreambooth.steps": str(self.revision + step),
-                    "modelspec.title": cfg.model_name, "modelspec.trigger_phrase": trigger,
-                    "modelspec.architecture": self.comp.spec.architecture,
-                    "modelspec.prediction_type": self.scheduler.config.prediction_type,
-                    "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}"}
-            save_single_file(self.comp, path, cfg.save_precision, meta, overwrite=cfg.overwrite,
-                             unet_state=self.unet_state())
+            meta = training_metadata(cfg, self.comp.spec, self.revision + step)
+            if cfg.use_lora:
+                self.save_lora(step, path, meta)
+            else:
+                save_single_file(self.comp, path, cfg.save_precision, meta,
+                                 overwrite=cfg.overwrite, unet_state=self.unet_state())
             if final and not self.cancel.cancelled:
                 self.save_working(step)
             self.emit(ev.CheckpointSaved(str(path), step))
         return path
 
+    def save_lora(self, step: int, path: Path, meta: dict) -> None:
+        """The LoRA file (and, with lora_merge, the full checkpoint with the LoRA merged in)."""
+        cfg, comp = self.cfg, self.comp
+        states = {"unet": self.unet_state()}
+        if cfg.lora_text_encoder:
+            states.update({s.component: te_state(getattr(comp, s.component))
+                           for s in comp.spec.text_encoders})
+        stats = ss_metadata(cfg, comp.spec, self.revision + step, self.epochs, self.items,
+                            sum(len(v) for v in self.class_items.values()))
+        save_lora(comp, path, cfg, states, {**meta, **stats}, cfg.save_precision,
+                  overwrite=cfg.overwrite)
+        if cfg.lora_merge:
+            merged = {k: merged_state(v, cfg.lora_alpha / cfg.lora_rank) for k, v in states.items()}
+            save_single_file(comp, self.output_path(step, merged=True), cfg.save_precision, meta,
+                             overwrite=cfg.overwrite, unet_state=merged.pop("unet"),
+                             te_states=merged)
+
     def save_working(self, step: int) -> None:
-        folder = save_working_dir(self.comp, working_dir(self.cfg))
-        info = {"model_type": self.comp.model_type, "revision": self.revision + step,
-                **_source_id(self.cfg.source_checkpoint)}
-        write_text(folder / "dreambooth_model.json", json.dumps(info, indent=2))
+        if not self.cfg.use_lora:  # a LoRA run leaves the model itself as it was
+            folder = save_working_dir(self.comp, working_dir(self.cfg))
+            info = {"model_type": self.comp.model_type, "revision": self.revision + step,
+                    **_source_id(self.cfg.source_checkpoint)}
+            write_text(folder / "dreambooth_model.json", json.dumps(info, indent=2))
         write_text(self.cfg.model_dir / "config.json", self.cfg.to_json())
 
     @torch.no_grad()

@@ -1,0 +1,170 @@
+"""DreamBooth-LoRA: trained through the real trainer on the tiny models, saved as one kohya-layout
+file, and applied by an independent implementation of the kohya merge (W += up @ down * alpha /
+rank, 1x1 convs squeezed) to the base weights: the model gives what the peft-wrapped one gives."""
+import hashlib
+import json
+
+import pytest
+import torch
+
+from dreambooth import Concept, TrainingConfig, events as ev
+from dreambooth.checkpoint import read_checkpoint, write_safetensors
+from dreambooth.lora import inject, kohya_state, merged_state
+from dreambooth.models import encode_prompts, load_single_file
+from dreambooth.tiny import make_tiny_checkpoint
+from dreambooth.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lora_sources")
+    return {t: make_tiny_checkpoint(folder / f"tiny_{t}.safetensors", t) for t in ("v1x", "sdxl")}
+
+
+def run_lora(source, model_type, instance_dir, tmp_path, **changes) -> Trainer:
+    settings = dict(
+        model_name="lora", source_checkpoint=str(source), model_type=model_type,
+        work_dir=str(tmp_path / "runs"), output_dir=str(tmp_path / "out"),
+        lora_dir=str(tmp_path / "Lora"), resolution=64, center_crop=True, batch_size=2,
+        steps_per_image=1, use_lora=True, lora_rank=4, lora_alpha=8.0, lora_learning_rate=1e-2,
+        lora_text_encoder=True, lora_text_encoder_learning_rate=1e-2,
+        concepts=(Concept(str(instance_dir), "photo of sks pattern"),))
+    cfg = TrainingConfig(**{**settings, **changes}).check()
+    trainer = Trainer(cfg, ev.EventBus(None), ev.CancelToken())
+    trainer.result = trainer.run()
+    return trainer
+
+
+def kohya_pairs(lora: dict):
+    """(stem, down, up, alpha / rank) of every LoRA module in a kohya file."""
+    for key in sorted(lora):
+        if key.endswith(".lora_down.weight"):
+            stem = key[:-len(".lora_down.weight")]
+            down, up = lora[key].float(), lora[f"{stem}.lora_up.weight"].float()
+            yield stem, down, up, lora[f"{stem}.alpha"].item() / down.shape[0]
+
+
+def delta(down, up, scale, shape):
+    return (up.flatten(1) @ down.flatten(1)).reshape(shape) * scale
+
+
+def merge_by_module_names(comp, lora: dict) -> int:
+    """SD 1.x/2.x LoRA names are diffusers / transformers module paths with '_' for '.'."""
+    modules = {"lora_unet_" + n.replace(".", "_"): m for n, m in comp.unet.named_modules()}
+    te = comp.text_encoder
+    lead = "" if any(n.startswith("text_model.") for n, _ in te.named_modules()) else "text_model_"
+    modules.update({"lora_te_" + lead + n.replace(".", "_"): m for n, m in te.named_modules()})
+    with torch.no_grad():
+        for stem, down, up, scale in kohya_pairs(lora):
+            w = modules[stem].weight
+            w += delta(down, up, scale, w.shape)
+    return len(list(kohya_pairs(lora)))
+
+
+def merge_into_single_file(state: dict, lora: dict) -> int:
+    """SDXL LoRA names are the single file's own: LDM UNet paths, CLIP text paths, and for the
+    OpenCLIP encoder q/k/v the rows of the fused in_proj (as the WebUI applies them)."""
+    where = {}
+    for key in state:
+        for prefix, name in (("model.diffusion_model.", "lora_unet_"),
+                             ("conditioner.embedders.0.transformer.", "lora_te1_")):
+            if key.startswith(prefix) and key.endswith(".weight"):
+                where[name + key[len(prefix):-len(".weight")].replace(".", "_")] = (key, None)
+    for stem, down, up, scale in kohya_pairs(lora):
+        if stem.startswith("lora_te2_"):
+            n, proj = stem.split("_layers_")[1].split("_self_attn_")
+            base = f"conditioner.embedders.1.model.transformer.resblocks.{n}.attn."
+            part = {"q_proj": 0, "k_proj": 1, "v_proj": 2}.get(proj)
+            key = base + ("in_proj_weight" if part is not None else "out_proj.weight")
+            rows = state[key].shape[0] // 3 if part is not None else state[key].shape[0]
+            block = slice(part * rows, (part + 1) * rows) if part is not None else slice(None)
+        else:
+            key, block = where[stem][0], slice(None)
+        state[key][block] += delta(down, up, scale, state[key][block].shape)
+    return len(list(kohya_pairs(lora)))
+
+
+@torch.no_grad()
+def outputs(comp, family: str) -> list:
+    torch.manual_seed(1)
+    cond = encode_prompts(comp, ["photo of sks pattern"], "cpu")
+    width = comp.configs["unet"]["cross_attention_dim"]
+    kwargs = {} if family != "sdxl" else {"added_cond_kwargs": {
+        "text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[64., 64, 0, 0, 64, 64]])}}
+    sample = comp.unet.eval()(torch.randn(1, 4, 8, 8), torch.tensor([500]),
+                              torch.randn(1, 77, width), **kwargs).sample
+    return [sample, *cond.values()]
+
+
+@pytest.mark.parametrize("model_type", ["v1x", "sdxl"])
+def test_lora_file_merged_independently_gives_the_peft_model(model_type, sources, instance_dir,
+                                                              tmp_path):
+    trainer = run_lora(sources[model_type], model_type, instance_dir, tmp_path,
+                       lora_merge=model_type == "v1x")
+    path = trainer.result.path
+    assert path.parent == tmp_path / "Lora" and path.name == "lora_2.safetensors"
+    lora, meta = read_checkpoint(path)
+    prefixes = {"_".join(k.split("_")[:2]) for k in lora}
+    assert prefixes == ({"lora_unet", "lora_te"} if model_type == "v1x"
+                        else {"lora_unet", "lora_te1", "lora_te2"})
+    idle = [k for k, v in lora.items() if "lora_up" in k and not torch.count_nonzero(v)]
+    assert all("mid_block_attentions_0_transformer_blocks_0_attn1_to_" in k  # 1 token: no q/k grad
+               or k.startswith("lora_te1_text_model_encoder_layers_1_")  # SDXL: penultimate only
+               for k in idle) and len(idle) <= 4, idle
+    if model_type == "v1x":
+        base = load_single_file(str(sources["v1x"]), "v1x")
+        assert merge_by_module_names(base, lora) == 16 * 2 * 4 + 2 * 4  # 16 blocks, 2 TE layers
+        merged_file, _ = read_checkpoint(tmp_path / "out" / "lora_2.safetensors")
+        assert all(torch.allclose(merged_file[k], v, atol=1e-6)
+                   for k, v in read_checkpoint(_saved(base, tmp_path))[0].items())
+    else:
+        state, base_meta = read_checkpoint(sources["sdxl"])
+        assert merge_into_single_file(state, lora) == 17 * 2 * 4 + 2 * 2 * 4  # 17 blocks, 2 TEs
+        base = load_single_file(str(write_safetensors(tmp_path / "m.safetensors", state,
+                                                      base_meta)), "sdxl")
+    for ours, peft in zip(outputs(base, base.spec.family), outputs(trainer.comp, base.spec.family)):
+        assert torch.allclose(ours, peft, atol=1e-4), (ours - peft).abs().max()
+
+
+def _saved(comp, tmp_path):
+    from dreambooth.models import save_single_file
+    return save_single_file(comp, tmp_path / "independent.safetensors")
+
+
+def test_lora_file_metadata_the_webui_reads(sources, instance_dir, tmp_path):
+    trainer = run_lora(sources["v1x"], "v1x", instance_dir, tmp_path, lora_text_encoder=False,
+                       save_precision="fp16")
+    path = trainer.result.path
+    lora, meta = read_checkpoint(path)
+    assert all(v.dtype == torch.float16 for v in lora.values())
+    assert not any(k.startswith("lora_te") for k in lora)
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_base_model_version"],
+            meta["ss_v2"], meta["ss_num_train_images"], meta["ss_steps"]) == \
+        ("4", "8.0", "sd_v1", "False", "4", "2")
+    assert json.loads(meta["ss_tag_frequency"]) == {instance_dir.name: {"photo of sks pattern": 4}}
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    data = path.read_bytes()
+    assert meta["sshs_model_hash"] == hashlib.sha256(
+        data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert card["activation text"] == "photo of sks pattern" and card["sd version"] == "SD1"
+    assert not (tmp_path / "runs" / "lora" / "working").exists()  # the model itself is unchanged
+
+
+def test_kohya_layout_and_merge_with_1x1_convs(sources):
+    """SD 1.x's transformer proj_in/proj_out are 1x1 convs: the same file layout and merge."""
+    comp = load_single_file(str(sources["v1x"]), "v1x")
+    plain = load_single_file(str(sources["v1x"]), "v1x")
+    inject(comp.unet, 4, 2.0, ("proj_in", "to_q"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in comp.unet.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.1)
+    lora = kohya_state(comp, 2.0, {"unet": comp.unet.state_dict()})
+    key = "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"
+    assert lora[key].shape == (4, 32, 1, 1)
+    merge_by_module_names(plain, lora)
+    assert torch.allclose(outputs(plain, "v1")[0], outputs(comp, "v1")[0], atol=1e-4)
+    merged = merged_state(comp.unet.state_dict(), 2.0 / 4)
+    assert all(torch.allclose(merged[k], v, atol=1e-6) for k, v in plain.unet.state_dict().items())
