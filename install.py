@@ -28,7 +28,7 @@ MARKER = "dreambooth_lib.json"  # which interpreter lib was filled for (the runn
 PREFIX = "[dreambooth]"
 
 # What the training process needs (name -> specifier), as pyproject.toml says.
-NEEDS = {"torch": ">=2.1", "numpy": ">=1.26", "pillow": ">=9.5", "tqdm": ">=4.60",
+NEEDS = {"torch": ">=2.1", "numpy": ">=1.26", "pillow": ">=9.5", "tqdm": ">=4.60", "pyyaml": ">=5.4",
          "safetensors": ">=0.4.2", "diffusers": ">=0.31.0", "transformers": ">=4.46.1",
          "accelerate": ">=0.31.0", "peft": ">=0.13.2"}
 # Binary packages tied to the WebUI's torch/Python build: reported when unfit, never installed.

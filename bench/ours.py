@@ -25,24 +25,13 @@ class OursStep:
         self.order, self.b, self.updates = None, self.trainer.batches_per_epoch, 0
 
     def step(self) -> float:
-        """The body of Trainer.loop's inner loop, less its events and snapshots.
-        (Keep in step with dreambooth/trainer.py; a Trainer.update() to call would end this.)"""
-        t, cfg = self.trainer, self.trainer.cfg
+        """One micro-step of the trainer itself (Trainer.micro_step), less events and snapshots."""
+        t = self.trainer
         if self.b >= t.batches_per_epoch:
             self.order, self.b = t.rng.sample(range(len(t.items)), len(t.items)), 0
-        acc = t.acc
-        with acc.accumulate(*t.models):
-            loss, _, _ = t.step_loss(self.order, self.b, t.rng, t.gen)
-            t.check_finite(loss, self.updates + 1)
-            acc.backward(loss)
-            if acc.sync_gradients and cfg.max_grad_norm > 0:
-                acc.clip_grad_norm_([p for m in t.models for p in m.parameters()],
-                                    cfg.max_grad_norm)
-            t.optimizer.step()
-            t.optimizer.zero_grad(set_to_none=True)
-        value = loss.item()
+        value = t.micro_step(self.order, self.b, self.updates + 1)
         self.b += 1
-        if acc.sync_gradients:
+        if t.acc.sync_gradients:
             self.updates += 1
             t.after_update(self.updates)
         return value

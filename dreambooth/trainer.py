@@ -361,16 +361,7 @@ class Trainer:
                 at_boundary = acc.step % cfg.gradient_accumulation_steps == 0
                 if step >= self.total_steps or (self.cancel.cancelled and at_boundary):
                     break
-                with acc.accumulate(*self.models):
-                    loss, _, _ = self.step_loss(order, b, self.rng, self.gen)
-                    self.check_finite(loss, step + 1)
-                    acc.backward(loss)
-                    if acc.sync_gradients and cfg.max_grad_norm > 0:
-                        acc.clip_grad_norm_([p for m in self.models for p in m.parameters()],
-                                            cfg.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                window.append(loss.item())
+                window.append(self.micro_step(order, b, step + 1))
                 next_batch = b + 1
                 if acc.sync_gradients:
                     step += 1
@@ -392,6 +383,20 @@ class Trainer:
             if step >= self.total_steps:
                 break
         return self.finish(step, start, result)
+
+    def micro_step(self, order: list[int], b: int, step: int) -> float:
+        """Forward, backward and (at an accumulation boundary) the update of batch b; the loss."""
+        acc, cfg = self.acc, self.cfg
+        with acc.accumulate(*self.models):
+            loss, _, _ = self.step_loss(order, b, self.rng, self.gen)
+            self.check_finite(loss, step)
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_([p for m in self.models for p in m.parameters()],
+                                    cfg.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
 
     def snapshot(self, step: int, epoch: int, batch: int, order: list[int]) -> None:
         self.acc.wait_for_everyone()
