@@ -91,7 +91,8 @@ class Api:
                        for c in self.host.list_checkpoints()]
         return {"models": models, "checkpoints": checkpoints}
 
-    async def create(self, request: Request):
+    async def config_body(self, request: Request):
+        """The request's JSON object with the host's defaults filled in, or the error response."""
         if (denied := self.guard(request)) is not None:
             return denied
         data = await self.body(request)
@@ -99,6 +100,12 @@ class Api:
             return data
         for key, value in host_defaults(self.host).items():
             data.setdefault(key, value)
+        return data
+
+    async def create(self, request: Request):
+        data = await self.config_body(request)
+        if isinstance(data, JSONResponse):
+            return data
         if "model_type" not in data and isinstance(data.get("source_checkpoint"), str):
             data["model_type"] = sniff_model_type(data["source_checkpoint"]) or "v1x"
         try:
@@ -116,13 +123,9 @@ class Api:
                              "config": config.to_dict()}, status_code=201)
 
     async def train(self, request: Request):
-        if (denied := self.guard(request)) is not None:
-            return denied
-        data = await self.body(request)
+        data = await self.config_body(request)
         if isinstance(data, JSONResponse):
             return data
-        for key, value in host_defaults(self.host).items():
-            data.setdefault(key, value)
         try:
             config = TrainingConfig.from_dict(data).check()
         except ConfigError as e:
