@@ -83,13 +83,15 @@ def write_data(folder: Path, resolution: int) -> Data:
     return Data(tuple(map(str, instance)), tuple(map(str, classes)), resolution)
 
 
-def our_config(case: Case, data: Data, work: Path, precision: str, best: bool):
-    """Our settings matching the reference's (best=False), or our best ones (best=True)."""
+def our_config(case: Case, data: Data, work: Path, precision: str, best: bool,
+               preset: str = "off"):
+    """Our settings matching the reference's (best=False), or our best ones (best=True); with
+    preset='lowest', the memory preset applied on top of the best ones."""
     from dreambooth.config import Concept, TrainingConfig
     concept = Concept(data.instance_dir, data.prompt,
                       data.class_prompt if case.prior else "",
                       data.class_dir if case.prior else "", 1 if case.prior else 0)
-    tag = "best" if best else "same"
+    tag = preset if preset != "off" else "best" if best else "same"
     lora = {"use_lora": True, "lora_rank": case.lora_rank, "lora_alpha": float(case.lora_rank),
             "lora_learning_rate": 5e-4} if case.lora_rank else {}
     return TrainingConfig(**lora,
@@ -100,4 +102,5 @@ def our_config(case: Case, data: Data, work: Path, precision: str, best: bool):
         text_encoder_learning_rate=5e-6, weight_decay=1e-2, max_grad_norm=1.0,
         lr_scheduler="constant", optimizer="adamw", mixed_precision=precision,
         attention="sdpa",  # the processor diffusers installs by default on torch 2
-        gradient_checkpointing=False, cache_latents=best, steps_per_image=100000, seed=0)
+        gradient_checkpointing=False, cache_latents=best, steps_per_image=100000, seed=0,
+        memory_preset=preset, state_every_steps=0)

@@ -1,4 +1,5 @@
-"""`python -m bench [--smoke] [--json FILE] [--steps N] [--rounds R] [--only NAMES]`."""
+"""`python -m bench [--smoke] [--json FILE] [--steps N] [--rounds R] [--only NAMES]
+[--no-startup]`."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,7 @@ import torch
 from . import cases as C
 from .measure import Clock, count_flops, device_name, peak_tflops, release
 
-RUNS = ("reference", "ours_same", "ours_best")
+RUNS = ("reference", "ours_same", "ours_best", "ours_lowest")
 GB = 1e9
 
 
@@ -27,19 +28,23 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="the runs alternate in this many rounds "
                                               "(default: 2 smoke, 3 GPU)")
     p.add_argument("--warmup", type=int, help="untimed steps per run first (default: 1 / 3)")
-    p.add_argument("--only", help="comma-separated configurations to run (default: all)")
+    p.add_argument("--only", help="comma-separated configurations to run, 'startup' among "
+                                  "them for the startup time (default: all)")
+    p.add_argument("--startup", action=argparse.BooleanOptionalAction, default=None,
+                   help="time from 'Train' to the first step from a single-file checkpoint "
+                        "(default: on, or with --only when 'startup' is listed)")
     p.add_argument("--precision", choices=("no", "fp16", "bf16"),
-                   help="mixed precision (default: bf16 on a GPU that has it, else fp16; "
-                        "no on a CPU)")
+                   help="mixed precision (default: bf16 where the device has it, else fp16; "
+                        "all runs share one, as accelerate keeps one per process)")
     args = p.parse_args(argv)
     args.forced_smoke = not args.smoke and not torch.cuda.is_available()
     args.smoke = args.smoke or args.forced_smoke
     args.steps = args.steps or (2 if args.smoke else 30)
     args.rounds = max(1, min(args.rounds or (2 if args.smoke else 3), args.steps))
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
-    if args.precision is None:
-        args.precision = "no" if not torch.cuda.is_available() else \
-            "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if args.precision is None:  # what the 'lowest' memory preset trains in, on every device
+        args.precision = "fp16" if torch.cuda.is_available() and \
+            not torch.cuda.is_bf16_supported() else "bf16"
     return args
 
 
@@ -54,6 +59,8 @@ def build_runs(case, base, data, work: Path, precision: str) -> dict:
                                       C.our_config(case, data, work, precision, best=False)),
         "ours_best": lambda: OursStep("ours_best", copy.deepcopy(base),
                                       C.our_config(case, data, work, precision, best=True)),
+        "ours_lowest": lambda: OursStep("ours_lowest", copy.deepcopy(base), C.our_config(
+            case, data, work, precision, best=True, preset="lowest")),
     }
 
 
@@ -130,6 +137,14 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     base = C.build_model(args.smoke)
     with tempfile.TemporaryDirectory(prefix="dreambooth_bench_") as tmp:
+        # first, before training steps have warmed the GPU up (kernels, allocator), as in the
+        # child process a click on Train starts
+        if args.startup if args.startup is not None else only is None or "startup" in only:
+            from .startup import describe, measure_startup
+            report["startup"] = measure_startup(args.smoke, Path(tmp), comp=base,
+                                                precision=args.precision)
+            print(describe(report["startup"]), flush=True)
+            release()
         data = C.write_data(Path(tmp), report["resolution"])
         for case in C.cases():
             if only is not None and case.name not in only:

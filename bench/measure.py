@@ -89,7 +89,8 @@ def move(obj, device) -> None:
         obj.to(device)
     elif isinstance(obj, torch.optim.Optimizer) or hasattr(obj, "optimizer"):
         opt = obj if isinstance(obj, torch.optim.Optimizer) else obj.optimizer
-        for state in opt.state.values():
+        states = opt.inner_states() if hasattr(opt, "inner_states") else [opt.state]
+        for state in (s for states_ in states for s in states_.values()):
             for k, v in state.items():
                 if torch.is_tensor(v):
                     state[k] = v.to(device)

@@ -38,8 +38,9 @@ class OursStep:
 
     def to(self, device) -> None:
         t = self.trainer
-        encoders = getattr(t.comp, "text_encoders", [t.comp.text_encoder])
-        for obj in (t.comp.unet, t.comp.vae, *encoders, t.optimizer, t.latents, t.embeddings):
+        parked = t.frozen_modules() if device != "cpu" and t.device.type == "cuda" else []
+        kept = [m for m in (t.comp.vae, *t.comp.text_encoders) if all(m is not p for p in parked)]
+        for obj in (t.comp.unet, *kept, t.optimizer, t.latents, t.embeddings):
             move(obj, device)
         if t.ema is not None:
             t.ema.to(device)
@@ -47,7 +48,9 @@ class OursStep:
     def settings(self) -> dict:
         t, cfg = self.trainer, self.trainer.cfg
         return {"attention": t.attention, "optimizer": t.optimizer_name
-                + (" (fused)" if torch.cuda.is_available() else ""),
+                + (" (fused)" if torch.cuda.is_available() and cfg.optimizer == "adamw"
+                   and not cfg.bf16_weights else ""),
+                "fused_optimizer": t.fused, "bf16_weights": cfg.bf16_weights,
                 "latents": "cached" if cfg.cache_latents else "VAE every step",
                 "text": "text encoder every step" if cfg.train_text_encoder else "cached",
                 "gradient_checkpointing": cfg.gradient_checkpointing,

@@ -73,12 +73,17 @@ def _adamw(groups, cfg, device):
                              fused=fused or None)
 
 
+_RUNS_8BIT: set = set()  # devices where bitsandbytes has taken a step
+
+
 def _adamw_8bit(groups, cfg, device):
     import bitsandbytes as bnb
-    probe = torch.nn.Parameter(torch.ones(64, 64, device=device))
-    test = bnb.optim.AdamW8bit([probe], lr=1e-3)
-    probe.grad = torch.ones_like(probe)
-    test.step()  # raises where bitsandbytes can't run on this device
+    if str(device) not in _RUNS_8BIT:
+        probe = torch.nn.Parameter(torch.ones(64, 64, device=device))
+        test = bnb.optim.AdamW8bit([probe], lr=1e-3)
+        probe.grad = torch.ones_like(probe)
+        test.step()  # raises where bitsandbytes can't run on this device
+        _RUNS_8BIT.add(str(device))
     return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
@@ -125,3 +130,12 @@ def make_optimizer(choice: str, groups: list, cfg, device: torch.device, say: Sa
             f"{str(e).splitlines()[0][:120] if str(e) else 'unavailable'}); using "
             f"'{fallback}' instead.")
         return OPTIMIZERS[fallback](groups, cfg, device), fallback
+
+
+def optimizer_builder(choice: str, cfg, device: torch.device, say: Say):
+    """(build(groups) -> optimizer, name) for optimizers made one per weight: the choice (or its
+    fallback) is settled once, on a probe weight, as make_optimizer settles it."""
+    probe = [{"params": [torch.nn.Parameter(torch.zeros(1, device=device))],
+              "lr": cfg.learning_rate}]
+    _, name = make_optimizer(choice, probe, cfg, device, say)
+    return (lambda groups: OPTIMIZERS[name](groups, cfg, device)), name

@@ -25,6 +25,7 @@ ATTENTION = ("default", "sdpa", "xformers")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine",
                  "cosine_with_restarts", "polynomial")
 SAVE_PRECISION = ("fp32", "fp16", "bf16")
+MEMORY_PRESETS = ("auto", "lowest", "off")
 
 _RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
                    *(f"lpt{i}" for i in range(1, 10))}
@@ -101,6 +102,22 @@ class TrainingConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, "
                                              "slower.")
     cache_latents: bool = _f(True, "Encode the images with the VAE once, not every step.")
+    memory_preset: str = _f("auto", "'auto': on a GPU, estimate the memory the run needs before "
+                                    "it starts and, when it won't fit, change the fewest settings "
+                                    "that make it fit (each change is said in the log); "
+                                    "'lowest': the least memory (frozen text encoder, cached "
+                                    "latents, gradient checkpointing, fused optimizer, Adafactor "
+                                    "on bf16 weights); 'off': the settings exactly as given.",
+                            choices=MEMORY_PRESETS)
+    fused_optimizer: bool = _f(False, "Update each weight inside backward as soon as its gradient "
+                                      "is ready, so no gradient buffer the size of the model is "
+                                      "kept (SD1.5: 3.4 GB less). Needs "
+                                      "gradient_accumulation_steps 1; gradients are clipped per "
+                                      "weight.", advanced=True)
+    bf16_weights: bool = _f(False, "Keep the trained weights in bf16 instead of fp32 (half their "
+                                   "memory), updated with stochastic rounding so that small "
+                                   "updates are not lost. Needs mixed_precision bf16.",
+                            advanced=True)
     train_text_encoder: bool = _f(False, "Also train the text encoder.")
     text_encoder_steps_ratio: float = _f(1.0, "Train the text encoder for this fraction of the "
                                               "steps.", advanced=True, minimum=0.0, maximum=1.0)
@@ -402,7 +419,7 @@ def _check_concept(c: Concept, i: int, check_paths: bool) -> list[Problem]:
 
 
 def _check_lora_and_buckets(cfg: TrainingConfig) -> list[Problem]:
-    problems = []
+    problems = _check_memory_levers(cfg)
     if cfg.use_lora is True and cfg.train_text_encoder is True:
         problems.append(Problem("train_text_encoder", True, "trains the whole text encoder, "
                                 "which a LoRA file can't hold",
@@ -438,3 +455,20 @@ def field_help() -> list[tuple[str, str, Any, bool]]:
             rows.append((prefix + f.name, f.metadata.get("help", ""), default,
                          bool(f.metadata.get("advanced"))))
     return rows
+
+
+def _check_memory_levers(cfg: TrainingConfig) -> list[Problem]:
+    problems = []
+    if cfg.fused_optimizer is True and cfg.gradient_accumulation_steps != 1:
+        problems.append(Problem("fused_optimizer", True, "updates each weight during backward, "
+                                "so gradients can't be accumulated over steps",
+                                "set gradient_accumulation_steps to 1 or turn fused_optimizer off"))
+    if cfg.fused_optimizer is True and cfg.mixed_precision == "fp16":
+        problems.append(Problem("fused_optimizer", True, "can't run with fp16 mixed precision, "
+                                "whose loss scaling must see every gradient before any update",
+                                "use mixed_precision bf16 or turn fused_optimizer off"))
+    if cfg.bf16_weights is True and cfg.mixed_precision != "bf16":
+        problems.append(Problem("bf16_weights", True, f"needs mixed_precision bf16, not "
+                                f"'{cfg.mixed_precision}'",
+                                "set mixed_precision to bf16 or turn bf16_weights off"))
+    return problems

@@ -111,23 +111,26 @@ def expected_layout(comp, rank: int, text_encoders: bool) -> dict:
     return out
 
 
-def merged_state(state: dict, scale: float) -> dict:
-    """A peft-wrapped module's state with every LoRA folded into its base weight
-    (W + up @ down * scale) under the plain module's keys."""
-    pairs = lora_pairs(state)
+def plain_state(state: dict) -> dict:
+    """A peft-wrapped module's state without its LoRA layers, under the plain module's keys."""
     out = {}
     for key, value in state.items():
         if ".lora_A." in key or ".lora_B." in key:
             continue
-        path, _, leaf = key.rpartition(".base_layer.")
-        if not _:
-            out[key] = value
-            continue
-        if leaf == "weight" and path in pairs:
-            down, up = pairs[path]
-            delta = torch.tensordot(up.flatten(1).float(), down.float(), dims=1)
-            value = (value.float() + scale * delta.reshape(value.shape)).to(value.dtype)
-        out[f"{path}.{leaf}"] = value
+        path, found, leaf = key.rpartition(".base_layer.")
+        out[f"{path}.{leaf}" if found else key] = value
+    return out
+
+
+def merged_state(state: dict, scale: float, base: dict | None = None) -> dict:
+    """The plain module state `base` (default: the one under the LoRA layers of `state`) with
+    every LoRA of the peft-wrapped `state` folded in: W + up @ down * scale, in fp32."""
+    out = dict(plain_state(state) if base is None else base)
+    for path, (down, up) in lora_pairs(state).items():
+        weight = out[f"{path}.weight"]
+        delta = torch.tensordot(up.flatten(1).float(), down.float(), dims=1)
+        out[f"{path}.weight"] = (weight.float() + scale * delta.reshape(weight.shape)
+                                 ).to(weight.dtype)
     return out
 
 

@@ -242,7 +242,7 @@ def count_images(config) -> tuple[int, int]:
 
 
 def _trainable(cfg, shapes: dict) -> tuple[list, list]:
-    """(shapes of the trained parameters, names of the text encoders kept in fp32)."""
+    """(shapes of the trained parameters, names of the text encoders that run with gradients)."""
     tes = [k for k in shapes if k.startswith("text_encoder")]
     if getattr(cfg, "use_lora", False):
         trained = list(lora_shapes(cfg.model_type, cfg.lora_rank, "unet"))
@@ -251,8 +251,8 @@ def _trainable(cfg, shapes: dict) -> tuple[list, list]:
     else:
         trained = list(shapes["unet"]) + [s for te in tes if cfg.train_text_encoder
                                           for s in shapes[te]]
-    fp32_tes = tes if getattr(cfg, "trains_text_encoder", cfg.train_text_encoder) else []
-    return trained, fp32_tes
+    grad_tes = tes if getattr(cfg, "trains_text_encoder", cfg.train_text_encoder) else []
+    return trained, grad_tes
 
 
 def _caches(cfg, shapes: dict, images: tuple[int, int], half: bool) -> int:
@@ -267,36 +267,57 @@ def _caches(cfg, shapes: dict, images: tuple[int, int], half: bool) -> int:
 
 
 def estimate(config, n_images: tuple[int, int] | None = None) -> Estimate:
-    """Peak GPU memory of training with `config` (bytes), and what it is made of."""
+    """Peak GPU memory of training with `config` (bytes), and what it is made of.
+
+    Where the weights are: a trained model in fp32 (bf16 with bf16_weights), a LoRA's frozen
+    base and every frozen model in the mixed precision's dtype, the LoRA layers in fp32. The
+    VAE leaves the GPU once the latents are cached, a frozen text encoder once the prompts are.
+    """
     cfg, half = config, config.mixed_precision in HALF
-    shapes, wbytes = parameter_shapes(cfg.model_type), 2 if config.mixed_precision in HALF else 4
-    trained, fp32_tes = _trainable(cfg, shapes)
+    lora = bool(getattr(cfg, "use_lora", False))
+    shapes, wbytes = parameter_shapes(cfg.model_type), 2 if half else 4
+    trained, grad_tes = _trainable(cfg, shapes)
+    tbytes = 2 if getattr(cfg, "bf16_weights", False) and half and not lora else 4
+    tes = [te for te in shapes if te.startswith("text_encoder")]
+    full_tes = [] if lora else [te for te in grad_tes]
     unet_n = numel(shapes["unet"])
-    lora_n = numel(trained) if getattr(cfg, "use_lora", False) else 0
-    weights = 4 * unet_n + wbytes * numel(shapes["vae"]) + 4 * lora_n + sum(
-        (4 if te in fp32_tes else wbytes) * numel(shapes[te]) for te in shapes
-        if te.startswith("text_encoder"))
+    lora_n = numel(trained) if lora else 0
+    frozen = {"vae": 4 * numel(shapes["vae"]),  # kept in fp32
+              "text encoders": sum(4 * numel(shapes[te]) for te in tes if te not in grad_tes)}
+    weights = (wbytes if lora else tbytes) * unet_n + 4 * lora_n + sum(
+        (tbytes if te in full_tes else wbytes) * numel(shapes[te]) for te in grad_tes) + \
+        (0 if cfg.cache_latents else frozen["vae"]) + \
+        (frozen["text encoders"] if cfg.trains_text_encoder else 0)
     per_step = cfg.batch_size * (2 if any(c.uses_prior for c in cfg.concepts) else 1)
     acts = unet_activation_bytes(cfg.model_type, cfg.resolution, cfg.attention,
                                  cfg.gradient_checkpointing, half) + sum(
-        text_encoder_activation_bytes(cfg.model_type, te, half) for te in fp32_tes)
-    vae_channels = _vae_channels(shapes)
+        text_encoder_activation_bytes(cfg.model_type, te, half) for te in grad_tes)
+    fused = getattr(cfg, "fused_optimizer", False)
+    grad_bytes = 4 if lora else tbytes
+    largest = max(numel([s]) for s in trained)
+    upcast = half and tbytes == 4 and not lora  # autocast's half copies of fp32 weights
+    encode = 4 * _vae_channels(shapes) * cfg.resolution ** 2 * wbytes
     parts = {
         "weights": weights,
         "optimizer": optimizer_state_bytes(cfg.optimizer, trained),
-        "ema": 4 * unet_n if cfg.use_ema and not lora_n else 0,
+        "ema": 4 * unet_n if cfg.use_ema and not lora else 0,
         "caches": _caches(cfg, shapes, n_images or count_images(cfg), half),
         "overhead": CUDA_OVERHEAD,
-        "gradients": 4 * numel(trained),
-        "autocast copies": 2 * (unet_n + sum(numel(shapes[te]) for te in fp32_tes)) if half else 0,
+        # fused: one weight's gradient, and its fp32 stand-in and gradient for a bf16 weight
+        "gradients": largest * (grad_bytes + (8 if tbytes == 2 else 0)) if fused
+        else grad_bytes * numel(trained),
+        "autocast copies": 2 * (unet_n + sum(numel(shapes[te]) for te in full_tes))
+        if upcast else 0,
         "activations": int(ACTIVATION_FACTOR * per_step * acts),
-        "vae encode": 0 if cfg.cache_latents else 4 * vae_channels * cfg.resolution ** 2 * wbytes,
+        "vae encode": 0 if cfg.cache_latents else encode,
     }
     resident = sum(parts[k] for k in ("weights", "optimizer", "ema", "caches", "overhead"))
     grads, acts = parts["gradients"], parts["activations"]
     phases = {"forward/backward": parts["autocast copies"] + max(acts, grads)
               + min(acts, grads) // 2,  # activations are freed as gradients arrive
               "VAE encode": parts["vae encode"], "optimizer step": grads}
+    if cfg.cache_latents:  # before training (no optimizer state yet), the VAE encodes once
+        phases["latent caching"] = encode + frozen["vae"] - parts["optimizer"]
     phase = max(phases, key=phases.get)
     return Estimate(resident + phases[phase], parts, phase)
 
@@ -308,12 +329,16 @@ def _vae_channels(shapes: dict) -> int:
 
 # -- what to change -----------------------------------------------------------------------------
 # The order users are told to try (the seed behaviour): cheapest in quality and speed first.
-STEPS = (("train_text_encoder", False, "stop training the text encoder"),
-         ("optimizer", "adamw_8bit", "use 8-bit AdamW"),
-         ("mixed_precision", "{half}", "train in {half} mixed precision"),
-         ("gradient_checkpointing", True, "turn on gradient checkpointing"),
-         ("cache_latents", True, "cache the latents"),
-         ("batch_size", 1, "train with batch size 1"))
+# A step that the config would refuse (e.g. a fused optimizer with fp16) is passed over.
+STEPS = ((("train_text_encoder", False),), "stop training the text encoder"), \
+    ((("optimizer", "adamw_8bit"),), "use 8-bit AdamW"), \
+    ((("mixed_precision", "{half}"),), "train in {half} mixed precision"), \
+    ((("gradient_checkpointing", True),), "turn on gradient checkpointing"), \
+    ((("cache_latents", True),), "cache the latents"), \
+    ((("fused_optimizer", True),), "update the weights inside backward (fused_optimizer)"), \
+    ((("bf16_weights", True), ("optimizer", "adafactor")), "keep the weights in bf16 and use "
+                                                           "Adafactor"), \
+    ((("batch_size", 1),), "train with batch size 1")
 
 
 @dataclass(frozen=True)
@@ -331,23 +356,78 @@ def suggest(config, free_bytes: int, half: str = "bf16",
     `free_bytes` of GPU memory; `half` is the mixed precision the GPU has (bf16 or fp16)."""
     budget = free_bytes * (1 - MARGIN)
     before = after = estimate(config, n_images)
-    current, changes, words = config, [], []
-    for name, value, text in STEPS:
+    current, changes, words = config, {}, []
+    for step, text in STEPS:
         if after.total <= budget:
             break
-        value = half if value == "{half}" else value
-        if getattr(current, name) == value:
+        step = {k: (half if v == "{half}" else v) for k, v in step}
+        if all(getattr(current, k) == v for k, v in step.items()):
             continue
-        candidate = current.replace(**{name: value})
+        candidate = current.replace(**step)
+        if _refused(candidate, current):
+            continue
         trial = estimate(candidate, n_images)
         if trial.total >= after.total:  # no saving here (e.g. Adafactor is already smaller)
             continue
         current, after = candidate, trial
-        changes.append((name, value))
-        words.append(text.format(half=half))
+        changes.update(step)
+        words = [(k, w) for k, w in words if not k <= step.keys()]  # overridden: unsaid
+        words.append((set(step), text.format(half=half)))
+    words = [w for _, w in words]
     fits = after.total <= budget
-    return Suggestion(tuple(changes), fits, before, after,
+    return Suggestion(tuple(changes.items()), fits, before, after,
                       _sentence(before, after, free_bytes, words, fits))
+
+
+def _refused(candidate, current) -> bool:
+    """The change makes the config invalid (where the current one was not)."""
+    known = {(p.field, p.problem) for p in current.validate(check_paths=False)}
+    return any((p.field, p.problem) not in known for p in candidate.validate(check_paths=False))
+
+
+def lowest(config, half: str = "bf16") -> dict:
+    """The 'lowest' preset's changes to `config`: everything that saves memory, in the order of
+    STEPS, as far as the config allows (no bf16 weights on a GPU without bf16)."""
+    current = config.replace(train_text_encoder=False, cache_latents=True, use_ema=False,
+                             gradient_checkpointing=True, mixed_precision=half)
+    if not config.use_lora:
+        current = current.replace(optimizer="adamw_8bit")
+        for name, value in (("fused_optimizer", True), ("bf16_weights", True),
+                            ("optimizer", "adafactor")):
+            candidate = current.replace(**{name: value})
+            if not _refused(candidate, current):
+                current = candidate
+        if current.optimizer == "adamw_8bit" and current.bf16_weights:
+            current = current.replace(optimizer="adafactor")
+    return {f: getattr(current, f) for f in _FIELDS if getattr(current, f) != getattr(config, f)}
+
+
+_FIELDS = ("train_text_encoder", "cache_latents", "use_ema", "gradient_checkpointing",
+           "mixed_precision", "optimizer", "fused_optimizer", "bf16_weights")
+
+
+def plan(config, free_bytes: int | None, half: str = "bf16",
+         n_images: tuple[int, int] | None = None) -> tuple:
+    """(config to train with, what to tell the user) for the config's memory_preset, given the
+    free GPU memory (None: no GPU, nothing to fit)."""
+    preset, said = getattr(config, "memory_preset", "off"), []
+    if preset == "lowest":
+        changes = lowest(config, half)
+        if changes:
+            config = config.replace(**changes)
+            said.append("Memory preset 'lowest': " + ", ".join(
+                f"{k} = {v}" for k, v in changes.items()) + ".")
+    if free_bytes is None:
+        return config, said
+    advice = suggest(config, free_bytes, half, n_images)
+    if preset == "auto" and advice.changes:
+        config = config.replace(**dict(advice.changes))
+        said.append(advice.message + " The 'auto' memory preset has made "
+                    + ("this change." if len(advice.changes) == 1 else "these changes."))
+    else:
+        said.append(advice.message + (" (Set memory_preset to 'auto' to make these changes "
+                                      "for you.)" if advice.changes else ""))
+    return config, said
 
 
 def _sentence(before: Estimate, after: Estimate, free: int, words: list, fits: bool) -> str:

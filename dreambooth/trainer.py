@@ -42,17 +42,18 @@ def train(config: TrainingConfig, on_event=None, cancel: ev.CancelToken | None =
           ) -> TrainResult:
     """Train as `config` says; report through `on_event`; stop cleanly when `cancel` is set."""
     emit = ev.EventBus(on_event)
+    trainer = None
     try:
         config.check()
-        return Trainer(config, emit, cancel or ev.CancelToken()).run()
+        trainer = Trainer(config, emit, cancel or ev.CancelToken())
+        return trainer.run()
     except DreamboothError as e:
         emit(ev.Failed(e.message, e.hint))
         raise
     except torch.cuda.OutOfMemoryError:
+        release_memory()
         err = TrainingError("The GPU ran out of memory.",
-                            "Lower the batch size or resolution, turn on gradient checkpointing "
-                            "and latent caching, use 8-bit AdamW, or stop training the text "
-                            "encoder. Nothing was lost: earlier checkpoints are intact.")
+                            oom_advice(trainer.cfg if trainer else config, gpu_total_memory()))
         emit(ev.Failed(err.message, err.hint))
         raise err from None
     except Exception as e:
@@ -61,6 +62,30 @@ def train(config: TrainingConfig, on_event=None, cancel: ev.CancelToken | None =
         raise
     finally:
         release_memory()
+
+
+def gpu_total_memory() -> int | None:
+    return torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None
+
+
+def oom_advice(cfg: TrainingConfig, total: int | None) -> str:
+    """What to change after running out of GPU memory: the memory advice for the whole GPU."""
+    kept = " Nothing was lost: the checkpoints and saved states written so far are intact."
+    generic = ("Lower the batch size or resolution, turn on gradient checkpointing and latent "
+               "caching, use 8-bit AdamW, stop training the text encoder, or set memory_preset "
+               "to 'lowest'.")
+    if total is None:
+        return generic + kept
+    try:
+        from .memory import suggest
+        advice = suggest(cfg, total, "fp16" if torch.cuda.is_available()
+                         and not torch.cuda.is_bf16_supported() else "bf16")
+    except Exception:  # the advice is a courtesy; the failure must still be reported
+        return generic + kept
+    if not advice.changes:
+        return generic + kept
+    return (f"With {total / 2**30:.1f} GiB on this GPU: " + advice.message.split(". ", 1)[1]
+            + " Or set memory_preset to 'lowest' for the least memory." + kept)
 
 
 def release_memory() -> None:
@@ -112,7 +137,14 @@ class Trainer:
         from accelerate import Accelerator
         cfg = self.cfg
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.cfg = cfg = self.plan_memory(cfg, device)
         self.precision = backends.resolve_precision(cfg.mixed_precision, device, self.warn)
+        # a second run in one process (a notebook, the benchmark) may differ in precision:
+        # accelerate keeps the first run's settings process-wide unless they are cleared
+        # (the distributed state, which a launcher set up, is kept)
+        from accelerate.state import AcceleratorState, GradientState
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
         # cpu=True on a machine without CUDA: else accelerate >= 1.x treats each of N launched
         # CPU processes as a separate single-process run (N copies racing on the same files)
         self.acc = Accelerator(mixed_precision=self.precision, cpu=device.type == "cpu",
@@ -122,18 +154,51 @@ class Trainer:
         self.resume_from = choose_snapshot(cfg, cfg.model_dir)
         if self.resume_from is not None:
             self.revision = snapshot_info(self.resume_from)["revision"]
-        _move(self.comp.vae, self.device, self.dtype).requires_grad_(False).eval()
+        # trained weights in fp32 (bf16 with bf16_weights); frozen ones, a LoRA's base included,
+        # in the mixed precision's dtype
+        # in the mixed precision's dtype; the VAE and frozen text encoders stay as loaded (fp32:
+        # their outputs are cached, and SDXL's VAE overflows in fp16) and leave the GPU once
+        # cached; what gets saved of them is untouched
+        trained = torch.bfloat16 if cfg.bf16_weights and not cfg.use_lora else torch.float32
+        self.comp.vae.to(self.device).requires_grad_(False).eval()
         for te in self.comp.text_encoders:
-            _move(te, self.device, torch.float32 if cfg.trains_text_encoder
-                  else self.dtype).requires_grad_(False)
-        self.comp.unet.to(self.device)
+            _move(te, self.device, self.dtype if cfg.use_lora and cfg.lora_text_encoder
+                  else trained if cfg.train_text_encoder else torch.float32).requires_grad_(False)
+        _move(self.comp.unet, self.device, self.dtype if cfg.use_lora else trained)
         self.scheduler = self.comp.noise_scheduler()
         self.attention = backends.set_attention(self.comp.unet, cfg.attention, self.warn)
         self.collect_data()
         self.cache()
+        self.park_frozen()
         self.plan_steps()
         self.plan_outputs()
         self.setup_optimization()
+
+    def free_gpu_memory(self, device: torch.device) -> int | None:
+        return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+    def plan_memory(self, cfg: TrainingConfig, device: torch.device) -> TrainingConfig:
+        """The config to train with under its memory_preset, saying every change (and, on a
+        GPU, whether the run fits in its free memory)."""
+        from .memory import plan
+        half = "fp16" if device.type == "cuda" and not torch.cuda.is_bf16_supported() else "bf16"
+        planned, said = plan(cfg, self.free_gpu_memory(device), half)
+        for text in said:
+            self.say(text)
+        return planned
+
+    def frozen_modules(self) -> list:
+        """What training itself no longer needs on the GPU: the VAE once the latents are cached,
+        the text encoders once the prompts are."""
+        cfg = self.cfg
+        return ([self.comp.vae] if cfg.cache_latents else []) + \
+            ([] if cfg.trains_text_encoder else list(self.comp.text_encoders))
+
+    def park_frozen(self) -> None:
+        if self.device.type == "cuda":
+            for module in self.frozen_modules():
+                module.to("cpu")
+            release_memory()
 
     def collect_data(self) -> None:
         cfg, self.items, self.class_items = self.cfg, [], {}
@@ -161,9 +226,19 @@ class Trainer:
         out, rng = [], random.Random(self.cfg.seed)
         for it, bucket in pairs:
             pixels, geometry = load_bucketed(it.path, bucket, self.cfg.center_crop, rng, flip)
-            dist = self.comp.vae.encode(pixels[None].to(self.device, self.dtype)).latent_dist
-            out.append((dist.mean.float(), dist.std.float(), geometry))
+            out.append((*self.vae_encode(pixels), geometry))
         return out
+
+    @torch.no_grad()
+    def vae_encode(self, pixels: torch.Tensor) -> tuple:
+        """(mean, std) of an image's latent distribution, in fp32: the fp32 VAE runs under
+        autocast in the mixed precision (not in fp16 for SDXL, whose VAE overflows there)."""
+        vae, dtype = self.comp.vae, self.dtype
+        if self.comp.spec.family == "sdxl" and dtype == torch.float16:
+            dtype = torch.float32
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            dist = vae.encode(pixels[None].to(self.device, vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict:
@@ -227,8 +302,10 @@ class Trainer:
     def setup_optimization(self) -> None:
         from diffusers.optimization import get_scheduler
         cfg, unet, tes = self.cfg, self.comp.unet, self.comp.text_encoders
-        if cfg.use_lora:  # LoRA layers in, everything else frozen
+        if cfg.use_lora:  # LoRA layers in (trained in fp32), everything else frozen
             groups = add_lora(self.comp, cfg)
+            for p in (p for g in groups for p in g["params"]):
+                p.data = p.data.float()
         else:
             groups = [{"params": list(unet.requires_grad_(True).parameters()),
                        "lr": cfg.learning_rate}]
@@ -243,8 +320,7 @@ class Trainer:
             if cfg.gradient_checkpointing:
                 te.gradient_checkpointing_enable(  # reentrant would leave it without grads
                     gradient_checkpointing_kwargs={"use_reentrant": False})
-        optimizer, self.optimizer_name = backends.make_optimizer(cfg.optimizer, groups, cfg,
-                                                                 self.device, self.warn)
+        optimizer = self.make_optimizer(groups)
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
                                           num_warmup_steps=cfg.lr_warmup_steps,
                                           num_training_steps=self.total_steps)
@@ -256,6 +332,30 @@ class Trainer:
             from diffusers.training_utils import EMAModel
             self.ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
             self.ema.to(self.device)
+
+    def make_optimizer(self, groups: list):
+        """The configured optimizer; per weight (optim.PerWeight) with bf16 weights or fused
+        into backward. A fused optimizer needs one process: DDP averages gradients after
+        backward, which is too late for an update inside it."""
+        cfg = self.cfg
+        if not (cfg.fused_optimizer or (cfg.bf16_weights and not cfg.use_lora)):
+            optimizer, self.optimizer_name = backends.make_optimizer(
+                cfg.optimizer, groups, cfg, self.device, self.warn)
+            return optimizer
+        from .optim import PerWeight
+        fused = cfg.fused_optimizer and self.acc.num_processes == 1
+        if cfg.fused_optimizer and not fused:
+            self.warn("fused_optimizer needs a single process; with several, the optimizer "
+                      "steps after backward as usual.")
+        build, self.optimizer_name = backends.optimizer_builder(cfg.optimizer, cfg, self.device,
+                                                                self.warn)
+        self.optimizer_name += " (per weight, in backward)" if fused else " (per weight)"
+        return PerWeight(groups, build, fused, cfg.max_grad_norm if fused else 0.0, cfg.seed)
+
+    @property
+    def fused(self) -> bool:
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper
+        return bool(getattr(inner, "in_backward", False))
 
     # -- one step ------------------------------------------------------------------------
     def global_batch(self, order: list[int], b: int) -> tuple[list[Item], list[int]]:
@@ -303,8 +403,7 @@ class Trainer:
             with torch.no_grad():
                 px, geometry = load_bucketed(item.path, bucket, self.cfg.center_crop,
                                              random.Random(seed), flip)
-                dist = self.comp.vae.encode(px[None].to(self.device, self.dtype)).latent_dist
-                mean, std = dist.mean.float(), dist.std.float()
+                mean, std = self.vae_encode(px)
         return (mean + std * eps.to(mean.device)) * self.comp.vae.config.scaling_factor, geometry
 
     def encode_for_training(self, prompts: list[str]) -> dict:
@@ -391,7 +490,7 @@ class Trainer:
             loss, _, _ = self.step_loss(order, b, self.rng, self.gen)
             self.check_finite(loss, step)
             acc.backward(loss)
-            if acc.sync_gradients and cfg.max_grad_norm > 0:
+            if acc.sync_gradients and cfg.max_grad_norm > 0 and not self.fused:
                 acc.clip_grad_norm_([p for m in self.models for p in m.parameters()],
                                     cfg.max_grad_norm)
             self.optimizer.step()
@@ -478,9 +577,13 @@ class Trainer:
                             sum(len(v) for v in self.class_items.values()))
         save_lora(comp, path, cfg, states, {**meta, **stats}, cfg.save_precision,
                   overwrite=cfg.overwrite)
-        if cfg.lora_merge:
-            merged = {k: merged_state(v, cfg.lora_alpha / cfg.lora_rank) for k, v in states.items()}
-            save_single_file(comp, self.output_path(step, merged=True), cfg.save_precision, meta,
+        if cfg.lora_merge:  # into the untouched weights: training ran on a half-precision copy
+            base, _ = load_model(cfg, lambda *a: None)
+            bases = {"unet": base.unet.state_dict(), **{
+                s.component: te_state(getattr(base, s.component)) for s in comp.spec.text_encoders}}
+            merged = {k: merged_state(states[k], cfg.lora_alpha / cfg.lora_rank, v)
+                      if k in states else v for k, v in bases.items()}
+            save_single_file(base, self.output_path(step, merged=True), cfg.save_precision, meta,
                              overwrite=cfg.overwrite, unet_state=merged.pop("unet"),
                              te_states=merged)
 
@@ -497,6 +600,8 @@ class Trainer:
         cfg, comp = self.cfg, self.comp
         unet = self.acc.unwrap_model(self.models[0])
         unet.eval()
+        for module in self.frozen_modules():
+            module.to(self.device)
         pipe = make_pipeline(comp, unet=unet, text_encoder=comp.text_encoder)
         folder = cfg.model_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
@@ -507,6 +612,7 @@ class Trainer:
                                         cfg.seed, self.dtype):
                 self.emit(ev.SampleSaved(str(path), step, prompt))
         unet.train()
+        self.park_frozen()
 
 
 def _vram_gb() -> float:

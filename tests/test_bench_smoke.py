@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGURATIONS = {"full_bs1", "full_bs8", "text_encoder_bs1", "prior_bs1", "lora_r16_bs1",
                   "sdxl_lora_1024", "sdxl_full_1024"}
-RUNS = {"reference", "ours_same", "ours_best"}
+RUNS = {"reference", "ours_same", "ours_best", "ours_lowest"}
 
 
 @pytest.mark.slow
@@ -43,7 +43,24 @@ def test_bench_smoke_reports_every_configuration(tmp_path):
         assert runs["ours_best"]["flops_per_step"] < runs["reference"]["flops_per_step"]
         assert runs["ours_best"]["settings"]["latents"] == "cached"
         assert runs["ours_same"]["settings"]["latents"] == "VAE every step"
+        lowest = runs["ours_lowest"]["settings"]
+        assert lowest["gradient_checkpointing"] and lowest["mixed_precision"] == "bf16"
+        if not c["lora_rank"]:  # the memory preset: Adafactor on bf16 weights, in backward
+            assert lowest["fused_optimizer"] and lowest["bf16_weights"]
+            assert lowest["optimizer"].startswith("adafactor (per weight, in backward)")
     skipped = {c["name"]: c["reason"] for c in by_name.values() if c["status"] == "skipped"}
     assert skipped.get("lora_r16_bs1", "not implemented") == "not implemented"
     for name in skipped:
         assert f"{name:<18} skipped:" in proc.stdout
+    check_startup(report["startup"])
+    assert "startup            to first step" in proc.stdout
+
+
+def check_startup(s: dict) -> None:
+    """The time from 'Train' to the first step, from a single-file checkpoint and 10 images."""
+    assert s["images"] == 10 and s["checkpoint_mb"] > 0 and s["target_s"] == 20
+    for key in ("to_started_s", "to_first_step_s", "first_step_s", "load_s", "cache_s",
+                "fresh_process_imports_s"):
+        assert s[key] > 0, key
+    assert s["to_first_step_s"] >= s["to_started_s"] >= s["load_s"] + s["cache_s"] - 0.002
+    assert s["from_train_s"] >= s["to_first_step_s"]

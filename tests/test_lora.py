@@ -96,11 +96,18 @@ def outputs(comp, family: str) -> list:
     return [sample, *cond.values()]
 
 
-@pytest.mark.parametrize("model_type", ["v1x", "sdxl"])
-def test_lora_file_merged_independently_gives_the_peft_model(model_type, sources, instance_dir,
-                                                              tmp_path):
+@pytest.mark.parametrize("model_type, precision", [("v1x", "no"), ("sdxl", "no"),
+                                                    ("v1x", "bf16")])
+def test_lora_file_merged_independently_gives_the_peft_model(model_type, precision, sources,
+                                                              instance_dir, tmp_path):
+    """With bf16 the frozen base trains as a bf16 copy; the merged checkpoint still holds the
+    untouched fp32 weights plus the LoRA (and the VAE and text encoder exactly as they were)."""
     trainer = run_lora(sources[model_type], model_type, instance_dir, tmp_path,
-                       lora_merge=model_type == "v1x")
+                       lora_merge=model_type == "v1x", mixed_precision=precision)
+    if precision == "bf16":
+        assert next(trainer.comp.unet.parameters()).dtype == torch.bfloat16
+        assert {p.dtype for p in trainer.comp.unet.parameters() if p.requires_grad} \
+            == {torch.float32}
     path = trainer.result.path
     assert path.parent == tmp_path / "Lora" and path.name == "lora_2.safetensors"
     lora, meta = read_checkpoint(path)
@@ -122,6 +129,8 @@ def test_lora_file_merged_independently_gives_the_peft_model(model_type, sources
         assert merge_into_single_file(state, lora) == 17 * 2 * 4 + 2 * 2 * 4  # 17 blocks, 2 TEs
         base = load_single_file(str(write_safetensors(tmp_path / "m.safetensors", state,
                                                       base_meta)), "sdxl")
+    if precision != "no":
+        return
     for ours, peft in zip(outputs(base, base.spec.family), outputs(trainer.comp, base.spec.family)):
         assert torch.allclose(ours, peft, atol=1e-4), (ours - peft).abs().max()
 

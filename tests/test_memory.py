@@ -95,12 +95,13 @@ def test_no_advice_when_it_fits():
 def test_advice_follows_the_order_and_stops_when_it_fits():
     greedy = sd15(train_text_encoder=True, mixed_precision="no", cache_latents=False,
                   batch_size=4)
-    order = [name for name, _, _ in STEPS]
+    order = [name for step, _ in STEPS for name, _ in step]
     previous = None
     for free_gib in (40, 20, 16, 12):
         advice = suggest(greedy, free_gib * GIB, n_images=IMAGES)
         names = [name for name, _ in advice.changes]
         assert names == sorted(names, key=order.index)  # in the documented order
+        assert not greedy.replace(**dict(advice.changes)).validate(check_paths=False)
         if advice.fits:
             assert advice.after.total <= free_gib * GIB * (1 - MARGIN)
             if advice.changes:  # minimal: without the last change it would not fit

@@ -1,0 +1,120 @@
+"""Time from "Train" to the first training step, from a single-file checkpoint.
+
+The issue's target: at most 20 s for an SD1.5 single file and 10 images (the reference, from a
+ready diffusers folder, takes 25-41 s); any compile step must be optional or cached (we have
+none). A randomly initialised model (the real SD1.5 architecture, or the tiny one with --smoke)
+is written as an fp16 .safetensors like the files users download, with 10 synthetic images;
+then dreambooth.trainer.train() runs from that file (latents cached, sdpa, no prior
+preservation) and is cancelled at its first Step event. Clocked from the call of train():
+`to_started_s` (setup: read and convert the file, move to the device, cache latents and prompts,
+optimizer) and `to_first_step_s`; `load_s` and `cache_s` are the two big parts of setup.
+The saves a cancelled run makes (state snapshot, checkpoint) come after the clock stops and are
+skipped. Not in these numbers: the imports of the child process the WebUI starts, timed apart
+in a fresh interpreter as `fresh_process_imports_s`; `from_train_s` adds them. The checkpoint
+was just written, so it is read from the page cache, as a second run of a user's file would be.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+TARGET_S = 20.0
+ROOT = Path(__file__).resolve().parents[1]
+# what the training child imports before train() runs (setup imports accelerate and diffusers)
+CHILD_IMPORTS = ("import dreambooth.cli, dreambooth.trainer, accelerate; "
+                 "from diffusers import AutoencoderKL, UNet2DConditionModel; "
+                 "from transformers import CLIPTextModel")
+
+
+def measure_startup(smoke: bool, work: Path, images: int = 10, comp=None,
+                    precision: str | None = None) -> dict:
+    """Write the checkpoint and images into `work`, train until the first step; the timings.
+    `comp`: the model to write (built here when None); `precision`: mixed precision (default:
+    bf16 on a GPU that has it, else fp16; no on a CPU)."""
+    from dreambooth import events as ev
+    from dreambooth import trainer as trainer_module
+    from dreambooth.config import Concept, TrainingConfig
+    from dreambooth.models import save_single_file
+    from dreambooth.tiny import TINY_RESOLUTION, write_images
+    from .cases import build_model
+
+    work = Path(work) / "startup"
+    resolution = TINY_RESOLUTION if smoke else 512
+    checkpoint = save_single_file(comp if comp is not None else build_model(smoke),
+                                  work / "sd15_random.safetensors", "fp16", overwrite=True)
+    folder = work / "instance"
+    write_images(folder, "checker", images, size=resolution)
+    cuda = torch.cuda.is_available()
+    if precision is None:
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
+    config = TrainingConfig(
+        model_name="startup", source_checkpoint=str(checkpoint), model_type="v1x",
+        work_dir=str(work / "runs"), output_dir=str(work / "out"),
+        concepts=(Concept(str(folder), "photo of sks dog"),), resolution=resolution,
+        steps_per_image=1, batch_size=1, cache_latents=True, attention="sdpa",
+        mixed_precision=precision,
+        state_every_steps=0, resume="never", save_precision="fp16", seed=0)
+
+    marks: dict[str, float] = {}
+    parts = {"load_s": 0.0, "cache_s": 0.0}
+    cancel = ev.CancelToken()
+
+    def on_event(event) -> None:
+        name = {ev.Started: "started", ev.Step: "step"}.get(type(event))
+        if name and name not in marks:
+            if cuda:
+                torch.cuda.synchronize()
+            marks[name] = time.perf_counter()
+            if name == "step":
+                cancel.cancel()
+
+    def timed(fn, key):
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                parts[key] += time.perf_counter() - t
+        return wrapper
+
+    Trainer = trainer_module.Trainer
+    load = timed(trainer_module.load_model, "load_s")
+    with mock.patch.object(trainer_module, "load_model", load), \
+            mock.patch.object(Trainer, "cache", timed(Trainer.cache, "cache_s")), \
+            mock.patch.object(Trainer, "snapshot", lambda self, *a, **k: None), \
+            mock.patch.object(Trainer, "save", lambda self, step, final=False:
+                              self.output_path(step)):
+        start = time.perf_counter()
+        result = trainer_module.train(config, on_event, cancel)
+    if "step" not in marks or not result.cancelled:
+        raise RuntimeError(f"the startup run did not stop at its first step: {result}")
+    imports_s = fresh_process_imports()
+    to_started, to_step = marks["started"] - start, marks["step"] - start
+    return {"checkpoint_mb": round(checkpoint.stat().st_size / 1e6, 1), "images": images,
+            "resolution": resolution, "mixed_precision": config.mixed_precision,
+            "to_started_s": round(to_started, 3), "to_first_step_s": round(to_step, 3),
+            "first_step_s": round(to_step - to_started, 3),
+            "load_s": round(parts["load_s"], 3), "cache_s": round(parts["cache_s"], 3),
+            "other_setup_s": round(to_started - parts["load_s"] - parts["cache_s"], 3),
+            "fresh_process_imports_s": round(imports_s, 3),
+            "from_train_s": round(imports_s + to_step, 3), "target_s": TARGET_S}
+
+
+def fresh_process_imports() -> float:
+    """Seconds a fresh interpreter takes to start and import what the training child imports."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", CHILD_IMPORTS], cwd=ROOT, check=True,
+                   capture_output=True, timeout=300)
+    return time.perf_counter() - start
+
+
+def describe(r: dict) -> str:
+    return (f"{'startup':<18} to first step {r['to_first_step_s']:.2f} s (setup "
+            f"{r['to_started_s']:.2f} s: load {r['load_s']:.2f}, cache {r['cache_s']:.2f}; first "
+            f"step {r['first_step_s']:.2f} s) + imports {r['fresh_process_imports_s']:.2f} s = "
+            f"{r['from_train_s']:.2f} s from Train; target {r['target_s']:.0f} s")

@@ -1,0 +1,111 @@
+"""Stepping the optimizer one weight at a time: inside backward (no full gradient buffer), and
+on bf16 weights with stochastic rounding (no fp32 copy of the model).
+
+    opt = PerWeight(groups, build, in_backward=True, clip=1.0, seed=0)
+
+`build(groups)` makes any torch-style optimizer (AdamW, 8-bit AdamW, Adafactor, ...); PerWeight
+makes one of them per weight. With `in_backward`, each weight is clipped and updated from a
+hook that runs as soon as its gradient is complete, and its gradient is freed at once: the
+peak holds one weight's gradient, not the model's (the optimizer-in-backward pattern of the
+PyTorch tutorials). A bf16 weight is updated through an fp32 stand-in that exists only during
+its own update, and written back with stochastic rounding: rounding to nearest would drop
+every update smaller than half a bf16 step (about 0.4% of the weight), which at DreamBooth's
+learning rates is all of them. The schedule's learning rate lives in this object's
+param_groups, as for any optimizer; the inner optimizers take it at each update.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+EMPTY = torch.empty(0)
+
+
+def stochastic_round_(target: torch.Tensor, value: torch.Tensor,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Write fp32 `value` into bf16 `target`, rounding down or up at random with the
+    probabilities that make the expected result equal `value` exactly."""
+    bits = value.detach().to(torch.float32).contiguous().view(torch.int32)
+    # a bf16 number is the top 16 bits of an fp32 one: add a random amount below the cut, cut
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device,
+                          generator=generator)
+    target.copy_(((bits + noise) & -65536).view(torch.float32))
+    return target
+
+
+class PerWeight(torch.optim.Optimizer):
+    """One optimizer per weight, stepped in backward (`in_backward`) or by step()."""
+
+    def __init__(self, groups: list[dict], build: Callable[[list], torch.optim.Optimizer],
+                 in_backward: bool, clip: float = 0.0, seed: int = 0) -> None:
+        super().__init__(groups, {})
+        self.in_backward, self.clip, self.inner, self.hooks = in_backward, clip, {}, []
+        first = self.param_groups[0]["params"][0]
+        self.generator = torch.Generator(device=first.device)
+        self.generator.manual_seed(seed)
+        for group in self.param_groups:
+            for p in group["params"]:
+                stand_in = p if p.dtype == torch.float32 else \
+                    torch.nn.Parameter(EMPTY.to(p.device))
+                self.inner[p] = (build([{"params": [stand_in], "lr": group["lr"]}]), stand_in,
+                                 group)
+                if in_backward:
+                    self.hooks.append(p.register_post_accumulate_grad_hook(self._in_backward))
+
+    def _in_backward(self, p: torch.Tensor) -> None:
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_([p], self.clip)
+        self.update(p)
+        p.grad = None
+
+    @torch.no_grad()
+    def update(self, p: torch.Tensor) -> None:
+        """Update one weight from its gradient."""
+        optimizer, stand_in, group = self.inner[p]
+        if p.grad is None:
+            return
+        optimizer.param_groups[0]["lr"] = group["lr"]
+        if stand_in is p:
+            optimizer.step()
+            return
+        stand_in.data, stand_in.grad = p.detach().float(), p.grad.float()
+        optimizer.step()
+        stochastic_round_(p, stand_in.data, self.generator)
+        stand_in.data, stand_in.grad = EMPTY.to(p.device), None
+
+    def step(self, closure=None):
+        if not self.in_backward:  # in backward, the hooks have done it already
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self.update(p)
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    def state_dict(self) -> dict:
+        return {"inner": [opt.state_dict() for opt, _, _ in self.inner.values()],
+                "lr": [g["lr"] for g in self.param_groups],
+                "initial_lr": [g.get("initial_lr") for g in self.param_groups],
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for (opt, _, _), saved in zip(self.inner.values(), state["inner"]):
+            opt.load_state_dict(saved)
+        for group, lr, initial in zip(self.param_groups, state["lr"], state["initial_lr"]):
+            group["lr"] = lr
+            if initial is not None:
+                group["initial_lr"] = initial
+        self.generator.set_state(state["generator"].cpu())
+
+    def inner_states(self) -> list[dict]:
+        """The inner optimizers' state tensors (for moving them between devices)."""
+        return [opt.state for opt, _, _ in self.inner.values()]
+
+    def remove_hooks(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []

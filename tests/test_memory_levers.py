@@ -1,0 +1,166 @@
+"""The memory levers, end to end on the tiny model: the optimizer fused into backward, bf16
+weights with stochastic rounding, the 'lowest' and 'auto' presets, and running out of memory."""
+import copy
+
+import pytest
+import torch
+
+from dreambooth import events as ev
+from dreambooth import trainer as trainer_module
+from dreambooth.checkpoint import read_checkpoint
+from dreambooth.errors import TrainingError
+from dreambooth.memory import GIB
+from dreambooth.optim import PerWeight, stochastic_round_
+from dreambooth.trainer import Trainer
+
+
+# -- stochastic rounding ------------------------------------------------------------------------
+def test_stochastic_rounding_is_unbiased_where_nearest_rounding_is_not():
+    gen = torch.Generator().manual_seed(0)
+    for value in (1.0 + 2 ** -10, -3.0 - 3 * 2 ** -9, 1e-3 * (1 + 2 ** -9)):
+        x = torch.full((200_000,), value)
+        rounded = stochastic_round_(torch.empty_like(x, dtype=torch.bfloat16), x, gen)
+        neighbours = set(rounded.float().unique().tolist())
+        assert len(neighbours) == 2  # only the two bf16 numbers around the value
+        assert rounded.float().mean().item() == pytest.approx(value, rel=2e-5)
+        assert x.to(torch.bfloat16).float()[0].item() != pytest.approx(value, rel=2e-5)
+    exact = torch.tensor([0.0, 1.0, -2.5, 65536.0, float("inf")])
+    assert torch.equal(stochastic_round_(torch.empty_like(exact, dtype=torch.bfloat16), exact,
+                                         gen).float(), exact)
+
+
+def test_small_updates_survive_on_bf16_weights():
+    """lr x grad = 1e-4 is 40 times below half a bf16 step at 1.0: rounding to nearest loses every
+    update, stochastic rounding keeps their sum."""
+    def run(build_weight):
+        w = build_weight()
+        opt = PerWeight([{"params": [w], "lr": 1e-4}],
+                        lambda groups: torch.optim.SGD(groups, lr=1.0), in_backward=False)
+        for _ in range(100):
+            w.grad = torch.ones_like(w)
+            opt.step()
+            opt.zero_grad()
+        return w
+    w = run(lambda: torch.nn.Parameter(torch.ones(20_000, dtype=torch.bfloat16)))
+    assert w.dtype == torch.bfloat16
+    assert w.float().mean().item() == pytest.approx(0.99, abs=2e-4)
+    nearest = torch.ones(1, dtype=torch.bfloat16)
+    for _ in range(100):
+        nearest = (nearest.float() - 1e-4).to(torch.bfloat16)
+    assert nearest.item() == 1.0
+
+
+def test_per_weight_state_round_trips():
+    def fresh():
+        torch.manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(8, 8).to(torch.bfloat16)),
+                torch.nn.Parameter(torch.randn(8))]
+
+    def opt_for(params):
+        return PerWeight([{"params": params, "lr": 1e-2}],
+                         lambda g: torch.optim.AdamW(g, lr=1.0), in_backward=False, seed=3)
+
+    def steps(params, opt, n):
+        for i in range(n):
+            for p in params:
+                p.grad = torch.full_like(p, 0.1 * (i + 1))
+            opt.step()
+
+    a = fresh()
+    opt_a = opt_for(a)
+    steps(a, opt_a, 3)
+    saved = copy.deepcopy(opt_a.state_dict())  # as torch.save would keep it
+    weights = [p.detach().clone() for p in a]
+    steps(a, opt_a, 2)
+    b = [torch.nn.Parameter(w) for w in weights]
+    opt_b = opt_for(b)
+    opt_b.load_state_dict(saved)
+    steps(b, opt_b, 2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# -- through the trainer ------------------------------------------------------------------------
+def run(config, monkeypatch=None, free=None):
+    messages = []
+    bus = ev.EventBus(lambda e: messages.append(e.text) if isinstance(e, ev.Message) else None)
+    t = Trainer(config.check(), bus, ev.CancelToken())
+    if free is not None:
+        monkeypatch.setattr(t, "free_gpu_memory", lambda device: free)
+    t.result = t.run()
+    t.messages = messages
+    return t
+
+
+def unet_weights(path) -> dict:
+    state, _ = read_checkpoint(path)
+    return {k: v for k, v in state.items() if k.startswith("model.diffusion_model.")}
+
+
+def test_optimizer_in_backward_gives_the_plain_step_and_keeps_no_gradients(quick_config,
+                                                                          tmp_path):
+    base = quick_config.replace(max_grad_norm=0.0, train_text_encoder=True, memory_preset="off")
+    plain = run(base.replace(model_name="plain"))
+    fused = run(base.replace(model_name="fused", fused_optimizer=True))
+    assert "in backward" in fused.optimizer_name and fused.fused
+    assert all(p.grad is None for m in fused.models for p in m.parameters())
+    a, b = unet_weights(plain.result.path), unet_weights(fused.result.path)
+    source = unet_weights(quick_config.source_checkpoint)
+    assert any(not torch.equal(a[k], source[k].float()) for k in a)  # it did train
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
+
+
+def test_lowest_preset_trains_bf16_weights_in_backward(quick_config):
+    t = run(quick_config.replace(memory_preset="lowest", train_text_encoder=True,
+                                 learning_rate=1e-4))
+    cfg = t.cfg
+    assert (cfg.fused_optimizer, cfg.bf16_weights, cfg.optimizer, cfg.gradient_checkpointing,
+            cfg.train_text_encoder, cfg.mixed_precision) == \
+        (True, True, "adafactor", True, False, "bf16")
+    assert any(m.startswith("Memory preset 'lowest': ") and "train_text_encoder = False" in m
+               for m in t.messages)
+    assert {p.dtype for p in t.comp.unet.parameters()} == {torch.bfloat16}
+    assert all(torch.isfinite(torch.tensor(x)) for x in t.result.losses)
+    trained, source = unet_weights(t.result.path), unet_weights(quick_config.source_checkpoint)
+    changed = sum((trained[k] != source[k].to(torch.bfloat16).float()).sum().item()
+                  for k in trained)
+    assert changed > 0.5 * sum(v.numel() for v in trained.values())
+
+
+def test_auto_preset_changes_what_it_must_and_off_only_advises(quick_config, monkeypatch):
+    # the estimate is of the real-size architecture (v1x): 10 GiB free can't hold a full
+    # fine-tune of SD1.5 with its text encoder in fp32
+    greedy = quick_config.replace(train_text_encoder=True, steps_per_image=1)
+    auto = run(greedy.replace(model_name="auto"), monkeypatch, free=10 * GIB)
+    assert auto.cfg.train_text_encoder is False
+    said = [m for m in auto.messages if "The 'auto' memory preset has made" in m]
+    assert said and "stop training the text encoder" in said[0]
+    off = run(greedy.replace(model_name="off", memory_preset="off"), monkeypatch, free=10 * GIB)
+    assert off.cfg == greedy.replace(model_name="off", memory_preset="off")
+    assert any("Set memory_preset to 'auto'" in m for m in off.messages)
+    roomy = run(greedy.replace(model_name="roomy"), monkeypatch, free=200 * GIB)
+    assert roomy.cfg == greedy.replace(model_name="roomy")
+    assert any("200.0 GiB are free" in m for m in roomy.messages)
+
+
+def test_out_of_memory_says_what_to_change_and_loses_nothing(quick_config, monkeypatch):
+    first = run(quick_config.replace(model_name="oom", memory_preset="off"))
+    kept = first.result.path.read_bytes()
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(Trainer, "micro_step", oom)
+    monkeypatch.setattr(trainer_module, "gpu_total_memory", lambda: 8 * GIB)
+    events = []
+    with pytest.raises(TrainingError) as err:
+        trainer_module.train(quick_config.replace(model_name="oom", memory_preset="off",
+                                                  train_text_encoder=True, overwrite=True),
+                             events.append)
+    assert err.value.message == "The GPU ran out of memory."
+    hint = err.value.hint
+    assert hint.startswith("With 8.0 GiB on this GPU: It fits") and "memory_preset" in hint
+    assert "stop training the text encoder" in hint and "intact" in hint
+    failed = [e for e in events if isinstance(e, ev.Failed)]
+    assert failed and failed[0].hint == hint
+    assert first.result.path.read_bytes() == kept
+    assert not (quick_config.replace(model_name="oom").model_dir / "lock").exists()
