@@ -38,6 +38,7 @@ HALF = ("fp16", "bf16")
 ACTIVATION_FACTOR = 1.6  # measured / counted activation bytes: calibrate on a GPU (see above)
 CUDA_OVERHEAD = int(0.6 * GIB)  # cuBLAS/cuDNN workspaces, allocator rounding (calibrate)
 MARGIN = 0.10  # suggest() wants this much of the free memory to spare
+MIN_SAVING = 0.02  # suggest() passes over a change that saves less than this share
 DEFAULT_IMAGES = 20  # instance images assumed where the folders can't be counted
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -367,8 +368,8 @@ def suggest(config, free_bytes: int, half: str = "bf16",
         if _refused(candidate, current):
             continue
         trial = estimate(candidate, n_images)
-        if trial.total >= after.total:  # no saving here (e.g. Adafactor is already smaller)
-            continue
+        if trial.total > after.total * (1 - MIN_SAVING):  # not worth a change (e.g. 8-bit
+            continue                                     # AdamW on a LoRA's few weights)
         current, after = candidate, trial
         changes.update(step)
         words = [(k, w) for k, w in words if not k <= step.keys()]  # overridden: unsaid
@@ -442,3 +443,23 @@ def _sentence(before: Estimate, after: Estimate, free: int, words: list, fits: b
         return (f"{start} Even if you {todo}, it needs about {after.gib:.1f} GiB: lower the "
                 "resolution, train a LoRA instead, or use a GPU with more memory.")
     return f"{start} Lower the resolution, train a LoRA instead, or use a GPU with more memory."
+
+
+# -- after running out of memory ------------------------------------------------------------
+def oom_advice(cfg, total: int | None) -> str:
+    """What to change after running out of GPU memory: the memory advice for the whole GPU."""
+    kept = " Nothing was lost: the checkpoints and saved states written so far are intact."
+    generic = ("Lower the batch size or resolution, turn on gradient checkpointing and latent "
+               "caching, use 8-bit AdamW, stop training the text encoder, or set memory_preset "
+               "to 'lowest'.")
+    if total is None:
+        return generic + kept
+    try:
+        advice = suggest(cfg, total, "fp16" if torch.cuda.is_available()
+                         and not torch.cuda.is_bf16_supported() else "bf16")
+    except Exception:  # the advice is a courtesy; the failure must still be reported
+        return generic + kept
+    if not advice.changes:
+        return generic + kept
+    return (f"With {total / 2**30:.1f} GiB on this GPU: " + advice.message.split(". ", 1)[1]
+            + " Or set memory_preset to 'lowest' for the least memory." + kept)

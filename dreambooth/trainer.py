@@ -6,7 +6,6 @@ CLI in a child process) and Python users all call it.
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,19 +13,15 @@ from pathlib import Path
 import torch
 
 from . import backends, buckets, events as ev
-from .buckets import load_bucketed
-from .checkpoint import write_text
 from .config import TrainingConfig
-from .data import Item, instance_items
 from .errors import DreamboothError, TrainingError
+from .feed import DataFeed
+from .outputs import Outputs, _source_id, working_dir
 from .loss import compute_loss, noise_like
-from .lora import add_lora, merged_state, save_lora, ss_metadata
-from .metadata import training_metadata
-from .models import Components, encode_prompts, load_single_file, load_working_dir, \
-    save_single_file, save_working_dir, te_state, unet_kwargs
-from .state import ModelLock, choose_snapshot, snapshot_info, clear_snapshots, fresh_rng, load_snapshot, \
-    save_snapshot
-from .sampling import ensure_class_images, generate_images, make_pipeline, slug
+from .lora import add_lora
+from .models import Components, load_single_file, load_working_dir, unet_kwargs
+from .state import ModelLock, choose_snapshot, clear_snapshots, fresh_rng, load_snapshot, \
+    save_snapshot, snapshot_info
 
 
 @dataclass
@@ -51,6 +46,7 @@ def train(config: TrainingConfig, on_event=None, cancel: ev.CancelToken | None =
         emit(ev.Failed(e.message, e.hint))
         raise
     except torch.cuda.OutOfMemoryError:
+        from .memory import oom_advice
         release_memory()
         err = TrainingError("The GPU ran out of memory.",
                             oom_advice(trainer.cfg if trainer else config, gpu_total_memory()))
@@ -68,42 +64,12 @@ def gpu_total_memory() -> int | None:
     return torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None
 
 
-def oom_advice(cfg: TrainingConfig, total: int | None) -> str:
-    """What to change after running out of GPU memory: the memory advice for the whole GPU."""
-    kept = " Nothing was lost: the checkpoints and saved states written so far are intact."
-    generic = ("Lower the batch size or resolution, turn on gradient checkpointing and latent "
-               "caching, use 8-bit AdamW, stop training the text encoder, or set memory_preset "
-               "to 'lowest'.")
-    if total is None:
-        return generic + kept
-    try:
-        from .memory import suggest
-        advice = suggest(cfg, total, "fp16" if torch.cuda.is_available()
-                         and not torch.cuda.is_bf16_supported() else "bf16")
-    except Exception:  # the advice is a courtesy; the failure must still be reported
-        return generic + kept
-    if not advice.changes:
-        return generic + kept
-    return (f"With {total / 2**30:.1f} GiB on this GPU: " + advice.message.split(". ", 1)[1]
-            + " Or set memory_preset to 'lowest' for the least memory." + kept)
-
-
 def release_memory() -> None:
     """Give the GPU memory of a finished, failed or cancelled run back (the models are gone)."""
     import gc
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def working_dir(config: TrainingConfig) -> Path:
-    return config.model_dir / "working"
-
-
-def _source_id(path: str) -> dict:
-    p = Path(path).resolve()
-    st = p.stat()
-    return {"source": str(p), "source_size": st.st_size, "source_mtime": int(st.st_mtime)}
 
 
 def load_model(config: TrainingConfig, say) -> tuple[Components, int]:
@@ -119,7 +85,7 @@ def load_model(config: TrainingConfig, say) -> tuple[Components, int]:
     return load_single_file(config.source_checkpoint, config.model_type), 0
 
 
-class Trainer:
+class Trainer(DataFeed, Outputs):
     def __init__(self, cfg: TrainingConfig, emit, cancel: ev.CancelToken) -> None:
         self.cfg, self.emit, self.cancel = cfg, emit, cancel
         self.said: set[str] = set()
@@ -180,8 +146,17 @@ class Trainer:
     def plan_memory(self, cfg: TrainingConfig, device: torch.device) -> TrainingConfig:
         """The config to train with under its memory_preset, saying every change (and, on a
         GPU, whether the run fits in its free memory)."""
-        from .memory import plan
+        from .memory import STEPS, plan
         half = "fp16" if device.type == "cuda" and not torch.cuda.is_bf16_supported() else "bf16"
+        snapshot = choose_snapshot(cfg, cfg.model_dir) if cfg.memory_preset == "auto" else None
+        if snapshot is not None:  # go on as the run began, whatever is free now
+            saved = snapshot_info(snapshot)["config"]
+            kept = {k: saved[k] for step, _ in STEPS for k, _ in step
+                    if k in saved and saved[k] != getattr(cfg, k)}
+            if kept:
+                self.say("Resuming with the settings the 'auto' memory preset chose for this "
+                         "run: " + ", ".join(f"{k} = {v}" for k, v in kept.items()) + ".")
+            return cfg.replace(**kept)
         planned, said = plan(cfg, self.free_gpu_memory(device), half)
         for text in said:
             self.say(text)
@@ -200,68 +175,6 @@ class Trainer:
                 module.to("cpu")
             release_memory()
 
-    def collect_data(self) -> None:
-        cfg, self.items, self.class_items = self.cfg, [], {}
-        for i, concept in enumerate(cfg.concepts):
-            found = instance_items(concept.instance_data_dir, concept.instance_prompt, self.warn)
-            self.items += [Item(it.path, it.prompt, False, i) for it in found]
-            if concept.uses_prior:
-                folder = Path(concept.class_data_dir) if concept.class_data_dir else \
-                    cfg.model_dir / "class_images" / slug(concept.class_prompt)
-                with self.acc.main_process_first():  # rank 0 makes them, the others reuse them
-                    paths = ensure_class_images(self.comp, concept, concept.class_images_per_instance
-                                                * len(found), folder, cfg, self.device, self.dtype,
-                                                self.say)
-                self.class_items[i] = [Item(p, concept.class_prompt, True, i) for p in paths]
-        self.bucket_of = buckets.plan([it.path for it in self.items], cfg.resolution,
-                                      cfg.bucketing, cfg.bucket_no_upscale)
-        if cfg.bucketing:
-            self.say("Aspect-ratio buckets (width x height: images): "
-                     + buckets.describe(list(self.bucket_of.values())) + ".")
-
-    @torch.no_grad()
-    def encode_images(self, pairs: list, flip: bool) -> list:
-        """(mean, std, size conditioning) of each (item, bucket)'s latent distribution (sampled
-        afresh every step)."""
-        out, rng = [], random.Random(self.cfg.seed)
-        for it, bucket in pairs:
-            pixels, geometry = load_bucketed(it.path, bucket, self.cfg.center_crop, rng, flip)
-            out.append((*self.vae_encode(pixels), geometry))
-        return out
-
-    @torch.no_grad()
-    def vae_encode(self, pixels: torch.Tensor) -> tuple:
-        """(mean, std) of an image's latent distribution, in fp32: the fp32 VAE runs under
-        autocast in the mixed precision (not in fp16 for SDXL, whose VAE overflows there)."""
-        vae, dtype = self.comp.vae, self.dtype
-        if self.comp.spec.family == "sdxl" and dtype == torch.float16:
-            dtype = torch.float32
-        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            dist = vae.encode(pixels[None].to(self.device, vae.dtype)).latent_dist
-        return dist.mean.float(), dist.std.float()
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> dict:
-        return encode_prompts(self.comp, prompts, self.device)
-
-    def cache(self) -> None:
-        """Latents of every (image, bucket) a batch can use (class images: every bucket of their
-        concept's instance images), and the prompt embeddings when the text encoder is frozen."""
-        cfg, self.latents = self.cfg, {}
-        pairs = [(it, self.bucket_of[it.path]) for it in self.items]
-        for concept, pool in self.class_items.items():
-            used = sorted({self.bucket_of[it.path] for it in self.items if it.concept == concept})
-            pairs += [(it, b) for b in used for it in pool]
-        if cfg.cache_latents:
-            for flip in ((False, True) if cfg.hflip else (False,)):
-                for (it, b), lat in zip(pairs, self.encode_images(pairs, flip)):
-                    self.latents[(it.path, flip, b)] = lat
-        self.embeddings = {}
-        if not cfg.trains_text_encoder:
-            for prompt in sorted({it.prompt for it, _ in pairs}):
-                self.embeddings[prompt] = {k: v[0] for k, v in
-                                           self.encode_prompts([prompt]).items()}
-
     def plan_steps(self) -> None:
         cfg = self.cfg
         self.epochs = cfg.steps_per_image
@@ -276,28 +189,6 @@ class Trainer:
     def epoch_end_step(self, epoch: int) -> int:
         return min(self.total_steps, (epoch + 1) * self.batches_per_epoch
                    // self.cfg.gradient_accumulation_steps)
-
-    def output_path(self, step: int, merged: bool = False) -> Path:
-        """The file a save at `step` writes: the checkpoint, or the LoRA (`merged`: the full
-        checkpoint with the LoRA merged in)."""
-        folder = self.cfg.resolved_lora_dir if self.cfg.use_lora and not merged \
-            else self.cfg.resolved_output_dir
-        return folder / f"{self.cfg.model_name}_{self.revision + step}.safetensors"
-
-    def plan_outputs(self) -> None:
-        """Refuse before training, not after hours, when an output would replace a file."""
-        cfg = self.cfg
-        steps = {self.total_steps}
-        if cfg.save_every_epochs:
-            steps |= {self.epoch_end_step(e) for e in range(self.epochs)
-                      if (e + 1) % cfg.save_every_epochs == 0}
-        merges = (False, True) if cfg.use_lora and cfg.lora_merge else (False,)
-        clash = [self.output_path(s, m) for s in sorted(steps) for m in merges
-                 if self.output_path(s, m).exists()]
-        if clash and not cfg.overwrite:
-            raise DreamboothError(f"'{clash[0]}' already exists; this run would replace it.",
-                                  "Choose another model name or output folder, or turn on "
-                                  "'overwrite'.")
 
     def setup_optimization(self) -> None:
         from diffusers.optimization import get_scheduler
@@ -338,7 +229,12 @@ class Trainer:
         into backward. A fused optimizer needs one process: DDP averages gradients after
         backward, which is too late for an update inside it."""
         cfg = self.cfg
-        if not (cfg.fused_optimizer or (cfg.bf16_weights and not cfg.use_lora)):
+        per_weight = cfg.fused_optimizer or (cfg.bf16_weights and not cfg.use_lora)
+        if per_weight and self.acc.distributed_type == "DEEPSPEED":
+            self.warn("Under DeepSpeed, which owns the optimizer step, fused_optimizer and "
+                      "bf16_weights do not apply; the optimizer steps as usual.")
+            per_weight = False
+        if not per_weight:
             optimizer, self.optimizer_name = backends.make_optimizer(
                 cfg.optimizer, groups, cfg, self.device, self.warn)
             return optimizer
@@ -358,57 +254,6 @@ class Trainer:
         return bool(getattr(inner, "in_backward", False))
 
     # -- one step ------------------------------------------------------------------------
-    def global_batch(self, order: list[int], b: int) -> tuple[list[Item], list[int]]:
-        """The b-th global batch (batch size x processes; the last one wraps around): instance
-        items, then one class item per instance item whose concept has prior preservation.
-        Returns (items, owner) where owner[i] is the instance row a row belongs to."""
-        gbs = self.cfg.batch_size * self.acc.num_processes
-        inst = [self.items[order[(b * gbs + k) % len(order)]] for k in range(gbs)]
-        cls, owner = [], list(range(gbs))
-        for row, it in enumerate(inst):
-            pool = self.class_items.get(it.concept)
-            if pool:
-                cls.append(pool[self.class_cursor % len(pool)])
-                owner.append(row)
-                self.class_cursor += 1
-        return inst + cls, owner
-
-    def batch(self, order: list[int], b: int, rng: random.Random, gen: torch.Generator):
-        """(latents, text conditioning, size conditioning, n_instance, rows, global size) of this
-        process's share of the global batch, all of one bucket. Every random draw is made for the
-        whole global batch on every process, so N processes see exactly what one process with N
-        times the batch would."""
-        items, owner = self.global_batch(order, b)
-        bs, rank = self.cfg.batch_size, self.acc.process_index
-        bucket = self.bucket_of[items[0].path]  # instance rows come first; class rows follow it
-        rows = [i for i, o in enumerate(owner) if rank * bs <= o < (rank + 1) * bs]
-        flips = [self.cfg.hflip and rng.random() < 0.5 for _ in items]
-        seeds = [rng.getrandbits(32) for _ in items]
-        eps = torch.randn((len(items), *buckets.latent_shape(self.comp.vae.config, bucket)),
-                          generator=gen, device=gen.device)
-        drawn = [self.latent_of(items[i], flips[i], seeds[i], eps[i:i + 1], bucket) for i in rows]
-        chosen = [items[i] for i in rows]
-        if self.cfg.trains_text_encoder:
-            cond = self.encode_for_training([it.prompt for it in chosen])
-        else:
-            cond = {k: torch.stack([self.embeddings[it.prompt][k] for it in chosen])
-                    for k in self.embeddings[chosen[0].prompt]}
-        return torch.cat([d[0] for d in drawn]), cond, [d[1] for d in drawn], bs, rows, len(items)
-
-    def latent_of(self, item: Item, flip: bool, seed: int, eps: torch.Tensor, bucket) -> tuple:
-        """(scaled latent sample, SDXL size conditioning) of an image in a bucket."""
-        if self.cfg.cache_latents:
-            mean, std, geometry = self.latents[(item.path, flip, bucket)]
-        else:
-            with torch.no_grad():
-                px, geometry = load_bucketed(item.path, bucket, self.cfg.center_crop,
-                                             random.Random(seed), flip)
-                mean, std = self.vae_encode(px)
-        return (mean + std * eps.to(mean.device)) * self.comp.vae.config.scaling_factor, geometry
-
-    def encode_for_training(self, prompts: list[str]) -> dict:
-        return encode_prompts(self.comp, prompts, self.device, self.models[1:])
-
     def step_loss(self, order, b, rng, gen):
         latents, cond, geometry, n_inst, rows, n_global = self.batch(order, b, rng, gen)
         noise = noise_like(torch.empty((n_global, *latents.shape[1:])), gen,
@@ -539,81 +384,6 @@ class Trainer:
         self.emit(ev.Finished(str(result.path or ""), step, time.time() - start,
                               self.cancel.cancelled))
         return result
-
-    # -- outputs -------------------------------------------------------------------------
-    def unet_state(self) -> dict:
-        unet = self.comp.unet
-        if self.ema is None:
-            return unet.state_dict()
-        self.ema.store(unet.parameters())
-        self.ema.copy_to(unet.parameters())
-        state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-        self.ema.restore(unet.parameters())
-        return state
-
-    def save(self, step: int, final: bool = False) -> Path:
-        cfg, path = self.cfg, self.output_path(step)
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            meta = training_metadata(cfg, self.comp.spec, self.revision + step)
-            if cfg.use_lora:
-                self.save_lora(step, path, meta)
-            else:
-                save_single_file(self.comp, path, cfg.save_precision, meta,
-                                 overwrite=cfg.overwrite, unet_state=self.unet_state())
-            if final and not self.cancel.cancelled:
-                self.save_working(step)
-            self.emit(ev.CheckpointSaved(str(path), step))
-        return path
-
-    def save_lora(self, step: int, path: Path, meta: dict) -> None:
-        """The LoRA file (and, with lora_merge, the full checkpoint with the LoRA merged in)."""
-        cfg, comp = self.cfg, self.comp
-        states = {"unet": self.unet_state()}
-        if cfg.lora_text_encoder:
-            states.update({s.component: te_state(getattr(comp, s.component))
-                           for s in comp.spec.text_encoders})
-        stats = ss_metadata(cfg, comp.spec, self.revision + step, self.epochs, self.items,
-                            sum(len(v) for v in self.class_items.values()))
-        save_lora(comp, path, cfg, states, {**meta, **stats}, cfg.save_precision,
-                  overwrite=cfg.overwrite)
-        if cfg.lora_merge:  # into the untouched weights: training ran on a half-precision copy
-            base, _ = load_model(cfg, lambda *a: None)
-            bases = {"unet": base.unet.state_dict(), **{
-                s.component: te_state(getattr(base, s.component)) for s in comp.spec.text_encoders}}
-            merged = {k: merged_state(states[k], cfg.lora_alpha / cfg.lora_rank, v)
-                      if k in states else v for k, v in bases.items()}
-            save_single_file(base, self.output_path(step, merged=True), cfg.save_precision, meta,
-                             overwrite=cfg.overwrite, unet_state=merged.pop("unet"),
-                             te_states=merged)
-
-    def save_working(self, step: int) -> None:
-        if not self.cfg.use_lora:  # a LoRA run leaves the model itself as it was
-            folder = save_working_dir(self.comp, working_dir(self.cfg))
-            info = {"model_type": self.comp.model_type, "revision": self.revision + step,
-                    **_source_id(self.cfg.source_checkpoint)}
-            write_text(folder / "dreambooth_model.json", json.dumps(info, indent=2))
-        write_text(self.cfg.model_dir / "config.json", self.cfg.to_json())
-
-    @torch.no_grad()
-    def sample(self, step: int) -> None:
-        cfg, comp = self.cfg, self.comp
-        unet = self.acc.unwrap_model(self.models[0])
-        unet.eval()
-        for module in self.frozen_modules():
-            module.to(self.device)
-        pipe = make_pipeline(comp, unet=unet, text_encoder=comp.text_encoder)
-        folder = cfg.model_dir / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, concept in enumerate(cfg.concepts):
-            prompt = concept.sample_prompt or concept.instance_prompt.replace("[filewords]", "")
-            for path in generate_images(pipe, prompt, 1, folder, f"step{step:06d}_c{i}", 0,
-                                        cfg.resolution, cfg.sample_steps, cfg.guidance_scale,
-                                        cfg.seed, self.dtype):
-                self.emit(ev.SampleSaved(str(path), step, prompt))
-        unet.train()
-        self.park_frozen()
-
 
 def _vram_gb() -> float:
     return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0

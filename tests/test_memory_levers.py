@@ -164,3 +164,20 @@ def test_out_of_memory_says_what_to_change_and_loses_nothing(quick_config, monke
     assert failed and failed[0].hint == hint
     assert first.result.path.read_bytes() == kept
     assert not (quick_config.replace(model_name="oom").model_dir / "lock").exists()
+
+
+def test_auto_preset_resumes_with_the_settings_it_chose(quick_config, monkeypatch):
+    """A run the 'auto' preset changed, interrupted, goes on with those changes even when more
+    memory is free now (else its saved state would belong to another configuration)."""
+    cfg = quick_config.replace(model_name="again", train_text_encoder=True, state_every_steps=1,
+                               steps_per_image=2)
+    cancel = ev.CancelToken()
+    first = Trainer(cfg, ev.EventBus(lambda e: cancel.cancel() if isinstance(e, ev.Step)
+                                     else None), cancel)
+    monkeypatch.setattr(first, "free_gpu_memory", lambda device: 10 * GIB)
+    assert first.run().cancelled and first.cfg.train_text_encoder is False
+    second = run(cfg, monkeypatch, free=200 * GIB)
+    assert any(m.startswith("Resuming with the settings the 'auto' memory preset chose")
+               for m in second.messages)
+    assert any(m.startswith("Resuming from step 1") for m in second.messages)
+    assert second.cfg.train_text_encoder is False and not second.result.cancelled

@@ -20,7 +20,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "Model": ("model_name", "source_checkpoint", "model_type", "work_dir", "resume"),
     "Parameters": ("steps_per_image", "batch_size", "learning_rate", "resolution",
                    "optimizer", "mixed_precision", "attention", "cache_latents",
-                   "train_text_encoder", "prior_loss_weight", "sample_every_epochs",
+                   "memory_preset", "train_text_encoder", "prior_loss_weight", "sample_every_epochs",
                    "use_lora", "lora_rank", "save_every_epochs", "gradient_checkpointing",
                    "lr_scheduler", "lr_warmup_steps", "use_ema", "ema_decay",
                    "text_encoder_learning_rate", "text_encoder_steps_ratio",
@@ -28,12 +28,14 @@ SECTIONS: dict[str, tuple[str, ...]] = {
                    "hflip", "bucketing", "bucket_no_upscale", "offset_noise", "min_snr_gamma",
                    "seed", "class_generation_steps", "sample_steps", "guidance_scale",
                    "lora_alpha", "lora_learning_rate", "lora_text_encoder",
-                   "lora_text_encoder_learning_rate", "state_every_steps"),
+                   "lora_text_encoder_learning_rate", "state_every_steps", "fused_optimizer",
+                   "bf16_weights"),
     "Saving": ("output_dir", "save_precision", "lora_dir", "lora_merge", "overwrite"),
 }
 BASIC = frozenset({
     "model_name", "source_checkpoint", "model_type", "steps_per_image", "batch_size",
     "learning_rate", "resolution", "optimizer", "mixed_precision", "attention", "cache_latents",
+    "memory_preset",
     "train_text_encoder", "prior_loss_weight", "sample_every_epochs", "use_lora", "lora_rank",
     "output_dir", "save_precision",
 })
@@ -54,7 +56,8 @@ LABELS = {
     "class_prompt": "Class prompt", "class_data_dir": "Class images folder",
     "class_images_per_instance": "Class images per instance image",
     "sample_prompt": "Sample prompt", "use_lora": "Train a LoRA", "lora_rank": "LoRA rank",
-    "lora_dir": "Save LoRA to folder", "resume": "Resume",
+    "lora_dir": "Save LoRA to folder", "resume": "Resume", "memory_preset": "GPU memory preset",
+    "fused_optimizer": "Fused optimizer (update in backward)", "bf16_weights": "bf16 weights",
 }
 
 
