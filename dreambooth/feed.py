@@ -24,6 +24,7 @@ class DataFeed:
             if concept.uses_prior:
                 folder = Path(concept.class_data_dir) if concept.class_data_dir else \
                     cfg.model_dir / "class_images" / slug(concept.class_prompt)
+                self.place_unet()  # to make any that are missing
                 with self.acc.main_process_first():  # rank 0 makes them, the others reuse them
                     paths = ensure_class_images(self.comp, concept, concept.class_images_per_instance
                                                 * len(found), folder, cfg, self.device, self.dtype,

@@ -317,8 +317,9 @@ def estimate(config, n_images: tuple[int, int] | None = None) -> Estimate:
     phases = {"forward/backward": parts["autocast copies"] + max(acts, grads)
               + min(acts, grads) // 2,  # activations are freed as gradients arrive
               "VAE encode": parts["vae encode"], "optimizer step": grads}
-    if cfg.cache_latents:  # before training (no optimizer state yet), the VAE encodes once
-        phases["latent caching"] = encode + frozen["vae"] - parts["optimizer"]
+    if cfg.cache_latents:  # before training (no optimizer state, no UNet), the VAE encodes
+        phases["latent caching"] = encode + frozen["vae"] - parts["optimizer"] - \
+            (wbytes if lora else tbytes) * unet_n
     phase = max(phases, key=phases.get)
     return Estimate(resident + phases[phase], parts, phase)
 

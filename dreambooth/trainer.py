@@ -108,9 +108,8 @@ class Trainer(DataFeed, Outputs):
         # a second run in one process (a notebook, the benchmark) may differ in precision:
         # accelerate keeps the first run's settings process-wide unless they are cleared
         # (the distributed state, which a launcher set up, is kept)
-        from accelerate.state import AcceleratorState, GradientState
+        from accelerate.state import AcceleratorState
         AcceleratorState._reset_state()
-        GradientState._reset_state()
         # cpu=True on a machine without CUDA: else accelerate >= 1.x treats each of N launched
         # CPU processes as a separate single-process run (N copies racing on the same files)
         self.acc = Accelerator(mixed_precision=self.precision, cpu=device.type == "cpu",
@@ -120,25 +119,29 @@ class Trainer(DataFeed, Outputs):
         self.resume_from = choose_snapshot(cfg, cfg.model_dir)
         if self.resume_from is not None:
             self.revision = snapshot_info(self.resume_from)["revision"]
-        # trained weights in fp32 (bf16 with bf16_weights); frozen ones, a LoRA's base included,
-        # in the mixed precision's dtype
-        # in the mixed precision's dtype; the VAE and frozen text encoders stay as loaded (fp32:
-        # their outputs are cached, and SDXL's VAE overflows in fp16) and leave the GPU once
-        # cached; what gets saved of them is untouched
+        # trained weights in fp32 (bf16 with bf16_weights); a LoRA's frozen base in the mixed
+        # precision's dtype; the VAE and frozen text encoders stay as loaded (fp32: their outputs
+        # are cached, and SDXL's VAE overflows in fp16) and leave the GPU once cached, so what
+        # gets saved of them is untouched. The UNet comes to the GPU after the caching (unless
+        # class images are to be made), so the two never share it.
         trained = torch.bfloat16 if cfg.bf16_weights and not cfg.use_lora else torch.float32
         self.comp.vae.to(self.device).requires_grad_(False).eval()
         for te in self.comp.text_encoders:
             _move(te, self.device, self.dtype if cfg.use_lora and cfg.lora_text_encoder
                   else trained if cfg.train_text_encoder else torch.float32).requires_grad_(False)
-        _move(self.comp.unet, self.device, self.dtype if cfg.use_lora else trained)
+        self.unet_dtype = self.dtype if cfg.use_lora else trained
         self.scheduler = self.comp.noise_scheduler()
-        self.attention = backends.set_attention(self.comp.unet, cfg.attention, self.warn)
         self.collect_data()
         self.cache()
         self.park_frozen()
+        self.place_unet()
+        self.attention = backends.set_attention(self.comp.unet, cfg.attention, self.warn)
         self.plan_steps()
         self.plan_outputs()
         self.setup_optimization()
+
+    def place_unet(self) -> None:
+        _move(self.comp.unet, self.device, self.unet_dtype)
 
     def free_gpu_memory(self, device: torch.device) -> int | None:
         return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
@@ -390,5 +393,4 @@ def _vram_gb() -> float:
 
 
 def _move(module, device, dtype):
-    module.to(device)
-    return module.to(dtype) if dtype != torch.float32 else module
+    return module.to(device=device, dtype=dtype)  # tensor by tensor: no full copy on the GPU
