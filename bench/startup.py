@@ -51,7 +51,8 @@ def measure_startup(smoke: bool, work: Path, images: int = 10, comp=None,
     write_images(folder, "checker", images, size=resolution)
     cuda = torch.cuda.is_available()
     if precision is None:
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
+        from dreambooth.backends import half_precision
+        precision = half_precision(torch.device("cuda")) if cuda else "no"
     config = TrainingConfig(
         model_name="startup", source_checkpoint=str(checkpoint), model_type="v1x",
         work_dir=str(work / "runs"), output_dir=str(work / "out"),

@@ -26,6 +26,11 @@ def resolve_precision(choice: str, device: torch.device, say: Say) -> str:
     return choice
 
 
+def half_precision(device: torch.device) -> str:
+    """The half precision this device trains in: bf16, or fp16 on a GPU without bf16."""
+    return "fp16" if device.type == "cuda" and not torch.cuda.is_bf16_supported() else "bf16"
+
+
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -278,7 +278,7 @@ def estimate(config, n_images: tuple[int, int] | None = None) -> Estimate:
     lora = bool(getattr(cfg, "use_lora", False))
     shapes, wbytes = parameter_shapes(cfg.model_type), 2 if half else 4
     trained, grad_tes = _trainable(cfg, shapes)
-    tbytes = 2 if getattr(cfg, "bf16_weights", False) and half and not lora else 4
+    tbytes = 2 if cfg.bf16_weights and half and not lora else 4
     tes = [te for te in shapes if te.startswith("text_encoder")]
     full_tes = [] if lora else [te for te in grad_tes]
     unet_n = numel(shapes["unet"])
@@ -293,7 +293,7 @@ def estimate(config, n_images: tuple[int, int] | None = None) -> Estimate:
     acts = unet_activation_bytes(cfg.model_type, cfg.resolution, cfg.attention,
                                  cfg.gradient_checkpointing, half) + sum(
         text_encoder_activation_bytes(cfg.model_type, te, half) for te in grad_tes)
-    fused = getattr(cfg, "fused_optimizer", False)
+    fused = cfg.fused_optimizer
     grad_bytes = 4 if lora else tbytes
     largest = max(numel([s]) for s in trained)
     upcast = half and tbytes == 4 and not lora  # autocast's half copies of fp32 weights
@@ -392,15 +392,12 @@ def lowest(config, half: str = "bf16") -> dict:
     STEPS, as far as the config allows (no bf16 weights on a GPU without bf16)."""
     current = config.replace(train_text_encoder=False, cache_latents=True, use_ema=False,
                              gradient_checkpointing=True, mixed_precision=half)
-    if not config.use_lora:
-        current = current.replace(optimizer="adamw_8bit")
-        for name, value in (("fused_optimizer", True), ("bf16_weights", True),
-                            ("optimizer", "adafactor")):
-            candidate = current.replace(**{name: value})
+    if not config.use_lora:  # Adafactor's factored state is the smallest
+        current = current.replace(optimizer="adafactor")
+        for name in ("fused_optimizer", "bf16_weights"):
+            candidate = current.replace(**{name: True})
             if not _refused(candidate, current):
                 current = candidate
-        if current.optimizer == "adamw_8bit" and current.bf16_weights:
-            current = current.replace(optimizer="adafactor")
     return {f: getattr(current, f) for f in _FIELDS if getattr(current, f) != getattr(config, f)}
 
 
@@ -412,7 +409,7 @@ def plan(config, free_bytes: int | None, half: str = "bf16",
          n_images: tuple[int, int] | None = None) -> tuple:
     """(config to train with, what to tell the user) for the config's memory_preset, given the
     free GPU memory (None: no GPU, nothing to fit)."""
-    preset, said = getattr(config, "memory_preset", "off"), []
+    preset, said = config.memory_preset, []
     if preset == "lowest":
         changes = lowest(config, half)
         if changes:
@@ -456,8 +453,9 @@ def oom_advice(cfg, total: int | None) -> str:
     if total is None:
         return generic + kept
     try:
-        advice = suggest(cfg, total, "fp16" if torch.cuda.is_available()
-                         and not torch.cuda.is_bf16_supported() else "bf16")
+        from .backends import half_precision
+        advice = suggest(cfg, total, half_precision(torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")))
     except Exception:  # the advice is a courtesy; the failure must still be reported
         return generic + kept
     if not advice.changes:

@@ -103,6 +103,7 @@ class Trainer(DataFeed, Outputs):
         from accelerate import Accelerator
         cfg = self.cfg
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.resume_from = choose_snapshot(cfg, cfg.model_dir)
         self.cfg = cfg = self.plan_memory(cfg, device)
         self.precision = backends.resolve_precision(cfg.mixed_precision, device, self.warn)
         # a second run in one process (a notebook, the benchmark) may differ in precision:
@@ -116,7 +117,6 @@ class Trainer(DataFeed, Outputs):
                                gradient_accumulation_steps=cfg.gradient_accumulation_steps)
         self.device, self.dtype = self.acc.device, backends.WEIGHT_DTYPES[self.precision]
         self.comp, self.revision = load_model(cfg, self.say)
-        self.resume_from = choose_snapshot(cfg, cfg.model_dir)
         if self.resume_from is not None:
             self.revision = snapshot_info(self.resume_from)["revision"]
         # trained weights in fp32 (bf16 with bf16_weights); a LoRA's frozen base in the mixed
@@ -150,17 +150,16 @@ class Trainer(DataFeed, Outputs):
         """The config to train with under its memory_preset, saying every change (and, on a
         GPU, whether the run fits in its free memory)."""
         from .memory import STEPS, plan
-        half = "fp16" if device.type == "cuda" and not torch.cuda.is_bf16_supported() else "bf16"
-        snapshot = choose_snapshot(cfg, cfg.model_dir) if cfg.memory_preset == "auto" else None
-        if snapshot is not None:  # go on as the run began, whatever is free now
-            saved = snapshot_info(snapshot)["config"]
+        if self.resume_from is not None and cfg.memory_preset == "auto":
+            # go on as the run began, whatever is free now
+            saved = snapshot_info(self.resume_from)["config"]
             kept = {k: saved[k] for step, _ in STEPS for k, _ in step
                     if k in saved and saved[k] != getattr(cfg, k)}
             if kept:
                 self.say("Resuming with the settings the 'auto' memory preset chose for this "
                          "run: " + ", ".join(f"{k} = {v}" for k, v in kept.items()) + ".")
             return cfg.replace(**kept)
-        planned, said = plan(cfg, self.free_gpu_memory(device), half)
+        planned, said = plan(cfg, self.free_gpu_memory(device), backends.half_precision(device))
         for text in said:
             self.say(text)
         return planned
