@@ -5,8 +5,6 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from dreambooth.tiny import TINY_RESOLUTION as TINY  # noqa: F401  (cli reads C.TINY)
-
 IMAGES = 8  # instance images, and as many class images (enough for batch 8)
 
 
@@ -62,7 +60,7 @@ def _lora_skip() -> str:
 
 
 def _sdxl_skip() -> str:
-    from dreambooth.models import SPECS
+    from dreambooth.model.spec import SPECS
     if "sdxl" not in SPECS:
         return "not implemented (no 'sdxl' model type yet)"
     return "not wired into the benchmark yet (needs an SDXL reference step)"
@@ -70,14 +68,15 @@ def _sdxl_skip() -> str:
 
 def build_model(smoke: bool):
     """A randomly initialised model of the real SD1.5 architecture (or the tiny one)."""
-    from dreambooth.models import build_random, shipped_configs
-    from dreambooth.tiny import tiny_configs
+    from dreambooth.model.components import build_random
+    from dreambooth.model.spec import shipped_configs
+    from dreambooth.model.tiny import tiny_configs
     configs = tiny_configs("v1x") if smoke else shipped_configs("v1x")
     return build_random("v1x", configs, seed=0)
 
 
 def write_data(folder: Path, resolution: int) -> Data:
-    from dreambooth.tiny import write_images
+    from dreambooth.model.tiny import write_images
     instance = write_images(folder / "instance", "checker", IMAGES, size=resolution)
     classes = write_images(folder / "class", "blob", IMAGES, size=resolution, seed=100)
     return Data(tuple(map(str, instance)), tuple(map(str, classes)), resolution)

@@ -43,7 +43,7 @@ def parse(argv) -> argparse.Namespace:
     args.rounds = max(1, min(args.rounds or (2 if args.smoke else 3), args.steps))
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
     if args.precision is None:  # what the 'lowest' memory preset trains in, on every device
-        from dreambooth.backends import half_precision
+        from dreambooth.training.backends import half_precision
         args.precision = half_precision(torch.device("cuda" if torch.cuda.is_available()
                                                      else "cpu"))
     return args

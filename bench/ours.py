@@ -1,4 +1,4 @@
-"""Our training step: dreambooth.trainer.Trainer, set up by its own setup() over a model built
+"""Our training step: dreambooth.training.trainer.Trainer, set up by its own setup() over a model built
 in memory (no checkpoint file), stepped exactly as Trainer.loop steps it."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from .measure import move
 
 class OursStep:
     def __init__(self, name: str, comp, config) -> None:
-        from dreambooth import events as ev
-        from dreambooth import trainer as trainer_module
+        from dreambooth.config import events as ev
+        from dreambooth.training import trainer as trainer_module
         self.name, self.messages = name, []
         def listener(event):
             if isinstance(event, ev.Message):

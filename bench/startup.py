@@ -4,7 +4,7 @@ The issue's target: at most 20 s for an SD1.5 single file and 10 images (the ref
 ready diffusers folder, takes 25-41 s); any compile step must be optional or cached (we have
 none). A randomly initialised model (the real SD1.5 architecture, or the tiny one with --smoke)
 is written as an fp16 .safetensors like the files users download, with 10 synthetic images;
-then dreambooth.trainer.train() runs from that file (latents cached, sdpa, no prior
+then dreambooth.training.trainer.train() runs from that file (latents cached, sdpa, no prior
 preservation) and is cancelled at its first Step event. Clocked from the call of train():
 `to_started_s` (setup: read and convert the file, move to the device, cache latents and prompts,
 optimizer) and `to_first_step_s`; `load_s` and `cache_s` are the two big parts of setup.
@@ -26,7 +26,7 @@ import torch
 TARGET_S = 20.0
 ROOT = Path(__file__).resolve().parents[1]
 # what the training child imports before train() runs (setup imports accelerate and diffusers)
-CHILD_IMPORTS = ("import dreambooth.cli, dreambooth.trainer, accelerate; "
+CHILD_IMPORTS = ("import dreambooth.host.cli, dreambooth.training.trainer, accelerate; "
                  "from diffusers import AutoencoderKL, UNet2DConditionModel; "
                  "from transformers import CLIPTextModel")
 
@@ -36,11 +36,12 @@ def measure_startup(smoke: bool, work: Path, images: int = 10, comp=None,
     """Write the checkpoint and images into `work`, train until the first step; the timings.
     `comp`: the model to write (built here when None); `precision`: mixed precision (default:
     bf16 on a GPU that has it, else fp16; no on a CPU)."""
-    from dreambooth import events as ev
-    from dreambooth import trainer as trainer_module
     from dreambooth.config import Concept, TrainingConfig
-    from dreambooth.models import save_single_file
-    from dreambooth.tiny import TINY_RESOLUTION, write_images
+    from dreambooth.config import events as ev
+    from dreambooth.model.single_file import save_single_file
+    from dreambooth.model.tiny import TINY_RESOLUTION, write_images
+    from dreambooth.training import trainer as trainer_module
+
     from .cases import build_model
 
     work = Path(work) / "startup"
@@ -51,7 +52,7 @@ def measure_startup(smoke: bool, work: Path, images: int = 10, comp=None,
     write_images(folder, "checker", images, size=resolution)
     cuda = torch.cuda.is_available()
     if precision is None:
-        from dreambooth.backends import half_precision
+        from dreambooth.training.backends import half_precision
         precision = half_precision(torch.device("cuda")) if cuda else "no"
     config = TrainingConfig(
         model_name="startup", source_checkpoint=str(checkpoint), model_type="v1x",

@@ -8,9 +8,9 @@ share.
 Importing this package loads only the standard library; torch, diffusers and transformers load
 when training starts.
 """
-from .config import Concept, Problem, TrainingConfig
-from .errors import CheckpointError, ConfigError, DataError, DreamboothError, TrainingError
-from .events import CancelToken
+from .config import CheckpointError, Concept, ConfigError, DataError, DreamboothError, Problem, \
+    TrainingConfig, TrainingError
+from .config.events import CancelToken
 
 __version__ = "0.1.0"
 __all__ = ["TrainingConfig", "Concept", "Problem", "train", "create_model", "CancelToken",
@@ -18,14 +18,13 @@ __all__ = ["TrainingConfig", "Concept", "Problem", "train", "create_model", "Can
 
 
 def train(config, on_event=None, cancel=None):
-    """Run training (see dreambooth.trainer.train)."""
-    from .trainer import train as _train
+    """Run training (see dreambooth.training.trainer.train)."""
+    from .training.trainer import train as _train
     return _train(config, on_event, cancel)
 
 
 def create_model(config):
     """Convert the config's source checkpoint into the model's working folder; returns it."""
-    from .trainer import load_model, working_dir
-    from .models import save_working_dir
+    from .model.workdir import load_model, save_working_dir, working_dir
     comp, _ = load_model(config, lambda text: None)
     return save_working_dir(comp, working_dir(config))

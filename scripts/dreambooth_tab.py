@@ -24,7 +24,8 @@ SECTION = ("dreambooth", "Dreambooth")
 
 try:  # the extension folder is on sys.path while the WebUI loads this file
     import dreambooth
-    from dreambooth import host as db_host, runner as db_runner
+    from dreambooth.host import interface as db_host
+    from dreambooth.host import runner as db_runner
     LOAD_ERROR = ""
     if Path(dreambooth.__file__).resolve().parent.parent != EXT_ROOT:
         LOAD_ERROR = (f"Another extension's 'dreambooth' package ({dreambooth.__file__}) was "
@@ -174,7 +175,7 @@ def on_ui_tabs():
     if LOAD_ERROR:
         return _fallback_tab(LOAD_ERROR)
     try:
-        from dreambooth.ui.tab import build_tab
+        from dreambooth.host.ui.tab import build_tab
         host, manager = _manager()
         banner = ""
         if host.missing:
@@ -197,7 +198,7 @@ def on_app_started(demo, app):
     if LOAD_ERROR:
         return
     try:
-        from dreambooth import api
+        from dreambooth.host import api
     except ImportError as e:
         print(f"[dreambooth] HTTP API not available: {e}", file=sys.stderr)
         return

@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from dreambooth.tiny import make_tiny_checkpoint, write_images
+from dreambooth.model.tiny import make_tiny_checkpoint, write_images
 
 
 class NetworkBlocked(RuntimeError):

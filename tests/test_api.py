@@ -12,9 +12,9 @@ fastapi = pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from dreambooth import api  # noqa: E402
-from dreambooth.host import Host, standalone_paths  # noqa: E402
-from dreambooth.runner import RunManager  # noqa: E402
+from dreambooth.host import api
+from dreambooth.host.interface import Host, standalone_paths
+from dreambooth.host.runner import RunManager
 
 sys.path.insert(0, str(Path(__file__).parent / "webui_stub"))
 from dreambooth_test_helpers import tiny_inputs, train_python, wait_for  # noqa: E402,F401

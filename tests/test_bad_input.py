@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
-from dreambooth import Concept, events as ev, train
-from dreambooth.tiny import write_images
+from dreambooth import Concept, train
+from dreambooth.config import events as ev
+from dreambooth.model.tiny import write_images
 
 pytestmark = pytest.mark.reliability
 

@@ -2,7 +2,6 @@
 (or is handled and said), never a traceback, never a file written under a final name."""
 import errno
 import io
-import json
 import struct
 import zlib
 
@@ -12,9 +11,9 @@ import torch
 from PIL import Image
 
 from dreambooth import Concept
-from dreambooth.checkpoint import read_checkpoint, write_safetensors
-from dreambooth.cli import main
-from dreambooth.tiny import write_images
+from dreambooth.host.cli import main
+from dreambooth.model.checkpoint import read_checkpoint, write_safetensors
+from dreambooth.model.tiny import write_images
 
 pytestmark = pytest.mark.reliability
 TALLY = {"tried": 0, "clear": 0, "handled": 0, "crashes": 0, "lost": 0}
@@ -259,7 +258,8 @@ def test_read_only_or_full_output_folder(code_, quick_config, tmp_path, monkeypa
 
 def test_exif_rotated_photo_is_trained_upright(tmp_path):
     import random
-    from dreambooth.data import load_image
+
+    from dreambooth.data.images import load_image
     TALLY["tried"] += 1
     img = Image.new("RGB", (64, 32), (255, 0, 0))
     img.paste((0, 0, 255), (0, 0, 32, 32))  # left half blue when upright

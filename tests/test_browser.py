@@ -40,12 +40,12 @@ def _free_port() -> int:
 
 def _ui_command() -> list[str]:
     """`python -m dreambooth ui` once the CLI has the subcommand, else the module itself."""
-    from dreambooth.cli import build_parser
+    from dreambooth.host.cli import build_parser
     try:
         build_parser().parse_args(["ui", "--port", "1"])
         return [sys.executable, "-m", "dreambooth", "ui"]
     except SystemExit:
-        return [sys.executable, "-m", "dreambooth.ui"]
+        return [sys.executable, "-m", "dreambooth.host.ui"]
 
 
 @pytest.fixture

@@ -7,11 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth import Concept, TrainingConfig, events as ev
-from dreambooth.buckets import batch_count, bucket_sizes, choose, epoch_order, load_bucketed
-from dreambooth.data import load_image
-from dreambooth.tiny import make_tiny_checkpoint, pattern_image
-from dreambooth.trainer import Trainer
+from dreambooth import Concept, TrainingConfig
+from dreambooth.config import events as ev
+from dreambooth.data.buckets import batch_count, bucket_sizes, choose, epoch_order, load_bucketed
+from dreambooth.data.images import load_image
+from dreambooth.model.tiny import make_tiny_checkpoint, pattern_image
+from dreambooth.training.trainer import Trainer
 
 
 @pytest.mark.parametrize("resolution", [128, 512, 768, 1024])

@@ -6,9 +6,10 @@ import torch
 
 from dreambooth import CheckpointError
 from dreambooth.assets import load_tokenizer
-from dreambooth.checkpoint import read_checkpoint, write_safetensors
-from dreambooth.models import COMPONENTS_KEY, ldm_state, load_single_file, load_working_dir, \
-    save_single_file, save_working_dir
+from dreambooth.model.checkpoint import read_checkpoint, write_safetensors
+from dreambooth.model.single_file import ldm_state, load_single_file, save_single_file
+from dreambooth.model.spec import COMPONENTS_KEY
+from dreambooth.model.workdir import load_working_dir, save_working_dir
 
 
 def test_tokenizer_ships_with_the_package(no_network):
@@ -58,7 +59,7 @@ def test_half_model_casts_floats_only(tiny_source, tmp_path):
 
 
 def test_output_reloads_into_diffusers_and_generates(tiny_source, no_network):
-    from dreambooth.sampling import make_pipeline
+    from dreambooth.data.sampling import make_pipeline
     comp = load_single_file(str(tiny_source), "v1x")
     pipe = make_pipeline(comp)
     image = pipe("photo of sks pattern", height=64, width=64, num_inference_steps=2,

@@ -75,7 +75,7 @@ def _config(tmp: Path, name: str, batch_size: int, source, instance_dir, class_d
 
 
 def _unet_out(path) -> torch.Tensor:
-    from dreambooth.models import load_single_file
+    from dreambooth.model.single_file import load_single_file
     unet = load_single_file(str(path), "v1x").unet.eval()
     g = torch.Generator().manual_seed(1)
     x, hidden = torch.randn(4, 4, 16, 16, generator=g), torch.randn(4, 77, 32, generator=g)

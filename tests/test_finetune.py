@@ -4,11 +4,12 @@ import json
 
 import torch
 
-from dreambooth import Concept, TrainingConfig, events as ev
-from dreambooth.checkpoint import read_checkpoint
-from dreambooth.models import ldm_state
-from dreambooth.tiny import write_images
-from dreambooth.trainer import Trainer
+from dreambooth import Concept, TrainingConfig
+from dreambooth.config import events as ev
+from dreambooth.model.checkpoint import read_checkpoint
+from dreambooth.model.single_file import ldm_state
+from dreambooth.model.tiny import write_images
+from dreambooth.training.trainer import Trainer
 
 
 def test_captioned_finetune_from_metadata_jsonl_with_ema_as_output(tiny_source, tmp_path):

@@ -167,5 +167,5 @@ def test_a_successful_install_marks_lib_with_its_interpreter(installer, tmp_path
     assert installer.install(installer.make_plan(A1111_110, {}), tmp_path / "lib")
     marker = json.loads((tmp_path / "lib" / installer.MARKER).read_text())
     assert marker["python"] == sys.executable
-    from dreambooth.host import LIB_MARKER
+    from dreambooth.host.interface import LIB_MARKER
     assert installer.MARKER == LIB_MARKER

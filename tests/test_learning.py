@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from dreambooth import Concept, TrainingConfig, train
-from dreambooth.data import load_image, scan_images
-from dreambooth.loss import compute_loss
-from dreambooth.models import load_single_file
-from dreambooth.tiny import write_images
+from dreambooth.data.images import load_image, scan_images
+from dreambooth.model.single_file import load_single_file
+from dreambooth.model.tiny import write_images
+from dreambooth.training.loss import compute_loss
 
 INSTANCE, CLASS = "photo of sks pattern", "photo of a pattern"
 

@@ -7,12 +7,14 @@ import json
 import pytest
 import torch
 
-from dreambooth import Concept, TrainingConfig, events as ev
-from dreambooth.checkpoint import read_checkpoint, write_safetensors
-from dreambooth.lora import inject, kohya_state, merged_state
-from dreambooth.models import encode_prompts, load_single_file
-from dreambooth.tiny import make_tiny_checkpoint
-from dreambooth.trainer import Trainer
+from dreambooth import Concept, TrainingConfig
+from dreambooth.config import events as ev
+from dreambooth.model.checkpoint import read_checkpoint, write_safetensors
+from dreambooth.model.components import encode_prompts
+from dreambooth.model.single_file import load_single_file
+from dreambooth.model.tiny import make_tiny_checkpoint
+from dreambooth.training.lora import inject, kohya_state, merged_state
+from dreambooth.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +138,7 @@ def test_lora_file_merged_independently_gives_the_peft_model(model_type, precisi
 
 
 def _saved(comp, tmp_path):
-    from dreambooth.models import save_single_file
+    from dreambooth.model.single_file import save_single_file
     return save_single_file(comp, tmp_path / "independent.safetensors")
 
 

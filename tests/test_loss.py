@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from dreambooth.loss import compute_loss, dreambooth_loss, snr_weights
-from dreambooth.models import build_random
-from dreambooth.tiny import tiny_configs
+from dreambooth.model.components import build_random
+from dreambooth.model.tiny import tiny_configs
+from dreambooth.training.loss import compute_loss, dreambooth_loss, snr_weights
 
 
 def independent_loss(unet, alphas_cumprod, latents, hidden, noise, t, n_inst, w, kind):

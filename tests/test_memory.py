@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from dreambooth import Concept, TrainingConfig
-from dreambooth.memory import (GIB, MARGIN, STEPS, estimate, numel, optimizer_state_bytes,
-                               parameter_shapes, suggest)
+from dreambooth.training.memory import GIB, MARGIN, STEPS, estimate, suggest
+from dreambooth.training.memory_count import numel, optimizer_state_bytes, parameter_shapes
 
 IMAGES = (10, 0)  # instance, class images: the folders need not exist
 
@@ -122,8 +122,8 @@ def test_advice_says_so_when_nothing_is_enough():
 
 
 def test_module_imports_no_training_stack_and_the_core_does_not_import_it():
-    code = ("import sys, dreambooth, dreambooth.config; assert 'dreambooth.memory' not in "
-            "sys.modules; import dreambooth.memory; "
+    code = ("import sys, dreambooth, dreambooth.config; assert 'dreambooth.training.memory' not in "
+            "sys.modules; import dreambooth.training.memory; "
             "bad = [m for m in ('diffusers', 'transformers', 'accelerate') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

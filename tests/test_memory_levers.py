@@ -5,13 +5,13 @@ import copy
 import pytest
 import torch
 
-from dreambooth import events as ev
-from dreambooth import trainer as trainer_module
-from dreambooth.checkpoint import read_checkpoint
-from dreambooth.errors import TrainingError
-from dreambooth.memory import GIB
-from dreambooth.optim import PerWeight, stochastic_round_
-from dreambooth.trainer import Trainer
+from dreambooth.config import events as ev
+from dreambooth.config.errors import TrainingError
+from dreambooth.model.checkpoint import read_checkpoint
+from dreambooth.training import trainer as trainer_module
+from dreambooth.training.memory import GIB
+from dreambooth.training.optim import PerWeight, stochastic_round_
+from dreambooth.training.trainer import Trainer
 
 
 # -- stochastic rounding ------------------------------------------------------------------------

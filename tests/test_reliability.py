@@ -10,9 +10,10 @@ import time
 import pytest
 import torch
 
-from dreambooth import Concept, DreamboothError, TrainingError, events as ev, train
-from dreambooth.checkpoint import read_checkpoint, write_safetensors
-from dreambooth.state import ModelLock, snapshots
+from dreambooth import DreamboothError, TrainingError, train
+from dreambooth.config import events as ev
+from dreambooth.model.checkpoint import read_checkpoint, write_safetensors
+from dreambooth.training.state import ModelLock, snapshots
 
 pytestmark = pytest.mark.reliability
 
@@ -112,7 +113,7 @@ def test_choosing_a_snapshot_uses_that_snapshot(long_config):
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_saved_checkpoints(quick_config, monkeypatch):
-    import dreambooth.trainer as train_module
+    import dreambooth.training.trainer as train_module
     real = train_module.compute_loss
     calls = {"n": 0}
 
@@ -155,7 +156,7 @@ def test_stale_lock_from_a_dead_process_is_cleared(quick_config):
 
 WRITER = """
 import sys, torch
-from dreambooth.checkpoint import write_safetensors
+from dreambooth.model.checkpoint import write_safetensors
 state = {f"t{i}": torch.full((1024, 1024), float(i)) for i in range(400)}
 print("writing", flush=True)
 write_safetensors(sys.argv[1], state, overwrite=True)
@@ -185,7 +186,7 @@ def test_kill_during_save_leaves_the_previous_file_intact(tmp_path):
 def test_safe_loading_refuses_code_but_reads_plain_tensor_ckpt(tmp_path):
     good = tmp_path / "plain.ckpt"
     torch.save({"state_dict": {"a": torch.ones(2)}}, good)
-    from dreambooth.checkpoint import read_checkpoint as read
+    from dreambooth.model.checkpoint import read_checkpoint as read
     state, _ = read(good)
     assert torch.equal(state["a"], torch.ones(2))
 

@@ -6,9 +6,10 @@ import sys
 import pytest
 import torch
 
-from dreambooth import Concept, events as ev, train
-from dreambooth.checkpoint import read_checkpoint
-from dreambooth.events import CancelToken, event_from_json
+from dreambooth import Concept, train
+from dreambooth.config import events as ev
+from dreambooth.config.events import CancelToken, event_from_json
+from dreambooth.model.checkpoint import read_checkpoint
 
 
 def test_train_in_process_offline_single_file_to_single_file(quick_config, tiny_source,
@@ -133,7 +134,7 @@ def test_text_encoder_ema_offset_snr_and_accumulation_all_run(quick_config, tiny
 
 def test_optional_backends_fall_back_when_forced_to_fail(quick_config, monkeypatch):
     """Both sides of each fallback, forced by argument rather than by uninstalling packages."""
-    from dreambooth import backends
+    from dreambooth.training import backends
 
     def broken(*args, **kwargs):
         raise RuntimeError("cannot run on this device")

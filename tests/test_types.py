@@ -12,13 +12,15 @@ import torch.nn.functional as F
 import yaml
 
 from dreambooth import CheckpointError, Concept, train
-from dreambooth.checkpoint import read_checkpoint
-from dreambooth.detect import check_model_type
-from dreambooth.ldm_yaml import needs_yaml, render
-from dreambooth.models import SPECS, build_meta, detect_model_type, ldm_state, load_single_file, \
-    load_working_dir, save_single_file, save_working_dir, te_state
-from dreambooth.openclip import from_openclip, to_openclip
-from dreambooth.tiny import make_tiny_checkpoint
+from dreambooth.model.checkpoint import read_checkpoint
+from dreambooth.model.components import build_meta, te_state
+from dreambooth.model.detect import check_model_type, detect_model_type
+from dreambooth.model.ldm_yaml import needs_yaml, render
+from dreambooth.model.openclip import from_openclip, to_openclip
+from dreambooth.model.single_file import ldm_state, load_single_file, save_single_file
+from dreambooth.model.spec import SPECS
+from dreambooth.model.tiny import make_tiny_checkpoint
+from dreambooth.model.workdir import load_working_dir, save_working_dir
 
 TYPES = ["v1x", "v2x-512", "v2x-768-v", "sdxl"]
 DATA = Path(__file__).parent / "data"
@@ -288,10 +290,10 @@ def test_metadata_and_the_hash_the_webui_would_compute(tiny):
 
 
 def test_a_file_that_fails_the_post_save_check_is_not_left(tiny, tmp_path, monkeypatch):
-    from dreambooth import models
+    from dreambooth.model import single_file
     comp = load_single_file(str(tiny["sdxl"]), "sdxl")
-    real = models.reference_layout
-    monkeypatch.setattr(models, "reference_layout",
+    real = single_file.reference_layout
+    monkeypatch.setattr(single_file, "reference_layout",
                         lambda c: {**real(c), "model.diffusion_model.extra.weight": (1,)})
     with pytest.raises(CheckpointError, match="does not have the layout.*missing model"):
         save_single_file(comp, tmp_path / "bad.safetensors")

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from dreambooth import Concept, TrainingConfig
-from dreambooth.errors import ConfigError
-from dreambooth.ui import fields
+from dreambooth.config.errors import ConfigError
+from dreambooth.host.ui import fields
 
 
 def _config_keys() -> list[str]:
@@ -108,9 +108,9 @@ def test_wrong_types_become_config_problems_naming_the_field():
 
 
 def test_host_side_modules_import_no_torch_gradio_or_webui():
-    code = ("import sys, dreambooth, dreambooth.host, dreambooth.runner, dreambooth.ui, "
-            "dreambooth.ui.fields, dreambooth.ui.render, dreambooth.ui.actions, "
-            "dreambooth.ui.standalone, dreambooth.config, dreambooth.events\n"
+    code = ("import sys, dreambooth, dreambooth.host.interface, dreambooth.host.runner, dreambooth.host.ui, "
+            "dreambooth.host.ui.fields, dreambooth.host.ui.render, dreambooth.host.ui.actions, "
+            "dreambooth.host.ui.standalone, dreambooth.config, dreambooth.config.events\n"
             "bad = [m for m in ('torch', 'gradio', 'modules', 'diffusers', 'transformers', "
             "'numpy', 'fastapi') if m in sys.modules]\n"
             "print(','.join(bad))")
@@ -130,7 +130,8 @@ def test_problems_are_reported_all_at_once_as_config_errors():
 def test_model_type_is_sniffed_from_the_header_and_the_yaml_beside_it(tmp_path):
     import json
     import struct
-    from dreambooth.host import sniff_model_type
+
+    from dreambooth.host.interface import sniff_model_type
 
     def write(name, keys, meta=None):
         header = {k: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]} for k in keys}

@@ -12,8 +12,7 @@ import pytest
 gr = pytest.importorskip("gradio")
 
 sys.path.insert(0, str(Path(__file__).parent / "webui_stub"))
-from dreambooth_test_helpers import (load_webui, quick_values, tiny_inputs,  # noqa: E402,F401
-                                     train_python, wait_for)
+from dreambooth_test_helpers import load_webui, quick_values, tiny_inputs, train_python, wait_for  # noqa: E402,F401
 
 
 @pytest.fixture
@@ -57,7 +56,7 @@ def test_paths_follow_the_webuis_flags(webui, tmp_path, monkeypatch):
 
 def test_a_broken_tab_shows_a_banner_instead_of_vanishing(webui, monkeypatch):
     mods, glue = webui
-    import dreambooth.ui.tab as tab_module
+    import dreambooth.host.ui.tab as tab_module
 
     def broken(*a, **k):
         raise ImportError("No module named 'something_needed'")
@@ -102,7 +101,7 @@ def test_training_from_the_tab_lands_in_txt2img(webui, tiny_inputs, tmp_path):
     sd_models.list_models()
     before = sd_models.StubModel(None)  # the WebUI's loaded model, on the GPU
     shared.sd_model = before
-    from dreambooth.ui.tab import Tab
+    from dreambooth.host.ui.tab import Tab
     host, manager = glue._manager()
     tab = Tab(host, manager)
     tab.build()
@@ -211,7 +210,7 @@ def test_a_lora_from_the_tab_lands_in_the_lora_list(webui, tiny_inputs, monkeypa
         pytest.skip("this core has no LoRA output")
     import importlib
     networks = importlib.import_module("networks")  # the built-in Lora extension's module
-    from dreambooth.ui.tab import Tab
+    from dreambooth.host.ui.tab import Tab
     host, manager = glue._manager()
     tab = Tab(host, manager)
     tab.build()

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth import events as ev
-from dreambooth.host import Host, standalone_paths
-from dreambooth.runner import Progress, RunManager, TrainingRun, apply_event
+from dreambooth.config import events as ev
+from dreambooth.host.interface import Host, standalone_paths
+from dreambooth.host.runner import Progress, RunManager, TrainingRun, apply_event
 
 sys.path.insert(0, str(Path(__file__).parent / "webui_stub"))
 from dreambooth_test_helpers import tiny_inputs, train_python, wait_for  # noqa: E402,F401
@@ -151,7 +151,8 @@ def test_child_environment_puts_lib_then_package_first(tmp_path):
 
 def test_lib_is_used_only_by_the_interpreter_it_was_filled_for(tmp_path):
     import json
-    from dreambooth.host import HostPaths
+
+    from dreambooth.host.interface import HostPaths
     lib = tmp_path / "lib"
     paths = HostPaths(tmp_path / "c", tmp_path / "l", tmp_path / "w", lib)
     assert str(lib) not in Host(paths).child_pythonpath()  # no folder
@@ -169,8 +170,8 @@ def test_only_one_run_at_a_time(tmp_path):
         def command(self):
             return [sys.executable, "-c", "import time; time.sleep(30)"]
 
+    import dreambooth.host.runner as runner_module
     from dreambooth import TrainingConfig
-    import dreambooth.runner as runner_module
     manager = RunManager(Host(standalone_paths(tmp_path)), cancel_grace_s=2)
     original = runner_module.TrainingRun
     runner_module.TrainingRun = SlowRun

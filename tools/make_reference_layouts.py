@@ -21,7 +21,8 @@ HEADER = ("# Single-file key layout of a full-size {t} checkpoint: key<TAB>shape
 
 def layout_text(model_type: str) -> str:
     sys.path.insert(0, str(ROOT))
-    from dreambooth.models import build_meta, ldm_state
+    from dreambooth.model.components import build_meta
+    from dreambooth.model.single_file import ldm_state
     state = ldm_state(build_meta(model_type))
     lines = [f"{k}\t{','.join(str(d) for d in v.shape)}" for k, v in sorted(state.items())]
     return HEADER.format(t=model_type) + "\n".join(lines) + "\n"

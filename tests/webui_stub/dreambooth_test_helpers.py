@@ -54,7 +54,7 @@ def tiny_inputs(request, tmp_path_factory, train_python) -> dict:
                 "instance": request.getfixturevalue("instance_dir")}
     root = tmp_path_factory.mktemp("tiny_inputs")
     code = textwrap.dedent(f"""
-        from dreambooth.tiny import make_tiny_checkpoint, write_images
+        from dreambooth.model.tiny import make_tiny_checkpoint, write_images
         make_tiny_checkpoint({str(root / 'tiny_v1x.safetensors')!r}, 'v1x')
         write_images({str(root / 'instance')!r}, 'checker', 2)
     """)

@@ -1,0 +1,154 @@
+"""The checks behind TrainingConfig.validate(): each returns the problems it finds, in words a
+user understands, and never raises."""
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from .errors import Problem
+
+_RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
+                   *(f"lpt{i}" for i in range(1, 10))}
+_BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
+MAX_NAME_LENGTH = 100
+
+
+def field_names(cls) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def unknown_keys(data: dict, cls, prefix: str) -> list[Problem]:
+    problems = []
+    for key in data:
+        if key in field_names(cls):
+            continue
+        close = difflib.get_close_matches(str(key), field_names(cls), n=1)
+        fix = f"did you mean '{close[0]}'?" if close else "remove it"
+        problems.append(Problem(prefix + str(key), data[key], "is not a known setting", fix))
+    return problems
+
+
+def _type_ok(value: Any, annotation: str) -> bool:
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if annotation == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation == "str":
+        return isinstance(value, str)
+    return True
+
+
+def check_fields(obj, prefix: str) -> list[Problem]:
+    problems = []
+    for f in fields(obj):
+        value, meta, name = getattr(obj, f.name), f.metadata, prefix + f.name
+        if not _type_ok(value, str(f.type)):
+            problems.append(Problem(name, value, f"should be {_type_word(str(f.type))}",
+                                    f"give {_type_word(str(f.type))} (default {f.default!r})"))
+            continue
+        if meta.get("choices") and value not in meta["choices"]:
+            problems.append(Problem(name, value, "is not one of the choices",
+                                    "choose one of: " + ", ".join(meta["choices"])))
+        lo, hi = meta.get("minimum"), meta.get("maximum")
+        if lo is not None and value < lo:
+            problems.append(Problem(name, value, f"is below the minimum {lo}", f"use {lo} or more"))
+        if hi is not None and value > hi:
+            problems.append(Problem(name, value, f"is above the maximum {hi}", f"use {hi} or less"))
+    return problems
+
+
+def _type_word(annotation: str) -> str:
+    return {"bool": "true or false", "int": "a whole number", "float": "a number",
+            "str": "text"}.get(annotation, annotation)
+
+
+def check_name(name: Any) -> list[Problem]:
+    if not isinstance(name, str):
+        return []
+    why = None
+    if not name.strip():
+        why = "is empty"
+    elif len(name) > MAX_NAME_LENGTH:
+        why = f"is {len(name)} characters long (at most {MAX_NAME_LENGTH})"
+    elif _BAD_NAME_CHARS.search(name) or name in (".", "..") or ".." in name:
+        why = "contains a path separator, '..' or a reserved character (<>:\"/\\|?*)"
+    elif name.split(".")[0].lower() in _RESERVED_NAMES:
+        why = "is a reserved device name on Windows"
+    elif name != name.strip() or name.endswith("."):
+        why = "starts or ends with a space or ends with a dot"
+    if why is None:
+        return []
+    return [Problem("model_name", name, why,
+                    "use letters, digits, '-', '_' and '.', e.g. 'my_dog'")]
+
+
+def check_concept(c, i: int, check_paths: bool) -> list[Problem]:
+    problems, p = [], f"concepts[{i}]."
+    if isinstance(c.instance_prompt, str) and not c.instance_prompt.strip():
+        problems.append(Problem(p + "instance_prompt", c.instance_prompt, "is empty",
+                                "describe the subject with a rare token, e.g. 'photo of sks dog'"))
+    if isinstance(c.instance_data_dir, str):
+        if not c.instance_data_dir.strip():
+            problems.append(Problem(p + "instance_data_dir", c.instance_data_dir, "is empty",
+                                    "give the folder holding your subject's images"))
+        elif check_paths and not Path(c.instance_data_dir).is_dir():
+            problems.append(Problem(p + "instance_data_dir", c.instance_data_dir,
+                                    "is not an existing folder", "check the path"))
+    if isinstance(c.class_images_per_instance, int) and c.class_images_per_instance > 0 \
+            and isinstance(c.class_prompt, str) and not c.class_prompt.strip():
+        problems.append(Problem(p + "class_prompt", c.class_prompt,
+                                "is empty while class images are asked for",
+                                "give a class prompt such as 'photo of a dog', or set "
+                                "class_images_per_instance to 0"))
+    return problems
+
+
+def check_lora_and_buckets(cfg) -> list[Problem]:
+    problems = check_memory_levers(cfg)
+    if cfg.use_lora is True and cfg.train_text_encoder is True:
+        problems.append(Problem("train_text_encoder", True, "trains the whole text encoder, "
+                                "which a LoRA file can't hold",
+                                "turn it off and turn on lora_text_encoder instead"))
+    if cfg.bucketing is True and isinstance(cfg.resolution, int) and cfg.resolution % 64:
+        problems.append(Problem("resolution", cfg.resolution, "is not a multiple of 64, which "
+                                "bucketing needs", f"use {max(64, cfg.resolution // 64 * 64)}"))
+    return problems
+
+
+def check_source(source: Any) -> list[Problem]:
+    if not isinstance(source, str):
+        return []
+    if not source.strip():
+        return [Problem("source_checkpoint", source, "is empty",
+                        "give a .safetensors checkpoint to start from")]
+    path = Path(source)
+    if not path.is_file():
+        return [Problem("source_checkpoint", source, "does not exist",
+                        "check the path of the checkpoint file")]
+    if path.suffix.lower() not in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        return [Problem("source_checkpoint", source, "is not a .safetensors or .ckpt file",
+                        "choose a single-file Stable Diffusion checkpoint")]
+    return []
+
+
+def check_memory_levers(cfg) -> list[Problem]:
+    problems = []
+    if cfg.fused_optimizer is True and cfg.gradient_accumulation_steps != 1:
+        problems.append(Problem("fused_optimizer", True, "updates each weight during backward, "
+                                "so gradients can't be accumulated over steps",
+                                "set gradient_accumulation_steps to 1 or turn fused_optimizer off"))
+    if cfg.fused_optimizer is True and cfg.mixed_precision == "fp16":
+        problems.append(Problem("fused_optimizer", True, "can't run with fp16 mixed precision, "
+                                "whose loss scaling must see every gradient before any update",
+                                "use mixed_precision bf16 or turn fused_optimizer off"))
+    if cfg.bf16_weights is True and cfg.mixed_precision != "bf16":
+        problems.append(Problem("bf16_weights", True, f"needs mixed_precision bf16, not "
+                                f"'{cfg.mixed_precision}'",
+                                "set mixed_precision to bf16 or turn bf16_weights off"))
+    return problems

@@ -1,0 +1,131 @@
+"""The data side of a training run: the images and prompts of the concepts, their cached latents
+and embeddings, and each step's batch. A part of Trainer (a mixin over its cfg, comp, device,
+dtype, acc and class cursor), kept apart so the loop reads on its own."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from ..model.components import encode_prompts
+from . import buckets
+from .buckets import load_bucketed
+from .images import Item, instance_items
+from .sampling import ensure_class_images, slug
+
+
+class DataFeed:
+    def collect_data(self) -> None:
+        cfg, self.items, self.class_items = self.cfg, [], {}
+        for i, concept in enumerate(cfg.concepts):
+            found = instance_items(concept.instance_data_dir, concept.instance_prompt, self.warn)
+            self.items += [Item(it.path, it.prompt, False, i) for it in found]
+            if concept.uses_prior:
+                folder = Path(concept.class_data_dir) if concept.class_data_dir else \
+                    cfg.model_dir / "class_images" / slug(concept.class_prompt)
+                self.place_unet()  # to make any that are missing
+                with self.acc.main_process_first():  # rank 0 makes them, the others reuse them
+                    paths = ensure_class_images(self.comp, concept, concept.class_images_per_instance
+                                                * len(found), folder, cfg, self.device, self.dtype,
+                                                self.say)
+                self.class_items[i] = [Item(p, concept.class_prompt, True, i) for p in paths]
+        self.bucket_of = buckets.plan([it.path for it in self.items], cfg.resolution,
+                                      cfg.bucketing, cfg.bucket_no_upscale)
+        if cfg.bucketing:
+            self.say("Aspect-ratio buckets (width x height: images): "
+                     + buckets.describe(list(self.bucket_of.values())) + ".")
+
+    @torch.no_grad()
+    def encode_images(self, pairs: list, flip: bool) -> list:
+        """(mean, std, size conditioning) of each (item, bucket)'s latent distribution (sampled
+        afresh every step)."""
+        out, rng = [], random.Random(self.cfg.seed)
+        for it, bucket in pairs:
+            pixels, geometry = load_bucketed(it.path, bucket, self.cfg.center_crop, rng, flip)
+            out.append((*self.vae_encode(pixels), geometry))
+        return out
+
+    @torch.no_grad()
+    def vae_encode(self, pixels: torch.Tensor) -> tuple:
+        """(mean, std) of an image's latent distribution, in fp32: the fp32 VAE runs under
+        autocast in the mixed precision (not in fp16 for SDXL, whose VAE overflows there)."""
+        vae, dtype = self.comp.vae, self.dtype
+        if self.comp.spec.family == "sdxl" and dtype == torch.float16:
+            dtype = torch.float32
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            dist = vae.encode(pixels[None].to(self.device, vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict:
+        return encode_prompts(self.comp, prompts, self.device)
+
+    def cache(self) -> None:
+        """Latents of every (image, bucket) a batch can use (class images: every bucket of their
+        concept's instance images), and the prompt embeddings when the text encoder is frozen."""
+        cfg, self.latents = self.cfg, {}
+        pairs = [(it, self.bucket_of[it.path]) for it in self.items]
+        for concept, pool in self.class_items.items():
+            used = sorted({self.bucket_of[it.path] for it in self.items if it.concept == concept})
+            pairs += [(it, b) for b in used for it in pool]
+        if cfg.cache_latents:
+            for flip in ((False, True) if cfg.hflip else (False,)):
+                for (it, b), lat in zip(pairs, self.encode_images(pairs, flip)):
+                    self.latents[(it.path, flip, b)] = lat
+        self.embeddings = {}
+        if not cfg.trains_text_encoder:
+            for prompt in sorted({it.prompt for it, _ in pairs}):
+                self.embeddings[prompt] = {k: v[0] for k, v in
+                                           self.encode_prompts([prompt]).items()}
+
+    def global_batch(self, order: list[int], b: int) -> tuple[list[Item], list[int]]:
+        """The b-th global batch (batch size x processes; the last one wraps around): instance
+        items, then one class item per instance item whose concept has prior preservation.
+        Returns (items, owner) where owner[i] is the instance row a row belongs to."""
+        gbs = self.cfg.batch_size * self.acc.num_processes
+        inst = [self.items[order[(b * gbs + k) % len(order)]] for k in range(gbs)]
+        cls, owner = [], list(range(gbs))
+        for row, it in enumerate(inst):
+            pool = self.class_items.get(it.concept)
+            if pool:
+                cls.append(pool[self.class_cursor % len(pool)])
+                owner.append(row)
+                self.class_cursor += 1
+        return inst + cls, owner
+
+    def batch(self, order: list[int], b: int, rng: random.Random, gen: torch.Generator):
+        """(latents, text conditioning, size conditioning, n_instance, rows, global size) of this
+        process's share of the global batch, all of one bucket. Every random draw is made for the
+        whole global batch on every process, so N processes see exactly what one process with N
+        times the batch would."""
+        items, owner = self.global_batch(order, b)
+        bs, rank = self.cfg.batch_size, self.acc.process_index
+        bucket = self.bucket_of[items[0].path]  # instance rows come first; class rows follow it
+        rows = [i for i, o in enumerate(owner) if rank * bs <= o < (rank + 1) * bs]
+        flips = [self.cfg.hflip and rng.random() < 0.5 for _ in items]
+        seeds = [rng.getrandbits(32) for _ in items]
+        eps = torch.randn((len(items), *buckets.latent_shape(self.comp.vae.config, bucket)),
+                          generator=gen, device=gen.device)
+        drawn = [self.latent_of(items[i], flips[i], seeds[i], eps[i:i + 1], bucket) for i in rows]
+        chosen = [items[i] for i in rows]
+        if self.cfg.trains_text_encoder:
+            cond = self.encode_for_training([it.prompt for it in chosen])
+        else:
+            cond = {k: torch.stack([self.embeddings[it.prompt][k] for it in chosen])
+                    for k in self.embeddings[chosen[0].prompt]}
+        return torch.cat([d[0] for d in drawn]), cond, [d[1] for d in drawn], bs, rows, len(items)
+
+    def latent_of(self, item: Item, flip: bool, seed: int, eps: torch.Tensor, bucket) -> tuple:
+        """(scaled latent sample, SDXL size conditioning) of an image in a bucket."""
+        if self.cfg.cache_latents:
+            mean, std, geometry = self.latents[(item.path, flip, bucket)]
+        else:
+            with torch.no_grad():
+                px, geometry = load_bucketed(item.path, bucket, self.cfg.center_crop,
+                                             random.Random(seed), flip)
+                mean, std = self.vae_encode(px)
+        return (mean + std * eps.to(mean.device)) * self.comp.vae.config.scaling_factor, geometry
+
+    def encode_for_training(self, prompts: list[str]) -> dict:
+        return encode_prompts(self.comp, prompts, self.device, self.models[1:])

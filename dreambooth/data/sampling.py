@@ -1,0 +1,76 @@
+"""Images from the model: class images for prior preservation, and preview samples."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..model.checkpoint import write_with
+from .images import scan_images
+
+CLASS_BATCH = 4
+
+
+def make_pipeline(comp, unet=None, text_encoder=None, device=None, text_encoder_2=None):
+    """The diffusers pipeline of the model's family over the working model (no safety checker,
+    no watermark, no downloads): StableDiffusionPipeline, or StableDiffusionXLPipeline."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    scheduler = DDIMScheduler.from_config(comp.configs["scheduler"])
+    parts = dict(vae=comp.vae, text_encoder=text_encoder or comp.text_encoder,
+                 tokenizer=comp.tokenizer, unet=unet or comp.unet, scheduler=scheduler)
+    if comp.spec.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(text_encoder_2=text_encoder_2 or comp.text_encoder_2,
+                                         tokenizer_2=comp.tokenizer_2, add_watermarker=False,
+                                         force_zeros_for_empty_prompt=True, **parts)
+    else:
+        pipe = StableDiffusionPipeline(safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:60] or "class"
+
+
+@torch.no_grad()
+def generate_images(pipe, prompt: str, count: int, folder: Path, stem: str, start: int,
+                    resolution: int, steps: int, guidance: float, seed: int,
+                    dtype: torch.dtype = torch.float32, on_image=None) -> list[Path]:
+    """Generate `count` images of `prompt` into folder as <stem>_<n>.png, n from `start`."""
+    device = pipe.unet.device
+    written = []
+    for first in range(0, count, CLASS_BATCH):
+        n = min(CLASS_BATCH, count - first)
+        gen = torch.Generator(device="cpu").manual_seed(seed + start + first)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            images = pipe([prompt] * n, height=resolution, width=resolution,
+                          num_inference_steps=steps, guidance_scale=guidance,
+                          generator=gen).images
+        for k, image in enumerate(images):
+            path = folder / f"{stem}_{start + first + k:05d}.png"
+            write_with(path, lambda tmp, im=image: im.save(tmp, format="PNG"), overwrite=True)
+            written.append(path)
+            if on_image:
+                on_image(path)
+    return written
+
+
+def ensure_class_images(comp, concept, needed: int, folder: Path, cfg, device, dtype,
+                        say) -> list[Path]:
+    """Reuse the class images already in `folder`; generate the missing ones with the base model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    found, _bad = scan_images(folder)
+    missing = max(0, needed - len(found))
+    say(f"Class images for '{concept.class_prompt}': found {len(found)}, generating {missing}.")
+    if missing:
+        pipe = make_pipeline(comp)
+        pipe.to(device)
+        numbers = [int(m.group(1)) for p in folder.iterdir()
+                   if (m := re.fullmatch(r"class_(\d+)\.png", p.name))]
+        start = max(numbers, default=-1) + 1
+        found += generate_images(pipe, concept.class_prompt, missing, folder, "class", start,
+                                 cfg.resolution, cfg.class_generation_steps, cfg.guidance_scale,
+                                 cfg.seed, dtype)
+    return sorted(found)[:needed]

@@ -1,0 +1,150 @@
+"""What a host (the WebUI, or the standalone app) tells the tab: where things live, how to tell it
+about new files, how to free the GPU. Standard library only.
+
+The tab, the HTTP API and the run manager talk to one `Host`; `StandaloneHost` serves
+`python -m dreambooth ui`, and scripts/dreambooth_tab.py subclasses it for the WebUI.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the extension folder when cloned
+LOG_PREFIX = "[dreambooth]"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint the host can load: `title` as its dropdown shows it, `filename` its path."""
+
+    title: str
+    filename: str
+
+
+@dataclass(frozen=True)
+class HostPaths:
+    checkpoints_dir: Path  # where full checkpoints go (the WebUI's models/Stable-diffusion)
+    lora_dir: Path  # where LoRA files go (the WebUI's models/Lora)
+    work_dir: Path  # one folder per Dreambooth model: settings, working copy, samples
+    lib_dir: Path  # extension-local packages only the training process puts on its path
+
+
+class Host:
+    """The standalone host: plain folders, no model of its own to move off the GPU."""
+
+    name = "standalone"
+
+    def __init__(self, paths: HostPaths, python: str = sys.executable,
+                 api_auth: str = "") -> None:
+        self.paths = paths
+        self.python = python  # the interpreter the training child runs with
+        self.api_auth = api_auth  # "user:password,user2:password2" (the WebUI's --api-auth)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def list_checkpoints(self) -> list[Checkpoint]:
+        """Checkpoints the user can start from, as the host lists them."""
+        return scan_checkpoints(self.paths.checkpoints_dir)
+
+    def refresh_checkpoints(self) -> None:
+        """Rescan so a file written since is selectable (the WebUI: sd_models.list_models())."""
+
+    def refresh_loras(self) -> None:
+        """Rescan the LoRA list (the WebUI's built-in Lora extra network)."""
+
+    def select_checkpoint(self, path: str) -> str:
+        """Make `path` the model txt2img uses; return its title. Standalone: nothing to load."""
+        raise NotImplementedError("There is no txt2img here: load the file in your WebUI.")
+
+    @property
+    def can_select_checkpoint(self) -> bool:
+        return type(self).select_checkpoint is not Host.select_checkpoint
+
+    # -- training ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def model_offloaded(self) -> Iterator[None]:
+        """Free the GPU of the host's own model for the duration; restore it after."""
+        yield
+
+    def child_pythonpath(self) -> list[str]:
+        """Folders the training child puts first on its path: our lib folder (when install.py
+        filled it for the interpreter that trains), then our package."""
+        paths = [str(self.paths.lib_dir)] if lib_fits(self.paths.lib_dir, self.python) else []
+        return paths + [str(PACKAGE_ROOT)]
+
+    def missing_dependencies(self) -> list[str]:
+        """Packages training needs that are neither in the host nor in the lib folder."""
+        return []
+
+    def log(self, text: str) -> None:
+        print(f"{LOG_PREFIX} {text}", file=sys.stderr)
+
+
+LIB_MARKER = "dreambooth_lib.json"  # written by install.py: {"python": ..., "version": ...}
+
+
+def lib_fits(lib_dir: Path, python: str) -> bool:
+    """True when `lib_dir` holds packages for `python`: install.py filled it for that
+    interpreter (or by hand, without a marker). Packages for another interpreter's versions
+    would shadow its own and break it."""
+    if not lib_dir.is_dir():
+        return False
+    try:
+        marker = json.loads((lib_dir / LIB_MARKER).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
+    def bin_dir(exe: str) -> Path:  # a venv's python is a symlink: compare where it is called
+        return Path(os.path.abspath(exe)).parent
+    return bin_dir(str(marker.get("python", ""))) == bin_dir(python)
+
+
+def standalone_paths(root: str | os.PathLike = "dreambooth_ui",
+                     checkpoints_dir: str | os.PathLike | None = None,
+                     lora_dir: str | os.PathLike | None = None) -> HostPaths:
+    root = Path(root)
+    return HostPaths(checkpoints_dir=Path(checkpoints_dir) if checkpoints_dir else root / "models",
+                     lora_dir=Path(lora_dir) if lora_dir else root / "lora",
+                     work_dir=root / "dreambooth", lib_dir=PACKAGE_ROOT / "lib")
+
+
+def scan_checkpoints(folder: Path) -> list[Checkpoint]:
+    if not folder.is_dir():
+        return []
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in CHECKPOINT_SUFFIXES
+                   and p.is_file())
+    return [Checkpoint(str(p.relative_to(folder)), str(p)) for p in files]
+
+
+def read_safetensors_header(path: str | os.PathLike, limit: int = 100 * 2**20) -> dict:
+    """The JSON header of a .safetensors file (tensor names, shapes, metadata), without torch."""
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise ValueError("the file is shorter than a safetensors header")
+        (size,) = struct.unpack("<Q", raw)
+        if size > limit:
+            raise ValueError(f"the header claims {size} bytes")
+        return json.loads(fh.read(size))
+
+
+def sniff_model_type(path: str | os.PathLike) -> str | None:
+    """The model family of a single-file checkpoint from its tensor names, metadata and the
+    WebUI's `<name>.yaml` beside it (safetensors only; no tensor is read), or None when it
+    can't be told this way. The rules are dreambooth.model.detect's, the ones training applies."""
+    from ..model.detect import detect_model_type
+    try:
+        header = read_safetensors_header(path)
+    except (OSError, ValueError):
+        return None
+    meta = header.pop("__metadata__", None) or {}
+    yaml = Path(path).with_suffix(".yaml")
+    yaml_text = yaml.read_text(encoding="utf-8", errors="replace") if yaml.is_file() else None
+    return detect_model_type(header, meta, yaml_text)

@@ -1,0 +1,60 @@
+"""Ways to show events: a console progress bar, a JSON-lines stream."""
+from __future__ import annotations
+
+import sys
+
+from ..config import events as ev
+
+
+class ConsoleProgress:
+    """tqdm bar with step, loss, it/s and ETA; messages and saved files as lines above it."""
+
+    def __init__(self, stream=sys.stderr) -> None:
+        self.stream, self.bar = stream, None
+
+    def __call__(self, event: ev.Event) -> None:
+        if isinstance(event, ev.Started):
+            from tqdm import tqdm
+            self.bar = tqdm(total=event.total_steps, desc=event.model_name, unit="step",
+                            file=self.stream, dynamic_ncols=True)
+            self.write(f"Training {event.instance_images} instance and {event.class_images} "
+                       f"class images for {event.total_steps} steps ({event.epochs} epochs).")
+        elif isinstance(event, ev.Step) and self.bar is not None:
+            self.bar.n = event.step
+            self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", refresh=False)
+            self.bar.refresh()
+        elif isinstance(event, ev.Message):
+            self.write(("warning: " if event.level == "warning" else "") + event.text)
+        elif isinstance(event, ev.SampleSaved):
+            self.write(f"sample: {event.path}")
+        elif isinstance(event, ev.CheckpointSaved):
+            self.write(f"saved: {event.path}")
+        elif isinstance(event, ev.Failed):
+            self.close()
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class JsonLines:
+    """Every event as one JSON line, flushed at once (the WebUI tab reads this from the child)."""
+
+    def __init__(self, target: str) -> None:
+        self.own = target != "-"
+        self.fh = open(target, "a", encoding="utf-8") if self.own else sys.stdout
+
+    def __call__(self, event: ev.Event) -> None:
+        self.fh.write(event.to_json() + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        if self.own:
+            self.fh.close()

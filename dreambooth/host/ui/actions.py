@@ -1,0 +1,179 @@
+"""What the tab's buttons do, as plain functions of widget values (no gradio here, so the tests
+can drive them directly). The tab turns the results into component updates."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ...config import TrainingConfig
+from ...config.errors import ConfigError
+from ..interface import Host, sniff_model_type
+from ..runner import Progress, RunManager, is_under
+from . import fields, render
+
+SETTINGS_FILE = "config.json"  # the same file (and format) `python -m dreambooth train --config` reads
+
+
+def host_defaults(host: Host) -> dict[str, str]:
+    """Where the host wants outputs: its checkpoints folder, its Lora folder, its work dir."""
+    names = {f.name for f in dataclasses.fields(TrainingConfig)}
+    wanted = {"work_dir": host.paths.work_dir, "output_dir": host.paths.checkpoints_dir,
+              "lora_dir": host.paths.lora_dir}
+    return {k: str(v) for k, v in wanted.items() if k in names}
+
+
+@dataclass
+class StatusView:
+    progress_html: str
+    result_html: str
+    samples: list
+    loss_html: str
+    final_path: str
+    log: str
+    can_use: bool
+    active: bool
+
+
+class TabActions:
+    def __init__(self, host: Host, manager: RunManager | None = None) -> None:
+        self.host = host
+        self.manager = manager or RunManager(host)
+
+    # -- defaults and lists --------------------------------------------------------------------
+    def default_config(self) -> TrainingConfig:
+        return TrainingConfig(**host_defaults(self.host))
+
+    def checkpoint_titles(self) -> list[str]:
+        return [c.title for c in self.host.list_checkpoints()]
+
+    def refresh_checkpoint_titles(self) -> list[str]:
+        self.host.refresh_checkpoints()
+        return self.checkpoint_titles()
+
+    def model_names(self) -> list[str]:
+        root = self.host.paths.work_dir
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if (p / SETTINGS_FILE).is_file())
+
+    def resolve_source(self, value: str) -> str:
+        """A dropdown title (the WebUI's 'name.safetensors [hash]') or a path -> a path."""
+        value = (value or "").strip()
+        for c in self.host.list_checkpoints():
+            if value in (c.title, c.filename):
+                return c.filename
+        return value
+
+    def detect_type(self, source: str) -> str | None:
+        path = self.resolve_source(source)
+        return sniff_model_type(path) if path and Path(path).is_file() else None
+
+    # -- values <-> config ---------------------------------------------------------------------
+    def config_from(self, values: dict[str, Any], count: int) -> TrainingConfig:
+        values = dict(values)
+        values["source_checkpoint"] = self.resolve_source(values.get("source_checkpoint", ""))
+        return fields.values_to_config(values, count)
+
+    def problems_banner(self, title: str, error: ConfigError) -> str:
+        return render.banner("error", title, [str(p) for p in error.problems])
+
+    # -- buttons -------------------------------------------------------------------------------
+    def train(self, values: dict[str, Any], count: int) -> str:
+        """Validate everything, then start the child; returns the message banner."""
+        missing = self.host.missing_dependencies()
+        if missing:
+            return render.banner("error", "Training needs packages that are not installed: "
+                                 + ", ".join(missing), [], "restart the WebUI (install.py "
+                                 "installs them), or see the README's troubleshooting")
+        try:
+            config = self.config_from(values, count).check()
+        except ConfigError as e:
+            return self.problems_banner("Please fix these settings first:", e)
+        if self.manager.busy():
+            return render.banner("warning", "A training run is already in progress.")
+        self._write_settings(config)
+        self.manager.start(config)
+        return render.banner("info", f"Training '{config.model_name}' started.")
+
+    def cancel(self) -> str:
+        if self.manager.cancel():
+            return render.banner("info", "Cancelling: training stops after the current step "
+                                 "and saves what it has.")
+        return render.banner("info", "Nothing is training.")
+
+    def save_settings(self, values: dict[str, Any], count: int) -> str:
+        try:
+            config = self.config_from(values, count)
+            problems = [p for p in config.validate(check_paths=False)
+                        if not p.field.startswith("concepts")]
+            if problems:
+                raise ConfigError(problems)
+        except ConfigError as e:
+            return self.problems_banner("The settings were not saved:", e)
+        path = self._write_settings(config)
+        return render.banner("success", f"Settings saved to {path}")
+
+    def create_model(self, values: dict[str, Any], count: int) -> str:
+        """A model is its folder and settings; its working copy is converted from the source
+        checkpoint when training starts (in the training process, never here)."""
+        try:
+            config = self.config_from(values, count)
+        except ConfigError as e:
+            return self.problems_banner("The model was not created:", e)
+        wanted = ("model_name", "source_checkpoint", "model_type", "work_dir")
+        problems = [p for p in config.validate(check_paths=True) if p.field in wanted]
+        if problems:
+            return self.problems_banner("The model was not created:", ConfigError(problems))
+        path = self._write_settings(config)
+        return render.banner("success", f"Model '{config.model_name}' created ({path}). Add "
+                             "concepts, then press Train.")
+
+    def load_settings(self, model_name: str) -> tuple[dict[str, Any], int, str]:
+        path = self.host.paths.work_dir / (model_name or "") / SETTINGS_FILE
+        try:
+            config = TrainingConfig.load(path)
+        except ConfigError as e:
+            values, count = fields.config_to_values(self.default_config())
+            return values, count, self.problems_banner(f"Could not load {path}:", e)
+        values, count = fields.config_to_values(config)
+        return values, count, render.banner("success", f"Loaded {path}")
+
+    def use_in_txt2img(self, path: str) -> str:
+        if not path:
+            return render.banner("warning", "No trained checkpoint yet.")
+        try:
+            title = self.host.select_checkpoint(path)
+        except Exception as e:  # the host's loader failed: tell the user, keep the tab alive
+            return render.banner("error", f"Could not load {path}: {e}")
+        return render.banner("success", f"txt2img now uses {title}.")
+
+    def _write_settings(self, config: TrainingConfig) -> Path:
+        folder = Path(config.work_dir) / config.model_name
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / SETTINGS_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(config.to_json(), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    # -- progress ------------------------------------------------------------------------------
+    def status_view(self) -> StatusView:
+        p: Progress = self.manager.status()
+        if p.state in ("finished", "cancelled") and self.manager.busy():
+            p = Progress(**{**p.__dict__, "state": "running"})  # refreshing the list still
+        done = p.state == "finished" and bool(p.final_path)
+        if done and is_under(p.final_path, self.host.paths.lora_dir):
+            done = False  # a LoRA is used from the prompt, not selected as the model
+            p.messages.append(f"LoRA saved: add <lora:{Path(p.final_path).stem}:1> to a prompt.")
+        log = "\n".join(p.messages[-30:])
+        return StatusView(render.progress_html(p), render.result_html(p) if not p.active else "",
+                          list(reversed(p.samples[-8:])), render.loss_svg(p.losses),
+                          p.final_path, log, done and self.host.can_select_checkpoint,
+                          p.active or self.manager.busy())
+
+    def status_json(self) -> str:
+        return json.dumps(self.manager.status().to_dict())

@@ -1,0 +1,219 @@
+"""The Dreambooth tab as gradio Blocks, built from a Host (WebUI or standalone).
+
+Every config widget is created from its field's metadata and kept in a dict keyed by field
+name; handlers receive the values in the order of that dict and turn them back into a dict, so
+no value is ever identified by its position.
+"""
+from __future__ import annotations
+
+import time
+
+import gradio as gr
+
+from ..interface import Host
+from ..runner import RunManager
+from . import compat, fields, render
+from .actions import TabActions
+
+ELEM = "dreambooth"  # the one stem of every elem_id and CSS class
+POLL_S = 0.5
+
+
+def _widget(spec: fields.WidgetSpec, value, choices: list[str] | None = None):
+    common = dict(label=spec.label, info=spec.help, elem_id=f"{ELEM}_{_id(spec.key)}")
+    if choices is not None:
+        return gr.Dropdown(choices=choices, value=value or None, allow_custom_value=True,
+                           **common)
+    if spec.kind == "dropdown":
+        return gr.Dropdown(choices=list(spec.choices), value=value, **common)
+    if spec.kind == "checkbox":
+        return gr.Checkbox(value=bool(value), **common)
+    if spec.kind in ("int", "float"):
+        return gr.Number(value=value, precision=0 if spec.kind == "int" else None,
+                         minimum=spec.minimum, maximum=spec.maximum, **common)
+    return gr.Textbox(value=value, lines=1, **common)
+
+
+def _id(key: str) -> str:
+    return key.replace("[", "_").replace("].", "_").replace(".", "_")
+
+
+class Tab:
+    """Builds the components, keeps them by key, wires the buttons to TabActions."""
+
+    def __init__(self, host: Host, manager: RunManager | None = None, banner: str = "") -> None:
+        self.actions = TabActions(host, manager)
+        self.host, self.banner = host, banner
+        self.widgets: dict[str, gr.components.Component] = {}
+        self.concept_boxes: list = []
+
+    # -- layout ----------------------------------------------------------------------------------
+    def build(self) -> gr.Blocks:
+        compat.allow_paths([self.host.paths.work_dir, self.host.paths.checkpoints_dir])
+        values, count = fields.config_to_values(self.actions.default_config())
+        with gr.Blocks(analytics_enabled=False) as blocks:
+            gr.HTML(self.banner, elem_id=f"{ELEM}_banner", visible=bool(self.banner))
+            self.message = gr.HTML("", elem_id=f"{ELEM}_message")
+            with gr.Row(elem_id=f"{ELEM}_root"):
+                with gr.Column(scale=3):
+                    self.count = gr.State(count)
+                    with gr.Tabs(elem_id=f"{ELEM}_sections"):
+                        self._model_section(values)
+                        self._concepts_section(values, count)
+                        for name in ("Parameters", "Saving", "Other"):
+                            self._section(name, values)
+                with gr.Column(scale=2):
+                    self._progress_panel()
+            self._wire()
+        self.blocks = blocks
+        return blocks
+
+    def _model_section(self, values: dict) -> None:
+        with gr.Tab("Model", elem_id=f"{ELEM}_tab_model"):
+            with gr.Row():
+                self.model_select = gr.Dropdown(choices=self.actions.model_names(),
+                                                label="Saved models", elem_id=f"{ELEM}_models",
+                                                allow_custom_value=True)
+                self.load_btn = gr.Button("Load settings", elem_id=f"{ELEM}_load")
+            self._section("Model", values, with_tab=False)
+            with gr.Row():
+                self.refresh_btn = gr.Button("\U0001f504 Refresh checkpoints",
+                                             elem_id=f"{ELEM}_refresh")
+                self.create_btn = gr.Button("Create model", elem_id=f"{ELEM}_create")
+                self.save_btn = gr.Button("Save settings", elem_id=f"{ELEM}_save_settings")
+
+    def _section(self, name: str, values: dict, with_tab: bool = True) -> None:
+        specs = fields.config_specs().get(name, [])
+        if not specs:
+            return
+        tab = gr.Tab(name, elem_id=f"{ELEM}_tab_{name.lower()}") if with_tab else None
+        if tab is not None:
+            tab.__enter__()
+        for spec in (s for s in specs if not s.advanced):
+            self._add(spec, values[spec.key])
+        advanced = [s for s in specs if s.advanced]
+        if advanced:
+            with gr.Accordion("Advanced", open=False, elem_id=f"{ELEM}_adv_{name.lower()}"):
+                for spec in advanced:
+                    self._add(spec, values[spec.key])
+        if tab is not None:
+            tab.__exit__(None, None, None)
+
+    def _add(self, spec: fields.WidgetSpec, value) -> None:
+        choices = self.actions.checkpoint_titles() if spec.key == "source_checkpoint" else None
+        self.widgets[spec.key] = _widget(spec, value, choices)
+
+    def _concepts_section(self, values: dict, count: int) -> None:
+        with gr.Tab("Concepts", elem_id=f"{ELEM}_tab_concepts"):
+            for i in range(fields.MAX_CONCEPTS):
+                with gr.Group(visible=i < count, elem_id=f"{ELEM}_concept_{i}") as box:
+                    gr.Markdown(f"**Concept {i + 1}**")
+                    specs = fields.concept_specs(i)
+                    for spec in (s for s in specs if not s.advanced):
+                        self._add(spec, values[spec.key])
+                    for spec in (s for s in specs if s.advanced):
+                        self._add(spec, values[spec.key])
+                self.concept_boxes.append(box)
+            with gr.Row():
+                self.add_concept = gr.Button("Add concept", elem_id=f"{ELEM}_add_concept")
+                self.remove_concept = gr.Button("Remove last concept",
+                                                elem_id=f"{ELEM}_remove_concept")
+
+    def _progress_panel(self) -> None:
+        with gr.Row():
+            self.train_btn = gr.Button("Train", variant="primary", elem_id=f"{ELEM}_train")
+            self.cancel_btn = gr.Button("Cancel", variant="stop", elem_id=f"{ELEM}_cancel")
+        self.progress = gr.HTML(render.progress_html(self.actions.manager.status()),
+                                elem_id=f"{ELEM}_progress")
+        self.result = gr.HTML("", elem_id=f"{ELEM}_result")
+        self.final_path = gr.Textbox(label="Trained checkpoint", interactive=False,
+                                     elem_id=f"{ELEM}_final_path")
+        self.use_btn = gr.Button("Use in txt2img", visible=False, elem_id=f"{ELEM}_use_txt2img")
+        self.gallery = compat.gallery(label="Newest samples", elem_id=f"{ELEM}_samples")
+        self.loss = gr.HTML(render.loss_svg([]), elem_id=f"{ELEM}_loss")
+        self.log = gr.Textbox(label="Messages", lines=4, interactive=False,
+                              elem_id=f"{ELEM}_log")
+        self.status_btn = gr.Button("Show progress", elem_id=f"{ELEM}_status")
+
+    # -- events ----------------------------------------------------------------------------------
+    @property
+    def inputs(self) -> list:
+        return [self.count] + list(self.widgets.values())
+
+    def _values(self, args: tuple) -> tuple[int, dict]:
+        count, rest = int(args[0] or 1), args[1:]
+        return count, dict(zip(self.widgets.keys(), rest))
+
+    def _wire(self) -> None:
+        status_outputs = [self.progress, self.result, self.gallery, self.loss, self.final_path,
+                          self.log, self.use_btn]
+        stream = dict(fn=self.stream, inputs=None, outputs=status_outputs,
+                      show_progress="hidden", **compat.event_kwargs(streaming=True))
+        self.train_btn.click(self.on_train, self.inputs, [self.message]).then(**stream)
+        self.status_btn.click(**stream)
+        self.cancel_btn.click(self.actions.cancel, None, [self.message], queue=False)
+        self.use_btn.click(self.actions.use_in_txt2img, [self.final_path], [self.message])
+        self.save_btn.click(self.on_save, self.inputs, [self.message, self.model_select])
+        self.create_btn.click(self.on_create, self.inputs, [self.message, self.model_select])
+        self.load_btn.click(self.on_load, [self.model_select],
+                            [self.message, self.count] + self.concept_boxes
+                            + list(self.widgets.values()))
+        source = self.widgets["source_checkpoint"]
+        self.refresh_btn.click(self.on_refresh, None, [source], queue=False)
+        source.change(self.on_source, [source, self.widgets["model_type"]],
+                      [self.widgets["model_type"], self.message])
+        self.add_concept.click(lambda n: self.on_count(n + 1), [self.count],
+                               [self.count] + self.concept_boxes, queue=False)
+        self.remove_concept.click(lambda n: self.on_count(n - 1), [self.count],
+                                  [self.count] + self.concept_boxes, queue=False)
+
+    def on_train(self, *args) -> str:
+        count, values = self._values(args)
+        return self.actions.train(values, count)
+
+    def stream(self):
+        """Yield the progress view until the run (and the list refresh after it) ends."""
+        while True:
+            view = self.actions.status_view()
+            yield (view.progress_html, view.result_html, compat.gallery_value(view.samples),
+                   view.loss_html, view.final_path, view.log, gr.update(visible=view.can_use))
+            if not view.active:
+                return
+            time.sleep(POLL_S)
+
+    def on_save(self, *args):
+        count, values = self._values(args)
+        message = self.actions.save_settings(values, count)
+        return message, gr.update(choices=self.actions.model_names())
+
+    def on_create(self, *args):
+        count, values = self._values(args)
+        message = self.actions.create_model(values, count)
+        return message, gr.update(choices=self.actions.model_names())
+
+    def on_load(self, model_name: str):
+        values, count, message = self.actions.load_settings(model_name)
+        boxes = [gr.update(visible=i < count) for i in range(fields.MAX_CONCEPTS)]
+        return [message, count] + boxes + [values[k] for k in self.widgets]
+
+    def on_refresh(self):
+        return gr.update(choices=self.actions.refresh_checkpoint_titles())
+
+    def on_source(self, source: str, current_type: str):
+        detected = self.actions.detect_type(source)
+        if detected is None or detected == current_type:
+            return gr.update(), ""
+        return gr.update(value=detected), render.banner(
+            "info", f"Model type set to {detected} (detected from the checkpoint); change it "
+            "if that is wrong.")
+
+    def on_count(self, n: int):
+        n = max(1, min(int(n or 1), fields.MAX_CONCEPTS))
+        return [n] + [gr.update(visible=i < n) for i in range(fields.MAX_CONCEPTS)]
+
+
+def build_tab(host: Host, manager: RunManager | None = None, banner: str = "") -> Tab:
+    """Build the tab; `tab.blocks` is what the WebUI's on_ui_tabs callback returns."""
+    tab = Tab(host, manager, banner)
+    tab.build()
+    return tab

@@ -1,0 +1,180 @@
+"""Reading and writing checkpoint files: safe loading, atomic writes, save precision, metadata."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from ..config.errors import CheckpointError
+
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(state dict, metadata) of a single-file checkpoint, never running code from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"The checkpoint '{path}' does not exist.",
+                              "Check the path, or pick a checkpoint from the list.")
+    if path.suffix.lower() == ".safetensors":
+        return _read_safetensors(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return _read_pickle(path), {}
+    raise CheckpointError(f"'{path.name}' is not a .safetensors or .ckpt file.",
+                          "Choose a single-file Stable Diffusion checkpoint.")
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"'{path.name}' is not a readable .safetensors file ({e}).",
+                              "The file may be truncated (an interrupted download or copy): "
+                              "download or copy it again.") from None
+    return state, metadata
+
+
+def _read_pickle(path: Path) -> dict:
+    """Tensors and plain containers only, no code runs: torch's weights-only loader, then (for
+    the training-framework objects old SD .ckpt files carry) an allow-list unpickler that turns
+    those into inert placeholders and refuses everything else."""
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as first:
+        obj = _read_pickle_allow_listed(path, first)
+    except Exception as e:  # a damaged file fails inside the unpickler in many ways
+
+        raise CheckpointError(f"'{path.name}' is not a readable checkpoint ({e}).",
+                              "The file may be truncated or not a model: download it again.") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or \
+            not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"'{path.name}' does not hold a model state dict.",
+                              "Choose a Stable Diffusion checkpoint file.")
+    return obj
+
+
+class _Inert:
+    """Stands in for a harmless object (a trainer callback) of an old checkpoint; never called."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+# Module prefixes whose objects old checkpoints hold beside the weights, never needed to load them.
+_INERT_PREFIXES = ("pytorch_lightning.", "lightning.", "lightning_fabric.")
+_ALLOWED = {("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
+            ("torch._utils", "_rebuild_parameter"), ("torch", "Size"), ("builtins", "set"),
+            ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+            ("numpy", "dtype"), ("_codecs", "encode")}
+_STORAGES = {"FloatStorage", "HalfStorage", "BFloat16Storage", "DoubleStorage", "LongStorage",
+             "IntStorage", "ByteStorage", "BoolStorage", "CharStorage", "ShortStorage"}
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module.startswith(_INERT_PREFIXES):
+            return _Inert
+        if (module, name) in _ALLOWED or (module == "torch" and name in _STORAGES):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+
+class _AllowListPickle:
+    Unpickler = _AllowListUnpickler
+    load = staticmethod(lambda fh, **kw: _AllowListUnpickler(fh, **kw).load())
+
+
+def _read_pickle_allow_listed(path: Path, first: Exception):
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False,
+                          pickle_module=_AllowListPickle)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"'{path.name}' was refused: it holds Python objects beyond tensors, which could run "
+            f"code when loaded ({str(e).splitlines()[0][:200]}).",
+            "Use a .safetensors version of this model, or convert the file with a tool you "
+            "trust.") from None
+    except Exception as e:  # a damaged file fails inside the unpickler in many ways
+        raise CheckpointError(f"'{path.name}' is not a readable checkpoint ({e}).",
+                              "The file may be truncated or not a model: download it again.") from None
+
+
+def cast_for_save(state: dict, precision: str) -> dict:
+    """Floating tensors to the save precision; integer buffers untouched; contiguous, unshared."""
+    dtype, out, seen = SAVE_DTYPES[precision], {}, set()
+    for k, v in state.items():
+        v = v.detach()
+        v = (v.to(dtype) if v.is_floating_point() else v).contiguous()
+        if v.data_ptr() in seen:
+            v = v.clone()
+        seen.add(v.data_ptr())
+        out[k] = v
+    return out
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp path beside `final`; on success it is renamed to `final`, else deleted."""
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise CheckpointError(f"'{final}' already exists and was not replaced.",
+                              "Choose another model name, or turn on 'overwrite'.")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        os.close(fd)
+    except OSError as e:
+        raise CheckpointError(f"Can't write into '{final.parent}' ({e.strerror}).",
+                              "Choose a folder you can write to, with free space.") from None
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"Writing '{final}' failed ({e.strerror or e}); nothing was "
+                              "replaced.", "Check the free space and permissions of the "
+                              "folder.") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_safetensors(path: str | os.PathLike, state: dict, metadata: dict | None = None,
+                      overwrite: bool = False) -> Path:
+    """Write atomically: a crash leaves either the old file or the new one, never half of one."""
+    from safetensors.torch import save_file
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    with atomic_path(path, overwrite) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> Path:
+    with atomic_path(path, overwrite) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_with(path: str | os.PathLike, writer: Callable[[Path], None],
+               overwrite: bool = True) -> Path:
+    with atomic_path(path, overwrite) as tmp:
+        writer(tmp)
+    return Path(path)

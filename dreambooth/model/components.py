@@ -1,0 +1,176 @@
+"""The working model (`Components`: UNet, VAE, text encoder(s), tokenizer(s), scheduler config),
+built from configs (random, or on the meta device for shapes) and filled from state dicts; how
+each family's text encoders condition the UNet.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import assets
+from ..config.errors import CheckpointError
+from . import convert, openclip
+from .spec import ModelSpec, shipped_configs, spec_for
+
+
+@dataclass
+class Components:
+    model_type: str
+    configs: dict  # component name -> config dict
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    extra: dict = field(default_factory=dict)  # single-file keys kept verbatim (SD2's 24th layer..)
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    source_yaml: str | None = None  # the WebUI's <name>.yaml beside the source checkpoint
+
+    @property
+    def spec(self) -> ModelSpec:
+        return spec_for(self.model_type)
+
+    @property
+    def text_encoders(self) -> list:
+        return [getattr(self, s.component) for s in self.spec.text_encoders]
+
+    @property
+    def tokenizers(self) -> list:
+        return [self.tokenizer if s.component == "text_encoder" else self.tokenizer_2
+                for s in self.spec.text_encoders]
+
+    def noise_scheduler(self):
+        from diffusers import DDPMScheduler
+        return DDPMScheduler.from_config(self.configs["scheduler"])
+
+
+# -- conditioning: how each family's text encoders feed the UNet ------------------------------
+def _token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", truncation=True,
+                     max_length=tokenizer.model_max_length, return_tensors="pt"
+                     ).input_ids.to(device)
+
+
+def encode_prompts(comp: Components, prompts: list[str], device, encoders=None) -> dict:
+    """{"hidden": encoder states [B, 77, D]} and, for SDXL, "pooled" [B, P]. SD 1.x/2.x: the
+    encoder's last hidden state (SD 2.x's model already ends at the penultimate layer); SDXL: the
+    penultimate states of both encoders side by side, pooled from the second."""
+    encoders = list(encoders) if encoders else comp.text_encoders
+    if comp.spec.family != "sdxl":
+        return {"hidden": encoders[0](_token_ids(comp.tokenizer, prompts, device))[0]}
+    hidden = []
+    for tokenizer, encoder in zip(comp.tokenizers, encoders):
+        out = encoder(_token_ids(tokenizer, prompts, device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+    return {"hidden": torch.cat(hidden, dim=-1), "pooled": out[0]}
+
+
+def unet_kwargs(comp: Components, cond: dict, geometry: list, device) -> dict:
+    """Extra UNet inputs: SDXL's pooled text and (original size, crop top-left, target size)."""
+    if comp.spec.family != "sdxl":
+        return {}
+    pooled = cond["pooled"].to(device)
+    time_ids = torch.tensor([list(g) for g in geometry], dtype=pooled.dtype, device=device)
+    return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+
+# -- building -----------------------------------------------------------------------------
+def instantiate(model_type: str, configs: dict, empty: bool, meta: bool = False) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    ctx = torch.device("meta") if meta else _empty_weights() if empty else contextlib.nullcontext()
+    with ctx:
+        modules = {"unet": UNet2DConditionModel.from_config(configs["unet"]),
+                   "vae": AutoencoderKL.from_config(configs["vae"])}
+        for slot in spec_for(model_type).text_encoders:
+            cls = CLIPTextModelWithProjection if slot.with_projection else CLIPTextModel
+            cfg = {k: v for k, v in configs[slot.component].items()
+                   if k not in ("architectures", "model_type")}
+            modules[slot.component] = cls(CLIPTextConfig(**cfg))
+    return modules
+
+
+def _empty_weights():
+    from accelerate import init_empty_weights
+    return init_empty_weights(include_buffers=False)
+
+
+def make_components(model_type: str, configs: dict, modules: dict, extra: dict,
+                source_yaml: str | None = None, tokenizers: bool = True) -> Components:
+    slots = spec_for(model_type).text_encoders
+    toks = {s.component: assets.load_tokenizer(pad_token=s.pad_token) if tokenizers else None
+            for s in slots}
+    return Components(model_type, configs, modules["unet"], modules["vae"],
+                      modules["text_encoder"], toks["text_encoder"], extra,
+                      modules.get("text_encoder_2"), toks.get("text_encoder_2"), source_yaml)
+
+
+def standard_extras(model_type: str, configs: dict, device=None) -> dict:
+    """Fresh values for the single-file keys no diffusers module holds (OpenCLIP's extras)."""
+    out = {}
+    for slot in spec_for(model_type).text_encoders:
+        if slot.layout == "openclip":
+            shapes = openclip.extra_shapes(configs[slot.component], slot.extra_layers,
+                                           slot.with_projection)
+            out.update(convert.prefixed(openclip.random_extras(shapes, device), slot.prefix))
+    return out
+
+
+def build_random(model_type: str, configs: dict, seed: int = 0) -> Components:
+    """A randomly initialised model of the given configs (tests, demo, benchmarks)."""
+    torch.manual_seed(seed)
+    modules = instantiate(model_type, configs, empty=False)
+    return make_components(model_type, configs, modules, standard_extras(model_type, configs))
+
+
+def build_meta(model_type: str, configs: dict | None = None, extra: dict | None = None
+               ) -> Components:
+    """The model on the meta device: shapes without memory (reference layouts, checks)."""
+    configs = configs or shipped_configs(model_type)
+    modules = instantiate(model_type, configs, empty=True, meta=True)
+    extra = standard_extras(model_type, configs, "meta") if extra is None else \
+        {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in extra.items()}
+    return make_components(model_type, configs, modules, extra, tokenizers=False)
+
+
+# -- text encoder keys: 'text_model.'-prefixed on disk, whatever transformers does -------------
+def te_state(text_encoder) -> dict:
+    sd = text_encoder.state_dict()
+    wrapped = any(k.startswith("text_model.") for k in sd)
+    return {(k if wrapped else "text_model." + k): v for k, v in sd.items()
+            if not k.endswith("position_ids")}
+
+
+def te_load(text_encoder, state: dict, what: str = "text encoder") -> None:
+    wants_prefix = any(k.startswith("text_model.") for k in text_encoder.state_dict())
+    state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+    if not wants_prefix:
+        state = convert.unprefixed(state, "text_model.")
+    load_module(text_encoder, state, what)
+
+
+def load_module(module, state: dict, what: str) -> None:
+    expected = set(module.state_dict())
+    expected = {k for k in expected if not k.endswith("position_ids")}
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing:
+        raise CheckpointError(
+            f"The checkpoint lacks {len(missing)} weights of the {what} "
+            f"(e.g. {sorted(missing)[0]}).",
+            "It may be a UNet-only or pruned file, or another model type: choose a full "
+            "checkpoint of the selected type.")
+    bad = [k for k, p in module.state_dict().items() if k in state and state[k].shape != p.shape]
+    if bad or unexpected:
+        k = (bad or sorted(unexpected))[0]
+        raise CheckpointError(
+            f"The {what} in the checkpoint has a different shape than the model type expects "
+            f"(at {k}).", "Choose the model type that matches the checkpoint.")
+    module.load_state_dict(state, strict=False, assign=True)
+    for p in module.parameters():
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+
+

@@ -1,0 +1,89 @@
+"""Outputs that load the first time: each file is written under a temporary name, given the
+hash the WebUI would otherwise compute (`sshs_model_hash`), re-opened and compared with the
+layout it must have, and only then takes its final name. A mismatch fails loudly and leaves
+nothing under the final name."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ..config.errors import CheckpointError
+from .checkpoint import atomic_path
+
+HASH_KEY = "sshs_model_hash"
+PLACEHOLDER = "dreambooth-hash-pending".ljust(64, "-")  # same length as a sha256 hex digest
+SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def data_hash(path: str | os.PathLike) -> str:
+    """sha256 of a .safetensors file's tensor data (everything after the header): the hash the
+    WebUI's Lora list and kohya's tools call sshs_model_hash / addnet hash."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        f.seek(8 + n)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fill_hash(path: Path) -> str:
+    """Replace the placeholder in the header with the data hash; the header keeps its length,
+    so the data (and with it the hash) stays where it was."""
+    digest = data_hash(path)
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = f.read(n)
+        at = header.find(PLACEHOLDER.encode())
+        if at < 0 or header.find(PLACEHOLDER.encode(), at + 1) >= 0:
+            raise CheckpointError("The hash could not be written into the file header.",
+                                  "This is a bug; please report it.")
+        f.seek(8 + at)
+        f.write(digest.encode())
+    return digest
+
+
+def read_layout(path: str | os.PathLike) -> tuple[dict, dict, dict]:
+    """(key -> shape, key -> safetensors dtype, metadata) of a file, without loading tensors."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        slices = {k: f.get_slice(k) for k in f.keys()}
+        shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
+        dtypes = {k: s.get_dtype() for k, s in slices.items()}
+        return shapes, dtypes, dict(f.metadata() or {})
+
+
+def layout_problems(path: str | os.PathLike, expected: dict, dtype=None) -> list[str]:
+    """What differs between a written file and the expected key -> shape layout (and, when
+    given, the floating dtype): empty when it is right."""
+    shapes, dtypes, _ = read_layout(path)
+    problems = [f"missing {k}" for k in sorted(set(expected) - set(shapes))]
+    problems += [f"unexpected {k}" for k in sorted(set(shapes) - set(expected))]
+    problems += [f"{k} has shape {list(shapes[k])}, expected {list(expected[k])}"
+                 for k in sorted(expected) if k in shapes and shapes[k] != tuple(expected[k])]
+    if dtype is not None:
+        want = SAFETENSORS_DTYPES[str(dtype).replace("torch.", "")]
+        problems += [f"{k} is {d}, expected {want}" for k, d in sorted(dtypes.items())
+                     if d in SAFETENSORS_DTYPES.values() and d != want]
+    return problems
+
+
+def write_verified(path: str | os.PathLike, state: dict, metadata: dict, expected: dict,
+                   overwrite: bool = False, dtype=None, what: str = "checkpoint") -> Path:
+    """Write `state` to `path` atomically with `metadata` and its sshs_model_hash, after checking
+    the written file against `expected` (key -> shape)."""
+    from safetensors.torch import save_file
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    meta[HASH_KEY] = PLACEHOLDER
+    with atomic_path(path, overwrite) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+        _fill_hash(tmp)
+        problems = layout_problems(tmp, expected, dtype)
+        if problems:
+            raise CheckpointError(
+                f"The {what} written for '{Path(path).name}' does not have the layout it must "
+                f"have ({len(problems)} difference(s): {'; '.join(problems[:3])}); it was not "
+                "kept.", "This is a bug; please report it with the log. No file was replaced.")
+    return Path(path)

@@ -1,0 +1,146 @@
+"""A WebUI single-file checkpoint <-> the working model: the LDM key layout the WebUI loads,
+the schedule buffers, the <name>.yaml beside it, and the check of every written file against the
+layout its configs imply.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from . import convert, ldm_yaml, openclip
+from .checkpoint import SAVE_DTYPES, cast_for_save, read_checkpoint
+from .components import (
+    Components,
+    build_meta,
+    instantiate,
+    load_module,
+    make_components,
+    te_load,
+    te_state,
+)
+from .detect import check_model_type
+from .filecheck import write_verified
+from .metadata import model_metadata
+from .spec import (
+    COMPONENTS_KEY,
+    SPECS,
+    TYPE_KEY,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    TextEncoderSlot,
+    shipped_configs,
+    spec_for,
+)
+
+
+def _te_from_ldm(slot: TextEncoderSlot, state: dict, config: dict) -> tuple[dict, dict]:
+    """(transformers keys of one text encoder, single-file keys to keep verbatim)."""
+    local = convert.unprefixed(state, slot.prefix)
+    if slot.layout == "clip":
+        return local, {}
+    hf, rest = openclip.from_openclip(local, config["num_hidden_layers"], slot.with_projection)
+    return hf, convert.prefixed(rest, slot.prefix)
+
+
+def _te_to_ldm(slot: TextEncoderSlot, state: dict, config: dict) -> dict:
+    if slot.layout == "openclip":
+        return convert.prefixed(openclip.to_openclip(state), slot.prefix)
+    state = dict(state)
+    positions = config.get("max_position_embeddings", 77)
+    state["text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+    return convert.prefixed(state, slot.prefix)
+
+
+# -- single file <-> components -------------------------------------------------------------
+def read_beside_yaml(path: str | Path) -> str | None:
+    """The WebUI's config beside a checkpoint (<name>.yaml), when there is one."""
+    yaml_path = Path(path).with_suffix(".yaml")
+    return yaml_path.read_text(encoding="utf-8") if yaml_path.is_file() else None
+
+
+def load_single_file(path: str, model_type: str) -> Components:
+    """A WebUI single-file checkpoint as a working model (fp32), offline."""
+    spec = spec_for(model_type)
+    state, metadata = read_checkpoint(path)
+    source_yaml = read_beside_yaml(path)
+    check_model_type(state, metadata, source_yaml, model_type, Path(path).name,
+                     {n: s.title for n, s in SPECS.items()})
+    configs = json.loads(metadata[COMPONENTS_KEY]) if COMPONENTS_KEY in metadata \
+        else shipped_configs(model_type)
+    modules = instantiate(model_type, configs, empty=True)
+    load_module(modules["unet"], convert.from_ldm(state, convert.unet_prefix_map(configs["unet"]),
+                                                   UNET_PREFIX), "UNet")
+    load_module(modules["vae"], convert.from_ldm(state, convert.vae_prefix_map(configs["vae"]),
+                                                  VAE_PREFIX, vae=True), "VAE")
+    extra = {}
+    for i, slot in enumerate(spec.text_encoders):
+        hf, rest = _te_from_ldm(slot, state, configs[slot.component])
+        te_load(modules[slot.component], hf, "text encoder" + (f" {i + 1}" if i else ""))
+        extra.update(rest)
+    return make_components(model_type, configs, modules, extra, source_yaml)
+
+
+def ldm_state(comp: Components, unet_state: dict | None = None,
+              te_states: dict | None = None) -> dict:
+    """The single-file (LDM) state dict of a working model, in the layout the WebUI loads.
+    `unet_state` / `te_states` (component -> 'text_model.'-keyed state) replace the live ones."""
+    unet_state = unet_state if unet_state is not None else comp.unet.state_dict()
+    state = convert.to_ldm(unet_state, convert.unet_prefix_map(comp.configs["unet"]), UNET_PREFIX)
+    state.update(convert.to_ldm(comp.vae.state_dict(), convert.vae_prefix_map(comp.configs["vae"]),
+                                VAE_PREFIX, vae=True))
+    for slot in comp.spec.text_encoders:
+        te = (te_states or {}).get(slot.component)
+        te = te if te is not None else te_state(getattr(comp, slot.component))
+        state.update(_te_to_ldm(slot, te, comp.configs[slot.component]))
+    state.update(comp.extra)
+    if comp.spec.schedule_buffers:
+        state.update(schedule_buffers(comp.configs["scheduler"]))
+    return state
+
+
+def schedule_buffers(scheduler_config: dict) -> dict:
+    """The DDPM schedule tensors the original LDM checkpoints carry (computed, not learned)."""
+    n = scheduler_config.get("num_train_timesteps", 1000)
+    b0, b1 = scheduler_config.get("beta_start", 0.00085), scheduler_config.get("beta_end", 0.012)
+    betas = torch.linspace(math.sqrt(b0), math.sqrt(b1), n, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    post_var = betas * (1.0 - prev) / (1.0 - alphas_cumprod)
+    buffers = {
+        "betas": betas, "alphas_cumprod": alphas_cumprod, "alphas_cumprod_prev": prev,
+        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+        "log_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).log(),
+        "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1).sqrt(),
+        "posterior_variance": post_var,
+        "posterior_log_variance_clipped": post_var.clamp(min=1e-20).log(),
+        "posterior_mean_coef1": betas * prev.sqrt() / (1.0 - alphas_cumprod),
+        "posterior_mean_coef2": (1.0 - prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod),
+    }
+    return {k: v.to(torch.float32) for k, v in buffers.items()}
+
+
+def save_single_file(comp: Components, path: str | Path, precision: str = "fp32",
+                     metadata: dict | None = None, overwrite: bool = False,
+                     unet_state: dict | None = None, te_states: dict | None = None) -> Path:
+    """Write the single file the WebUI loads (checked against the reference layout before it
+    takes its name), and the WebUI's <name>.yaml beside it when the model needs one."""
+    meta = {COMPONENTS_KEY: json.dumps(comp.configs), TYPE_KEY: comp.model_type,
+            **model_metadata(comp.spec, Path(path).stem, metadata or {})}
+    state = cast_for_save(ldm_state(comp, unet_state, te_states), precision)
+    write_verified(path, state, meta, reference_layout(comp), overwrite=overwrite,
+                   dtype=SAVE_DTYPES[precision])
+    ldm_yaml.write_beside(path, comp)
+    return Path(path)
+
+
+
+def reference_layout(comp: Components) -> dict:
+    """Key -> shape a single file of this model must hold: built from its configs on the meta
+    device, independent of the live modules (which may be wrapped, e.g. by LoRA)."""
+    meta = build_meta(comp.model_type, comp.configs, comp.extra)
+    return {k: tuple(v.shape) for k, v in ldm_state(meta).items()}

@@ -1,0 +1,146 @@
+"""Dispatch tables for the choices that depend on the machine, each with one loud fallback.
+
+Every choice is decided by trying it (enable the backend and run it on a tiny tensor, take one
+optimizer step), never by whether an import succeeds: xformers imports on a CPU but can't run.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..config.errors import DreamboothError
+
+Say = Callable[[str], None]
+
+
+# -- mixed precision ------------------------------------------------------------------------
+def resolve_precision(choice: str, device: torch.device, say: Say) -> str:
+    """The mixed precision the device can run: fp16 needs CUDA, bf16 a GPU that has it."""
+    if choice == "fp16" and device.type != "cuda":
+        say("fp16 mixed precision needs a CUDA GPU; training in full precision (fp32) instead.")
+        return "no"
+    if choice == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        say("This GPU has no bf16; using fp16 mixed precision instead.")
+        return "fp16"
+    return choice
+
+
+def half_precision(device: torch.device) -> str:
+    """The half precision this device trains in: bf16, or fp16 on a GPU without bf16."""
+    return "fp16" if device.type == "cuda" and not torch.cuda.is_bf16_supported() else "bf16"
+
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# -- attention ------------------------------------------------------------------------------
+def _plain(unet) -> None:
+    from diffusers.models.attention_processor import AttnProcessor
+    unet.set_attn_processor(AttnProcessor())
+
+
+def _sdpa(unet) -> None:
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    unet.set_attn_processor(AttnProcessor2_0())
+
+
+def _xformers(unet) -> None:
+    import xformers.ops  # noqa: F401  (ImportError -> fallback)
+    device = next(unet.parameters()).device
+    q = torch.randn(1, 4, 1, 8, device=device, dtype=torch.float16 if device.type == "cuda"
+                    else torch.float32)
+    xformers.ops.memory_efficient_attention(q, q, q)  # raises where it can't run (CPU)
+    unet.enable_xformers_memory_efficient_attention()
+
+
+ATTENTION = {"default": _plain, "sdpa": _sdpa, "xformers": _xformers}
+
+
+def set_attention(unet, choice: str, say: Say) -> str:
+    """Apply the attention backend; when it can't run here, say why and use SDPA."""
+    try:
+        ATTENTION[choice](unet)
+        return choice
+    except Exception as e:  # any failure of an optional backend falls back, loudly
+        if choice == "sdpa":
+            raise
+        say(f"Memory attention '{choice}' can't run here ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:120] if str(e) else 'unavailable'}); using SDPA instead.")
+        _sdpa(unet)
+        return "sdpa"
+
+
+# -- optimizers -----------------------------------------------------------------------------
+def _adamw(groups, cfg, device):
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                             fused=fused or None)
+
+
+_RUNS_8BIT: set = set()  # devices where bitsandbytes has taken a step
+
+
+def _adamw_8bit(groups, cfg, device):
+    import bitsandbytes as bnb
+    if str(device) not in _RUNS_8BIT:
+        probe = torch.nn.Parameter(torch.ones(64, 64, device=device))
+        test = bnb.optim.AdamW8bit([probe], lr=1e-3)
+        probe.grad = torch.ones_like(probe)
+        test.step()  # raises where bitsandbytes can't run on this device
+        _RUNS_8BIT.add(str(device))
+    return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def _lion(groups, cfg, device):
+    try:
+        from lion_pytorch import Lion
+    except ImportError:
+        raise DreamboothError("The 'lion' optimizer needs the lion-pytorch package.",
+                              "Install it with: pip install lion-pytorch") from None
+    return Lion(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def _prodigy(groups, cfg, device):
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise DreamboothError("The 'prodigy' optimizer needs the prodigyopt package.",
+                              "Install it with: pip install prodigyopt") from None
+    return Prodigy(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def _adafactor(groups, cfg, device):
+    from transformers.optimization import Adafactor
+    return Adafactor(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                     scale_parameter=False, relative_step=False, warmup_init=False)
+
+
+OPTIMIZERS = {"adamw": _adamw, "adamw_8bit": _adamw_8bit, "lion": _lion, "prodigy": _prodigy,
+              "adafactor": _adafactor}
+FALLBACKS = {"adamw_8bit": "adamw"}
+
+
+def make_optimizer(choice: str, groups: list, cfg, device: torch.device, say: Say):
+    """Build the optimizer; 8-bit AdamW falls back to AdamW (said once) where it can't run."""
+    try:
+        return OPTIMIZERS[choice](groups, cfg, device), choice
+    except DreamboothError:
+        raise
+    except Exception as e:  # bitsandbytes missing, or present but unable to run here
+        fallback = FALLBACKS.get(choice)
+        if fallback is None:
+            raise
+        say(f"Optimizer '{choice}' can't run here ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:120] if str(e) else 'unavailable'}); using "
+            f"'{fallback}' instead.")
+        return OPTIMIZERS[fallback](groups, cfg, device), fallback
+
+
+def optimizer_builder(choice: str, cfg, device: torch.device, say: Say):
+    """(build(groups) -> optimizer, name) for optimizers made one per weight: the choice (or its
+    fallback) is settled once, on a probe weight, as make_optimizer settles it."""
+    probe = [{"params": [torch.nn.Parameter(torch.zeros(1, device=device))],
+              "lr": cfg.learning_rate}]
+    _, name = make_optimizer(choice, probe, cfg, device, say)
+    return (lambda groups: OPTIMIZERS[name](groups, cfg, device)), name

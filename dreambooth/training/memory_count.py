@@ -1,0 +1,180 @@
+"""The counting behind the memory estimate: parameter and LoRA shapes of each model type on the
+meta device, optimizer state per optimizer, and the activation bytes autograd saves in one
+forward of the UNet or a text encoder at a resolution (with or without gradient checkpointing),
+all without memory or weights. See memory.py for how these add up to a peak.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+# -- parameters ---------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def parameter_shapes(model_type: str) -> dict:
+    """{component: tuple of parameter shapes} of a model type, from meta-device instantiation."""
+    from ..model.components import build_meta
+    comp = build_meta(model_type)
+    modules = {"unet": comp.unet, "vae": comp.vae}
+    modules.update({s.component: getattr(comp, s.component) for s in comp.spec.text_encoders})
+    return {name: tuple(tuple(p.shape) for p in m.parameters()) for name, m in modules.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def lora_shapes(model_type: str, rank: int, component: str = "unet") -> tuple:
+    """Shapes of the LoRA A/B matrices peft adds to the attention projections of a component."""
+    from ..model.components import build_meta
+    targets = ("to_q", "to_k", "to_v", "to_out.0") if component == "unet" else \
+        ("q_proj", "k_proj", "v_proj", "out_proj")
+    module = getattr(build_meta(model_type), component)
+    shapes = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, torch.nn.Linear) and name.endswith(targets):
+            shapes += [(rank, sub.in_features), (sub.out_features, rank)]
+    return tuple(shapes)
+
+
+def numel(shapes) -> int:
+    total = 0
+    for shape in shapes:
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total
+
+
+def optimizer_state_bytes(choice: str, shapes) -> int:
+    """Bytes of optimizer state for fp32 parameters of these shapes."""
+    total = 0
+    for shape in shapes:
+        n = numel([shape])
+        if choice == "adamw_8bit":  # bitsandbytes: 8-bit states from 4096 elements up
+            total += 2 * n if n >= 4096 else 8 * n
+        elif choice == "adafactor":  # factored second moment, no first moment (beta1=None)
+            total += 4 * (numel([shape[:-1]]) + numel([shape[:-2] + shape[-1:]])) \
+                if len(shape) >= 2 else 4 * n
+        else:
+            total += {"adamw": 8, "lion": 4, "prodigy": 16}.get(choice, 8) * n
+    return total
+
+
+# -- activations --------------------------------------------------------------------------------
+class _quiet:
+    """diffusers warns on every dtype cast of a model; these casts are on the meta device."""
+
+    def __enter__(self):
+        import logging
+        self.logger = logging.getLogger("diffusers")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+        return False
+
+
+def _flash_like(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    """SDPA as the fused kernels keep it for backward (q, k, v, out, logsumexp; no T x T
+    matrix), which the meta device would otherwise run as plain maths."""
+    return _SavesLikeFlash.apply(q, k, v)
+
+
+class _SavesLikeFlash(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
+        ctx.save_for_backward(q, k, v, out, torch.empty(q.shape[:-1], device=q.device))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # never run: only forward passes are counted
+        return None, None, None
+
+
+def _saved_bytes(module, run, block_types: tuple = ()) -> tuple[int, int]:
+    """(bytes autograd saves during `run()`, most saved inside one module of `block_types`);
+    parameters and repeated saves of one tensor are not counted."""
+    params = {id(p) for p in module.parameters()}
+    seen, state = set(), {"total": 0}
+
+    def pack(t):
+        base = t._base if t._base is not None else t
+        if id(base) not in params and id(t) not in params and id(base) not in seen:
+            seen.add(id(base))
+            state["total"] += base.numel() * base.element_size()
+        return t
+
+    blocks, hooks = [0], []
+    for sub in module.modules():
+        if type(sub).__name__ in block_types:
+            hooks.append(sub.register_forward_pre_hook(
+                lambda m, a: state.__setitem__("start", state["total"])))
+            hooks.append(sub.register_forward_hook(
+                lambda m, a, o: blocks.append(state["total"] - state["start"])))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return state["total"], max(blocks)
+
+
+BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock")  # what gradient checkpointing recomputes
+
+
+def _unet_inputs(configs: dict, resolution: int, dtype) -> tuple:
+    cfg, vae = configs["unet"], configs["vae"]
+    side = resolution // 2 ** (len(vae["block_out_channels"]) - 1)
+    cross = cfg["cross_attention_dim"]
+    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+    args = (torch.empty(1, cfg.get("in_channels", 4), side, side, dtype=dtype, device="meta"),
+            torch.zeros(1, dtype=torch.long, device="meta"),
+            torch.empty(1, 77, cross, dtype=dtype, device="meta"))
+    kwargs = {}
+    if cfg.get("addition_embed_type") == "text_time":  # SDXL: pooled text + 6 size numbers
+        time_dim = 6 * cfg["addition_time_embed_dim"]
+        pooled = cfg["projection_class_embeddings_input_dim"] - time_dim
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.empty(1, pooled, dtype=dtype, device="meta"),
+            "time_ids": torch.empty(1, 6, dtype=dtype, device="meta")}
+    return args, kwargs
+
+
+@functools.lru_cache(maxsize=None)
+def unet_activation_bytes(model_type: str, resolution: int, attention: str,
+                          checkpointing: bool, half: bool) -> int:
+    """Bytes the UNet saves for backward per image (before ACTIVATION_FACTOR)."""
+    import torch.nn.functional as F
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from ..model.components import build_meta
+    comp = build_meta(model_type)
+    dtype = torch.bfloat16 if half else torch.float32
+    with _quiet():
+        unet = comp.unet.to(dtype).train()
+    unet.set_attn_processor(AttnProcessor() if attention == "default" else AttnProcessor2_0())
+    args, kwargs = _unet_inputs(comp.configs, resolution, dtype)
+    run = lambda: unet(*args, **kwargs)  # noqa: E731
+    plain_sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _flash_like
+    try:
+        total, block = _saved_bytes(unet, run, BLOCKS)
+        if not checkpointing:
+            return total
+        unet.enable_gradient_checkpointing()
+        kept, _ = _saved_bytes(unet, run)
+        return kept + block  # block inputs kept, plus one block recomputed in backward
+    finally:
+        F.scaled_dot_product_attention = plain_sdpa
+
+
+@functools.lru_cache(maxsize=None)
+def text_encoder_activation_bytes(model_type: str, component: str, half: bool) -> int:
+    """Bytes a trained text encoder saves for backward per prompt (77 tokens)."""
+    from ..model.components import build_meta
+    te = getattr(build_meta(model_type), component).to(
+        torch.bfloat16 if half else torch.float32).train()
+    ids = torch.zeros(1, 77, dtype=torch.long, device="meta")
+    return _saved_bytes(te, lambda: te(ids, output_hidden_states=True))[0]

@@ -1,0 +1,188 @@
+"""Training state for exact resume, and the one-run-per-model lock.
+
+A snapshot folder holds everything the next step depends on: trained weights, optimizer, LR
+schedule, EMA, every random generator, the epoch's data order and the position in it, and the
+config it belongs to. It is written under a temporary name and renamed, so a kill mid-write
+leaves the previous snapshot as the newest complete one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+from pathlib import Path
+
+import torch
+
+from ..config.errors import DreamboothError
+from ..model.checkpoint import write_text
+
+# Settings that change neither the weights nor the order of training: may differ on resume.
+FREE_ON_RESUME = {"output_dir", "overwrite", "sample_every_epochs", "save_every_epochs",
+                  "state_every_steps", "resume", "sample_steps", "guidance_scale",
+                  "save_precision", "work_dir", "attention", "lora_dir", "lora_merge"}
+STATE_DIR = "state"
+
+
+def snapshots(model_dir: Path) -> list[Path]:
+    """Complete snapshots of a model, oldest first."""
+    folder = model_dir / STATE_DIR
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob("step_*")
+             if ".tmp" not in p.name and (p / "trainer.json").is_file()]
+    return sorted(found, key=lambda p: snapshot_info(p)["step"])
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    keys = sorted((set(saved) | set(current)) - FREE_ON_RESUME)
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys
+            if saved.get(k) != current.get(k)]
+
+
+def save_snapshot(trainer, step: int, epoch: int, batch: int, order: list[int]) -> Path:
+    """Write the trainer's full state after `step` updates (epoch/batch: where to go on)."""
+    from safetensors.torch import save_file
+    final = trainer.cfg.model_dir / STATE_DIR / f"step_{step:08d}"
+    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for i, model in enumerate(trainer.models):
+        state = {k: v.detach().contiguous() for k, v in
+                 trainer.acc.unwrap_model(model).state_dict().items()}
+        save_file(state, str(tmp / f"model_{i}.safetensors"))
+    rng_state = {"python": trainer.rng.getstate(), "generator": trainer.gen.get_state(),
+                 "torch": torch.get_rng_state(),
+                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({"optimizer": trainer.optimizer.state_dict(),
+                "lr_scheduler": trainer.lr_scheduler.state_dict(),
+                "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
+                "rng": rng_state}, tmp / "training.pt")
+    info = {"step": step, "epoch": epoch, "batch": batch, "order": order,
+            "class_cursor": trainer.class_cursor, "accelerator_step": trainer.acc.step,
+            "total_steps": trainer.total_steps, "revision": trainer.revision,
+            "config": trainer.cfg.to_dict()}
+    write_text(tmp / "trainer.json", json.dumps(info))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def snapshot_info(folder: Path) -> dict:
+    return json.loads((folder / "trainer.json").read_text())
+
+
+def load_snapshot(trainer, folder: Path) -> dict:
+    """Restore the trainer from a snapshot; returns its position (step, epoch, batch, order)."""
+    from safetensors.torch import load_file
+    info = snapshot_info(folder)
+    diffs = config_differences(info["config"], trainer.cfg.to_dict())
+    if diffs:
+        raise DreamboothError(
+            f"The saved training state in '{folder}' belongs to a different configuration; "
+            "resuming would not continue the same run. Changed: " + "; ".join(diffs) + ".",
+            "Undo these changes to resume, or set resume to 'never' to start over.")
+    for i, model in enumerate(trainer.models):
+        trainer.acc.unwrap_model(model).load_state_dict(
+            load_file(str(folder / f"model_{i}.safetensors")))
+    data = torch.load(str(folder / "training.pt"), map_location="cpu", weights_only=True)
+    trainer.optimizer.load_state_dict(data["optimizer"])
+    trainer.lr_scheduler.load_state_dict(data["lr_scheduler"])
+    if trainer.ema is not None and data["ema"] is not None:
+        trainer.ema.load_state_dict(data["ema"])
+    rng = data["rng"]
+    trainer.rng.setstate(_as_tuple(rng["python"]))
+    trainer.gen.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available() and rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    trainer.class_cursor = info["class_cursor"]
+    trainer.acc.step = info["accelerator_step"]
+    return info
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def choose_snapshot(cfg, model_dir: Path) -> Path | None:
+    """The snapshot `cfg.resume` names: 'auto' the newest, 'never' none, else a folder."""
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        found = snapshots(model_dir)
+        return found[-1] if found else None
+    folder = Path(cfg.resume)
+    if not (folder / "trainer.json").is_file():
+        raise DreamboothError(f"'{folder}' is not a saved training state.",
+                              f"Choose one of the step_* folders in '{model_dir / STATE_DIR}'.")
+    return folder
+
+
+def clear_snapshots(model_dir: Path) -> None:
+    shutil.rmtree(model_dir / STATE_DIR, ignore_errors=True)
+
+
+def fresh_rng(seed: int) -> tuple[random.Random, torch.Generator]:
+    return random.Random(seed), torch.Generator(device="cpu").manual_seed(seed)
+
+
+class ModelLock:
+    """One training run per model folder. A lock left by a killed process is detected and cleared."""
+
+    def __init__(self, model_dir: Path, say) -> None:
+        self.path, self.say, self.held = model_dir / ".train.lock", say, False
+
+    def __enter__(self) -> "ModelLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._refuse_or_clear()
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname()}, fh)
+            self.held = True
+            return self
+        raise DreamboothError(f"Could not take the training lock '{self.path}'.",
+                              "Delete that file if no training of this model is running.")
+
+    def _refuse_or_clear(self) -> None:
+        try:
+            owner = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            owner = {}
+        pid, host = owner.get("pid"), owner.get("host")
+        if host == socket.gethostname() and isinstance(pid, int) and _alive(pid):
+            raise DreamboothError(
+                f"The model '{self.path.parent.name}' is already being trained (process {pid}).",
+                "Wait for that run to end or cancel it; two runs would overwrite each other.")
+        if host not in (None, socket.gethostname()):
+            raise DreamboothError(
+                f"The model '{self.path.parent.name}' is locked by a run on '{host}'.",
+                f"If no run is going on there, delete '{self.path}'.")
+        self.say(f"Cleared a stale training lock left by process {pid}, which is no longer running.")
+        self.path.unlink(missing_ok=True)
+
+    def __exit__(self, *exc) -> bool:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (killed, not yet reaped) holds no lock
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True

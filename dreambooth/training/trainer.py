@@ -1,0 +1,391 @@
+"""The DreamBooth training run: load, set up, train, sample, save.
+
+`train(config, on_event, cancel)` is the one entry point: the CLI, the WebUI tab (through the
+CLI in a child process) and Python users all call it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import TrainingConfig
+from ..config import events as ev
+from ..config.errors import DreamboothError, TrainingError
+from ..data import buckets
+from ..data.feed import DataFeed
+from ..model.components import unet_kwargs
+from ..model.workdir import load_model
+from . import backends
+from .lora import add_lora
+from .loss import compute_loss, noise_like
+from .saver import Outputs
+from .state import (
+    ModelLock,
+    choose_snapshot,
+    clear_snapshots,
+    fresh_rng,
+    load_snapshot,
+    save_snapshot,
+    snapshot_info,
+)
+
+
+@dataclass
+class TrainResult:
+    path: Path | None
+    steps: int
+    saved: list = field(default_factory=list)
+    losses: list = field(default_factory=list)
+    cancelled: bool = False
+
+
+def train(config: TrainingConfig, on_event=None, cancel: ev.CancelToken | None = None
+          ) -> TrainResult:
+    """Train as `config` says; report through `on_event`; stop cleanly when `cancel` is set."""
+    emit = ev.EventBus(on_event)
+    trainer = None
+    try:
+        config.check()
+        trainer = Trainer(config, emit, cancel or ev.CancelToken())
+        return trainer.run()
+    except DreamboothError as e:
+        emit(ev.Failed(e.message, e.hint))
+        raise
+    except torch.cuda.OutOfMemoryError:
+        from .memory import oom_advice
+        release_memory()
+        err = TrainingError("The GPU ran out of memory.",
+                            oom_advice(trainer.cfg if trainer else config, gpu_total_memory()))
+        emit(ev.Failed(err.message, err.hint))
+        raise err from None
+    except Exception as e:
+        emit(ev.Failed(f"Training failed unexpectedly: {type(e).__name__}: {e}",
+                       "This is a bug; please report it with the log."))
+        raise
+    finally:
+        release_memory()
+
+
+def gpu_total_memory() -> int | None:
+    return torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None
+
+
+def release_memory() -> None:
+    """Give the GPU memory of a finished, failed or cancelled run back (the models are gone)."""
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Trainer(DataFeed, Outputs):
+    def __init__(self, cfg: TrainingConfig, emit, cancel: ev.CancelToken) -> None:
+        self.cfg, self.emit, self.cancel = cfg, emit, cancel
+        self.said: set[str] = set()
+
+    def say(self, text: str, level: str = "info") -> None:
+        if text not in self.said:
+            self.said.add(text)
+            self.emit(ev.Message(text, level))
+
+    def warn(self, text: str) -> None:
+        self.say(text, "warning")
+
+    # -- set-up --------------------------------------------------------------------------
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        cfg = self.cfg
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.resume_from = choose_snapshot(cfg, cfg.model_dir)
+        self.cfg = cfg = self.plan_memory(cfg, device)
+        self.precision = backends.resolve_precision(cfg.mixed_precision, device, self.warn)
+        # a second run in one process (a notebook, the benchmark) may differ in precision:
+        # accelerate keeps the first run's settings process-wide unless they are cleared
+        # (the distributed state, which a launcher set up, is kept)
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state()
+        # cpu=True on a machine without CUDA: else accelerate >= 1.x treats each of N launched
+        # CPU processes as a separate single-process run (N copies racing on the same files)
+        self.acc = Accelerator(mixed_precision=self.precision, cpu=device.type == "cpu",
+                               gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+        self.device, self.dtype = self.acc.device, backends.WEIGHT_DTYPES[self.precision]
+        self.comp, self.revision = load_model(cfg, self.say)
+        if self.resume_from is not None:
+            self.revision = snapshot_info(self.resume_from)["revision"]
+        # trained weights in fp32 (bf16 with bf16_weights); a LoRA's frozen base in the mixed
+        # precision's dtype; the VAE and frozen text encoders stay as loaded (fp32: their outputs
+        # are cached, and SDXL's VAE overflows in fp16) and leave the GPU once cached, so what
+        # gets saved of them is untouched. The UNet comes to the GPU after the caching (unless
+        # class images are to be made), so the two never share it.
+        trained = torch.bfloat16 if cfg.bf16_weights and not cfg.use_lora else torch.float32
+        self.comp.vae.to(self.device).requires_grad_(False).eval()
+        for te in self.comp.text_encoders:
+            _move(te, self.device, self.dtype if cfg.use_lora and cfg.lora_text_encoder
+                  else trained if cfg.train_text_encoder else torch.float32).requires_grad_(False)
+        self.unet_dtype = self.dtype if cfg.use_lora else trained
+        self.scheduler = self.comp.noise_scheduler()
+        self.collect_data()
+        self.cache()
+        self.park_frozen()
+        self.place_unet()
+        self.attention = backends.set_attention(self.comp.unet, cfg.attention, self.warn)
+        self.plan_steps()
+        self.plan_outputs()
+        self.setup_optimization()
+
+    def place_unet(self) -> None:
+        _move(self.comp.unet, self.device, self.unet_dtype)
+
+    def free_gpu_memory(self, device: torch.device) -> int | None:
+        return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+    def plan_memory(self, cfg: TrainingConfig, device: torch.device) -> TrainingConfig:
+        """The config to train with under its memory_preset, saying every change (and, on a
+        GPU, whether the run fits in its free memory)."""
+        from .memory import STEPS, plan
+        if self.resume_from is not None and cfg.memory_preset == "auto":
+            # go on as the run began, whatever is free now
+            saved = snapshot_info(self.resume_from)["config"]
+            kept = {k: saved[k] for step, _ in STEPS for k, _ in step
+                    if k in saved and saved[k] != getattr(cfg, k)}
+            if kept:
+                self.say("Resuming with the settings the 'auto' memory preset chose for this "
+                         "run: " + ", ".join(f"{k} = {v}" for k, v in kept.items()) + ".")
+            return cfg.replace(**kept)
+        planned, said = plan(cfg, self.free_gpu_memory(device), backends.half_precision(device))
+        for text in said:
+            self.say(text)
+        return planned
+
+    def frozen_modules(self) -> list:
+        """What training itself no longer needs on the GPU: the VAE once the latents are cached,
+        the text encoders once the prompts are."""
+        cfg = self.cfg
+        return ([self.comp.vae] if cfg.cache_latents else []) + \
+            ([] if cfg.trains_text_encoder else list(self.comp.text_encoders))
+
+    def park_frozen(self) -> None:
+        if self.device.type == "cuda":
+            for module in self.frozen_modules():
+                module.to("cpu")
+            release_memory()
+
+    def plan_steps(self) -> None:
+        cfg = self.cfg
+        self.epochs = cfg.steps_per_image
+        global_batch = cfg.batch_size * self.acc.num_processes
+        self.batches_per_epoch = buckets.batch_count([self.bucket_of[it.path] for it in self.items],
+                                                     global_batch, cfg.bucketing)
+        ga = cfg.gradient_accumulation_steps
+        self.total_steps = max(1, self.epochs * self.batches_per_epoch // ga)
+        self.te_steps = round(cfg.text_encoder_steps_ratio * self.total_steps) \
+            if cfg.trains_text_encoder else 0
+
+    def epoch_end_step(self, epoch: int) -> int:
+        return min(self.total_steps, (epoch + 1) * self.batches_per_epoch
+                   // self.cfg.gradient_accumulation_steps)
+
+    def setup_optimization(self) -> None:
+        from diffusers.optimization import get_scheduler
+        cfg, unet, tes = self.cfg, self.comp.unet, self.comp.text_encoders
+        if cfg.use_lora:  # LoRA layers in (trained in fp32), everything else frozen
+            groups = add_lora(self.comp, cfg)
+            for p in (p for g in groups for p in g["params"]):
+                p.data = p.data.float()
+        else:
+            groups = [{"params": list(unet.requires_grad_(True).parameters()),
+                       "lr": cfg.learning_rate}]
+            if cfg.train_text_encoder:
+                groups.append({"params": [p for te in tes for p in te.requires_grad_(True)
+                                          .parameters()], "lr": cfg.text_encoder_learning_rate})
+        unet.train()
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        for te in tes if cfg.trains_text_encoder else ():
+            te.train()
+            if cfg.gradient_checkpointing:
+                te.gradient_checkpointing_enable(  # reentrant would leave it without grads
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        optimizer = self.make_optimizer(groups)
+        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
+                                          num_warmup_steps=cfg.lr_warmup_steps,
+                                          num_training_steps=self.total_steps)
+        models = [unet, *tes] if cfg.trains_text_encoder else [unet]
+        prepared = self.acc.prepare(*models, optimizer)
+        self.models, self.optimizer = list(prepared[:-1]), prepared[-1]
+        self.ema = None
+        if cfg.use_ema:
+            from diffusers.training_utils import EMAModel
+            self.ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+            self.ema.to(self.device)
+
+    def make_optimizer(self, groups: list):
+        """The configured optimizer; per weight (optim.PerWeight) with bf16 weights or fused
+        into backward. A fused optimizer needs one process: DDP averages gradients after
+        backward, which is too late for an update inside it."""
+        cfg = self.cfg
+        per_weight = cfg.fused_optimizer or (cfg.bf16_weights and not cfg.use_lora)
+        if per_weight and self.acc.distributed_type == "DEEPSPEED":
+            self.warn("Under DeepSpeed, which owns the optimizer step, fused_optimizer and "
+                      "bf16_weights do not apply; the optimizer steps as usual.")
+            per_weight = False
+        if not per_weight:
+            optimizer, self.optimizer_name = backends.make_optimizer(
+                cfg.optimizer, groups, cfg, self.device, self.warn)
+            return optimizer
+        from .optim import PerWeight
+        fused = cfg.fused_optimizer and self.acc.num_processes == 1
+        if cfg.fused_optimizer and not fused:
+            self.warn("fused_optimizer needs a single process; with several, the optimizer "
+                      "steps after backward as usual.")
+        build, self.optimizer_name = backends.optimizer_builder(cfg.optimizer, cfg, self.device,
+                                                                self.warn)
+        self.optimizer_name += " (per weight, in backward)" if fused else " (per weight)"
+        return PerWeight(groups, build, fused, cfg.max_grad_norm if fused else 0.0, cfg.seed)
+
+    @property
+    def fused(self) -> bool:
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper
+        return bool(getattr(inner, "in_backward", False))
+
+    # -- one step ------------------------------------------------------------------------
+    def step_loss(self, order, b, rng, gen):
+        latents, cond, geometry, n_inst, rows, n_global = self.batch(order, b, rng, gen)
+        noise = noise_like(torch.empty((n_global, *latents.shape[1:])), gen,
+                           self.cfg.offset_noise)[rows].to(self.device)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (n_global,),
+                                  generator=gen, device=gen.device)[rows].to(self.device)
+        return compute_loss(self.models[0], self.scheduler, latents, cond["hidden"].to(self.device),
+                            noise, timesteps, n_inst, self.cfg.prior_loss_weight,
+                            self.cfg.min_snr_gamma,
+                            unet_kwargs(self.comp, cond, geometry, self.device))
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        import contextlib
+        import os
+        # one lock per launch: its rank 0 takes it (torchrun / accelerate launch set RANK)
+        with ModelLock(self.cfg.model_dir, self.say) if os.environ.get("RANK", "0") == "0" \
+                else contextlib.nullcontext():
+            self.setup()
+            return self.loop(self.start_position())
+
+    def start_position(self) -> dict:
+        """Fresh generators at step 0, or everything restored from the chosen snapshot."""
+        self.rng, self.gen = fresh_rng(self.cfg.seed)  # the same on every process: see batch()
+        self.class_cursor = 0
+        snapshot = self.resume_from
+        if snapshot is None:
+            return {"step": 0, "epoch": 0, "batch": 0, "order": None}
+        position = load_snapshot(self, snapshot)
+        self.say(f"Resuming from step {position['step']} of {self.total_steps} ({snapshot.name}).")
+        if self.cfg.trains_text_encoder and position["step"] >= self.te_steps:
+            for te in self.comp.text_encoders:
+                te.requires_grad_(False)
+        return position
+
+    def loop(self, position: dict) -> TrainResult:
+        cfg, acc, step = self.cfg, self.acc, position["step"]
+        self.emit(ev.Started(cfg.model_name, self.total_steps, self.epochs, len(self.items),
+                             sum(len(v) for v in self.class_items.values()), step))
+        result, start, window, self.resumed_at = TrainResult(None, step), time.time(), [], step
+        for epoch in range(position["epoch"], self.epochs):
+            order, first = (position["order"], position["batch"]) \
+                if epoch == position["epoch"] and position["order"] is not None else \
+                (buckets.epoch_order([self.bucket_of[it.path] for it in self.items],
+                                     cfg.batch_size * acc.num_processes, self.rng,
+                                     cfg.bucketing), 0)
+            next_batch = first
+            for b in range(first, self.batches_per_epoch):
+                at_boundary = acc.step % cfg.gradient_accumulation_steps == 0
+                if step >= self.total_steps or (self.cancel.cancelled and at_boundary):
+                    break
+                window.append(self.micro_step(order, b, step + 1))
+                next_batch = b + 1
+                if acc.sync_gradients:
+                    step += 1
+                    self.after_update(step)
+                    result.losses.append(sum(window) / len(window))
+                    window = []
+                    self.emit(ev.Step(step, self.total_steps, epoch + 1, result.losses[-1],
+                                      self.lr_scheduler.get_last_lr()[0],
+                                      (step - self.resumed_at) / max(time.time() - start, 1e-9),
+                                      _vram_gb()))
+                    if cfg.state_every_steps and step % cfg.state_every_steps == 0 \
+                            and step < self.total_steps:
+                        self.snapshot(step, epoch, b + 1, order)
+            if self.cancel.cancelled:
+                if step > self.resumed_at:
+                    self.snapshot(step, epoch, next_batch, order)
+                break
+            self.epoch_end(epoch, step, result, last=step >= self.total_steps)
+            if step >= self.total_steps:
+                break
+        return self.finish(step, start, result)
+
+    def micro_step(self, order: list[int], b: int, step: int) -> float:
+        """Forward, backward and (at an accumulation boundary) the update of batch b; the loss."""
+        acc, cfg = self.acc, self.cfg
+        with acc.accumulate(*self.models):
+            loss, _, _ = self.step_loss(order, b, self.rng, self.gen)
+            self.check_finite(loss, step)
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.max_grad_norm > 0 and not self.fused:
+                acc.clip_grad_norm_([p for m in self.models for p in m.parameters()],
+                                    cfg.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def snapshot(self, step: int, epoch: int, batch: int, order: list[int]) -> None:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            save_snapshot(self, step, epoch, batch, order)
+
+    def check_finite(self, loss: torch.Tensor, step: int) -> None:
+        if not torch.isfinite(loss.detach()).all():
+            raise TrainingError(
+                f"The loss became {loss.item()} at step {step}; training stopped before the "
+                "update, and the checkpoints already saved are kept.",
+                "With fp16 this is usually an overflow: use bf16 or a lower learning rate.")
+
+    def after_update(self, step: int) -> None:
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.step(self.comp.unet.parameters())
+        if self.cfg.trains_text_encoder and step == self.te_steps:
+            for te in self.comp.text_encoders:
+                te.requires_grad_(False)
+            self.say(f"Text encoder training ended at step {step} (ratio "
+                     f"{self.cfg.text_encoder_steps_ratio}).")
+
+    def epoch_end(self, epoch: int, step: int, result: TrainResult, last: bool) -> None:
+        cfg = self.cfg
+        if cfg.sample_every_epochs and (epoch + 1) % cfg.sample_every_epochs == 0 \
+                and self.acc.is_main_process:
+            self.sample(step)
+        if not last and cfg.save_every_epochs and (epoch + 1) % cfg.save_every_epochs == 0:
+            result.saved.append(self.save(step))
+
+    def finish(self, step: int, start: float, result: TrainResult) -> TrainResult:
+        result.steps, result.cancelled = step, self.cancel.cancelled
+        if step > self.resumed_at or (step > 0 and not result.cancelled):
+            result.path = self.save(step, final=True)
+            result.saved.append(result.path)
+        if not result.cancelled and self.acc.is_main_process:
+            clear_snapshots(self.cfg.model_dir)
+        if self.cancel.cancelled:
+            self.say(f"Training was cancelled at step {step} of {self.total_steps}.")
+        self.emit(ev.Finished(str(result.path or ""), step, time.time() - start,
+                              self.cancel.cancelled))
+        return result
+
+def _vram_gb() -> float:
+    return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def _move(module, device, dtype):
+    return module.to(device=device, dtype=dtype)  # tensor by tensor: no full copy on the GPU
