@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from dreambooth.model.tiny import TINY_RESOLUTION as TINY  # noqa: F401  (cli reads C.TINY)
+
 IMAGES = 8  # instance images, and as many class images (enough for batch 8)
 
 

@@ -28,7 +28,7 @@ class OursStep:
         """One micro-step of the trainer itself (Trainer.micro_step), less events and snapshots."""
         t = self.trainer
         if self.b >= t.batches_per_epoch:
-            self.order, self.b = t.rng.sample(range(len(t.items)), len(t.items)), 0
+            self.order, self.b = t.rng.sample(range(len(t.feed.items)), len(t.feed.items)), 0
         value = t.micro_step(self.order, self.b, self.updates + 1)
         self.b += 1
         if t.acc.sync_gradients:
@@ -40,7 +40,7 @@ class OursStep:
         t = self.trainer
         parked = t.frozen_modules() if device != "cpu" and t.device.type == "cuda" else []
         kept = [m for m in (t.comp.vae, *t.comp.text_encoders) if all(m is not p for p in parked)]
-        for obj in (t.comp.unet, *kept, t.optimizer, t.latents, t.embeddings):
+        for obj in (t.comp.unet, *kept, t.optimizer, t.feed.latents, t.feed.embeddings):
             move(obj, device)
         if t.ema is not None:
             t.ema.to(device)

@@ -40,6 +40,7 @@ def measure_startup(smoke: bool, work: Path, images: int = 10, comp=None,
     from dreambooth.config import events as ev
     from dreambooth.model.single_file import save_single_file
     from dreambooth.model.tiny import TINY_RESOLUTION, write_images
+    from dreambooth.data.feed import DataFeed
     from dreambooth.training import trainer as trainer_module
 
     from .cases import build_model
@@ -87,10 +88,10 @@ def measure_startup(smoke: bool, work: Path, images: int = 10, comp=None,
     Trainer = trainer_module.Trainer
     load = timed(trainer_module.load_model, "load_s")
     with mock.patch.object(trainer_module, "load_model", load), \
-            mock.patch.object(Trainer, "cache", timed(Trainer.cache, "cache_s")), \
+            mock.patch.object(DataFeed, "cache", timed(DataFeed.cache, "cache_s")), \
             mock.patch.object(Trainer, "snapshot", lambda self, *a, **k: None), \
             mock.patch.object(Trainer, "save", lambda self, step, final=False:
-                              self.output_path(step)):
+                              self.saver.output_path(step)):
         start = time.perf_counter()
         result = trainer_module.train(config, on_event, cancel)
     if "step" not in marks or not result.cancelled:

@@ -95,14 +95,14 @@ def test_sdxl_trains_on_buckets_with_size_conditioning(mixed_folder, tmp_path):
     seen, trainer = [], None
     trainer = Trainer(cfg, ev.EventBus(seen.append), ev.CancelToken())
     trainer.setup()
-    buckets = {p.name: b for p, b in trainer.bucket_of.items()}
+    buckets = {p.name: b for p, b in trainer.feed.bucket_of.items()}
     assert buckets["img_0.png"] == (128, 64) and buckets["img_2.png"] == (64, 128)
     assert buckets["img_6.png"] == (64, 64)  # 90x70: its own size, not enlarged to 128 wide
     assert any("Aspect-ratio buckets" in getattr(e, "text", "") for e in seen)
-    trainer.rng, trainer.gen, trainer.class_cursor = random.Random(0), torch.Generator(), 0
-    order = epoch_order([trainer.bucket_of[it.path] for it in trainer.items], 2, trainer.rng, True)
+    trainer.rng, trainer.gen, trainer.feed.class_cursor = random.Random(0), torch.Generator(), 0
+    order = epoch_order([trainer.feed.bucket_of[it.path] for it in trainer.feed.items], 2, trainer.rng, True)
     for b in range(trainer.batches_per_epoch):
-        latents, cond, geometry, *_ = trainer.batch(order, b, trainer.rng, trainer.gen)
+        latents, cond, geometry, *_ = trainer.feed.batch(order, b, trainer.rng, trainer.gen)
         th, tw = geometry[0][4:]
         assert latents.shape[2:] == (th // 8, tw // 8) and len({g[4:] for g in geometry}) == 1
         assert cond["pooled"].shape == (2, 32) and cond["hidden"].shape == (2, 77, 64)

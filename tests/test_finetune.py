@@ -30,12 +30,12 @@ def test_captioned_finetune_from_metadata_jsonl_with_ema_as_output(tiny_source, 
     seen = []
     trainer = Trainer(cfg, ev.EventBus(seen.append), ev.CancelToken())
     result = trainer.run()
-    prompts = {it.path.name: it.prompt for it in trainer.items}
+    prompts = {it.path.name: it.prompt for it in trainer.feed.items}
     assert prompts == {"checker_000.png": "a red and blue checkerboard",
                        "checker_001.png": "a small checkerboard, red",
                        "blob_000.png": "a green blob on sand", "blob_001.png": "a green circle"}
     assert any("metadata.jsonl" in getattr(e, "text", "") and "line 4" in e.text for e in seen)
-    assert not trainer.class_items and result.steps == 2
+    assert not trainer.feed.class_items and result.steps == 2
     saved, meta = read_checkpoint(result.path)
     unet = {k: v for k, v in saved.items() if k.startswith("model.diffusion_model.")}
     assert all(v.dtype == torch.bfloat16 for v in unet.values())

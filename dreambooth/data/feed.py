@@ -1,6 +1,10 @@
 """The data side of a training run: the images and prompts of the concepts, their cached latents
-and embeddings, and each step's batch. A part of Trainer (a mixin over its cfg, comp, device,
-dtype, acc and class cursor), kept apart so the loop reads on its own."""
+and embeddings, and each step's batch.
+
+`DataFeed` owns all of it: it is given the config, the working model, the accelerator (for the
+process layout), the mixed-precision dtype and a way to talk; it keeps the items, buckets,
+caches and the class-image cursor, and answers `batch(order, b, rng, gen)`. The trainer holds
+one and never reaches into its caches."""
 from __future__ import annotations
 
 import random
@@ -16,7 +20,23 @@ from .sampling import ensure_class_images, slug
 
 
 class DataFeed:
-    def collect_data(self) -> None:
+    def __init__(self, cfg, comp, acc, dtype: torch.dtype, say, warn) -> None:
+        self.cfg, self.comp, self.acc, self.dtype = cfg, comp, acc, dtype
+        self.device, self.say, self.warn = acc.device, say, warn
+        self.items: list[Item] = []
+        self.class_items: dict[int, list[Item]] = {}
+        self.bucket_of: dict = {}
+        self.latents: dict = {}
+        self.embeddings: dict = {}
+        self.class_cursor = 0  # which class image the next prior row takes (saved in snapshots)
+
+    @property
+    def class_count(self) -> int:
+        return sum(len(v) for v in self.class_items.values())
+
+    def collect(self, make_ready_to_generate) -> None:
+        """Find every instance image (and make the missing class images: the UNet goes to the
+        device first, through `make_ready_to_generate`), then plan the buckets."""
         cfg, self.items, self.class_items = self.cfg, [], {}
         for i, concept in enumerate(cfg.concepts):
             found = instance_items(concept.instance_data_dir, concept.instance_prompt, self.warn)
@@ -24,7 +44,7 @@ class DataFeed:
             if concept.uses_prior:
                 folder = Path(concept.class_data_dir) if concept.class_data_dir else \
                     cfg.model_dir / "class_images" / slug(concept.class_prompt)
-                self.place_unet()  # to make any that are missing
+                make_ready_to_generate()  # to make any that are missing
                 with self.acc.main_process_first():  # rank 0 makes them, the others reuse them
                     paths = ensure_class_images(self.comp, concept, concept.class_images_per_instance
                                                 * len(found), folder, cfg, self.device, self.dtype,
@@ -94,11 +114,13 @@ class DataFeed:
                 self.class_cursor += 1
         return inst + cls, owner
 
-    def batch(self, order: list[int], b: int, rng: random.Random, gen: torch.Generator):
+    def batch(self, order: list[int], b: int, rng: random.Random, gen: torch.Generator,
+              encoders: list | None = None):
         """(latents, text conditioning, size conditioning, n_instance, rows, global size) of this
         process's share of the global batch, all of one bucket. Every random draw is made for the
         whole global batch on every process, so N processes see exactly what one process with N
-        times the batch would."""
+        times the batch would. `encoders`: the text encoders being trained (their prompts are
+        encoded with grad every step); None: the cached embeddings."""
         items, owner = self.global_batch(order, b)
         bs, rank = self.cfg.batch_size, self.acc.process_index
         bucket = self.bucket_of[items[0].path]  # instance rows come first; class rows follow it
@@ -109,8 +131,8 @@ class DataFeed:
                           generator=gen, device=gen.device)
         drawn = [self.latent_of(items[i], flips[i], seeds[i], eps[i:i + 1], bucket) for i in rows]
         chosen = [items[i] for i in rows]
-        if self.cfg.trains_text_encoder:
-            cond = self.encode_for_training([it.prompt for it in chosen])
+        if encoders:
+            cond = encode_prompts(self.comp, [it.prompt for it in chosen], self.device, encoders)
         else:
             cond = {k: torch.stack([self.embeddings[it.prompt][k] for it in chosen])
                     for k in self.embeddings[chosen[0].prompt]}
@@ -126,6 +148,3 @@ class DataFeed:
                                              random.Random(seed), flip)
                 mean, std = self.vae_encode(px)
         return (mean + std * eps.to(mean.device)) * self.comp.vae.config.scaling_factor, geometry
-
-    def encode_for_training(self, prompts: list[str]) -> dict:
-        return encode_prompts(self.comp, prompts, self.device, self.models[1:])

@@ -22,8 +22,7 @@ and CUDA_OVERHEAD, come from the H100 numbers in the issue (the batch 1 -> 8 slo
 step: 1.59 GB per image measured, 0.98 GB counted here) and must be re-measured with
 `python -m bench` on a GPU: the goal is within 15% of the measured peak in every benchmark
 configuration. Standard library and torch only at
-import time; diffusers and transformers are imported (lazily) only to build meta models. The
-core does not import this module.
+import time; diffusers and transformers are imported (lazily) only to build meta models.
 """
 from __future__ import annotations
 
@@ -301,3 +300,20 @@ def oom_advice(cfg, total: int | None) -> str:
         return generic + kept
     return (f"With {total / 2**30:.1f} GiB on this GPU: " + advice.message.split(". ", 1)[1]
             + " Or set memory_preset to 'lowest' for the least memory." + kept)
+
+
+def plan_run(cfg, resumed_config: dict | None, free_bytes: int | None, half: str, say):
+    """The config to train with under its memory_preset, saying every change (and, on a GPU,
+    whether the run fits in its free memory). A resumed 'auto' run goes on with the settings
+    its preset chose when it began (`resumed_config`), whatever is free now."""
+    if resumed_config is not None and cfg.memory_preset == "auto":
+        kept = {k: resumed_config[k] for step, _ in STEPS for k, _ in step
+                if k in resumed_config and resumed_config[k] != getattr(cfg, k)}
+        if kept:
+            say("Resuming with the settings the 'auto' memory preset chose for this run: "
+                + ", ".join(f"{k} = {v}" for k, v in kept.items()) + ".")
+        return cfg.replace(**kept)
+    planned, said = plan(cfg, free_bytes, half)
+    for text in said:
+        say(text)
+    return planned

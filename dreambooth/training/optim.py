@@ -109,3 +109,24 @@ class PerWeight(torch.optim.Optimizer):
         for hook in self.hooks:
             hook.remove()
         self.hooks = []
+
+
+def make_optimizer(cfg, groups: list, acc, warn) -> tuple:
+    """(optimizer, its name for the log): the configured optimizer; per weight (PerWeight) with
+    bf16 weights or fused into backward. A fused optimizer needs one process: DDP averages
+    gradients after backward, which is too late for an update inside it."""
+    from . import backends
+    per_weight = cfg.fused_optimizer or (cfg.bf16_weights and not cfg.use_lora)
+    if per_weight and acc.distributed_type == "DEEPSPEED":
+        warn("Under DeepSpeed, which owns the optimizer step, fused_optimizer and "
+             "bf16_weights do not apply; the optimizer steps as usual.")
+        per_weight = False
+    if not per_weight:
+        return backends.make_optimizer(cfg.optimizer, groups, cfg, acc.device, warn)
+    fused = cfg.fused_optimizer and acc.num_processes == 1
+    if cfg.fused_optimizer and not fused:
+        warn("fused_optimizer needs a single process; with several, the optimizer "
+             "steps after backward as usual.")
+    build, name = backends.optimizer_builder(cfg.optimizer, cfg, acc.device, warn)
+    name += " (per weight, in backward)" if fused else " (per weight)"
+    return PerWeight(groups, build, fused, cfg.max_grad_norm if fused else 0.0, cfg.seed), name

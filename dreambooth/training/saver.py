@@ -1,6 +1,10 @@
 """What a training run writes: checkpoints, the LoRA file (and its merge), the working model
-for the next run, preview samples. A part of Trainer (a mixin over its cfg, comp, acc, ema,
-revision and events), kept apart so the loop reads on its own."""
+for the next run, preview samples.
+
+`Saver` owns the output paths and every write. It is given the config, the working model, the
+accelerator (who writes, and the unwrapped UNet), the event bus and the model's revision; the
+trainer hands it the states to write (the UNet's, EMA applied) and what the run learnt from.
+"""
 from __future__ import annotations
 
 import json
@@ -15,11 +19,14 @@ from ..model.checkpoint import write_text
 from ..model.components import te_state
 from ..model.metadata import training_metadata
 from ..model.single_file import save_single_file
-from ..model.workdir import save_working_dir, source_id, working_dir
+from ..model.workdir import load_model, save_working_dir, source_id, working_dir
 from .lora import merged_state, save_lora, ss_metadata
 
 
-class Outputs:
+class Saver:
+    def __init__(self, cfg, comp, acc, emit, revision: int) -> None:
+        self.cfg, self.comp, self.acc, self.emit, self.revision = cfg, comp, acc, emit, revision
+
     def output_path(self, step: int, merged: bool = False) -> Path:
         """The file a save at `step` writes: the checkpoint, or the LoRA (`merged`: the full
         checkpoint with the LoRA merged in)."""
@@ -27,13 +34,10 @@ class Outputs:
             else self.cfg.resolved_output_dir
         return folder / f"{self.cfg.model_name}_{self.revision + step}.safetensors"
 
-    def plan_outputs(self) -> None:
-        """Refuse before training, not after hours, when an output would replace a file."""
+    def refuse_clashes(self, steps: set[int]) -> None:
+        """Refuse before training, not after hours, when a save at one of `steps` would replace
+        a file."""
         cfg = self.cfg
-        steps = {self.total_steps}
-        if cfg.save_every_epochs:
-            steps |= {self.epoch_end_step(e) for e in range(self.epochs)
-                      if (e + 1) % cfg.save_every_epochs == 0}
         merges = (False, True) if cfg.use_lora and cfg.lora_merge else (False,)
         clash = [self.output_path(s, m) for s in sorted(steps) for m in merges
                  if self.output_path(s, m).exists()]
@@ -43,44 +47,37 @@ class Outputs:
                                   "'overwrite'.")
 
     # -- saving -------------------------------------------------------------------------
-    def unet_state(self) -> dict:
-        unet = self.comp.unet
-        if self.ema is None:
-            return unet.state_dict()
-        self.ema.store(unet.parameters())
-        self.ema.copy_to(unet.parameters())
-        state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-        self.ema.restore(unet.parameters())
-        return state
-
-    def save(self, step: int, final: bool = False) -> Path:
+    def save(self, step: int, unet_state: dict, facts: dict, keep_working: bool) -> Path:
+        """Write what a save at `step` writes (on the main process; the others wait); with
+        `keep_working`, also the working model the next run of this model goes on from.
+        `facts`: what the run learnt from (epochs, items, class_images), for the LoRA's
+        metadata."""
         cfg, path = self.cfg, self.output_path(step)
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             meta = training_metadata(cfg, self.comp.spec, self.revision + step)
             if cfg.use_lora:
-                self.save_lora(step, path, meta)
+                self.save_lora(step, path, meta, unet_state, facts)
             else:
                 save_single_file(self.comp, path, cfg.save_precision, meta,
-                                 overwrite=cfg.overwrite, unet_state=self.unet_state())
-            if final and not self.cancel.cancelled:
+                                 overwrite=cfg.overwrite, unet_state=unet_state)
+            if keep_working:
                 self.save_working(step)
             self.emit(ev.CheckpointSaved(str(path), step))
         return path
 
-    def save_lora(self, step: int, path: Path, meta: dict) -> None:
+    def save_lora(self, step: int, path: Path, meta: dict, unet_state: dict, facts: dict) -> None:
         """The LoRA file (and, with lora_merge, the full checkpoint with the LoRA merged in)."""
         cfg, comp = self.cfg, self.comp
-        states = {"unet": self.unet_state()}
+        states = {"unet": unet_state}
         if cfg.lora_text_encoder:
             states.update({s.component: te_state(getattr(comp, s.component))
                            for s in comp.spec.text_encoders})
-        stats = ss_metadata(cfg, comp.spec, self.revision + step, self.epochs, self.items,
-                            sum(len(v) for v in self.class_items.values()))
+        stats = ss_metadata(cfg, comp.spec, self.revision + step, facts["epochs"],
+                            facts["items"], facts["class_images"])
         save_lora(comp, path, cfg, states, {**meta, **stats}, cfg.save_precision,
                   overwrite=cfg.overwrite)
         if cfg.lora_merge:  # into the untouched weights: training ran on a half-precision copy
-            from ..model.workdir import load_model
             base, _ = load_model(cfg, lambda *a: None)
             bases = {"unet": base.unet.state_dict(), **{
                 s.component: te_state(getattr(base, s.component)) for s in comp.spec.text_encoders}}
@@ -99,12 +96,10 @@ class Outputs:
         write_text(self.cfg.model_dir / "config.json", self.cfg.to_json())
 
     @torch.no_grad()
-    def sample(self, step: int) -> None:
+    def sample(self, step: int, unet, dtype: torch.dtype) -> None:
+        """Preview images of every concept with the UNet as it is now (the frozen modules must
+        be on the UNet's device)."""
         cfg, comp = self.cfg, self.comp
-        unet = self.acc.unwrap_model(self.models[0])
-        unet.eval()
-        for module in self.frozen_modules():
-            module.to(self.device)
         pipe = make_pipeline(comp, unet=unet, text_encoder=comp.text_encoder)
         folder = cfg.model_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
@@ -112,7 +107,5 @@ class Outputs:
             prompt = concept.sample_prompt or concept.instance_prompt.replace("[filewords]", "")
             for path in generate_images(pipe, prompt, 1, folder, f"step{step:06d}_c{i}", 0,
                                         cfg.resolution, cfg.sample_steps, cfg.guidance_scale,
-                                        cfg.seed, self.dtype):
+                                        cfg.seed, dtype):
                 self.emit(ev.SampleSaved(str(path), step, prompt))
-        unet.train()
-        self.park_frozen()

@@ -61,7 +61,7 @@ def save_snapshot(trainer, step: int, epoch: int, batch: int, order: list[int]) 
                 "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
                 "rng": rng_state}, tmp / "training.pt")
     info = {"step": step, "epoch": epoch, "batch": batch, "order": order,
-            "class_cursor": trainer.class_cursor, "accelerator_step": trainer.acc.step,
+            "class_cursor": trainer.feed.class_cursor, "accelerator_step": trainer.acc.step,
             "total_steps": trainer.total_steps, "revision": trainer.revision,
             "config": trainer.cfg.to_dict()}
     write_text(tmp / "trainer.json", json.dumps(info))
@@ -99,7 +99,7 @@ def load_snapshot(trainer, folder: Path) -> dict:
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available() and rng["cuda"]:
         torch.cuda.set_rng_state_all(rng["cuda"])
-    trainer.class_cursor = info["class_cursor"]
+    trainer.feed.class_cursor = info["class_cursor"]
     trainer.acc.step = info["accelerator_step"]
     return info
 

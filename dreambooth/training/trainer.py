@@ -1,7 +1,9 @@
-"""The DreamBooth training run: load, set up, train, sample, save.
+"""The DreamBooth training run: plan -> load -> feed -> loop -> save.
 
 `train(config, on_event, cancel)` is the one entry point: the CLI, the WebUI tab (through the
-CLI in a child process) and Python users all call it.
+CLI in a child process) and Python users all call it. `Trainer` owns the model, the optimizer and
+the step; it holds a `DataFeed` (images, caches, batches) and a `Saver` (output paths, files)
+and hands them what they need.
 """
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ from ..model.components import unet_kwargs
 from ..model.workdir import load_model
 from . import backends
 from .lora import add_lora
+from .memory import plan_run
+from .optim import make_optimizer
 from .loss import compute_loss, noise_like
-from .saver import Outputs
+from .saver import Saver
 from .state import (
     ModelLock,
     choose_snapshot,
@@ -81,7 +85,7 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class Trainer(DataFeed, Outputs):
+class Trainer:
     def __init__(self, cfg: TrainingConfig, emit, cancel: ev.CancelToken) -> None:
         self.cfg, self.emit, self.cancel = cfg, emit, cancel
         self.said: set[str] = set()
@@ -100,7 +104,9 @@ class Trainer(DataFeed, Outputs):
         cfg = self.cfg
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.resume_from = choose_snapshot(cfg, cfg.model_dir)
-        self.cfg = cfg = self.plan_memory(cfg, device)
+        saved = snapshot_info(self.resume_from)["config"] if self.resume_from else None
+        self.cfg = cfg = plan_run(cfg, saved, self.free_gpu_memory(device),
+                                  backends.half_precision(device), self.say)
         self.precision = backends.resolve_precision(cfg.mixed_precision, device, self.warn)
         # a second run in one process (a notebook, the benchmark) may differ in precision:
         # accelerate keeps the first run's settings process-wide unless they are cleared
@@ -127,13 +133,15 @@ class Trainer(DataFeed, Outputs):
                   else trained if cfg.train_text_encoder else torch.float32).requires_grad_(False)
         self.unet_dtype = self.dtype if cfg.use_lora else trained
         self.scheduler = self.comp.noise_scheduler()
-        self.collect_data()
-        self.cache()
+        self.feed = DataFeed(cfg, self.comp, self.acc, self.dtype, self.say, self.warn)
+        self.feed.collect(self.place_unet)
+        self.feed.cache()
         self.park_frozen()
         self.place_unet()
         self.attention = backends.set_attention(self.comp.unet, cfg.attention, self.warn)
         self.plan_steps()
-        self.plan_outputs()
+        self.saver = Saver(cfg, self.comp, self.acc, self.emit, self.revision)
+        self.saver.refuse_clashes(self.save_steps())
         self.setup_optimization()
 
     def place_unet(self) -> None:
@@ -141,24 +149,6 @@ class Trainer(DataFeed, Outputs):
 
     def free_gpu_memory(self, device: torch.device) -> int | None:
         return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-
-    def plan_memory(self, cfg: TrainingConfig, device: torch.device) -> TrainingConfig:
-        """The config to train with under its memory_preset, saying every change (and, on a
-        GPU, whether the run fits in its free memory)."""
-        from .memory import STEPS, plan
-        if self.resume_from is not None and cfg.memory_preset == "auto":
-            # go on as the run began, whatever is free now
-            saved = snapshot_info(self.resume_from)["config"]
-            kept = {k: saved[k] for step, _ in STEPS for k, _ in step
-                    if k in saved and saved[k] != getattr(cfg, k)}
-            if kept:
-                self.say("Resuming with the settings the 'auto' memory preset chose for this "
-                         "run: " + ", ".join(f"{k} = {v}" for k, v in kept.items()) + ".")
-            return cfg.replace(**kept)
-        planned, said = plan(cfg, self.free_gpu_memory(device), backends.half_precision(device))
-        for text in said:
-            self.say(text)
-        return planned
 
     def frozen_modules(self) -> list:
         """What training itself no longer needs on the GPU: the VAE once the latents are cached,
@@ -177,7 +167,8 @@ class Trainer(DataFeed, Outputs):
         cfg = self.cfg
         self.epochs = cfg.steps_per_image
         global_batch = cfg.batch_size * self.acc.num_processes
-        self.batches_per_epoch = buckets.batch_count([self.bucket_of[it.path] for it in self.items],
+        feed = self.feed
+        self.batches_per_epoch = buckets.batch_count([feed.bucket_of[it.path] for it in feed.items],
                                                      global_batch, cfg.bucketing)
         ga = cfg.gradient_accumulation_steps
         self.total_steps = max(1, self.epochs * self.batches_per_epoch // ga)
@@ -187,6 +178,12 @@ class Trainer(DataFeed, Outputs):
     def epoch_end_step(self, epoch: int) -> int:
         return min(self.total_steps, (epoch + 1) * self.batches_per_epoch
                    // self.cfg.gradient_accumulation_steps)
+
+    def save_steps(self) -> set[int]:
+        """Every step a checkpoint will be saved at: each save_every_epochs, and the last."""
+        every = self.cfg.save_every_epochs
+        return {self.total_steps} | ({self.epoch_end_step(e) for e in range(self.epochs)
+                                      if (e + 1) % every == 0} if every else set())
 
     def setup_optimization(self) -> None:
         from diffusers.optimization import get_scheduler
@@ -209,7 +206,7 @@ class Trainer(DataFeed, Outputs):
             if cfg.gradient_checkpointing:
                 te.gradient_checkpointing_enable(  # reentrant would leave it without grads
                     gradient_checkpointing_kwargs={"use_reentrant": False})
-        optimizer = self.make_optimizer(groups)
+        optimizer, self.optimizer_name = make_optimizer(cfg, groups, self.acc, self.warn)
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
                                           num_warmup_steps=cfg.lr_warmup_steps,
                                           num_training_steps=self.total_steps)
@@ -222,30 +219,6 @@ class Trainer(DataFeed, Outputs):
             self.ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
             self.ema.to(self.device)
 
-    def make_optimizer(self, groups: list):
-        """The configured optimizer; per weight (optim.PerWeight) with bf16 weights or fused
-        into backward. A fused optimizer needs one process: DDP averages gradients after
-        backward, which is too late for an update inside it."""
-        cfg = self.cfg
-        per_weight = cfg.fused_optimizer or (cfg.bf16_weights and not cfg.use_lora)
-        if per_weight and self.acc.distributed_type == "DEEPSPEED":
-            self.warn("Under DeepSpeed, which owns the optimizer step, fused_optimizer and "
-                      "bf16_weights do not apply; the optimizer steps as usual.")
-            per_weight = False
-        if not per_weight:
-            optimizer, self.optimizer_name = backends.make_optimizer(
-                cfg.optimizer, groups, cfg, self.device, self.warn)
-            return optimizer
-        from .optim import PerWeight
-        fused = cfg.fused_optimizer and self.acc.num_processes == 1
-        if cfg.fused_optimizer and not fused:
-            self.warn("fused_optimizer needs a single process; with several, the optimizer "
-                      "steps after backward as usual.")
-        build, self.optimizer_name = backends.optimizer_builder(cfg.optimizer, cfg, self.device,
-                                                                self.warn)
-        self.optimizer_name += " (per weight, in backward)" if fused else " (per weight)"
-        return PerWeight(groups, build, fused, cfg.max_grad_norm if fused else 0.0, cfg.seed)
-
     @property
     def fused(self) -> bool:
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper
@@ -253,7 +226,9 @@ class Trainer(DataFeed, Outputs):
 
     # -- one step ------------------------------------------------------------------------
     def step_loss(self, order, b, rng, gen):
-        latents, cond, geometry, n_inst, rows, n_global = self.batch(order, b, rng, gen)
+        encoders = self.models[1:] if self.cfg.trains_text_encoder else None
+        latents, cond, geometry, n_inst, rows, n_global = self.feed.batch(order, b, rng, gen,
+                                                                          encoders)
         noise = noise_like(torch.empty((n_global, *latents.shape[1:])), gen,
                            self.cfg.offset_noise)[rows].to(self.device)
         timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (n_global,),
@@ -276,7 +251,7 @@ class Trainer(DataFeed, Outputs):
     def start_position(self) -> dict:
         """Fresh generators at step 0, or everything restored from the chosen snapshot."""
         self.rng, self.gen = fresh_rng(self.cfg.seed)  # the same on every process: see batch()
-        self.class_cursor = 0
+        self.feed.class_cursor = 0
         snapshot = self.resume_from
         if snapshot is None:
             return {"step": 0, "epoch": 0, "batch": 0, "order": None}
@@ -289,13 +264,13 @@ class Trainer(DataFeed, Outputs):
 
     def loop(self, position: dict) -> TrainResult:
         cfg, acc, step = self.cfg, self.acc, position["step"]
-        self.emit(ev.Started(cfg.model_name, self.total_steps, self.epochs, len(self.items),
-                             sum(len(v) for v in self.class_items.values()), step))
+        self.emit(ev.Started(cfg.model_name, self.total_steps, self.epochs, len(self.feed.items),
+                             self.feed.class_count, step))
         result, start, window, self.resumed_at = TrainResult(None, step), time.time(), [], step
         for epoch in range(position["epoch"], self.epochs):
             order, first = (position["order"], position["batch"]) \
                 if epoch == position["epoch"] and position["order"] is not None else \
-                (buckets.epoch_order([self.bucket_of[it.path] for it in self.items],
+                (buckets.epoch_order([self.feed.bucket_of[it.path] for it in self.feed.items],
                                      cfg.batch_size * acc.num_processes, self.rng,
                                      cfg.bucketing), 0)
             next_batch = first
@@ -369,6 +344,33 @@ class Trainer(DataFeed, Outputs):
             self.sample(step)
         if not last and cfg.save_every_epochs and (epoch + 1) % cfg.save_every_epochs == 0:
             result.saved.append(self.save(step))
+
+    # -- outputs (the Saver writes) ----------------------------------------------------------
+    def unet_state(self) -> dict:
+        """The UNet's weights to save: the EMA's, when one is kept."""
+        unet = self.comp.unet
+        if self.ema is None:
+            return unet.state_dict()
+        self.ema.store(unet.parameters())
+        self.ema.copy_to(unet.parameters())
+        state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+        self.ema.restore(unet.parameters())
+        return state
+
+    def save(self, step: int, final: bool = False) -> Path:
+        facts = {"epochs": self.epochs, "items": self.feed.items,
+                 "class_images": self.feed.class_count}
+        return self.saver.save(step, self.unet_state(), facts,
+                               keep_working=final and not self.cancel.cancelled)
+
+    def sample(self, step: int) -> None:
+        unet = self.acc.unwrap_model(self.models[0])
+        unet.eval()
+        for module in self.frozen_modules():
+            module.to(self.device)
+        self.saver.sample(step, unet, self.dtype)
+        unet.train()
+        self.park_frozen()
 
     def finish(self, step: int, start: float, result: TrainResult) -> TrainResult:
         result.steps, result.cancelled = step, self.cancel.cancelled
