@@ -1,7 +1,12 @@
 """Shared fixtures: tiny models built from configs (seconds on a CPU), synthetic images, no network."""
 from __future__ import annotations
 
+import os
 import socket
+
+# what the CLI gives a deterministic run (host/cli.py run_training), for the in-process runs too:
+# set before torch's first BLAS call
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import pytest
 

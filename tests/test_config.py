@@ -28,7 +28,7 @@ def full_config():
         use_lora=True, lora_rank=32, lora_alpha=8.0, lora_text_encoder=True,
         lora_learning_rate=2e-4, lora_text_encoder_learning_rate=1e-5, lora_dir="/l",
         lora_merge=True, bucketing=True, bucket_no_upscale=True, memory_preset="lowest",
-        fused_optimizer=True, bf16_weights=True)
+        fused_optimizer=True, bf16_weights=True, deterministic="off", cpu_threads=3)
 
 
 def test_every_field_round_trips_through_json():

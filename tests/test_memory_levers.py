@@ -106,8 +106,13 @@ def test_optimizer_in_backward_gives_the_plain_step_and_keeps_no_gradients(quick
     a, b = unet_weights(plain.result.path), unet_weights(fused.result.path)
     source = unet_weights(quick_config.source_checkpoint)
     assert any(not torch.equal(a[k], source[k].float()) for k in a)  # it did train
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
+    # the fused step sums gradients in another order, and Adam turns a near-zero gradient's
+    # rounding into a step of up to about lr: no weight can be further apart than that over the
+    # run, and nearly all are equal to float rounding
+    diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    bound = 2 * base.learning_rate * plain.result.steps
+    assert diffs.max().item() <= bound, (diffs.max().item(), bound)
+    assert (diffs <= 1e-6).float().mean().item() >= 0.99
 
 
 def test_lowest_preset_trains_bf16_weights_in_backward(quick_config):

@@ -10,20 +10,10 @@ imports another stage of `dreambooth`.
 """
 from .errors import CheckpointError, ConfigError, DataError, DreamboothError, Problem, TrainingError
 from .migrate import MIGRATIONS, SCHEMA_VERSION, migrate
-from .schema import (
-           ATTENTION,
-           LR_SCHEDULERS,
-           MEMORY_PRESETS,
-           MIXED_PRECISION,
-           MODEL_TYPES,
-           OPTIMIZERS,
-           SAVE_PRECISION,
-           Concept,
-           TrainingConfig,
-           field_help,
-)
+from .schema import ATTENTION, DETERMINISTIC, LR_SCHEDULERS, MEMORY_PRESETS, MIXED_PRECISION, \
+    MODEL_TYPES, OPTIMIZERS, SAVE_PRECISION, Concept, TrainingConfig, field_help
 
 __all__ = ["TrainingConfig", "Concept", "Problem", "field_help", "migrate", "MIGRATIONS",
            "SCHEMA_VERSION", "MODEL_TYPES", "OPTIMIZERS", "MIXED_PRECISION", "ATTENTION",
-           "LR_SCHEDULERS", "SAVE_PRECISION", "MEMORY_PRESETS", "DreamboothError", "ConfigError",
+           "LR_SCHEDULERS", "SAVE_PRECISION", "MEMORY_PRESETS", "DETERMINISTIC", "DreamboothError", "ConfigError",
            "CheckpointError", "DataError", "TrainingError"]

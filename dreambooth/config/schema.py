@@ -31,6 +31,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine",
                  "cosine_with_restarts", "polynomial")
 SAVE_PRECISION = ("fp32", "fp16", "bf16")
 MEMORY_PRESETS = ("auto", "lowest", "off")
+DETERMINISTIC = ("auto", "on", "off")
 
 
 
@@ -137,6 +138,17 @@ class TrainingConfig:
                               advanced=True, minimum=0.0, maximum=100.0)
     seed: int = _f(42, "Random seed (data order, noise, samples).", advanced=True, minimum=0,
                    maximum=2**32 - 1)
+    deterministic: str = _f("auto", "'on': deterministic kernels, so the same config, images, "
+                                    "machine, CPU thread count and package versions give "
+                                    "bit-identical losses and weights, also across a kill and "
+                                    "resume (some GPU kernels get slower); 'auto': on whenever "
+                                    "training state is saved for resume (state_every_steps > 0); "
+                                    "'off': the fastest kernels, results only statistically the "
+                                    "same.", advanced=True, choices=DETERMINISTIC)
+    cpu_threads: int = _f(0, "CPU threads for the training maths (0: PyTorch's default). The "
+                             "count is recorded with the training state: a resume on another "
+                             "count goes on, close to but not bit-identical with an "
+                             "uninterrupted run.", advanced=True, minimum=0, maximum=1024)
     save_precision: str = _f("fp32", "Precision of the saved checkpoint (fp16: 'half model').",
                              choices=SAVE_PRECISION)
     class_generation_steps: int = _f(20, "Denoising steps when generating class images.",
@@ -188,6 +200,11 @@ class TrainingConfig:
     @property
     def resolved_lora_dir(self) -> Path:
         return Path(self.lora_dir) if self.lora_dir else self.model_dir / "lora"
+
+    @property
+    def is_deterministic(self) -> bool:
+        return self.deterministic == "on" or (self.deterministic == "auto"
+                                              and bool(self.state_every_steps))
 
     @property
     def trains_text_encoder(self) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
 from pathlib import Path
@@ -116,6 +117,10 @@ def run_training(config: TrainingConfig, events_jsonl: str | None) -> int:
     first = _is_first_process()  # under torchrun / accelerate launch only rank 0 reports
     jsonl = JsonLines(events_jsonl) if events_jsonl and first else None
     console = ConsoleProgress(stream=sys.stderr) if first else None
+    if config.is_deterministic:
+        # Intel MKL rounds multi-threaded BLAS by memory alignment unless this is set before
+        # its first call; the training stack is imported only below
+        os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     try:
         from ..training.trainer import train
         result = train(config, _fanout(console, jsonl), cancel)

@@ -5,6 +5,8 @@ optimizer step), never by whether an import succeeds: xformers imports on a CPU 
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Callable
 
 import torch
@@ -12,6 +14,33 @@ import torch
 from ..config.errors import DreamboothError
 
 Say = Callable[[str], None]
+
+
+# -- reproducibility ------------------------------------------------------------------------
+@contextlib.contextmanager
+def reproducible(deterministic: bool, cpu_threads: int):
+    """Within: `cpu_threads` CPU threads (0: as they are) and, when `deterministic`,
+    deterministic kernels (cuBLAS's fixed workspace, cuDNN without autotuning). Yields what
+    decides bit-identity ({device, cpu_threads, deterministic}); restores everything after, so
+    a notebook or a test suite goes on as it was."""
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    if cpu_threads:
+        torch.set_num_threads(cpu_threads)
+    if deterministic:
+        if torch.cuda.is_available():  # read when cuBLAS makes its first handle
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # CPU kernels all have a deterministic form; on a GPU a few (some attention backward
+        # passes) may not: there they warn instead of stopping a run
+        torch.use_deterministic_algorithms(True, warn_only=torch.cuda.is_available())
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield {"device": "cuda" if torch.cuda.is_available() else "cpu",
+               "cpu_threads": torch.get_num_threads(), "deterministic": deterministic}
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2:]
 
 
 # -- mixed precision ------------------------------------------------------------------------

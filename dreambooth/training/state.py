@@ -22,7 +22,8 @@ from ..model.checkpoint import write_text
 # Settings that change neither the weights nor the order of training: may differ on resume.
 FREE_ON_RESUME = {"output_dir", "overwrite", "sample_every_epochs", "save_every_epochs",
                   "state_every_steps", "resume", "sample_steps", "guidance_scale",
-                  "save_precision", "work_dir", "attention", "lora_dir", "lora_merge"}
+                  "save_precision", "work_dir", "attention", "lora_dir", "lora_merge",
+                  "cpu_threads", "deterministic"}
 STATE_DIR = "state"
 
 
@@ -63,7 +64,7 @@ def save_snapshot(trainer, step: int, epoch: int, batch: int, order: list[int]) 
     info = {"step": step, "epoch": epoch, "batch": batch, "order": order,
             "class_cursor": trainer.feed.class_cursor, "accelerator_step": trainer.acc.step,
             "total_steps": trainer.total_steps, "revision": trainer.revision,
-            "config": trainer.cfg.to_dict()}
+            "config": trainer.cfg.to_dict(), "machine": trainer.machine}
     write_text(tmp / "trainer.json", json.dumps(info))
     if final.exists():
         shutil.rmtree(final)
@@ -101,7 +102,25 @@ def load_snapshot(trainer, folder: Path) -> dict:
         torch.cuda.set_rng_state_all(rng["cuda"])
     trainer.feed.class_cursor = info["class_cursor"]
     trainer.acc.step = info["accelerator_step"]
+    changed = machine_differences(info.get("machine", {}), trainer.machine)
+    if changed:
+        trainer.warn(f"This run began with {changed[0]} and resumes with {changed[1]}: it goes "
+                     "on, but its result will be close to, not bit-identical with, an "
+                     "uninterrupted run's.")
     return info
+
+
+def machine_differences(then: dict, now: dict) -> tuple[str, str] | None:
+    """(what the run began on, what it resumes on), in words, where that breaks bit-identity:
+    another device, CPU thread count or determinism; None when they match (or are unknown)."""
+    keys = [k for k in ("device", "cpu_threads", "deterministic") if k in then and k in now
+            and then[k] != now[k]]
+    if not keys:
+        return None
+
+    def words(m: dict) -> str:
+        return ", ".join(f"{k.replace('_', ' ')} {m[k]}" for k in keys)
+    return words(then), words(now)
 
 
 def _as_tuple(value):

@@ -89,6 +89,7 @@ class Trainer:
     def __init__(self, cfg: TrainingConfig, emit, cancel: ev.CancelToken) -> None:
         self.cfg, self.emit, self.cancel = cfg, emit, cancel
         self.said: set[str] = set()
+        self.machine: dict = {}
 
     def say(self, text: str, level: str = "info") -> None:
         if text not in self.said:
@@ -244,7 +245,9 @@ class Trainer:
         import os
         # one lock per launch: its rank 0 takes it (torchrun / accelerate launch set RANK)
         with ModelLock(self.cfg.model_dir, self.say) if os.environ.get("RANK", "0") == "0" \
-                else contextlib.nullcontext():
+                else contextlib.nullcontext(), \
+                backends.reproducible(self.cfg.is_deterministic, self.cfg.cpu_threads) as machine:
+            self.machine = machine  # recorded in snapshots: a resume elsewhere is said
             self.setup()
             return self.loop(self.start_position())
 
