@@ -89,11 +89,17 @@ def event_from_json(line: str) -> Event:
     return cls(**{k: v for k, v in data.items() if k in names})
 
 
+COMMANDS = ("save", "sample")  # what a host can ask of a running job besides cancel
+
+
 class CancelToken:
-    """Set from any thread (or a signal handler); the trainer checks it between steps."""
+    """Set from any thread (or a signal handler); the trainer checks it between steps. It also
+    carries the host's other commands ("save": a checkpoint now, "sample": previews now), each
+    taken once by the trainer at the next optimizer step."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._asked: set[str] = set()
 
     def cancel(self) -> None:
         self._event.set()
@@ -101,6 +107,19 @@ class CancelToken:
     @property
     def cancelled(self) -> bool:
         return self._event.is_set()
+
+    def request(self, command: str) -> None:
+        if command not in COMMANDS:
+            raise ValueError(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
+        self._asked.add(command)  # set.add is atomic: safe from a signal handler
+
+    def take(self, command: str) -> bool:
+        """Whether `command` was asked for since the last take (and forget it)."""
+        try:
+            self._asked.remove(command)
+            return True
+        except KeyError:
+            return False
 
 
 Listener = Callable[[Event], Any]

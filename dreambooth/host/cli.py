@@ -149,6 +149,9 @@ def _fanout(*listeners):
     return on_event
 
 
+COMMAND_SIGNALS = {"SIGUSR1": "save", "SIGUSR2": "sample"}
+
+
 def _install_signal_handlers(cancel: CancelToken) -> None:
     def handler(signum, frame):
         if cancel.cancelled:  # a second Ctrl-C stops at once
@@ -159,3 +162,10 @@ def _install_signal_handlers(cancel: CancelToken) -> None:
             signal.signal(sig, handler)
         except ValueError:  # not the main thread (embedded use)
             pass
+    for name, command in COMMAND_SIGNALS.items():  # POSIX: `kill -USR1 <pid>` saves now
+        if hasattr(signal, name):
+            try:
+                signal.signal(getattr(signal, name),
+                              lambda signum, frame, c=command: cancel.request(c))
+            except ValueError:
+                pass

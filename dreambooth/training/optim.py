@@ -130,3 +130,30 @@ def make_optimizer(cfg, groups: list, acc, warn) -> tuple:
     build, name = backends.optimizer_builder(cfg.optimizer, cfg, acc.device, warn)
     name += " (per weight, in backward)" if fused else " (per weight)"
     return PerWeight(groups, build, fused, cfg.max_grad_norm if fused else 0.0, cfg.seed), name
+
+
+def trainable_groups(cfg, comp) -> list[dict]:
+    """The parameter groups a run trains, set to train (and to checkpoint gradients): the LoRA
+    layers (in fp32) with everything else frozen, or the UNet and, with train_text_encoder,
+    the text encoders at their own learning rate."""
+    from .lora import add_lora
+    unet, tes = comp.unet, comp.text_encoders
+    if cfg.use_lora:
+        groups = add_lora(comp, cfg)
+        for p in (p for g in groups for p in g["params"]):
+            p.data = p.data.float()
+    else:
+        groups = [{"params": list(unet.requires_grad_(True).parameters()),
+                   "lr": cfg.learning_rate}]
+        if cfg.train_text_encoder:
+            groups.append({"params": [p for te in tes for p in te.requires_grad_(True)
+                                      .parameters()], "lr": cfg.text_encoder_learning_rate})
+    unet.train()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    for te in tes if cfg.trains_text_encoder else ():
+        te.train()
+        if cfg.gradient_checkpointing:
+            te.gradient_checkpointing_enable(  # reentrant would leave it without grads
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+    return groups

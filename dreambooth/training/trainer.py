@@ -21,9 +21,8 @@ from ..data.feed import DataFeed
 from ..model.components import unet_kwargs
 from ..model.workdir import load_model
 from . import backends
-from .lora import add_lora
 from .memory import plan_run
-from .optim import make_optimizer
+from .optim import make_optimizer, trainable_groups
 from .loss import compute_loss, noise_like
 from .saver import Saver
 from .state import (
@@ -90,6 +89,7 @@ class Trainer:
         self.cfg, self.emit, self.cancel = cfg, emit, cancel
         self.said: set[str] = set()
         self.machine: dict = {}
+        self.saved_steps: set[int] = set()
 
     def say(self, text: str, level: str = "info") -> None:
         if text not in self.said:
@@ -189,24 +189,7 @@ class Trainer:
     def setup_optimization(self) -> None:
         from diffusers.optimization import get_scheduler
         cfg, unet, tes = self.cfg, self.comp.unet, self.comp.text_encoders
-        if cfg.use_lora:  # LoRA layers in (trained in fp32), everything else frozen
-            groups = add_lora(self.comp, cfg)
-            for p in (p for g in groups for p in g["params"]):
-                p.data = p.data.float()
-        else:
-            groups = [{"params": list(unet.requires_grad_(True).parameters()),
-                       "lr": cfg.learning_rate}]
-            if cfg.train_text_encoder:
-                groups.append({"params": [p for te in tes for p in te.requires_grad_(True)
-                                          .parameters()], "lr": cfg.text_encoder_learning_rate})
-        unet.train()
-        if cfg.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        for te in tes if cfg.trains_text_encoder else ():
-            te.train()
-            if cfg.gradient_checkpointing:
-                te.gradient_checkpointing_enable(  # reentrant would leave it without grads
-                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        groups = trainable_groups(cfg, self.comp)
         optimizer, self.optimizer_name = make_optimizer(cfg, groups, self.acc, self.warn)
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
                                           num_warmup_steps=cfg.lr_warmup_steps,
@@ -286,6 +269,7 @@ class Trainer:
                 if acc.sync_gradients:
                     step += 1
                     self.after_update(step)
+                    self.run_commands(step, result)
                     result.losses.append(sum(window) / len(window))
                     window = []
                     self.emit(ev.Step(step, self.total_steps, epoch + 1, result.losses[-1],
@@ -345,8 +329,21 @@ class Trainer:
         if cfg.sample_every_epochs and (epoch + 1) % cfg.sample_every_epochs == 0 \
                 and self.acc.is_main_process:
             self.sample(step)
-        if not last and cfg.save_every_epochs and (epoch + 1) % cfg.save_every_epochs == 0:
+        if not last and cfg.save_every_epochs and (epoch + 1) % cfg.save_every_epochs == 0 \
+                and step not in self.saved_steps:
             result.saved.append(self.save(step))
+
+    def run_commands(self, step: int, result: TrainResult) -> None:
+        """What the host asked for since the last step: a checkpoint now, previews now."""
+        if self.cancel.take("save") and step < self.total_steps:
+            path = self.saver.output_path(step)
+            if path.exists() and not self.cfg.overwrite:
+                self.warn(f"Not saved now: '{path}' already exists (turn on 'overwrite' to "
+                          "replace it).")
+            elif step not in self.saved_steps:
+                result.saved.append(self.save(step))
+        if self.cancel.take("sample") and self.acc.is_main_process:
+            self.sample(step)
 
     # -- outputs (the Saver writes) ----------------------------------------------------------
     def unet_state(self) -> dict:
@@ -361,6 +358,7 @@ class Trainer:
         return state
 
     def save(self, step: int, final: bool = False) -> Path:
+        self.saved_steps.add(step)
         facts = {"epochs": self.epochs, "items": self.feed.items,
                  "class_images": self.feed.class_count}
         return self.saver.save(step, self.unet_state(), facts,
@@ -378,8 +376,13 @@ class Trainer:
     def finish(self, step: int, start: float, result: TrainResult) -> TrainResult:
         result.steps, result.cancelled = step, self.cancel.cancelled
         if step > self.resumed_at or (step > 0 and not result.cancelled):
-            result.path = self.save(step, final=True)
-            result.saved.append(result.path)
+            if step in self.saved_steps:  # asked for at this very step: the file is there
+                result.path = self.saver.output_path(step)
+                if not result.cancelled and self.acc.is_main_process:
+                    self.saver.save_working(step)
+            else:
+                result.path = self.save(step, final=True)
+                result.saved.append(result.path)
         if not result.cancelled and self.acc.is_main_process:
             clear_snapshots(self.cfg.model_dir)
         if self.cancel.cancelled:
