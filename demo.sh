@@ -3,5 +3,5 @@
 # a checkpoint out. The last line printed is the checkpoint's path.
 set -euo pipefail
 cd "$(dirname "$0")"
-bash tools/bootstrap.sh .venv test
+bash tools/bootstrap.sh .venv test constraints/newest.txt
 exec .venv/bin/python -m dreambooth demo "$@"

@@ -1,13 +1,25 @@
 #!/usr/bin/env bash
 # Installs what is needed and runs the test suite:
-#   1. the core with the newest supported packages (.venv)
+#   1. the core with the tested package set, constraints/newest.txt (.venv)
 #   2. the WebUI side (tab, glue, API, install.py, browser) in venvs shaped like the hosts:
 #      gradio 4.44.1 (Forge-like) and A1111 1.10's pins with gradio 3.41.2
-#   3. the core with the oldest supported packages (.venv-oldest, Forge's pins)
-# `bash test.sh --quick`: step 1 only. Extra arguments go to pytest.
+#   3. the core with the oldest supported packages (.venv-oldest, Forge's pins); tests marked
+#      `once` (learning, benchmark smoke: nothing version-sensitive) run in step 1 only
+# `bash test.sh --quick`: step 1 only. `bash test.sh --latest`: the core with the newest
+# releases instead (.venv-latest, not in CI); prints which pins of constraints/newest.txt would
+# move. Extra arguments go to pytest. Each stage prints its 15 slowest tests.
 set -euo pipefail
 cd "$(dirname "$0")"
-quick=0; if [ "${1:-}" = "--quick" ]; then quick=1; shift; fi
+mode=full
+case "${1:-}" in --quick) mode=quick; shift ;; --latest) mode=latest; shift ;; esac
+
+pytest_in() {  # VENV ARGS...: run pytest; "no tests collected" (exit 5) is a failure too
+  local v=$1; shift
+  local rc=0
+  "$v/bin/python" -m pytest -q --durations=15 "$@" || rc=$?
+  if [ $rc = 5 ]; then echo "error: pytest collected no tests ($*)" >&2; fi
+  return $rc
+}
 
 webui_venv() {  # VENV PIP-ARGS...: create once, install the host's pins, then our package without deps
   local v=$1; shift
@@ -16,9 +28,20 @@ webui_venv() {  # VENV PIP-ARGS...: create once, install the host's pins, then o
   "$v/bin/python" -m pip install -q --no-deps -e .
 }
 
-bash tools/bootstrap.sh .venv test
+if [ $mode = latest ]; then
+  bash tools/bootstrap.sh .venv-latest test
+  .venv-latest/bin/python -m pip install -q --upgrade -e ".[test]" -c .venv-latest/torch-pin.txt
+  export DREAMBOOTH_TEST_TRAIN_PYTHON=$PWD/.venv-latest/bin/python
+  echo "== tests: core, newest releases =="
+  rc=0; pytest_in .venv-latest "$@" || rc=$?
+  echo "== pins that would move (constraints/newest.txt -> installed) =="
+  .venv-latest/bin/python tools/pin_changes.py constraints/newest.txt
+  exit $rc
+fi
+
+bash tools/bootstrap.sh .venv test constraints/newest.txt
 export DREAMBOOTH_TEST_TRAIN_PYTHON=$PWD/.venv/bin/python
-if [ $quick = 0 ]; then
+if [ $mode = full ]; then
   tv=$(.venv/bin/python -c "import torch; print(torch.__version__.split('+')[0])")
   webui_venv .venv-gradio4 gradio==4.44.1 "huggingface_hub<1" fastapi==0.112.2 pydantic==2.10.6 httpx
   webui_venv .venv-gradio3 gradio==3.41.2 gradio_client==0.5.0 fastapi==0.94.0 starlette==0.26.1 \
@@ -30,15 +53,15 @@ if [ $quick = 0 ]; then
     && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || true
 fi
 
-echo "== tests: core, newest packages =="
-.venv/bin/python -m pytest -q "$@"
-if [ $quick = 0 ]; then
+echo "== tests: core, tested packages (constraints/newest.txt) =="
+pytest_in .venv "$@"
+if [ $mode = full ]; then
   WEBUI_TESTS="tests/test_ui_fields.py tests/test_ui_build.py tests/test_webui_glue.py tests/test_api.py tests/test_browser.py tests/test_install.py"
   echo "== tests: WebUI side, gradio 4.44.1 (Forge-like) =="
-  .venv-gradio4/bin/python -m pytest -q $WEBUI_TESTS
+  pytest_in .venv-gradio4 $WEBUI_TESTS
   echo "== tests: WebUI side, gradio 3.41.2 + AUTOMATIC1111 1.10 pins =="
-  .venv-gradio3/bin/python -m pytest -q $WEBUI_TESTS
+  pytest_in .venv-gradio3 $WEBUI_TESTS
   bash tools/bootstrap.sh .venv-oldest test constraints/oldest.txt
   echo "== tests: core, oldest supported packages (constraints/oldest.txt) =="
-  .venv-oldest/bin/python -m pytest -q "$@"
+  pytest_in .venv-oldest -m "not once" "$@"
 fi

@@ -26,7 +26,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwr
 pytest.importorskip("gradio", reason="the standalone UI needs gradio")
 
 sys.path.insert(0, str(Path(__file__).parent / "webui_stub"))
-from dreambooth_test_helpers import tiny_inputs, train_python, wait_for  # noqa: E402,F401
+from dreambooth_test_helpers import deadline, tiny_inputs, train_python, wait_for  # noqa: E402,F401
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--no-first-run"]
@@ -98,7 +98,7 @@ def test_train_from_the_browser(server, tiny_inputs, tmp_path):
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
         page = browser.new_page(viewport={"width": 1400, "height": 1300})
         page.goto(url)
-        page.wait_for_selector("#dreambooth_train", timeout=60000)
+        page.wait_for_selector("#dreambooth_train", timeout=deadline(30) * 1000)
         _fill(page, "dreambooth_model_name", "browser_dog")
         source = page.locator("#dreambooth_source_checkpoint input").first
         source.click()

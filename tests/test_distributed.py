@@ -18,6 +18,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from patience import deadline
 import torch
 
 pytestmark = pytest.mark.slow
@@ -99,7 +100,7 @@ def _run_two_processes(tmp: Path, config_path: Path, watch: Path) -> dict:
                DB_AUDIT_LOG=str(tmp / "writes"), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "dreambooth", "train", "--config", str(config_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=deadline(100))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {rank: [line for line in (tmp / f"writes.{rank}").read_text().splitlines() if line]
             for rank in (0, 1)}

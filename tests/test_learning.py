@@ -47,6 +47,7 @@ def run(root, name, source, concept, steps):
 
 
 @pytest.mark.slow
+@pytest.mark.once
 def test_learns_the_concept_and_prior_preservation_keeps_the_class(tiny_source, tmp_path,
                                                                    no_network):
     instance, klass = tmp_path / "instance", tmp_path / "class"

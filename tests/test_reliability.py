@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from patience import deadline
 import torch
 
 from dreambooth import DreamboothError, TrainingError, train
@@ -53,8 +54,8 @@ def test_killed_run_resumes_exactly(long_config, tmp_path):
     cfg = long_config.replace(model_name="killed")
     cmd, events = cli(cfg, tmp_path, "b")
     child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while max(losses(read_events(events)), default=0) < 14 and time.time() < deadline:
+    end = time.time() + deadline(60)
+    while max(losses(read_events(events)), default=0) < 14 and time.time() < end:
         time.sleep(0.02)
     child.send_signal(signal.SIGKILL)
     child.wait()
@@ -171,8 +172,8 @@ def test_kill_during_save_leaves_the_previous_file_intact(tmp_path):
     before = target.read_bytes()
     child = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE)
     assert child.stdout.readline().strip() == b"writing"
-    deadline = time.time() + 60
-    while time.time() < deadline:
+    end = time.time() + deadline(30)
+    while time.time() < end:
         partial = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
         if partial and partial[0].stat().st_size > 1_000_000:
             break
@@ -196,11 +197,11 @@ def test_safe_loading_refuses_code_but_reads_plain_tensor_ckpt(tmp_path):
 def test_ctrl_c_in_the_cli_is_a_clean_stop_that_keeps_the_work(long_config, tmp_path):
     cmd, events = cli(long_config.replace(model_name="interrupted"), tmp_path, "c")
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while max(losses(read_events(events)), default=0) < 6 and time.time() < deadline:
+    end = time.time() + deadline(60)
+    while max(losses(read_events(events)), default=0) < 6 and time.time() < end:
         time.sleep(0.02)
     child.send_signal(signal.SIGINT)
-    out, err = child.communicate(timeout=120)
+    out, err = child.communicate(timeout=deadline(60))
     assert child.returncode == 130, err
     assert "Traceback" not in err
     saved = out.strip().splitlines()[-1]

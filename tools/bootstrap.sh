@@ -17,7 +17,10 @@ if ! "$vpy" -c "import torch" >/dev/null 2>&1; then
   "$vpy" -m pip install -q "torch==$want"
 fi
 args=(-q -e "$here[$extras]")
-if [ -n "$constraints" ]; then args+=(-c "$constraints"); fi
+if [ -n "$constraints" ]; then  # torch is pinned below to the one installed (a CPU or CUDA build)
+  grep -v '^torch==' "$constraints" > "$venv/constraints.txt"
+  args+=(-c "$venv/constraints.txt")
+fi
 # Pin torch to the one installed so no dependency can swap it for another build.
 tv=$("$vpy" -c "import torch; print(torch.__version__.split('+')[0])")
 echo "torch==$tv" > "$venv/torch-pin.txt"

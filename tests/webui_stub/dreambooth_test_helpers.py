@@ -20,6 +20,9 @@ import pytest
 
 STUB_DIR = Path(__file__).resolve().parent
 REPO = STUB_DIR.parent.parent
+if str(STUB_DIR.parent) not in sys.path:
+    sys.path.insert(0, str(STUB_DIR.parent))
+from patience import deadline  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)
@@ -27,7 +30,7 @@ def _can_train(python: str) -> str:
     """'' when `python` can import the training stack, else the reason it can't."""
     try:
         out = subprocess.run([python, "-c", "import torch, diffusers, transformers, dreambooth"],
-                             capture_output=True, text=True, timeout=120,
+                             capture_output=True, text=True, timeout=deadline(120),
                              env={**os.environ, "PYTHONPATH": str(REPO)})
     except (OSError, subprocess.TimeoutExpired) as e:
         return str(e)
@@ -58,7 +61,7 @@ def tiny_inputs(request, tmp_path_factory, train_python) -> dict:
         make_tiny_checkpoint({str(root / 'tiny_v1x.safetensors')!r}, 'v1x')
         write_images({str(root / 'instance')!r}, 'checker', 2)
     """)
-    subprocess.run([train_python, "-c", code], check=True, timeout=300,
+    subprocess.run([train_python, "-c", code], check=True, timeout=deadline(300),
                    env={**os.environ, "PYTHONPATH": str(REPO)})
     return {"checkpoint": root / "tiny_v1x.safetensors", "instance": root / "instance"}
 
@@ -101,6 +104,9 @@ def _load_file(path: Path, name: str):
 
 
 def wait_for(predicate, timeout: float = 180.0, every: float = 0.2):
+    """Poll `predicate` until true; `timeout` is what the wait may take on an idle machine,
+    stretched by how loaded this one is (tests/patience.py)."""
+    timeout = deadline(timeout)
     end = time.time() + timeout
     while time.time() < end:
         value = predicate()
