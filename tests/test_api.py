@@ -108,3 +108,19 @@ def test_start_status_cancel_on_the_real_child(tmp_path, tiny_inputs, train_pyth
     outputs = client.get("/dreambooth/v1/outputs").json()["outputs"]
     assert [o["path"] for o in outputs] == [status["final_path"]]
     assert Path(status["final_path"]).is_file()
+
+
+def test_save_and_sample_now_without_a_run_say_so(tmp_path):
+    client, _, manager = _client(tmp_path, auth="alice:secret")
+    assert client.post("/dreambooth/v1/save").status_code == 401
+    for what in ("save", "sample"):
+        r = client.post(f"/dreambooth/v1/{what}", headers=_basic("alice", "secret"))
+        assert r.status_code == 409 and f"nothing to {what}" in r.json()["detail"]
+
+
+def test_save_now_asks_the_running_job(tmp_path, monkeypatch):
+    client, _, manager = _client(tmp_path)
+    asked = []
+    monkeypatch.setattr(manager, "request", lambda what: asked.append(what) or True)
+    r = client.post("/dreambooth/v1/save")
+    assert r.status_code == 202 and r.json()["requested"] == "save" and asked == ["save"]

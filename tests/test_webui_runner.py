@@ -87,6 +87,24 @@ def test_manager_trains_in_a_child_and_refreshes_the_host(tiny_inputs, train_pyt
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+def test_save_and_sample_now_reach_the_running_child(tiny_inputs, train_python, tmp_path):
+    host = RecordingHost(standalone_paths(tmp_path / "ui"), train_python)
+    manager = RunManager(host, cancel_grace_s=60)
+    assert not manager.request("save")  # nothing runs yet
+    manager.start(_config(tiny_inputs, tmp_path, steps_per_image=400))
+    wait_for(lambda: manager.status().step >= 1, timeout=300)
+    assert manager.request("save") and manager.request("sample")
+    wait_for(lambda: manager.status().saved and manager.status().samples, timeout=120)
+    p = manager.status()
+    assert p.step < p.total_steps and Path(p.saved[0]).is_file() and Path(p.samples[0]).is_file()
+    assert manager.cancel()
+    p = manager.wait(300)
+    assert p.state == "cancelled" and all(Path(s).is_file() for s in p.saved)
+    assert not manager.request("sample")  # it ended
+
+
+@pytest.mark.slow
 def test_cancel_stops_cleanly_and_keeps_what_was_trained(tiny_inputs, train_python, tmp_path):
     host = RecordingHost(standalone_paths(tmp_path / "ui"), train_python)
     manager = RunManager(host, cancel_grace_s=60)

@@ -90,6 +90,7 @@ def event_from_json(line: str) -> Event:
 
 
 COMMANDS = ("save", "sample")  # what a host can ask of a running job besides cancel
+COMMAND_SIGNALS = {"save": "SIGUSR1", "sample": "SIGUSR2"}  # how, to a child (POSIX)
 
 
 class CancelToken:

@@ -149,6 +149,21 @@ class Api:
             return denied
         return {"cancelling": self.manager.cancel(), **self.manager.status().to_dict()}
 
+    async def save(self, request: Request):
+        return self.command(request, "save")
+
+    async def sample(self, request: Request):
+        return self.command(request, "sample")
+
+    def command(self, request: Request, what: str):
+        """202 when the running job was asked (it acts at its next step), 409 when none runs."""
+        if (denied := self.guard(request)) is not None:
+            return denied
+        if not self.manager.request(what):
+            return _error(409, f"Nothing is training, so there is nothing to {what}.")
+        return JSONResponse({"requested": what, **self.manager.status().to_dict()},
+                            status_code=202)
+
     async def outputs(self, request: Request):
         if (denied := self.guard(request)) is not None:
             return denied
@@ -169,6 +184,8 @@ def mount(app: FastAPI, host: Host, manager: RunManager) -> Api:
                                    ("/train", api.train, "POST"),
                                    ("/status", api.status, "GET"),
                                    ("/cancel", api.cancel, "POST"),
+                                   ("/save", api.save, "POST"),
+                                   ("/sample", api.sample, "POST"),
                                    ("/outputs", api.outputs, "GET")):
         app.add_api_route(PREFIX + path, endpoint, methods=[method])
     return api

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from ..config import MODEL_TYPES, Concept, TrainingConfig
 from ..config.errors import ConfigError, DreamboothError
-from ..config.events import CancelToken
+from ..config.events import COMMAND_SIGNALS, CancelToken
 from .ui import standalone as ui_standalone
 
 CONCEPT_FLAGS = {"instance_dir": "instance_data_dir", "instance_prompt": "instance_prompt",
@@ -149,9 +149,6 @@ def _fanout(*listeners):
     return on_event
 
 
-COMMAND_SIGNALS = {"SIGUSR1": "save", "SIGUSR2": "sample"}
-
-
 def _install_signal_handlers(cancel: CancelToken) -> None:
     def handler(signum, frame):
         if cancel.cancelled:  # a second Ctrl-C stops at once
@@ -162,7 +159,7 @@ def _install_signal_handlers(cancel: CancelToken) -> None:
             signal.signal(sig, handler)
         except ValueError:  # not the main thread (embedded use)
             pass
-    for name, command in COMMAND_SIGNALS.items():  # POSIX: `kill -USR1 <pid>` saves now
+    for command, name in COMMAND_SIGNALS.items():  # POSIX: `kill -USR1 <pid>` saves now
         if hasattr(signal, name):
             try:
                 signal.signal(getattr(signal, name),

@@ -205,6 +205,18 @@ class TrainingRun:
                 sig_step(self.proc)
 
 
+    def request(self, command: str) -> bool:
+        """Ask the running child for a checkpoint ("save") or previews ("sample") at its next
+        step, by signal (POSIX); False when there is no running child or no such signal."""
+        name = ev.COMMAND_SIGNALS[command]
+        with self._lock:
+            if self.proc is None or self._signalled or not self.running() \
+                    or not hasattr(signal, name):
+                return False
+            self.proc.send_signal(getattr(signal, name))
+        return True
+
+
 def _parse(line: str) -> ev.Event | None:
     if not line.startswith("{"):
         return None
@@ -288,6 +300,11 @@ class RunManager:
 
     def status(self) -> Progress:
         return self.run.snapshot() if self.run is not None else Progress()
+
+    def request(self, command: str) -> bool:
+        """Save now / sample now in the running job (see TrainingRun.request)."""
+        run = self.run
+        return run is not None and self.busy() and run.request(command)
 
     def cancel(self) -> bool:
         run = self.run

@@ -105,6 +105,18 @@ class TabActions:
                                  "and saves what it has.")
         return render.banner("info", "Nothing is training.")
 
+    def request(self, command: str) -> str:
+        if self.manager.request(command):
+            what = "a checkpoint" if command == "save" else "preview images"
+            return render.banner("info", f"Asked for {what}: they are made at the next step.")
+        return render.banner("info", "Nothing is training.")
+
+    def save_now(self) -> str:
+        return self.request("save")
+
+    def sample_now(self) -> str:
+        return self.request("sample")
+
     def save_settings(self, values: dict[str, Any], count: int) -> str:
         try:
             config = self.config_from(values, count)

@@ -122,6 +122,8 @@ class Tab:
     def _progress_panel(self) -> None:
         with gr.Row():
             self.train_btn = gr.Button("Train", variant="primary", elem_id=f"{ELEM}_train")
+            self.save_now_btn = gr.Button("Save now", elem_id=f"{ELEM}_save_now")
+            self.sample_now_btn = gr.Button("Sample now", elem_id=f"{ELEM}_sample_now")
             self.cancel_btn = gr.Button("Cancel", variant="stop", elem_id=f"{ELEM}_cancel")
         self.progress = gr.HTML(render.progress_html(self.actions.manager.status()),
                                 elem_id=f"{ELEM}_progress")
@@ -152,6 +154,8 @@ class Tab:
         self.train_btn.click(self.on_train, self.inputs, [self.message]).then(**stream)
         self.status_btn.click(**stream)
         self.cancel_btn.click(self.actions.cancel, None, [self.message], queue=False)
+        self.save_now_btn.click(self.actions.save_now, None, [self.message], queue=False)
+        self.sample_now_btn.click(self.actions.sample_now, None, [self.message], queue=False)
         self.use_btn.click(self.actions.use_in_txt2img, [self.final_path], [self.message])
         self.save_btn.click(self.on_save, self.inputs, [self.message, self.model_select])
         self.create_btn.click(self.on_create, self.inputs, [self.message, self.model_select])
