@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config.errors import DataError
+
 STEP = 64
 MAX_RATIO = 2.0
 Bucket = tuple[int, int]  # (width, height)
@@ -109,9 +111,15 @@ def load_bucketed(path: Path, bucket: Bucket, center_crop: bool, rng: random.Ran
     from PIL import Image, ImageOps
 
     from .images import to_rgb
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        img = to_rgb(img)
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            img = to_rgb(img)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"The image '{path}' can't be read any more ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:120]}); it was there when the run started.",
+                        "Put it back, or start the run again (the images are checked at the "
+                        "start); cache_latents reads each image only once.") from None
     (bw, bh), (ow, oh) = bucket, img.size
     scale = max(bw / ow, bh / oh)
     img = img.resize((max(bw, round(ow * scale)), max(bh, round(oh * scale))), Image.BICUBIC)

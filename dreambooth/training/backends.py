@@ -144,3 +144,7 @@ def optimizer_builder(choice: str, cfg, device: torch.device, say: Say):
               "lr": cfg.learning_rate}]
     _, name = make_optimizer(choice, probe, cfg, device, say)
     return (lambda groups: OPTIMIZERS[name](groups, cfg, device)), name
+
+
+def vram_gb() -> float:
+    return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
