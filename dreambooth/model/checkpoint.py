@@ -166,7 +166,6 @@ def atomic_path(final: str | os.PathLike, overwrite: bool = False,
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
         os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())
     except OSError as e:
         raise CheckpointError(f"Can't write into '{final.parent}' ({e.strerror}).",
                               "Choose a folder you can write to, with free space.") from None
@@ -175,6 +174,7 @@ def atomic_path(final: str | os.PathLike, overwrite: bool = False,
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and safetensors) make it 0600
         os.replace(tmp, final)
     except (OSError, _SafetensorError) as e:
         tmp.unlink(missing_ok=True)

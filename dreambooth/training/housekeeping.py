@@ -3,6 +3,7 @@ name on the next start of the same model), the free space the run's saves need (
 training, not after it), the identity of the image set a snapshot was taken on."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -122,6 +123,11 @@ def refuse_no_space(cfg, comp, saves: int) -> None:
             continue
         seen = by_device.get(dev, (folder, 0))
         by_device[dev] = (seen[0], seen[1] + size)
+    for folder in space_needed(cfg, comp, saves):
+        if not os.access(folder, os.W_OK):
+            raise DreamboothError(f"The folder '{folder}' can't be written (a read-only file "
+                                  "system, or no permission); this run saves there.",
+                                  "Choose a folder you can write to, or make it writable.")
     for folder, size in by_device.values():
         free = shutil.disk_usage(folder).free
         if size > free:
