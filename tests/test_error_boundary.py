@@ -463,3 +463,14 @@ def test_runner_child_failure_is_one_sentence(quick_config, tmp_path):
     assert p.state == "failed" and "gradient_accumulation_steps" in p.error, p
     assert "Traceback" not in (tmp_path / "run" / "train.log").read_text()
     TALLY["clear"] += 1
+
+
+@pytest.mark.parametrize("resolution,expect", [(8, 1), (16, 1), (24, 1), (32, 1), (40, 0)])
+def test_resolution_the_model_cant_take(resolution, expect, quick_config, tmp_path, capsys):
+    path = tmp_path / "run.json"
+    path.write_text(quick_config.replace(resolution=resolution, steps_per_image=1).to_json())
+    code, err = run_cli(["train", "--config", str(path)], capsys)
+    assert code == expect and "Traceback" not in err and "bug" not in err, err
+    if expect:
+        assert f"resolution = {resolution}" in err and "at least 40" in err
+    TALLY["clear" if expect else "handled"] += 1

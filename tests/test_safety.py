@@ -19,7 +19,7 @@ import torch
 from dreambooth import Concept, DreamboothError, train
 from dreambooth.config import events as ev
 from dreambooth.config.errors import BugError
-from dreambooth.config.runlog import MARKER
+from dreambooth.config.folders import MARKER
 from dreambooth.model.checkpoint import read_checkpoint, write_safetensors, write_text, \
     write_with
 from dreambooth.training.state import ModelLock, pid_start_time, snapshots

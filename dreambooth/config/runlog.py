@@ -13,12 +13,7 @@ import traceback
 from pathlib import Path
 
 from .errors import BugError, DreamboothError
-
-MARKER = ".dreambooth_model"  # a model folder is the project's once it holds this file
-
-
-def owned(folder: Path) -> bool:
-    return (folder / MARKER).is_file()
+from .folders import owned
 
 
 def fallback_folder() -> Path:

@@ -99,6 +99,26 @@ def epoch_order(buckets: list[Bucket], batch: int, rng: random.Random, enabled: 
     return [i for chunk in chunks for i in chunk]
 
 
+def _deep_enough(resolution: int, factor: int, levels: int) -> bool:
+    side = -(-resolution // factor)
+    for _ in range(levels):
+        side = -(-side // 2)
+    return side >= 2
+
+
+def refuse_resolution(resolution: int, vae_config, unet_config) -> None:
+    """A resolution so small that the UNet's deeper levels would be one latent pixel (its
+    group norms then fail)."""
+    factor = 2 ** (len(vae_config.block_out_channels) - 1)
+    levels = max(len(unet_config.down_block_types) - 2, 0)
+    if not _deep_enough(resolution, factor, levels):
+        smallest = next(r for r in range(8, 4097, 8) if _deep_enough(r, factor, levels))
+        raise DataError(f"resolution = {resolution} is too small for this model: its UNet needs "
+                        f"at least {smallest} pixels a side (it was made for "
+                        f"{unet_config.sample_size * factor}).",
+                        f"Use a resolution of {smallest} or more.")
+
+
 def latent_shape(vae_config, bucket: Bucket) -> tuple[int, int, int]:
     factor = 2 ** (len(vae_config.block_out_channels) - 1)
     return (vae_config.latent_channels, bucket[1] // factor, bucket[0] // factor)

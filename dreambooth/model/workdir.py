@@ -9,8 +9,6 @@ from pathlib import Path
 
 from .. import assets
 from ..config import TrainingConfig
-from ..config.errors import DreamboothError
-from ..config.runlog import MARKER
 from .checkpoint import write_safetensors, write_text
 from .components import Components, instantiate, load_module, make_components, te_load, te_state
 from .single_file import load_single_file
@@ -136,44 +134,3 @@ def load_model(config: TrainingConfig, say) -> tuple[Components, int]:
             say(f"Continuing from the working model at revision {info.get('revision', 0)}.")
             return load_working_dir(working_dir(config)), int(info.get("revision", 0))
     return load_single_file(config.source_checkpoint, config.model_type), 0
-
-
-# -- whose folder: the project writes only into model folders that carry its marker -----------
-def _made_by_us_before_markers(folder: Path) -> bool:
-    """A model folder of a version before the marker: its working model, a saved state or our
-    lock or config file are there."""
-    if (folder / "working" / INFO).is_file() or (folder / ".train.lock").is_file() \
-            or any((folder / "state").glob("step_*/trainer.json")):
-        return True
-    try:
-        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "schema_version" in data and "concepts" in data
-
-
-def claim_model_dir(folder: str | Path) -> Path:
-    """Make `folder` the model's folder: create it (with the marker), or accept it when it
-    carries the marker, is empty, or was made by an older version; refuse any other existing
-    folder, which belongs to someone else and is never written into."""
-    folder = Path(folder)
-    try:
-        if folder.is_dir():
-            if (folder / MARKER).is_file():
-                return folder
-            if any(folder.iterdir()) and not _made_by_us_before_markers(folder):
-                raise DreamboothError(
-                    f"The folder '{folder}' already exists and was not made by Dreambooth (it "
-                    f"has no '{MARKER}' file); nothing was written into it.",
-                    "Choose another model_name or work_dir. If it really is a model folder of "
-                    f"this extension, create an empty '{MARKER}' file in it.")
-        elif folder.exists():
-            raise DreamboothError(f"The model folder '{folder}' is a file, not a folder.",
-                                  "Choose another model_name or work_dir.")
-        folder.mkdir(parents=True, exist_ok=True)
-        write_text(folder / MARKER, "This folder is a Dreambooth model folder.\n")
-    except OSError as e:
-        raise DreamboothError(f"Can't create or write the model folder '{folder}' "
-                              f"({e.strerror or e}).", "Check that work_dir is a folder you can "
-                              "write to (not a file, not read-only) with free space.") from None
-    return folder

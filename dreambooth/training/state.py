@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from ..config.errors import DreamboothError
+from ..config.folders import claim_model_dir
 from ..model.checkpoint import write_text
-from ..model.workdir import claim_model_dir
 from .housekeeping import image_set, image_set_changes, remove_snapshot_folder
 
 # Settings that change neither the weights nor the order of training: may differ on resume.
