@@ -474,3 +474,49 @@ def test_resolution_the_model_cant_take(resolution, expect, quick_config, tmp_pa
     if expect:
         assert f"resolution = {resolution}" in err and "at least 40" in err
     TALLY["clear" if expect else "handled"] += 1
+
+
+@pytest.mark.parametrize("port", ["0", "-1", "70000", "99999999999999999999"])
+def test_ui_on_an_invalid_port(port, capsys):
+    code, err = run_cli(["ui", "--port", port], capsys)
+    assert code == 2 and "--port" in err and "Traceback" not in err, err
+    TALLY["clear"] += 1
+
+
+def python_api_cases():
+    return [
+        ("model_name", "a\ud800"), ("model_name", "a\x00b"), ("work_dir", "w\x00"),
+        ("output_dir", "\udcff"), ("lora_dir", "x" * 20000), ("resume", "\x00"),
+        ("lr_warmup_steps", 10**400), ("learning_rate", 10**400), ("seed", -(10**5000)),
+        ("save_every_epochs", 2**70), ("steps_per_image", 10**4000),
+    ]
+
+
+@pytest.mark.parametrize("field,value", python_api_cases(),
+                         ids=lambda v: v if isinstance(v, str) and v.isidentifier() else "v")
+def test_python_train_refuses_absurd_values_by_field(field, value, quick_config, tmp_path):
+    from dreambooth import ConfigError
+    TALLY["tried"] += 1
+    before = tree_hash(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        train(quick_config.replace(**{field: value}))
+    assert field in info.value.message and len(info.value.message) < 2000
+    assert tree_hash(tmp_path) == before
+    TALLY["clear"] += 1
+
+
+@pytest.mark.parametrize("field", ["instance_prompt", "class_prompt", "sample_prompt",
+                                   "instance_data_dir", "class_data_dir"])
+@pytest.mark.parametrize("value", ["\ud83d", "nul\x00", "y" * 10_001])
+def test_python_train_refuses_bad_concept_text(field, value, quick_config, tmp_path):
+    import dataclasses
+
+    from dreambooth import ConfigError
+    concept = dataclasses.replace(quick_config.concepts[0], **{field: value})
+    TALLY["tried"] += 1
+    before = tree_hash(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        train(quick_config.replace(concepts=(concept,)))
+    assert f"concepts[0].{field}" in info.value.message
+    assert tree_hash(tmp_path) == before
+    TALLY["clear"] += 1

@@ -8,6 +8,7 @@ child) uses to turn any exception into a `DreamboothError` with a sentence and a
 from __future__ import annotations
 
 import datetime
+import os
 import tempfile
 import traceback
 from pathlib import Path
@@ -24,12 +25,16 @@ class RunLog:
     """Lines kept in memory until the log file is written (at a failure, or at `flush()` once
     the model's folder is known to be ours), then appended as they come."""
 
-    def __init__(self, model_dir: Path | None = None) -> None:
-        self.model_dir, self.lines, self.path = model_dir, [], None
+    def __init__(self, model_dir: Path | None = None, keep: bool = True) -> None:
+        self.model_dir, self.lines, self.path, self.keep = model_dir, [], None, keep
         self.stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
 
     @classmethod
     def for_config(cls, config) -> "RunLog":
+        """The log of a run of `config`; under a launcher only rank 0 keeps one (the others
+        write only a failure's traceback, to the temp folder)."""
+        if os.environ.get("RANK", "0") != "0":
+            return cls(None, keep=False)
         try:
             return cls(Path(config.work_dir) / config.model_name)
         except (TypeError, ValueError):
@@ -47,6 +52,8 @@ class RunLog:
 
     def flush(self) -> Path | None:
         """Write what is kept; returns the log's path (None when no folder takes it)."""
+        if not self.keep:
+            return None
         for folder in self._folders():
             path = self.path or folder / f"{self.stamp}.log"
             try:
@@ -74,6 +81,7 @@ def failure(exc: BaseException, log: RunLog | None = None) -> DreamboothError:
     """The exception as a DreamboothError; its traceback goes to the log. A DreamboothError
     keeps its words (the log path is added as `.log`); anything else is a bug, said as such."""
     log = log or RunLog()
+    log.keep = True
     log.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     path = log.flush()
     where = f"the log is at '{path}'" if path else "no log file could be written"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..config import MODEL_TYPES, Concept, TrainingConfig
-from ..config.errors import ConfigError, DreamboothError
+from ..config.errors import ConfigError, DreamboothError, Problem
 from ..config.events import CancelToken
 from ..config.runlog import failure, log_file_hint
 from .ui import standalone as ui_standalone
@@ -88,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "ui":
-        return ui_standalone.run(args)
     try:
+        if args.command == "ui":
+            return _serve(args)
         return _command(args)
     except ConfigError as e:
         _say(f"error: {e.message}")
@@ -106,6 +106,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # the boundary: every failure is one sentence, the traceback is logged
         _say_error(failure(e))
         return 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if not 0 < args.port < 65536:
+        raise ConfigError([Problem("--port", args.port, "is not a port number",
+                                   "give a number from 1 to 65535")])
+    try:
+        return ui_standalone.run(args)
+    except OSError as e:  # the port is taken, the address is not this machine's, --root is a file
+        raise DreamboothError(f"The UI can't start on {args.host}:{args.port} with --root "
+                              f"'{args.root}' ({e.strerror or e}).", "Choose a free --port, an "
+                              "address of this machine for --host, and a folder for --root."
+                              ) from None
 
 
 def _command(args: argparse.Namespace) -> int:
