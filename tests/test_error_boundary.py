@@ -520,3 +520,14 @@ def test_python_train_refuses_bad_concept_text(field, value, quick_config, tmp_p
     assert f"concepts[0].{field}" in info.value.message
     assert tree_hash(tmp_path) == before
     TALLY["clear"] += 1
+
+
+@pytest.mark.parametrize("kind", ["file", "nul", "surrogate"])
+def test_demo_out_that_cant_be_a_folder(kind, tmp_path, capsys):
+    out = {"file": str(_file(tmp_path / "f")), "nul": str(tmp_path / "a\x00b"),
+           "surrogate": str(tmp_path / "a\ud800")}[kind]
+    before = tree_hash(tmp_path)
+    code, err = run_cli(["demo", "--out", out], capsys)
+    assert code == 2 and "--out" in err and "Traceback" not in err, err
+    assert tree_hash(tmp_path) == before
+    TALLY["clear"] += 1

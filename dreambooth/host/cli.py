@@ -124,6 +124,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _command(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from .demo import demo_config
+        _check_out(args.out)
         config = demo_config(Path(args.out), args.model_type, args.steps_per_image,
                              lora=args.lora)
     else:
@@ -132,6 +133,18 @@ def _command(args: argparse.Namespace) -> int:
             print(config.to_json())
             return 0
     return run_training(config, args.events_jsonl)
+
+
+def _check_out(out: str) -> None:
+    why = "holds a NUL character" if "\x00" in out else None
+    try:
+        out.encode("utf-8")
+        why = why or ("is a file, not a folder" if Path(out).exists() and not Path(out).is_dir()
+                      else None)
+    except (OSError, ValueError):
+        why = "is not a path this system can use"
+    if why:
+        raise ConfigError([Problem("--out", out, why, "give a folder (created when missing)")])
 
 
 def _say(text: str) -> None:
