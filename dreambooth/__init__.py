@@ -25,6 +25,8 @@ def train(config, on_event=None, cancel=None):
 
 def create_model(config):
     """Convert the config's source checkpoint into the model's working folder; returns it."""
+    from .config.folders import claim_model_dir
     from .model.workdir import load_model, save_working_dir, working_dir
+    claim_model_dir(config.model_dir)
     comp, _ = load_model(config, lambda text: None)
     return save_working_dir(comp, working_dir(config))

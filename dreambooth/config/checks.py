@@ -15,6 +15,35 @@ _RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)
                    *(f"lpt{i}" for i in range(1, 10))}
 _BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 MAX_NAME_LENGTH = 100
+MAX_TEXT_LENGTH = 10_000  # a prompt or a path: CLIP reads 77 tokens, paths end at 4096 bytes
+MAX_UNBOUNDED_INT = 10**9  # a count without its own maximum
+
+
+def is_dir(path: str) -> bool:
+    """Path(path).is_dir() that answers False for a path the OS can't take (NUL, surrogates)."""
+    try:
+        return Path(path).is_dir()
+    except (OSError, ValueError):
+        return False
+
+
+def is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _text_problem(value: str) -> str | None:
+    if len(value) > MAX_TEXT_LENGTH:
+        return f"is {len(value)} characters long (at most {MAX_TEXT_LENGTH})"
+    if "\x00" in value:
+        return "holds a NUL character"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "holds characters that are not valid Unicode (a lone surrogate)"
+    return None
 
 
 def field_names(cls) -> list[str]:
@@ -38,7 +67,11 @@ def _type_ok(value: Any, annotation: str) -> bool:
     if annotation == "int":
         return isinstance(value, int) and not isinstance(value, bool)
     if annotation == "float":
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        try:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and math.isfinite(value)
+        except OverflowError:  # an int too large for a float
+            return False
     if annotation == "str":
         return isinstance(value, str)
     return True
@@ -55,7 +88,13 @@ def check_fields(obj, prefix: str) -> list[Problem]:
         if meta.get("choices") and value not in meta["choices"]:
             problems.append(Problem(name, value, "is not one of the choices",
                                     "choose one of: " + ", ".join(meta["choices"])))
+        if isinstance(value, str) and _text_problem(value):
+            problems.append(Problem(name, value, _text_problem(value),
+                                    "give plain text of reasonable length"))
+            continue
         lo, hi = meta.get("minimum"), meta.get("maximum")
+        if hi is None and isinstance(value, int) and value > MAX_UNBOUNDED_INT:
+            hi = MAX_UNBOUNDED_INT
         if lo is not None and value < lo:
             problems.append(Problem(name, value, f"is below the minimum {lo}", f"use {lo} or more"))
         if hi is not None and value > hi:
@@ -97,7 +136,7 @@ def check_concept(c, i: int, check_paths: bool) -> list[Problem]:
         if not c.instance_data_dir.strip():
             problems.append(Problem(p + "instance_data_dir", c.instance_data_dir, "is empty",
                                     "give the folder holding your subject's images"))
-        elif check_paths and not Path(c.instance_data_dir).is_dir():
+        elif check_paths and not is_dir(c.instance_data_dir):
             problems.append(Problem(p + "instance_data_dir", c.instance_data_dir,
                                     "is not an existing folder", "check the path"))
     if isinstance(c.class_images_per_instance, int) and c.class_images_per_instance > 0 \
@@ -110,7 +149,7 @@ def check_concept(c, i: int, check_paths: bool) -> list[Problem]:
 
 
 def check_lora_and_buckets(cfg) -> list[Problem]:
-    problems = check_memory_levers(cfg)
+    problems = check_memory_levers(cfg) + check_folders(cfg)
     if cfg.use_lora is True and cfg.train_text_encoder is True:
         problems.append(Problem("train_text_encoder", True, "trains the whole text encoder, "
                                 "which a LoRA file can't hold",
@@ -128,7 +167,7 @@ def check_source(source: Any) -> list[Problem]:
         return [Problem("source_checkpoint", source, "is empty",
                         "give a .safetensors checkpoint to start from")]
     path = Path(source)
-    if not path.is_file():
+    if not is_file(source):
         return [Problem("source_checkpoint", source, "does not exist",
                         "check the path of the checkpoint file")]
     if path.suffix.lower() not in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
@@ -151,4 +190,38 @@ def check_memory_levers(cfg) -> list[Problem]:
         problems.append(Problem("bf16_weights", True, f"needs mixed_precision bf16, not "
                                 f"'{cfg.mixed_precision}'",
                                 "set mixed_precision to bf16 or turn bf16_weights off"))
+    return problems
+
+
+def _inside(inner: str, outer: str) -> bool:
+    try:
+        a, b = Path(inner).resolve(), Path(outer).resolve()
+    except (OSError, ValueError, RuntimeError):
+        return False
+    return a == b or b in a.parents
+
+
+def check_folders(cfg) -> list[Problem]:
+    """Class images never go into an instance folder (they would be trained on as the subject
+    next time); the folders the run writes to are not files."""
+    problems = []
+    if not all(isinstance(c, object) and isinstance(getattr(c, "class_data_dir", None), str)
+               and isinstance(getattr(c, "instance_data_dir", None), str) for c in cfg.concepts):
+        return problems
+    for i, c in enumerate(cfg.concepts):
+        if not c.class_data_dir.strip() or _text_problem(c.class_data_dir):
+            continue
+        for j, other in enumerate(cfg.concepts):
+            if other.instance_data_dir.strip() and not _text_problem(other.instance_data_dir) \
+                    and _inside(c.class_data_dir, other.instance_data_dir):
+                problems.append(Problem(f"concepts[{i}].class_data_dir", c.class_data_dir,
+                                        f"is (inside) the instance folder of concepts[{j}]; "
+                                        "generated class images would be trained on as the "
+                                        "subject", "choose a separate folder, or leave it empty"))
+                break
+    for name in ("work_dir", "output_dir", "lora_dir"):
+        value = getattr(cfg, name)
+        if isinstance(value, str) and value and not _text_problem(value) and is_file(value):
+            problems.append(Problem(name, value, "is a file, not a folder",
+                                    "give a folder (it is created when missing)"))
     return problems

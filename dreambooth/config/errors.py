@@ -42,6 +42,11 @@ class TrainingError(DreamboothError):
     """Training stopped on a fault (NaN loss, out of memory, ...)."""
 
 
+class BugError(DreamboothError):
+    """Something failed that the project did not foresee: a bug. The message names the log file
+    that holds the traceback."""
+
+
 @dataclass(frozen=True)
 class Problem:
     """One invalid value: which field, what value, why, and what to do."""
@@ -52,7 +57,21 @@ class Problem:
     fix: str
 
     def __str__(self) -> str:
-        value = self.value if not isinstance(self.value, str) else repr(self.value)
-        if isinstance(value, str) and len(value) > 80:
-            value = value[:77] + "..."
-        return f"{self.field} = {value}: {self.why}; {self.fix}"
+        return f"{self.field} = {short_repr(self.value)}: {self.why}; {self.fix}"
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """A value as a user sees it in a message: at most `limit` characters, whatever it holds
+    (a 5000-digit number, a 100 MB string, lone surrogates, deep nesting)."""
+    if isinstance(value, str):
+        text = repr(value[:limit])
+    elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        text = f"a number of about {int(value.bit_length() * 0.30103)} digits"
+    else:
+        try:
+            text = repr(value)
+        except (ValueError, RecursionError, MemoryError):
+            text = f"a {type(value).__name__}"
+        if len(text) > limit and isinstance(value, (list, dict, tuple)):
+            text = f"a {type(value).__name__} of {len(value)} item(s)"
+    return text if len(text) <= limit else text[:limit - 3] + "..."

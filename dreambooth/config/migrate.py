@@ -19,7 +19,11 @@ MIGRATIONS = {0: _migrate_0_to_1}
 
 def migrate(d: dict) -> dict:
     version = d.pop("schema_version", 0)
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ConfigError([Problem("schema_version", version, "is not a version number",
+                                   f"use {SCHEMA_VERSION}, or leave it out for a file of "
+                                   "version 0")])
+    if version > SCHEMA_VERSION:
         raise ConfigError([Problem("schema_version", version, "is newer than this version "
                                    f"understands ({SCHEMA_VERSION})",
                                    "update the Dreambooth extension")])

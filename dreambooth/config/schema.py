@@ -18,6 +18,7 @@ from .checks import (
     check_name,
     check_source,
     field_names,
+    is_dir,
     unknown_keys,
 )
 from .errors import ConfigError, Problem
@@ -237,7 +238,7 @@ class TrainingConfig:
             problems += check_source(self.source_checkpoint)
         problems += check_lora_and_buckets(self)
         if isinstance(self.resume, str) and self.resume not in ("auto", "never") and (
-                not self.resume.strip() or (check_paths and not Path(self.resume).is_dir())):
+                not self.resume.strip() or (check_paths and not is_dir(self.resume))):
             problems.append(Problem("resume", self.resume, "is not 'auto', 'never' or an "
                                     "existing saved-state folder",
                                     "use 'auto', 'never', or a step_* folder of the model's state"))
@@ -293,6 +294,11 @@ class TrainingConfig:
             raise ConfigError([Problem("(file)", f"line {e.lineno} column {e.colno}",
                                        f"is not valid JSON ({e.msg})",
                                        "fix the JSON syntax at that place")]) from None
+        except (ValueError, RecursionError) as e:  # a 5000-digit number, nesting 100 000 deep
+            raise ConfigError([Problem("(file)", type(e).__name__, "holds a value this can't "
+                                       f"read ({str(e).splitlines()[0][:120]})",
+                                       "give plain numbers and at most a few levels of "
+                                       "nesting")]) from None
         return cls.from_dict(data)
 
     @classmethod
@@ -301,7 +307,23 @@ class TrainingConfig:
         if not p.is_file():
             raise ConfigError([Problem("--config", str(p), "does not exist",
                                        "give the path of a JSON config file")])
-        return cls.from_json(p.read_text(encoding="utf-8"))
+        return cls.from_json(read_config_text(p))
+
+
+def read_config_text(path: Path) -> str:
+    """A config file's text: UTF-8 (with or without a BOM), or UTF-16/32 with their BOM."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError([Problem("--config", str(path), f"can't be read ({e.strerror})",
+                                   "give a readable JSON file")]) from None
+    encoding = "utf-32" if data[:4] in (b"\xff\xfe\0\0", b"\0\0\xfe\xff") else \
+        "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise ConfigError([Problem("--config", str(path), f"is not {encoding.upper()} text "
+                                   f"(byte {e.start})", "save the file as UTF-8")]) from None
 
 
 def field_help() -> list[tuple[str, str, Any, bool]]:

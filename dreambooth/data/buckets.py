@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config.errors import DataError
+
 STEP = 64
 MAX_RATIO = 2.0
 Bucket = tuple[int, int]  # (width, height)
@@ -97,6 +99,26 @@ def epoch_order(buckets: list[Bucket], batch: int, rng: random.Random, enabled: 
     return [i for chunk in chunks for i in chunk]
 
 
+def _deep_enough(resolution: int, factor: int, levels: int) -> bool:
+    side = -(-resolution // factor)
+    for _ in range(levels):
+        side = -(-side // 2)
+    return side >= 2
+
+
+def refuse_resolution(resolution: int, vae_config, unet_config) -> None:
+    """A resolution so small that the UNet's deeper levels would be one latent pixel (its
+    group norms then fail)."""
+    factor = 2 ** (len(vae_config.block_out_channels) - 1)
+    levels = max(len(unet_config.down_block_types) - 2, 0)
+    if not _deep_enough(resolution, factor, levels):
+        smallest = next(r for r in range(8, 4097, 8) if _deep_enough(r, factor, levels))
+        raise DataError(f"resolution = {resolution} is too small for this model: its UNet needs "
+                        f"at least {smallest} pixels a side (it was made for "
+                        f"{unet_config.sample_size * factor}).",
+                        f"Use a resolution of {smallest} or more.")
+
+
 def latent_shape(vae_config, bucket: Bucket) -> tuple[int, int, int]:
     factor = 2 ** (len(vae_config.block_out_channels) - 1)
     return (vae_config.latent_channels, bucket[1] // factor, bucket[0] // factor)
@@ -109,9 +131,15 @@ def load_bucketed(path: Path, bucket: Bucket, center_crop: bool, rng: random.Ran
     from PIL import Image, ImageOps
 
     from .images import to_rgb
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        img = to_rgb(img)
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            img = to_rgb(img)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"The image '{path}' can't be read any more ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:120]}); it was there when the run started.",
+                        "Put it back, or start the run again (the images are checked at the "
+                        "start); cache_latents reads each image only once.") from None
     (bw, bh), (ow, oh) = bucket, img.size
     scale = max(bw / ow, bh / oh)
     img = img.resize((max(bw, round(ow * scale)), max(bh, round(oh * scale))), Image.BICUBIC)

@@ -19,12 +19,20 @@ def jsonl_captions(folder: Path, warn=None) -> dict:
     if stamp in _cache:
         return _cache[stamp]
     captions, bad = {}, []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+        if warn:
+            warn(f"'{path}' is not UTF-8 text; it was read as Latin-1. Save it as UTF-8 to be "
+                 "sure of its words.")
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             row = None
         if not (isinstance(row, dict) and isinstance(row.get("file_name"), str)
                 and isinstance(row.get("text"), str)):

@@ -38,6 +38,7 @@ class DataFeed:
         """Find every instance image (and make the missing class images: the UNet goes to the
         device first, through `make_ready_to_generate`), then plan the buckets."""
         cfg, self.items, self.class_items = self.cfg, [], {}
+        buckets.refuse_resolution(cfg.resolution, self.comp.vae.config, self.comp.unet.config)
         for i, concept in enumerate(cfg.concepts):
             found = instance_items(concept.instance_data_dir, concept.instance_prompt, self.warn)
             self.items += [Item(it.path, it.prompt, False, i) for it in found]

@@ -15,6 +15,7 @@ from ..config.errors import DataError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 FILEWORDS = "[filewords]"
 MAX_PIXELS = 64_000_000  # refuse decompression bombs long before they eat the RAM
+MAX_SIDE_RATIO = 20  # thinner: resizing to cover the training square would need gigabytes
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ def _unreadable(path: Path) -> str | None:
                     return f"{img.width}x{img.height} is too large"
                 if min(img.size) < 8:
                     return f"{img.width}x{img.height} is too small"
+                if max(img.size) > MAX_SIDE_RATIO * min(img.size):
+                    return (f"{img.width}x{img.height} is more than {MAX_SIDE_RATIO} times as long "
+                            "as it is wide, too thin to crop a training picture from")
                 img.load()
     except UnidentifiedImageError:
         return "not an image"

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Sequence
 
 from ..config import MODEL_TYPES, Concept, TrainingConfig
-from ..config.errors import ConfigError, DreamboothError
+from ..config.errors import ConfigError, DreamboothError, Problem
 from ..config.events import COMMAND_SIGNALS, CancelToken
+from ..config.runlog import failure, log_file_hint
 from .ui import standalone as ui_standalone
 
 CONCEPT_FLAGS = {"instance_dir": "instance_data_dir", "instance_prompt": "instance_prompt",
@@ -88,25 +89,76 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "ui":
-        return ui_standalone.run(args)
     try:
-        if args.command == "demo":
-            from .demo import demo_config
-            config = demo_config(Path(args.out), args.model_type, args.steps_per_image,
-                                 lora=args.lora)
-        else:
-            config = config_from_args(args)
-            if args.print_config:
-                print(config.to_json())
-                return 0
-        return run_training(config, args.events_jsonl)
+        if args.command == "ui":
+            return _serve(args)
+        return _command(args)
     except ConfigError as e:
-        print(f"error: {e.message}", file=sys.stderr)
+        _say(f"error: {e.message}")
         return 2
     except DreamboothError as e:
-        print(f"error: {e.message}" + (f"\n  fix: {e.hint}" if e.hint else ""), file=sys.stderr)
+        _say_error(e)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+        _say("error: Stopped at once by a second Ctrl-C; nothing of this run was saved after the "
+             "last checkpoint or state snapshot.\n  fix: Press Ctrl-C once to stop cleanly (the "
+             "run then saves and can resume).")
+        return 130
+    except Exception as e:  # the boundary: every failure is one sentence, the traceback is logged
+        _say_error(failure(e))
+        return 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if not 0 < args.port < 65536:
+        raise ConfigError([Problem("--port", args.port, "is not a port number",
+                                   "give a number from 1 to 65535")])
+    try:
+        return ui_standalone.run(args)
+    except OSError as e:  # the port is taken, the address is not this machine's, --root is a file
+        raise DreamboothError(f"The UI can't start on {args.host}:{args.port} with --root "
+                              f"'{args.root}' ({e.strerror or e}).", "Choose a free --port, an "
+                              "address of this machine for --host, and a folder for --root."
+                              ) from None
+
+
+def _command(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from .demo import demo_config
+        _check_out(args.out)
+        config = demo_config(Path(args.out), args.model_type, args.steps_per_image,
+                             lora=args.lora)
+    else:
+        config = config_from_args(args)
+        if args.print_config:
+            print(config.to_json())
+            return 0
+    return run_training(config, args.events_jsonl)
+
+
+def _check_out(out: str) -> None:
+    why = "holds a NUL character" if "\x00" in out else None
+    try:
+        out.encode("utf-8")
+        why = why or ("is a file, not a folder" if Path(out).exists() and not Path(out).is_dir()
+                      else None)
+    except (OSError, ValueError):
+        why = "is not a path this system can use"
+    if why:
+        raise ConfigError([Problem("--out", out, why, "give a folder (created when missing)")])
+
+
+def _say(text: str) -> None:
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # stderr closed or full: the exit code still tells
+        pass
+
+
+def _say_error(e: DreamboothError) -> None:
+    extra = log_file_hint(e)
+    _say(f"error: {e.message}" + (f"\n  fix: {e.hint}" if e.hint else "")
+         + (f"\n  {extra}" if extra else ""))
 
 
 def run_training(config: TrainingConfig, events_jsonl: str | None) -> int:
@@ -124,15 +176,13 @@ def run_training(config: TrainingConfig, events_jsonl: str | None) -> int:
     try:
         from ..training.trainer import train
         result = train(config, _fanout(console, jsonl), cancel)
-    except DreamboothError:
-        raise
     finally:
         if console:
             console.close()
         if jsonl:
             jsonl.close()
     if result.path and first:
-        print(str(result.path))
+        print(str(result.path).encode("utf-8", "backslashreplace").decode("utf-8"))
     return 130 if result.cancelled else 0
 
 
@@ -142,10 +192,15 @@ def _is_first_process() -> bool:
 
 
 def _fanout(*listeners):
+    live = [listener for listener in listeners if listener is not None]
+
     def on_event(event):
-        for listener in listeners:
-            if listener is not None:
+        for listener in list(live):
+            try:
                 listener(event)
+            except DreamboothError as e:  # e.g. --events-jsonl on a full disk: said, dropped
+                live.remove(listener)
+                _say(f"warning: {e}")
     return on_event
 
 

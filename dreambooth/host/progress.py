@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 from ..config import events as ev
+from ..config.errors import DreamboothError
 
 
 class ConsoleProgress:
@@ -48,13 +49,28 @@ class JsonLines:
     """Every event as one JSON line, flushed at once (the WebUI tab reads this from the child)."""
 
     def __init__(self, target: str) -> None:
-        self.own = target != "-"
-        self.fh = open(target, "a", encoding="utf-8") if self.own else sys.stdout
+        self.own, self.target = target != "-", target
+        try:
+            self.fh = open(target, "a", encoding="utf-8") if self.own else sys.stdout
+        except (OSError, ValueError) as e:
+            raise DreamboothError(f"--events-jsonl '{target}' can't be written "
+                                  f"({getattr(e, 'strerror', None) or e}).",
+                                  "Give a file in an existing folder you can write to, or '-' "
+                                  "for standard output.") from None
 
     def __call__(self, event: ev.Event) -> None:
-        self.fh.write(event.to_json() + "\n")
-        self.fh.flush()
+        try:
+            self.fh.write(event.to_json() + "\n")
+            self.fh.flush()
+        except (OSError, ValueError) as e:
+            raise DreamboothError(f"Writing the events to --events-jsonl '{self.target}' failed "
+                                  f"({getattr(e, 'strerror', None) or e}); they are no longer "
+                                  "written there.", "Free space there or choose another file."
+                                  ) from None
 
     def close(self) -> None:
         if self.own:
-            self.fh.close()
+            try:
+                self.fh.close()
+            except OSError:  # what could not be written was said when it failed
+                pass

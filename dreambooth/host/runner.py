@@ -20,6 +20,8 @@ from pathlib import Path
 
 from ..config import TrainingConfig
 from ..config import events as ev
+from ..config.errors import DreamboothError
+from ..config.folders import claim_model_dir
 from .interface import Host
 
 MAX_LOSSES = 2000  # loss history kept for the chart (older points are thinned)
@@ -275,13 +277,16 @@ class RunManager:
 
     def _supervise(self, run: TrainingRun) -> None:
         try:
+            claim_model_dir(run.run_dir.parent.parent)  # the run folder goes into the model's
             with self.host.model_offloaded():
                 run.start()
                 run.wait()
         except Exception as e:  # the host's offload failed, or the child could not start
             with run._lock:
                 run.progress.state = "failed"
-                run.progress.error = f"Training could not start: {type(e).__name__}: {e}"
+                run.progress.error = "Training could not start: " + (
+                    e.message if isinstance(e, DreamboothError) else f"{type(e).__name__}: {e}")
+                run.progress.hint = getattr(e, "hint", "")
             self.host.log(run.progress.error)
         finally:
             self._after(run)

@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -12,6 +13,11 @@ from typing import Callable, Iterator
 import torch
 
 from ..config.errors import CheckpointError
+
+try:  # a write that fails inside safetensors (a full disk) raises its own error type
+    from safetensors import SafetensorError as _SafetensorError
+except ImportError:  # pragma: no cover
+    _SafetensorError = OSError
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -127,9 +133,31 @@ def cast_for_save(state: dict, precision: str) -> dict:
     return out
 
 
+def _umask() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            return next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)  # read it where /proc can't tell (set back at once)
+        os.umask(mask)
+        return mask
+
+
+def _space_note(folder: Path, needed: int | None) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    need = f"it needs about {needed / 2**20:.1f} MB and " if needed else ""
+    return f"; {need}{free / 2**20:.1f} MB are free there"
+
+
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp path beside `final`; on success it is renamed to `final`, else deleted."""
+def atomic_path(final: str | os.PathLike, overwrite: bool = False,
+                needed: int | None = None) -> Iterator[Path]:
+    """Yield a temp path beside `final`; on success it is renamed to `final`, else deleted.
+    The file gets the permissions the user's umask gives (not mkstemp's 0600). `needed`: its
+    size, said when the disk fills up."""
     final = Path(final)
     if final.exists() and not overwrite:
         raise CheckpointError(f"'{final}' already exists and was not replaced.",
@@ -146,12 +174,14 @@ def atomic_path(final: str | os.PathLike, overwrite: bool = False) -> Iterator[P
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and safetensors) make it 0600
         os.replace(tmp, final)
-    except OSError as e:
+    except (OSError, _SafetensorError) as e:
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"Writing '{final}' failed ({e.strerror or e}); nothing was "
-                              "replaced.", "Check the free space and permissions of the "
-                              "folder.") from None
+        why = getattr(e, "strerror", None) or " ".join(str(e).split())[:200]
+        raise CheckpointError(f"Writing '{final}' failed ({why}); nothing was replaced"
+                              f"{_space_note(final.parent, needed)}.", "Check the free space "
+                              "and permissions of the folder.") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -162,7 +192,8 @@ def write_safetensors(path: str | os.PathLike, state: dict, metadata: dict | Non
     """Write atomically: a crash leaves either the old file or the new one, never half of one."""
     from safetensors.torch import save_file
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    with atomic_path(path, overwrite) as tmp:
+    needed = sum(t.numel() * t.element_size() for t in state.values())
+    with atomic_path(path, overwrite, needed) as tmp:
         save_file(state, str(tmp), metadata=meta)
     return Path(path)
 

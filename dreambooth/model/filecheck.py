@@ -77,7 +77,8 @@ def write_verified(path: str | os.PathLike, state: dict, metadata: dict, expecte
     from safetensors.torch import save_file
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     meta[HASH_KEY] = PLACEHOLDER
-    with atomic_path(path, overwrite) as tmp:
+    needed = sum(t.numel() * t.element_size() for t in state.values())
+    with atomic_path(path, overwrite, needed) as tmp:
         save_file(state, str(tmp), metadata=meta)
         _fill_hash(tmp)
         problems = layout_problems(tmp, expected, dtype)

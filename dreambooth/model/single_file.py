@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from . import convert, ldm_yaml, openclip
+from ..config.errors import CheckpointError
 from .checkpoint import SAVE_DTYPES, cast_for_save, read_checkpoint
 from .components import (
     Components,
@@ -58,15 +59,47 @@ def _te_to_ldm(slot: TextEncoderSlot, state: dict, config: dict) -> dict:
 def read_beside_yaml(path: str | Path) -> str | None:
     """The WebUI's config beside a checkpoint (<name>.yaml), when there is one."""
     yaml_path = Path(path).with_suffix(".yaml")
-    return yaml_path.read_text(encoding="utf-8") if yaml_path.is_file() else None
+    if not yaml_path.is_file():
+        return None
+    data = yaml_path.read_bytes()
+    encoding = "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"'{yaml_path.name}' beside the checkpoint is not UTF-8 text "
+                              f"(byte {e.start}).", "Save it as UTF-8, or move it away if the "
+                              "checkpoint does not need it.") from None
 
 
 def load_single_file(path: str, model_type: str) -> Components:
     """A WebUI single-file checkpoint as a working model (fp32), offline."""
-    spec = spec_for(model_type)
     state, metadata = read_checkpoint(path)
     source_yaml = read_beside_yaml(path)
-    check_model_type(state, metadata, source_yaml, model_type, Path(path).name,
+    name = Path(path).name
+    quantized = [k for k, v in state.items() if v.dtype in (torch.int8, torch.uint8)
+                 and k.endswith(".weight")]
+    if quantized:
+        raise CheckpointError(f"'{name}' holds {len(quantized)} 8-bit integer weights (e.g. "
+                              f"{quantized[0]}): a quantized model, which can't be trained.",
+                              "Choose the full-precision (fp16 or fp32) version of the model.")
+    try:
+        return _components_of(state, metadata, source_yaml, model_type, name)
+    except CheckpointError as e:
+        if name not in e.message:
+            e.message = f"'{name}': {e.message}"
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError,
+            OSError) as e:
+        raise CheckpointError(f"'{name}' could not be read as a {model_type} model "
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:200]}).",
+                              "The file or its metadata is damaged, or it is another kind of "
+                              "model: choose a full Stable Diffusion checkpoint.") from None
+
+
+def _components_of(state: dict, metadata: dict, source_yaml: str | None, model_type: str,
+                   name: str) -> Components:
+    spec = spec_for(model_type)
+    check_model_type(state, metadata, source_yaml, model_type, name,
                      {n: s.title for n, s in SPECS.items()})
     configs = json.loads(metadata[COMPONENTS_KEY]) if COMPONENTS_KEY in metadata \
         else shipped_configs(model_type)

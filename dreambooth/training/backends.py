@@ -173,3 +173,15 @@ def optimizer_builder(choice: str, cfg, device: torch.device, say: Say):
               "lr": cfg.learning_rate}]
     _, name = make_optimizer(choice, probe, cfg, device, say)
     return (lambda groups: OPTIMIZERS[name](groups, cfg, device)), name
+
+
+def vram_gb() -> float:
+    return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def release_memory() -> None:
+    """Give the GPU memory of a finished, failed or cancelled run back (the models are gone)."""
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..config.errors import TrainingError
+
 
 def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor,
                       timesteps: torch.Tensor) -> torch.Tensor:
@@ -62,3 +64,11 @@ def compute_loss(unet, scheduler, latents, encoder_hidden_states, noise, timeste
     target = prediction_target(scheduler, latents, noise, timesteps)
     weights = snr_weights(scheduler, timesteps, min_snr_gamma) if min_snr_gamma > 0 else None
     return dreambooth_loss(pred, target, n_instance, prior_weight, weights)
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss.detach()).all():
+        raise TrainingError(
+            f"The loss became {loss.item()} at step {step}; training stopped before the "
+            "update, and the checkpoints already saved are kept.",
+            "With fp16 this is usually an overflow: use bf16 or a lower learning rate.")

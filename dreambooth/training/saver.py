@@ -20,7 +20,15 @@ from ..model.components import te_state
 from ..model.metadata import training_metadata
 from ..model.single_file import save_single_file
 from ..model.workdir import load_model, save_working_dir, source_id, working_dir
+from .housekeeping import refuse_no_space
 from .lora import merged_state, save_lora, ss_metadata
+
+
+def _same_file(path: Path, source: str) -> bool:
+    try:
+        return path.exists() and path.samefile(source) or path.resolve() == Path(source).resolve()
+    except OSError:
+        return False
 
 
 class Saver:
@@ -39,12 +47,23 @@ class Saver:
         a file."""
         cfg = self.cfg
         merges = (False, True) if cfg.use_lora and cfg.lora_merge else (False,)
-        clash = [self.output_path(s, m) for s in sorted(steps) for m in merges
-                 if self.output_path(s, m).exists()]
+        paths = [self.output_path(s, m) for s in sorted(steps) for m in merges]
+        self.refuse_source(paths)
+        clash = [p for p in paths if p.exists()]
         if clash and not cfg.overwrite:
             raise DreamboothError(f"'{clash[0]}' already exists; this run would replace it.",
                                   "Choose another model name or output folder, or turn on "
                                   "'overwrite'.")
+        refuse_no_space(cfg, self.comp, len(steps))
+
+    def refuse_source(self, paths: list[Path]) -> None:
+        """The source checkpoint is never replaced, whatever 'overwrite' says."""
+        source = [p for p in paths if _same_file(p, self.cfg.source_checkpoint)]
+        if source:
+            raise DreamboothError(f"'{source[0]}' is the source checkpoint; this run would "
+                                  "replace it (the source is never replaced, whatever "
+                                  "'overwrite' says).", "Choose another model name or output "
+                                  "folder.")
 
     # -- saving -------------------------------------------------------------------------
     def save(self, step: int, unet_state: dict, facts: dict, keep_working: bool) -> Path:
@@ -53,6 +72,7 @@ class Saver:
         `facts`: what the run learnt from (epochs, items, class_images), for the LoRA's
         metadata."""
         cfg, path = self.cfg, self.output_path(step)
+        self.refuse_source([path, self.output_path(step, merged=True)])
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             meta = training_metadata(cfg, self.comp.spec, self.revision + step)

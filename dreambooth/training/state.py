@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
+import re
 import socket
 from pathlib import Path
 
 import torch
 
 from ..config.errors import DreamboothError
+from ..config.folders import claim_model_dir
 from ..model.checkpoint import write_text
+from .housekeeping import image_set, image_set_changes, remove_snapshot_folder
 
 # Settings that change neither the weights nor the order of training: may differ on resume.
 FREE_ON_RESUME = {"output_dir", "overwrite", "sample_every_epochs", "save_every_epochs",
@@ -48,7 +50,7 @@ def save_snapshot(trainer, step: int, epoch: int, batch: int, order: list[int]) 
     from safetensors.torch import save_file
     final = trainer.cfg.model_dir / STATE_DIR / f"step_{step:08d}"
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_snapshot_folder(tmp)
     tmp.mkdir(parents=True)
     for i, model in enumerate(trainer.models):
         state = {k: v.detach().contiguous() for k, v in
@@ -64,16 +66,30 @@ def save_snapshot(trainer, step: int, epoch: int, batch: int, order: list[int]) 
     info = {"step": step, "epoch": epoch, "batch": batch, "order": order,
             "class_cursor": trainer.feed.class_cursor, "accelerator_step": trainer.acc.step,
             "total_steps": trainer.total_steps, "revision": trainer.revision,
-            "config": trainer.cfg.to_dict(), "machine": trainer.machine}
+            "config": trainer.cfg.to_dict(), "machine": trainer.machine,
+            "images": image_set(trainer.feed.items)}
     write_text(tmp / "trainer.json", json.dumps(info))
-    if final.exists():
-        shutil.rmtree(final)
+    remove_snapshot_folder(final)
     os.replace(tmp, final)
     return final
 
 
 def snapshot_info(folder: Path) -> dict:
-    return json.loads((folder / "trainer.json").read_text())
+    try:
+        info = json.loads((folder / "trainer.json").read_text(encoding="utf-8"))
+        if not isinstance(info, dict) or not isinstance(info.get("step"), int) \
+                or not isinstance(info.get("config"), dict):
+            raise ValueError("not a training state")
+    except (OSError, ValueError, RecursionError) as e:
+        raise unreadable_snapshot(folder, e) from None
+    return info
+
+
+def unreadable_snapshot(folder: Path, e: BaseException) -> DreamboothError:
+    return DreamboothError(f"The saved training state '{folder}' can't be read "
+                           f"({type(e).__name__}: {' '.join(str(e).split())[:200]}).",
+                           "It is damaged or not from this extension: delete that folder, or "
+                           "set resume to 'never' to start over.")
 
 
 def load_snapshot(trainer, folder: Path) -> dict:
@@ -86,6 +102,7 @@ def load_snapshot(trainer, folder: Path) -> dict:
             f"The saved training state in '{folder}' belongs to a different configuration; "
             "resuming would not continue the same run. Changed: " + "; ".join(diffs) + ".",
             "Undo these changes to resume, or set resume to 'never' to start over.")
+    refuse_changed_images(folder, info, trainer.feed.items)
     for i, model in enumerate(trainer.models):
         trainer.acc.unwrap_model(model).load_state_dict(
             load_file(str(folder / f"model_{i}.safetensors")))
@@ -123,6 +140,16 @@ def machine_differences(then: dict, now: dict) -> tuple[str, str] | None:
     return words(then), words(now)
 
 
+def restore_snapshot(trainer, folder: Path) -> dict:
+    """load_snapshot, with a truncated or foreign file said as such."""
+    try:
+        return load_snapshot(trainer, folder)
+    except DreamboothError:
+        raise
+    except Exception as e:  # truncated or foreign files fail in many ways
+        raise unreadable_snapshot(folder, e) from None
+
+
 def _as_tuple(value):
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
@@ -142,7 +169,31 @@ def choose_snapshot(cfg, model_dir: Path) -> Path | None:
 
 
 def clear_snapshots(model_dir: Path) -> None:
-    shutil.rmtree(model_dir / STATE_DIR, ignore_errors=True)
+    """Delete the model's snapshots, by name: nothing else in state/ is touched."""
+    folder = model_dir / STATE_DIR
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if p.is_dir() and re.fullmatch(r"step_\d+(\.tmp\d+)?", p.name):
+            remove_snapshot_folder(p)
+    try:
+        folder.rmdir()
+    except OSError:  # something we did not write is in it: it stays
+        pass
+
+
+def refuse_changed_images(folder: Path, info: dict, items) -> None:
+    """A snapshot belongs to the images it was taken on: added, removed or edited images since
+    then are refused (the step count, the order and the caches would not continue the run)."""
+    if "images" not in info:  # a snapshot of an older version
+        return
+    changes = image_set_changes(info["images"], image_set(items))
+    if changes:
+        raise DreamboothError(
+            f"The instance images changed since the saved training state '{folder}' was "
+            f"taken: {changes}; resuming would not continue the same run.",
+            "Put the images back as they were to resume, or set resume to 'never' to start "
+            "over with the new images.")
 
 
 def fresh_rng(seed: int) -> tuple[random.Random, torch.Generator]:
@@ -156,16 +207,21 @@ class ModelLock:
         self.path, self.say, self.held = model_dir / ".train.lock", say, False
 
     def __enter__(self) -> "ModelLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        claim_model_dir(self.path.parent)
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 self._refuse_or_clear()
                 continue
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname()}, fh)
+            except OSError as e:
+                raise DreamboothError(f"Can't create the training lock '{self.path}' "
+                                      f"({e.strerror or e}).", "Check that the work folder is "
+                                      "writable and has free space.") from None
             self.held = True
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                           "started": pid_start_time(os.getpid())}, fh)
             return self
         raise DreamboothError(f"Could not take the training lock '{self.path}'.",
                               "Delete that file if no training of this model is running.")
@@ -175,22 +231,40 @@ class ModelLock:
             owner = json.loads(self.path.read_text())
         except (OSError, ValueError):
             owner = {}
-        pid, host = owner.get("pid"), owner.get("host")
-        if host == socket.gethostname() and isinstance(pid, int) and _alive(pid):
+        if not isinstance(owner, dict):
+            owner = {}
+        pid, host, started = owner.get("pid"), owner.get("host"), owner.get("started")
+        same = host == socket.gethostname() and isinstance(pid, int) and _alive(pid)
+        if same and started is not None and pid_start_time(pid) not in (None, started):
+            same = False  # the PID now belongs to another process: the lock's owner is gone
+        if same:
             raise DreamboothError(
-                f"The model '{self.path.parent.name}' is already being trained (process {pid}).",
-                "Wait for that run to end or cancel it; two runs would overwrite each other.")
+                f"The model '{self.path.parent.name}' is already being trained (process {pid}, "
+                f"lock file '{self.path}').",
+                "Wait for that run to end or cancel it; two runs would overwrite each other. "
+                "If no run of this model is going on, delete the lock file.")
         if host not in (None, socket.gethostname()):
             raise DreamboothError(
-                f"The model '{self.path.parent.name}' is locked by a run on '{host}'.",
-                f"If no run is going on there, delete '{self.path}'.")
-        self.say(f"Cleared a stale training lock left by process {pid}, which is no longer running.")
+                f"The model '{self.path.parent.name}' is locked by a run on '{host}' (lock file "
+                f"'{self.path}').", f"If no run is going on there, delete '{self.path}'.")
+        self.say(f"Cleared a stale training lock '{self.path}' left by process {pid}, which is "
+                 "no longer running.")
         self.path.unlink(missing_ok=True)
 
     def __exit__(self, *exc) -> bool:
         if self.held:
             self.path.unlink(missing_ok=True)
         return False
+
+
+def pid_start_time(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, from /proc; None where unknown): a
+    lock whose PID was reused by another process is told apart by it."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 def _alive(pid: int) -> bool:

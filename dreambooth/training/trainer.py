@@ -16,6 +16,7 @@ import torch
 from ..config import TrainingConfig
 from ..config import events as ev
 from ..config.errors import DreamboothError, TrainingError
+from ..config.runlog import RunLog, failure
 from ..data import buckets
 from ..data.feed import DataFeed
 from ..model.components import unet_kwargs
@@ -23,16 +24,17 @@ from ..model.workdir import load_model
 from . import backends
 from .memory import plan_run
 from .optim import make_optimizer, trainable_groups
-from .loss import compute_loss, noise_like
+from .loss import check_finite, compute_loss, noise_like
 from .saver import Saver
+from .housekeeping import refuse_idle_accumulation, remove_leftovers, snapshot_failed
 from .state import (
     ModelLock,
     choose_snapshot,
     clear_snapshots,
     fresh_rng,
-    load_snapshot,
     save_snapshot,
     snapshot_info,
+    restore_snapshot,
 )
 
 
@@ -47,41 +49,37 @@ class TrainResult:
 
 def train(config: TrainingConfig, on_event=None, cancel: ev.CancelToken | None = None
           ) -> TrainResult:
-    """Train as `config` says; report through `on_event`; stop cleanly when `cancel` is set."""
-    emit = ev.EventBus(on_event)
+    """Train as `config` says; report through `on_event`; stop cleanly when `cancel` is set.
+    Any failure leaves as a DreamboothError naming the run's log (which holds the traceback)."""
+    log = RunLog.for_config(config)
+    emit = ev.EventBus(on_event, log.event)
     trainer = None
     try:
         config.check()
         trainer = Trainer(config, emit, cancel or ev.CancelToken())
+        trainer.runlog = log
         return trainer.run()
     except DreamboothError as e:
         emit(ev.Failed(e.message, e.hint))
-        raise
+        raise failure(e, log)
     except torch.cuda.OutOfMemoryError:
         from .memory import oom_advice
-        release_memory()
+        backends.release_memory()
         err = TrainingError("The GPU ran out of memory.",
                             oom_advice(trainer.cfg if trainer else config, gpu_total_memory()))
         emit(ev.Failed(err.message, err.hint))
-        raise err from None
+        raise failure(err, log) from None
     except Exception as e:
-        emit(ev.Failed(f"Training failed unexpectedly: {type(e).__name__}: {e}",
-                       "This is a bug; please report it with the log."))
-        raise
+        err = failure(e, log)
+        emit(ev.Failed(err.message, err.hint))
+        raise err from e
     finally:
-        release_memory()
+        log.flush()
+        backends.release_memory()
 
 
 def gpu_total_memory() -> int | None:
     return torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None
-
-
-def release_memory() -> None:
-    """Give the GPU memory of a finished, failed or cancelled run back (the models are gone)."""
-    import gc
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 class Trainer:
@@ -130,7 +128,7 @@ class Trainer:
         trained = torch.bfloat16 if cfg.bf16_weights and not cfg.use_lora else torch.float32
         self.comp.vae.to(self.device).requires_grad_(False).eval()
         for te in self.comp.text_encoders:
-            _move(te, self.device, self.dtype if cfg.use_lora and cfg.lora_text_encoder
+            te.to(self.device, self.dtype if cfg.use_lora and cfg.lora_text_encoder
                   else trained if cfg.train_text_encoder else torch.float32).requires_grad_(False)
         self.unet_dtype = self.dtype if cfg.use_lora else trained
         self.scheduler = self.comp.noise_scheduler()
@@ -146,7 +144,7 @@ class Trainer:
         self.setup_optimization()
 
     def place_unet(self) -> None:
-        _move(self.comp.unet, self.device, self.unet_dtype)
+        self.comp.unet.to(self.device, self.unet_dtype)  # tensor by tensor: no full copy
 
     def free_gpu_memory(self, device: torch.device) -> int | None:
         return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
@@ -162,7 +160,7 @@ class Trainer:
         if self.device.type == "cuda":
             for module in self.frozen_modules():
                 module.to("cpu")
-            release_memory()
+            backends.release_memory()
 
     def plan_steps(self) -> None:
         cfg = self.cfg
@@ -172,6 +170,7 @@ class Trainer:
         self.batches_per_epoch = buckets.batch_count([feed.bucket_of[it.path] for it in feed.items],
                                                      global_batch, cfg.bucketing)
         ga = cfg.gradient_accumulation_steps
+        refuse_idle_accumulation(ga, self.epochs * self.batches_per_epoch)
         self.total_steps = max(1, self.epochs * self.batches_per_epoch // ga)
         self.te_steps = round(cfg.text_encoder_steps_ratio * self.total_steps) \
             if cfg.trains_text_encoder else 0
@@ -231,6 +230,9 @@ class Trainer:
                 else contextlib.nullcontext(), \
                 backends.reproducible(self.cfg.is_deterministic, self.cfg.cpu_threads) as machine:
             self.machine = machine  # recorded in snapshots: a resume elsewhere is said
+            if getattr(self, "runlog", None) is not None:
+                self.runlog.flush()
+            remove_leftovers(self.cfg, self.say)
             self.setup()
             return self.loop(self.start_position())
 
@@ -239,13 +241,17 @@ class Trainer:
         self.rng, self.gen = fresh_rng(self.cfg.seed)  # the same on every process: see batch()
         self.feed.class_cursor = 0
         snapshot = self.resume_from
-        if snapshot is None:
-            return {"step": 0, "epoch": 0, "batch": 0, "order": None}
-        position = load_snapshot(self, snapshot)
-        self.say(f"Resuming from step {position['step']} of {self.total_steps} ({snapshot.name}).")
+        position = {"step": 0, "epoch": 0, "batch": 0, "order": None}
+        if snapshot is not None:
+            position = restore_snapshot(self, snapshot)
+            self.say(f"Resuming from step {position['step']} of {self.total_steps} "
+                     f"({snapshot.name}).")
         if self.cfg.trains_text_encoder and position["step"] >= self.te_steps:
             for te in self.comp.text_encoders:
                 te.requires_grad_(False)
+            if self.te_steps == 0:
+                self.say("The text encoder is not trained: text_encoder_steps_ratio "
+                         f"{self.cfg.text_encoder_steps_ratio} of {self.total_steps} steps is 0.")
         return position
 
     def loop(self, position: dict) -> TrainResult:
@@ -275,7 +281,7 @@ class Trainer:
                     self.emit(ev.Step(step, self.total_steps, epoch + 1, result.losses[-1],
                                       self.lr_scheduler.get_last_lr()[0],
                                       (step - self.resumed_at) / max(time.time() - start, 1e-9),
-                                      _vram_gb()))
+                                      backends.vram_gb()))
                     if cfg.state_every_steps and step % cfg.state_every_steps == 0 \
                             and step < self.total_steps:
                         self.snapshot(step, epoch, b + 1, order)
@@ -293,7 +299,7 @@ class Trainer:
         acc, cfg = self.acc, self.cfg
         with acc.accumulate(*self.models):
             loss, _, _ = self.step_loss(order, b, self.rng, self.gen)
-            self.check_finite(loss, step)
+            check_finite(loss, step)
             acc.backward(loss)
             if acc.sync_gradients and cfg.max_grad_norm > 0 and not self.fused:
                 acc.clip_grad_norm_([p for m in self.models for p in m.parameters()],
@@ -305,14 +311,10 @@ class Trainer:
     def snapshot(self, step: int, epoch: int, batch: int, order: list[int]) -> None:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            save_snapshot(self, step, epoch, batch, order)
-
-    def check_finite(self, loss: torch.Tensor, step: int) -> None:
-        if not torch.isfinite(loss.detach()).all():
-            raise TrainingError(
-                f"The loss became {loss.item()} at step {step}; training stopped before the "
-                "update, and the checkpoints already saved are kept.",
-                "With fp16 this is usually an overflow: use bf16 or a lower learning rate.")
+            try:
+                save_snapshot(self, step, epoch, batch, order)
+            except Exception as e:  # a full disk or a read-only folder fails in many ways
+                raise snapshot_failed(self.cfg, self.models, self.optimizer, step, e) from None
 
     def after_update(self, step: int) -> None:
         self.lr_scheduler.step()
@@ -390,10 +392,3 @@ class Trainer:
         self.emit(ev.Finished(str(result.path or ""), step, time.time() - start,
                               self.cancel.cancelled))
         return result
-
-def _vram_gb() -> float:
-    return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-
-
-def _move(module, device, dtype):
-    return module.to(device=device, dtype=dtype)  # tensor by tensor: no full copy on the GPU

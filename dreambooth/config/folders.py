@@ -1,0 +1,61 @@
+"""Whose folder: the project writes into a model folder only once it carries the project's
+marker file; an existing folder without it belongs to someone else and is never written into.
+
+Standard library only (the WebUI process claims the folder before it starts the child)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import DreamboothError
+
+MARKER = ".dreambooth_model"
+
+
+def owned(folder: Path) -> bool:
+    return (Path(folder) / MARKER).is_file()
+
+
+def _made_by_us_before_markers(folder: Path) -> bool:
+    """A model folder of a version before the marker: its working model, a saved state, a run
+    folder, or our lock or config file are there."""
+    if (folder / "working" / "dreambooth_model.json").is_file() \
+            or (folder / ".train.lock").is_file() \
+            or any((folder / "state").glob("step_*/trainer.json")) \
+            or any((folder / "runs").glob("*/run.json")):
+        return True
+    try:
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and "schema_version" in data and "concepts" in data
+
+
+def claim_model_dir(folder: str | os.PathLike) -> Path:
+    """Make `folder` the model's folder: create it (with the marker), or accept it when it
+    carries the marker, is empty, or was made by an older version; refuse any other existing
+    folder."""
+    folder = Path(folder)
+    try:
+        if folder.is_dir():
+            if owned(folder):
+                return folder
+            if any(folder.iterdir()) and not _made_by_us_before_markers(folder):
+                raise DreamboothError(
+                    f"The folder '{folder}' already exists and was not made by Dreambooth (it "
+                    f"has no '{MARKER}' file); nothing was written into it.",
+                    "Choose another model_name or work_dir. If it really is a model folder of "
+                    f"this extension, create an empty '{MARKER}' file in it.")
+        elif folder.exists():
+            raise DreamboothError(f"The model folder '{folder}' is a file, not a folder.",
+                                  "Choose another model_name or work_dir.")
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / MARKER, "w", encoding="utf-8") as fh:
+            fh.write("This folder is a Dreambooth model folder.\n")
+    except (OSError, ValueError) as e:
+        raise DreamboothError(f"Can't create or write the model folder '{folder}' "
+                              f"({getattr(e, 'strerror', None) or e}).", "Check that work_dir is "
+                              "a folder you can write to (not a file, not read-only) with free "
+                              "space.") from None
+    return folder
