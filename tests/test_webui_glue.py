@@ -52,6 +52,9 @@ def test_paths_follow_the_webuis_flags(webui, tmp_path, monkeypatch):
     other = glue.WebUIHost()
     assert other.paths.checkpoints_dir == tmp_path / "ckpts"
     assert other.paths.work_dir == tmp_path / "db" and other.api_auth == "u:p"
+    assert other.paths.data_dir == tmp_path / "db"  # image folders: the work dir by default
+    mods["shared"].cmd_opts.dreambooth_data_dir = str(tmp_path / "images")
+    assert glue.WebUIHost().paths.data_dir == tmp_path / "images"
 
 
 def test_a_broken_tab_shows_a_banner_instead_of_vanishing(webui, monkeypatch):
@@ -193,6 +196,10 @@ def test_api_routes_mount_on_the_webuis_app_under_its_auth(webui):
     mods, glue = webui
     mods["shared"].cmd_opts.api_auth = "user:pw"
     glue.STATE.clear()
+    app = fastapi.FastAPI()
+    mods["script_callbacks"].app_started_callback(None, app)
+    assert not [r for r in app.routes if "/dreambooth/" in getattr(r, "path", "")]  # no --api
+    mods["shared"].cmd_opts.api = True
     app = fastapi.FastAPI()
     mods["script_callbacks"].app_started_callback(None, app)
     assert mods["script_callbacks"].errors == []

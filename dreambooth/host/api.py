@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 
 from ..config import Problem, TrainingConfig
 from ..config.errors import ConfigError
-from .confine import confine, pick_source, short
+from .confine import checked, pick_source, refused, short
 from .interface import Host, sniff_model_type
 from .runner import RunManager
 from .ui.actions import host_defaults
@@ -148,20 +148,10 @@ class Api:
         if source is not None and "model_type" not in data:
             data["model_type"] = sniff_model_type(source) or "v1x"
         try:
-            config = TrainingConfig.from_dict(data)
+            keep = (lambda field: field in wanted) if wanted else (lambda field: True)
+            return checked(TrainingConfig.from_dict(data), self.host, keep=keep)
         except ConfigError as e:
-            return _problems(e.problems)
-        try:
-            config, refused = confine(config, self.host), []
-        except ConfigError as e:
-            refused = e.problems
-        named = {p.field for p in refused}
-        problems = refused + [p for p in config.validate(check_paths=not refused)
-                              if p.field not in named and (not wanted or p.field in wanted)]
-        if problems:
-            leaves = any("leaves" in p.why for p in refused)
-            return _problems(problems, 403 if leaves else 422)
-        return config
+            return _problems(e.problems, 403 if refused(e.problems) else 422)
 
     def create(self, request: Request, raw: bytes | None = Depends(raw_body)):
         config = self.config(request, raw, ("model_name", "source_checkpoint", "model_type",

@@ -17,6 +17,7 @@ from ..config.errors import ConfigError
 from .interface import Host
 
 SHORT = 200  # longest value echoed back in an error
+LEAVES = "leaves the folders this host offers"
 
 
 def short(value):
@@ -51,7 +52,7 @@ def inside(value: str, roots: list[Path], field: str) -> Path:
         real = Path(os.path.realpath(root))
         if target == real or real in target.parents:
             return target
-    why = "leaves the folders this host offers"
+    why = LEAVES
     if ".." in Path(value).parts:
         why += " (through '..')"
     elif Path(os.path.abspath(first / value)) != target:
@@ -93,9 +94,10 @@ def pick_source(host: Host, value) -> str:
                                "choose a checkpoint by its name in the list")])
 
 
-def confine(config: TrainingConfig, host: Host) -> TrainingConfig:
+def confine(config: TrainingConfig, host: Host, need_source: bool = True) -> TrainingConfig:
     """`config` with every path resolved inside the host's roots and the source picked from the
-    host's list; ConfigError naming each field that leaves them."""
+    host's list (an empty one kept when not `need_source`); ConfigError naming each field that
+    leaves them."""
     problems: list[Problem] = []
     changes: dict = {}
 
@@ -129,12 +131,34 @@ def confine(config: TrainingConfig, host: Host) -> TrainingConfig:
             k: check(f"concepts[{i}].{k}", getattr(c, k)) for k in ("instance_data_dir",
                                                                      "class_data_dir")}))
     try:
-        changes["source_checkpoint"] = pick_source(host, config.source_checkpoint)
+        if need_source or config.source_checkpoint != "":
+            changes["source_checkpoint"] = pick_source(host, config.source_checkpoint)
     except ConfigError as e:
         problems.extend(e.problems)
     if problems:
         raise ConfigError(problems)
     return dataclasses.replace(config, concepts=tuple(concepts), **changes)
+
+
+def refused(problems: list[Problem]) -> bool:
+    """True when one of `problems` is a path leaving the host's folders (HTTP 403, not 422)."""
+    return any(p.why.startswith(LEAVES) for p in problems)
+
+
+def checked(config: TrainingConfig, host: Host, need_source: bool = True,
+            check_paths: bool = True, keep=lambda field: True) -> TrainingConfig:
+    """confine(), then validate() (only the fields `keep` accepts): ConfigError with every
+    problem at once. Paths are only looked at once they are known to be inside."""
+    try:
+        config, outside = confine(config, host, need_source), []
+    except ConfigError as e:
+        outside = e.problems
+    named = {p.field for p in outside}
+    problems = outside + [p for p in config.validate(check_paths=check_paths and not outside)
+                          if p.field not in named and keep(p.field)]
+    if problems:
+        raise ConfigError(problems)
+    return config
 
 
 def model_folder(host: Host, name, field: str = "model_name") -> Path:
