@@ -288,3 +288,14 @@ def test_auth_needs_user_password_pairs(auth, ok, capsys):
         from dreambooth.host.ui import standalone
         assert standalone.main(["--auth", auth, "--root", "/nonexistent/never"]) == 2
         assert "--auth needs user:password" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["nope.safetensors", "/etc/passwd"])
+def test_an_unknown_source_does_not_make_the_host_rescan(world, monkeypatch, source):
+    calls = []
+    monkeypatch.setattr(world["host"], "refresh_checkpoints", lambda: calls.append(1))
+    r = world["client"].post(api.PREFIX + "/train", json={**_good(world),
+                                                          "source_checkpoint": source})
+    assert r.status_code == 422 and calls == []
+    assert "dreambooth-error" in world["actions"].train(
+        _values(world, "source_checkpoint", source), 1) and calls == []

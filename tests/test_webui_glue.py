@@ -111,6 +111,7 @@ def test_training_from_the_tab_lands_in_txt2img(webui, tiny_inputs, tmp_path):
     values = {k: tab.widgets[k].value for k in tab.widgets}
     values.update(quick_values(tiny_inputs, host.paths.work_dir, host.paths.checkpoints_dir,
                                name="webui_dog"))
+    host.refresh_checkpoints()  # the copied checkpoint joins the WebUI's list
     assert "started" in tab.on_train(1, *[values[k] for k in tab.widgets])
     wait_for(lambda: before.device == "cpu" or not manager.busy(), timeout=120)
     moved_off = before.device == "cpu"
@@ -224,6 +225,7 @@ def test_a_lora_from_the_tab_lands_in_the_lora_list(webui, tiny_inputs, monkeypa
     values = {k: tab.widgets[k].value for k in tab.widgets}
     values.update(quick_values(tiny_inputs, host.paths.work_dir, host.paths.checkpoints_dir,
                                name="webui_lora"))
+    host.refresh_checkpoints()  # the copied checkpoint joins the WebUI's list
     values.update({"use_lora": True, "lora_rank": 4})
     assert values["lora_dir"] == str(Path(mods["shared"].cmd_opts.lora_dir))
     assert "started" in tab.on_train(1, *[values[k] for k in tab.widgets])

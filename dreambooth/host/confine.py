@@ -75,23 +75,23 @@ def regular_file(path: str | os.PathLike, field: str) -> Problem | None:
 
 def pick_source(host: Host, value) -> str:
     """The file of the checkpoint called `value` (its title, or its listed filename) in the host's
-    list (rescanned once on a miss); ConfigError when there is none or it is not a regular file."""
+    list; ConfigError when there is none or it is not a regular file. (A miss does not rescan:
+    a caller must not make the host walk its folders, or the WebUI reselect its --ckpt, at will;
+    the tab's refresh button and the WebUI's refresh-checkpoints do that.)"""
     if not isinstance(value, str) or not value.strip():
         raise ConfigError([Problem("source_checkpoint", short(value), "is empty",
                                    "choose a checkpoint from the list")])
     value = value.strip()
-    for attempt in range(2):
-        for c in host.list_checkpoints():
-            if value in (c.title, c.filename):
-                problem = regular_file(c.filename, "source_checkpoint")
-                if problem:
-                    raise ConfigError([problem])
-                return c.filename
-        if attempt == 0:
-            host.refresh_checkpoints()
+    for c in host.list_checkpoints():
+        if value in (c.title, c.filename):
+            problem = regular_file(c.filename, "source_checkpoint")
+            if problem:
+                raise ConfigError([problem])
+            return c.filename
     raise ConfigError([Problem("source_checkpoint", short(value),
                                "is not a checkpoint this host lists",
-                               "choose a checkpoint by its name in the list")])
+                               "choose a checkpoint by its name in the list (refresh it if "
+                               "the file is new)")])
 
 
 def confine(config: TrainingConfig, host: Host, need_source: bool = True) -> TrainingConfig:
