@@ -76,11 +76,12 @@ if not LOAD_ERROR:
 
         def __init__(self) -> None:
             models = Path(paths.models_path)
+            data_dir = _opt("dreambooth_data_dir")
             db_paths = db_host.HostPaths(
                 checkpoints_dir=Path(_opt("ckpt_dir", sd_models.model_path)),
                 lora_dir=Path(_opt("lora_dir", models / "Lora")),
                 work_dir=Path(_opt("dreambooth_dir", models / "dreambooth")),
-                lib_dir=EXT_ROOT / "lib")
+                lib_dir=EXT_ROOT / "lib", data_dir=Path(data_dir) if data_dir else None)
             super().__init__(db_paths, python=_opt("dreambooth_python", sys.executable),
                              api_auth=_opt("api_auth", ""))
             self.missing, self.fix_command = missing_dependencies(self.python)
@@ -195,7 +196,8 @@ def on_ui_settings():
 
 
 def on_app_started(demo, app):
-    if LOAD_ERROR:
+    """Our routes join the WebUI's API only when it serves one (--api), under its --api-auth."""
+    if LOAD_ERROR or not _opt("api", False):
         return
     try:
         from dreambooth.host import api

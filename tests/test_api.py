@@ -3,6 +3,7 @@ the field named; no auth -> 401 when the WebUI's --api-auth is set."""
 from __future__ import annotations
 
 import base64
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,11 +34,23 @@ def _basic(user, password):
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
-def _body(tiny, tmp_path, steps_per_image=1):
-    return {"model_name": "api_dog", "source_checkpoint": str(tiny["checkpoint"]),
+def _offer(host, tiny) -> dict:
+    """The tiny checkpoint and images copied into the host's folders (a remote caller may only
+    name what the host offers): {"checkpoint": its title, "instance": the folder}."""
+    host.paths.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tiny["checkpoint"], host.paths.checkpoints_dir / "tiny.safetensors")
+    images = host.paths.data_dir / "images"
+    if not images.is_dir():
+        shutil.copytree(tiny["instance"], images)
+    return {"checkpoint": "tiny.safetensors", "instance": images}
+
+
+def _body(tiny, host, steps_per_image=1):
+    offered = _offer(host, tiny)
+    return {"model_name": "api_dog", "source_checkpoint": offered["checkpoint"],
             "resolution": 64, "center_crop": True, "steps_per_image": steps_per_image,
-            "learning_rate": 1e-4, "output_dir": str(tmp_path / "out"),
-            "concepts": [{"instance_data_dir": str(tiny["instance"]),
+            "learning_rate": 1e-4, "output_dir": str(host.paths.checkpoints_dir / "out"),
+            "concepts": [{"instance_data_dir": str(offered["instance"]),
                           "instance_prompt": "photo of sks pattern"}]}
 
 
@@ -79,7 +92,7 @@ def test_bad_json_and_bad_fields_are_422_naming_the_field(tmp_path):
 def test_create_model_writes_the_settings_and_lists_it(tmp_path, tiny_inputs):
     client, host, _ = _client(tmp_path)
     r = client.post("/dreambooth/v1/models", json={
-        "model_name": "dog", "source_checkpoint": str(tiny_inputs["checkpoint"])})
+        "model_name": "dog", "source_checkpoint": _offer(host, tiny_inputs)["checkpoint"]})
     assert r.status_code == 201, r.json()
     assert r.json()["config"]["model_type"] == "v1x"  # detected from the file
     assert (host.paths.work_dir / "dog" / "config.json").is_file()
@@ -92,15 +105,15 @@ def test_create_model_writes_the_settings_and_lists_it(tmp_path, tiny_inputs):
 @pytest.mark.slow
 def test_start_status_cancel_on_the_real_child(tmp_path, tiny_inputs, train_python):
     client, host, manager = _client(tmp_path, python=train_python)
-    r = client.post("/dreambooth/v1/train", json=_body(tiny_inputs, tmp_path, 300))
+    r = client.post("/dreambooth/v1/train", json=_body(tiny_inputs, host, 300))
     assert r.status_code == 202, r.json()
     assert client.post("/dreambooth/v1/train",
-                       json=_body(tiny_inputs, tmp_path)).status_code == 409
+                       json=_body(tiny_inputs, host)).status_code == 409
     wait_for(lambda: client.get("/dreambooth/v1/status").json()["step"] >= 1, timeout=300)
     status = client.get("/dreambooth/v1/status").json()
     assert status["state"] == "running" and status["total_steps"] > status["step"]
     assert status["loss"] is not None and status["active"] is True
-    assert client.post("/dreambooth/v1/cancel").json()["cancelling"] is True
+    assert client.post("/dreambooth/v1/cancel", json={}).json()["cancelling"] is True
     final = manager.wait(300)
     assert final.state == "cancelled"
     status = client.get("/dreambooth/v1/status").json()
@@ -112,9 +125,9 @@ def test_start_status_cancel_on_the_real_child(tmp_path, tiny_inputs, train_pyth
 
 def test_save_and_sample_now_without_a_run_say_so(tmp_path):
     client, _, manager = _client(tmp_path, auth="alice:secret")
-    assert client.post("/dreambooth/v1/save").status_code == 401
+    assert client.post("/dreambooth/v1/save", json={}).status_code == 401
     for what in ("save", "sample"):
-        r = client.post(f"/dreambooth/v1/{what}", headers=_basic("alice", "secret"))
+        r = client.post(f"/dreambooth/v1/{what}", json={}, headers=_basic("alice", "secret"))
         assert r.status_code == 409 and f"nothing to {what}" in r.json()["detail"]
 
 
@@ -122,5 +135,6 @@ def test_save_now_asks_the_running_job(tmp_path, monkeypatch):
     client, _, manager = _client(tmp_path)
     asked = []
     monkeypatch.setattr(manager, "request", lambda what: asked.append(what) or True)
-    r = client.post("/dreambooth/v1/save")
+    assert client.post("/dreambooth/v1/save", content=b"x").status_code == 415  # not JSON
+    r = client.post("/dreambooth/v1/save", json={})
     assert r.status_code == 202 and r.json()["requested"] == "save" and asked == ["save"]

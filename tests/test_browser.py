@@ -53,10 +53,12 @@ def server(tmp_path, tiny_inputs, train_python):
     checkpoints = tmp_path / "models"
     checkpoints.mkdir()
     shutil.copy(tiny_inputs["checkpoint"], checkpoints / "tiny_v1x.safetensors")
+    shutil.copytree(tiny_inputs["instance"], tmp_path / "images" / "instance")
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(_ui_command() + ["--port", str(port), "--root", str(tmp_path / "ui"),
                                              "--checkpoints-dir", str(checkpoints),
+                                             "--data-dir", str(tmp_path / "images"),
                                              "--python", train_python],
                             stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
                             env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
@@ -104,7 +106,7 @@ def test_train_from_the_browser(server, tiny_inputs, tmp_path):
         source.click()
         page.get_by_text("tiny_v1x.safetensors").last.click()
         _tab(page, "Concepts")
-        _fill(page, "dreambooth_concepts_0_instance_data_dir", tiny_inputs["instance"])
+        _fill(page, "dreambooth_concepts_0_instance_data_dir", tmp_path / "images" / "instance")
         _fill(page, "dreambooth_concepts_0_instance_prompt", "photo of sks pattern")
         _tab(page, "Parameters")
         for elem_id, value in (("steps_per_image", 2), ("resolution", 64),

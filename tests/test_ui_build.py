@@ -86,8 +86,8 @@ def test_settings_save_and_load_as_the_cli_json(host, tmp_path):
     values = {k: tab.widgets[k].value for k in tab.widgets}
     values.update({"model_name": "dog", "learning_rate": 3e-6,
                    "concepts[0].instance_prompt": "photo of sks dog",
-                   "concepts[0].instance_data_dir": str(tmp_path)})
-    assert "saved" in tab.actions.save_settings(values, 1)
+                   "concepts[0].instance_data_dir": str(host.paths.data_dir / "dog")})
+    assert "Settings saved" in tab.actions.save_settings(values, 1)
     saved = host.paths.work_dir / "dog" / "config.json"
     assert TrainingConfig.load(saved).learning_rate == 3e-6  # what `--config` reads
     out = tab.on_load("dog")
@@ -103,7 +103,7 @@ def test_train_button_runs_the_child_and_streams_progress(host, tiny_inputs, tra
     host.python = train_python
     tab = build_tab(host)
     values = {k: tab.widgets[k].value for k in tab.widgets}
-    values.update(quick_values(tiny_inputs, tmp_path / "work", host.paths.checkpoints_dir))
+    values.update(quick_values(tiny_inputs, host.paths.work_dir, host.paths.checkpoints_dir))
     message = tab.on_train(1, *[values[k] for k in tab.widgets])
     assert "started" in message, message
     frames = list(tab.stream())

@@ -52,6 +52,9 @@ def test_paths_follow_the_webuis_flags(webui, tmp_path, monkeypatch):
     other = glue.WebUIHost()
     assert other.paths.checkpoints_dir == tmp_path / "ckpts"
     assert other.paths.work_dir == tmp_path / "db" and other.api_auth == "u:p"
+    assert other.paths.data_dir == tmp_path / "db"  # image folders: the work dir by default
+    mods["shared"].cmd_opts.dreambooth_data_dir = str(tmp_path / "images")
+    assert glue.WebUIHost().paths.data_dir == tmp_path / "images"
 
 
 def test_a_broken_tab_shows_a_banner_instead_of_vanishing(webui, monkeypatch):
@@ -108,6 +111,7 @@ def test_training_from_the_tab_lands_in_txt2img(webui, tiny_inputs, tmp_path):
     values = {k: tab.widgets[k].value for k in tab.widgets}
     values.update(quick_values(tiny_inputs, host.paths.work_dir, host.paths.checkpoints_dir,
                                name="webui_dog"))
+    host.refresh_checkpoints()  # the copied checkpoint joins the WebUI's list
     assert "started" in tab.on_train(1, *[values[k] for k in tab.widgets])
     wait_for(lambda: before.device == "cpu" or not manager.busy(), timeout=120)
     moved_off = before.device == "cpu"
@@ -195,6 +199,10 @@ def test_api_routes_mount_on_the_webuis_app_under_its_auth(webui):
     glue.STATE.clear()
     app = fastapi.FastAPI()
     mods["script_callbacks"].app_started_callback(None, app)
+    assert not [r for r in app.routes if "/dreambooth/" in getattr(r, "path", "")]  # no --api
+    mods["shared"].cmd_opts.api = True
+    app = fastapi.FastAPI()
+    mods["script_callbacks"].app_started_callback(None, app)
     assert mods["script_callbacks"].errors == []
     client = TestClient(app)
     assert client.get("/dreambooth/v1/status").status_code == 401
@@ -217,6 +225,7 @@ def test_a_lora_from_the_tab_lands_in_the_lora_list(webui, tiny_inputs, monkeypa
     values = {k: tab.widgets[k].value for k in tab.widgets}
     values.update(quick_values(tiny_inputs, host.paths.work_dir, host.paths.checkpoints_dir,
                                name="webui_lora"))
+    host.refresh_checkpoints()  # the copied checkpoint joins the WebUI's list
     values.update({"use_lora": True, "lora_rank": 4})
     assert values["lora_dir"] == str(Path(mods["shared"].cmd_opts.lora_dir))
     assert "started" in tab.on_train(1, *[values[k] for k in tab.widgets])

@@ -2,7 +2,10 @@
 
 Only plain Request/JSONResponse, so the same code runs on fastapi 0.94 + pydantic 1 (A1111 1.10)
 and on newer fastapi + pydantic 2 (Forge). Under the WebUI's --api-auth every route needs HTTP
-basic auth. Errors are JSON: {"detail": [{"field", "value", "why", "fix"}, ...]}.
+basic auth. Errors are JSON: {"detail": [{"field", "value", "why", "fix"}, ...]}, values cut to
+200 characters. Every path in a request stays inside the host's folders (dreambooth.host.confine:
+403 naming the field otherwise); the source is a checkpoint from the host's list. A POST must be
+application/json and not come from another site's page (403), so a web page can't drive it.
 """
 from __future__ import annotations
 
@@ -11,12 +14,14 @@ import binascii
 import json
 import secrets
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from ..config import Problem, TrainingConfig
 from ..config.errors import ConfigError
+from .confine import checked, pick_source, refused, short
 from .interface import Host, sniff_model_type
 from .runner import RunManager
 from .ui.actions import host_defaults
@@ -24,9 +29,12 @@ from .ui.actions import host_defaults
 PREFIX = "/dreambooth/v1"
 
 
+MAX_BODY = 1 << 20  # a config is a few KiB; more is refused unread
+
+
 def _problems(problems: list[Problem], status: int = 422) -> JSONResponse:
-    detail = [{"field": p.field, "value": _jsonable(p.value), "why": p.why, "fix": p.fix}
-              for p in problems]
+    detail = [{"field": short(p.field), "value": short(_jsonable(p.value)), "why": short(p.why),
+               "fix": short(p.fix)} for p in problems]
     return JSONResponse({"detail": detail}, status_code=status)
 
 
@@ -39,7 +47,7 @@ def _jsonable(value):
 
 
 def _error(status: int, message: str, **extra) -> JSONResponse:
-    return JSONResponse({"detail": message, **extra}, status_code=status)
+    return JSONResponse({"detail": short(message), **extra}, status_code=status)
 
 
 def check_auth(header: str, credentials: str) -> bool:
@@ -56,20 +64,53 @@ def check_auth(header: str, credentials: str) -> bool:
     return any(secrets.compare_digest(given.encode(), pair.encode()) for pair in pairs)
 
 
+def foreign_origin(headers) -> bool:
+    """True when the request comes from a page of another site: its Origin (or, without one,
+    Referer) names another host than the one it was sent to, or is 'null'."""
+    origin = headers.get("origin") or headers.get("referer") or ""
+    if not origin:
+        return headers.get("sec-fetch-site", "") == "cross-site"
+    netloc = urlsplit(origin).netloc if origin != "null" else ""
+    return not netloc or netloc.lower() != headers.get("host", "").lower()
+
+
+async def raw_body(request: Request) -> bytes | None:
+    """The request's body, or None when it is over MAX_BODY (read without blocking the loop;
+    the routes themselves are plain functions run in a thread)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class Api:
     def __init__(self, host: Host, manager: RunManager) -> None:
         self.host, self.manager = host, manager
 
     def guard(self, request: Request) -> JSONResponse | None:
-        if check_auth(request.headers.get("authorization", ""), self.host.api_auth):
-            return None
-        return JSONResponse({"detail": "Not authenticated"}, status_code=401,
-                            headers={"WWW-Authenticate": "Basic"})
+        if not check_auth(request.headers.get("authorization", ""), self.host.api_auth):
+            return JSONResponse({"detail": "Not authenticated"}, status_code=401,
+                                headers={"WWW-Authenticate": "Basic"})
+        if request.method == "POST":
+            if foreign_origin(request.headers):
+                return _error(403, "Requests from another site's page are refused.")
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind != "application/json":
+                return _problems([Problem("(content-type)", kind, "is not application/json",
+                                          "send the body as JSON with that content type")], 415)
+        return None
 
-    async def body(self, request: Request) -> dict | JSONResponse:
-        raw = await request.body()
+    def body(self, request: Request, raw: bytes | None) -> dict | JSONResponse:
+        if (denied := self.guard(request)) is not None:
+            return denied
+        if raw is None:
+            return _problems([Problem("(body)", "", f"is over {MAX_BODY} bytes",
+                                      "send a smaller JSON object")], 413)
         try:
-            data = json.loads(raw or b"null")
+            data = json.loads(raw or b"{}")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return _problems([Problem("(body)", "", f"is not valid JSON ({e})",
                                       "send one JSON object")])
@@ -78,8 +119,8 @@ class Api:
                                       "send one {...} object")])
         return data
 
-    # -- routes --------------------------------------------------------------------------------
-    async def models(self, request: Request):
+    # -- routes (plain functions: FastAPI runs them in a thread, file I/O never blocks the loop)
+    def models(self, request: Request):
         if (denied := self.guard(request)) is not None:
             return denied
         root = self.host.paths.work_dir
@@ -91,45 +132,42 @@ class Api:
                        for c in self.host.list_checkpoints()]
         return {"models": models, "checkpoints": checkpoints}
 
-    async def config_body(self, request: Request):
-        """The request's JSON object with the host's defaults filled in, or the error response."""
-        if (denied := self.guard(request)) is not None:
-            return denied
-        data = await self.body(request)
+    def config(self, request: Request, raw: bytes | None, wanted: tuple = ()):
+        """The request's config with the host's defaults filled in, every path confined to the
+        host's folders and the source picked from its list, validated (only the `wanted`
+        fields when given); or the error response naming every problem at once."""
+        data = self.body(request, raw)
         if isinstance(data, JSONResponse):
             return data
         for key, value in host_defaults(self.host).items():
             data.setdefault(key, value)
-        return data
-
-    async def create(self, request: Request):
-        data = await self.config_body(request)
-        if isinstance(data, JSONResponse):
-            return data
-        if "model_type" not in data and isinstance(data.get("source_checkpoint"), str):
-            data["model_type"] = sniff_model_type(data["source_checkpoint"]) or "v1x"
         try:
-            config = TrainingConfig.from_dict(data)
+            source = pick_source(self.host, data.get("source_checkpoint"))
+        except ConfigError:
+            source = None  # confine() below names the field with the others
+        if source is not None and "model_type" not in data:
+            data["model_type"] = sniff_model_type(source) or "v1x"
+        try:
+            keep = (lambda field: field in wanted) if wanted else (lambda field: True)
+            return checked(TrainingConfig.from_dict(data), self.host, keep=keep)
         except ConfigError as e:
-            return _problems(e.problems)
-        wanted = ("model_name", "source_checkpoint", "model_type", "work_dir")
-        problems = [p for p in config.validate() if p.field in wanted]
-        if problems:
-            return _problems(problems)
+            return _problems(e.problems, 403 if refused(e.problems) else 422)
+
+    def create(self, request: Request, raw: bytes | None = Depends(raw_body)):
+        config = self.config(request, raw, ("model_name", "source_checkpoint", "model_type",
+                                            "work_dir"))
+        if isinstance(config, JSONResponse):
+            return config
         folder = Path(config.work_dir) / config.model_name
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(config.to_json(), encoding="utf-8")
         return JSONResponse({"name": config.model_name, "settings": str(folder / "config.json"),
                              "config": config.to_dict()}, status_code=201)
 
-    async def train(self, request: Request):
-        data = await self.config_body(request)
-        if isinstance(data, JSONResponse):
-            return data
-        try:
-            config = TrainingConfig.from_dict(data).check()
-        except ConfigError as e:
-            return _problems(e.problems)
+    def train(self, request: Request, raw: bytes | None = Depends(raw_body)):
+        config = self.config(request, raw)
+        if isinstance(config, JSONResponse):
+            return config
         if self.host.missing_dependencies():
             return _error(503, "Training needs packages that are not installed.",
                           missing=self.host.missing_dependencies())
@@ -139,32 +177,34 @@ class Api:
             return _error(409, str(e))
         return JSONResponse(self.manager.status().to_dict(), status_code=202)
 
-    async def status(self, request: Request):
+    def status(self, request: Request):
         if (denied := self.guard(request)) is not None:
             return denied
         return self.manager.status().to_dict()
 
-    async def cancel(self, request: Request):
-        if (denied := self.guard(request)) is not None:
-            return denied
+    def cancel(self, request: Request, raw: bytes | None = Depends(raw_body)):
+        data = self.body(request, raw)
+        if isinstance(data, JSONResponse):
+            return data
         return {"cancelling": self.manager.cancel(), **self.manager.status().to_dict()}
 
-    async def save(self, request: Request):
-        return self.command(request, "save")
+    def save(self, request: Request, raw: bytes | None = Depends(raw_body)):
+        return self.command(request, raw, "save")
 
-    async def sample(self, request: Request):
-        return self.command(request, "sample")
+    def sample(self, request: Request, raw: bytes | None = Depends(raw_body)):
+        return self.command(request, raw, "sample")
 
-    def command(self, request: Request, what: str):
+    def command(self, request: Request, raw: bytes | None, what: str):
         """202 when the running job was asked (it acts at its next step), 409 when none runs."""
-        if (denied := self.guard(request)) is not None:
-            return denied
+        data = self.body(request, raw)
+        if isinstance(data, JSONResponse):
+            return data
         if not self.manager.request(what):
             return _error(409, f"Nothing is training, so there is nothing to {what}.")
         return JSONResponse({"requested": what, **self.manager.status().to_dict()},
                             status_code=202)
 
-    async def outputs(self, request: Request):
+    def outputs(self, request: Request):
         if (denied := self.guard(request)) is not None:
             return denied
         files = {}

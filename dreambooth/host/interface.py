@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import struct
 import sys
 from dataclasses import dataclass
@@ -34,6 +35,11 @@ class HostPaths:
     lora_dir: Path  # where LoRA files go (the WebUI's models/Lora)
     work_dir: Path  # one folder per Dreambooth model: settings, working copy, samples
     lib_dir: Path  # extension-local packages only the training process puts on its path
+    data_dir: Path | None = None  # image folders a remote caller may name (None: the work dir)
+
+    def __post_init__(self) -> None:
+        if self.data_dir is None:
+            object.__setattr__(self, "data_dir", self.work_dir)
 
 
 class Host:
@@ -108,11 +114,13 @@ def lib_fits(lib_dir: Path, python: str) -> bool:
 
 def standalone_paths(root: str | os.PathLike = "dreambooth_ui",
                      checkpoints_dir: str | os.PathLike | None = None,
-                     lora_dir: str | os.PathLike | None = None) -> HostPaths:
+                     lora_dir: str | os.PathLike | None = None,
+                     data_dir: str | os.PathLike | None = None) -> HostPaths:
     root = Path(root)
     return HostPaths(checkpoints_dir=Path(checkpoints_dir) if checkpoints_dir else root / "models",
                      lora_dir=Path(lora_dir) if lora_dir else root / "lora",
-                     work_dir=root / "dreambooth", lib_dir=PACKAGE_ROOT / "lib")
+                     work_dir=root / "dreambooth", lib_dir=PACKAGE_ROOT / "lib",
+                     data_dir=Path(data_dir) if data_dir else None)
 
 
 def scan_checkpoints(folder: Path) -> list[Checkpoint]:
@@ -124,7 +132,10 @@ def scan_checkpoints(folder: Path) -> list[Checkpoint]:
 
 
 def read_safetensors_header(path: str | os.PathLike, limit: int = 100 * 2**20) -> dict:
-    """The JSON header of a .safetensors file (tensor names, shapes, metadata), without torch."""
+    """The JSON header of a .safetensors file (tensor names, shapes, metadata), without torch.
+    Only a regular file is opened (a FIFO or device would block or never end)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError("not a regular file")
     with open(path, "rb") as fh:
         raw = fh.read(8)
         if len(raw) != 8:

@@ -10,6 +10,7 @@ import functools
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -68,12 +69,21 @@ def tiny_inputs(request, tmp_path_factory, train_python) -> dict:
 
 def quick_values(tiny: dict, work: Path, out: Path, steps_per_image: int = 1,
                  name: str = "quick") -> dict:
-    """Widget values (by key) of a run that takes a few seconds on the tiny model."""
-    return {"model_name": name, "source_checkpoint": str(tiny["checkpoint"]),
+    """Widget values (by key) of a run that takes a few seconds on the tiny model. The tab only
+    takes what its host offers: the checkpoint is copied into `out` (the host's checkpoints
+    folder) and the images into `work`/images (the data root defaults to the work dir)."""
+    out.mkdir(parents=True, exist_ok=True)
+    source = out / "tiny_v1x.safetensors"
+    if not source.is_file():
+        shutil.copy(tiny["checkpoint"], source)
+    images = work / "images"
+    if not images.is_dir():
+        shutil.copytree(tiny["instance"], images)
+    return {"model_name": name, "source_checkpoint": str(source),
             "model_type": "v1x", "work_dir": str(work), "output_dir": str(out),
             "resolution": 64, "center_crop": True, "steps_per_image": steps_per_image,
             "learning_rate": 1e-4, "class_generation_steps": 2, "sample_steps": 2,
-            "concepts[0].instance_data_dir": str(tiny["instance"]),
+            "concepts[0].instance_data_dir": str(images),
             "concepts[0].instance_prompt": "photo of sks pattern"}
 
 

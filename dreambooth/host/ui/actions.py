@@ -11,6 +11,7 @@ from typing import Any
 
 from ...config import TrainingConfig
 from ...config.errors import ConfigError
+from ..confine import checked, model_folder, pick_source
 from ..interface import Host, sniff_model_type
 from ..runner import Progress, RunManager, is_under
 from . import fields, render
@@ -61,22 +62,25 @@ class TabActions:
         return sorted(p.name for p in root.iterdir() if (p / SETTINGS_FILE).is_file())
 
     def resolve_source(self, value: str) -> str:
-        """A dropdown title (the WebUI's 'name.safetensors [hash]') or a path -> a path."""
-        value = (value or "").strip()
-        for c in self.host.list_checkpoints():
-            if value in (c.title, c.filename):
-                return c.filename
-        return value
+        """A dropdown title (the WebUI's 'name.safetensors [hash]') -> its file; a value that is
+        not in the host's list stays as it is (confine() refuses it)."""
+        try:
+            return pick_source(self.host, value)
+        except ConfigError:
+            return value if isinstance(value, str) else ""
 
     def detect_type(self, source: str) -> str | None:
-        path = self.resolve_source(source)
-        return sniff_model_type(path) if path and Path(path).is_file() else None
+        try:
+            return sniff_model_type(pick_source(self.host, source))
+        except ConfigError:
+            return None
 
     # -- values <-> config ---------------------------------------------------------------------
-    def config_from(self, values: dict[str, Any], count: int) -> TrainingConfig:
-        values = dict(values)
-        values["source_checkpoint"] = self.resolve_source(values.get("source_checkpoint", ""))
-        return fields.values_to_config(values, count)
+    def config_from(self, values: dict[str, Any], count: int, **how) -> TrainingConfig:
+        """The widgets' config with every path inside the host's folders (confine.py: the page
+        may be open to others) and validated (`how`: confine.checked's options), or
+        ConfigError naming every problem at once."""
+        return checked(fields.values_to_config(dict(values), count), self.host, **how)
 
     def problems_banner(self, title: str, error: ConfigError) -> str:
         return render.banner("error", title, [str(p) for p in error.problems])
@@ -90,7 +94,7 @@ class TabActions:
                                  + ", ".join(missing), [], "restart the WebUI (install.py "
                                  "installs them), or see the README's troubleshooting")
         try:
-            config = self.config_from(values, count).check()
+            config = self.config_from(values, count)
         except ConfigError as e:
             return self.problems_banner("Please fix these settings first:", e)
         if self.manager.busy():
@@ -119,11 +123,8 @@ class TabActions:
 
     def save_settings(self, values: dict[str, Any], count: int) -> str:
         try:
-            config = self.config_from(values, count)
-            problems = [p for p in config.validate(check_paths=False)
-                        if not p.field.startswith("concepts")]
-            if problems:
-                raise ConfigError(problems)
+            config = self.config_from(values, count, need_source=False, check_paths=False,
+                                      keep=lambda field: not field.startswith("concepts"))
         except ConfigError as e:
             return self.problems_banner("The settings were not saved:", e)
         path = self._write_settings(config)
@@ -132,21 +133,19 @@ class TabActions:
     def create_model(self, values: dict[str, Any], count: int) -> str:
         """A model is its folder and settings; its working copy is converted from the source
         checkpoint when training starts (in the training process, never here)."""
+        wanted = ("model_name", "source_checkpoint", "model_type", "work_dir")
         try:
-            config = self.config_from(values, count)
+            config = self.config_from(values, count, keep=wanted.__contains__)
         except ConfigError as e:
             return self.problems_banner("The model was not created:", e)
-        wanted = ("model_name", "source_checkpoint", "model_type", "work_dir")
-        problems = [p for p in config.validate(check_paths=True) if p.field in wanted]
-        if problems:
-            return self.problems_banner("The model was not created:", ConfigError(problems))
         path = self._write_settings(config)
         return render.banner("success", f"Model '{config.model_name}' created ({path}). Add "
                              "concepts, then press Train.")
 
     def load_settings(self, model_name: str) -> tuple[dict[str, Any], int, str]:
-        path = self.host.paths.work_dir / (model_name or "") / SETTINGS_FILE
+        path = self.host.paths.work_dir / SETTINGS_FILE
         try:
+            path = model_folder(self.host, model_name) / SETTINGS_FILE
             config = TrainingConfig.load(path)
         except ConfigError as e:
             values, count = fields.config_to_values(self.default_config())

@@ -27,6 +27,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="folder for models, settings and outputs (default ./dreambooth_ui)")
     parser.add_argument("--checkpoints-dir", help="folder of source checkpoints and trained "
                         "outputs (default ROOT/models; e.g. a WebUI's models/Stable-diffusion)")
+    parser.add_argument("--data-dir", help="the folder whose image folders the page and the HTTP "
+                        "API may train on (default: ROOT/dreambooth, the work dir); other paths "
+                        "are refused there (the CLI takes any path)")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="a further name this server answers to in the Host header (e.g. "
+                        "its LAN name); others get 403 (default: the --host address, and "
+                        "localhost names when that is a loopback address)")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter that runs training (default: this one)")
     parser.add_argument("--auth", default="", help="user:password[,user2:password2] for the "
@@ -39,11 +46,16 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         print("error: the web UI needs gradio: pip install 'gradio>=3.41.2,<5'", file=sys.stderr)
         return 2
+    from ..guard import allowed_names, check_auth_pairs, protect
     from ..interface import Host, standalone_paths
     from . import compat
-    host = Host(standalone_paths(args.root, args.checkpoints_dir), python=args.python,
-                api_auth=args.auth)
-    for folder in (host.paths.checkpoints_dir, host.paths.work_dir):
+    if (why := check_auth_pairs(args.auth)):
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    host = Host(standalone_paths(args.root, args.checkpoints_dir,
+                                 data_dir=getattr(args, "data_dir", None)),
+                python=args.python, api_auth=args.auth)
+    for folder in (host.paths.checkpoints_dir, host.paths.work_dir, host.paths.data_dir):
         folder.mkdir(parents=True, exist_ok=True)
     app = serve(host, compat)
     auth = [tuple(pair.split(":", 1)) for pair in args.auth.split(",") if ":" in pair] or None
@@ -55,6 +67,11 @@ def run(args: argparse.Namespace) -> int:
     mount = getattr(app, "dreambooth_api", None)
     if mount is not None:
         mount(fastapi_app)
+    names = allowed_names(args.host, tuple(getattr(args, "allow_host", ())))
+    protect(fastapi_app, names)
+    if names is None:
+        print("note: listening on every interface without --allow-host: the Host header is "
+              "not checked", file=sys.stderr)
     try:
         app.block_thread()
     except KeyboardInterrupt:

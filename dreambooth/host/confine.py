@@ -1,0 +1,170 @@
+"""What a remote caller (the HTTP API, the tab's handlers) may name: folders inside the host's
+roots, and source checkpoints by their name in the host's list. Standard library only.
+
+A path leaves the roots through `..`, an absolute path elsewhere or a symlink; each is refused
+with a Problem naming the field. Relative paths count from the field's first root. The CLI and
+the Python API don't come through here: they may use any path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+from pathlib import Path
+
+from ..config import Problem, TrainingConfig
+from ..config.errors import ConfigError
+from .interface import Host
+
+SHORT = 200  # longest value echoed back in an error
+LEAVES = "leaves the folders this host offers"
+
+
+def short(value):
+    """`value` cut to SHORT characters when it is a long string (errors never echo megabytes)."""
+    if isinstance(value, str) and len(value) > SHORT:
+        return value[:SHORT] + f"... ({len(value)} characters)"
+    return value
+
+
+def roots_of(host: Host, field: str) -> list[Path]:
+    """The folders `field` may point into, its default root first."""
+    p = host.paths
+    data = getattr(p, "data_dir", None) or p.work_dir
+    return {"work_dir": [p.work_dir],
+            "output_dir": [p.checkpoints_dir, p.work_dir],
+            "lora_dir": [p.lora_dir, p.work_dir],
+            "resume": [p.work_dir],
+            "instance_data_dir": [data, p.work_dir],
+            "class_data_dir": [data, p.work_dir],
+            "model_name": [p.work_dir]}[field.rsplit(".", 1)[-1]]
+
+
+def inside(value: str, roots: list[Path], field: str) -> Path:
+    """`value` resolved (symlinks followed) when it lies in one of `roots`; else ConfigError."""
+    shown = ", ".join(str(r) for r in roots)
+    fix = f"give a folder inside {shown}"
+    if not isinstance(value, str) or "\x00" in value:
+        raise ConfigError([Problem(field, short(repr(value)), "is not a usable path", fix)])
+    first = Path(os.path.realpath(roots[0]))
+    target = Path(os.path.realpath(first / os.path.expanduser(value) if value else first))
+    for root in roots:
+        real = Path(os.path.realpath(root))
+        if target == real or real in target.parents:
+            return target
+    why = LEAVES
+    if ".." in Path(value).parts:
+        why += " (through '..')"
+    elif Path(os.path.abspath(first / value)) != target:
+        why += " (through a symlink)"
+    raise ConfigError([Problem(field, short(value), why, fix)])
+
+
+def regular_file(path: str | os.PathLike, field: str) -> Problem | None:
+    """None when `path` is a regular file; a Problem for a FIFO, device, folder or missing file
+    (checked with stat, before anything opens it: opening a FIFO would block)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return Problem(field, short(str(path)), "does not exist", "choose a checkpoint from the list")
+    if not stat.S_ISREG(mode):
+        return Problem(field, short(str(path)), "is not a regular file",
+                       "choose a checkpoint file from the list")
+    return None
+
+
+def pick_source(host: Host, value) -> str:
+    """The file of the checkpoint called `value` (its title, or its listed filename) in the host's
+    list; ConfigError when there is none or it is not a regular file. (A miss does not rescan:
+    a caller must not make the host walk its folders, or the WebUI reselect its --ckpt, at will;
+    the tab's refresh button and the WebUI's refresh-checkpoints do that.)"""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError([Problem("source_checkpoint", short(value), "is empty",
+                                   "choose a checkpoint from the list")])
+    value = value.strip()
+    for c in host.list_checkpoints():
+        if value in (c.title, c.filename):
+            problem = regular_file(c.filename, "source_checkpoint")
+            if problem:
+                raise ConfigError([problem])
+            return c.filename
+    raise ConfigError([Problem("source_checkpoint", short(value),
+                               "is not a checkpoint this host lists",
+                               "choose a checkpoint by its name in the list (refresh it if "
+                               "the file is new)")])
+
+
+def confine(config: TrainingConfig, host: Host, need_source: bool = True) -> TrainingConfig:
+    """`config` with every path resolved inside the host's roots and the source picked from the
+    host's list (an empty one kept when not `need_source`); ConfigError naming each field that
+    leaves them."""
+    problems: list[Problem] = []
+    changes: dict = {}
+
+    def check(field: str, value: str, allow_empty: bool = True):
+        if allow_empty and value == "":
+            return value
+        try:
+            return str(inside(value, roots_of(host, field), field))
+        except ConfigError as e:
+            problems.extend(e.problems)
+            return value
+
+    changes["work_dir"] = check("work_dir", config.work_dir, allow_empty=False)
+    for name in ("output_dir", "lora_dir"):
+        if name in {f.name for f in dataclasses.fields(config)}:
+            changes[name] = check(name, getattr(config, name))
+    if isinstance(config.resume, str) and config.resume.strip() not in ("", "auto", "never"):
+        changes["resume"] = check("resume", config.resume)
+    if isinstance(config.model_name, str) and config.model_name and not problems:
+        try:
+            inside(str(Path(changes["work_dir"]) / config.model_name), [Path(changes["work_dir"])],
+                   "model_name")
+        except ConfigError as e:
+            problems.extend(e.problems)
+    concepts = []
+    for i, c in enumerate(config.concepts):
+        if not dataclasses.is_dataclass(c):
+            concepts.append(c)  # validate() names it
+            continue
+        concepts.append(dataclasses.replace(c, **{
+            k: check(f"concepts[{i}].{k}", getattr(c, k)) for k in ("instance_data_dir",
+                                                                     "class_data_dir")}))
+    try:
+        if need_source or config.source_checkpoint != "":
+            changes["source_checkpoint"] = pick_source(host, config.source_checkpoint)
+    except ConfigError as e:
+        problems.extend(e.problems)
+    if problems:
+        raise ConfigError(problems)
+    return dataclasses.replace(config, concepts=tuple(concepts), **changes)
+
+
+def refused(problems: list[Problem]) -> bool:
+    """True when one of `problems` is a path leaving the host's folders (HTTP 403, not 422)."""
+    return any(p.why.startswith(LEAVES) for p in problems)
+
+
+def checked(config: TrainingConfig, host: Host, need_source: bool = True,
+            check_paths: bool = True, keep=lambda field: True) -> TrainingConfig:
+    """confine(), then validate() (only the fields `keep` accepts): ConfigError with every
+    problem at once. Paths are only looked at once they are known to be inside."""
+    try:
+        config, outside = confine(config, host, need_source), []
+    except ConfigError as e:
+        outside = e.problems
+    named = {p.field for p in outside}
+    problems = outside + [p for p in config.validate(check_paths=check_paths and not outside)
+                          if p.field not in named and keep(p.field)]
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def model_folder(host: Host, name, field: str = "model_name") -> Path:
+    """The folder of the saved model called `name` inside the work dir (for 'Load settings')."""
+    from ..config.checks import check_name
+    problems = check_name(name)
+    if problems:
+        raise ConfigError([dataclasses.replace(p, field=field) for p in problems])
+    return inside(name, [host.paths.work_dir], field)

@@ -1,0 +1,301 @@
+"""A client can only touch what the host offers: every path a remote caller names (HTTP API,
+tab handlers) stays inside the host's folders; `..`, absolute paths elsewhere, symlinks out,
+FIFOs, devices and URLs are refused naming the field, and nothing on disk changes."""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+fastapi = pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from dreambooth.host import api  # noqa: E402
+from dreambooth.host.confine import SHORT  # noqa: E402
+from dreambooth.host.guard import (HostGuard, allowed_names, check_auth_pairs,  # noqa: E402
+                                   protect)
+from dreambooth.host.interface import Checkpoint, Host, standalone_paths  # noqa: E402
+from dreambooth.host.runner import RunManager  # noqa: E402
+from dreambooth.host.ui.actions import TabActions  # noqa: E402
+
+pytestmark = pytest.mark.reliability
+
+
+def _fake_safetensors(path: Path) -> None:
+    header = json.dumps({"__metadata__": {}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+
+
+class OddHost(Host):
+    """A host whose list also offers a FIFO and a device (as a WebUI's list might)."""
+
+    def list_checkpoints(self):
+        odd = [Checkpoint("fifo.safetensors", str(self.paths.checkpoints_dir / "fifo.safetensors")),
+               Checkpoint("stdin.safetensors", "/proc/self/fd/0"),
+               Checkpoint("zero.safetensors", "/dev/zero")]
+        return super().list_checkpoints() + odd
+
+
+@pytest.fixture
+def world(tmp_path):
+    """The host's folders with a checkpoint and images, an 'outside' with a secret, a symlink
+    out of every root and a FIFO."""
+    paths = standalone_paths(tmp_path / "ui", lora_dir=tmp_path / "ui" / "lora",
+                             data_dir=tmp_path / "ui" / "data")
+    for folder in (paths.checkpoints_dir, paths.work_dir, paths.lora_dir, paths.data_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "escape").symlink_to(tmp_path / "outside", target_is_directory=True)
+    _fake_safetensors(paths.checkpoints_dir / "base.safetensors")
+    (paths.data_dir / "dog").mkdir()
+    (paths.data_dir / "dog" / "1.png").write_bytes(b"png")
+    outside = tmp_path / "outside"
+    (outside / "imgs").mkdir(parents=True)
+    (outside / "imgs" / "1.png").write_bytes(b"png")
+    _fake_safetensors(outside / "secret.safetensors")
+    os.mkfifo(paths.checkpoints_dir / "fifo.safetensors")
+    (paths.work_dir / "pipe").mkdir()
+    os.mkfifo(paths.work_dir / "pipe" / "config.json")
+    host = OddHost(paths)
+    app = fastapi.FastAPI()
+    manager = RunManager(host, cancel_grace_s=5)
+    api.mount(app, host, manager)
+    return {"host": host, "client": TestClient(app), "manager": manager, "root": tmp_path,
+            "outside": outside, "actions": TabActions(host, manager)}
+
+
+def tree_hash(root: Path) -> str:
+    """Every entry under `root` (not following symlinks): its path, kind and content."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in sorted(os.walk(root)):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            h.update(str(p.relative_to(root)).encode())
+            if p.is_symlink():
+                h.update(b"L" + os.readlink(p).encode())
+            elif p.is_file():
+                h.update(b"F" + p.read_bytes())
+            else:
+                h.update(b"D" if p.is_dir() else b"O")
+    return h.hexdigest()
+
+
+def _good(world) -> dict:
+    return {"model_name": "dog", "source_checkpoint": "base.safetensors", "resolution": 64,
+            "concepts": [{"instance_data_dir": "dog", "instance_prompt": "photo of sks dog"}]}
+
+
+# field -> values that leave the host's folders (each: 403 naming the field)
+def _dir_values(world, field):
+    outside = world["outside"]
+    return ["../../../outside", str(outside), str(outside / "imgs"), "/etc", "/tmp",
+            "escape", "escape/imgs", "dog/../../../outside", "~", "/proc/self/cwd"]
+
+
+DIR_FIELDS = ["work_dir", "output_dir", "lora_dir", "resume", "concepts[0].instance_data_dir",
+              "concepts[0].class_data_dir"]
+CASES = [(f, i) for f in DIR_FIELDS for i in range(10)]
+
+
+def _set(body: dict, field: str, value) -> dict:
+    if field.startswith("concepts[0]."):
+        body["concepts"][0][field.split(".", 1)[1]] = value
+    else:
+        body[field] = value
+    return body
+
+
+@pytest.mark.parametrize("route", ["/models", "/train"])
+@pytest.mark.parametrize("field,case", CASES)
+def test_api_refuses_folders_outside_the_hosts(world, route, field, case):
+    value = _dir_values(world, field)[case]
+    before = tree_hash(world["root"])
+    r = world["client"].post(api.PREFIX + route, json=_set(_good(world), field, value))
+    named = {d["field"] for d in r.json()["detail"]}
+    assert r.status_code == 403 and field in named, r.json()
+    assert "leaves the folders this host offers" in json.dumps(r.json())
+    assert tree_hash(world["root"]) == before and not world["manager"].busy()
+
+
+SOURCES = ["{outside}/secret.safetensors", "../../outside/secret.safetensors",
+           "/proc/self/fd/0", "/dev/zero", "http://169.254.169.254/latest/meta-data",
+           "file:///etc/passwd", "escape/secret.safetensors", "fifo.safetensors",
+           "stdin.safetensors", "zero.safetensors", "base.safetensors\x00.txt", "",
+           "{ckpt}/../../outside/secret.safetensors"]
+
+
+@pytest.mark.parametrize("route", ["/models", "/train"])
+@pytest.mark.parametrize("source", SOURCES)
+def test_api_sources_come_from_the_hosts_list_and_are_regular_files(world, route, source):
+    value = source.format(outside=world["outside"],
+                          ckpt=world["host"].paths.checkpoints_dir)
+    before = tree_hash(world["root"])
+    r = world["client"].post(api.PREFIX + route,
+                             json={**_good(world), "source_checkpoint": value})
+    detail = {d["field"]: d for d in r.json()["detail"]}
+    assert r.status_code == 422 and "source_checkpoint" in detail, r.json()
+    assert tree_hash(world["root"]) == before and not world["manager"].busy()
+
+
+MODEL_NAMES = ["../evil", "a/../../b", "/tmp/evil", "..", "escape", "x" * 5000, "a\\..\\b"]
+
+
+@pytest.mark.parametrize("route", ["/models", "/train"])
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_api_model_names_stay_one_folder_inside_the_work_dir(world, route, name):
+    before = tree_hash(world["root"])
+    r = world["client"].post(api.PREFIX + route, json={**_good(world), "model_name": name})
+    named = {d["field"] for d in r.json()["detail"]}
+    assert r.status_code in (403, 422) and "model_name" in named, r.json()
+    assert len(r.text) < 4 * SHORT + 2000  # a huge value is never echoed back whole
+    assert tree_hash(world["root"]) == before
+
+
+@pytest.mark.parametrize("value", ["dog", "{data}/dog", "./dog/../dog"])
+def test_api_takes_what_the_host_offers(world, value):
+    """The control: folders inside the roots (relative ones count from the field's root)."""
+    value = value.format(data=world["host"].paths.data_dir)
+    body = _set(_good(world), "concepts[0].instance_data_dir", value)
+    body["output_dir"] = "out"
+    r = world["client"].post(api.PREFIX + "/models", json=body)
+    assert r.status_code == 201, r.json()
+    config = r.json()["config"]
+    assert config["source_checkpoint"] == str(world["host"].paths.checkpoints_dir /
+                                              "base.safetensors")
+    assert config["output_dir"] == str(world["host"].paths.checkpoints_dir.resolve() / "out")
+    assert (world["host"].paths.work_dir / "dog" / "config.json").is_file()
+
+
+# -- the tab's handlers ----------------------------------------------------------------------
+def _values(world, field, value) -> dict:
+    values = {"model_name": "dog", "source_checkpoint": "base.safetensors",
+              "concepts[0].instance_data_dir": "dog",
+              "concepts[0].instance_prompt": "photo of sks dog", "resolution": 64}
+    values[field] = value
+    return values
+
+
+HANDLERS = ["train", "save_settings", "create_model"]
+
+
+@pytest.mark.parametrize("handler", HANDLERS)
+@pytest.mark.parametrize("field,case", CASES)
+def test_tab_refuses_folders_outside_the_hosts(world, handler, field, case):
+    value = _dir_values(world, field)[case]
+    before = tree_hash(world["root"])
+    banner = getattr(world["actions"], handler)(_values(world, field, value), 1)
+    assert "dreambooth-error" in banner and field in banner, banner
+    assert "leaves the folders this host offers" in banner
+    assert tree_hash(world["root"]) == before and not world["manager"].busy()
+
+
+@pytest.mark.parametrize("handler", ["train", "create_model"])
+@pytest.mark.parametrize("source", SOURCES)
+def test_tab_sources_come_from_the_hosts_list(world, handler, source):
+    value = source.format(outside=world["outside"], ckpt=world["host"].paths.checkpoints_dir)
+    before = tree_hash(world["root"])
+    banner = getattr(world["actions"], handler)(_values(world, "source_checkpoint", value), 1)
+    assert "dreambooth-error" in banner and "source_checkpoint" in banner, banner
+    assert world["actions"].detect_type(value) is None
+    assert tree_hash(world["root"]) == before and not world["manager"].busy()
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES + ["pipe", "/etc", "../../outside", ""])
+def test_load_settings_reads_only_a_model_folder_inside_the_work_dir(world, name):
+    before = tree_hash(world["root"])
+    values, count, banner = world["actions"].load_settings(name)
+    assert "dreambooth-error" in banner and ("model_name" in banner or "--config" in banner)
+    assert count == 1 and values["model_name"] == "my_model"  # the defaults, nothing read
+    assert tree_hash(world["root"]) == before
+
+
+# -- how the routes run and who may call them ------------------------------------------------
+def test_routes_are_plain_functions_run_in_a_thread(world):
+    routes = [r for r in world["client"].app.routes if r.path.startswith(api.PREFIX)]
+    assert len(routes) == 6
+    assert not any(inspect.iscoroutinefunction(r.endpoint) for r in routes)
+
+
+@pytest.mark.parametrize("headers,content,status", [
+    ({"content-type": "text/plain"}, b"{}", 415),
+    ({"content-type": "application/x-www-form-urlencoded"}, b"model_name=x", 415),
+    ({"content-type": "multipart/form-data; boundary=x"}, b"--x--", 415),
+    ({}, b"{}", 415),
+    ({"content-type": "application/json", "origin": "http://evil.example"}, b"{}", 403),
+    ({"content-type": "application/json", "origin": "null"}, b"{}", 403),
+    ({"content-type": "application/json", "referer": "http://evil.example/x"}, b"{}", 403),
+    ({"content-type": "application/json", "origin": "http://testserver"}, b"{}", 200),
+])
+@pytest.mark.parametrize("route", ["/cancel", "/models", "/train"])
+def test_posts_must_be_json_from_the_same_site(world, headers, content, status, route):
+    before = tree_hash(world["root"])
+    r = world["client"].post(api.PREFIX + route, content=content, headers=headers)
+    if status == 200 and route != "/cancel":
+        status = 422  # accepted as a request, then the empty config is refused
+    assert r.status_code == status, r.text
+    assert tree_hash(world["root"]) == before
+
+
+def test_a_huge_body_is_refused_unread(world):
+    r = world["client"].post(api.PREFIX + "/train", content=b"{" + b" " * (2 << 20) + b"}",
+                             headers={"content-type": "application/json"})
+    assert r.status_code == 413 and len(r.text) < 1000
+
+
+def _guarded(names):
+    app = fastapi.FastAPI()
+    app.add_api_route("/x", lambda: {"ok": True}, methods=["GET", "POST"])
+    protect(app, names)
+    return TestClient(app)
+
+
+@pytest.mark.parametrize("bound,host,method,origin,status", [
+    ("127.0.0.1", "127.0.0.1:7861", "GET", None, 200),
+    ("127.0.0.1", "localhost:7861", "GET", None, 200),
+    ("127.0.0.1", "[::1]:7861", "GET", None, 200),
+    ("127.0.0.1", "evil.example:7861", "GET", None, 403),  # DNS rebinding
+    ("127.0.0.1", "evil.example", "POST", None, 403),
+    ("127.0.0.1", "127.0.0.1.evil.example", "GET", None, 403),
+    ("127.0.0.1", "localhost:7861", "POST", "http://evil.example", 403),
+    ("127.0.0.1", "localhost:7861", "POST", "null", 403),
+    ("127.0.0.1", "localhost:7861", "POST", "http://localhost:7861", 200),
+    ("box.lan", "box.lan:7861", "GET", None, 200),
+    ("box.lan", "localhost:7861", "GET", None, 403),
+    ("0.0.0.0", "anything:7861", "GET", None, 200),  # no single name to check
+    ("0.0.0.0", "anything:7861", "POST", "http://evil.example", 403),
+])
+def test_the_standalone_server_answers_only_to_its_name(bound, host, method, origin, status):
+    client = _guarded(allowed_names(bound))
+    headers = {"host": host, **({"origin": origin} if origin else {})}
+    r = client.request(method, "/x", headers=headers)
+    assert r.status_code == status, r.text
+    assert isinstance(client.app.middleware_stack, HostGuard)
+
+
+@pytest.mark.parametrize("auth,ok", [("", True), ("alice:pw", True), ("a:b,c:d", True),
+                                     ("alice", False), ("alice:", False), (":pw", False),
+                                     ("a:b,c", False)])
+def test_auth_needs_user_password_pairs(auth, ok, capsys):
+    assert (check_auth_pairs(auth) == "") is ok
+    if not ok:
+        pytest.importorskip("gradio")
+        from dreambooth.host.ui import standalone
+        assert standalone.main(["--auth", auth, "--root", "/nonexistent/never"]) == 2
+        assert "--auth needs user:password" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["nope.safetensors", "/etc/passwd"])
+def test_an_unknown_source_does_not_make_the_host_rescan(world, monkeypatch, source):
+    calls = []
+    monkeypatch.setattr(world["host"], "refresh_checkpoints", lambda: calls.append(1))
+    r = world["client"].post(api.PREFIX + "/train", json={**_good(world),
+                                                          "source_checkpoint": source})
+    assert r.status_code == 422 and calls == []
+    assert "dreambooth-error" in world["actions"].train(
+        _values(world, "source_checkpoint", source), 1) and calls == []
