@@ -15,17 +15,13 @@ from dreambooth.host.cli import main
 from dreambooth.model.checkpoint import read_checkpoint, write_safetensors
 from dreambooth.model.tiny import write_images
 
+from tally import tally_fixture  # noqa: E402
+
 pytestmark = pytest.mark.reliability
 TALLY = {"tried": 0, "clear": 0, "handled": 0, "crashes": 0, "lost": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def report():
-    yield
-    print(f"\nbad-input corpus: {TALLY['tried']} inputs tried, {TALLY['clear']} clear errors, "
-          f"{TALLY['handled']} handled with a warning, {TALLY['crashes']} crashes, "
-          f"{TALLY['lost']} files lost or corrupted")
-    assert TALLY["crashes"] == 0 and TALLY["lost"] == 0
+report = tally_fixture("bad-input corpus", TALLY, ("crashes", "lost"))
 
 
 def images_dir(tmp, name, count=1):

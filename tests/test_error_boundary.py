@@ -21,17 +21,13 @@ from dreambooth.host.cli import main
 from dreambooth.model.checkpoint import read_checkpoint, write_safetensors
 from dreambooth.model.tiny import write_images
 
+from tally import tally_fixture  # noqa: E402
+
 pytestmark = pytest.mark.reliability
 TALLY = {"tried": 0, "clear": 0, "handled": 0, "tracebacks": 0, "lost": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def report():
-    yield
-    print(f"\nerror-boundary corpus: {TALLY['tried']} cases tried, {TALLY['clear']} clear errors, "
-          f"{TALLY['handled']} handled, {TALLY['tracebacks']} tracebacks, {TALLY['lost']} files "
-          "lost")
-    assert TALLY["tracebacks"] == 0 and TALLY["lost"] == 0
+report = tally_fixture("error-boundary corpus", TALLY, ("tracebacks", "lost"))
 
 
 def tree_hash(*folders) -> str:

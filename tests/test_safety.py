@@ -23,17 +23,13 @@ from dreambooth.model.checkpoint import read_checkpoint, write_safetensors, writ
     write_with
 from dreambooth.training.state import ModelLock, pid_start_time, snapshots
 
+from tally import tally_fixture  # noqa: E402
+
 pytestmark = pytest.mark.reliability
 TALLY = {"tried": 0, "clear": 0, "handled": 0, "tracebacks": 0, "lost": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def report():
-    yield
-    print(f"\nsafety corpus: {TALLY['tried']} cases tried, {TALLY['clear']} clear errors, "
-          f"{TALLY['handled']} handled, {TALLY['tracebacks']} tracebacks, {TALLY['lost']} files "
-          "lost")
-    assert TALLY["tracebacks"] == 0 and TALLY["lost"] == 0
+report = tally_fixture("safety corpus", TALLY, ("tracebacks", "lost"))
 
 
 def tree_hash(folder) -> str:
