@@ -198,7 +198,7 @@ def install(plan: Plan, lib: Path | None = None) -> bool:
     result = subprocess.run(pip_command(plan, lib), capture_output=True, text=True)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout or "").strip().splitlines()[-3:]
-        print(f"{PREFIX} installing into {lib} failed:", *tail, sep="\n  ", file=sys.stderr)
+        print(f"{PREFIX} installing into {lib} failed:", *tail, sep="\n  ")
         return False
     (lib / MARKER).write_text(json.dumps({"python": sys.executable,
                                           "version": sys.version.split()[0]}))
@@ -215,14 +215,14 @@ def report(plan: Plan, lib: Path | None = None) -> None:
     if plan.install:
         print(f"{PREFIX} training needs: {', '.join(plan.requirements())} (into {lib}). "
               "To install them by hand:\n  " + " ".join(f'"{c}"' if " " in c else c
-                                                   for c in pip_command(plan, lib)),
-              file=sys.stderr)
+                                                   for c in pip_command(plan, lib)))
     for problem in plan.problems:
-        print(f"{PREFIX} {problem}: training can't run until the WebUI provides it.",
-              file=sys.stderr)
+        print(f"{PREFIX} {problem}: training can't run until the WebUI provides it.")
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Messages go to stdout: the WebUI shows an installer's stdout and drops its stderr when it
+    # exits 0, which install.py always does
     argv = sys.argv[1:] if argv is None else argv
     if skip_requested(argv):
         return 0
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         report(plan)
         return 0
     print(f"{PREFIX} installing {', '.join(plan.requirements())} into {LIB_DIR} "
-          "(the WebUI's own packages are not touched)", file=sys.stderr)
+          "(the WebUI's own packages are not touched)")
     if not install(plan):
         report(plan)
         return 0
@@ -248,5 +248,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except Exception as e:  # never stop the WebUI from starting
-        print(f"{PREFIX} install.py failed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"{PREFIX} install.py failed: {type(e).__name__}: {e}")
         sys.exit(0)

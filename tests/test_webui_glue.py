@@ -122,9 +122,12 @@ def test_training_from_the_tab_lands_in_txt2img(webui, tiny_inputs, tmp_path):
     assert final.parent == Path(sd_models.model_path) and final.is_file()
     assert moved_off and before.device == "cuda"  # off the GPU while training, back after
     names = [c[0] for c in sd_models.calls]
-    assert names.index("send_model_to_cpu") < names.index("send_model_to_device") \
-        < len(names) - 1 - names[::-1].index("list_models")
+    # off the GPU, trained, the list re-read while still holding the GPU queue, then back
+    assert names.index("send_model_to_cpu") < len(names) - 1 - names[::-1].index("list_models") \
+        < names.index("send_model_to_device")
     assert shared.state.history == [("begin", "dreambooth"), ("end", "dreambooth")]
+    # the list was re-read while the GPU queue was held: a queued txt2img never sees it empty
+    assert [c for c in sd_models.calls if c[0] == "list_models"][-1] == ("list_models", True)
     titles = sd_models.checkpoint_tiles()
     assert final.name in titles  # selectable without pressing refresh
     assert frames[-1][-1]["visible"] is True  # "use in txt2img" offered

@@ -82,7 +82,7 @@ def test_manager_trains_in_a_child_and_refreshes_the_host(tiny_inputs, train_pyt
     assert p.returncode == 0 and p.step == p.total_steps >= 2
     assert Path(p.final_path).is_file() and p.final_path in p.saved
     assert p.losses and p.samples and Path(p.samples[-1]).is_file()
-    assert host.calls == ["offload", "restore", "refresh"]
+    assert host.calls == ["offload", "refresh", "restore"]  # refreshed under the GPU lock
     assert (Path(p.run_dir) / "run.json").is_file() and (Path(p.run_dir) / "events.jsonl").is_file()
 
 
@@ -115,7 +115,7 @@ def test_cancel_stops_cleanly_and_keeps_what_was_trained(tiny_inputs, train_pyth
     assert p.state == "cancelled" and p.returncode == 130
     assert 1 <= p.step < p.total_steps
     assert Path(p.final_path).is_file()  # saved at the step it stopped
-    assert host.calls == ["offload", "restore", "refresh"]
+    assert host.calls == ["offload", "refresh", "restore"]  # refreshed under the GPU lock
 
 
 def test_a_child_that_ignores_sigint_gets_sigterm_after_the_grace_period(tmp_path):
@@ -139,6 +139,53 @@ def test_a_child_that_ignores_sigint_gets_sigterm_after_the_grace_period(tmp_pat
     p = run.wait(30)
     assert p.returncode == -signal.SIGTERM
     assert p.state == "cancelled"
+
+
+def test_the_grace_period_starts_when_a_save_starts(tmp_path):
+    """A slow save after Cancel is waited for: the grace counts from the save's start, so the
+    child below (save begins 2 s after the signal, takes 2 s) is never cut off by a 3 s grace
+    counted from the signal (which would stop it 1 s into the save)."""
+    script = textwrap.dedent("""
+        import json, signal, sys, time
+        def stop(*a):
+            time.sleep(2)
+            print(json.dumps({"event": "saving", "path": "/x/m_3.safetensors", "step": 3}),
+                  flush=True)
+            time.sleep(2)
+            print(json.dumps({"event": "checkpoint_saved", "path": "/x/m_3.safetensors",
+                              "step": 3}), flush=True)
+            print(json.dumps({"event": "finished", "path": "/x/m_3.safetensors", "steps": 3,
+                              "seconds": 4.0, "cancelled": True}), flush=True)
+            sys.exit(130)
+        signal.signal(signal.SIGINT, stop)
+        print(json.dumps({"event": "started", "model_name": "m", "total_steps": 9,
+                          "epochs": 9, "instance_images": 1, "class_images": 0}), flush=True)
+        time.sleep(60)
+    """)
+
+    class SlowSaver(TrainingRun):
+        @property
+        def command(self):
+            return [sys.executable, "-c", script]
+
+    from dreambooth import TrainingConfig
+    run = SlowSaver(TrainingConfig(), tmp_path / "run").start()
+    wait_for(lambda: run.snapshot().state == "running", timeout=30)
+    run.cancel(grace_s=3.0)
+    p = run.wait(30)
+    assert p.returncode == 130 and p.state == "cancelled"
+    assert p.saved == ["/x/m_3.safetensors"] and p.saving == ""
+
+
+def test_saving_shows_in_the_progress_and_the_result_lists_every_save():
+    from dreambooth.host.ui import render
+    p = Progress(state="running", step=3, total_steps=9)
+    apply_event(p, ev.Saving("/out/m_3.safetensors", 3))
+    assert p.saving and "Saving m_3.safetensors" in render.progress_html(p)
+    apply_event(p, ev.CheckpointSaved("/out/m_3.safetensors", 3))
+    assert p.saving == "" and "Saving" not in render.progress_html(p)
+    apply_event(p, ev.Finished("", 3, 1.0, cancelled=True))
+    assert "Cancelled; saved: /out/m_3.safetensors" in render.result_html(p)
 
 
 def test_a_child_that_crashes_becomes_a_failed_run_with_its_log(tmp_path):

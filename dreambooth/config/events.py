@@ -57,6 +57,14 @@ class SampleSaved(Event):
 
 
 @dataclass(frozen=True)
+class Saving(Event):
+    """A checkpoint (or LoRA) is being written: hosts show it, and give a cancel's grace period
+    from here, so a slow save is never killed halfway."""
+    path: str
+    step: int
+
+
+@dataclass(frozen=True)
 class CheckpointSaved(Event):
     path: str
     step: int
@@ -77,7 +85,8 @@ class Failed(Event):
 
 
 _KIND_OF = {Started: "started", Message: "message", Step: "step", SampleSaved: "sample_saved",
-            CheckpointSaved: "checkpoint_saved", Finished: "finished", Failed: "failed"}
+            Saving: "saving", CheckpointSaved: "checkpoint_saved", Finished: "finished",
+            Failed: "failed"}
 _CLASS_OF = {v: k for k, v in _KIND_OF.items()}
 
 

@@ -45,6 +45,7 @@ class Progress:
     losses: list = field(default_factory=list)  # [step, loss] pairs
     samples: list = field(default_factory=list)  # newest last
     saved: list = field(default_factory=list)
+    saving: str = ""  # the file being written now
     final_path: str = ""
     error: str = ""
     hint: str = ""
@@ -77,12 +78,15 @@ def apply_event(p: Progress, event: ev.Event) -> None:
             p.losses = p.losses[::2]
     elif isinstance(event, ev.SampleSaved):
         p.samples.append(event.path)
+    elif isinstance(event, ev.Saving):
+        p.saving = event.path
     elif isinstance(event, ev.CheckpointSaved):
         p.saved.append(event.path)
+        p.saving = ""
     elif isinstance(event, ev.Message):
         p.messages.append(("warning: " if event.level == "warning" else "") + event.text)
     elif isinstance(event, ev.Finished):
-        p.final_path = event.path
+        p.final_path, p.saving = event.path, ""
         p.state = "cancelled" if event.cancelled else "finished"
         p.eta_s = 0.0
     elif isinstance(event, ev.Failed):
@@ -103,6 +107,7 @@ class TrainingRun:
         self._reader: threading.Thread | None = None
         self._cancel_grace: float | None = None  # set by cancel(), even before the start
         self._signalled = False
+        self._save_started = 0.0  # when the newest Saving event came (monotonic)
 
     @property
     def command(self) -> list[str]:
@@ -146,6 +151,8 @@ class TrainingRun:
                     else:
                         record.write(line + "\n")
                         apply_event(self.progress, event)
+                        if isinstance(event, ev.Saving):
+                            self._save_started = time.monotonic()
         code = self.proc.wait()
         self._stderr.close()
         with self._lock:
@@ -200,11 +207,23 @@ class TrainingRun:
             return
         _interrupt(self.proc)
         for sig_step in (_terminate, _kill):
-            try:
-                self.proc.wait(grace_s)
+            if self._wait_out(grace_s):
                 return
+            sig_step(self.proc)
+
+    def _wait_out(self, grace_s: float) -> bool:
+        """Wait until the child ends (True) or `grace_s` have passed since the signal or since
+        the newest save began, whichever is later (False): a save is never cut off halfway."""
+        assert self.proc is not None
+        start = time.monotonic()
+        while True:
+            end = max(start, self._save_started) + grace_s
+            try:
+                self.proc.wait(max(0.0, min(end - time.monotonic(), 1.0)))
+                return True
             except subprocess.TimeoutExpired:
-                sig_step(self.proc)
+                if time.monotonic() >= max(start, self._save_started) + grace_s:
+                    return False
 
 
     def request(self, command: str) -> bool:
@@ -281,6 +300,9 @@ class RunManager:
             with self.host.model_offloaded():
                 run.start()
                 run.wait()
+                # still under the host's GPU lock: a queued txt2img never sees the checkpoint
+                # list while the host re-reads it (the WebUI empties it first)
+                self._refresh(run)
         except Exception as e:  # the host's offload failed, or the child could not start
             with run._lock:
                 run.progress.state = "failed"
@@ -291,7 +313,7 @@ class RunManager:
         finally:
             self._after(run)
 
-    def _after(self, run: TrainingRun) -> None:
+    def _refresh(self, run: TrainingRun) -> None:
         snap = run.snapshot()
         if snap.saved:
             try:
@@ -300,6 +322,9 @@ class RunManager:
                     self.host.refresh_loras()
             except Exception as e:  # the file is written; only the list is stale
                 self.host.log(f"could not refresh the checkpoint list: {e}")
+
+    def _after(self, run: TrainingRun) -> None:
+        snap = run.snapshot()
         self.history.append(snap)
         self.refreshed.set()
 

@@ -75,6 +75,7 @@ class Saver:
         self.refuse_source([path, self.output_path(step, merged=True)])
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
+            self.emit(ev.Saving(str(path), step))
             meta = training_metadata(cfg, self.comp.spec, self.revision + step)
             if cfg.use_lora:
                 self.save_lora(step, path, meta, unet_state, facts)

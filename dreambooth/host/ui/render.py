@@ -29,7 +29,10 @@ def progress_html(p: Progress) -> str:
     cells = "".join(f"<span class='dreambooth-stat'><b>{html.escape(k)}</b> "
                     f"<span data-stat='{html.escape(k.lower())}'>{html.escape(v)}</span></span>"
                     for k, v in stats)
-    state = html.escape(STATE_WORDS.get(p.state, p.state))
+    words = STATE_WORDS.get(p.state, p.state)
+    if p.saving and p.active:
+        words = f"Saving {p.saving.replace(chr(92), '/').rsplit('/', 1)[-1]}…"
+    state = html.escape(words)
     return (f"<div class='dreambooth-progress' data-state='{html.escape(p.state)}' "
             f"data-step='{p.step}' data-total='{p.total_steps}'>"
             f"<div class='dreambooth-state'>{state}</div>"
@@ -78,8 +81,11 @@ def result_html(p: Progress) -> str:
                       p.messages[-10:])
     if p.state in ("finished", "cancelled") and p.final_path:
         word = "Saved" if p.state == "finished" else "Cancelled; saved what was trained so far to"
+        earlier = [f"also saved: {s}" for s in p.saved if s != p.final_path]
         return banner("success", f"{word}: {p.final_path}",
-                      [m for m in p.messages if m.startswith("warning")][-5:])
+                      earlier + [m for m in p.messages if m.startswith("warning")][-5:])
+    if p.state == "cancelled" and p.saved:
+        return banner("success", "Cancelled; saved: " + ", ".join(p.saved))
     if p.state == "cancelled":
         return banner("warning", "Cancelled before the first step; nothing was saved.")
     return ""

@@ -81,7 +81,8 @@ def _scan(folder):
 
 
 def list_models():
-    calls.append(("list_models",))
+    from modules import call_queue  # stand-in only: was the GPU queue held while re-reading?
+    calls.append(("list_models", call_queue.queue_lock.locked()))
     checkpoints_list.clear()
     checkpoint_aliases.clear()
     cmd_ckpt = shared.cmd_opts.ckpt
