@@ -30,7 +30,9 @@ webui_venv() {  # VENV PIP-ARGS...: create once, install the host's pins, then o
 
 if [ $mode = latest ]; then
   bash tools/bootstrap.sh .venv-latest test
-  .venv-latest/bin/python -m pip install -q --upgrade -e ".[test]" -c .venv-latest/torch-pin.txt
+  # eager: every dependency to its newest release, not only ours (torch stays the one installed)
+  .venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[test]" \
+    -c .venv-latest/torch-pin.txt
   export DREAMBOOTH_TEST_TRAIN_PYTHON=$PWD/.venv-latest/bin/python
   echo "== tests: core, newest releases =="
   rc=0; pytest_in .venv-latest "$@" || rc=$?

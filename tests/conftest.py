@@ -30,9 +30,24 @@ def no_network(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def tiny_source(tmp_path_factory):
+def tiny_checkpoints(tmp_path_factory):
+    """`tiny_checkpoints(model_type)`: a tiny randomly initialised single-file checkpoint of that
+    type, built once per session and shared by every test that asks (read it, never change it:
+    a test that changes a source copies it first)."""
+    folder, built = tmp_path_factory.mktemp("tiny_sources"), {}
+
+    def get(model_type: str = "v1x"):
+        if model_type not in built:
+            built[model_type] = make_tiny_checkpoint(
+                folder / f"tiny_{model_type}.safetensors", model_type)
+        return built[model_type]
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tiny_checkpoints):
     """A tiny randomly initialised SD1.x-shaped single-file checkpoint."""
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("source") / "tiny_v1x.safetensors", "v1x")
+    return tiny_checkpoints("v1x")
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from dreambooth.host.interface import Host, standalone_paths
 from dreambooth.host.runner import RunManager
 
 sys.path.insert(0, str(Path(__file__).parent / "webui_stub"))
-from dreambooth_test_helpers import tiny_inputs, train_python, wait_for  # noqa: E402,F401
+from dreambooth_test_helpers import deadline, tiny_inputs, train_python, wait_for  # noqa: E402,F401
 
 
 def _client(tmp_path, auth="", python=sys.executable):
@@ -114,7 +114,7 @@ def test_start_status_cancel_on_the_real_child(tmp_path, tiny_inputs, train_pyth
     assert status["state"] == "running" and status["total_steps"] > status["step"]
     assert status["loss"] is not None and status["active"] is True
     assert client.post("/dreambooth/v1/cancel", json={}).json()["cancelling"] is True
-    final = manager.wait(300)
+    final = manager.wait(deadline(120))
     assert final.state == "cancelled"
     status = client.get("/dreambooth/v1/status").json()
     assert status["state"] == "cancelled" and not status["active"]

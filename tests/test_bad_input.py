@@ -1,9 +1,9 @@
 """Bad input gets a clear message naming the problem and the fix; nothing half-written is left."""
 import pickle
-import subprocess
 import sys
 
 import pytest
+from patience import run
 
 from dreambooth import Concept, train
 from dreambooth.config import events as ev
@@ -15,8 +15,8 @@ pytestmark = pytest.mark.reliability
 def run_cli(config, tmp_path):
     path = tmp_path / "run.json"
     path.write_text(config.to_json())
-    return subprocess.run([sys.executable, "-m", "dreambooth", "train", "--config", str(path)],
-                          capture_output=True, text=True)
+    return run([sys.executable, "-m", "dreambooth", "train", "--config", str(path)], 30,
+               capture_output=True, text=True)
 
 
 def assert_clear_failure(out, *words):

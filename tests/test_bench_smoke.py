@@ -1,15 +1,17 @@
 """The benchmark runs end to end at smoke size (tiny model, CPU) and reports every configuration.
-No timing is asserted: CPU timings of a tiny model say nothing about a GPU."""
+No timing is asserted: CPU timings of a tiny model say nothing about a GPU, and on a busy machine
+nothing at all. Only what holds at any speed is checked: every number is there and positive, the
+derived ones agree with their parts to the rounding of the report, the parts of the startup time
+add up, and each run has the settings it promises."""
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from patience import deadline
+from patience import run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGURATIONS = {"full_bs1", "full_bs8", "text_encoder_bs1", "prior_bs1", "lora_r16_bs1",
@@ -23,8 +25,9 @@ def test_bench_smoke_reports_every_configuration(tmp_path):
     out = tmp_path / "bench.json"
     # one thread: on a shared or busy CI machine, spinning OpenMP threads make steps 10x slower
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=deadline(150))
+    # one timed step per run and no warm-up: the report is checked here, not the speed
+    proc = run([sys.executable, "-m", "bench", "--smoke", "--steps", "1", "--warmup", "0",
+                "--json", str(out)], 150, cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["smoke"] is True and report["resolution"] == 64
@@ -36,9 +39,11 @@ def test_bench_smoke_reports_every_configuration(tmp_path):
         assert set(c["runs"]) == RUNS
         for name, r in c["runs"].items():
             assert r["ratio_to_reference"] > 0 and r["steps_per_s"] > 0, (c["name"], name)
-            assert r["images_per_s"] == pytest.approx(
-                r["steps_per_s"] * c["batch_size"] * (2 if c["prior_preservation"] else 1),
-                rel=1e-3)
+            per_step = c["batch_size"] * (2 if c["prior_preservation"] else 1)
+            # both are rounded to 4 decimals in the report: that rounding, times the images per
+            # step, is all they may differ by, however slow the steps were
+            assert r["images_per_s"] == pytest.approx(r["steps_per_s"] * per_step, rel=0,
+                                                       abs=0.5e-4 * (per_step + 1) + 1e-12)
             assert r["flops_per_step"] > 0 and r["peak_allocated_gb"] >= 0
         runs = c["runs"]
         # the reference encodes images with the VAE every step, our best settings never do

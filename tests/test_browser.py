@@ -75,7 +75,7 @@ def server(tmp_path, tiny_inputs, train_python):
     yield url, checkpoints
     proc.terminate()
     try:
-        proc.wait(30)
+        proc.wait(deadline(15))
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()

@@ -11,7 +11,7 @@ from dreambooth import Concept, TrainingConfig
 from dreambooth.config import events as ev
 from dreambooth.data.buckets import batch_count, bucket_sizes, choose, epoch_order, load_bucketed
 from dreambooth.data.images import load_image
-from dreambooth.model.tiny import make_tiny_checkpoint, pattern_image
+from dreambooth.model.tiny import pattern_image
 from dreambooth.training.trainer import Trainer
 
 
@@ -85,8 +85,8 @@ def mixed_folder(tmp_path_factory):
     return folder
 
 
-def test_sdxl_trains_on_buckets_with_size_conditioning(mixed_folder, tmp_path):
-    source = make_tiny_checkpoint(tmp_path / "xl.safetensors", "sdxl")
+def test_sdxl_trains_on_buckets_with_size_conditioning(mixed_folder, tmp_path, tiny_checkpoints):
+    source = tiny_checkpoints("sdxl")
     cfg = TrainingConfig(model_name="b", source_checkpoint=str(source), model_type="sdxl",
                          work_dir=str(tmp_path / "runs"), output_dir=str(tmp_path / "out"),
                          resolution=128, bucketing=True, bucket_no_upscale=True, batch_size=2,

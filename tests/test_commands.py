@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from patience import Deadline
 
 from dreambooth import train
 from dreambooth.config import events as ev
@@ -71,7 +72,11 @@ def test_sigusr1_saves_now_from_the_command_line(quick_config, tmp_path):
                               "--events-jsonl", str(events)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     asked = cancelled = False
+    limit = Deadline(60)
     while child.poll() is None:
+        if limit.expired():
+            child.kill()
+            pytest.fail(f"the child did not finish within {limit}")
         text = events.read_text() if events.exists() else ""
         if not asked and '"event": "step"' in text:
             child.send_signal(signal.SIGUSR1)  # save now

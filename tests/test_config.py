@@ -1,9 +1,9 @@
 import dataclasses
 import json
-import subprocess
 import sys
 
 import pytest
+from patience import run
 
 from dreambooth import Concept, ConfigError, TrainingConfig
 from dreambooth.config import SCHEMA_VERSION, field_help, migrate
@@ -111,7 +111,7 @@ def test_importing_the_core_loads_neither_webui_gradio_nor_torch():
     code = ("import sys, dreambooth, dreambooth.config, dreambooth.config.events; "
             "bad = [m for m in ('modules', 'gradio', 'torch', 'diffusers', 'transformers') "
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = run([sys.executable, "-c", code], 10, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 

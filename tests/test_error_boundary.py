@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from patience import Deadline, deadline
 
 from dreambooth import Concept, DreamboothError, train
 from dreambooth.config import events as ev
@@ -433,14 +434,14 @@ def test_second_ctrl_c_within_50_ms_is_one_sentence(quick_config, tmp_path):
     TALLY["tried"] += 1
     child = subprocess.Popen([sys.executable, "-m", "dreambooth", "train", "--config", str(path),
                               "--events-jsonl", str(events)], stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and '"step"' not in (events.read_text() if events.exists()
+    limit = Deadline(60)
+    while not limit.expired() and '"step"' not in (events.read_text() if events.exists()
                                                       else ""):
         time.sleep(0.05)
     child.send_signal(signal.SIGINT)
     time.sleep(0.02)
     child.send_signal(signal.SIGINT)
-    _, err = child.communicate(timeout=120)
+    _, err = child.communicate(timeout=deadline(60))
     if "Traceback" in err:
         TALLY["tracebacks"] += 1
     assert "Traceback" not in err, err[-3000:]
@@ -455,7 +456,7 @@ def test_runner_child_failure_is_one_sentence(quick_config, tmp_path):
     TALLY["tried"] += 1
     run = TrainingRun(cfg, tmp_path / "run", python=env_python,
                       pythonpath=[str(Path(__file__).resolve().parents[1])]).start()
-    p = run.wait(300)
+    p = run.wait(deadline(120))
     assert p.state == "failed" and "gradient_accumulation_steps" in p.error, p
     assert "Traceback" not in (tmp_path / "run" / "train.log").read_text()
     TALLY["clear"] += 1

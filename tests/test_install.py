@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from patience import deadline
+from patience import deadline, slowness
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,7 +151,8 @@ def test_satisfied_run_is_a_fast_no_op_and_imports_no_torch():
     assert out.returncode == 0, out.stderr
     seconds, torch_loaded = out.stdout.split()
     assert torch_loaded == "False"
-    assert float(seconds) < 2.0 and out.stderr == ""
+    # "well under 2 s" on an idle machine; on a busy one, as much longer as the load makes it
+    assert float(seconds) < 2.0 * slowness(fresh=True) and out.stderr == "", (seconds, out.stderr)
 
 
 def installer_plan_ok() -> bool:

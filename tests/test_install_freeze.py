@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from patience import deadline
+from patience import deadline, slowness
 
 sys.path.insert(0, str(Path(__file__).parent / "webui_stub"))
 from dreambooth_test_helpers import tiny_inputs, train_python  # noqa: E402,F401
@@ -44,6 +44,7 @@ def _freeze(python: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.once  # the WebUI venv it checks is the same in both core stages
 def test_webui_freeze_is_unchanged_and_training_runs_with_the_lib(tmp_path, tiny_inputs):
     python = _webui_python()
     ext = tmp_path / "extensions" / "dreambooth"
@@ -61,7 +62,10 @@ def test_webui_freeze_is_unchanged_and_training_runs_with_the_lib(tmp_path, tiny
     t = time.time()
     again = subprocess.run([python, str(ext / "install.py")], capture_output=True, text=True,
                            env=env, timeout=deadline(30))
-    assert again.returncode == 0 and again.stderr == "" and time.time() - t < 2.0
+    took = time.time() - t
+    assert again.returncode == 0 and again.stderr == "", again.stderr
+    # "well under 2 s" on an idle machine; on a busy one, as much longer as the load makes it
+    assert took < 2.0 * slowness(fresh=True), f"a satisfied install took {took:.1f} s"
     _train_with_lib(python, ext / "lib", tiny_inputs, tmp_path, env)
     assert _freeze(python) == before
 

@@ -12,15 +12,13 @@ from dreambooth.config import events as ev
 from dreambooth.model.checkpoint import read_checkpoint, write_safetensors
 from dreambooth.model.components import encode_prompts
 from dreambooth.model.single_file import load_single_file
-from dreambooth.model.tiny import make_tiny_checkpoint
 from dreambooth.training.lora import inject, kohya_state, merged_state
 from dreambooth.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("lora_sources")
-    return {t: make_tiny_checkpoint(folder / f"tiny_{t}.safetensors", t) for t in ("v1x", "sdxl")}
+def sources(tiny_checkpoints):
+    return {t: tiny_checkpoints(t) for t in ("v1x", "sdxl")}
 
 
 def run_lora(source, model_type, instance_dir, tmp_path, **changes) -> Trainer:

@@ -5,10 +5,10 @@ setting's effect, linearity in the batch, the order and minimality of the advice
 estimate is within 15% of a measured peak is for `python -m bench` on a GPU (calibration)."""
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
+from patience import run
 
 from dreambooth import Concept, TrainingConfig
 from dreambooth.training.memory import GIB, MARGIN, STEPS, estimate, suggest
@@ -126,4 +126,4 @@ def test_module_imports_no_training_stack_and_the_core_does_not_import_it():
             "sys.modules; import dreambooth.training.memory; "
             "bad = [m for m in ('diffusers', 'transformers', 'accelerate') if m in sys.modules]; "
             "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    run([sys.executable, "-c", code], 10, check=True)

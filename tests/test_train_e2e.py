@@ -1,10 +1,10 @@
 """End to end through the real entry points on the tiny model, offline."""
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
+from patience import run
 
 from dreambooth import Concept, train
 from dreambooth.config import events as ev
@@ -40,9 +40,9 @@ def test_cli_with_json_config_and_events_stream(quick_config, tmp_path):
     cfg_path = tmp_path / "run.json"
     cfg_path.write_text(quick_config.replace(save_precision="fp16").to_json())
     events_path = tmp_path / "events.jsonl"
-    out = subprocess.run([sys.executable, "-m", "dreambooth", "train", "--config", str(cfg_path),
-                          "--events-jsonl", str(events_path)], capture_output=True, text=True,
-                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    out = run([sys.executable, "-m", "dreambooth", "train", "--config", str(cfg_path),
+               "--events-jsonl", str(events_path)], 30, capture_output=True, text=True,
+              env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr
     path = out.stdout.strip().splitlines()[-1]
     assert path.endswith("quick_8.safetensors")
@@ -55,12 +55,12 @@ def test_cli_with_json_config_and_events_stream(quick_config, tmp_path):
 
 def test_cli_flags_build_the_same_config(quick_config, tmp_path):
     c = quick_config.concepts[0]
-    out = subprocess.run([sys.executable, "-m", "dreambooth", "train", "--print-config",
-                          "--source-checkpoint", quick_config.source_checkpoint,
-                          "--instance-dir", c.instance_data_dir, "--instance-prompt",
-                          c.instance_prompt, "--class-prompt", "photo of a pattern",
-                          "--resolution", "64", "--optimizer", "adamw_8bit",
-                          "--train-text-encoder", "true"], capture_output=True, text=True)
+    out = run([sys.executable, "-m", "dreambooth", "train", "--print-config",
+               "--source-checkpoint", quick_config.source_checkpoint,
+               "--instance-dir", c.instance_data_dir, "--instance-prompt",
+               c.instance_prompt, "--class-prompt", "photo of a pattern",
+               "--resolution", "64", "--optimizer", "adamw_8bit",
+               "--train-text-encoder", "true"], 10, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["resolution"] == 64 and data["optimizer"] == "adamw_8bit"

@@ -19,7 +19,6 @@ from dreambooth.model.ldm_yaml import needs_yaml, render
 from dreambooth.model.openclip import from_openclip, to_openclip
 from dreambooth.model.single_file import ldm_state, load_single_file, save_single_file
 from dreambooth.model.spec import SPECS
-from dreambooth.model.tiny import make_tiny_checkpoint
 from dreambooth.model.workdir import load_working_dir, save_working_dir
 
 TYPES = ["v1x", "v2x-512", "v2x-768-v", "sdxl"]
@@ -28,9 +27,8 @@ TITLES = {n: s.title for n, s in SPECS.items()}
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("types")
-    return {t: make_tiny_checkpoint(folder / f"tiny_{t}.safetensors", t) for t in TYPES}
+def tiny(tiny_checkpoints):
+    return {t: tiny_checkpoints(t) for t in TYPES}
 
 
 def assert_same(a: dict, b: dict) -> None:

@@ -3,10 +3,10 @@ Standard library only (runs in every venv)."""
 from __future__ import annotations
 
 import dataclasses
-import subprocess
 import sys
 
 import pytest
+from patience import run
 
 from dreambooth import Concept, TrainingConfig
 from dreambooth.config.errors import ConfigError
@@ -114,8 +114,7 @@ def test_host_side_modules_import_no_torch_gradio_or_webui():
             "bad = [m for m in ('torch', 'gradio', 'modules', 'diffusers', 'transformers', "
             "'numpy', 'fastapi') if m in sys.modules]\n"
             "print(','.join(bad))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+    out = run([sys.executable, "-c", code], 10, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
 
 

@@ -12,7 +12,7 @@ import pytest
 gr = pytest.importorskip("gradio")
 
 sys.path.insert(0, str(Path(__file__).parent / "webui_stub"))
-from dreambooth_test_helpers import load_webui, quick_values, tiny_inputs, train_python, wait_for  # noqa: E402,F401
+from dreambooth_test_helpers import deadline, load_webui, quick_values, tiny_inputs, train_python, wait_for  # noqa: E402,F401
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def webui(monkeypatch, tmp_path, train_python):
     for key in list(glue.db_runner.MANAGERS):
         manager = glue.db_runner.MANAGERS.pop(key)
         manager.cancel()
-        manager.wait(120)
+        manager.wait(deadline(60))
 
 
 def test_tab_and_settings_register_with_the_webui(webui):

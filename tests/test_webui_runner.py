@@ -16,7 +16,7 @@ from dreambooth.host.interface import Host, standalone_paths
 from dreambooth.host.runner import Progress, RunManager, TrainingRun, apply_event
 
 sys.path.insert(0, str(Path(__file__).parent / "webui_stub"))
-from dreambooth_test_helpers import tiny_inputs, train_python, wait_for  # noqa: E402,F401
+from dreambooth_test_helpers import deadline, tiny_inputs, train_python, wait_for  # noqa: E402,F401
 
 
 def test_events_fold_into_progress():
@@ -77,7 +77,7 @@ def test_manager_trains_in_a_child_and_refreshes_the_host(tiny_inputs, train_pyt
     host = RecordingHost(standalone_paths(tmp_path / "ui"), train_python)
     manager = RunManager(host)
     run = manager.start(_config(tiny_inputs, tmp_path, sample_every_epochs=1))
-    p = manager.wait(300)
+    p = manager.wait(deadline(120))
     assert p.state == "finished", (p.error, run.stderr_tail())
     assert p.returncode == 0 and p.step == p.total_steps >= 2
     assert Path(p.final_path).is_file() and p.final_path in p.saved
@@ -99,7 +99,7 @@ def test_save_and_sample_now_reach_the_running_child(tiny_inputs, train_python, 
     p = manager.status()
     assert p.step < p.total_steps and Path(p.saved[0]).is_file() and Path(p.samples[0]).is_file()
     assert manager.cancel()
-    p = manager.wait(300)
+    p = manager.wait(deadline(120))
     assert p.state == "cancelled" and all(Path(s).is_file() for s in p.saved)
     assert not manager.request("sample")  # it ended
 
@@ -111,7 +111,7 @@ def test_cancel_stops_cleanly_and_keeps_what_was_trained(tiny_inputs, train_pyth
     manager.start(_config(tiny_inputs, tmp_path, steps_per_image=400))
     wait_for(lambda: manager.status().step >= 1, timeout=300)
     assert manager.cancel()
-    p = manager.wait(300)
+    p = manager.wait(deadline(120))
     assert p.state == "cancelled" and p.returncode == 130
     assert 1 <= p.step < p.total_steps
     assert Path(p.final_path).is_file()  # saved at the step it stopped
@@ -136,7 +136,7 @@ def test_a_child_that_ignores_sigint_gets_sigterm_after_the_grace_period(tmp_pat
     run = StubbornRun(TrainingConfig(), tmp_path / "run").start()
     wait_for(lambda: run.snapshot().state == "running", timeout=30)
     run.cancel(grace_s=1.0)
-    p = run.wait(30)
+    p = run.wait(deadline(15))
     assert p.returncode == -signal.SIGTERM
     assert p.state == "cancelled"
 
@@ -196,7 +196,7 @@ def test_a_child_that_crashes_becomes_a_failed_run_with_its_log(tmp_path):
                                           "sys.exit(3)"]
 
     from dreambooth import TrainingConfig
-    p = CrashingRun(TrainingConfig(), tmp_path / "run").start().wait(30)
+    p = CrashingRun(TrainingConfig(), tmp_path / "run").start().wait(deadline(15))
     assert p.state == "failed" and p.returncode == 3 and "exit code 3" in p.error
     assert "boom" in p.messages
 
@@ -247,5 +247,5 @@ def test_only_one_run_at_a_time(tmp_path):
     finally:
         runner_module.TrainingRun = original
         manager.cancel()
-        manager.wait(30)
+        manager.wait(deadline(15))
     assert not manager.busy()

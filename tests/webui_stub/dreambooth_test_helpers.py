@@ -23,7 +23,7 @@ STUB_DIR = Path(__file__).resolve().parent
 REPO = STUB_DIR.parent.parent
 if str(STUB_DIR.parent) not in sys.path:
     sys.path.insert(0, str(STUB_DIR.parent))
-from patience import deadline  # noqa: E402
+from patience import Deadline, deadline  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,15 +115,16 @@ def _load_file(path: Path, name: str):
 
 def wait_for(predicate, timeout: float = 180.0, every: float = 0.2):
     """Poll `predicate` until true; `timeout` is what the wait may take on an idle machine,
-    stretched by how loaded this one is (tests/patience.py)."""
-    timeout = deadline(timeout)
-    end = time.time() + timeout
-    while time.time() < end:
+    stretched by how loaded this one is, and again if it gets busier meanwhile
+    (tests/patience.py)."""
+    limit = Deadline(timeout)
+    while True:
         value = predicate()
         if value:
             return value
+        if limit.expired():
+            raise AssertionError(f"condition not met within {limit}")
         time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def jsonable(obj) -> str:
