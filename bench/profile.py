@@ -26,8 +26,10 @@ from pathlib import Path
 import torch
 
 from .profile_count import StepCounter
+from .profile_device import OnDevice
 
 GIB = 2 ** 30
+FAKE_DEVICE = "cpu"  # where the fake tensors really are (see above)
 
 
 @dataclass(frozen=True)
@@ -166,14 +168,12 @@ def build_trainer(cfg, comp, device):
         feed.embeddings["photo of sks dog"] = {"hidden": torch.zeros(77, hidden, device=device)}
     t.attention = backends.set_attention(comp.unet, cfg.attention, t.warn)
     t.plan_steps()
-    t.acc.device = torch.device("cuda")  # the optimizer is chosen as on a GPU (fused AdamW)
     with _lora_made_already(cfg, comp):
         t.setup_optimization()
-    t.acc.device = device
     if t.precision != "no":  # accelerate's prepare(): autocast around the forward, fp32 out
         from accelerate.utils import convert_outputs_to_fp32
         for model in t.models:
-            forward = torch.autocast(device.type, dtype=t.dtype)(model.forward)
+            forward = torch.autocast(FAKE_DEVICE, dtype=t.dtype)(model.forward)
             model.forward = convert_outputs_to_fp32(forward)
     t.rng, t.gen = fresh_rng(cfg.seed)
     return t
@@ -187,7 +187,7 @@ def profile_case(case: ProfileCase, resolution: int, configs: dict | None = None
     from dreambooth.model.components import build_meta
     started = time.perf_counter()
     cfg = make_config(case, resolution, work)
-    device = torch.device("cpu")
+    device = torch.device("cuda")  # what the trainer is told; OnDevice maps it to FAKE_DEVICE
     comp = build_meta(case.model_type, configs)
     if cfg.trains_text_encoder:  # prompts are tokenized every step
         from dreambooth import assets
@@ -197,8 +197,10 @@ def profile_case(case: ProfileCase, resolution: int, configs: dict | None = None
     if cfg.use_lora:
         from dreambooth.training.lora import add_lora
         add_lora(comp, cfg)  # on the meta model: see _lora_made_already
-    with FakeTensorMode(allow_non_fake_inputs=True), StepCounter() as counter:
+    with FakeTensorMode(allow_non_fake_inputs=True), StepCounter() as counter, \
+            OnDevice(counter) as on_device:
         t = build_trainer(cfg, comp, device)
+        on_device.host_generators.append(t.gen)
         order = list(range(len(t.feed.items)))
         steps = []
         for step in (1, 2):

@@ -21,7 +21,6 @@ aten = torch.ops.aten
 SCALAR_READS = {aten._local_scalar_dense.default, aten.item.default}
 DATA_DEPENDENT = {aten.nonzero.default, aten.masked_select.default,
                   aten._unique2.default, aten.unique_consecutive.default}
-COPIES = {aten._to_copy.default, aten.copy_.default}
 # metadata queries a Python tensor subclass answers through the dispatcher (device, sizes,
 # strides): on a real tensor they are C++ field reads, not ops
 METADATA = {"sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_contiguous",
@@ -37,15 +36,21 @@ def blocks(nbytes: int) -> int:
 
 
 class StepCounter(TorchDispatchMode):
-    """Counts ops and host syncs between start_step() and figures(); tracks live bytes always.
+    """Counts ops and host syncs between start_step() and figures(); tracks live device bytes
+    always.
 
-    A host read (`.item()`, `bool(t)`) is answered here with a harmless value (1 / True), as fake
-    tensors have no data: the step goes on as it would when the loss is finite."""
+    Every fake tensor lives on the CPU device (see profile.py); which of them stand for host
+    memory is tracked here, per storage: a tensor made from host data, or by an op whose tensor
+    inputs are all host tensors, is a host tensor; everything else is on the device. The
+    function mode in profile_device.py marks the moves and factories it sees. A host read
+    (`.item()`, `bool(t)`) of a device tensor is a sync; it is answered with a harmless value
+    (1 / True), as fake tensors have no data: the step goes on as when the loss is finite."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.sizes: dict = {}  # storage key -> bytes (rounded) of each live storage
-        self.live = self.peak = 0
+        self.sizes: dict = {}  # storage key -> bytes (rounded) of each live fake storage
+        self.host: set = set()  # storage keys that stand for host memory
+        self.live = self.peak = 0  # device bytes
         self.counting = False
         self.ops = 0
         self.syncs: Counter = Counter()
@@ -62,48 +67,65 @@ class StepCounter(TorchDispatchMode):
                 "syncs_by_kind": dict(self.syncs), "peak_bytes": self.peak,
                 "live_bytes_after": self.live}
 
+    def sync(self, kind: str) -> None:
+        if self.counting:
+            self.syncs[kind] += 1
+
+    # -- where a tensor is ------------------------------------------------------------------
+    def is_host(self, t: torch.Tensor) -> bool:
+        if not _is_fake(t):
+            return t.device.type == "cpu"  # a real tensor the step reads (scheduler tables)
+        try:
+            return t.untyped_storage()._cdata in self.host
+        except Exception:
+            return False
+
+    def mark(self, t: torch.Tensor, host: bool) -> None:
+        if not _is_fake(t):
+            return
+        self.track(t)
+        key = t.untyped_storage()._cdata
+        if host and key not in self.host:
+            self.host.add(key)
+            self.live -= self.sizes.get(key, 0)
+        elif not host and key in self.host:
+            self.host.discard(key)
+            self.live += self.sizes.get(key, 0)
+            self.peak = max(self.peak, self.live)
+
     # -- dispatch ---------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if is_metadata(func):
             return func(*args, **kwargs)
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         if self.counting:
             self.ops += 1
             self.by_op[func.overloadpacket.__name__] += 1
-            kind = self.sync_kind(func, args, kwargs)
-            if kind:
-                self.syncs[kind] += 1
+            if func in DATA_DEPENDENT and not all(self.is_host(t) for t in inputs):
+                self.sync(f"data-dependent shape ({func.overloadpacket.__name__})")
         if func in SCALAR_READS:
             t = args[0]
+            if not self.is_host(t):
+                self.sync("scalar read of a device tensor (.item(), bool(), float())")
             return True if t.dtype == torch.bool else 1 if not t.is_floating_point() else 1.0
+        if func is aten.copy_.default and self.counting:
+            dst, src = args[0], args[1]
+            if self.is_host(src) and not self.is_host(dst) and src.dim() > 0:
+                self.sync("blocking host -> device copy")
+            elif self.is_host(dst) and not self.is_host(src):
+                self.sync("device -> host copy")
         out = func(*args, **kwargs)
+        host = bool(inputs) and all(self.is_host(t) for t in inputs)
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.track(t)
+            if isinstance(t, torch.Tensor) and _is_fake(t):
+                self.track(t, host)
         return out
 
-    @staticmethod
-    def sync_kind(func, args, kwargs) -> str:
-        if func in SCALAR_READS:
-            return "scalar read (.item(), bool(), float())"
-        if func in DATA_DEPENDENT:
-            return f"data-dependent shape ({func.overloadpacket.__name__})"
-        if func in COPIES:
-            src = args[1] if func is aten.copy_.default else args[0]
-            dst = args[0].device if func is aten.copy_.default else \
-                torch.device(kwargs.get("device") or src.device)
-            if src.device.type != "cpu" and dst.type == "cpu":
-                return "device -> host copy"
-            if src.device.type == "cpu" and dst.type != "cpu" and not kwargs.get("non_blocking"):
-                return "blocking host -> device copy"
-        return ""
-
     # -- memory -----------------------------------------------------------------------------
-    def track(self, t: torch.Tensor) -> None:
+    def track(self, t: torch.Tensor, host: bool = False) -> None:
         """Count a tensor's storage once, until the storage is freed (its Python object lives
         exactly as long as the storage does)."""
-        if t.device.type == "meta" and not _is_fake(t):
-            return
         try:
             storage = t.untyped_storage()
         except Exception:  # sparse/nested: none here
@@ -112,12 +134,19 @@ class StepCounter(TorchDispatchMode):
         if key in self.sizes:
             return
         self.sizes[key] = size = blocks(storage.nbytes())
-        self.live += size
-        self.peak = max(self.peak, self.live)
+        if host:
+            self.host.add(key)
+        else:
+            self.live += size
+            self.peak = max(self.peak, self.live)
         weakref.finalize(storage, self.release, key)
 
     def release(self, key) -> None:
-        self.live -= self.sizes.pop(key, 0)
+        size = self.sizes.pop(key, 0)
+        if key in self.host:
+            self.host.discard(key)
+        else:
+            self.live -= size
 
 
 def _is_fake(t) -> bool:
