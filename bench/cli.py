@@ -189,7 +189,8 @@ def profile_main(args) -> int:
     import diffusers
     diffusers.utils.logging.set_verbosity_error()
     only = set(args.only.split(",")) if args.only else None
-    print("Step profile: one step at SD1.5 512 px on fake tensors (counted, not timed).")
+    print("Step profile: one training step per configuration on fake tensors at real size "
+          "(SD1.5 at 512 px, SDXL at 1024): counted, not timed; no GPU involved.")
     print(HEADER, flush=True)
     started = time.perf_counter()
     rows = run_profile(only)

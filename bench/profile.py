@@ -37,6 +37,7 @@ class ProfileCase:
     name: str
     settings: dict = field(default_factory=dict)  # TrainingConfig fields over the base ones
     model_type: str = "v1x"
+    resolution: int = 512
 
 
 def profile_cases() -> list[ProfileCase]:
@@ -48,7 +49,9 @@ def profile_cases() -> list[ProfileCase]:
             ProfileCase("text_encoder_bs1", {"train_text_encoder": True}),
             ProfileCase("bf16_weights_bs1", {"bf16_weights": True}),
             ProfileCase("lowest_bs1", {"memory_preset": "lowest"}),
-            ProfileCase("ema_bs1", {"use_ema": True})]
+            ProfileCase("ema_bs1", {"use_ema": True}),
+            ProfileCase("sdxl_lora_r16_1024", lora, "sdxl", 1024),
+            ProfileCase("sdxl_full_lowest_1024", {"memory_preset": "lowest"}, "sdxl", 1024)]
 
 
 class _OneProcess:
@@ -162,10 +165,14 @@ def build_trainer(cfg, comp, device):
         feed.bucket_of[path] = bucket
         feed.latents[(path, False, bucket)] = (torch.zeros(1, *shape, device=device),
                                                torch.ones(1, *shape, device=device),
-                                               (cfg.resolution, cfg.resolution, 0, 0))
+                                               (*bucket, 0, 0, *bucket))
     if not cfg.trains_text_encoder:
         hidden = comp.configs["unet"]["cross_attention_dim"]
-        feed.embeddings["photo of sks dog"] = {"hidden": torch.zeros(77, hidden, device=device)}
+        cond = {"hidden": torch.zeros(77, hidden, device=device)}
+        if comp.spec.family == "sdxl":
+            pooled = comp.configs["text_encoder_2"]["projection_dim"]
+            cond["pooled"] = torch.zeros(pooled, device=device)
+        feed.embeddings["photo of sks dog"] = cond
     t.attention = backends.set_attention(comp.unet, cfg.attention, t.warn)
     t.plan_steps()
     with _lora_made_already(cfg, comp):
@@ -179,14 +186,14 @@ def build_trainer(cfg, comp, device):
     return t
 
 
-def profile_case(case: ProfileCase, resolution: int, configs: dict | None = None,
+def profile_case(case: ProfileCase, resolution: int | None = None, configs: dict | None = None,
                  work: Path = Path("/nonexistent/profile")) -> dict:
     """One configuration: two steps (the first makes the optimizer state); the second counted."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from dreambooth.model.components import build_meta
     started = time.perf_counter()
-    cfg = make_config(case, resolution, work)
+    cfg = make_config(case, resolution or case.resolution, work)
     device = torch.device("cuda")  # what the trainer is told; OnDevice maps it to FAKE_DEVICE
     comp = build_meta(case.model_type, configs)
     if cfg.trains_text_encoder:  # prompts are tokenized every step
@@ -210,7 +217,7 @@ def profile_case(case: ProfileCase, resolution: int, configs: dict | None = None
             steps.append(counter.figures())
         top = counter.by_op.most_common(12)
     first, second = steps
-    return {"name": case.name, "model_type": case.model_type, "resolution": resolution,
+    return {"name": case.name, "model_type": case.model_type, "resolution": cfg.resolution,
             "batch_size": cfg.batch_size, "ops": second["ops"],
             "host_syncs": second["host_syncs"], "syncs_by_kind": second["syncs_by_kind"],
             "peak_bytes": max(first["peak_bytes"], second["peak_bytes"]),
@@ -225,7 +232,8 @@ def profile_case(case: ProfileCase, resolution: int, configs: dict | None = None
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def run_profile(only: set | None = None, resolution: int = 512, configs=None) -> list[dict]:
+def run_profile(only: set | None = None, resolution: int | None = None, configs=None
+                ) -> list[dict]:
     rows = []
     for case in profile_cases():
         if only is not None and case.name not in only:
