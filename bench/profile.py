@@ -10,11 +10,14 @@ optimizer step, zero_grad, loss.item()) and `Trainer.after_update()`. Accelerate
 what it does for one process: autocast around the model's forward, plain backward, torch's
 clip_grad_norm_.
 
-Where this differs from a CUDA step: the fake tensors are on the CPU device, because a CPU-only
-torch can't run autograd over tensors that claim CUDA (its engine needs a CUDA device guard and
-accelerator hooks). So autocast uses the CPU's op lists, attention the CPU SDPA kernel, and the
-trainer's per-row `.to(device)` of CPU-drawn noise is a no-op here (on CUDA each one is a
-blocking host -> device copy). The optimizer is built as on CUDA (fused AdamW).
+Where this differs from a CUDA step: the fake tensors live on the CPU device, because a
+CPU-only torch can't run autograd over tensors that claim CUDA (its engine asks for a CUDA
+device guard, streams and accelerator hooks). The trainer is told its device is "cuda";
+profile_device.OnDevice maps that to the CPU and follows which tensors stand for host memory, so
+the host -> device copies and device reads are still seen. But autocast follows the CPU's op
+lists and attention takes the CPU SDPA kernel (its saved tensors differ from flash/efficient
+attention's), so a GPU's counts will differ somewhat. The optimizer is built as on CUDA (fused
+AdamW), and clipping uses foreach, torch's default on CUDA.
 """
 from __future__ import annotations
 
