@@ -1,5 +1,5 @@
 """`python -m bench [--smoke] [--json FILE] [--steps N] [--rounds R] [--only NAMES]
-[--no-startup]`."""
+[--no-startup]`; `python -m bench --profile [--only NAMES] [--json FILE]` (no GPU needed)."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +28,9 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="the runs alternate in this many rounds "
                                               "(default: 2 smoke, 3 GPU)")
     p.add_argument("--warmup", type=int, help="untimed steps per run first (default: 1 / 3)")
+    p.add_argument("--profile", action="store_true",
+                   help="count one training step of each configuration at real size on fake "
+                        "tensors (dispatcher ops, host syncs, peak live memory); no GPU needed")
     p.add_argument("--only", help="comma-separated configurations to run, 'startup' among "
                                   "them for the startup time (default: all)")
     p.add_argument("--startup", action=argparse.BooleanOptionalAction, default=None,
@@ -124,6 +127,8 @@ def header(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.profile:
+        return profile_main(args)
     torch.manual_seed(0)
     if not torch.cuda.is_available():  # CPU: denormals from random init slow steps 10-30x
         torch.set_flush_denormal(True)
@@ -177,3 +182,21 @@ def print_entry(entry: dict) -> None:
               f"{r['tflops']:8.3f} TFLOP/s  "
               f"{'%5.1f%%' % (100 * frac) if frac is not None else '   n/a'} of peak",
               flush=True)
+
+
+def profile_main(args) -> int:
+    from .profile import HEADER, run_profile
+    import diffusers
+    diffusers.utils.logging.set_verbosity_error()
+    only = set(args.only.split(",")) if args.only else None
+    print("Step profile: one training step per configuration on fake tensors at real size "
+          "(SD1.5 at 512 px, SDXL at 1024): counted, not timed; no GPU involved.")
+    print(HEADER, flush=True)
+    started = time.perf_counter()
+    rows = run_profile(only)
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"benchmark": "dreambooth step profile (fake tensors)", "torch": torch.__version__,
+             "seconds": round(time.perf_counter() - started, 1), "configurations": rows},
+            indent=2))
+    return 0

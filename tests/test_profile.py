@@ -1,0 +1,62 @@
+"""The step profile (`python -m bench --profile`) holds its figures: no later change may add a
+host sync to a training step, or more than 5% dispatcher ops or peak live memory.
+
+The figures were measured with the tested package set (constraints/newest.txt): other torch or
+diffusers releases dispatch other ops, so this runs with that set only (marked once). When a
+change lowers a figure, lower it here too."""
+from __future__ import annotations
+
+import pytest
+
+from bench.profile import profile_case, profile_cases
+
+SLACK = 1.05
+# configuration -> (resolution, tiny model?, host syncs, ops per step, peak live bytes)
+HELD = {
+    # the per-weight path at the tiny size: its op count is per weight, not per pixel
+    "full_adamw_bs1_fused": (64, True, 5, 14384, 36_762_112),
+    # the default full fine-tune at real size (SD1.5, 512 px): 13.03 GiB. Its 5 syncs: the
+    # host -> device copies of the latent draw, the noise and the timesteps, check_finite's
+    # bool() and loss.item() (issue 13 wants 0)
+    "full_adamw_bs1": (512, False, 5, 6202, 13_988_664_832),
+}
+
+
+@pytest.mark.once
+@pytest.mark.parametrize("name", sorted(HELD))
+def test_step_profile_holds_its_figures(name):
+    from dreambooth.model.tiny import tiny_configs
+    resolution, tiny, syncs, ops, peak = HELD[name]
+    case = {c.name: c for c in profile_cases()}[name]
+    r = profile_case(case, resolution, tiny_configs("v1x") if tiny else None)
+    assert r["resolution"] == resolution
+    assert r["host_syncs"] <= syncs, r["syncs_by_kind"]
+    assert r["ops"] <= ops * SLACK, (r["ops"], r["top_ops"])
+    assert r["peak_bytes"] <= peak * SLACK, r["peak_gib"]
+    # and it is a step: forward, backward and an update all ran
+    assert r["ops"] > 1000 and r["peak_bytes"] > 0
+
+
+def test_counter_sees_syncs_and_rounds_blocks():
+    """The counting itself, on a few ops whose answer is known."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bench.profile_count import StepCounter
+    from bench.profile_device import OnDevice
+    with FakeTensorMode(allow_non_fake_inputs=True), StepCounter() as c, OnDevice(c) as d:
+        gen = torch.Generator().manual_seed(0)
+        d.host_generators.append(gen)
+        c.start_step()
+        w = torch.zeros(1, device="cuda")  # 4 bytes -> one 512-byte block
+        host = torch.randn(1000, generator=gen, device=gen.device)  # host: not device bytes
+        assert c.live == 512 and not c.is_host(w) and c.is_host(host)
+        moved = host.to(torch.device("cuda"))  # blocking host -> device copy: a sync
+        assert not c.is_host(moved) and c.live == 512 + 4096
+        host.sum().item()  # a read of a host tensor: no sync
+        bool((w + moved[:1]).isfinite().all())  # a read of a device tensor: a sync
+        moved.cpu()  # device -> host: a sync
+        del moved
+        figures = c.figures()
+    assert figures["host_syncs"] == 3, figures["syncs_by_kind"]
+    assert figures["peak_bytes"] >= 512 + 4096 and c.live <= 512 + 512
