@@ -81,7 +81,8 @@ class Saver:
             base, _ = load_model(cfg, lambda *a: None)
             bases = {"unet": base.unet.state_dict(), **{
                 s.component: te_state(getattr(base, s.component)) for s in comp.spec.text_encoders}}
-            merged = {k: merged_state(states[k], cfg.lora_alpha / cfg.lora_rank, v)
+            conv = cfg.lora_conv_alpha / cfg.lora_conv_rank
+            merged = {k: merged_state(states[k], cfg.lora_alpha / cfg.lora_rank, v, conv)
                       if k in states else v for k, v in bases.items()}
             save_single_file(base, self.output_path(step, merged=True), cfg.save_precision, meta,
                              overwrite=cfg.overwrite, unet_state=merged.pop("unet"),
