@@ -32,8 +32,10 @@ def run_lora(source, model_type, instance_dir, tmp_path, **changes) -> Trainer:
         lora_text_encoder=True, lora_text_encoder_learning_rate=1e-2,
         concepts=(Concept(str(instance_dir), "photo of sks pattern"),))
     cfg = TrainingConfig(**{**settings, **changes}).check()
-    trainer = Trainer(cfg, ev.EventBus(None), ev.CancelToken())
+    events = []
+    trainer = Trainer(cfg, ev.EventBus(events.append), ev.CancelToken())
     trainer.result = trainer.run()
+    trainer.saved = [e.path for e in events if isinstance(e, ev.CheckpointSaved)]
     return trainer
 
 
@@ -74,10 +76,12 @@ def merge_into_single_file(state: dict, lora: dict) -> int:
                 where[name + key[len(prefix):-len(".weight")].replace(".", "_")] = (key, None)
     for stem, down, up, scale in kohya_pairs(lora):
         if stem.startswith("lora_te2_"):
-            n, proj = stem.split("_layers_")[1].split("_self_attn_")
-            base = f"conditioner.embedders.1.model.transformer.resblocks.{n}.attn."
-            part = {"q_proj": 0, "k_proj": 1, "v_proj": 2}.get(proj)
-            key = base + ("in_proj_weight" if part is not None else "out_proj.weight")
+            n, proj = stem.split("_layers_")[1].split("_", 1)
+            base = f"conditioner.embedders.1.model.transformer.resblocks.{n}."
+            part = {"self_attn_q_proj": 0, "self_attn_k_proj": 1, "self_attn_v_proj": 2}.get(proj)
+            key = base + ("attn.in_proj_weight" if part is not None else {
+                "self_attn_out_proj": "attn.out_proj", "mlp_fc1": "mlp.c_fc",
+                "mlp_fc2": "mlp.c_proj"}[proj] + ".weight")
             rows = state[key].shape[0] // 3 if part is not None else state[key].shape[0]
             block = slice(part * rows, (part + 1) * rows) if part is not None else slice(None)
         else:
@@ -98,14 +102,29 @@ def outputs(comp, family: str) -> list:
     return [sample, *cond.values()]
 
 
-@pytest.mark.parametrize("model_type, precision", [("v1x", "no"), ("sdxl", "no"),
-                                                    ("v1x", "bf16")])
-def test_lora_file_merged_independently_gives_the_peft_model(model_type, precision, sources,
-                                                              instance_dir, tmp_path):
-    """With bf16 the frozen base trains as a bf16 copy; the merged checkpoint still holds the
-    untouched fp32 weights plus the LoRA (and the VAE and text encoder exactly as they were)."""
+COUNTS = {  # LoRA modules (UNet, text encoders) of the tiny models
+    ("v1x", "attention"): 16 * 2 * 4 + 2 * 4,  # 16 transformer blocks, 2 TE layers
+    ("v1x", "transformer"): 16 * 2 * 4 + 16 * 4 + 2 * 6,  # + ff, proj_in/out; TE + fc1/fc2
+    ("v1x", "transformer+conv"): 16 * 2 * 4 + 16 * 4 + 2 * 6 + 22 * 2 + 13,  # 22 resnets, 13
+    # of them with a 1x1 conv_shortcut
+    ("sdxl", "attention"): 17 * 2 * 4 + 2 * 2 * 4,  # 17 blocks, 2 TEs
+    ("sdxl", "transformer"): 17 * 2 * 4 + 17 * 2 + 11 * 2 + 2 * 2 * 6,  # 11 Transformer2Ds
+    ("sdxl", "transformer+conv"): 17 * 2 * 4 + 17 * 2 + 11 * 2 + 2 * 2 * 6 + 17 * 2 + 10,
+}
+
+
+@pytest.mark.parametrize("model_type, precision, targets", [
+    ("v1x", "no", "attention"), ("sdxl", "no", "attention"), ("v1x", "bf16", "transformer"),
+    ("sdxl", "no", "transformer"), ("v1x", "no", "transformer+conv"),
+    ("sdxl", "no", "transformer+conv")])
+def test_lora_file_merged_independently_gives_the_peft_model(model_type, precision, targets,
+                                                              sources, instance_dir, tmp_path):
+    """Each target set, trained a few steps, merged by names alone (every key must name a module
+    of the base). With bf16 the frozen base trains as a bf16 copy; the merged checkpoint still
+    holds the untouched fp32 weights plus the LoRA (and the VAE and text encoder as they were)."""
     trainer = run_lora(sources[model_type], model_type, instance_dir, tmp_path,
-                       lora_merge=model_type == "v1x", mixed_precision=precision)
+                       lora_merge=model_type == "v1x", mixed_precision=precision,
+                       lora_targets=targets, lora_conv_rank=2, lora_conv_alpha=1.0)
     if precision == "bf16":
         assert next(trainer.comp.unet.parameters()).dtype == torch.bfloat16
         assert {p.dtype for p in trainer.comp.unet.parameters() if p.requires_grad} \
@@ -117,18 +136,20 @@ def test_lora_file_merged_independently_gives_the_peft_model(model_type, precisi
     assert prefixes == ({"lora_unet", "lora_te"} if model_type == "v1x"
                         else {"lora_unet", "lora_te1", "lora_te2"})
     idle = [k for k, v in lora.items() if "lora_up" in k and not torch.count_nonzero(v)]
-    assert all("mid_block_attentions_0_transformer_blocks_0_attn1_to_" in k  # 1 token: no q/k grad
+    assert targets != "attention" or all("mid_block_attentions_0_transformer_blocks_0_attn1_to_" in k  # 1 token: no q/k grad
                or k.startswith("lora_te1_text_model_encoder_layers_1_")  # SDXL: penultimate only
                for k in idle) and len(idle) <= 4, idle
     if model_type == "v1x":
         base = load_single_file(str(sources["v1x"]), "v1x")
-        assert merge_by_module_names(base, lora) == 16 * 2 * 4 + 2 * 4  # 16 blocks, 2 TE layers
-        merged_file, _ = read_checkpoint(tmp_path / "out" / "lora_2.safetensors")
+        assert merge_by_module_names(base, lora) == COUNTS[model_type, targets]
+        merged_path = tmp_path / "out" / "lora_2_merged.safetensors"  # announced, never the LoRA's
+        assert trainer.saved == [str(merged_path), str(path)]
+        merged_file, _ = read_checkpoint(merged_path)
         assert all(torch.allclose(merged_file[k], v, atol=1e-6)
                    for k, v in read_checkpoint(_saved(base, tmp_path))[0].items())
     else:
         state, base_meta = read_checkpoint(sources["sdxl"])
-        assert merge_into_single_file(state, lora) == 17 * 2 * 4 + 2 * 2 * 4  # 17 blocks, 2 TEs
+        assert merge_into_single_file(state, lora) == COUNTS[model_type, targets]
         base = load_single_file(str(write_safetensors(tmp_path / "m.safetensors", state,
                                                       base_meta)), "sdxl")
     if precision != "no":

@@ -31,17 +31,22 @@ UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 TE_MLP = ("fc1", "fc2")
 TRANSFORMER = re.compile(r"(^|\.)attentions\.\d+\.")  # inside a Transformer2DModel
-RESNET_CONV = re.compile(r"(^|\.)resnets\.\d+\.(conv1|conv2|conv_shortcut)$")
+CONV = r"resnets\.\d+\.(conv1|conv2|conv_shortcut)"  # LoCon's modules (peft pattern)
+RESNET_CONV = re.compile(rf"(^|\.){CONV}$")
 ADAPTER = "default"
 BASE_VERSION = {"v1": "sd_v1", "v2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 WEBUI_VERSION = {"v1": "SD1", "v2": "SD2", "sdxl": "SDXL"}
 
 
-def inject(module, rank: int, alpha: float, targets=UNET_TARGETS) -> list:
-    """Add LoRA layers (B zero: no change yet) to the `targets` of `module`; freeze the rest.
-    Returns the LoRA parameters, the only ones left trainable."""
+def inject(module, rank: int, alpha: float, targets=UNET_TARGETS,
+           conv: tuple[int, float] | None = None) -> list:
+    """Add LoRA layers (B zero: no change yet) to the `targets` of `module`; freeze the rest;
+    `conv`: (rank, alpha) of the ResNet convs among them. Returns the LoRA parameters, the only
+    ones left trainable."""
     from peft import LoraConfig, inject_adapter_in_model
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                        rank_pattern={CONV: conv[0]} if conv else {},
+                        alpha_pattern={CONV: conv[1]} if conv else {})
     inject_adapter_in_model(config, module, adapter_name=ADAPTER)
     module.requires_grad_(False)
     params = [p for name, p in module.named_parameters()
@@ -84,13 +89,11 @@ def is_conv_target(path: str) -> bool:
 def add_lora(comp, cfg) -> list[dict]:
     """LoRA layers in the UNet (and the text encoders when cfg.lora_text_encoder); returns the
     optimizer's parameter groups with their learning rates."""
-    paths = target_paths(comp.unet, "unet", cfg.lora_targets)
-    params = inject(comp.unet, cfg.lora_rank, cfg.lora_alpha,
-                    [p for p in paths if not is_conv_target(p)])
-    convs = [p for p in paths if is_conv_target(p)]
-    if convs:
-        params += inject(comp.unet, cfg.lora_conv_rank, cfg.lora_conv_alpha, convs)
-    groups = [{"params": list({id(p): p for p in params}.values()), "lr": cfg.lora_learning_rate}]
+    conv = (cfg.lora_conv_rank, cfg.lora_conv_alpha) \
+        if cfg.lora_targets == "transformer+conv" else None
+    groups = [{"params": inject(comp.unet, cfg.lora_rank, cfg.lora_alpha,
+                                target_paths(comp.unet, "unet", cfg.lora_targets), conv),
+               "lr": cfg.lora_learning_rate}]
     if cfg.lora_text_encoder:
         params = [p for te, slot in zip(comp.text_encoders, comp.spec.text_encoders)
                   for p in inject(te, cfg.lora_rank, cfg.lora_alpha,
