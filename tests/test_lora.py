@@ -1,8 +1,11 @@
 """DreamBooth-LoRA: trained through the real trainer on the tiny models, saved as one kohya-layout
 file, and applied by an independent implementation of the kohya merge (W += up @ down * alpha /
 rank, 1x1 convs squeezed) to the base weights: the model gives what the peft-wrapped one gives."""
+import gzip
 import hashlib
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,3 +203,66 @@ def test_kohya_layout_and_merge_with_1x1_convs(sources):
     assert torch.allclose(outputs(plain, "v1")[0], outputs(comp, "v1")[0], atol=1e-4)
     merged = merged_state(comp.unet.state_dict(), 2.0 / 4)
     assert all(torch.allclose(merged[k], v, atol=1e-6) for k, v in plain.unet.state_dict().items())
+
+
+
+# -- full size: kohya's module counts, and every key onto a module of the file, as the WebUI maps -
+RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "conv_shortcut": "skip_connection"}
+
+
+def _openclip(layer: str, rest: str, prefix: str) -> str:
+    rest = rest.replace("mlp_fc1", "mlp_c_fc").replace("mlp_fc2", "mlp_c_proj")
+    rest = re.sub(r"self_attn_[qkv]_proj$", "attn_in_proj", rest).replace("self_attn", "attn")
+    return f"{prefix}_transformer_resblocks_{layer}_{rest}"
+
+
+def webui_module(stem: str, sd2: bool) -> str:
+    """A kohya key stem as the ('_'-flattened) single-file module it lands on, by the rules of the
+    WebUI's built-in Lora (convert_diffusers_name_to_compvis, q/k/v onto OpenCLIP's fused
+    in_proj; SDXL names are LDM paths already), written from those rules, not our converter."""
+    m = re.fullmatch(r"lora_unet_(down|up)_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", stem)
+    if m:
+        where, block, kind, n, rest = m.groups()
+        index = int(block) * 3 + int(n) + (where == "down")
+        rest = RESNET.get(rest, rest) if kind == "resnets" else rest
+        blocks = "input_blocks" if where == "down" else "output_blocks"
+        return f"model_diffusion_model_{blocks}_{index}_{int(kind == 'attentions')}_{rest}"
+    m = re.fullmatch(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)", stem)
+    if m:
+        kind, n, rest = m.groups()
+        rest = RESNET.get(rest, rest) if kind == "resnets" else rest
+        return f"model_diffusion_model_middle_block_{1 if kind == 'attentions' else int(n) * 2}_{rest}"
+    m = re.fullmatch(r"lora_te(2?)_text_model_encoder_layers_(\d+)_(.+)", stem)
+    if m and (m.group(1) or sd2):
+        prefix = "conditioner_embedders_1_model" if m.group(1) else "cond_stage_model_model"
+        return _openclip(m.group(2), m.group(3), prefix)
+    for ours, theirs in (("lora_unet_", "model_diffusion_model_"),
+                         ("lora_te1_", "conditioner_embedders_0_transformer_"),
+                         ("lora_te_", "cond_stage_model_transformer_")):
+        if stem.startswith(ours):
+            return theirs + stem[len(ours):]
+    return stem
+
+
+@pytest.mark.parametrize("model_type, unet, te", [("v1x", 192, 72), ("v2x-512", 192, 23 * 6),
+                                                  ("sdxl", 722, 12 * 6 + 32 * 6)])
+def test_full_size_keys_all_land_on_modules_of_the_file(model_type, unet, te):
+    """kohya's default network has 192 UNet modules in SD1/SD2 and 722 in SDXL; LoCon adds the
+    ResNet convs. With the text encoders, every key lands on a module of the committed
+    full-size layout (0 unmatched)."""
+    from dreambooth.model.components import build_meta
+    from dreambooth.training.lora import expected_layout
+    comp, counts, unmatched = build_meta(model_type), {}, []
+    text = gzip.decompress((Path(__file__).parent / "data" / f"layout_{model_type}.txt.gz")
+                           .read_bytes()).decode()
+    keys = [line.split("\t")[0] for line in text.splitlines() if not line.startswith("#")]
+    modules = {k.rsplit(".", 1)[0].replace(".", "_") for k in keys if k.endswith(".weight")}
+    modules |= {k[:-len("_weight")].replace(".", "_") for k in keys
+                if k.endswith(".in_proj_weight")}
+    for targets in ("attention", "transformer", "transformer+conv"):
+        stems = [k[:-6] for k in expected_layout(comp, 4, True, targets, 2) if k.endswith(".alpha")]
+        counts[targets] = sum(s.startswith("lora_unet_") for s in stems), len(stems)
+        unmatched += [s for s in stems if webui_module(s, comp.spec.family == "v2") not in modules]
+    assert counts["transformer"] == (unet, unet + te)
+    assert counts["attention"][0] < unet < counts["transformer+conv"][0]
+    assert not unmatched, unmatched[:5]
