@@ -266,3 +266,14 @@ def test_full_size_keys_all_land_on_modules_of_the_file(model_type, unet, te):
     assert counts["transformer"] == (unet, unet + te)
     assert counts["attention"][0] < unet < counts["transformer+conv"][0]
     assert not unmatched, unmatched[:5]
+
+
+def test_a_snapshot_from_before_lora_targets_resumes_only_with_its_attention_set():
+    from dreambooth.training.state import config_differences
+    old = TrainingConfig(use_lora=True).to_dict()
+    for key in ("lora_targets", "lora_conv_rank", "lora_conv_alpha"):
+        del old[key]
+    assert config_differences(old, TrainingConfig(use_lora=True).to_dict()) == \
+        ["lora_targets: 'attention' -> 'transformer'"]
+    assert config_differences(old, TrainingConfig(use_lora=True,
+                                                  lora_targets="attention").to_dict()) == []
