@@ -139,9 +139,10 @@ def test_lora_file_merged_independently_gives_the_peft_model(model_type, precisi
     assert prefixes == ({"lora_unet", "lora_te"} if model_type == "v1x"
                         else {"lora_unet", "lora_te1", "lora_te2"})
     idle = [k for k, v in lora.items() if "lora_up" in k and not torch.count_nonzero(v)]
-    assert targets != "attention" or all("mid_block_attentions_0_transformer_blocks_0_attn1_to_" in k  # 1 token: no q/k grad
-               or k.startswith("lora_te1_text_model_encoder_layers_1_")  # SDXL: penultimate only
-               for k in idle) and len(idle) <= 4, idle
+    assert targets != "attention" or all(  # 1 token: no q/k grad
+        "mid_block_attentions_0_transformer_blocks_0_attn1_to_" in k
+        or k.startswith("lora_te1_text_model_encoder_layers_1_")  # SDXL: penultimate only
+        for k in idle) and len(idle) <= 4, idle
     if model_type == "v1x":
         base = load_single_file(str(sources["v1x"]), "v1x")
         assert merge_by_module_names(base, lora) == COUNTS[model_type, targets]
@@ -231,7 +232,8 @@ def webui_module(stem: str, sd2: bool) -> str:
     if m:
         kind, n, rest = m.groups()
         rest = RESNET.get(rest, rest) if kind == "resnets" else rest
-        return f"model_diffusion_model_middle_block_{1 if kind == 'attentions' else int(n) * 2}_{rest}"
+        index = 1 if kind == "attentions" else int(n) * 2
+        return f"model_diffusion_model_middle_block_{index}_{rest}"
     m = re.fullmatch(r"lora_te(2?)_text_model_encoder_layers_(\d+)_(.+)", stem)
     if m and (m.group(1) or sd2):
         prefix = "conditioner_embedders_1_model" if m.group(1) else "cond_stage_model_model"

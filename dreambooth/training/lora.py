@@ -75,7 +75,8 @@ def target_paths(module, component: str, targets: str = "attention") -> list[str
         else:
             in_block = TRANSFORMER.search(path) and (
                 isinstance(m, nn.Linear) or tuple(m.kernel_size) == (1, 1))
-            hit = bool(in_block) or (targets == "transformer+conv" and bool(RESNET_CONV.search(path)))
+            conv = targets == "transformer+conv" and bool(RESNET_CONV.search(path))
+            hit = bool(in_block) or conv
         if hit:
             out.append(path)
     return out
