@@ -95,6 +95,8 @@ def our_config(case: Case, data: Data, work: Path, precision: str, best: bool,
     tag = preset if preset != "off" else "best" if best else "same"
     lora = {"use_lora": True, "lora_rank": case.lora_rank, "lora_alpha": float(case.lora_rank),
             "lora_learning_rate": 5e-4} if case.lora_rank else {}
+    if lora and "lora_targets" in {f.name for f in dataclasses.fields(TrainingConfig)}:
+        lora["lora_targets"] = "attention"  # the reference script's set, for a like-for-like run
     return TrainingConfig(**lora,
         model_name=f"bench_{case.name}_{tag}", source_checkpoint="(built in memory)",
         work_dir=str(work / "runs"), output_dir=str(work / "out"), concepts=(concept,),

@@ -56,6 +56,10 @@ def test_half_model_casts_floats_only(tiny_source, tmp_path):
     state, _ = read_checkpoint(save_single_file(comp, tmp_path / "half.safetensors", "fp16"))
     assert state["model.diffusion_model.out.2.weight"].dtype == torch.float16
     assert state["cond_stage_model.transformer.text_model.embeddings.position_ids"].dtype == torch.int64
+    buffers = [k for k in state if "." not in k]  # the schedule: betas, alphas_cumprod, ...
+    assert len(buffers) == 12 and all(state[k].dtype == torch.float32 for k in buffers)
+    assert torch.allclose(state["alphas_cumprod"], comp.noise_scheduler().alphas_cumprod,
+                          rtol=1e-6, atol=0)
 
 
 def test_output_reloads_into_diffusers_and_generates(tiny_source, no_network):

@@ -131,7 +131,8 @@ PUBLIC = {  # names and shapes every released checkpoint of the family has
              "model.diffusion_model.middle_block.1.transformer_blocks.9.ff.net.2.weight":
                  (1280, 5120),
              "model.diffusion_model.output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
-             "first_stage_model.decoder.up.3.block.0.conv1.weight": (512, 512, 3, 3)},
+             "first_stage_model.decoder.up.3.block.0.conv1.weight": (512, 512, 3, 3),
+             "denoiser.sigmas": (1000,)},
 }
 PARAMETERS = {  # published parameter counts of the components
     "v1x": {"model.diffusion_model.": 859_520_964, "first_stage_model.": 83_653_863,
@@ -294,6 +295,34 @@ def test_a_file_that_fails_the_post_save_check_is_not_left(tiny, tmp_path, monke
     monkeypatch.setattr(single_file, "reference_layout",
                         lambda c: {**real(c), "model.diffusion_model.extra.weight": (1,)})
     with pytest.raises(CheckpointError, match="does not have the layout.*missing model"):
+        save_single_file(comp, tmp_path / "bad.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_sdxl_half_file_carries_the_denoiser_sigmas_in_fp32(tiny, tmp_path, precision):
+    """sgm's DiscreteDenoiser: sqrt((1 - alphas_cumprod) / alphas_cumprod) of the scaled-linear
+    schedule, ascending, computed here independently with numpy."""
+    import numpy as np
+    comp = load_single_file(str(tiny["sdxl"]), "sdxl")
+    state, _ = read_checkpoint(save_single_file(comp, tmp_path / "xl.safetensors", precision))
+    sigmas = state["denoiser.sigmas"]
+    assert sigmas.dtype == torch.float32 and sigmas.shape == (1000,)
+    assert state["model.diffusion_model.out.2.weight"].dtype == getattr(torch, {
+        "fp16": "float16", "bf16": "bfloat16"}[precision])
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    cumprod = np.cumprod(1.0 - betas)
+    assert np.allclose(sigmas.numpy(), np.sqrt((1 - cumprod) / cumprod), rtol=1e-6, atol=0)
+    assert round(sigmas[0].item(), 4) == 0.0292 and round(sigmas[-1].item(), 3) == 14.615
+
+
+def test_an_sdxl_file_without_the_denoiser_sigmas_fails_the_check(tiny, tmp_path, monkeypatch):
+    from dreambooth.model import single_file
+    comp = load_single_file(str(tiny["sdxl"]), "sdxl")
+    real = single_file.ldm_state
+    monkeypatch.setattr(single_file, "ldm_state", lambda *a, **k: {
+        key: v for key, v in real(*a, **k).items() if key != "denoiser.sigmas"})
+    with pytest.raises(CheckpointError, match="missing denoiser.sigmas"):
         save_single_file(comp, tmp_path / "bad.safetensors")
     assert list(tmp_path.iterdir()) == []
 

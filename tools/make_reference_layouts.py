@@ -1,5 +1,6 @@
 """Write the full-size single-file layout (key and shape of every tensor) of each model type,
-built from the shipped configs on the meta device (no weights, no memory), as test data:
+built from the shipped configs on the meta device (no weights, no memory) plus the buffers the
+original architecture declares (model/spec.py `buffers`, not what our writer adds), as test data:
 
     python tools/make_reference_layouts.py      # writes tests/data/layout_<type>.txt.gz
     zcat tests/data/layout_sdxl.txt.gz | less   # read one
@@ -22,9 +23,9 @@ HEADER = ("# Single-file key layout of a full-size {t} checkpoint: key<TAB>shape
 def layout_text(model_type: str) -> str:
     sys.path.insert(0, str(ROOT))
     from dreambooth.model.components import build_meta
-    from dreambooth.model.single_file import ldm_state
-    state = ldm_state(build_meta(model_type))
-    lines = [f"{k}\t{','.join(str(d) for d in v.shape)}" for k, v in sorted(state.items())]
+    from dreambooth.model.single_file import reference_layout
+    layout = reference_layout(build_meta(model_type))
+    lines = [f"{k}\t{','.join(str(d) for d in v)}" for k, v in sorted(layout.items())]
     return HEADER.format(t=model_type) + "\n".join(lines) + "\n"
 
 

@@ -33,6 +33,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine",
 SAVE_PRECISION = ("fp32", "fp16", "bf16")
 MEMORY_PRESETS = ("auto", "lowest", "off")
 DETERMINISTIC = ("auto", "on", "off")
+LORA_TARGETS = ("attention", "transformer", "transformer+conv")
 
 
 
@@ -172,6 +173,19 @@ class TrainingConfig:
                         minimum=1, maximum=1024)
     lora_alpha: float = _f(16.0, "LoRA alpha: the LoRA's update is scaled by alpha / rank.",
                            advanced=True, minimum=0.001, maximum=10000.0)
+    lora_targets: str = _f("transformer", "Which UNet layers the LoRA adapts. 'attention': the "
+                                          "attention projections only; 'transformer' (kohya's "
+                                          "default): every linear layer of the transformer blocks "
+                                          "(attention, feed-forward, proj_in/out); "
+                                          "'transformer+conv' (LoCon): also the ResNet blocks' "
+                                          "convolutions, at lora_conv_rank / lora_conv_alpha. "
+                                          "Text encoders: attention, plus the MLP unless "
+                                          "'attention'.", advanced=True, choices=LORA_TARGETS)
+    lora_conv_rank: int = _f(8, "With lora_targets 'transformer+conv', the rank of the ResNet "
+                                "convolutions' LoRA.", advanced=True, minimum=1, maximum=1024)
+    lora_conv_alpha: float = _f(8.0, "With lora_targets 'transformer+conv', the alpha of the "
+                                     "ResNet convolutions' LoRA (scaled by alpha / rank).",
+                                advanced=True, minimum=0.001, maximum=10000.0)
     lora_text_encoder: bool = _f(False, "With use_lora, also train LoRA layers in the text "
                                         "encoder(s).")
     lora_learning_rate: float = _f(1e-4, "Learning rate of the UNet's LoRA layers.", minimum=0.0,

@@ -120,12 +120,15 @@ def _read_pickle_allow_listed(path: Path, first: Exception):
                               "The file may be truncated or not a model: download it again.") from None
 
 
-def cast_for_save(state: dict, precision: str) -> dict:
-    """Floating tensors to the save precision; integer buffers untouched; contiguous, unshared."""
+def cast_for_save(state: dict, precision: str, fp32_keys=()) -> dict:
+    """Floating tensors to the save precision (those of `fp32_keys` to fp32); integer buffers
+    untouched; contiguous, unshared."""
     dtype, out, seen = SAVE_DTYPES[precision], {}, set()
     for k, v in state.items():
         v = v.detach()
-        v = (v.to(dtype) if v.is_floating_point() else v).contiguous()
+        if v.is_floating_point():
+            v = v.to(torch.float32 if k in fp32_keys else dtype)
+        v = v.contiguous()
         if v.data_ptr() in seen:
             v = v.clone()
         seen.add(v.data_ptr())

@@ -55,9 +55,10 @@ def read_layout(path: str | os.PathLike) -> tuple[dict, dict, dict]:
         return shapes, dtypes, dict(f.metadata() or {})
 
 
-def layout_problems(path: str | os.PathLike, expected: dict, dtype=None) -> list[str]:
+def layout_problems(path: str | os.PathLike, expected: dict, dtype=None,
+                    fp32_keys=()) -> list[str]:
     """What differs between a written file and the expected key -> shape layout (and, when
-    given, the floating dtype): empty when it is right."""
+    given, the floating dtype; `fp32_keys` must be fp32 in any precision): empty when right."""
     shapes, dtypes, _ = read_layout(path)
     problems = [f"missing {k}" for k in sorted(set(expected) - set(shapes))]
     problems += [f"unexpected {k}" for k in sorted(set(shapes) - set(expected))]
@@ -65,13 +66,15 @@ def layout_problems(path: str | os.PathLike, expected: dict, dtype=None) -> list
                  for k in sorted(expected) if k in shapes and shapes[k] != tuple(expected[k])]
     if dtype is not None:
         want = SAFETENSORS_DTYPES[str(dtype).replace("torch.", "")]
-        problems += [f"{k} is {d}, expected {want}" for k, d in sorted(dtypes.items())
-                     if d in SAFETENSORS_DTYPES.values() and d != want]
+        wants = {k: "F32" if k in fp32_keys else want for k in dtypes}
+        problems += [f"{k} is {d}, expected {wants[k]}" for k, d in sorted(dtypes.items())
+                     if d in SAFETENSORS_DTYPES.values() and d != wants[k]]
     return problems
 
 
 def write_verified(path: str | os.PathLike, state: dict, metadata: dict, expected: dict,
-                   overwrite: bool = False, dtype=None, what: str = "checkpoint") -> Path:
+                   overwrite: bool = False, dtype=None, what: str = "checkpoint",
+                   fp32_keys=()) -> Path:
     """Write `state` to `path` atomically with `metadata` and its sshs_model_hash, after checking
     the written file against `expected` (key -> shape)."""
     from safetensors.torch import save_file
@@ -81,7 +84,7 @@ def write_verified(path: str | os.PathLike, state: dict, metadata: dict, expecte
     with atomic_path(path, overwrite, needed) as tmp:
         save_file(state, str(tmp), metadata=meta)
         _fill_hash(tmp)
-        problems = layout_problems(tmp, expected, dtype)
+        problems = layout_problems(tmp, expected, dtype, fp32_keys)
         if problems:
             raise CheckpointError(
                 f"The {what} written for '{Path(path).name}' does not have the layout it must "

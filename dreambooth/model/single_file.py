@@ -117,9 +117,10 @@ def _components_of(state: dict, metadata: dict, source_yaml: str | None, model_t
 
 
 def ldm_state(comp: Components, unet_state: dict | None = None,
-              te_states: dict | None = None) -> dict:
+              te_states: dict | None = None, buffers: bool = True) -> dict:
     """The single-file (LDM) state dict of a working model, in the layout the WebUI loads.
-    `unet_state` / `te_states` (component -> 'text_model.'-keyed state) replace the live ones."""
+    `unet_state` / `te_states` (component -> 'text_model.'-keyed state) replace the live ones;
+    `buffers`: with the computed schedule buffers of the family (fp32)."""
     unet_state = unet_state if unet_state is not None else comp.unet.state_dict()
     state = convert.to_ldm(unet_state, convert.unet_prefix_map(comp.configs["unet"]), UNET_PREFIX)
     state.update(convert.to_ldm(comp.vae.state_dict(), convert.vae_prefix_map(comp.configs["vae"]),
@@ -129,17 +130,31 @@ def ldm_state(comp: Components, unet_state: dict | None = None,
         te = te if te is not None else te_state(getattr(comp, slot.component))
         state.update(_te_to_ldm(slot, te, comp.configs[slot.component]))
     state.update(comp.extra)
-    if comp.spec.schedule_buffers:
+    if buffers and comp.spec.family == "sdxl":
+        state["denoiser.sigmas"] = denoiser_sigmas(comp.configs["scheduler"])
+    elif buffers:
         state.update(schedule_buffers(comp.configs["scheduler"]))
     return state
 
 
-def schedule_buffers(scheduler_config: dict) -> dict:
-    """The DDPM schedule tensors the original LDM checkpoints carry (computed, not learned)."""
+def _alphas_cumprod(scheduler_config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(betas, alphas_cumprod) of the scaled-linear schedule, in float64."""
     n = scheduler_config.get("num_train_timesteps", 1000)
     b0, b1 = scheduler_config.get("beta_start", 0.00085), scheduler_config.get("beta_end", 0.012)
     betas = torch.linspace(math.sqrt(b0), math.sqrt(b1), n, dtype=torch.float64) ** 2
-    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    return betas, torch.cumprod(1.0 - betas, dim=0)
+
+
+def denoiser_sigmas(scheduler_config: dict) -> torch.Tensor:
+    """sgm's DiscreteDenoiser buffer (LegacyDDPMDiscretization, ascending): the noise levels the
+    WebUI samples SDXL with; the ratio in float64, its square root in fp32, as sgm computes it."""
+    _, alphas_cumprod = _alphas_cumprod(scheduler_config)
+    return ((1 - alphas_cumprod) / alphas_cumprod).to(torch.float32) ** 0.5
+
+
+def schedule_buffers(scheduler_config: dict) -> dict:
+    """The DDPM schedule tensors the original LDM checkpoints carry (computed, not learned)."""
+    betas, alphas_cumprod = _alphas_cumprod(scheduler_config)
     prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
     post_var = betas * (1.0 - prev) / (1.0 - alphas_cumprod)
     buffers = {
@@ -161,19 +176,22 @@ def save_single_file(comp: Components, path: str | Path, precision: str = "fp32"
                      metadata: dict | None = None, overwrite: bool = False,
                      unet_state: dict | None = None, te_states: dict | None = None) -> Path:
     """Write the single file the WebUI loads (checked against the reference layout before it
-    takes its name), and the WebUI's <name>.yaml beside it when the model needs one."""
+    takes its name), and the WebUI's <name>.yaml beside it when the model needs one. The
+    schedule buffers stay fp32 in a half model: the WebUI samples with the file's values."""
     meta = {COMPONENTS_KEY: json.dumps(comp.configs), TYPE_KEY: comp.model_type,
             **model_metadata(comp.spec, Path(path).stem, metadata or {})}
-    state = cast_for_save(ldm_state(comp, unet_state, te_states), precision)
+    state = cast_for_save(ldm_state(comp, unet_state, te_states), precision, comp.spec.buffers)
     write_verified(path, state, meta, reference_layout(comp), overwrite=overwrite,
-                   dtype=SAVE_DTYPES[precision])
+                   dtype=SAVE_DTYPES[precision], fp32_keys=comp.spec.buffers)
     ldm_yaml.write_beside(path, comp)
     return Path(path)
 
 
-
 def reference_layout(comp: Components) -> dict:
-    """Key -> shape a single file of this model must hold: built from its configs on the meta
-    device, independent of the live modules (which may be wrapped, e.g. by LoRA)."""
+    """Key -> shape a single file of this model must hold: the modules built from its configs on
+    the meta device, independent of the live ones (which may be wrapped, e.g. by LoRA), and the
+    buffers the original architecture declares (spec.buffers), not the ones our writer adds."""
     meta = build_meta(comp.model_type, comp.configs, comp.extra)
-    return {k: tuple(v.shape) for k, v in ldm_state(meta).items()}
+    n = comp.configs["scheduler"].get("num_train_timesteps", 1000)
+    return {**{k: tuple(v.shape) for k, v in ldm_state(meta, buffers=False).items()},
+            **{k: (n,) for k in comp.spec.buffers}}

@@ -39,7 +39,9 @@ class ModelSpec:
     prediction_type: str  # the scheduler's: "epsilon" or "v_prediction"
     architecture: str  # modelspec.architecture id
     text_encoders: tuple = ()
-    schedule_buffers: bool = True  # the LDM DDPM buffers (betas, alphas_cumprod, ...) in the file
+    # the computed (not learned) buffers the original architecture's checkpoints carry, each
+    # [num_train_timesteps] and fp32 in every save precision
+    buffers: tuple = ()
 
     @property
     def components(self) -> tuple:
@@ -53,15 +55,21 @@ XL_TE = (TextEncoderSlot("text_encoder", "conditioner.embedders.0.transformer.",
                          lora_prefix="lora_te1"),
          TextEncoderSlot("text_encoder_2", "conditioner.embedders.1.model.", "openclip",
                          with_projection=True, pad_token="!", lora_prefix="lora_te2"))
+LDM_BUFFERS = (  # ldm.models.diffusion.ddpm.LatentDiffusion.register_schedule
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+    "posterior_mean_coef1", "posterior_mean_coef2")
+SGM_BUFFERS = ("denoiser.sigmas",)  # sgm DiffusionEngine's DiscreteDenoiser
 SPECS = {
     "v1x": ModelSpec("v1x", "Stable Diffusion 1.x", "v1", 512, "epsilon", "stable-diffusion-v1",
-                     V1_TE),
+                     V1_TE, LDM_BUFFERS),
     "v2x-512": ModelSpec("v2x-512", "Stable Diffusion 2.x 512 (epsilon)", "v2", 512, "epsilon",
-                         "stable-diffusion-v2-512", V2_TE),
+                         "stable-diffusion-v2-512", V2_TE, LDM_BUFFERS),
     "v2x-768-v": ModelSpec("v2x-768-v", "Stable Diffusion 2.x 768-v (v-prediction)", "v2", 768,
-                           "v_prediction", "stable-diffusion-v2-768-v", V2_TE),
+                           "v_prediction", "stable-diffusion-v2-768-v", V2_TE, LDM_BUFFERS),
     "sdxl": ModelSpec("sdxl", "Stable Diffusion XL", "sdxl", 1024, "epsilon",
-                      "stable-diffusion-xl-v1-base", XL_TE, schedule_buffers=False),
+                      "stable-diffusion-xl-v1-base", XL_TE, SGM_BUFFERS),
 }
 
 

@@ -1,5 +1,11 @@
-"""DreamBooth-LoRA: peft LoRA layers in the UNet's attention (and optionally the text encoders),
-saved as the single kohya-layout .safetensors the WebUI's built-in Lora extra network loads.
+"""DreamBooth-LoRA: peft LoRA layers in the UNet (and optionally the text encoders), saved as the
+single kohya-layout .safetensors the WebUI's built-in Lora extra network loads.
+
+Targets (`lora_targets`): 'attention' (to_q/k/v/out.0; text encoders q/k/v/out_proj),
+'transformer' (kohya's default network: every Linear and 1x1 conv of the UNet's transformer
+blocks: attention, ff.net.0.proj, ff.net.2, proj_in, proj_out; text encoders attention and MLP
+fc1/fc2), 'transformer+conv' (LoCon: also the ResNet blocks' conv1, conv2, conv_shortcut, at
+`lora_conv_rank` / `lora_conv_alpha`).
 
 Key layout (what kohya's sd-scripts write and the WebUI maps onto its modules):
 `<name>.lora_down.weight` [rank, in], `<name>.lora_up.weight` [out, rank], `<name>.alpha` [];
@@ -10,6 +16,7 @@ or `lora_te1_` / `lora_te2_` (SDXL) + the transformers text encoder module path.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,16 +29,24 @@ from ..model.metadata import model_metadata
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+TE_MLP = ("fc1", "fc2")
+TRANSFORMER = re.compile(r"(^|\.)attentions\.\d+\.")  # inside a Transformer2DModel
+CONV = r"resnets\.\d+\.(conv1|conv2|conv_shortcut)"  # LoCon's modules (peft pattern)
+RESNET_CONV = re.compile(rf"(^|\.){CONV}$")
 ADAPTER = "default"
 BASE_VERSION = {"v1": "sd_v1", "v2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 WEBUI_VERSION = {"v1": "SD1", "v2": "SD2", "sdxl": "SDXL"}
 
 
-def inject(module, rank: int, alpha: float, targets=UNET_TARGETS) -> list:
-    """Add LoRA layers (B zero: no change yet) to the `targets` of `module`; freeze the rest.
-    Returns the LoRA parameters, the only ones left trainable."""
+def inject(module, rank: int, alpha: float, targets=UNET_TARGETS,
+           conv: tuple[int, float] | None = None) -> list:
+    """Add LoRA layers (B zero: no change yet) to the `targets` of `module`; freeze the rest;
+    `conv`: (rank, alpha) of the ResNet convs among them. Returns the LoRA parameters, the only
+    ones left trainable."""
     from peft import LoraConfig, inject_adapter_in_model
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                        rank_pattern={CONV: conv[0]} if conv else {},
+                        alpha_pattern={CONV: conv[1]} if conv else {})
     inject_adapter_in_model(config, module, adapter_name=ADAPTER)
     module.requires_grad_(False)
     params = [p for name, p in module.named_parameters()
@@ -41,14 +56,49 @@ def inject(module, rank: int, alpha: float, targets=UNET_TARGETS) -> list:
     return params
 
 
+def _ends(path: str, names) -> bool:
+    return any(path == n or path.endswith("." + n) for n in names)
+
+
+def target_paths(module, component: str, targets: str = "attention") -> list[str]:
+    """The module paths `targets` ('attention' | 'transformer' | 'transformer+conv') adapts in
+    a plain (not yet wrapped) UNet or text encoder."""
+    import torch.nn as nn
+    out = []
+    for path, m in module.named_modules():
+        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+            continue
+        if component != "unet":
+            hit = _ends(path, TE_TARGETS + (TE_MLP if targets != "attention" else ()))
+        elif targets == "attention":
+            hit = _ends(path, UNET_TARGETS)
+        else:
+            in_block = TRANSFORMER.search(path) and (
+                isinstance(m, nn.Linear) or tuple(m.kernel_size) == (1, 1))
+            conv = targets == "transformer+conv" and bool(RESNET_CONV.search(path))
+            hit = bool(in_block) or conv
+        if hit:
+            out.append(path)
+    return out
+
+
+def is_conv_target(path: str) -> bool:
+    """A LoCon module (a ResNet block conv): it takes lora_conv_rank / lora_conv_alpha."""
+    return bool(RESNET_CONV.search(path))
+
+
 def add_lora(comp, cfg) -> list[dict]:
     """LoRA layers in the UNet (and the text encoders when cfg.lora_text_encoder); returns the
     optimizer's parameter groups with their learning rates."""
-    groups = [{"params": inject(comp.unet, cfg.lora_rank, cfg.lora_alpha),
+    conv = (cfg.lora_conv_rank, cfg.lora_conv_alpha) \
+        if cfg.lora_targets == "transformer+conv" else None
+    groups = [{"params": inject(comp.unet, cfg.lora_rank, cfg.lora_alpha,
+                                target_paths(comp.unet, "unet", cfg.lora_targets), conv),
                "lr": cfg.lora_learning_rate}]
     if cfg.lora_text_encoder:
-        params = [p for te in comp.text_encoders
-                  for p in inject(te, cfg.lora_rank, cfg.lora_alpha, TE_TARGETS)]
+        params = [p for te, slot in zip(comp.text_encoders, comp.spec.text_encoders)
+                  for p in inject(te, cfg.lora_rank, cfg.lora_alpha,
+                                  target_paths(te, slot.component, cfg.lora_targets))]
         groups.append({"params": params, "lr": cfg.lora_text_encoder_learning_rate})
     return groups
 
@@ -74,39 +124,41 @@ def kohya_name(comp, component: str, path: str) -> str:
     return f"{slot.lora_prefix}_" + path.replace(".", "_")
 
 
-def kohya_state(comp, alpha: float, states: dict) -> dict:
+def kohya_state(comp, alpha: float, states: dict, conv_alpha: float | None = None) -> dict:
     """The kohya-layout tensors of the LoRA layers in `states` (component -> state dict, text
-    encoders 'text_model.'-keyed as models.te_state gives them)."""
+    encoders 'text_model.'-keyed as models.te_state gives them); ResNet convs get `conv_alpha`."""
     out = {}
     for component, state in states.items():
         for path, (down, up) in lora_pairs(state).items():
             name = kohya_name(comp, component, path)
+            a = conv_alpha if conv_alpha is not None and is_conv_target(path) else alpha
             out[f"{name}.lora_down.weight"] = down
             out[f"{name}.lora_up.weight"] = up
-            out[f"{name}.alpha"] = torch.tensor(float(alpha))
+            out[f"{name}.alpha"] = torch.tensor(float(a))
     return out
 
 
-def expected_layout(comp, rank: int, text_encoders: bool) -> dict:
+def expected_layout(comp, rank: int, text_encoders: bool, targets: str = "attention",
+                    conv_rank: int | None = None) -> dict:
     """Key -> shape the LoRA file must hold: one triple per targeted Linear/Conv2d of the plain
-    architecture (built on the meta device from the configs, not from the peft state)."""
+    architecture (built on the meta device from the configs, not from the peft state), each
+    named after that module: a key that maps onto no module of the base can't pass."""
     from ..model.components import build_meta
     meta = build_meta(comp.model_type, comp.configs, comp.extra)
-    parts = [("unet", meta.unet, UNET_TARGETS)]
+    parts = [("unet", meta.unet)]
     if text_encoders:
-        parts += [(s.component, getattr(meta, s.component), TE_TARGETS)
-                  for s in comp.spec.text_encoders]
+        parts += [(s.component, getattr(meta, s.component)) for s in comp.spec.text_encoders]
     out = {}
-    for component, module, targets in parts:
+    for component, module in parts:
         prefix = "" if component == "unet" or any(
             n.startswith("text_model.") for n, _ in module.named_modules()) else "text_model."
-        for path, m in module.named_modules():
-            if not any(path == t or path.endswith("." + t) for t in targets):
-                continue
+        found = dict(module.named_modules())
+        for path in target_paths(module, component, targets):
             name = kohya_name(comp, component, prefix + path)
-            w = tuple(m.weight.shape)
-            out[f"{name}.lora_down.weight"] = (rank, w[1]) + tuple(1 for _ in w[2:])
-            out[f"{name}.lora_up.weight"] = (w[0], rank) + tuple(1 for _ in w[2:])
+            r = conv_rank if conv_rank and is_conv_target(path) else rank
+            w = tuple(found[path].weight.shape)
+            out[f"{name}.lora_down.weight"] = (r, *w[1:])
+            out[f"{name}.lora_up.weight"] = (w[0], r) + tuple(1 for _ in w[2:])
             out[f"{name}.alpha"] = ()
     return out
 
@@ -122,14 +174,17 @@ def plain_state(state: dict) -> dict:
     return out
 
 
-def merged_state(state: dict, scale: float, base: dict | None = None) -> dict:
+def merged_state(state: dict, scale: float, base: dict | None = None,
+                 conv_scale: float | None = None) -> dict:
     """The plain module state `base` (default: the one under the LoRA layers of `state`) with
-    every LoRA of the peft-wrapped `state` folded in: W + up @ down * scale, in fp32."""
+    every LoRA of the peft-wrapped `state` folded in: W + up @ down * scale (`conv_scale` for
+    ResNet convs), in fp32."""
     out = dict(plain_state(state) if base is None else base)
     for path, (down, up) in lora_pairs(state).items():
         weight = out[f"{path}.weight"]
         delta = torch.tensordot(up.flatten(1).float(), down.float(), dims=1)
-        out[f"{path}.weight"] = (weight.float() + scale * delta.reshape(weight.shape)
+        k = conv_scale if conv_scale is not None and is_conv_target(path) else scale
+        out[f"{path}.weight"] = (weight.float() + k * delta.reshape(weight.shape)
                                  ).to(weight.dtype)
     return out
 
@@ -143,7 +198,10 @@ def ss_metadata(cfg, spec, steps: int, epochs: int, images: list, n_class: int,
         folder = tags.setdefault(Path(item.path).parent.name, Counter())
         folder.update(t.strip() for t in item.prompt.split(",") if t.strip())
     when = (trained_at or datetime.now(timezone.utc)).timestamp()
-    return {
+    conv = {"ss_network_args": json.dumps({"conv_dim": str(cfg.lora_conv_rank),
+                                           "conv_alpha": str(cfg.lora_conv_alpha)})} \
+        if cfg.lora_targets == "transformer+conv" else {}
+    return {**conv,
         "ss_network_module": "networks.lora", "ss_network_dim": str(cfg.lora_rank),
         "ss_network_alpha": str(cfg.lora_alpha), "ss_base_model_version": BASE_VERSION[spec.family],
         "ss_v2": str(spec.family == "v2"),
@@ -175,8 +233,11 @@ def save_lora(comp, path: str | Path, cfg, states: dict, metadata: dict, precisi
     and the WebUI's <name>.json beside it (activation text, SD version)."""
     from ..model.filecheck import write_verified
     meta = model_metadata(comp.spec, Path(path).stem, metadata, lora=True)
-    state = cast_for_save(kohya_state(comp, cfg.lora_alpha, states), precision)
-    expected = expected_layout(comp, cfg.lora_rank, cfg.lora_text_encoder)
+    conv = cfg.lora_targets == "transformer+conv"
+    state = cast_for_save(kohya_state(comp, cfg.lora_alpha, states,
+                                      cfg.lora_conv_alpha if conv else None), precision)
+    expected = expected_layout(comp, cfg.lora_rank, cfg.lora_text_encoder, cfg.lora_targets,
+                               cfg.lora_conv_rank if conv else None)
     write_verified(path, state, meta, expected, overwrite=overwrite, dtype=SAVE_DTYPES[precision],
                    what="LoRA")
     card = {"description": meta.get("modelspec.description", ""),

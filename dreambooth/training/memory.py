@@ -84,9 +84,11 @@ def _trainable(cfg, shapes: dict) -> tuple[list, list]:
     """(shapes of the trained parameters, names of the text encoders that run with gradients)."""
     tes = [k for k in shapes if k.startswith("text_encoder")]
     if getattr(cfg, "use_lora", False):
-        trained = list(lora_shapes(cfg.model_type, cfg.lora_rank, "unet"))
+        which = (getattr(cfg, "lora_targets", "attention"), getattr(cfg, "lora_conv_rank", None))
+        trained = list(lora_shapes(cfg.model_type, cfg.lora_rank, "unet", *which))
         if cfg.lora_text_encoder:
-            trained += [s for te in tes for s in lora_shapes(cfg.model_type, cfg.lora_rank, te)]
+            trained += [s for te in tes for s in lora_shapes(cfg.model_type, cfg.lora_rank, te,
+                                                             *which)]
     else:
         trained = list(shapes["unet"]) + [s for te in tes if cfg.train_text_encoder
                                           for s in shapes[te]]

@@ -22,16 +22,18 @@ def parameter_shapes(model_type: str) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def lora_shapes(model_type: str, rank: int, component: str = "unet") -> tuple:
-    """Shapes of the LoRA A/B matrices peft adds to the attention projections of a component."""
+def lora_shapes(model_type: str, rank: int, component: str = "unet", targets: str = "attention",
+                conv_rank: int | None = None) -> tuple:
+    """Shapes of the LoRA A/B matrices peft adds to the `targets` of a component."""
     from ..model.components import build_meta
-    targets = ("to_q", "to_k", "to_v", "to_out.0") if component == "unet" else \
-        ("q_proj", "k_proj", "v_proj", "out_proj")
+    from .lora import is_conv_target, target_paths
     module = getattr(build_meta(model_type), component)
+    found = dict(module.named_modules())
     shapes = []
-    for name, sub in module.named_modules():
-        if isinstance(sub, torch.nn.Linear) and name.endswith(targets):
-            shapes += [(rank, sub.in_features), (sub.out_features, rank)]
+    for path in target_paths(module, component, targets):
+        w = tuple(found[path].weight.shape)
+        r = conv_rank if conv_rank and is_conv_target(path) else rank
+        shapes += [(r, *w[1:]), (w[0], r) + tuple(1 for _ in w[2:])]
     return tuple(shapes)
 
 

@@ -37,10 +37,11 @@ class Saver:
 
     def output_path(self, step: int, merged: bool = False) -> Path:
         """The file a save at `step` writes: the checkpoint, or the LoRA (`merged`: the full
-        checkpoint with the LoRA merged in)."""
+        checkpoint with the LoRA merged in, `_merged` so it can't be taken for the LoRA)."""
         folder = self.cfg.resolved_lora_dir if self.cfg.use_lora and not merged \
             else self.cfg.resolved_output_dir
-        return folder / f"{self.cfg.model_name}_{self.revision + step}.safetensors"
+        tail = "_merged" if merged else ""
+        return folder / f"{self.cfg.model_name}_{self.revision + step}{tail}.safetensors"
 
     def refuse_clashes(self, steps: set[int]) -> None:
         """Refuse before training, not after hours, when a save at one of `steps` would replace
@@ -102,11 +103,13 @@ class Saver:
             base, _ = load_model(cfg, lambda *a: None)
             bases = {"unet": base.unet.state_dict(), **{
                 s.component: te_state(getattr(base, s.component)) for s in comp.spec.text_encoders}}
-            merged = {k: merged_state(states[k], cfg.lora_alpha / cfg.lora_rank, v)
+            conv = cfg.lora_conv_alpha / cfg.lora_conv_rank
+            merged = {k: merged_state(states[k], cfg.lora_alpha / cfg.lora_rank, v, conv)
                       if k in states else v for k, v in bases.items()}
-            save_single_file(base, self.output_path(step, merged=True), cfg.save_precision, meta,
-                             overwrite=cfg.overwrite, unet_state=merged.pop("unet"),
-                             te_states=merged)
+            out = save_single_file(base, self.output_path(step, merged=True), cfg.save_precision,
+                                   meta, overwrite=cfg.overwrite, unet_state=merged.pop("unet"),
+                                   te_states=merged)
+            self.emit(ev.CheckpointSaved(str(out), step))
 
     def save_working(self, step: int) -> None:
         if not self.cfg.use_lora:  # a LoRA run leaves the model itself as it was

@@ -27,6 +27,8 @@ FREE_ON_RESUME = {"output_dir", "overwrite", "sample_every_epochs", "save_every_
                   "save_precision", "work_dir", "attention", "lora_dir", "lora_merge",
                   "cpu_threads", "deterministic"}
 STATE_DIR = "state"
+# What a snapshot written before a field existed ran with (compared as if it had been saved).
+BEFORE_FIELD = {"lora_targets": "attention", "lora_conv_rank": 8, "lora_conv_alpha": 8.0}
 
 
 def snapshots(model_dir: Path) -> list[Path]:
@@ -40,6 +42,7 @@ def snapshots(model_dir: Path) -> list[Path]:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
+    saved = {**BEFORE_FIELD, **saved}
     keys = sorted((set(saved) | set(current)) - FREE_ON_RESUME)
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys
             if saved.get(k) != current.get(k)]

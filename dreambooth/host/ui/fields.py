@@ -27,7 +27,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
                    "gradient_accumulation_steps", "weight_decay", "max_grad_norm", "center_crop",
                    "hflip", "bucketing", "bucket_no_upscale", "offset_noise", "min_snr_gamma",
                    "seed", "class_generation_steps", "sample_steps", "guidance_scale",
-                   "lora_alpha", "lora_learning_rate", "lora_text_encoder",
+                   "lora_alpha", "lora_targets", "lora_conv_rank", "lora_conv_alpha",
+                   "lora_learning_rate", "lora_text_encoder",
                    "lora_text_encoder_learning_rate", "state_every_steps", "fused_optimizer",
                    "bf16_weights"),
     "Saving": ("output_dir", "save_precision", "lora_dir", "lora_merge", "overwrite"),
@@ -56,6 +57,8 @@ LABELS = {
     "class_prompt": "Class prompt", "class_data_dir": "Class images folder",
     "class_images_per_instance": "Class images per instance image",
     "sample_prompt": "Sample prompt", "use_lora": "Train a LoRA", "lora_rank": "LoRA rank",
+    "lora_targets": "LoRA layers", "lora_conv_rank": "LoRA conv rank",
+    "lora_conv_alpha": "LoRA conv alpha",
     "lora_dir": "Save LoRA to folder", "resume": "Resume", "memory_preset": "GPU memory preset",
     "fused_optimizer": "Fused optimizer (update in backward)", "bf16_weights": "bf16 weights",
 }
