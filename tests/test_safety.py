@@ -63,16 +63,18 @@ def refused(cfg, words, on_event=None, cancel=None):
 def test_source_is_never_replaced(overwrite, lora_merge, quick_config, tiny_source, tmp_path):
     folder = tmp_path / "models"
     folder.mkdir()
-    source = folder / "base_8.safetensors"  # 4 images x 2 steps: a save at step 8 is base_8
+    # 4 images x 2 steps: a save at step 8 is base_8 (a merged LoRA: base_8_merged)
+    name = "base_8_merged.safetensors" if lora_merge else "base_8.safetensors"
+    source = folder / name
     shutil.copyfile(tiny_source, source)
     before = source.read_bytes()
     cfg = quick_config.replace(model_name="base", source_checkpoint=str(source),
                                output_dir=str(folder), overwrite=overwrite,
                                use_lora=lora_merge, lora_merge=lora_merge)
-    refused(cfg, ["source checkpoint", "base_8.safetensors"])
+    refused(cfg, ["source checkpoint", name])
     if source.read_bytes() != before:
         TALLY["lost"] += 1
-    assert sorted(p.name for p in folder.iterdir()) == ["base_8.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [name]
 
 
 def test_source_reached_through_a_symlink_is_never_replaced(quick_config, tiny_source, tmp_path):
