@@ -93,25 +93,35 @@ def _tab(page, name: str) -> None:
     page.locator("#dreambooth_sections button", has_text=exact).first.click()
 
 
+def _fill_form(page, url, tmp_path, name: str, steps_per_image: int, sample_every: int):
+    page.goto(url)
+    page.wait_for_selector("#dreambooth_train", timeout=deadline(30) * 1000)
+    _fill(page, "dreambooth_model_name", name)
+    source = page.locator("#dreambooth_source_checkpoint input").first
+    source.click()
+    page.get_by_text("tiny_v1x.safetensors").last.click()
+    _tab(page, "Concepts")
+    _fill(page, "dreambooth_concepts_0_instance_data_dir", tmp_path / "images" / "instance")
+    _fill(page, "dreambooth_concepts_0_instance_prompt", "photo of sks pattern")
+    _tab(page, "Parameters")
+    for elem_id, value in (("steps_per_image", steps_per_image), ("resolution", 64),
+                           ("learning_rate", 0.0001), ("sample_every_epochs", sample_every)):
+        _fill(page, f"dreambooth_{elem_id}", value)
+
+
+def _bar(page):
+    bar = page.locator("#dreambooth_progress .dreambooth-progress").first
+    return (bar.get_attribute("data-state"), int(bar.get_attribute("data-step") or 0)) \
+        if bar.count() else ("", 0)
+
+
 @pytest.mark.slow
 def test_train_from_the_browser(server, tiny_inputs, tmp_path):
     url, checkpoints = server
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
         page = browser.new_page(viewport={"width": 1400, "height": 1300})
-        page.goto(url)
-        page.wait_for_selector("#dreambooth_train", timeout=deadline(30) * 1000)
-        _fill(page, "dreambooth_model_name", "browser_dog")
-        source = page.locator("#dreambooth_source_checkpoint input").first
-        source.click()
-        page.get_by_text("tiny_v1x.safetensors").last.click()
-        _tab(page, "Concepts")
-        _fill(page, "dreambooth_concepts_0_instance_data_dir", tmp_path / "images" / "instance")
-        _fill(page, "dreambooth_concepts_0_instance_prompt", "photo of sks pattern")
-        _tab(page, "Parameters")
-        for elem_id, value in (("steps_per_image", 2), ("resolution", 64),
-                               ("learning_rate", 0.0001), ("sample_every_epochs", 1)):
-            _fill(page, f"dreambooth_{elem_id}", value)
+        _fill_form(page, url, tmp_path, "browser_dog", steps_per_image=2, sample_every=1)
         page.locator("#dreambooth_train").click()
         steps_seen = set()
 
@@ -138,3 +148,44 @@ def test_train_from_the_browser(server, tiny_inputs, tmp_path):
     assert Path(path).is_file() and Path(path).parent == checkpoints
     assert len(steps_seen - {0}) >= 1  # the bar moved before the end
     assert "Saved" in result and shot.stat().st_size > 10000
+
+
+@pytest.mark.slow
+def test_save_now_and_sample_now_during_a_run(server, tiny_inputs, tmp_path):
+    """Press Save now and Sample now while a long run trains: a checkpoint and preview images
+    appear (nothing was scheduled: no save or sample every N epochs), then Cancel (confirmed in
+    the dialog) saves once more, and the run's list offers every checkpoint it wrote."""
+    url, checkpoints = server
+    samples = tmp_path / "ui" / "dreambooth" / "browser_cmd" / "samples"
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1300})
+        page.on("dialog", lambda dialog: dialog.accept())  # "Cancel training?"
+        _fill_form(page, url, tmp_path, "browser_cmd", steps_per_image=2000, sample_every=0)
+        page.locator("#dreambooth_train").click()
+        wait_for(lambda: _bar(page)[0] == "running" and _bar(page)[1] >= 1, timeout=300,
+                 every=0.3)
+
+        def ours():
+            return sorted(p.name for p in checkpoints.glob("browser_cmd_*.safetensors"))
+        page.locator("#dreambooth_save_now").click()
+        wait_for(lambda: ours(), timeout=120, every=0.3)
+        page.locator("#dreambooth_sample_now").click()
+        wait_for(lambda: samples.is_dir() and any(samples.glob("*.png")), timeout=120,
+                 every=0.3)
+        wait_for(lambda: page.locator("#dreambooth_samples img").count() > 0, timeout=60,
+                 every=0.3)
+        state, step = _bar(page)
+        assert state == "running" and step < 8000
+        page.locator("#dreambooth_cancel").click()
+        wait_for(lambda: _bar(page)[0] == "cancelled", timeout=120, every=0.3)
+        wait_for(lambda: len(ours()) == 2, timeout=30, every=0.3)
+        box = page.locator("#dreambooth_saved_list input").first
+        wait_for(lambda: box.input_value().endswith(ours()[-1]), timeout=30, every=0.3)
+        box.click()  # open the list: both checkpoints of the cancelled run are offered
+        options = page.locator("#dreambooth_saved_list li")
+        wait_for(lambda: options.count() == 2, timeout=30, every=0.3)
+        offered = " ".join(options.all_inner_texts())
+        browser.close()
+    assert all(name in offered for name in ours()), offered
+    assert len(ours()) == 2  # Save now's and the cancelled run's own

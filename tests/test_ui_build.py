@@ -107,8 +107,50 @@ def test_train_button_runs_the_child_and_streams_progress(host, tiny_inputs, tra
     message = tab.on_train(1, *[values[k] for k in tab.widgets])
     assert "started" in message, message
     frames = list(tab.stream())
-    progress, result, gallery, loss, final, log, use = frames[-1]
+    progress, result, gallery, loss, final, log, saved, banner, models, use = frames[-1]
     assert "data-state='finished'" in progress and "Saved" in result
     assert Path(final).is_file() and Path(final).parent == host.paths.checkpoints_dir
     assert "<polyline" in loss or len(frames) >= 1
     assert use["visible"] is False  # standalone: no txt2img to switch to
+    assert "VRAM" not in progress  # a CPU run has none
+    assert banner == ""  # the "started" banner clears when the run ends
+    assert "'quick'" in str(models["choices"])  # "Saved models" re-read
+    saved = [f[6] for f in frames if "choices" in f[6]][-1]  # sent when the list grows
+    assert saved["choices"] == [final] and saved["value"] == final
+    assert all(f[7] != "" for f in frames[:-1])  # the banner stays while the run runs
+
+
+def test_bad_values_then_the_stream_keeps_the_error_banner(host):
+    """The stream after a refused Train must not wipe the banner that says why."""
+    tab = build_tab(host)
+    assert "Please fix" in tab.on_train(*([1] + [tab.widgets[k].value for k in tab.widgets]))
+    frames = list(tab.stream())
+    assert len(frames) == 1 and frames[0][7] != "" and frames[0][-1]["visible"] is False
+
+
+def test_every_checkpoint_of_a_cancelled_run_is_offered_for_txt2img(host, tmp_path):
+    """Intermediate saves and a cancelled run's last save are listed; LoRA files are not
+    (they are used from the prompt); a path the run did not save is refused."""
+    from dreambooth.host.runner import Progress
+
+    class WithTxt2img(Host):
+        chosen: list = []
+
+        def select_checkpoint(self, path):
+            self.chosen.append(path)
+            return Path(path).name
+
+    host = WithTxt2img(host.paths)
+    tab = build_tab(host)
+    ckpt = host.paths.checkpoints_dir
+    saved = [str(ckpt / "dog_4.safetensors"), str(host.paths.lora_dir / "dog_4.safetensors"),
+             str(ckpt / "dog_6.safetensors")]
+    p = Progress(state="cancelled", saved=saved, final_path=saved[-1], device="cuda")
+    tab.actions.manager.status = lambda: p
+    view = tab.actions.status_view()
+    assert view.checkpoints == [saved[0], saved[2]] and view.selected == saved[2]
+    assert view.can_use and "VRAM" in view.progress_html
+    assert "dog_4" in tab.actions.use_in_txt2img(saved[0]) and host.chosen == [saved[0]]
+    assert "not a checkpoint this run saved" in tab.actions.use_in_txt2img("/etc/passwd")
+    assert "not a checkpoint this run saved" in tab.actions.use_in_txt2img(saved[1])
+    assert host.chosen == [saved[0]]

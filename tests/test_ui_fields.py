@@ -28,6 +28,19 @@ def test_every_config_field_has_a_widget_and_every_widget_names_a_field():
     assert len(set(fields.all_keys())) == len(fields.all_keys())
 
 
+def test_every_field_has_a_human_label():
+    """A label written for people ("Learning-rate warm-up steps"), never the field name with its
+    first letter raised ("Lr warmup steps"); the LABELS table holds no stale names."""
+    named = [f for C in (TrainingConfig, Concept) for f in dataclasses.fields(C)
+             if f.name != "concepts"]
+    missing = [f.name for f in named if f.name not in fields.LABELS]
+    assert not missing, f"fields without a label in fields.LABELS: {missing}"
+    assert set(fields.LABELS) <= {f.name for f in named}
+    for spec in [s for ss in fields.config_specs().values() for s in ss] + \
+            fields.concept_specs(0):
+        assert spec.label == fields.LABELS[spec.name] and "_" not in spec.label
+
+
 def test_layout_names_only_real_fields():
     names = {f.name for f in dataclasses.fields(TrainingConfig)}
     for section, listed in fields.SECTIONS.items():

@@ -131,7 +131,11 @@ def test_training_from_the_tab_lands_in_txt2img(webui, tiny_inputs, tmp_path):
     titles = sd_models.checkpoint_tiles()
     assert final.name in titles  # selectable without pressing refresh
     assert frames[-1][-1]["visible"] is True  # "use in txt2img" offered
-    message = tab.actions.use_in_txt2img(str(final))
+    listed = [f[6] for f in frames if "choices" in f[6]][-1]  # sent when the list grows
+    assert listed["value"] == str(final)  # ... for the run's final checkpoint
+    assert "not a checkpoint this run saved" in tab.actions.use_in_txt2img(
+        str(Path(sd_models.model_path) / "tiny_v1x.safetensors"))  # only what the run saved
+    message = tab.actions.use_in_txt2img(listed["value"])
     assert final.name in message
     assert shared.opts.sd_model_checkpoint == final.name
     assert shared.sd_model.sd_checkpoint_info.filename == str(final)

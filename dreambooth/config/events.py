@@ -29,6 +29,7 @@ class Started(Event):
     instance_images: int
     class_images: int
     resumed_from_step: int = 0
+    device: str = ""  # cpu | cuda | mps ... (the tab shows VRAM only on a GPU)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ class Progress:
     it_per_s: float = 0.0
     eta_s: float | None = None
     vram_gb: float = 0.0
+    device: str = ""  # from Started: cpu | cuda | ...
     losses: list = field(default_factory=list)  # [step, loss] pairs
     samples: list = field(default_factory=list)  # newest last
     saved: list = field(default_factory=list)
@@ -67,7 +68,7 @@ def apply_event(p: Progress, event: ev.Event) -> None:
     """Fold one event into the progress snapshot (a pure function of the stream)."""
     if isinstance(event, ev.Started):
         p.state, p.total_steps, p.model_name = "running", event.total_steps, event.model_name
-        p.step = event.resumed_from_step
+        p.step, p.device = event.resumed_from_step, event.device
     elif isinstance(event, ev.Step):
         p.step, p.total_steps, p.epoch = event.step, event.total_steps, event.epoch
         p.loss, p.lr, p.it_per_s, p.vram_gb = event.loss, event.lr, event.it_per_s, event.vram_gb

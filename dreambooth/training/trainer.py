@@ -257,7 +257,7 @@ class Trainer:
     def loop(self, position: dict) -> TrainResult:
         cfg, acc, step = self.cfg, self.acc, position["step"]
         self.emit(ev.Started(cfg.model_name, self.total_steps, self.epochs, len(self.feed.items),
-                             self.feed.class_count, step))
+                             self.feed.class_count, step, self.device.type))
         result, start, window, self.resumed_at = TrainResult(None, step), time.time(), [], step
         for epoch in range(position["epoch"], self.epochs):
             order, first = (position["order"], position["batch"]) \

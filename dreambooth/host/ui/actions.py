@@ -37,6 +37,8 @@ class StatusView:
     log: str
     can_use: bool
     active: bool
+    checkpoints: list  # every full checkpoint the run saved (intermediate ones too), oldest first
+    selected: str  # the one "Use in txt2img" offers first: the final one, else the newest
 
 
 class TabActions:
@@ -153,9 +155,18 @@ class TabActions:
         values, count = fields.config_to_values(config)
         return values, count, render.banner("success", f"Loaded {path}")
 
+    def saved_checkpoints(self, p: Progress | None = None) -> list[str]:
+        """The full checkpoints the run saved, a cancelled run's too; a LoRA is used from the
+        prompt, not selected as the model."""
+        p = p or self.manager.status()
+        return [s for s in dict.fromkeys(p.saved) if not is_under(s, self.host.paths.lora_dir)]
+
     def use_in_txt2img(self, path: str) -> str:
         if not path:
             return render.banner("warning", "No trained checkpoint yet.")
+        if path not in self.saved_checkpoints():  # the page may be open to others
+            return render.banner("warning", f"'{path}' is not a checkpoint this run saved; "
+                                 "pick one from the list.")
         try:
             title = self.host.select_checkpoint(path)
         except Exception as e:  # the host's loader failed: tell the user, keep the tab alive
@@ -176,15 +187,16 @@ class TabActions:
         p: Progress = self.manager.status()
         if p.state in ("finished", "cancelled") and self.manager.busy():
             p = Progress(**{**p.__dict__, "state": "running"})  # refreshing the list still
-        done = p.state == "finished" and bool(p.final_path)
-        if done and is_under(p.final_path, self.host.paths.lora_dir):
-            done = False  # a LoRA is used from the prompt, not selected as the model
+        if p.state == "finished" and is_under(p.final_path, self.host.paths.lora_dir):
             p.messages.append(f"LoRA saved: add <lora:{Path(p.final_path).stem}:1> to a prompt.")
+        active = p.active or self.manager.busy()
+        saved = self.saved_checkpoints(p)
+        selected = p.final_path if p.final_path in saved else (saved or [""])[-1]
         log = "\n".join(p.messages[-30:])
         return StatusView(render.progress_html(p), render.result_html(p) if not p.active else "",
                           list(reversed(p.samples[-8:])), render.loss_svg(p.losses),
-                          p.final_path, log, done and self.host.can_select_checkpoint,
-                          p.active or self.manager.busy())
+                          p.final_path, log, bool(saved) and not active
+                          and self.host.can_select_checkpoint, active, saved, selected)
 
     def status_json(self) -> str:
         return json.dumps(self.manager.status().to_dict())

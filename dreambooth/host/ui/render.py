@@ -25,7 +25,9 @@ def progress_html(p: Progress) -> str:
     pct = f"{100 * min(max(frac, 0.0), 1.0):.1f}"
     loss = f"{p.loss:.4f}" if p.loss is not None else "-"
     stats = [("Step", f"{p.step} / {p.total_steps or '?'}"), ("it/s", f"{p.it_per_s:.2f}"),
-             ("ETA", duration(p.eta_s)), ("Loss", loss), ("VRAM", f"{p.vram_gb:.2f} GB")]
+             ("ETA", duration(p.eta_s)), ("Loss", loss)]
+    if p.device not in ("", "cpu"):  # a CPU run has no VRAM to show
+        stats.append(("VRAM", f"{p.vram_gb:.2f} GB"))
     cells = "".join(f"<span class='dreambooth-stat'><b>{html.escape(k)}</b> "
                     f"<span data-stat='{html.escape(k.lower())}'>{html.escape(v)}</span></span>"
                     for k, v in stats)

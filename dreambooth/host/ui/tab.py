@@ -74,6 +74,7 @@ class Tab:
                 self.model_select = gr.Dropdown(choices=self.actions.model_names(),
                                                 label="Saved models", elem_id=f"{ELEM}_models",
                                                 allow_custom_value=True)
+                self.models_refresh_btn = gr.Button("\U0001f504", elem_id=f"{ELEM}_models_refresh")
                 self.load_btn = gr.Button("Load settings", elem_id=f"{ELEM}_load")
             self._section("Model", values, with_tab=False)
             with gr.Row():
@@ -130,6 +131,8 @@ class Tab:
         self.result = gr.HTML("", elem_id=f"{ELEM}_result")
         self.final_path = gr.Textbox(label="Trained checkpoint", interactive=False,
                                      elem_id=f"{ELEM}_final_path")
+        self.saved_list = gr.Dropdown(choices=[], value=None, label="Checkpoints of this run",
+                                      interactive=True, elem_id=f"{ELEM}_saved_list")
         self.use_btn = gr.Button("Use in txt2img", visible=False, elem_id=f"{ELEM}_use_txt2img")
         self.gallery = compat.gallery(label="Newest samples", elem_id=f"{ELEM}_samples")
         self.loss = gr.HTML(render.loss_svg([]), elem_id=f"{ELEM}_loss")
@@ -148,7 +151,8 @@ class Tab:
 
     def _wire(self) -> None:
         status_outputs = [self.progress, self.result, self.gallery, self.loss, self.final_path,
-                          self.log, self.use_btn]
+                          self.log, self.saved_list, self.message, self.model_select,
+                          self.use_btn]
         stream = dict(fn=self.stream, inputs=None, outputs=status_outputs,
                       show_progress="hidden", **compat.event_kwargs(streaming=True))
         self.train_btn.click(self.on_train, self.inputs, [self.message]).then(**stream)
@@ -156,7 +160,9 @@ class Tab:
         self.cancel_btn.click(self.actions.cancel, None, [self.message], queue=False)
         self.save_now_btn.click(self.actions.save_now, None, [self.message], queue=False)
         self.sample_now_btn.click(self.actions.sample_now, None, [self.message], queue=False)
-        self.use_btn.click(self.actions.use_in_txt2img, [self.final_path], [self.message])
+        self.use_btn.click(self.actions.use_in_txt2img, [self.saved_list], [self.message])
+        self.models_refresh_btn.click(lambda: gr.update(choices=self.actions.model_names()),
+                                      None, [self.model_select], queue=False)
         self.save_btn.click(self.on_save, self.inputs, [self.message, self.model_select])
         self.create_btn.click(self.on_create, self.inputs, [self.message, self.model_select])
         self.load_btn.click(self.on_load, [self.model_select],
@@ -176,11 +182,22 @@ class Tab:
         return self.actions.train(values, count)
 
     def stream(self):
-        """Yield the progress view until the run (and the list refresh after it) ends."""
+        """Yield the progress view until the run (and the list refresh after it) ends. The list
+        of saved checkpoints is sent only when it grows (a pick the user made stays); when a run
+        that was seen running ends, its "started" banner clears and "Saved models" is re-read."""
+        listed, seen_active = None, False
         while True:
             view = self.actions.status_view()
+            seen_active = seen_active or view.active
+            ended = seen_active and not view.active
+            saved = gr.update() if view.checkpoints == listed else \
+                gr.update(choices=view.checkpoints, value=view.selected or None)
+            listed = view.checkpoints
             yield (view.progress_html, view.result_html, compat.gallery_value(view.samples),
-                   view.loss_html, view.final_path, view.log, gr.update(visible=view.can_use))
+                   view.loss_html, view.final_path, view.log, saved,
+                   "" if ended else gr.update(),
+                   gr.update(choices=self.actions.model_names()) if ended else gr.update(),
+                   gr.update(visible=view.can_use))
             if not view.active:
                 return
             time.sleep(POLL_S)
