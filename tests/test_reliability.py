@@ -257,3 +257,55 @@ def test_a_run_without_saved_state_is_not_made_deterministic(quick_config):
         assert torch.are_deterministic_algorithms_enabled() and torch.get_num_threads() == 1
         assert machine == {"device": "cpu", "cpu_threads": 1, "deterministic": True}
     assert (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()) == before
+
+
+def test_fast_gpu_defaults_are_set_within_a_run_and_restored_after(monkeypatch):
+    """On a GPU: TF32 matmuls and convolutions, cuDNN autotuning only for static shapes and
+    never with deterministic kernels; everything as it was afterwards. (The flags are plain
+    module settings, so a CPU machine can check them with CUDA reported present.)"""
+    from dreambooth.training import backends
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,  # noqa: E731
+                     torch.backends.cudnn.benchmark)
+    before = flags()
+    threads = torch.get_num_threads()
+    with backends.reproducible(False, 0, static_shapes=True):
+        assert flags() == (True, True, True)
+    with backends.reproducible(False, 0, static_shapes=False):
+        assert flags() == (True, True, False)
+    with backends.reproducible(True, 0, static_shapes=True):
+        assert flags()[2] is False and torch.backends.cudnn.deterministic
+    assert flags() == before and torch.get_num_threads() == threads
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_mixed_precision_auto_picks_what_the_device_runs(quick_config, monkeypatch):
+    from dreambooth.training import backends
+    said = []
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = quick_config.replace(mixed_precision="auto")
+    assert quick_config.__class__().mixed_precision == "auto"  # the default
+    assert backends.auto_precision(auto, cpu, said.append) == "no"
+    assert backends.auto_precision(auto.replace(bf16_weights=True), cpu, said.append) == "bf16"
+    assert backends.auto_precision(auto.replace(mixed_precision="fp16"), cuda, said.append) \
+        == "fp16"  # a choice is kept
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert backends.auto_precision(auto, cuda, said.append) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert backends.auto_precision(auto, cuda, said.append) == "fp16"
+    assert backends.auto_precision(auto.replace(fused_optimizer=True), cuda, said.append) == "no"
+    assert said[-1] == "Mixed precision 'auto': fp32 on this GPU."
+
+
+def test_autocast_keeps_no_weight_cache_under_gradient_checkpointing(quick_config):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from dreambooth.training import backends
+    assert backends.autocast_kwargs(quick_config.replace(gradient_checkpointing=False)) == []
+    AcceleratorState._reset_state()
+    acc = Accelerator(cpu=True, mixed_precision="bf16", kwargs_handlers=backends.autocast_kwargs(
+        quick_config.replace(gradient_checkpointing=True)))
+    assert acc.autocast_handler is not None and acc.autocast_handler.cache_enabled is False
+    AcceleratorState._reset_state()

@@ -186,7 +186,7 @@ def check_memory_levers(cfg) -> list[Problem]:
         problems.append(Problem("fused_optimizer", True, "can't run with fp16 mixed precision, "
                                 "whose loss scaling must see every gradient before any update",
                                 "use mixed_precision bf16 or turn fused_optimizer off"))
-    if cfg.bf16_weights is True and cfg.mixed_precision != "bf16":
+    if cfg.bf16_weights is True and cfg.mixed_precision not in ("bf16", "auto"):
         problems.append(Problem("bf16_weights", True, f"needs mixed_precision bf16, not "
                                 f"'{cfg.mixed_precision}'",
                                 "set mixed_precision to bf16 or turn bf16_weights off"))

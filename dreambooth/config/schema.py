@@ -26,7 +26,7 @@ from .migrate import SCHEMA_VERSION, migrate
 
 MODEL_TYPES = ("v1x", "v2x-512", "v2x-768-v", "sdxl")
 OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "prodigy", "adafactor")
-MIXED_PRECISION = ("no", "fp16", "bf16")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 ATTENTION = ("default", "sdpa", "xformers")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine",
                  "cosine_with_restarts", "polynomial")
@@ -99,8 +99,9 @@ class TrainingConfig:
                                  "their packages).", choices=OPTIMIZERS)
     weight_decay: float = _f(1e-2, "AdamW weight decay.", advanced=True, minimum=0.0, maximum=1.0)
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: off).", advanced=True, minimum=0.0)
-    mixed_precision: str = _f("no", "Mixed precision (fp16/bf16 need a GPU that supports them).",
-                              choices=MIXED_PRECISION)
+    mixed_precision: str = _f("auto", "Mixed precision: auto (bf16 on a GPU that has it, else "
+                              "fp16; none on a CPU), no (fp32), fp16, bf16 (fp16/bf16 need a "
+                              "GPU that supports them).", choices=MIXED_PRECISION)
     attention: str = _f("sdpa", "Memory attention: default (plain), sdpa (PyTorch fused), xformers.",
                         choices=ATTENTION)
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, "

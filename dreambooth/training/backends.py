@@ -18,15 +18,21 @@ Say = Callable[[str], None]
 
 # -- reproducibility ------------------------------------------------------------------------
 @contextlib.contextmanager
-def reproducible(deterministic: bool, cpu_threads: int):
-    """Within: `cpu_threads` CPU threads (0: as they are) and, when `deterministic`,
-    deterministic kernels (cuBLAS's fixed workspace, cuDNN without autotuning). Yields what
-    decides bit-identity ({device, cpu_threads, deterministic}); restores everything after, so
-    a notebook or a test suite goes on as it was."""
+def reproducible(deterministic: bool, cpu_threads: int, static_shapes: bool = False):
+    """Within: `cpu_threads` CPU threads (0: as they are), TF32 matmuls and convolutions on a
+    GPU (fp32 training at tensor-core speed), cuDNN autotuning where every batch has one shape
+    (`static_shapes`: no bucketing) and, when `deterministic`, deterministic kernels (cuBLAS's
+    fixed workspace, cuDNN without autotuning). Yields what decides bit-identity ({device,
+    cpu_threads, deterministic}); restores everything after, so a notebook or a test suite
+    goes on as it was."""
     before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
-              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+              torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     if cpu_threads:
         torch.set_num_threads(cpu_threads)
+    if torch.cuda.is_available():  # CPU matmuls stay exact fp32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = static_shapes
     if deterministic:
         if torch.cuda.is_available():  # read when cuBLAS makes its first handle
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -40,10 +46,35 @@ def reproducible(deterministic: bool, cpu_threads: int):
     finally:
         torch.set_num_threads(before[0])
         torch.use_deterministic_algorithms(before[1])
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2:]
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2:4]
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[4:]
 
 
 # -- mixed precision ------------------------------------------------------------------------
+def auto_precision(cfg, device: torch.device, say: Say) -> str:
+    """mixed_precision 'auto': bf16 on a GPU that has it (and wherever bf16 weights need it),
+    fp16 on an older GPU (fp32 with the fused optimizer, which fp16's loss scaling can't
+    drive), none (fp32) on a CPU. Any other choice is kept as it is."""
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    if cfg.bf16_weights is True:
+        return "bf16"
+    if device.type != "cuda":
+        return "no"
+    chosen = "bf16" if torch.cuda.is_bf16_supported() else \
+        "no" if cfg.fused_optimizer is True else "fp16"
+    say(f"Mixed precision 'auto': {'fp32' if chosen == 'no' else chosen} on this GPU.")
+    return chosen
+
+
+def autocast_kwargs(cfg) -> list:
+    """With gradient checkpointing, autocast's cache of half-precision weight copies would live
+    through the whole forward and backward (1.3 GiB for SD1.5): recasting a weight when a block
+    is recomputed costs less than keeping it."""
+    from accelerate.utils import AutocastKwargs
+    return [AutocastKwargs(cache_enabled=False)] if cfg.gradient_checkpointing else []
+
+
 def resolve_precision(choice: str, device: torch.device, say: Say) -> str:
     """The mixed precision the device can run: fp16 needs CUDA, bf16 a GPU that has it."""
     if choice == "fp16" and device.type != "cuda":

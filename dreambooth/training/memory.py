@@ -41,7 +41,7 @@ from .memory_count import (
 )
 
 GIB = 2 ** 30
-HALF = ("fp16", "bf16")
+HALF = ("fp16", "bf16", "auto")  # "auto" is half on every GPU this estimates for
 ACTIVATION_FACTOR = 1.6  # measured / counted activation bytes: calibrate on a GPU (see above)
 CUDA_OVERHEAD = int(0.6 * GIB)  # cuBLAS/cuDNN workspaces, allocator rounding (calibrate)
 MARGIN = 0.10  # suggest() wants this much of the free memory to spare

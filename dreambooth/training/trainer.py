@@ -102,6 +102,7 @@ class Trainer:
         from accelerate import Accelerator
         cfg = self.cfg
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        cfg = cfg.replace(mixed_precision=backends.auto_precision(cfg, device, self.say))
         self.resume_from = choose_snapshot(cfg, cfg.model_dir)
         saved = snapshot_info(self.resume_from)["config"] if self.resume_from else None
         self.cfg = cfg = plan_run(cfg, saved, self.free_gpu_memory(device),
@@ -115,7 +116,8 @@ class Trainer:
         # cpu=True on a machine without CUDA: else accelerate >= 1.x treats each of N launched
         # CPU processes as a separate single-process run (N copies racing on the same files)
         self.acc = Accelerator(mixed_precision=self.precision, cpu=device.type == "cpu",
-                               gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                               kwargs_handlers=backends.autocast_kwargs(cfg))
         self.device, self.dtype = self.acc.device, backends.WEIGHT_DTYPES[self.precision]
         self.comp, self.revision = load_model(cfg, self.say)
         if self.resume_from is not None:
@@ -228,7 +230,8 @@ class Trainer:
         # one lock per launch: its rank 0 takes it (torchrun / accelerate launch set RANK)
         with ModelLock(self.cfg.model_dir, self.say) if os.environ.get("RANK", "0") == "0" \
                 else contextlib.nullcontext(), \
-                backends.reproducible(self.cfg.is_deterministic, self.cfg.cpu_threads) as machine:
+                backends.reproducible(self.cfg.is_deterministic, self.cfg.cpu_threads,
+                                      not self.cfg.bucketing) as machine:
             self.machine = machine  # recorded in snapshots: a resume elsewhere is said
             if getattr(self, "runlog", None) is not None:
                 self.runlog.flush()
