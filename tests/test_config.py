@@ -29,7 +29,8 @@ def full_config():
         lora_targets="transformer+conv", lora_conv_rank=4, lora_conv_alpha=2.0,
         lora_learning_rate=2e-4, lora_text_encoder_learning_rate=1e-5, lora_dir="/l",
         lora_merge=True, bucketing=True, bucket_no_upscale=True, memory_preset="lowest",
-        fused_optimizer=True, bf16_weights=True, deterministic="off", cpu_threads=3)
+        fused_optimizer=True, bf16_weights=True, deterministic="off", cpu_threads=3,
+        compile="blocks")
 
 
 def test_every_field_round_trips_through_json():

@@ -33,6 +33,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine",
 SAVE_PRECISION = ("fp32", "fp16", "bf16")
 MEMORY_PRESETS = ("auto", "lowest", "off")
 DETERMINISTIC = ("auto", "on", "off")
+COMPILE = ("off", "blocks", "full")
 LORA_TARGETS = ("attention", "transformer", "transformer+conv")
 
 
@@ -123,6 +124,10 @@ class TrainingConfig:
                                    "memory), updated with stochastic rounding so that small "
                                    "updates are not lost. Needs mixed_precision bf16.",
                             advanced=True)
+    compile: str = _f("off", "torch.compile the UNet: 'blocks' compiles each transformer and "
+                             "ResNet block (a short start), 'full' the whole UNet as one graph "
+                             "(the longest start). Off by default until measured on GPUs.",
+                      choices=COMPILE, advanced=True)
     train_text_encoder: bool = _f(False, "Also train the text encoder.")
     text_encoder_steps_ratio: float = _f(1.0, "Train the text encoder for this fraction of the "
                                               "steps.", advanced=True, minimum=0.0, maximum=1.0)

@@ -67,6 +67,50 @@ def auto_precision(cfg, device: torch.device, say: Say) -> str:
     return chosen
 
 
+COMPILED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")  # diffusers' repeated blocks
+
+
+def compile_backend() -> str:
+    """inductor (generated kernels); DREAMBOOTH_COMPILE_BACKEND chooses another torch.compile
+    backend (e.g. aot_eager: graph capture without code generation)."""
+    return os.environ.get("DREAMBOOTH_COMPILE_BACKEND", "inductor")
+
+
+def refuse_uncompilable(choice: str, device: torch.device) -> None:
+    """Before training, not at the first step: inductor needs Triton on a GPU and a C++
+    compiler on a CPU."""
+    import importlib.util
+    import shutil
+    if choice == "off" or compile_backend() != "inductor":
+        return
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        missing = "Triton (pip install triton)"
+    elif device.type != "cuda" and not (shutil.which("g++") or shutil.which("c++")):
+        missing = "a C++ compiler (apt-get install g++)"
+    else:
+        return
+    from ..config.errors import DreamboothError
+    raise DreamboothError(f"compile '{choice}' needs {missing}, which this machine lacks.",
+                          "Install it, or set compile to off.")
+
+
+def compile_unet(unet, choice: str, device: torch.device, say: Say) -> None:
+    """compile 'blocks': each transformer and ResNet block in place (one shape compiles once
+    for all its copies: a short start); 'full': the whole UNet as one graph. In place
+    (nn.Module.compile): the weights keep their names, so saving, snapshots and LoRA are as
+    without it. The compilation itself happens at the first step."""
+    if choice == "off":
+        return
+    refuse_uncompilable(choice, device)
+    backend = compile_backend()
+    modules = [unet] if choice == "full" else \
+        [m for m in unet.modules() if type(m).__name__ in COMPILED_BLOCKS]
+    for module in modules:
+        module.compile(backend=backend)
+    say(f"Compiling the UNet ({choice}: {len(modules)} module(s), {backend}) at the first step; "
+        "the first steps are slow.")
+
+
 def autocast_kwargs(cfg) -> list:
     """With gradient checkpointing, autocast's cache of half-precision weight copies would live
     through the whole forward and backward (1.3 GiB for SD1.5): recasting a weight when a block

@@ -198,6 +198,7 @@ class Trainer:
         models = [unet, *tes] if cfg.trains_text_encoder else [unet]
         prepared = self.acc.prepare(*models, optimizer)
         self.models, self.optimizer = list(prepared[:-1]), prepared[-1]
+        backends.compile_unet(unet, cfg.compile, self.device, self.say)
         self.ema = None
         if cfg.use_ema:
             from diffusers.training_utils import EMAModel

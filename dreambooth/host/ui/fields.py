@@ -30,7 +30,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
                    "lora_alpha", "lora_targets", "lora_conv_rank", "lora_conv_alpha",
                    "lora_learning_rate", "lora_text_encoder",
                    "lora_text_encoder_learning_rate", "state_every_steps", "fused_optimizer",
-                   "bf16_weights"),
+                   "bf16_weights", "compile"),
     "Saving": ("output_dir", "save_precision", "lora_dir", "lora_merge", "overwrite"),
 }
 BASIC = frozenset({
@@ -79,6 +79,7 @@ LABELS = {
     "lora_text_encoder_learning_rate": "LoRA text encoder learning rate",
     "lora_merge": "Also save a checkpoint with the LoRA merged in",
     "bucketing": "Aspect-ratio bucketing", "bucket_no_upscale": "Buckets: never upscale",
+    "compile": "Compile the UNet (torch.compile)",
 }
 
 
