@@ -58,7 +58,7 @@ fi
 echo "== tests: core, tested packages (constraints/newest.txt) =="
 pytest_in .venv "$@"
 if [ $mode = full ]; then
-  WEBUI_TESTS="tests/test_ui_fields.py tests/test_ui_build.py tests/test_webui_glue.py tests/test_api.py tests/test_confinement.py tests/test_browser.py tests/test_install.py"
+  WEBUI_TESTS="tests/test_ui_fields.py tests/test_ui_build.py tests/test_webui_glue.py tests/test_api.py tests/test_confinement.py tests/test_browser.py tests/test_page_script.py tests/test_install.py"
   echo "== tests: WebUI side, gradio 4.44.1 (Forge-like) =="
   pytest_in .venv-gradio4 $WEBUI_TESTS
   echo "== tests: WebUI side, gradio 3.41.2 + AUTOMATIC1111 1.10 pins =="

@@ -16,11 +16,42 @@
         }
     }
 
-    function switchToTxt2img() {
-        // The WebUI's own helper (ui.js); absent in the standalone app, where nothing happens.
-        if (typeof switch_to_txt2img === "function") {
-            switch_to_txt2img();
+    // After "Use in txt2img" loaded a checkpoint on the server, the WebUI's own checkpoint
+    // dropdown at the top still shows the old one: re-read its list (AUTOMATIC1111's and
+    // Forge's refresh buttons), then select the title through the WebUI's selectCheckpoint
+    // (ui.js), which sets the dropdown's value (the model is already loaded: nothing reloads),
+    // then switch to txt2img. In the standalone app none of these exist and nothing happens.
+    var REFRESH_IDS = ["refresh_sd_model_checkpoint", "forge_refresh_checkpoint"];
+
+    function showCheckpoint(title) {
+        REFRESH_IDS.forEach(function (id) {
+            var button = gradioApp().getElementById(id);
+            if (button) {
+                button.click();
+            }
+        });
+        setTimeout(function () {
+            if (typeof selectCheckpoint === "function") {
+                selectCheckpoint(title);
+            }
+            if (typeof switch_to_txt2img === "function") {
+                switch_to_txt2img();
+            }
+        }, 1000);
+    }
+
+    function watchMessages(tab) {
+        var box = tab.querySelector("#dreambooth_message");
+        if (!box || typeof MutationObserver !== "function") {
+            return;
         }
+        new MutationObserver(function () {
+            var used = box.querySelector("[data-checkpoint]:not([data-dreambooth-done])");
+            if (used) {
+                used.setAttribute("data-dreambooth-done", "1");
+                showCheckpoint(used.getAttribute("data-checkpoint"));
+            }
+        }).observe(box, {childList: true, subtree: true});
     }
 
     function setup() {
@@ -33,12 +64,7 @@
         if (cancel) {
             cancel.addEventListener("click", confirmCancel, true);
         }
-        var use = tab.querySelector("#dreambooth_use_txt2img");
-        if (use) {
-            use.addEventListener("click", function () {
-                setTimeout(switchToTxt2img, 1500);
-            });
-        }
+        watchMessages(tab);
     }
 
     if (typeof onUiLoaded === "function") {

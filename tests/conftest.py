@@ -29,6 +29,44 @@ def no_network(monkeypatch):
     yield
 
 
+LOOPBACK = {"127.0.0.1", "::1", "localhost", "0.0.0.0", "", None}
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Every test, in its own process: a connection or name lookup beyond this machine is
+    refused and fails the test, even where the code under test swallows the error (a hostile
+    file once made diffusers ask a model hub for a repository named '5'). The tests' own
+    servers on 127.0.0.1 stay reachable; child processes are not covered."""
+    attempts = []
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+    real_getaddrinfo = socket.getaddrinfo
+
+    def local(address) -> bool:
+        host = address[0] if isinstance(address, tuple) else None
+        return not isinstance(address, tuple) or host in LOOPBACK or \
+            str(host).startswith("127.")
+
+    def checked(real):
+        def call(self, address, *args):
+            if self.family == getattr(socket, "AF_UNIX", None) or local(address):
+                return real(self, address, *args)
+            attempts.append(address)
+            raise NetworkBlocked(f"network access attempted: {address}")
+        return call
+
+    def getaddrinfo(host, *args, **kwargs):
+        if local((host,)):
+            return real_getaddrinfo(host, *args, **kwargs)
+        attempts.append(host)
+        raise NetworkBlocked(f"name lookup attempted: {host}")
+    monkeypatch.setattr(socket.socket, "connect", checked(real_connect))
+    monkeypatch.setattr(socket.socket, "connect_ex", checked(real_connect_ex))
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield
+    assert not attempts, f"the test tried to reach the network: {attempts}"
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """`tiny_checkpoints(model_type)`: a tiny randomly initialised single-file checkpoint of that

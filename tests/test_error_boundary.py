@@ -232,6 +232,9 @@ def source_cases():
         ("components_not_json", meta("dreambooth.components", "{not json"), "error"),
         ("components_a_list", meta("dreambooth.components", "[1, 2]"), "error"),
         ("components_wrong_keys", meta("dreambooth.components", '{"unet": 5}'), "error"),
+        ("components_hub_names", meta("dreambooth.components", json.dumps(
+            {"unet": "org/unet", "vae": "org/vae", "scheduler": "org/scheduler",
+             "text_encoder": {}})), "error"),  # never looked up on a model hub
         ("components_deep", meta("dreambooth.components", deep(50000)), "error"),
         ("model_type_garbage", meta("dreambooth.model_type", "\x00\x01garbage"), "ok"),
         ("config_garbage", meta("dreambooth.config", "{{{"), "ok"),

@@ -82,6 +82,10 @@ def instantiate(model_type: str, configs: dict, empty: bool, meta: bool = False)
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     ctx = torch.device("meta") if meta else _empty_weights() if empty else contextlib.nullcontext()
+    wanted = ["unet", "vae", "scheduler"] + [s.component for s in spec_for(model_type).text_encoders]
+    bad = [n for n in wanted if not isinstance(configs, dict) or not isinstance(configs.get(n), dict)]
+    if bad:  # diffusers takes a config that is not a dict for a model hub name: never go there
+        raise TypeError(f"the component configs {bad} are not JSON objects")
     with ctx:
         modules = {"unet": UNet2DConditionModel.from_config(configs["unet"]),
                    "vae": AutoencoderKL.from_config(configs["vae"])}

@@ -171,7 +171,7 @@ class TabActions:
             title = self.host.select_checkpoint(path)
         except Exception as e:  # the host's loader failed: tell the user, keep the tab alive
             return render.banner("error", f"Could not load {path}: {e}")
-        return render.banner("success", f"txt2img now uses {title}.")
+        return render.banner("success", f"txt2img now uses {title}.", checkpoint=title)
 
     def _write_settings(self, config: TrainingConfig) -> Path:
         folder = Path(config.work_dir) / config.model_name

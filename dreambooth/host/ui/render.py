@@ -69,11 +69,14 @@ def loss_svg(losses: list, width: int = 480, height: int = 160) -> str:
             f"step {int(x1)}</text></svg></div>")
 
 
-def banner(kind: str, title: str, lines: list[str] | tuple = (), command: str = "") -> str:
-    """kind: error | warning | info | success."""
+def banner(kind: str, title: str, lines: list[str] | tuple = (), command: str = "",
+           checkpoint: str = "") -> str:
+    """kind: error | warning | info | success. `checkpoint`: the title of a checkpoint the host
+    now uses; the page's script (javascript/dreambooth.js) shows it in the host's own dropdown."""
     body = "".join(f"<li>{html.escape(str(l))}</li>" for l in lines)
     cmd = f"<pre class='dreambooth-fix'>{html.escape(command)}</pre>" if command else ""
-    return (f"<div class='dreambooth-banner dreambooth-{html.escape(kind)}'>"
+    data = f" data-checkpoint='{html.escape(checkpoint, quote=True)}'" if checkpoint else ""
+    return (f"<div class='dreambooth-banner dreambooth-{html.escape(kind)}'{data}>"
             f"<b>{html.escape(title)}</b>{'<ul>' + body + '</ul>' if body else ''}{cmd}</div>")
 
 
