@@ -1,5 +1,6 @@
 """`python -m bench [--smoke] [--json FILE] [--steps N] [--rounds R] [--only NAMES]
-[--no-startup]`; `python -m bench --profile [--only NAMES] [--json FILE]` (no GPU needed)."""
+[--no-startup]`; `python -m bench --profile [--only NAMES] [--json FILE]` (no GPU needed);
+`python -m bench --gpu-probe [--json FILE]` (one short pass over everything on a GPU)."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +18,7 @@ from .measure import Clock, count_flops, device_name, peak_tflops, release
 
 RUNS = ("reference", "ours_same", "ours_best", "ours_lowest")
 GB = 1e9
+PROBE_BUDGET_S = 7 * 60  # --gpu-probe starts no configuration after this: done within 8 minutes
 
 
 def parse(argv) -> argparse.Namespace:
@@ -31,6 +33,11 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="count one training step of each configuration at real size on fake "
                         "tensors (dispatcher ops, host syncs, peak live memory); no GPU needed")
+    p.add_argument("--gpu-probe", action="store_true",
+                   help="one short pass on a CUDA GPU: start-up and every configuration (10 "
+                        "steps each), the JSON rewritten after each one (default gpu_probe.json) "
+                        "so a cut-short run keeps its rows, each peak beside its estimate; "
+                        "starts nothing after 7 minutes")
     p.add_argument("--only", help="comma-separated configurations to run, 'startup' among "
                                   "them for the startup time (default: all)")
     p.add_argument("--startup", action=argparse.BooleanOptionalAction, default=None,
@@ -40,6 +47,10 @@ def parse(argv) -> argparse.Namespace:
                    help="mixed precision (default: bf16 where the device has it, else fp16; "
                         "all runs share one, as accelerate keeps one per process)")
     args = p.parse_args(argv)
+    if args.gpu_probe:
+        args.steps, args.rounds = args.steps or 10, args.rounds or 2
+        args.warmup = args.warmup if args.warmup is not None else 2
+        args.json = args.json or "gpu_probe.json"
     args.forced_smoke = not args.smoke and not torch.cuda.is_available()
     args.smoke = args.smoke or args.forced_smoke
     args.steps = args.steps or (2 if args.smoke else 30)
@@ -92,6 +103,12 @@ def run_case(case, base, data, work: Path, args) -> dict:
             release()
     result = {name: metrics(case, clocks[name], flops[name], runners[name], losses[name])
               for name in RUNS}
+    for name in RUNS[1:]:  # ours: the memory estimate the 'auto' preset plans with, beside it
+        from dreambooth.training.memory import estimate
+        guess = estimate(runners[name].trainer.cfg).total / GB
+        result[name]["estimate_gb"] = round(guess, 3)
+        result[name]["measured_vs_estimate"] = round(
+            result[name]["peak_allocated_gb"] / guess, 3) if guess else None
     for name in RUNS:
         result[name]["ratio_to_reference"] = round(
             result[name]["steps_per_s"] / result["reference"]["steps_per_s"], 3)
@@ -129,6 +146,10 @@ def main(argv=None) -> int:
     args = parse(argv)
     if args.profile:
         return profile_main(args)
+    if args.gpu_probe and not torch.cuda.is_available():
+        print("--gpu-probe measures a CUDA GPU and this machine has none. Run it where there "
+              "is one, or use 'python -m bench --profile' (counts, no GPU).", file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     if not torch.cuda.is_available():  # CPU: denormals from random init slow steps 10-30x
         torch.set_flush_denormal(True)
@@ -160,14 +181,24 @@ def main(argv=None) -> int:
                      "prior_preservation": case.prior, "lora_rank": case.lora_rank}
             if case.skip:
                 entry.update(status="skipped", reason=case.skip)
+            elif args.gpu_probe and time.perf_counter() - started > PROBE_BUDGET_S:
+                entry.update(status="skipped", reason="not run: past the probe's time budget")
             else:
                 entry.update(status="ok", runs=run_case(case, base, data, Path(tmp), args))
             report["configurations"].append(entry)
             print_entry(entry)
+            write_report(report, args, started)  # after each one: a cut-short run keeps rows
+    write_report(report, args, started)
+    return 0
+
+
+def write_report(report: dict, args, started: float) -> None:
     report["seconds"] = round(time.perf_counter() - started, 2)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    return 0
+        path = Path(args.json)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(path)
 
 
 def print_entry(entry: dict) -> None:
@@ -180,8 +211,12 @@ def print_entry(entry: dict) -> None:
               f"{r['images_per_s']:8.3f} img/s  x{r['ratio_to_reference']:<6.2f} "
               f"peak {r['peak_allocated_gb']:6.2f}/{r['peak_reserved_gb']:6.2f} GB  "
               f"{r['tflops']:8.3f} TFLOP/s  "
-              f"{'%5.1f%%' % (100 * frac) if frac is not None else '   n/a'} of peak",
+              f"{'%5.1f%%' % (100 * frac) if frac is not None else '   n/a'} of peak"
+              + (f"  (estimate {r['estimate_gb']:.2f} GB)" if "estimate_gb" in r else ""),
               flush=True)
+        shown = {k: v for k, v in r["settings"].items() if k != "messages"}
+        print(f"{'':<18} {'':<10} settings: "
+              + ", ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
 
 
 def profile_main(args) -> int:

@@ -84,7 +84,9 @@ class Clock:
 
 
 def move(obj, device) -> None:
-    """Move modules, optimizer states and (nested) dicts/tuples of tensors to `device`, in place."""
+    """Move modules, optimizer states and (nested) dicts/tuples of tensors to `device`, in place.
+    An optimizer's `step` counters stay where the optimizer keeps them (AdamW: on the CPU; on the
+    GPU each step would read them back, ~1 400 syncs a step that the real script never does)."""
     if isinstance(obj, torch.nn.Module):
         obj.to(device)
     elif isinstance(obj, torch.optim.Optimizer) or hasattr(obj, "optimizer"):
@@ -92,7 +94,7 @@ def move(obj, device) -> None:
         states = opt.inner_states() if hasattr(opt, "inner_states") else [opt.state]
         for state in (s for states_ in states for s in states_.values()):
             for k, v in state.items():
-                if torch.is_tensor(v):
+                if torch.is_tensor(v) and k != "step":
                     state[k] = v.to(device)
     elif isinstance(obj, dict):
         for k, v in obj.items():

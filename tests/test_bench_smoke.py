@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from patience import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +47,8 @@ def test_bench_smoke_reports_every_configuration(tmp_path):
                                                        abs=0.5e-4 * (per_step + 1) + 1e-12)
             assert r["flops_per_step"] > 0 and r["peak_allocated_gb"] >= 0
         runs = c["runs"]
+        assert all(runs[n]["estimate_gb"] > 0 for n in RUNS - {"reference"})  # beside the peak
+        assert proc.stdout.count("settings: ") >= len(ran) * len(RUNS)  # each row's settings
         # the reference encodes images with the VAE every step, our best settings never do
         assert runs["ours_best"]["flops_per_step"] < runs["reference"]["flops_per_step"]
         assert runs["ours_best"]["settings"]["latents"] == "cached"
@@ -71,3 +74,26 @@ def check_startup(s: dict) -> None:
         assert s[key] > 0, key
     assert s["to_first_step_s"] >= s["to_started_s"] >= s["load_s"] + s["cache_s"] - 0.002
     assert s["from_train_s"] >= s["to_first_step_s"]
+
+
+def test_moving_the_reference_between_rounds_keeps_adamws_step_counters_in_place():
+    """AdamW keeps its `step` counters on the CPU; moved to the GPU with the rest of its state,
+    every later step would read them back (one sync per weight), a handicap diffusers' script
+    never has. 'meta' stands in for the GPU here."""
+    from bench.measure import move
+    weight = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([weight], foreach=True)
+    weight.grad = torch.ones(3)
+    opt.step()
+    move(opt, "meta")
+    state = opt.state[weight]
+    assert state["exp_avg"].device.type == "meta" and state["step"].device.type == "cpu"
+
+
+def test_gpu_probe_without_a_gpu_says_where_to_run_it(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the probe would run")
+    proc = run([sys.executable, "-m", "bench", "--gpu-probe", "--json", str(tmp_path / "p.json")],
+               60, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "has none" in proc.stderr and "--profile" in proc.stderr
+    assert not (tmp_path / "p.json").exists()
