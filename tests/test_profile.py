@@ -8,7 +8,19 @@ from __future__ import annotations
 
 import pytest
 
-from bench.profile import profile_case, profile_cases
+from bench.profile import profile_cases
+from bench.profile import profile_case as _profile_case
+
+_PROFILED: dict = {}
+
+
+def profile_case(case, resolution=None, tiny=False) -> dict:
+    """One profile per configuration and size in a session (several tests read the same one)."""
+    from dreambooth.model.tiny import tiny_configs
+    key = (case.name, resolution, tiny)
+    if key not in _PROFILED:
+        _PROFILED[key] = _profile_case(case, resolution, tiny_configs("v1x") if tiny else None)
+    return _PROFILED[key]
 
 SLACK = 1.05
 # configuration -> (resolution, tiny model?, host syncs, ops per step, peak live bytes)
@@ -25,10 +37,9 @@ HELD = {
 @pytest.mark.once
 @pytest.mark.parametrize("name", sorted(HELD))
 def test_step_profile_holds_its_figures(name):
-    from dreambooth.model.tiny import tiny_configs
     resolution, tiny, syncs, ops, peak = HELD[name]
     case = {c.name: c for c in profile_cases()}[name]
-    r = profile_case(case, resolution, tiny_configs("v1x") if tiny else None)
+    r = profile_case(case, resolution, tiny)
     assert r["resolution"] == resolution
     assert r["host_syncs"] <= syncs, r["syncs_by_kind"]
     assert r["ops"] <= ops * SLACK, (r["ops"], r["top_ops"])
@@ -60,3 +71,16 @@ def test_counter_sees_syncs_and_rounds_blocks():
         figures = c.figures()
     assert figures["host_syncs"] == 3, figures["syncs_by_kind"]
     assert figures["peak_bytes"] >= 512 + 4096 and c.live <= 512 + 512
+
+
+@pytest.mark.once
+@pytest.mark.slow
+@pytest.mark.parametrize("case", profile_cases(), ids=lambda c: c.name)
+def test_the_memory_estimate_is_the_count(case, tmp_path):
+    """memory.estimate (what the 'auto' preset plans with), less its two GPU-only constants,
+    within 10% of the peak the fake-tensor step holds, for every profiled configuration."""
+    from bench.profile import make_config
+    from dreambooth.training.memory import estimate
+    r = profile_case(case, case.resolution)
+    counted = estimate(make_config(case, case.resolution, tmp_path), (1, 0), gpu=False).total
+    assert abs(counted / r["peak_bytes"] - 1) <= 0.10, (counted / 2**30, r["peak_gib"])

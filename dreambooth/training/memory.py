@@ -11,13 +11,16 @@ instantiated on the meta device (no memory, no weights); optimizer state from th
 optimizer; activations by running the UNet (and a trained text encoder) forward on the meta
 device and adding up the tensors autograd saves for backward, per image at the resolution,
 with or without gradient checkpointing and for the chosen attention. The peak is what stays
-resident (weights, optimizer state, EMA, caches) plus the largest of three phases of a step:
-forward/backward (activations and gradients, and autocast's half-precision weight copies),
-the VAE encode (without cached latents) and the optimizer step.
+resident (weights, optimizer state, EMA, caches) plus the largest phase of a step: the end of
+the forward (activations and autocast's half-precision weight copies), the backward (gradients
+arriving as activations are freed), the VAE encode (without cached latents) and the optimizer
+step.
 
-Calibration: the meta count is exact for what autograd saves in the model's own dtype; a real
-step holds more (autocast keeps group norm and softmax outputs in fp32, autograd's gradient
-buffers, kernel workspaces, allocator rounding), which ACTIVATION_FACTOR stands for. Its value,
+Calibration: the meta count is exact for what autograd saves in the model's own dtype, and
+`estimate(..., gpu=False)` agrees within 10% with the step profile's count of a whole step on
+fake tensors (bench/profile.py; tests/test_profile.py holds it for every profiled configuration).
+A real GPU step holds more (CUDA autocast keeps group norm and softmax outputs in fp32, kernel
+workspaces, allocator rounding), which the share of ACTIVATION_FACTOR above 1 stands for. Its value,
 and CUDA_OVERHEAD, come from the H100 numbers in the issue (the batch 1 -> 8 slope of a bf16
 step: 1.59 GB per image measured, 0.98 GB counted here) and must be re-measured with
 `python -m bench` on a GPU: the goal is within 15% of the measured peak in every benchmark
@@ -107,12 +110,15 @@ def _caches(cfg, shapes: dict, images: tuple[int, int], half: bool) -> int:
     return latents + embeddings
 
 
-def estimate(config, n_images: tuple[int, int] | None = None) -> Estimate:
+def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True) -> Estimate:
     """Peak GPU memory of training with `config` (bytes), and what it is made of.
 
     Where the weights are: a trained model in fp32 (bf16 with bf16_weights), a LoRA's frozen
     base and every frozen model in the mixed precision's dtype, the LoRA layers in fp32. The
     VAE leaves the GPU once the latents are cached, a frozen text encoder once the prompts are.
+    `gpu=False`: without the two GPU-only constants (CUDA_OVERHEAD, and the share of
+    ACTIVATION_FACTOR above 1), i.e. what the step profile's fake tensors hold; tests keep the
+    two within 10% of each other.
     """
     cfg, half = config, config.mixed_precision in HALF
     lora = bool(getattr(cfg, "use_lora", False))
@@ -143,19 +149,25 @@ def estimate(config, n_images: tuple[int, int] | None = None) -> Estimate:
         "optimizer": optimizer_state_bytes(cfg.optimizer, trained),
         "ema": 4 * unet_n if cfg.use_ema and not lora else 0,
         "caches": _caches(cfg, shapes, n_images or count_images(cfg), half),
-        "overhead": CUDA_OVERHEAD,
+        "overhead": CUDA_OVERHEAD if gpu else 0,
         # fused: one weight's gradient, and its fp32 stand-in and gradient for a bf16 weight
         "gradients": largest * (grad_bytes + (8 if tbytes == 2 else 0)) if fused
         else grad_bytes * numel(trained),
+        # autocast's cache of half copies of fp32 weights lives through the forward (none under
+        # gradient checkpointing: the trainer turns the cache off there)
         "autocast copies": 2 * (unet_n + sum(numel(shapes[te]) for te in full_tes))
-        if upcast else 0,
-        "activations": int(ACTIVATION_FACTOR * per_step * acts),
+        if upcast and not cfg.gradient_checkpointing else 0,
+        "activations": int(per_step * acts),
+        "GPU-only activations": int((ACTIVATION_FACTOR - 1) * per_step * acts) if gpu else 0,
         "vae encode": 0 if cfg.cache_latents else encode,
     }
     resident = sum(parts[k] for k in ("weights", "optimizer", "ema", "caches", "overhead"))
-    grads, acts = parts["gradients"], parts["activations"]
-    phases = {"forward/backward": parts["autocast copies"] + max(acts, grads)
-              + min(acts, grads) // 2,  # activations are freed as gradients arrive
+    grads = parts["gradients"]
+    acts = parts["activations"] + parts["GPU-only activations"]
+    # forward's end: every saved activation and the autocast cache; backward: the gradients
+    # arrive while the activations are freed (their largest overlap: about half the smaller)
+    phases = {"forward": parts["autocast copies"] + acts,
+              "backward": grads + min(acts, grads) // 2,
               "VAE encode": parts["vae encode"], "optimizer step": grads}
     if cfg.cache_latents:  # before training (no optimizer state, no UNet), the VAE encodes
         phases["latent caching"] = encode + frozen["vae"] - parts["optimizer"] - \
