@@ -221,3 +221,13 @@ def test_an_old_config_with_use_lora_loads_as_method_lora():
     assert cfg.replace(method="dreambooth").use_lora is False
     assert cfg.replace(use_lora=False).method == "dreambooth"
     assert TrainingConfig().replace(use_lora=True).method == "lora"
+
+
+def test_a_snapshot_from_before_method_resumes_as_the_same_run():
+    from dreambooth.training.state import config_differences
+    new = TrainingConfig(use_lora=True).to_dict()
+    old = {k: v for k, v in new.items() if k not in (
+        "method", "pivotal", "embedding_token", "embedding_init_word", "embedding_vectors",
+        "embedding_learning_rate", "embedding_dir")}
+    assert config_differences(old, new) == []
+    assert config_differences(old, TrainingConfig().to_dict()) != []
