@@ -81,7 +81,9 @@ if not LOAD_ERROR:
                 checkpoints_dir=Path(_opt("ckpt_dir", sd_models.model_path)),
                 lora_dir=Path(_opt("lora_dir", models / "Lora")),
                 work_dir=Path(_opt("dreambooth_dir", models / "dreambooth")),
-                lib_dir=EXT_ROOT / "lib", data_dir=Path(data_dir) if data_dir else None)
+                lib_dir=EXT_ROOT / "lib", data_dir=Path(data_dir) if data_dir else None,
+                embeddings_dir=Path(_opt("embeddings_dir",
+                                         Path(paths.data_path) / "embeddings")))
             super().__init__(db_paths, python=_opt("dreambooth_python", sys.executable),
                              api_auth=_opt("api_auth", ""))
             self.missing, self.fix_command = missing_dependencies(self.python)
@@ -97,6 +99,12 @@ if not LOAD_ERROR:
             networks = sys.modules.get("networks")  # the built-in Lora extension
             if networks is not None and hasattr(networks, "list_available_networks"):
                 networks.list_available_networks()
+
+        def refresh_embeddings(self) -> None:
+            from modules import sd_hijack  # the embedding database of the loaded model
+            db = getattr(sd_hijack.model_hijack, "embedding_db", None)
+            if db is not None:
+                db.load_textual_inversion_embeddings(force_reload=True)
 
         def select_checkpoint(self, path: str) -> str:
             info = self._info(path)

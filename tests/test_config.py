@@ -30,7 +30,9 @@ def full_config():
         lora_learning_rate=2e-4, lora_text_encoder_learning_rate=1e-5, lora_dir="/l",
         lora_merge=True, bucketing=True, bucket_no_upscale=True, memory_preset="lowest",
         fused_optimizer=True, bf16_weights=True, deterministic="off", cpu_threads=3,
-        compile="blocks")
+        compile="blocks",
+        pivotal=True, embedding_token="zwx", embedding_init_word="dog", embedding_vectors=3,
+        embedding_learning_rate=1e-3, embedding_dir="/e")
 
 
 def test_every_field_round_trips_through_json():

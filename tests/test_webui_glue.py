@@ -57,6 +57,23 @@ def test_paths_follow_the_webuis_flags(webui, tmp_path, monkeypatch):
     assert glue.WebUIHost().paths.data_dir == tmp_path / "images"
 
 
+def test_embeddings_go_to_the_webuis_embeddings_dir_and_reload_it(webui, tmp_path):
+    mods, glue = webui
+    import modules.sd_hijack as sd_hijack
+    host, _ = glue._manager()
+    assert host.paths.embeddings_dir == Path(mods["paths"].data_path) / "embeddings"
+    mods["shared"].cmd_opts.embeddings_dir = str(tmp_path / "emb")  # --embeddings-dir
+    other = glue.WebUIHost()
+    assert other.paths.embeddings_dir == tmp_path / "emb"
+    from dreambooth.host.ui.actions import host_defaults
+    assert host_defaults(other)["embedding_dir"] == str(tmp_path / "emb")
+    (tmp_path / "emb").mkdir()
+    (tmp_path / "emb" / "mine_5.safetensors").write_bytes(b"x")
+    db = sd_hijack.model_hijack.embedding_db
+    other.refresh_embeddings()
+    assert db.reloads[-1] is True and "mine_5" in db.word_embeddings
+
+
 def test_a_broken_tab_shows_a_banner_instead_of_vanishing(webui, monkeypatch):
     mods, glue = webui
     import dreambooth.host.ui.tab as tab_module
@@ -165,6 +182,9 @@ def test_the_stand_in_has_the_webuis_signatures(webui):
         "(key, value, is_api=False, run_callbacks=True)"
     info = mods["shared"].OptionInfo(1, "x", section=("dreambooth", "Dreambooth"))
     assert info.section == ("dreambooth", "Dreambooth")
+    import modules.sd_hijack as sd_hijack
+    assert str(inspect.signature(sd_hijack.model_hijack.embedding_db
+                                 .load_textual_inversion_embeddings)) == "(force_reload=False)"
     import modules.ui_common as ui_common
     assert str(inspect.signature(ui_common.create_refresh_button)) == \
         "(refresh_component, refresh_method, refreshed_args, elem_id)"

@@ -219,9 +219,59 @@ def check_folders(cfg) -> list[Problem]:
                                         "generated class images would be trained on as the "
                                         "subject", "choose a separate folder, or leave it empty"))
                 break
-    for name in ("work_dir", "output_dir", "lora_dir"):
+    for name in ("work_dir", "output_dir", "lora_dir", "embedding_dir"):
         value = getattr(cfg, name)
         if isinstance(value, str) and value and not _text_problem(value) and is_file(value):
             problems.append(Problem(name, value, "is a file, not a folder",
                                     "give a folder (it is created when missing)"))
+    return problems
+
+
+def token_in(token: str, prompt: str) -> bool:
+    """`token` stands in `prompt` as a word of its own (not inside a longer word)."""
+    return bool(re.search(rf"(?<![\w]){re.escape(token)}(?![\w])", prompt))
+
+
+def check_embedding(cfg) -> list[Problem]:
+    """method / use_lora / pivotal agree; a trained embedding has a token in every instance
+    prompt (and in no class prompt) and a one-word initialisation."""
+    problems = []
+    if cfg.use_lora is True and cfg.method not in ("lora", "dreambooth"):
+        problems.append(Problem("use_lora", True, f"asks for a LoRA while method is "
+                                f"'{cfg.method}'", "turn use_lora off, or set method to "
+                                "'lora' (use_lora is its older spelling)"))
+    if cfg.pivotal is True and cfg.method != "lora":
+        problems.append(Problem("pivotal", True, f"trains an embedding together with a LoRA, "
+                                f"but method is '{cfg.method}'", "set method to 'lora', or use "
+                                "method 'textual_inversion' for the embedding alone"))
+    if cfg.method == "textual_inversion" and cfg.train_text_encoder is True:
+        problems.append(Problem("train_text_encoder", True, "trains the whole text encoder, "
+                                "which an embedding file can't hold", "turn it off (textual "
+                                "inversion trains only the new token's embedding)"))
+    if not cfg.trains_embedding or not isinstance(cfg.embedding_token, str) \
+            or not isinstance(cfg.embedding_init_word, str):
+        return problems
+    token, word = cfg.embedding_token.strip(), cfg.embedding_init_word.strip()
+    if not token or re.search(r"\s", token) or "[filewords]" in token:
+        problems.append(Problem("embedding_token", cfg.embedding_token,
+                                "is not one word" if token else "is empty",
+                                "give the one word of the instance prompt the embedding "
+                                "learns, e.g. 'sks' in 'photo of sks dog'"))
+        token = ""
+    if not word or re.search(r"\s", word):
+        problems.append(Problem("embedding_init_word", cfg.embedding_init_word,
+                                "is not one word" if word else "is empty",
+                                "give one word close to the subject, e.g. 'dog', or '*'"))
+    for i, c in enumerate(cfg.concepts):
+        if not token or not isinstance(getattr(c, "instance_prompt", None), str):
+            continue
+        if not token_in(token, c.instance_prompt):
+            problems.append(Problem(f"concepts[{i}].instance_prompt", c.instance_prompt,
+                                    f"does not contain the embedding's token '{token}'",
+                                    f"write it in the prompt, e.g. 'photo of {token} dog'"))
+        if isinstance(c.class_prompt, str) and token_in(token, c.class_prompt):
+            problems.append(Problem(f"concepts[{i}].class_prompt", c.class_prompt,
+                                    f"contains the embedding's token '{token}', so the class "
+                                    "images would teach it too", "leave the token out of the "
+                                    "class prompt"))
     return problems

@@ -13,6 +13,7 @@ from typing import Any
 
 from .checks import (
     check_concept,
+    check_embedding,
     check_fields,
     check_lora_and_buckets,
     check_name,
@@ -35,6 +36,7 @@ MEMORY_PRESETS = ("auto", "lowest", "off")
 DETERMINISTIC = ("auto", "on", "off")
 COMPILE = ("off", "blocks", "full")
 LORA_TARGETS = ("attention", "transformer", "transformer+conv")
+METHODS = ("dreambooth", "lora", "textual_inversion")
 
 
 
@@ -75,6 +77,10 @@ class TrainingConfig:
     source_checkpoint: str = _f("", "Single-file checkpoint to start from (.safetensors, or .ckpt "
                                     "loaded safely).")
     model_type: str = _f("v1x", "Architecture of the source checkpoint.", choices=MODEL_TYPES)
+    method: str = _f("dreambooth", "What to train: 'dreambooth' (the whole model, a checkpoint to "
+                                   "output_dir), 'lora' (a LoRA file to lora_dir; use_lora is the "
+                                   "older spelling of this), 'textual_inversion' (only a new "
+                                   "token's embedding, a file to embedding_dir).", choices=METHODS)
     output_dir: str = _f("", "Folder the trained .safetensors goes to (the WebUI's "
                              "models/Stable-diffusion from the tab). Empty: <work_dir>/<model_name>/output.")
     work_dir: str = _f("dreambooth_runs", "Folder holding each model's working copy, class images "
@@ -174,7 +180,8 @@ class TrainingConfig:
                              "'never': start over; or the path of one saved state folder.",
                      advanced=True)
     use_lora: bool = _f(False, "Train a LoRA (a small file for the WebUI's Lora networks, "
-                               "written to lora_dir) instead of the whole model.")
+                               "written to lora_dir) instead of the whole model: the older "
+                               "spelling of method 'lora'.", advanced=True)
     lora_rank: int = _f(16, "LoRA rank (dimension): larger learns more and makes a larger file.",
                         minimum=1, maximum=1024)
     lora_alpha: float = _f(16.0, "LoRA alpha: the LoRA's update is scaled by alpha / rank.",
@@ -203,6 +210,21 @@ class TrainingConfig:
                            "Empty: <work_dir>/<model_name>/lora.")
     lora_merge: bool = _f(False, "With use_lora, also save a full checkpoint with the LoRA merged "
                                  "in (to output_dir).", advanced=True)
+    pivotal: bool = _f(False, "With method lora, pivotal tuning: also train an embedding of "
+                              "embedding_token (written to embedding_dir beside the LoRA, same "
+                              "step numbers).")
+    embedding_token: str = _f("", "With textual_inversion or pivotal: the word in the instance "
+                                  "prompts whose embedding is learnt, e.g. 'sks' in 'photo of sks "
+                                  "dog'. In the WebUI you write the embedding's file name "
+                                  "(<model_name>_<step>) in its place.")
+    embedding_init_word: str = _f("*", "The word (one token) whose embedding the new one starts "
+                                       "from, e.g. the class word 'dog'.")
+    embedding_vectors: int = _f(1, "Vectors of the embedding (tokens of the prompt it takes).",
+                                advanced=True, minimum=1, maximum=16)
+    embedding_learning_rate: float = _f(5e-3, "Learning rate of the embedding.", minimum=0.0,
+                                        maximum=1.0)
+    embedding_dir: str = _f("", "Folder the embedding goes to (the WebUI's embeddings folder "
+                                "from the tab). Empty: <work_dir>/<model_name>/embeddings.")
     bucketing: bool = _f(False, "Aspect-ratio bucketing: train each image at the size (multiples "
                                 "of 64, about resolution x resolution pixels) closest to its shape "
                                 "instead of a square crop; each batch comes from one size.")
@@ -223,16 +245,41 @@ class TrainingConfig:
         return Path(self.lora_dir) if self.lora_dir else self.model_dir / "lora"
 
     @property
+    def resolved_embedding_dir(self) -> Path:
+        return Path(self.embedding_dir) if self.embedding_dir else self.model_dir / "embeddings"
+
+    @property
+    def trains_embedding(self) -> bool:
+        """A new token's embedding learns: textual inversion, or a pivotal LoRA."""
+        return self.method == "textual_inversion" or (self.method == "lora"
+                                                      and self.pivotal is True)
+
+    @property
     def is_deterministic(self) -> bool:
         return self.deterministic == "on" or (self.deterministic == "auto"
                                               and bool(self.state_every_steps))
 
     @property
     def trains_text_encoder(self) -> bool:
-        """The text encoder(s) learn: fully, or through LoRA layers."""
-        return self.train_text_encoder or (self.use_lora and self.lora_text_encoder)
+        """The text encoder(s) learn: fully, through LoRA layers, or a new token's embedding."""
+        return self.train_text_encoder or (self.use_lora and self.lora_text_encoder) \
+            or self.trains_embedding
+
+    def __post_init__(self) -> None:
+        # `use_lora` is the older spelling of method 'lora': the two agree after construction
+        # (a conflict, use_lora with textual_inversion, is left for validate() to name)
+        if self.use_lora is True and self.method == "dreambooth":
+            object.__setattr__(self, "method", "lora")
+        elif self.method == "lora" and self.use_lora is False:
+            object.__setattr__(self, "use_lora", True)
 
     def replace(self, **changes: Any) -> "TrainingConfig":
+        """A copy with `changes`; changing one of method / use_lora changes the other too."""
+        if "method" in changes and "use_lora" not in changes:
+            changes["use_lora"] = changes["method"] == "lora"
+        elif "use_lora" in changes and "method" not in changes:
+            changes["method"] = "lora" if changes["use_lora"] else \
+                "dreambooth" if self.method == "lora" else self.method
         return dataclasses.replace(self, **changes)
 
     # -- validation ------------------------------------------------------------------------
@@ -257,6 +304,7 @@ class TrainingConfig:
         if check_paths:
             problems += check_source(self.source_checkpoint)
         problems += check_lora_and_buckets(self)
+        problems += check_embedding(self)
         if isinstance(self.resume, str) and self.resume not in ("auto", "never") and (
                 not self.resume.strip() or (check_paths and not is_dir(self.resume))):
             problems.append(Problem("resume", self.resume, "is not 'auto', 'never' or an "

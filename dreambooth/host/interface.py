@@ -36,10 +36,14 @@ class HostPaths:
     work_dir: Path  # one folder per Dreambooth model: settings, working copy, samples
     lib_dir: Path  # extension-local packages only the training process puts on its path
     data_dir: Path | None = None  # image folders a remote caller may name (None: the work dir)
+    # where embeddings go (the WebUI's --embeddings-dir; None: <work dir>/embeddings)
+    embeddings_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.data_dir is None:
             object.__setattr__(self, "data_dir", self.work_dir)
+        if self.embeddings_dir is None:
+            object.__setattr__(self, "embeddings_dir", self.work_dir / "embeddings")
 
 
 class Host:
@@ -63,6 +67,9 @@ class Host:
 
     def refresh_loras(self) -> None:
         """Rescan the LoRA list (the WebUI's built-in Lora extra network)."""
+
+    def refresh_embeddings(self) -> None:
+        """Reload the textual-inversion embeddings (the WebUI's embedding database)."""
 
     def select_checkpoint(self, path: str) -> str:
         """Make `path` the model txt2img uses; return its title. Standalone: nothing to load."""
@@ -115,12 +122,14 @@ def lib_fits(lib_dir: Path, python: str) -> bool:
 def standalone_paths(root: str | os.PathLike = "dreambooth_ui",
                      checkpoints_dir: str | os.PathLike | None = None,
                      lora_dir: str | os.PathLike | None = None,
-                     data_dir: str | os.PathLike | None = None) -> HostPaths:
+                     data_dir: str | os.PathLike | None = None,
+                     embeddings_dir: str | os.PathLike | None = None) -> HostPaths:
     root = Path(root)
     return HostPaths(checkpoints_dir=Path(checkpoints_dir) if checkpoints_dir else root / "models",
                      lora_dir=Path(lora_dir) if lora_dir else root / "lora",
                      work_dir=root / "dreambooth", lib_dir=PACKAGE_ROOT / "lib",
-                     data_dir=Path(data_dir) if data_dir else None)
+                     data_dir=Path(data_dir) if data_dir else None,
+                     embeddings_dir=Path(embeddings_dir) if embeddings_dir else root / "embeddings")
 
 
 def scan_checkpoints(folder: Path) -> list[Checkpoint]:

@@ -321,6 +321,8 @@ class RunManager:
                 self.host.refresh_checkpoints()
                 if any(is_under(p, self.host.paths.lora_dir) for p in snap.saved):
                     self.host.refresh_loras()
+                if any(is_under(p, self.host.paths.embeddings_dir) for p in snap.saved):
+                    self.host.refresh_embeddings()
             except Exception as e:  # the file is written; only the list is stale
                 self.host.log(f"could not refresh the checkpoint list: {e}")
 

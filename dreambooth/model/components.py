@@ -28,6 +28,8 @@ class Components:
     text_encoder_2: Any = None
     tokenizer_2: Any = None
     source_yaml: str | None = None  # the WebUI's <name>.yaml beside the source checkpoint
+    # a prompt's text before tokenizing (a trained embedding: its word -> its placeholder tokens)
+    rewrite_prompt: Any = None
 
     @property
     def spec(self) -> ModelSpec:
@@ -59,6 +61,8 @@ def encode_prompts(comp: Components, prompts: list[str], device, encoders=None) 
     encoder's last hidden state (SD 2.x's model already ends at the penultimate layer); SDXL: the
     penultimate states of both encoders side by side, pooled from the second."""
     encoders = list(encoders) if encoders else comp.text_encoders
+    if comp.rewrite_prompt is not None:
+        prompts = [comp.rewrite_prompt(p) for p in prompts]
     if comp.spec.family != "sdxl":
         return {"hidden": encoders[0](_token_ids(comp.tokenizer, prompts, device))[0]}
     hidden = []

@@ -116,7 +116,7 @@ def make_optimizer(cfg, groups: list, acc, warn) -> tuple:
     bf16 weights or fused into backward. A fused optimizer needs one process: DDP averages
     gradients after backward, which is too late for an update inside it."""
     from . import backends
-    per_weight = cfg.fused_optimizer or (cfg.bf16_weights and not cfg.use_lora)
+    per_weight = cfg.fused_optimizer or (cfg.bf16_weights and cfg.method == "dreambooth")
     if per_weight and acc.distributed_type == "DEEPSPEED":
         warn("Under DeepSpeed, which owns the optimizer step, fused_optimizer and "
              "bf16_weights do not apply; the optimizer steps as usual.")
@@ -133,15 +133,22 @@ def make_optimizer(cfg, groups: list, acc, warn) -> tuple:
 
 
 def trainable_groups(cfg, comp) -> list[dict]:
-    """The parameter groups a run trains, set to train (and to checkpoint gradients): the LoRA
-    layers (in fp32) with everything else frozen, or the UNet and, with train_text_encoder,
+    """The parameter groups a run trains, set to train (and to checkpoint gradients): a new
+    token's embedding alone, the LoRA layers (in fp32; pivotal: and the embedding) with
+    everything else frozen, or the UNet and, with train_text_encoder,
     the text encoders at their own learning rate."""
+    from .embedding import embedding_groups
     from .lora import add_lora
     unet, tes = comp.unet, comp.text_encoders
-    if cfg.use_lora:
+    if cfg.method == "textual_inversion":
+        unet.requires_grad_(False)
+        groups = embedding_groups(cfg, comp)
+    elif cfg.use_lora:
         groups = add_lora(comp, cfg)
         for p in (p for g in groups for p in g["params"]):
             p.data = p.data.float()
+        if cfg.trains_embedding:  # pivotal
+            groups += embedding_groups(cfg, comp)
     else:
         groups = [{"params": list(unet.requires_grad_(True).parameters()),
                    "lr": cfg.learning_rate}]

@@ -1,5 +1,5 @@
-"""What a training run writes: checkpoints, the LoRA file (and its merge), the working model
-for the next run, preview samples.
+"""What a training run writes: checkpoints, the LoRA file (and its merge), the embedding of a
+new token (textual inversion, pivotal), the working model for the next run, preview samples.
 
 `Saver` owns the output paths and every write. It is given the config, the working model, the
 accelerator (who writes, and the unwrapped UNet), the event bus and the model's revision; the
@@ -20,6 +20,7 @@ from ..model.components import te_state
 from ..model.metadata import training_metadata
 from ..model.single_file import save_single_file
 from ..model.workdir import load_model, save_working_dir, source_id, working_dir
+from .embedding import activation_text, save_embedding
 from .housekeeping import refuse_no_space
 from .lora import merged_state, save_lora, ss_metadata
 
@@ -38,10 +39,18 @@ class Saver:
     def output_path(self, step: int, merged: bool = False) -> Path:
         """The file a save at `step` writes: the checkpoint, or the LoRA (`merged`: the full
         checkpoint with the LoRA merged in, `_merged` so it can't be taken for the LoRA)."""
+        if self.cfg.method == "textual_inversion":
+            return self.embedding_path(step)
         folder = self.cfg.resolved_lora_dir if self.cfg.use_lora and not merged \
             else self.cfg.resolved_output_dir
         tail = "_merged" if merged else ""
         return folder / f"{self.cfg.model_name}_{self.revision + step}{tail}.safetensors"
+
+    def embedding_path(self, step: int) -> Path:
+        """The embedding file of a save at `step` (textual inversion, pivotal): its name is the
+        word a WebUI prompt uses it by."""
+        return self.cfg.resolved_embedding_dir / \
+            f"{self.cfg.model_name}_{self.revision + step}.safetensors"
 
     def refuse_clashes(self, steps: set[int]) -> None:
         """Refuse before training, not after hours, when a save at one of `steps` would replace
@@ -49,6 +58,8 @@ class Saver:
         cfg = self.cfg
         merges = (False, True) if cfg.use_lora and cfg.lora_merge else (False,)
         paths = [self.output_path(s, m) for s in sorted(steps) for m in merges]
+        if cfg.trains_embedding and cfg.use_lora:  # pivotal: the embedding beside the LoRA
+            paths += [self.embedding_path(s) for s in sorted(steps)]
         self.refuse_source(paths)
         clash = [p for p in paths if p.exists()]
         if clash and not cfg.overwrite:
@@ -78,7 +89,10 @@ class Saver:
         if self.acc.is_main_process:
             self.emit(ev.Saving(str(path), step))
             meta = training_metadata(cfg, self.comp.spec, self.revision + step)
-            if cfg.use_lora:
+            if cfg.method == "textual_inversion":
+                save_embedding(self.comp, path, cfg, self.revision + step, meta,
+                               cfg.save_precision, overwrite=cfg.overwrite)
+            elif cfg.use_lora:
                 self.save_lora(step, path, meta, unet_state, facts)
             else:
                 save_single_file(self.comp, path, cfg.save_precision, meta,
@@ -95,6 +109,11 @@ class Saver:
         if cfg.lora_text_encoder:
             states.update({s.component: te_state(getattr(comp, s.component))
                            for s in comp.spec.text_encoders})
+        if cfg.trains_embedding:  # pivotal: the embedding first; the card's prompt names it
+            out = save_embedding(comp, self.embedding_path(step), cfg, self.revision + step,
+                                 meta, cfg.save_precision, overwrite=cfg.overwrite)
+            self.emit(ev.CheckpointSaved(str(out), step))
+            meta = {**meta, "modelspec.trigger_phrase": activation_text(cfg, out.stem)}
         stats = ss_metadata(cfg, comp.spec, self.revision + step, facts["epochs"],
                             facts["items"], facts["class_images"])
         save_lora(comp, path, cfg, states, {**meta, **stats}, cfg.save_precision,
@@ -112,7 +131,7 @@ class Saver:
             self.emit(ev.CheckpointSaved(str(out), step))
 
     def save_working(self, step: int) -> None:
-        if not self.cfg.use_lora:  # a LoRA run leaves the model itself as it was
+        if self.cfg.method == "dreambooth":  # LoRA, embedding: the model itself stays as it was
             folder = save_working_dir(self.comp, working_dir(self.cfg))
             info = {"model_type": self.comp.model_type, "revision": self.revision + step,
                     **source_id(self.cfg.source_checkpoint)}
@@ -129,7 +148,8 @@ class Saver:
         folder.mkdir(parents=True, exist_ok=True)
         for i, concept in enumerate(cfg.concepts):
             prompt = concept.sample_prompt or concept.instance_prompt.replace("[filewords]", "")
-            for path in generate_images(pipe, prompt, 1, folder, f"step{step:06d}_c{i}", 0,
+            text = comp.rewrite_prompt(prompt) if comp.rewrite_prompt else prompt
+            for path in generate_images(pipe, text, 1, folder, f"step{step:06d}_c{i}", 0,
                                         cfg.resolution, cfg.sample_steps, cfg.guidance_scale,
                                         cfg.seed, dtype):
                 self.emit(ev.SampleSaved(str(path), step, prompt))

@@ -25,10 +25,12 @@ from .housekeeping import image_set, image_set_changes, remove_snapshot_folder
 FREE_ON_RESUME = {"output_dir", "overwrite", "sample_every_epochs", "save_every_epochs",
                   "state_every_steps", "resume", "sample_steps", "guidance_scale",
                   "save_precision", "work_dir", "attention", "lora_dir", "lora_merge",
-                  "cpu_threads", "deterministic"}
+                  "embedding_dir", "cpu_threads", "deterministic"}
 STATE_DIR = "state"
 # What a snapshot written before a field existed ran with (compared as if it had been saved).
-BEFORE_FIELD = {"lora_targets": "attention", "lora_conv_rank": 8, "lora_conv_alpha": 8.0}
+BEFORE_FIELD = {"lora_targets": "attention", "lora_conv_rank": 8, "lora_conv_alpha": 8.0,
+                "pivotal": False, "embedding_token": "", "embedding_init_word": "*",
+                "embedding_vectors": 1, "embedding_learning_rate": 5e-3}
 
 
 def snapshots(model_dir: Path) -> list[Path]:
@@ -42,7 +44,8 @@ def snapshots(model_dir: Path) -> list[Path]:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-    saved = {**BEFORE_FIELD, **saved}
+    saved = {**BEFORE_FIELD, "method": "lora" if saved.get("use_lora") else "dreambooth",
+             **saved}  # before `method`, use_lora said it
     keys = sorted((set(saved) | set(current)) - FREE_ON_RESUME)
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys
             if saved.get(k) != current.get(k)]

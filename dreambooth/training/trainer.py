@@ -21,7 +21,7 @@ from ..data import buckets
 from ..data.feed import DataFeed
 from ..model.components import unet_kwargs
 from ..model.workdir import load_model
-from . import backends
+from . import backends, embedding
 from .memory import plan_run
 from .optim import make_optimizer, trainable_groups
 from .loss import check_finite, compute_loss, noise_like
@@ -120,6 +120,7 @@ class Trainer:
                                kwargs_handlers=backends.autocast_kwargs(cfg))
         self.device, self.dtype = self.acc.device, backends.WEIGHT_DTYPES[self.precision]
         self.comp, self.revision = load_model(cfg, self.say)
+        embedding.install(cfg, self.comp)  # a new token's vectors (textual inversion, pivotal)
         if self.resume_from is not None:
             self.revision = snapshot_info(self.resume_from)["revision"]
         # trained weights in fp32 (bf16 with bf16_weights); a LoRA's frozen base in the mixed
@@ -132,7 +133,7 @@ class Trainer:
         for te in self.comp.text_encoders:
             te.to(self.device, self.dtype if cfg.use_lora and cfg.lora_text_encoder
                   else trained if cfg.train_text_encoder else torch.float32).requires_grad_(False)
-        self.unet_dtype = self.dtype if cfg.use_lora else trained
+        self.unet_dtype = self.dtype if cfg.method != "dreambooth" else trained
         self.scheduler = self.comp.noise_scheduler()
         self.feed = DataFeed(cfg, self.comp, self.acc, self.dtype, self.say, self.warn)
         self.feed.collect(self.place_unet)

@@ -23,7 +23,7 @@ def host_defaults(host: Host) -> dict[str, str]:
     """Where the host wants outputs: its checkpoints folder, its Lora folder, its work dir."""
     names = {f.name for f in dataclasses.fields(TrainingConfig)}
     wanted = {"work_dir": host.paths.work_dir, "output_dir": host.paths.checkpoints_dir,
-              "lora_dir": host.paths.lora_dir}
+              "lora_dir": host.paths.lora_dir, "embedding_dir": host.paths.embeddings_dir}
     return {k: str(v) for k, v in wanted.items() if k in names}
 
 
@@ -156,10 +156,11 @@ class TabActions:
         return values, count, render.banner("success", f"Loaded {path}")
 
     def saved_checkpoints(self, p: Progress | None = None) -> list[str]:
-        """The full checkpoints the run saved, a cancelled run's too; a LoRA is used from the
-        prompt, not selected as the model."""
+        """The full checkpoints the run saved, a cancelled run's too; a LoRA or an embedding is
+        used from the prompt, not selected as the model."""
         p = p or self.manager.status()
-        return [s for s in dict.fromkeys(p.saved) if not is_under(s, self.host.paths.lora_dir)]
+        return [s for s in dict.fromkeys(p.saved) if not is_under(s, self.host.paths.lora_dir)
+                and not is_under(s, self.host.paths.embeddings_dir)]
 
     def use_in_txt2img(self, path: str) -> str:
         if not path:
@@ -189,6 +190,10 @@ class TabActions:
             p = Progress(**{**p.__dict__, "state": "running"})  # refreshing the list still
         if p.state == "finished" and is_under(p.final_path, self.host.paths.lora_dir):
             p.messages.append(f"LoRA saved: add <lora:{Path(p.final_path).stem}:1> to a prompt.")
+        if p.state == "finished" and any(is_under(s, self.host.paths.embeddings_dir)
+                                         for s in p.saved[-2:]):
+            p.messages.append(f"Embedding saved: write {Path(p.final_path).stem} in a prompt "
+                              "where the token was.")
         active = p.active or self.manager.busy()
         saved = self.saved_checkpoints(p)
         selected = p.final_path if p.final_path in saved else (saved or [""])[-1]

@@ -21,7 +21,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "Parameters": ("steps_per_image", "batch_size", "learning_rate", "resolution",
                    "optimizer", "mixed_precision", "attention", "cache_latents",
                    "memory_preset", "train_text_encoder", "prior_loss_weight", "sample_every_epochs",
-                   "use_lora", "lora_rank", "save_every_epochs", "gradient_checkpointing",
+                   "method", "lora_rank", "embedding_token", "embedding_init_word",
+                   "save_every_epochs", "gradient_checkpointing",
                    "lr_scheduler", "lr_warmup_steps", "use_ema", "ema_decay",
                    "text_encoder_learning_rate", "text_encoder_steps_ratio",
                    "gradient_accumulation_steps", "weight_decay", "max_grad_norm", "center_crop",
@@ -29,15 +30,17 @@ SECTIONS: dict[str, tuple[str, ...]] = {
                    "seed", "class_generation_steps", "sample_steps", "guidance_scale",
                    "lora_alpha", "lora_targets", "lora_conv_rank", "lora_conv_alpha",
                    "lora_learning_rate", "lora_text_encoder",
-                   "lora_text_encoder_learning_rate", "state_every_steps", "fused_optimizer",
-                   "bf16_weights", "compile"),
-    "Saving": ("output_dir", "save_precision", "lora_dir", "lora_merge", "overwrite"),
+                   "lora_text_encoder_learning_rate", "use_lora", "pivotal",
+                   "embedding_vectors", "embedding_learning_rate", "state_every_steps",
+                   "fused_optimizer", "bf16_weights", "compile"),
+    "Saving": ("output_dir", "save_precision", "lora_dir", "lora_merge", "embedding_dir",
+               "overwrite"),
 }
 BASIC = frozenset({
     "model_name", "source_checkpoint", "model_type", "steps_per_image", "batch_size",
     "learning_rate", "resolution", "optimizer", "mixed_precision", "attention", "cache_latents",
     "memory_preset",
-    "train_text_encoder", "prior_loss_weight", "sample_every_epochs", "use_lora", "lora_rank",
+    "train_text_encoder", "prior_loss_weight", "sample_every_epochs", "method", "lora_rank",
     "output_dir", "save_precision",
 })
 CONCEPT_BASIC = frozenset({"instance_data_dir", "instance_prompt", "class_prompt",
@@ -56,7 +59,8 @@ LABELS = {
     "instance_data_dir": "Instance images folder", "instance_prompt": "Instance prompt",
     "class_prompt": "Class prompt", "class_data_dir": "Class images folder",
     "class_images_per_instance": "Class images per instance image",
-    "sample_prompt": "Sample prompt", "use_lora": "Train a LoRA", "lora_rank": "LoRA rank",
+    "sample_prompt": "Sample prompt", "use_lora": "Train a LoRA (older switch: Method lora)",
+    "lora_rank": "LoRA rank",
     "lora_targets": "LoRA layers", "lora_conv_rank": "LoRA conv rank",
     "lora_conv_alpha": "LoRA conv alpha",
     "lora_dir": "Save LoRA to folder", "resume": "Resume", "memory_preset": "GPU memory preset",
@@ -80,6 +84,13 @@ LABELS = {
     "lora_merge": "Also save a checkpoint with the LoRA merged in",
     "bucketing": "Aspect-ratio bucketing", "bucket_no_upscale": "Buckets: never upscale",
     "compile": "Compile the UNet (torch.compile)",
+    "method": "Method (what to train)",
+    "pivotal": "Pivotal tuning: train the token's embedding with the LoRA",
+    "embedding_token": "Embedding token (the word in the instance prompt)",
+    "embedding_init_word": "Embedding starts from the word",
+    "embedding_vectors": "Embedding vectors per token",
+    "embedding_learning_rate": "Embedding learning rate",
+    "embedding_dir": "Save embedding to folder",
 }
 
 
@@ -178,6 +189,8 @@ def values_to_config(values: dict[str, Any], concept_count: int = MAX_CONCEPTS
 def config_to_values(config: TrainingConfig) -> tuple[dict[str, Any], int]:
     """TrainingConfig -> widget values by key, and how many concept panels to show."""
     values = {s.key: getattr(config, s.name) for ss in config_specs().values() for s in ss}
+    if config.method == "lora" and "use_lora" in values:  # the Method dropdown says it: the
+        values["use_lora"] = False  # old switch left on would undo a later change of method
     for i in range(MAX_CONCEPTS):
         concept = config.concepts[i] if i < len(config.concepts) else Concept()
         values.update({s.key: getattr(concept, s.name) for s in concept_specs(i)})

@@ -1,0 +1,233 @@
+"""Textual inversion and pivotal tuning, through the real trainer on the tiny models: the
+embedding file has the WebUI's layout (read back with safetensors itself, not our code), only the
+new token's vectors change, the embedding alone lowers the instance loss, a pivotal LoRA differs
+from a plain one and its card's prompt names the embedding, bad input is refused before
+training."""
+import json
+import random
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dreambooth import Concept, TrainingConfig
+from dreambooth.config import events as ev
+from dreambooth.config.errors import ConfigError, DreamboothError
+from dreambooth.data.images import load_image, scan_images
+from dreambooth.model.single_file import load_single_file
+from dreambooth.model.tiny import write_images
+from dreambooth.training.loss import compute_loss
+from dreambooth.training.trainer import Trainer
+
+PROMPT = "photo of sks pattern"
+TI_STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def sources(tiny_checkpoints):
+    return {t: tiny_checkpoints(t) for t in ("v1x", "sdxl")}
+
+
+def settings(source, model_type, instance_dir, tmp_path, **changes) -> TrainingConfig:
+    base = dict(model_name="emb", source_checkpoint=str(source), model_type=model_type,
+                work_dir=str(tmp_path / "runs"), output_dir=str(tmp_path / "out"),
+                lora_dir=str(tmp_path / "Lora"), embedding_dir=str(tmp_path / "embeddings"),
+                resolution=64, center_crop=True, batch_size=2, steps_per_image=1,
+                method="textual_inversion", embedding_token="sks", embedding_init_word="pattern",
+                embedding_vectors=2, embedding_learning_rate=5e-2, state_every_steps=0,
+                concepts=(Concept(str(instance_dir), PROMPT),))
+    return TrainingConfig(**{**base, **changes}).check()
+
+
+def run(cfg: TrainingConfig) -> Trainer:
+    events = []
+    trainer = Trainer(cfg, ev.EventBus(events.append), ev.CancelToken())
+    trainer.result = trainer.run()
+    trainer.saved = [e.path for e in events if isinstance(e, ev.CheckpointSaved)]
+    return trainer
+
+
+def read_back(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type, layout", [
+    ("v1x", {"emb_params": (2, 32)}),
+    ("sdxl", {"clip_l": (2, 32), "clip_g": (2, 32)}),
+])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_textual_inversion_writes_the_webui_embedding_and_changes_nothing_else(
+        sources, instance_dir, tmp_path, model_type, layout, precision):
+    cfg = settings(sources[model_type], model_type, instance_dir, tmp_path,
+                   save_precision=precision)
+    trainer = run(cfg)
+    steps = trainer.total_steps
+    path = tmp_path / "embeddings" / f"emb_{steps}.safetensors"
+    assert trainer.saved == [str(path)] and trainer.result.path == path
+    tensors, meta = read_back(path)
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == layout
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
+    assert all(v.dtype == dtype for v in tensors.values())
+    assert meta["name"] == f"emb_{steps}" and meta["step"] == str(steps)
+    assert meta["dreambooth.token"] == "sks" and meta["dreambooth.model_type"] == model_type
+    assert meta["sd_checkpoint_name"] == sources[model_type].stem
+    # nothing else was written: no checkpoint, no LoRA, no working model
+    assert not (tmp_path / "out").exists() and not (tmp_path / "Lora").exists()
+
+    # only the new vectors learnt: every weight of the source is bit-identical
+    source = load_single_file(str(sources[model_type]), model_type)
+    comp = trainer.comp
+    for name in ("unet", "vae", *[s.component for s in comp.spec.text_encoders]):
+        trained = getattr(comp, name).state_dict()
+        for key, value in getattr(source, name).state_dict().items():
+            assert torch.equal(trained[key].float(), value.float()), (name, key)
+        extra = set(trained) - set(getattr(source, name).state_dict())
+        assert all(k.endswith("embeddings.token_embedding.vectors") for k in extra), extra
+    # and the vectors moved away from the init word's row
+    keys = list(layout)
+    for key, te, tok in zip(keys, source.text_encoders, source.tokenizers):
+        init = te.get_input_embeddings().weight[tok("pattern", add_special_tokens=False)
+                                                .input_ids[0]]
+        assert not torch.allclose(tensors[key].float(), init.expand(2, -1).to(dtype).float())
+
+
+@pytest.mark.slow
+def test_pivotal_lora_differs_from_a_plain_lora_and_its_card_names_the_embedding(
+        sources, instance_dir, tmp_path):
+    common = dict(method="lora", lora_rank=4, lora_alpha=4.0, lora_learning_rate=1e-2,
+                  steps_per_image=2)
+    plain = run(settings(sources["v1x"], "v1x", instance_dir, tmp_path / "a", **common))
+    pivotal = run(settings(sources["v1x"], "v1x", instance_dir, tmp_path / "b", pivotal=True,
+                           **common))
+    steps = pivotal.total_steps
+    lora_a = tmp_path / "a" / "Lora" / f"emb_{steps}.safetensors"
+    lora_b = tmp_path / "b" / "Lora" / f"emb_{steps}.safetensors"
+    emb = tmp_path / "b" / "embeddings" / f"emb_{steps}.safetensors"
+    assert plain.saved == [str(lora_a)] and pivotal.saved == [str(emb), str(lora_b)]
+    a, _ = read_back(lora_a)
+    b, _ = read_back(lora_b)
+    assert a.keys() == b.keys()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    tensors, _ = read_back(emb)
+    assert tuple(tensors["emb_params"].shape) == (2, 32)
+    card = json.loads(lora_b.with_suffix(".json").read_text())
+    assert card["activation text"] == f"photo of emb_{steps} pattern"
+    assert not (tmp_path / "a" / "embeddings").exists()
+
+
+def eval_loss(comp, folder, vectors=None) -> float:
+    """Mean denoising loss of the instance images under PROMPT with fixed noise and timesteps;
+    `vectors`: the embedding (SD 1.x) in place of 'sks', put there independently of our code:
+    new tokens in the tokenizer, their rows appended to the text encoder's matrix."""
+    from diffusers import DDPMScheduler
+    scheduler = DDPMScheduler.from_config(comp.configs["scheduler"])
+    images, _ = scan_images(folder)
+    tok, te, prompt = comp.tokenizer, comp.text_encoder, PROMPT
+    if vectors is not None:
+        names = [f"<v{i}>" for i in range(len(vectors))]
+        tok.add_tokens(names)
+        te.resize_token_embeddings(len(tok))
+        with torch.no_grad():
+            te.get_input_embeddings().weight[-len(vectors):] = vectors
+        prompt = PROMPT.replace("sks", " ".join(names))
+    with torch.no_grad():
+        pixels = torch.stack([load_image(p, 64, True, random.Random(0)) for p in images])
+        latents = comp.vae.encode(pixels).latent_dist.mean * comp.vae.config.scaling_factor
+        ids = tok([prompt] * len(images), padding="max_length", max_length=77,
+                  truncation=True, return_tensors="pt").input_ids
+        hidden = te(ids)[0]
+        g, total, steps = torch.Generator().manual_seed(123), 0.0, (50, 150, 300, 500) * 4
+        for t in steps:
+            noise = torch.randn(latents.shape, generator=g)
+            loss, _, _ = compute_loss(comp.unet, scheduler, latents, hidden, noise,
+                                      torch.full((len(images),), t), len(images), 0.0)
+            total += loss.item()
+    return total / len(steps)
+
+
+@pytest.mark.slow
+def test_the_embedding_alone_lowers_the_instance_loss(sources, tmp_path):
+    """Everything but the new token's vectors is frozen, so any fall of the loss is theirs.
+    A random tiny UNet attends little to the text: 16 vectors give the token a small but steady
+    say (the fall measured is about 0.3%; a real model falls much further)."""
+    instance = tmp_path / "instance"
+    write_images(instance, "checker", 4)
+    cfg = settings(sources["v1x"], "v1x", instance, tmp_path, steps_per_image=TI_STEPS,
+                   batch_size=4, embedding_learning_rate=5e-3, embedding_vectors=16)
+    trainer = run(cfg)
+    tensors, _ = read_back(trainer.result.path)
+    init = tensors["emb_params"][:1].clone()
+    source = sources["v1x"]
+    word = load_single_file(str(source), "v1x")
+    row = word.text_encoder.get_input_embeddings().weight[
+        word.tokenizer("pattern", add_special_tokens=False).input_ids[0]].detach()
+    before = eval_loss(load_single_file(str(source), "v1x"), instance,
+                       row.expand(16, -1).clone())
+    after = eval_loss(load_single_file(str(source), "v1x"), instance,
+                      tensors["emb_params"].float())
+    print(f"\ninstance loss: initial embedding {before:.5f}, trained {after:.5f} "
+          f"({(after - before) / before:+.2%})")
+    assert init.shape == (1, 32) and after < 0.998 * before  # measured: -0.3%
+
+
+def test_bad_embedding_settings_are_refused_with_the_field_and_the_fix(sources, instance_dir,
+                                                                       tmp_path):
+    with pytest.raises(ConfigError) as e:
+        settings(sources["v1x"], "v1x", instance_dir, tmp_path, embedding_token="zzz")
+    assert "concepts[0].instance_prompt" in str(e.value) and "zzz" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        settings(sources["v1x"], "v1x", instance_dir, tmp_path, use_lora=True)
+    assert "use_lora" in str(e.value) and "textual_inversion" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        settings(sources["v1x"], "v1x", instance_dir, tmp_path, pivotal=True)
+    assert "pivotal" in str(e.value) and "method" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        settings(sources["v1x"], "v1x", instance_dir, tmp_path, embedding_init_word="a dog")
+    assert "embedding_init_word" in str(e.value)
+
+
+@pytest.mark.parametrize("case", ["multi_token_init", "clash"])
+def test_refused_before_training_and_nothing_written(sources, instance_dir, tmp_path, case):
+    changes = {"embedding_init_word": "sksqzvwx"} if case == "multi_token_init" else {}
+    cfg = settings(sources["v1x"], "v1x", instance_dir, tmp_path, **changes)
+    folder = tmp_path / "embeddings"
+    if case == "clash":
+        folder.mkdir()
+        for step in range(1, 9):  # whichever step the run ends at
+            (folder / f"emb_{step}.safetensors").write_bytes(b"mine")
+    events = []
+    with pytest.raises(DreamboothError) as e:
+        Trainer(cfg, ev.EventBus(events.append), ev.CancelToken()).run()
+    text = f"{e.value.message} {e.value.hint}"
+    if case == "clash":
+        assert "already exists" in text and "overwrite" in text
+        assert all(p.read_bytes() == b"mine" for p in folder.iterdir())
+        assert len(list(folder.iterdir())) == 8
+    else:
+        assert "embedding_init_word" in text and "one token" in text
+        assert not folder.exists()
+    assert not any(isinstance(x, (ev.Step, ev.CheckpointSaved)) for x in events)
+
+
+def test_an_old_config_with_use_lora_loads_as_method_lora():
+    old = {"model_name": "x", "use_lora": True, "lora_rank": 8}  # version 0, no method
+    cfg = TrainingConfig.from_dict(old)
+    assert cfg.method == "lora" and cfg.use_lora is True
+    again = TrainingConfig.from_json(cfg.to_json())
+    assert again == cfg
+    assert TrainingConfig(method="lora").use_lora is True
+    assert cfg.replace(method="dreambooth").use_lora is False
+    assert cfg.replace(use_lora=False).method == "dreambooth"
+    assert TrainingConfig().replace(use_lora=True).method == "lora"
+
+
+def test_a_snapshot_from_before_method_resumes_as_the_same_run():
+    from dreambooth.training.state import config_differences
+    new = TrainingConfig(use_lora=True).to_dict()
+    old = {k: v for k, v in new.items() if k not in (
+        "method", "pivotal", "embedding_token", "embedding_init_word", "embedding_vectors",
+        "embedding_learning_rate", "embedding_dir")}
+    assert config_differences(old, new) == []
+    assert config_differences(old, TrainingConfig().to_dict()) != []
