@@ -24,6 +24,7 @@ from .checks import (
 )
 from .errors import ConfigError, Problem
 from .migrate import SCHEMA_VERSION, migrate
+from .textfile import read_config_text
 
 MODEL_TYPES = ("v1x", "v2x-512", "v2x-768-v", "sdxl")
 OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "prodigy", "adafactor")
@@ -376,22 +377,6 @@ class TrainingConfig:
             raise ConfigError([Problem("--config", str(p), "does not exist",
                                        "give the path of a JSON config file")])
         return cls.from_json(read_config_text(p))
-
-
-def read_config_text(path: Path) -> str:
-    """A config file's text: UTF-8 (with or without a BOM), or UTF-16/32 with their BOM."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ConfigError([Problem("--config", str(path), f"can't be read ({e.strerror})",
-                                   "give a readable JSON file")]) from None
-    encoding = "utf-32" if data[:4] in (b"\xff\xfe\0\0", b"\0\0\xfe\xff") else \
-        "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
-    try:
-        return data.decode(encoding)
-    except UnicodeDecodeError as e:
-        raise ConfigError([Problem("--config", str(path), f"is not {encoding.upper()} text "
-                                   f"(byte {e.start})", "save the file as UTF-8")]) from None
 
 
 def field_help() -> list[tuple[str, str, Any, bool]]:

@@ -30,7 +30,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
                    "seed", "class_generation_steps", "sample_steps", "guidance_scale",
                    "lora_alpha", "lora_targets", "lora_conv_rank", "lora_conv_alpha",
                    "lora_learning_rate", "lora_text_encoder",
-                   "lora_text_encoder_learning_rate", "use_lora", "pivotal",
+                   "lora_text_encoder_learning_rate", "pivotal",
                    "embedding_vectors", "embedding_learning_rate", "state_every_steps",
                    "fused_optimizer", "bf16_weights", "compile"),
     "Saving": ("output_dir", "save_precision", "lora_dir", "lora_merge", "embedding_dir",
@@ -94,6 +94,11 @@ LABELS = {
 }
 
 
+# Older spellings of a field the tab shows: no widget of their own (two widgets for one setting
+# would disagree, and the older one would win), the config keeps reading them from JSON/CLI.
+ALIASES = {"use_lora": "method"}
+
+
 @dataclass(frozen=True)
 class WidgetSpec:
     """What the tab builds for one field: its key, kind and limits, from the field's metadata."""
@@ -127,7 +132,8 @@ def _spec(f: dataclasses.Field, key: str, basic: frozenset) -> WidgetSpec:
 
 def config_specs() -> dict[str, list[WidgetSpec]]:
     """Section name -> widget specs of the TrainingConfig fields (all but `concepts`)."""
-    by_name = {f.name: f for f in dataclasses.fields(TrainingConfig) if f.name != "concepts"}
+    by_name = {f.name: f for f in dataclasses.fields(TrainingConfig)
+               if f.name != "concepts" and f.name not in ALIASES}
     out: dict[str, list[WidgetSpec]] = {}
     placed: set[str] = set()
     for section, names in SECTIONS.items():
@@ -173,14 +179,15 @@ def values_to_config(values: dict[str, Any], concept_count: int = MAX_CONCEPTS
     with neither folder nor prompt are left out. Raises ConfigError for unknown/bad types."""
     specs = {s.key: s for ss in config_specs().values() for s in ss}
     data: dict[str, Any] = {k: coerce(specs[k], v) for k, v in values.items() if k in specs}
+    data.update({k: v for k, v in values.items() if k in ALIASES})  # a caller's older spelling
     concepts = []
     for i in range(min(concept_count, MAX_CONCEPTS)):
         c = {s.name: coerce(s, values[s.key]) for s in concept_specs(i) if s.key in values}
         if c and not _is_blank(c):
             concepts.append(c)
     data["concepts"] = concepts
-    unknown = set(values) - set(specs) - {s.key for i in range(MAX_CONCEPTS)
-                                         for s in concept_specs(i)}
+    unknown = set(values) - set(specs) - set(ALIASES) - {s.key for i in range(MAX_CONCEPTS)
+                                                         for s in concept_specs(i)}
     if unknown:
         raise KeyError(f"values for unknown widgets: {sorted(unknown)}")
     return TrainingConfig.from_dict(data)
@@ -189,8 +196,6 @@ def values_to_config(values: dict[str, Any], concept_count: int = MAX_CONCEPTS
 def config_to_values(config: TrainingConfig) -> tuple[dict[str, Any], int]:
     """TrainingConfig -> widget values by key, and how many concept panels to show."""
     values = {s.key: getattr(config, s.name) for ss in config_specs().values() for s in ss}
-    if config.method == "lora" and "use_lora" in values:  # the Method dropdown says it: the
-        values["use_lora"] = False  # old switch left on would undo a later change of method
     for i in range(MAX_CONCEPTS):
         concept = config.concepts[i] if i < len(config.concepts) else Concept()
         values.update({s.key: getattr(concept, s.name) for s in concept_specs(i)})
