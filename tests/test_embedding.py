@@ -148,6 +148,7 @@ def eval_loss(comp, folder, vectors=None) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.once  # nothing version-sensitive beyond what the other tests run
 def test_the_embedding_alone_lowers_the_instance_loss(sources, tmp_path):
     """Everything but the new token's vectors is frozen, so any fall of the loss is theirs.
     A random tiny UNet attends little to the text: 16 vectors give the token a small but steady
