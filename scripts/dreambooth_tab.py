@@ -101,8 +101,11 @@ if not LOAD_ERROR:
                 networks.list_available_networks()
 
         def refresh_embeddings(self) -> None:
-            from modules import sd_hijack  # the embedding database of the loaded model
-            db = getattr(sd_hijack.model_hijack, "embedding_db", None)
+            try:  # AUTOMATIC1111: the embedding database of the loaded model
+                from modules import sd_hijack
+            except ImportError:  # Forge reads the folder when it next builds the text encoder
+                return
+            db = getattr(getattr(sd_hijack, "model_hijack", None), "embedding_db", None)
             if db is not None:
                 db.load_textual_inversion_embeddings(force_reload=True)
 
