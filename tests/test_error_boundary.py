@@ -430,21 +430,33 @@ def test_a_clear_error_also_leaves_a_log(quick_config):
 
 # -- the child process and Ctrl-C -------------------------------------------------------------
 def test_second_ctrl_c_within_50_ms_is_one_sentence(quick_config, tmp_path):
+    """The second Ctrl-C comes 20 ms after the first was taken (the run says so). Sent sooner,
+    while the process is inside one long kernel, the two would reach Python as one signal
+    (its handler flag is one bit) and the run would simply stop cleanly: right, but not what
+    this test is about, and a matter of machine load."""
     cfg = quick_config.replace(steps_per_image=200)
     path = tmp_path / "run.json"
     path.write_text(cfg.to_json())
-    events = tmp_path / "e.jsonl"
+    events, log = tmp_path / "e.jsonl", tmp_path / "stderr.txt"
     TALLY["tried"] += 1
-    child = subprocess.Popen([sys.executable, "-m", "dreambooth", "train", "--config", str(path),
-                              "--events-jsonl", str(events)], stderr=subprocess.PIPE, text=True)
-    limit = Deadline(60)
-    while not limit.expired() and '"step"' not in (events.read_text() if events.exists()
-                                                      else ""):
-        time.sleep(0.05)
-    child.send_signal(signal.SIGINT)
-    time.sleep(0.02)
-    child.send_signal(signal.SIGINT)
-    _, err = child.communicate(timeout=deadline(60))
+    with open(log, "w") as stderr:
+        child = subprocess.Popen([sys.executable, "-m", "dreambooth", "train", "--config",
+                                  str(path), "--events-jsonl", str(events)], stderr=stderr)
+
+        def said(text: str, path: Path) -> bool:
+            return path.exists() and text in path.read_text(errors="replace")
+        limit = Deadline(60)
+        while not limit.expired() and not said('"step"', events):
+            time.sleep(0.05)
+        child.send_signal(signal.SIGINT)
+        limit = Deadline(60)
+        while not limit.expired() and not said("Ctrl-C again", log):
+            time.sleep(0.01)
+        assert said("Ctrl-C again", log)  # the first one was taken: stopping cleanly
+        time.sleep(0.02)
+        child.send_signal(signal.SIGINT)
+        child.wait(timeout=deadline(60))
+    err = log.read_text(errors="replace")
     if "Traceback" in err:
         TALLY["tracebacks"] += 1
     assert "Traceback" not in err, err[-3000:]

@@ -209,6 +209,8 @@ def _install_signal_handlers(cancel: CancelToken) -> None:
         if cancel.cancelled:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         cancel.cancel()
+        _say("Stopping after this step and saving what was trained (Ctrl-C again: stop at "
+             "once).")
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             signal.signal(sig, handler)
