@@ -241,7 +241,7 @@ def test_api_routes_mount_on_the_webuis_app_under_its_auth(webui):
 def test_a_lora_from_the_tab_lands_in_the_lora_list(webui, tiny_inputs, monkeypatch):
     mods, glue = webui
     from dreambooth.config import TrainingConfig
-    if "use_lora" not in TrainingConfig.__dataclass_fields__:
+    if "method" not in TrainingConfig.__dataclass_fields__:
         pytest.skip("this core has no LoRA output")
     import importlib
     networks = importlib.import_module("networks")  # the built-in Lora extension's module
@@ -253,7 +253,7 @@ def test_a_lora_from_the_tab_lands_in_the_lora_list(webui, tiny_inputs, monkeypa
     values.update(quick_values(tiny_inputs, host.paths.work_dir, host.paths.checkpoints_dir,
                                name="webui_lora"))
     host.refresh_checkpoints()  # the copied checkpoint joins the WebUI's list
-    values.update({"use_lora": True, "lora_rank": 4})
+    values.update({"method": "lora", "lora_rank": 4})  # the tab's Method dropdown
     assert values["lora_dir"] == str(Path(mods["shared"].cmd_opts.lora_dir))
     assert "started" in tab.on_train(1, *[values[k] for k in tab.widgets])
     frames = list(tab.stream())
