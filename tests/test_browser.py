@@ -154,7 +154,7 @@ def test_train_from_the_browser(server, tiny_inputs, tmp_path):
 def test_save_now_and_sample_now_during_a_run(server, tiny_inputs, tmp_path):
     """Press Save now and Sample now while a long run trains: a checkpoint and preview images
     appear (nothing was scheduled: no save or sample every N epochs), then Cancel (confirmed in
-    the dialog) saves once more, and the run's list offers every checkpoint it wrote."""
+    the dialog) saves once more. (The run's list of checkpoints is checked in test_ui_build.)"""
     url, checkpoints = server
     samples = tmp_path / "ui" / "dreambooth" / "browser_cmd" / "samples"
     with sync_api.sync_playwright() as pw:
@@ -180,12 +180,5 @@ def test_save_now_and_sample_now_during_a_run(server, tiny_inputs, tmp_path):
         page.locator("#dreambooth_cancel").click()
         wait_for(lambda: _bar(page)[0] == "cancelled", timeout=120, every=0.3)
         wait_for(lambda: len(ours()) == 2, timeout=30, every=0.3)
-        box = page.locator("#dreambooth_saved_list input").first
-        wait_for(lambda: box.input_value().endswith(ours()[-1]), timeout=30, every=0.3)
-        box.click()  # open the list: both checkpoints of the cancelled run are offered
-        options = page.locator("#dreambooth_saved_list li")
-        wait_for(lambda: options.count() == 2, timeout=30, every=0.3)
-        offered = " ".join(options.all_inner_texts())
         browser.close()
-    assert all(name in offered for name in ours()), offered
     assert len(ours()) == 2  # Save now's and the cancelled run's own
