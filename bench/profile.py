@@ -148,6 +148,7 @@ def build_trainer(cfg, comp, device):
     from dreambooth.data.feed import DataFeed
     from dreambooth.data.images import Item
     from dreambooth.training import backends
+    from dreambooth.training.losslog import LossLog
     from dreambooth.training.state import fresh_rng
     from dreambooth.training.trainer import Trainer
     t = Trainer(cfg, ev.EventBus(None), ev.CancelToken())
@@ -185,7 +186,8 @@ def build_trainer(cfg, comp, device):
         for model in t.models:
             forward = torch.autocast(FAKE_DEVICE, dtype=t.dtype)(model.forward)
             model.forward = convert_outputs_to_fp32(forward)
-    t.rng, t.gen = fresh_rng(cfg.seed)
+    t.rng, t.gen = fresh_rng(cfg.seed, FAKE_DEVICE)  # the device's generator, as in a run
+    t.log = LossLog(cfg.log_every_steps)
     return t
 
 
@@ -208,21 +210,25 @@ def profile_case(case: ProfileCase, resolution: int | None = None, configs: dict
         from dreambooth.training.lora import add_lora
         add_lora(comp, cfg)  # on the meta model: see _lora_made_already
     with FakeTensorMode(allow_non_fake_inputs=True), StepCounter() as counter, \
-            OnDevice(counter) as on_device:
+            OnDevice(counter):
         t = build_trainer(cfg, comp, device)
-        on_device.host_generators.append(t.gen)
         order = list(range(len(t.feed.items)))
         steps = []
         for step in (1, 2):
             counter.start_step()
             t.micro_step(order, step - 1, step)
             t.after_update(step)
+            t.log.end_update(step)  # not a step that reads the losses (log_every_steps 10)
             steps.append(counter.figures())
         top = counter.by_op.most_common(12)
+        counter.start_step()
+        t.log.read()  # what a step that reads them adds: one wait for all pending losses
+        read = counter.figures()
     first, second = steps
     return {"name": case.name, "model_type": case.model_type, "resolution": cfg.resolution,
             "batch_size": cfg.batch_size, "ops": second["ops"],
             "host_syncs": second["host_syncs"], "syncs_by_kind": second["syncs_by_kind"],
+            "read_syncs": read["host_syncs"], "read_ops": read["ops"],
             "peak_bytes": max(first["peak_bytes"], second["peak_bytes"]),
             "peak_gib": round(max(first["peak_bytes"], second["peak_bytes"]) / GIB, 3),
             "first_step_ops": first["ops"], "top_ops": dict(top),
