@@ -5,8 +5,10 @@ bytes. Seconds per configuration on a CPU; no GPU.
 The step is the trainer's own: a `Trainer` whose set-up is done here (no image folders, no
 checkpoint file, no VAE/text-encoder caching: the caches are fake tensors of the right shapes),
 then `Trainer.setup_optimization()` (trainable_groups, make_optimizer, the LR schedule, EMA),
-`Trainer.micro_step()` (feed.batch, noise, compute_loss, check_finite, backward, clipping,
-optimizer step, zero_grad, loss.item()) and `Trainer.after_update()`. Accelerate is replaced by
+`Trainer.micro_step()` (feed.batch, noise, compute_loss, LossLog.micro, backward, clipping,
+optimizer step, zero_grad), `Trainer.after_update()` and `LossLog.end_update()` (the loss
+stays on the device: the second step is not one that reads it); then, counted apart, the read
+that every `log_every_steps`-th step adds (`LossLog.read()`). Accelerate is replaced by
 what it does for one process: autocast around the model's forward, plain backward, torch's
 clip_grad_norm_.
 
@@ -252,13 +254,15 @@ def run_profile(only: set | None = None, resolution: int | None = None, configs=
     return rows
 
 
-HEADER = f"{'configuration':<22} {'ops/step':>9} {'host syncs':>10} {'peak GiB':>9}  settings"
+HEADER = (f"{'configuration':<22} {'ops/step':>9} {'host syncs':>10} {'at a read':>9} "
+          f"{'peak GiB':>9}  settings")
 
 
 def format_row(r: dict) -> str:
     s = r["settings"]
     extra = ", ".join(k for k in ("fused", "bf16_weights", "use_lora", "train_text_encoder",
                                   "gradient_checkpointing", "ema") if s[k])
-    return (f"{r['name']:<22} {r['ops']:>9} {r['host_syncs']:>10} {r['peak_gib']:>9.2f}  "
+    return (f"{r['name']:<22} {r['ops']:>9} {r['host_syncs']:>10} {r['read_syncs']:>9} "
+            f"{r['peak_gib']:>9.2f}  "
             f"{s['optimizer']}, bs{r['batch_size']}{', ' + extra if extra else ''} "
             f"({r['seconds']:.0f} s)")
