@@ -76,6 +76,7 @@ class Clock:
             loss = step()
         sync()
         self.seconds += time.perf_counter() - start
+        loss = float(loss)  # ours leaves it on the device: read after the clock stops
         self.steps += n
         if cuda:
             self.peak_allocated = max(self.peak_allocated, torch.cuda.max_memory_allocated())

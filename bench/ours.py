@@ -24,8 +24,9 @@ class OursStep:
         self.trainer.start_position()  # fresh generators and class cursor, as a new run
         self.order, self.b, self.updates = None, self.trainer.batches_per_epoch, 0
 
-    def step(self) -> float:
-        """One micro-step of the trainer itself (Trainer.micro_step), less events and snapshots."""
+    def step(self):
+        """One micro-step of the trainer itself (Trainer.micro_step), less events and snapshots;
+        the loss stays on the device and is read every log_every_steps, as in a run."""
         t = self.trainer
         if self.b >= t.batches_per_epoch:
             self.order, self.b = t.rng.sample(range(len(t.feed.items)), len(t.feed.items)), 0
@@ -34,6 +35,7 @@ class OursStep:
         if t.acc.sync_gradients:
             self.updates += 1
             t.after_update(self.updates)
+            t.log.end_update(self.updates)
         return value
 
     def to(self, device) -> None:

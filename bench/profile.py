@@ -5,8 +5,10 @@ bytes. Seconds per configuration on a CPU; no GPU.
 The step is the trainer's own: a `Trainer` whose set-up is done here (no image folders, no
 checkpoint file, no VAE/text-encoder caching: the caches are fake tensors of the right shapes),
 then `Trainer.setup_optimization()` (trainable_groups, make_optimizer, the LR schedule, EMA),
-`Trainer.micro_step()` (feed.batch, noise, compute_loss, check_finite, backward, clipping,
-optimizer step, zero_grad, loss.item()) and `Trainer.after_update()`. Accelerate is replaced by
+`Trainer.micro_step()` (feed.batch, noise, compute_loss, LossLog.micro, backward, clipping,
+optimizer step, zero_grad), `Trainer.after_update()` and `LossLog.end_update()` (the loss
+stays on the device: the second step is not one that reads it); then, counted apart, the read
+that every `log_every_steps`-th step adds (`LossLog.read()`). Accelerate is replaced by
 what it does for one process: autocast around the model's forward, plain backward, torch's
 clip_grad_norm_.
 
@@ -148,6 +150,7 @@ def build_trainer(cfg, comp, device):
     from dreambooth.data.feed import DataFeed
     from dreambooth.data.images import Item
     from dreambooth.training import backends
+    from dreambooth.training.losslog import LossLog
     from dreambooth.training.state import fresh_rng
     from dreambooth.training.trainer import Trainer
     t = Trainer(cfg, ev.EventBus(None), ev.CancelToken())
@@ -185,7 +188,8 @@ def build_trainer(cfg, comp, device):
         for model in t.models:
             forward = torch.autocast(FAKE_DEVICE, dtype=t.dtype)(model.forward)
             model.forward = convert_outputs_to_fp32(forward)
-    t.rng, t.gen = fresh_rng(cfg.seed)
+    t.rng, t.gen = fresh_rng(cfg.seed, FAKE_DEVICE)  # the device's generator, as in a run
+    t.log = LossLog(cfg.log_every_steps)
     return t
 
 
@@ -208,21 +212,25 @@ def profile_case(case: ProfileCase, resolution: int | None = None, configs: dict
         from dreambooth.training.lora import add_lora
         add_lora(comp, cfg)  # on the meta model: see _lora_made_already
     with FakeTensorMode(allow_non_fake_inputs=True), StepCounter() as counter, \
-            OnDevice(counter) as on_device:
+            OnDevice(counter):
         t = build_trainer(cfg, comp, device)
-        on_device.host_generators.append(t.gen)
         order = list(range(len(t.feed.items)))
         steps = []
         for step in (1, 2):
             counter.start_step()
             t.micro_step(order, step - 1, step)
             t.after_update(step)
+            t.log.end_update(step)  # not a step that reads the losses (log_every_steps 10)
             steps.append(counter.figures())
         top = counter.by_op.most_common(12)
+        counter.start_step()
+        t.log.read()  # what a step that reads them adds: one wait for all pending losses
+        read = counter.figures()
     first, second = steps
     return {"name": case.name, "model_type": case.model_type, "resolution": cfg.resolution,
             "batch_size": cfg.batch_size, "ops": second["ops"],
             "host_syncs": second["host_syncs"], "syncs_by_kind": second["syncs_by_kind"],
+            "read_syncs": read["host_syncs"], "read_ops": read["ops"],
             "peak_bytes": max(first["peak_bytes"], second["peak_bytes"]),
             "peak_gib": round(max(first["peak_bytes"], second["peak_bytes"]) / GIB, 3),
             "first_step_ops": first["ops"], "top_ops": dict(top),
@@ -246,13 +254,15 @@ def run_profile(only: set | None = None, resolution: int | None = None, configs=
     return rows
 
 
-HEADER = f"{'configuration':<22} {'ops/step':>9} {'host syncs':>10} {'peak GiB':>9}  settings"
+HEADER = (f"{'configuration':<22} {'ops/step':>9} {'host syncs':>10} {'at a read':>9} "
+          f"{'peak GiB':>9}  settings")
 
 
 def format_row(r: dict) -> str:
     s = r["settings"]
     extra = ", ".join(k for k in ("fused", "bf16_weights", "use_lora", "train_text_encoder",
                                   "gradient_checkpointing", "ema") if s[k])
-    return (f"{r['name']:<22} {r['ops']:>9} {r['host_syncs']:>10} {r['peak_gib']:>9.2f}  "
+    return (f"{r['name']:<22} {r['ops']:>9} {r['host_syncs']:>10} {r['read_syncs']:>9} "
+            f"{r['peak_gib']:>9.2f}  "
             f"{s['optimizer']}, bs{r['batch_size']}{', ' + extra if extra else ''} "
             f"({r['seconds']:.0f} s)")

@@ -11,11 +11,11 @@ CPU. Read as on a CUDA run:
 - `.cpu()` and `.to("cpu")` (a string) go to the host; from a device tensor: a sync;
   (a `torch.device('cpu')` object is ambiguous here: FakeTensor's own `.device` can't be
   intercepted, and torch's C++ helpers hand back real devices. Taking it as the device is right
-  for every move in the step but one: `noise_like`'s `.to(latents.device)` of host noise onto a
-  host tensor is counted as the noise's host -> device copy, and the trainer's `.to(device)` that
-  follows it as a no-op: the count is right, the line it is charged to one early;)
-- a factory drawing from one of the host's generators (the trainer's), given no device, or
-  given the string "cpu" makes a host tensor; `torch.tensor(data, device="cuda")` is a host -> device copy.
+  for every move in the step: its random draws come from the trainer's generator, which lives
+  on the device, and land there;)
+- a factory drawing from one of the host's generators (`host_generators`: none in the
+  trainer's step since its generator moved to the device), given no device, or given the
+  string "cpu" makes a host tensor; `torch.tensor(data, device="cuda")` is a host -> device copy.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ def full_config():
         text_encoder_steps_ratio=0.25, use_ema=True, ema_decay=0.999, prior_loss_weight=0.7,
         resolution=768, center_crop=True, hflip=True, offset_noise=0.05, min_snr_gamma=5.0,
         seed=1234, save_precision="bf16", class_generation_steps=30, sample_steps=25,
-        guidance_scale=6.0, overwrite=True, state_every_steps=25, resume="never",
+        guidance_scale=6.0, overwrite=True, state_every_steps=25, log_every_steps=3, resume="never",
         use_lora=True, lora_rank=32, lora_alpha=8.0, lora_text_encoder=True,
         lora_targets="transformer+conv", lora_conv_rank=4, lora_conv_alpha=2.0,
         lora_learning_rate=2e-4, lora_text_encoder_learning_rate=1e-5, lora_dir="/l",

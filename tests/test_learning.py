@@ -4,39 +4,18 @@ A base model is first trained on 'class' pictures (blobs) under the class prompt
 model knows its classes. DreamBooth then teaches it a checker pattern under 'sks', with and
 without prior preservation. Eval losses use fixed noise and timesteps.
 """
-import random
-
 import pytest
-import torch
+from denoise import denoising_loss
 
 from dreambooth import Concept, TrainingConfig, train
-from dreambooth.data.images import load_image, scan_images
 from dreambooth.model.single_file import load_single_file
 from dreambooth.model.tiny import write_images
-from dreambooth.training.loss import compute_loss
 
 INSTANCE, CLASS = "photo of sks pattern", "photo of a pattern"
 
 
 def eval_loss(checkpoint, folder, prompt) -> float:
-    from diffusers import DDPMScheduler
-    comp = load_single_file(str(checkpoint), "v1x")
-    comp.unet.eval()
-    scheduler = DDPMScheduler.from_config(comp.configs["scheduler"])
-    images, _ = scan_images(folder)
-    with torch.no_grad():
-        pixels = torch.stack([load_image(p, 64, True, random.Random(0)) for p in images])
-        latents = comp.vae.encode(pixels).latent_dist.mean * comp.vae.config.scaling_factor
-        ids = comp.tokenizer([prompt] * len(images), padding="max_length", max_length=77,
-                             truncation=True, return_tensors="pt").input_ids
-        hidden = comp.text_encoder(ids)[0]
-        g, total, steps = torch.Generator().manual_seed(123), 0.0, (50, 150, 300, 500)
-        for t in steps:
-            noise = torch.randn(latents.shape, generator=g)
-            loss, _, _ = compute_loss(comp.unet, scheduler, latents, hidden, noise,
-                                      torch.full((len(images),), t), len(images), 0.0)
-            total += loss.item()
-    return total / len(steps)
+    return denoising_loss(load_single_file(str(checkpoint), "v1x"), folder, prompt)
 
 
 def run(root, name, source, concept, steps):

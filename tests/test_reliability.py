@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from patience import deadline
@@ -43,7 +44,9 @@ def losses(events):
 def long_config(quick_config):
     # 48 steps; deterministic ('auto': state is saved) on one CPU thread: bit-identity is
     # promised for the same machine, thread count and versions
-    return quick_config.replace(steps_per_image=12, state_every_steps=4, cpu_threads=1)
+    # the loss read every step (log_every_steps 1): the tests compare the Step events' losses
+    return quick_config.replace(steps_per_image=12, state_every_steps=4, cpu_threads=1,
+                                log_every_steps=1)
 
 
 def test_killed_run_resumes_exactly(long_config, tmp_path):
@@ -136,6 +139,50 @@ def test_nan_loss_stops_with_the_step_and_keeps_saved_checkpoints(quick_config, 
     state, _ = read_checkpoint(saved[-1])
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     assert isinstance(seen[-1], ev.Failed)
+
+
+def test_losses_read_every_few_steps_are_each_steps_loss_and_resume_exactly(long_config):
+    """A Step event every step, its loss only where it was read; the result has every step's
+    loss, the same as read every step; a resume from a snapshot continues them exactly (the
+    device generator's state is in the snapshot)."""
+    every = train(long_config.replace(model_name="every"))
+    seen, cancel = [], ev.CancelToken()
+
+    def stop_at_10(event):
+        seen.append(event)
+        if isinstance(event, ev.Step) and event.step == 10:
+            cancel.cancel()
+    sparse = long_config.replace(model_name="sparse", log_every_steps=3)
+    first = train(sparse, stop_at_10, cancel)
+    steps = [e for e in seen if isinstance(e, ev.Step)]
+    assert [s.step for s in steps] == list(range(1, 11))
+    assert [s.step for s in steps if s.loss is not None] == [3, 6, 9]
+    assert len(every.losses) == 48 and first.losses == every.losses[:10]
+    assert all(s.loss == every.losses[s.step - 1] for s in steps if s.loss is not None)
+    chosen = [p for p in snapshots(sparse.model_dir) if p.name.endswith("00000008")][0]
+    again = train(sparse.replace(resume=str(chosen), overwrite=True))
+    assert again.losses == every.losses[8:]
+
+
+def test_nan_loss_stops_at_the_read_naming_the_first_step(quick_config, monkeypatch):
+    """Steps 6-8 go on after the non-finite loss of step 6 (nothing waits for it); the read at
+    the last step stops the run, naming step 6, before the final save."""
+    import dreambooth.training.trainer as train_module
+    real = train_module.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        total, inst, prior = real(*args, **kwargs)
+        calls["n"] += 1
+        return (total * float("inf") if calls["n"] == 6 else total), inst, prior
+    monkeypatch.setattr(train_module, "compute_loss", poisoned)
+    seen = []
+    with pytest.raises(TrainingError) as err:
+        train(quick_config, seen.append)
+    assert "became inf at step 6" in err.value.message
+    assert [e.step for e in seen if isinstance(e, ev.Step)] == list(range(1, 8))
+    assert not any(isinstance(e, ev.CheckpointSaved) for e in seen)
+    assert not list(Path(quick_config.output_dir).glob("*.safetensors"))
 
 
 def test_second_run_of_the_same_model_is_refused(quick_config):

@@ -21,7 +21,12 @@ def test_train_in_process_offline_single_file_to_single_file(quick_config, tiny_
     assert kinds[0] in ("message", "started") and kinds[-1] == "finished"
     steps = [e for e in seen if isinstance(e, ev.Step)]
     assert [s.step for s in steps] == list(range(1, 9))
-    assert all(s.loss > 0 and s.it_per_s > 0 for s in steps)
+    assert all(s.it_per_s > 0 for s in steps)
+    # the loss is read from the device every log_every_steps (10) and at the last step; every
+    # step's loss is in the result
+    assert [s.step for s in steps if s.loss is not None] == [8] and steps[-1].loss > 0
+    assert len(result.losses) == 8 and all(x > 0 for x in result.losses)
+    assert result.losses[-1] == steps[-1].loss
     assert any(isinstance(e, ev.SampleSaved) for e in seen)
     assert result.path.name == "quick_8.safetensors"
     assert [p.name for p in result.saved] == ["quick_4.safetensors", "quick_8.safetensors"]

@@ -32,6 +32,30 @@ def test_events_fold_into_progress():
     assert p.messages == ["warning: fell back"] and p.eta_s == 0.0
 
 
+def test_a_step_without_a_read_loss_keeps_the_last_one_and_the_chart_its_points():
+    p = Progress()
+    for e in (ev.Step(1, 10, 1, None, 1e-4, 2.0), ev.Step(2, 10, 1, 0.5, 1e-4, 2.0),
+              ev.Step(3, 10, 1, None, 1e-4, 2.0)):
+        apply_event(p, e)
+    assert (p.step, p.loss, p.losses) == (3, 0.5, [[2, 0.5]])
+    again = ev.event_from_json(ev.Step(4, 10, 1, None, 1e-4, 2.0).to_json())
+    assert again.loss is None and again.step == 4
+
+
+def test_the_console_bar_shows_the_last_read_loss():
+    import io
+
+    from dreambooth.host.progress import ConsoleProgress
+    out = io.StringIO()
+    bar = ConsoleProgress(out)
+    for e in (ev.Started("m", 3, 1, 1, 0), ev.Step(1, 3, 1, None, 1e-4, 2.0),
+              ev.Step(2, 3, 1, 0.25, 1e-4, 2.0), ev.Step(3, 3, 1, None, 1e-4, 2.0)):
+        bar(e)
+    bar.close()
+    text = out.getvalue()
+    assert "loss=-" in text and "loss=0.2500" in text and bar.loss == 0.25
+
+
 def test_eta_is_steps_left_over_speed_and_failures_keep_the_hint():
     p = Progress()
     apply_event(p, ev.Step(2, 12, 1, 1.0, 1e-4, 0.5))

@@ -44,7 +44,7 @@ class Step(Event):
     step: int
     total_steps: int
     epoch: int
-    loss: float
+    loss: float | None  # read from the device every log_every_steps: None on the other steps
     lr: float
     it_per_s: float
     vram_gb: float = 0.0

@@ -177,6 +177,10 @@ class TrainingConfig:
     state_every_steps: int = _f(500, "Save the full training state every N steps, so a run that "
                                      "was stopped or crashed can resume exactly (0: off).",
                                 advanced=True, minimum=0)
+    log_every_steps: int = _f(10, "Read the loss from the GPU every N steps (each read makes the "
+                                  "computer wait for the GPU; 1: every step). Progress is "
+                                  "reported every step either way; the loss chart gets a point "
+                                  "per read.", advanced=True, minimum=1, maximum=100000)
     resume: str = _f("auto", "'auto': go on from the newest saved state of an unfinished run; "
                              "'never': start over; or the path of one saved state folder.",
                      advanced=True)

@@ -11,7 +11,7 @@ class ConsoleProgress:
     """tqdm bar with step, loss, it/s and ETA; messages and saved files as lines above it."""
 
     def __init__(self, stream=sys.stderr) -> None:
-        self.stream, self.bar = stream, None
+        self.stream, self.bar, self.loss = stream, None, None
 
     def __call__(self, event: ev.Event) -> None:
         if isinstance(event, ev.Started):
@@ -22,7 +22,10 @@ class ConsoleProgress:
                        f"class images for {event.total_steps} steps ({event.epochs} epochs).")
         elif isinstance(event, ev.Step) and self.bar is not None:
             self.bar.n = event.step
-            self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", refresh=False)
+            if event.loss is not None:  # read every log_every_steps: the last one shows
+                self.loss = event.loss
+            self.bar.set_postfix(loss="-" if self.loss is None else f"{self.loss:.4f}",
+                                 lr=f"{event.lr:.2e}", refresh=False)
             self.bar.refresh()
         elif isinstance(event, ev.Message):
             self.write(("warning: " if event.level == "warning" else "") + event.text)

@@ -71,12 +71,14 @@ def apply_event(p: Progress, event: ev.Event) -> None:
         p.step, p.device = event.resumed_from_step, event.device
     elif isinstance(event, ev.Step):
         p.step, p.total_steps, p.epoch = event.step, event.total_steps, event.epoch
-        p.loss, p.lr, p.it_per_s, p.vram_gb = event.loss, event.lr, event.it_per_s, event.vram_gb
+        p.lr, p.it_per_s, p.vram_gb = event.lr, event.it_per_s, event.vram_gb
         left = max(event.total_steps - event.step, 0)
         p.eta_s = left / event.it_per_s if event.it_per_s > 0 else None
-        p.losses.append([event.step, event.loss])
-        if len(p.losses) > MAX_LOSSES:
-            p.losses = p.losses[::2]
+        if event.loss is not None:  # read every log_every_steps: the last known one stays
+            p.loss = event.loss
+            p.losses.append([event.step, event.loss])
+            if len(p.losses) > MAX_LOSSES:
+                p.losses = p.losses[::2]
     elif isinstance(event, ev.SampleSaved):
         p.samples.append(event.path)
     elif isinstance(event, ev.Saving):

@@ -53,7 +53,7 @@ class Components:
 def _token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", truncation=True,
                      max_length=tokenizer.model_max_length, return_tensors="pt"
-                     ).input_ids.to(device)
+                     ).input_ids.to(device, non_blocking=True)  # no wait for the device
 
 
 def encode_prompts(comp: Components, prompts: list[str], device, encoders=None) -> dict:
@@ -77,7 +77,8 @@ def unet_kwargs(comp: Components, cond: dict, geometry: list, device) -> dict:
     if comp.spec.family != "sdxl":
         return {}
     pooled = cond["pooled"].to(device)
-    time_ids = torch.tensor([list(g) for g in geometry], dtype=pooled.dtype, device=device)
+    time_ids = torch.tensor([list(g) for g in geometry], dtype=pooled.dtype).to(
+        device, non_blocking=True)  # no wait for the device
     return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
 

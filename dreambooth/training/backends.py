@@ -250,6 +250,10 @@ def optimizer_builder(choice: str, cfg, device: torch.device, say: Say):
     return (lambda groups: OPTIMIZERS[name](groups, cfg, device)), name
 
 
+def gpu_total_memory() -> int | None:
+    return torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None
+
+
 def vram_gb() -> float:
     return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 

@@ -1,6 +1,8 @@
 """The maths of one DreamBooth step, as pure functions (tested against independent sums)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -46,13 +48,43 @@ def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: int,
 def noise_like(latents: torch.Tensor, generator: torch.Generator | None,
                offset: float = 0.0) -> torch.Tensor:
     """Gaussian noise for the latents; `offset` adds a per-channel shift (offset noise)."""
-    noise = torch.randn(latents.shape, generator=generator, device=generator.device
-                        if generator is not None else latents.device, dtype=torch.float32)
+    device = generator.device if generator is not None else latents.device
+    return draw_noise(latents.shape, generator, device, offset).to(latents.device, latents.dtype)
+
+
+def draw_noise(shape, generator: torch.Generator | None, device, offset: float = 0.0
+               ) -> torch.Tensor:
+    """fp32 Gaussian noise of `shape` drawn on `device`; `offset`: a per-channel shift."""
+    noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
     if offset:
-        shift = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator,
-                            device=noise.device, dtype=torch.float32)
+        shift = torch.randn((shape[0], shape[1], 1, 1), generator=generator, device=device,
+                            dtype=torch.float32)
         noise = noise + offset * shift
-    return noise.to(latents.device, latents.dtype)
+    return noise
+
+
+def step_draws(gen: torch.Generator, shape, scheduler, offset: float, rows: list[int]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise, timesteps) of a step: drawn for the whole global batch of `shape` (the same on
+    every process) on the generator's device, so nothing is copied to the device; this
+    process's `rows` of them."""
+    noise = draw_noise(shape, gen, gen.device, offset)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (shape[0],),
+                              generator=gen, device=gen.device)
+    return take_rows(noise, rows), take_rows(timesteps, rows)
+
+
+def take_rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """t[rows] by slices of consecutive rows (a process's instance rows, then its class rows):
+    no index tensor to copy to the device; all rows: t itself."""
+    if rows == list(range(t.shape[0])):
+        return t
+    runs, start = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[i - 1] + 1:
+            runs.append(t[rows[start]:rows[i - 1] + 1])
+            start = i
+    return torch.cat(runs) if len(runs) > 1 else runs[0]
 
 
 def compute_loss(unet, scheduler, latents, encoder_hidden_states, noise, timesteps,
@@ -66,9 +98,11 @@ def compute_loss(unet, scheduler, latents, encoder_hidden_states, noise, timeste
     return dreambooth_loss(pred, target, n_instance, prior_weight, weights)
 
 
-def check_finite(loss: torch.Tensor, step: int) -> None:
-    if not torch.isfinite(loss.detach()).all():
+def check_finite(value: float, step: int) -> None:
+    """Stop at a non-finite loss read from the device, naming its step. Nothing was saved from
+    the weights after it (a read comes before every save, sample and snapshot)."""
+    if not math.isfinite(value):
         raise TrainingError(
-            f"The loss became {loss.item()} at step {step}; training stopped before the "
-            "update, and the checkpoints already saved are kept.",
+            f"The loss became {value} at step {step}; training stopped, and the checkpoints "
+            "already saved are kept.",
             "With fp16 this is usually an overflow: use bf16 or a lower learning rate.")

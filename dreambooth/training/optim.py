@@ -19,8 +19,6 @@ from typing import Callable
 
 import torch
 
-EMPTY = torch.empty(0)
-
 
 def stochastic_round_(target: torch.Tensor, value: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor:
@@ -32,6 +30,11 @@ def stochastic_round_(target: torch.Tensor, value: torch.Tensor,
                           generator=generator)
     target.copy_(((bits + noise) & -65536).view(torch.float32))
     return target
+
+
+def _nothing_on(p: torch.Tensor) -> torch.Tensor:
+    """An empty fp32 tensor made on p's device (not moved there from the host: no copy)."""
+    return p.new_empty(0, dtype=torch.float32)
 
 
 class PerWeight(torch.optim.Optimizer):
@@ -47,7 +50,7 @@ class PerWeight(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 stand_in = p if p.dtype == torch.float32 else \
-                    torch.nn.Parameter(EMPTY.to(p.device))
+                    torch.nn.Parameter(_nothing_on(p))
                 self.inner[p] = (build([{"params": [stand_in], "lr": group["lr"]}]), stand_in,
                                  group)
                 if in_backward:
@@ -72,7 +75,7 @@ class PerWeight(torch.optim.Optimizer):
         stand_in.data, stand_in.grad = p.detach().float(), p.grad.float()
         optimizer.step()
         stochastic_round_(p, stand_in.data, self.generator)
-        stand_in.data, stand_in.grad = EMPTY.to(p.device), None
+        stand_in.data, stand_in.grad = _nothing_on(p), None
 
     def step(self, closure=None):
         if not self.in_backward:  # in backward, the hooks have done it already

@@ -23,9 +23,9 @@ from .housekeeping import image_set, image_set_changes, remove_snapshot_folder
 
 # Settings that change neither the weights nor the order of training: may differ on resume.
 FREE_ON_RESUME = {"output_dir", "overwrite", "sample_every_epochs", "save_every_epochs",
-                  "state_every_steps", "resume", "sample_steps", "guidance_scale",
-                  "save_precision", "work_dir", "attention", "lora_dir", "lora_merge",
-                  "embedding_dir", "cpu_threads", "deterministic"}
+                  "state_every_steps", "log_every_steps", "resume", "sample_steps",
+                  "guidance_scale", "save_precision", "work_dir", "attention", "lora_dir",
+                  "lora_merge", "embedding_dir", "cpu_threads", "deterministic"}
 STATE_DIR = "state"
 # What a snapshot written before a field existed ran with (compared as if it had been saved).
 BEFORE_FIELD = {"lora_targets": "attention", "lora_conv_rank": 8, "lora_conv_alpha": 8.0,
@@ -119,7 +119,7 @@ def load_snapshot(trainer, folder: Path) -> dict:
         trainer.ema.load_state_dict(data["ema"])
     rng = data["rng"]
     trainer.rng.setstate(_as_tuple(rng["python"]))
-    trainer.gen.set_state(rng["generator"])
+    restore_generator(trainer.gen, rng["generator"], info["step"])
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available() and rng["cuda"]:
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -202,8 +202,21 @@ def refuse_changed_images(folder: Path, info: dict, items) -> None:
             "over with the new images.")
 
 
-def fresh_rng(seed: int) -> tuple[random.Random, torch.Generator]:
-    return random.Random(seed), torch.Generator(device="cpu").manual_seed(seed)
+def fresh_rng(seed: int, device="cpu") -> tuple[random.Random, torch.Generator]:
+    """The host's generator (data order, flips) and the training device's (latent samples,
+    noise, timesteps: drawn where they are used, so a step never copies them over)."""
+    return random.Random(seed), torch.Generator(device=device).manual_seed(seed)
+
+
+def restore_generator(gen: torch.Generator, state: torch.Tensor, step: int) -> None:
+    """The device generator as saved; a state from another kind of device (a snapshot taken on
+    the CPU resumed on a GPU, or one from before the generator moved to the device) can't be
+    set: it is reseeded from the step, and the resume is close, not bit-identical (the machine
+    difference is said)."""
+    try:
+        gen.set_state(state)
+    except RuntimeError:
+        gen.manual_seed(int.from_bytes(state[:8].numpy().tobytes(), "little") ^ step)
 
 
 class ModelLock:

@@ -22,9 +22,11 @@ from ..data.feed import DataFeed
 from ..model.components import unet_kwargs
 from ..model.workdir import load_model
 from . import backends, embedding
+from .backends import gpu_total_memory
 from .memory import plan_run
 from .optim import make_optimizer, trainable_groups
-from .loss import check_finite, compute_loss, noise_like
+from .loss import compute_loss, step_draws
+from .losslog import LossLog
 from .saver import Saver
 from .housekeeping import refuse_idle_accumulation, remove_leftovers, snapshot_failed
 from .state import (
@@ -76,10 +78,6 @@ def train(config: TrainingConfig, on_event=None, cancel: ev.CancelToken | None =
     finally:
         log.flush()
         backends.release_memory()
-
-
-def gpu_total_memory() -> int | None:
-    return torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None
 
 
 class Trainer:
@@ -216,10 +214,8 @@ class Trainer:
         encoders = self.models[1:] if self.cfg.trains_text_encoder else None
         latents, cond, geometry, n_inst, rows, n_global = self.feed.batch(order, b, rng, gen,
                                                                           encoders)
-        noise = noise_like(torch.empty((n_global, *latents.shape[1:])), gen,
-                           self.cfg.offset_noise)[rows].to(self.device)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (n_global,),
-                                  generator=gen, device=gen.device)[rows].to(self.device)
+        noise, timesteps = step_draws(gen, (n_global, *latents.shape[1:]), self.scheduler,
+                                      self.cfg.offset_noise, rows)  # on the device
         return compute_loss(self.models[0], self.scheduler, latents, cond["hidden"].to(self.device),
                             noise, timesteps, n_inst, self.cfg.prior_loss_weight,
                             self.cfg.min_snr_gamma,
@@ -243,7 +239,8 @@ class Trainer:
 
     def start_position(self) -> dict:
         """Fresh generators at step 0, or everything restored from the chosen snapshot."""
-        self.rng, self.gen = fresh_rng(self.cfg.seed)  # the same on every process: see batch()
+        self.rng, self.gen = fresh_rng(self.cfg.seed, self.device)  # same on every process
+        self.log = LossLog(self.cfg.log_every_steps)
         self.feed.class_cursor = 0
         snapshot = self.resume_from
         position = {"step": 0, "epoch": 0, "batch": 0, "order": None}
@@ -263,7 +260,8 @@ class Trainer:
         cfg, acc, step = self.cfg, self.acc, position["step"]
         self.emit(ev.Started(cfg.model_name, self.total_steps, self.epochs, len(self.feed.items),
                              self.feed.class_count, step, self.device.type))
-        result, start, window, self.resumed_at = TrainResult(None, step), time.time(), [], step
+        result, start, self.resumed_at = TrainResult(None, step, losses=self.log.values), \
+            time.time(), step  # losses: complete once the last one is read (at the last save)
         for epoch in range(position["epoch"], self.epochs):
             order, first = (position["order"], position["batch"]) \
                 if epoch == position["epoch"] and position["order"] is not None else \
@@ -275,15 +273,14 @@ class Trainer:
                 at_boundary = acc.step % cfg.gradient_accumulation_steps == 0
                 if step >= self.total_steps or (self.cancel.cancelled and at_boundary):
                     break
-                window.append(self.micro_step(order, b, step + 1))
+                self.micro_step(order, b, step + 1)
                 next_batch = b + 1
                 if acc.sync_gradients:
                     step += 1
                     self.after_update(step)
+                    self.log.end_update(step, last=step >= self.total_steps)  # read when due
                     self.run_commands(step, result)
-                    result.losses.append(sum(window) / len(window))
-                    window = []
-                    self.emit(ev.Step(step, self.total_steps, epoch + 1, result.losses[-1],
+                    self.emit(ev.Step(step, self.total_steps, epoch + 1, self.log.loss_at(step),
                                       self.lr_scheduler.get_last_lr()[0],
                                       (step - self.resumed_at) / max(time.time() - start, 1e-9),
                                       backends.vram_gb()))
@@ -299,21 +296,22 @@ class Trainer:
                 break
         return self.finish(step, start, result)
 
-    def micro_step(self, order: list[int], b: int, step: int) -> float:
+    def micro_step(self, order: list[int], b: int, step: int) -> torch.Tensor:
         """Forward, backward and (at an accumulation boundary) the update of batch b; the loss."""
         acc, cfg = self.acc, self.cfg
         with acc.accumulate(*self.models):
             loss, _, _ = self.step_loss(order, b, self.rng, self.gen)
-            check_finite(loss, step)
+            self.log.micro(loss, self.optimizer)
             acc.backward(loss)
             if acc.sync_gradients and cfg.max_grad_norm > 0 and not self.fused:
                 acc.clip_grad_norm_([p for m in self.models for p in m.parameters()],
                                     cfg.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.detach()
 
     def snapshot(self, step: int, epoch: int, batch: int, order: list[int]) -> None:
+        self.log.read()  # never a snapshot of weights after a non-finite loss
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             try:
@@ -365,6 +363,7 @@ class Trainer:
         return state
 
     def save(self, step: int, final: bool = False) -> Path:
+        self.log.read()  # never a save of weights after a non-finite loss
         self.saved_steps.add(step)
         facts = {"epochs": self.epochs, "items": self.feed.items,
                  "class_images": self.feed.class_count}
@@ -372,6 +371,7 @@ class Trainer:
                                keep_working=final and not self.cancel.cancelled)
 
     def sample(self, step: int) -> None:
+        self.log.read()
         unet = self.acc.unwrap_model(self.models[0])
         unet.eval()
         for module in self.frozen_modules():

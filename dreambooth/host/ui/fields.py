@@ -32,7 +32,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
                    "lora_learning_rate", "lora_text_encoder",
                    "lora_text_encoder_learning_rate", "pivotal",
                    "embedding_vectors", "embedding_learning_rate", "state_every_steps",
-                   "fused_optimizer", "bf16_weights", "compile"),
+                   "log_every_steps", "fused_optimizer", "bf16_weights", "compile"),
     "Saving": ("output_dir", "save_precision", "lora_dir", "lora_merge", "embedding_dir",
                "overwrite"),
 }
@@ -78,6 +78,7 @@ LABELS = {
     "sample_steps": "Preview sampling steps", "guidance_scale": "Guidance scale (CFG)",
     "overwrite": "Overwrite files of the same name",
     "state_every_steps": "Save the resumable state every N steps",
+    "log_every_steps": "Read the loss every N steps",
     "lora_alpha": "LoRA alpha", "lora_text_encoder": "LoRA in the text encoder too",
     "lora_learning_rate": "LoRA learning rate",
     "lora_text_encoder_learning_rate": "LoRA text encoder learning rate",
