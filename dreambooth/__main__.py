@@ -1,5 +1,6 @@
 import sys
 
 from .host.cli import main
+from .ui.standalone import run as serve_ui
 
-sys.exit(main())
+sys.exit(main(serve=serve_ui))

@@ -187,7 +187,7 @@ def on_ui_tabs():
     if LOAD_ERROR:
         return _fallback_tab(LOAD_ERROR)
     try:
-        from dreambooth.host.ui.tab import build_tab
+        from dreambooth.ui.tab import build_tab
         host, manager = _manager()
         banner = ""
         if host.missing:

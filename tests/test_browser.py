@@ -45,7 +45,7 @@ def _ui_command() -> list[str]:
         build_parser().parse_args(["ui", "--port", "1"])
         return [sys.executable, "-m", "dreambooth", "ui"]
     except SystemExit:
-        return [sys.executable, "-m", "dreambooth.host.ui"]
+        return [sys.executable, "-m", "dreambooth.ui"]
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from dreambooth.host.guard import (HostGuard, allowed_names, check_auth_pairs,  
                                    protect)
 from dreambooth.host.interface import Checkpoint, Host, standalone_paths  # noqa: E402
 from dreambooth.host.runner import RunManager  # noqa: E402
-from dreambooth.host.ui.actions import TabActions  # noqa: E402
+from dreambooth.ui.actions import TabActions  # noqa: E402
 
 pytestmark = pytest.mark.reliability
 
@@ -285,7 +285,7 @@ def test_auth_needs_user_password_pairs(auth, ok, capsys):
     assert (check_auth_pairs(auth) == "") is ok
     if not ok:
         pytest.importorskip("gradio")
-        from dreambooth.host.ui import standalone
+        from dreambooth.ui import standalone
         assert standalone.main(["--auth", auth, "--root", "/nonexistent/never"]) == 2
         assert "--auth needs user:password" in capsys.readouterr().err
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth.host.ui import render
+from dreambooth.ui import render
 
 CHROMIUM = os.environ.get("DREAMBOOTH_CHROMIUM", "/usr/bin/chromium")
 if not Path(CHROMIUM).exists():

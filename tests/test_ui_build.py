@@ -10,8 +10,8 @@ import pytest
 gr = pytest.importorskip("gradio")
 
 from dreambooth.host.interface import Host, sniff_model_type, standalone_paths
-from dreambooth.host.ui import fields
-from dreambooth.host.ui.tab import build_tab
+from dreambooth.ui import fields
+from dreambooth.ui.tab import build_tab
 
 sys.path.insert(0, str(Path(__file__).parent / "webui_stub"))
 from dreambooth_test_helpers import quick_values, tiny_inputs, train_python  # noqa: E402,F401

@@ -10,7 +10,7 @@ from patience import run
 
 from dreambooth import Concept, TrainingConfig
 from dreambooth.config.errors import ConfigError
-from dreambooth.host.ui import fields
+from dreambooth.ui import fields
 
 
 def _config_keys() -> list[str]:
@@ -123,9 +123,9 @@ def test_wrong_types_become_config_problems_naming_the_field():
 
 
 def test_host_side_modules_import_no_torch_gradio_or_webui():
-    code = ("import sys, dreambooth, dreambooth.host.interface, dreambooth.host.runner, dreambooth.host.ui, "
-            "dreambooth.host.ui.fields, dreambooth.host.ui.render, dreambooth.host.ui.actions, "
-            "dreambooth.host.ui.standalone, dreambooth.config, dreambooth.config.events\n"
+    code = ("import sys, dreambooth, dreambooth.host.interface, dreambooth.host.runner, dreambooth.ui, "
+            "dreambooth.ui.fields, dreambooth.ui.render, dreambooth.ui.actions, "
+            "dreambooth.ui.standalone, dreambooth.config, dreambooth.config.events\n"
             "bad = [m for m in ('torch', 'gradio', 'modules', 'diffusers', 'transformers', "
             "'numpy', 'fastapi') if m in sys.modules]\n"
             "print(','.join(bad))")

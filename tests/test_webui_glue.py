@@ -65,7 +65,7 @@ def test_embeddings_go_to_the_webuis_embeddings_dir_and_reload_it(webui, tmp_pat
     mods["shared"].cmd_opts.embeddings_dir = str(tmp_path / "emb")  # --embeddings-dir
     other = glue.WebUIHost()
     assert other.paths.embeddings_dir == tmp_path / "emb"
-    from dreambooth.host.ui.actions import host_defaults
+    from dreambooth.ui.actions import host_defaults
     assert host_defaults(other)["embedding_dir"] == str(tmp_path / "emb")
     (tmp_path / "emb").mkdir()
     (tmp_path / "emb" / "mine_5.safetensors").write_bytes(b"x")
@@ -76,7 +76,7 @@ def test_embeddings_go_to_the_webuis_embeddings_dir_and_reload_it(webui, tmp_pat
 
 def test_a_broken_tab_shows_a_banner_instead_of_vanishing(webui, monkeypatch):
     mods, glue = webui
-    import dreambooth.host.ui.tab as tab_module
+    import dreambooth.ui.tab as tab_module
 
     def broken(*a, **k):
         raise ImportError("No module named 'something_needed'")
@@ -121,7 +121,7 @@ def test_training_from_the_tab_lands_in_txt2img(webui, tiny_inputs, tmp_path):
     sd_models.list_models()
     before = sd_models.StubModel(None)  # the WebUI's loaded model, on the GPU
     shared.sd_model = before
-    from dreambooth.host.ui.tab import Tab
+    from dreambooth.ui.tab import Tab
     host, manager = glue._manager()
     tab = Tab(host, manager)
     tab.build()
@@ -245,7 +245,7 @@ def test_a_lora_from_the_tab_lands_in_the_lora_list(webui, tiny_inputs, monkeypa
         pytest.skip("this core has no LoRA output")
     import importlib
     networks = importlib.import_module("networks")  # the built-in Lora extension's module
-    from dreambooth.host.ui.tab import Tab
+    from dreambooth.ui.tab import Tab
     host, manager = glue._manager()
     tab = Tab(host, manager)
     tab.build()

@@ -202,7 +202,7 @@ def test_the_grace_period_starts_when_a_save_starts(tmp_path):
 
 
 def test_saving_shows_in_the_progress_and_the_result_lists_every_save():
-    from dreambooth.host.ui import render
+    from dreambooth.ui import render
     p = Progress(state="running", step=3, total_steps=9)
     apply_event(p, ev.Saving("/out/m_3.safetensors", 3))
     assert p.saving and "Saving m_3.safetensors" in render.progress_html(p)

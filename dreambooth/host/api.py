@@ -22,9 +22,8 @@ from fastapi.responses import JSONResponse
 from ..config import Problem, TrainingConfig
 from ..config.errors import ConfigError
 from .confine import checked, pick_source, refused, short
-from .interface import Host, sniff_model_type
+from .interface import Host, host_defaults, sniff_model_type
 from .runner import RunManager
-from .ui.actions import host_defaults
 
 PREFIX = "/dreambooth/v1"
 

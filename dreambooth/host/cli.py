@@ -11,13 +11,12 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..config import MODEL_TYPES, Concept, TrainingConfig
 from ..config.errors import ConfigError, DreamboothError, Problem
 from ..config.events import COMMAND_SIGNALS, CancelToken
 from ..config.runlog import failure, log_file_hint
-from .ui import standalone as ui_standalone
 
 CONCEPT_FLAGS = {"instance_dir": "instance_data_dir", "instance_prompt": "instance_prompt",
                  "class_prompt": "class_prompt", "class_dir": "class_data_dir",
@@ -83,15 +82,40 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lora", action="store_true", help="train a LoRA instead of the whole model")
     demo.add_argument("--steps-per-image", type=int, default=30)
     demo.add_argument("--events-jsonl", help="write every event as a JSON line to FILE ('-': stdout)")
-    ui_standalone.add_parser(sub)
+    configure_ui(sub.add_parser("ui", help="serve the Dreambooth tab as a web app (needs gradio)"))
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def configure_ui(parser: argparse.ArgumentParser) -> None:
+    """The `ui` subcommand's options (`python -m dreambooth ui`, `python -m dreambooth.ui`)."""
+    parser.add_argument("--port", type=int, default=7861, help="port to serve on (default 7861)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--root", default="dreambooth_ui",
+                        help="folder for models, settings and outputs (default ./dreambooth_ui)")
+    parser.add_argument("--checkpoints-dir", help="folder of source checkpoints and trained "
+                        "outputs (default ROOT/models; e.g. a WebUI's models/Stable-diffusion)")
+    parser.add_argument("--data-dir", help="the folder whose image folders the page and the HTTP "
+                        "API may train on (default: ROOT/dreambooth, the work dir); other paths "
+                        "are refused there (the CLI takes any path)")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="a further name this server answers to in the Host header (e.g. "
+                        "its LAN name); others get 403 (default: the --host address, and "
+                        "localhost names when that is a loopback address)")
+    parser.add_argument("--python", default=sys.executable,
+                        help="interpreter that runs training (default: this one)")
+    parser.add_argument("--auth", default="", help="user:password[,user2:password2] for the "
+                        "page and the HTTP API")
+
+
+def main(argv: Sequence[str] | None = None,
+         serve: Callable[[argparse.Namespace], int] | None = None) -> int:
+    """`serve`: what runs the `ui` subcommand (`dreambooth.ui.standalone.run`, given by
+    `python -m dreambooth`; this stage does not import the UI)."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "ui":
-            return _serve(args)
+            return _serve(args, serve)
         return _command(args)
     except ConfigError as e:
         _say(f"error: {e.message}")
@@ -109,12 +133,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, serve) -> int:
     if not 0 < args.port < 65536:
         raise ConfigError([Problem("--port", args.port, "is not a port number",
                                    "give a number from 1 to 65535")])
+    if serve is None:
+        raise ConfigError([Problem("command", "ui", "is served by the package's entry point",
+                                   "run `python -m dreambooth ui`")])
     try:
-        return ui_standalone.run(args)
+        return serve(args)
     except OSError as e:  # the port is taken, the address is not this machine's, --root is a file
         raise DreamboothError(f"The UI can't start on {args.host}:{args.port} with --root "
                               f"'{args.root}' ({e.strerror or e}).", "Choose a free --port, an "

@@ -32,11 +32,6 @@ def stochastic_round_(target: torch.Tensor, value: torch.Tensor,
     return target
 
 
-def _nothing_on(p: torch.Tensor) -> torch.Tensor:
-    """An empty fp32 tensor made on p's device (not moved there from the host: no copy)."""
-    return p.new_empty(0, dtype=torch.float32)
-
-
 class PerWeight(torch.optim.Optimizer):
     """One optimizer per weight, stepped in backward (`in_backward`) or by step()."""
 
@@ -47,10 +42,13 @@ class PerWeight(torch.optim.Optimizer):
         first = self.param_groups[0]["params"][0]
         self.generator = torch.Generator(device=first.device)
         self.generator.manual_seed(seed)
+        # what a bf16 weight's fp32 stand-in holds between updates: one empty tensor made on the
+        # device once (moving an empty host tensor there per update was a blocking copy each)
+        self.nothing = torch.empty(0, device=first.device)
         for group in self.param_groups:
             for p in group["params"]:
                 stand_in = p if p.dtype == torch.float32 else \
-                    torch.nn.Parameter(_nothing_on(p))
+                    torch.nn.Parameter(self.nothing)
                 self.inner[p] = (build([{"params": [stand_in], "lr": group["lr"]}]), stand_in,
                                  group)
                 if in_backward:
@@ -75,7 +73,7 @@ class PerWeight(torch.optim.Optimizer):
         stand_in.data, stand_in.grad = p.detach().float(), p.grad.float()
         optimizer.step()
         stochastic_round_(p, stand_in.data, self.generator)
-        stand_in.data, stand_in.grad = _nothing_on(p), None
+        stand_in.data, stand_in.grad = self.nothing, None
 
     def step(self, closure=None):
         if not self.in_backward:  # in backward, the hooks have done it already

@@ -9,35 +9,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-STYLE = Path(__file__).resolve().parents[3] / "style.css"
-
-
-def add_parser(sub) -> argparse.ArgumentParser:
-    """Add the `ui` subcommand to the CLI's subparsers."""
-    ui = sub.add_parser("ui", help="serve the Dreambooth tab as a web app (needs gradio)")
-    configure(ui)
-    return ui
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--port", type=int, default=7861, help="port to serve on (default 7861)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1: this machine only)")
-    parser.add_argument("--root", default="dreambooth_ui",
-                        help="folder for models, settings and outputs (default ./dreambooth_ui)")
-    parser.add_argument("--checkpoints-dir", help="folder of source checkpoints and trained "
-                        "outputs (default ROOT/models; e.g. a WebUI's models/Stable-diffusion)")
-    parser.add_argument("--data-dir", help="the folder whose image folders the page and the HTTP "
-                        "API may train on (default: ROOT/dreambooth, the work dir); other paths "
-                        "are refused there (the CLI takes any path)")
-    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
-                        help="a further name this server answers to in the Host header (e.g. "
-                        "its LAN name); others get 403 (default: the --host address, and "
-                        "localhost names when that is a loopback address)")
-    parser.add_argument("--python", default=sys.executable,
-                        help="interpreter that runs training (default: this one)")
-    parser.add_argument("--auth", default="", help="user:password[,user2:password2] for the "
-                        "page and the HTTP API")
+STYLE = Path(__file__).resolve().parents[2] / "style.css"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,8 +18,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         print("error: the web UI needs gradio: pip install 'gradio>=3.41.2,<5'", file=sys.stderr)
         return 2
-    from ..guard import allowed_names, check_auth_pairs, protect
-    from ..interface import Host, standalone_paths
+    from ..host.guard import allowed_names, check_auth_pairs, protect
+    from ..host.interface import Host, standalone_paths
     from . import compat
     if (why := check_auth_pairs(args.auth)):
         print(f"error: {why}", file=sys.stderr)
@@ -86,7 +58,7 @@ def serve(host, compat):
     """The tab inside a page, as the WebUI renders it: a tab with the id `tab_dreambooth`."""
     import gradio as gr
 
-    from ..runner import RunManager
+    from ..host.runner import RunManager
     from .tab import build_tab
     manager = RunManager(host)
     tab = build_tab(host, manager)
@@ -103,14 +75,13 @@ def serve(host, compat):
 def _mount_api(page, host, manager) -> None:
     """Add the HTTP API once gradio has created its FastAPI app (at launch)."""
     try:
-        from .. import api
+        from ..host import api
     except ImportError:  # no fastapi: the page still works
         return
     page.dreambooth_api = lambda app: api.mount(app, host, manager)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dreambooth ui",
-                                     description="Serve the Dreambooth tab as a web app.")
-    configure(parser)
-    return run(parser.parse_args(argv))
+    """`python -m dreambooth.ui [options]`: the same as `python -m dreambooth ui [options]`."""
+    from ..host.cli import main as cli_main
+    return cli_main(["ui", *(sys.argv[1:] if argv is None else argv)], serve=run)

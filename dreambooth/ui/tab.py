@@ -10,8 +10,8 @@ import time
 
 import gradio as gr
 
-from ..interface import Host
-from ..runner import RunManager
+from ..host.interface import Host
+from ..host.runner import RunManager
 from . import compat, fields, render
 from .actions import TabActions
 

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ...config import Concept, TrainingConfig
+from ..config import Concept, TrainingConfig
 
 MAX_CONCEPTS = 4
 

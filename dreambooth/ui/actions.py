@@ -2,29 +2,20 @@
 can drive them directly). The tab turns the results into component updates."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...config import TrainingConfig
-from ...config.errors import ConfigError
-from ..confine import checked, model_folder, pick_source
-from ..interface import Host, sniff_model_type
-from ..runner import Progress, RunManager, is_under
+from ..config import TrainingConfig
+from ..config.errors import ConfigError
+from ..host.confine import checked, model_folder, pick_source
+from ..host.interface import Host, host_defaults, sniff_model_type
+from ..host.runner import Progress, RunManager, is_under
 from . import fields, render
 
 SETTINGS_FILE = "config.json"  # the same file (and format) `python -m dreambooth train --config` reads
-
-
-def host_defaults(host: Host) -> dict[str, str]:
-    """Where the host wants outputs: its checkpoints folder, its Lora folder, its work dir."""
-    names = {f.name for f in dataclasses.fields(TrainingConfig)}
-    wanted = {"work_dir": host.paths.work_dir, "output_dir": host.paths.checkpoints_dir,
-              "lora_dir": host.paths.lora_dir, "embedding_dir": host.paths.embeddings_dir}
-    return {k: str(v) for k, v in wanted.items() if k in names}
 
 
 @dataclass

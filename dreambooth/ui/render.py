@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 
-from ..runner import Progress
+from ..host.runner import Progress
 
 STATE_WORDS = {"idle": "Ready", "starting": "Starting (loading the model)", "running": "Training",
                "cancelling": "Cancelling: stopping after this step and saving",
