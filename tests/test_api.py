@@ -21,11 +21,26 @@ sys.path.insert(0, str(Path(__file__).parent / "webui_stub"))
 from dreambooth_test_helpers import deadline, tiny_inputs, train_python, wait_for  # noqa: E402,F401
 
 
+_MANAGERS: list = []
+
+
+@pytest.fixture(autouse=True)
+def _no_run_outlives_its_test():
+    """A test that fails mid-run must not leave its training child running (and loading the
+    machine for the tests after it)."""
+    yield
+    while _MANAGERS:
+        manager = _MANAGERS.pop()
+        manager.cancel()
+        manager.wait(60)
+
+
 def _client(tmp_path, auth="", python=sys.executable):
     paths = standalone_paths(tmp_path / "ui")
     host = Host(paths, python=python, api_auth=auth)
     app = fastapi.FastAPI()
     manager = RunManager(host, cancel_grace_s=60)
+    _MANAGERS.append(manager)
     api.mount(app, host, manager)
     return TestClient(app), host, manager
 
