@@ -131,20 +131,38 @@ def eval_loss(comp, folder, vectors=None) -> float:
     return denoising_loss(comp, folder, prompt, rounds=4)
 
 
+@pytest.fixture(scope="module")
+def attentive_source(sources, tmp_path_factory):
+    """The tiny v1x source with its cross-attention turned up (every attn2 value and output
+    projection x8): a random tiny UNet barely listens to the text, so whatever an embedding
+    learns moves its loss by a fraction of a percent, less than the draws' noise; a trained
+    model listens, and so does this one."""
+    from safetensors.torch import load_file, save_file
+    with safe_open(str(sources["v1x"]), framework="pt") as f:
+        metadata = f.metadata()
+    weights = load_file(str(sources["v1x"]))
+    loud = [k for k in weights if "attn2.to_v.weight" in k or "attn2.to_out.0.weight" in k]
+    assert loud
+    for key in loud:
+        weights[key] = weights[key] * 8
+    path = tmp_path_factory.mktemp("attentive") / "attentive_v1x.safetensors"
+    save_file(weights, str(path), metadata=metadata)
+    return path
+
+
 @pytest.mark.slow
 @pytest.mark.once  # nothing version-sensitive beyond what the other tests run
-def test_the_embedding_alone_lowers_the_instance_loss(sources, tmp_path):
-    """Everything but the new token's vectors is frozen, so any fall of the loss is theirs.
-    A random tiny UNet attends little to the text: 16 vectors give the token a small but steady
-    say (the fall measured is about 0.3%; a real model falls much further)."""
+def test_the_embedding_alone_lowers_the_instance_loss(attentive_source, tmp_path):
+    """Everything but the new token's vectors is frozen, so any fall of the loss is theirs
+    (measured: -7.1% with 1 or 2 threads; the random draws' noise is well under 1%)."""
     instance = tmp_path / "instance"
     write_images(instance, "checker", 4)
-    cfg = settings(sources["v1x"], "v1x", instance, tmp_path, steps_per_image=TI_STEPS,
+    source = attentive_source
+    cfg = settings(source, "v1x", instance, tmp_path, steps_per_image=TI_STEPS,
                    batch_size=4, embedding_learning_rate=5e-3, embedding_vectors=16)
     trainer = run(cfg)
     tensors, _ = read_back(trainer.result.path)
     init = tensors["emb_params"][:1].clone()
-    source = sources["v1x"]
     word = load_single_file(str(source), "v1x")
     row = word.text_encoder.get_input_embeddings().weight[
         word.tokenizer("pattern", add_special_tokens=False).input_ids[0]].detach()
@@ -154,7 +172,7 @@ def test_the_embedding_alone_lowers_the_instance_loss(sources, tmp_path):
                       tensors["emb_params"].float())
     print(f"\ninstance loss: initial embedding {before:.5f}, trained {after:.5f} "
           f"({(after - before) / before:+.2%})")
-    assert init.shape == (1, 32) and after < 0.998 * before  # measured: -0.3%
+    assert init.shape == (1, 32) and after < 0.97 * before
 
 
 def test_bad_embedding_settings_are_refused_with_the_field_and_the_fix(sources, instance_dir,
