@@ -7,7 +7,6 @@ The tab, the HTTP API and the run manager talk to one `Host`; `StandaloneHost` s
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import stat
@@ -16,8 +15,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
-
-from ..config import TrainingConfig
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the extension folder when cloned
@@ -175,7 +172,6 @@ def sniff_model_type(path: str | os.PathLike) -> str | None:
 
 def host_defaults(host: Host) -> dict[str, str]:
     """Where the host wants outputs: its checkpoints folder, its Lora folder, its work dir."""
-    names = {f.name for f in dataclasses.fields(TrainingConfig)}
     wanted = {"work_dir": host.paths.work_dir, "output_dir": host.paths.checkpoints_dir,
               "lora_dir": host.paths.lora_dir, "embedding_dir": host.paths.embeddings_dir}
-    return {k: str(v) for k, v in wanted.items() if k in names}
+    return {k: str(v) for k, v in wanted.items()}

@@ -45,13 +45,6 @@ def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: int,
     return instance, instance, torch.zeros_like(instance)
 
 
-def noise_like(latents: torch.Tensor, generator: torch.Generator | None,
-               offset: float = 0.0) -> torch.Tensor:
-    """Gaussian noise for the latents; `offset` adds a per-channel shift (offset noise)."""
-    device = generator.device if generator is not None else latents.device
-    return draw_noise(latents.shape, generator, device, offset).to(latents.device, latents.dtype)
-
-
 def draw_noise(shape, generator: torch.Generator | None, device, offset: float = 0.0
                ) -> torch.Tensor:
     """fp32 Gaussian noise of `shape` drawn on `device`; `offset`: a per-channel shift."""
