@@ -5,12 +5,17 @@
 #      gradio 4.44.1 (Forge-like) and A1111 1.10's pins with gradio 3.41.2
 #   3. the core with the oldest supported packages (.venv-oldest, Forge's pins); tests marked
 #      `once` (learning, benchmark smoke: nothing version-sensitive) run in step 1 only
+# Two lanes run side by side, one per core: step 1 in this terminal; steps 2-3 (their venvs
+# built first) in the background, logged to .test-logs/lane2.log and printed when step 1 ends.
+# Each test process uses one CPU thread unless OMP_NUM_THREADS says otherwise (tiny models
+# gain nothing from more, and two lanes of two threads would fight over two cores).
 # `bash test.sh --quick`: step 1 only. `bash test.sh --latest`: the core with the newest
 # releases instead (.venv-latest, not in CI); prints which pins of constraints/newest.txt would
 # move. Extra arguments go to pytest. Each stage prints its 15 slowest tests.
 set -euo pipefail
 cd "$(dirname "$0")"
 mode=full
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 case "${1:-}" in --quick) mode=quick; shift ;; --latest) mode=latest; shift ;; esac
 
 pytest_in() {  # VENV ARGS...: run pytest; "no tests collected" (exit 5) is a failure too
@@ -43,7 +48,10 @@ fi
 
 bash tools/bootstrap.sh .venv test constraints/newest.txt
 export DREAMBOOTH_TEST_TRAIN_PYTHON=$PWD/.venv/bin/python
-if [ $mode = full ]; then
+WEBUI_TESTS="tests/test_ui_fields.py tests/test_ui_build.py tests/test_webui_glue.py tests/test_api.py tests/test_confinement.py tests/test_browser.py tests/test_page_script.py tests/test_install.py"
+
+lane2() {  # steps 2 and 3: build each venv, then run its tests; a failed stage does not stop the next
+  local rc=0
   tv=$(.venv/bin/python -c "import torch; print(torch.__version__.split('+')[0])")
   webui_venv .venv-gradio4 gradio==4.44.1 "huggingface_hub<1" fastapi==0.112.2 pydantic==2.10.6 httpx
   webui_venv .venv-gradio3 gradio==3.41.2 gradio_client==0.5.0 fastapi==0.94.0 starlette==0.26.1 \
@@ -53,17 +61,35 @@ if [ $mode = full ]; then
   .venv-gradio3/bin/python -m pip uninstall -y -q torchvision || true  # does not match a CPU torch
   command -v chromium >/dev/null || { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
     && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || true
+  echo "== tests: WebUI side, gradio 4.44.1 (Forge-like) =="
+  pytest_in .venv-gradio4 $WEBUI_TESTS || rc=1
+  echo "== tests: WebUI side, gradio 3.41.2 + AUTOMATIC1111 1.10 pins =="
+  pytest_in .venv-gradio3 $WEBUI_TESTS || rc=1
+  bash tools/bootstrap.sh .venv-oldest test constraints/oldest.txt
+  echo "== tests: core, oldest supported packages (constraints/oldest.txt) =="
+  pytest_in .venv-oldest -m "not once" "$@" || rc=1
+  return $rc
+}
+
+rc2=0
+if [ $mode = full ]; then
+  mkdir -p .test-logs
+  echo "== steps 2-3 (WebUI side, oldest packages) run alongside: .test-logs/lane2.log =="
+  ( lane2 "$@" ) > .test-logs/lane2.log 2>&1 &
+  lane2_pid=$!
+  kill_tree() { local c; for c in $(pgrep -P "$1" || true); do kill_tree "$c"; done; kill "$1" 2>/dev/null || true; }
+  trap 'kill_tree $lane2_pid; exit 130' INT TERM
 fi
 
 echo "== tests: core, tested packages (constraints/newest.txt) =="
-pytest_in .venv "$@"
+rc1=0; pytest_in .venv "$@" || rc1=$?
 if [ $mode = full ]; then
-  WEBUI_TESTS="tests/test_ui_fields.py tests/test_ui_build.py tests/test_webui_glue.py tests/test_api.py tests/test_confinement.py tests/test_browser.py tests/test_page_script.py tests/test_install.py"
-  echo "== tests: WebUI side, gradio 4.44.1 (Forge-like) =="
-  pytest_in .venv-gradio4 $WEBUI_TESTS
-  echo "== tests: WebUI side, gradio 3.41.2 + AUTOMATIC1111 1.10 pins =="
-  pytest_in .venv-gradio3 $WEBUI_TESTS
-  bash tools/bootstrap.sh .venv-oldest test constraints/oldest.txt
-  echo "== tests: core, oldest supported packages (constraints/oldest.txt) =="
-  pytest_in .venv-oldest -m "not once" "$@"
+  echo "== waiting for steps 2-3 =="
+  wait $lane2_pid || rc2=$?
+  cat .test-logs/lane2.log
 fi
+if [ $rc1 != 0 ] || [ $rc2 != 0 ]; then
+  echo "FAILED: core (tested packages) rc=$rc1, WebUI side + oldest packages rc=$rc2" >&2
+  exit 1
+fi
+echo "all stages passed"
