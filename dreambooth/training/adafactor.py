@@ -27,6 +27,9 @@ import torch
 
 
 class Adafactor(torch.optim.Optimizer):
+    """eps is transformers' pair: eps[0] is added to the squared gradient; eps[1] bounds the
+    parameter scaling, which is off, and is kept so that saved param groups match."""
+
     def __init__(self, params, lr: float, weight_decay: float = 0.0,
                  eps: tuple = (1e-30, 1e-3), clip_threshold: float = 1.0,
                  decay_rate: float = -0.8) -> None:
