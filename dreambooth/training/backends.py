@@ -215,9 +215,8 @@ def _prodigy(groups, cfg, device):
 
 
 def _adafactor(groups, cfg, device):
-    from transformers.optimization import Adafactor
-    return Adafactor(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                     scale_parameter=False, relative_step=False, warmup_init=False)
+    from .adafactor import Adafactor  # transformers' rule, conv weights factored as matrices
+    return Adafactor(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
 OPTIMIZERS = {"adamw": _adamw, "adamw_8bit": _adamw_8bit, "lion": _lion, "prodigy": _prodigy,

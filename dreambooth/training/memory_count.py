@@ -54,9 +54,8 @@ def optimizer_state_bytes(choice: str, shapes) -> int:
         n = numel([shape])
         if choice == "adamw_8bit":  # bitsandbytes: 8-bit states from 4096 elements up
             total += 2 * n if n >= 4096 else 8 * n
-        elif choice == "adafactor":  # factored second moment, no first moment (beta1=None)
-            total += 4 * (numel([shape[:-1]]) + numel([shape[:-2] + shape[-1:]])) \
-                if len(shape) >= 2 else 4 * n
+        elif choice == "adafactor":  # no first moment; the second factored as the matrix
+            total += 4 * (shape[0] + n // shape[0]) if len(shape) >= 2 else 4 * n  # (out, rest)
         else:
             total += {"adamw": 8, "lion": 4, "prodigy": 16}.get(choice, 8) * n
     return total

@@ -28,7 +28,8 @@ def stochastic_round_(target: torch.Tensor, value: torch.Tensor,
     # a bf16 number is the top 16 bits of an fp32 one: add a random amount below the cut, cut
     noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device,
                           generator=generator)
-    target.copy_(((bits + noise) & -65536).view(torch.float32))
+    # in place: one weight-sized temporary (the noise), not three
+    target.copy_(noise.add_(bits).bitwise_and_(-65536).view(torch.float32))
     return target
 
 
@@ -72,8 +73,9 @@ class PerWeight(torch.optim.Optimizer):
             return
         stand_in.data, stand_in.grad = p.detach().float(), p.grad.float()
         optimizer.step()
+        stand_in.grad = None  # freed before the rounding's temporary is made
         stochastic_round_(p, stand_in.data, self.generator)
-        stand_in.data, stand_in.grad = self.nothing, None
+        stand_in.data = self.nothing
 
     def step(self, closure=None):
         if not self.in_backward:  # in backward, the hooks have done it already

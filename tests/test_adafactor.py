@@ -1,0 +1,134 @@
+"""Our Adafactor: transformers' update rule (checked against it), conv weights factored as the
+matrix (out, in*k*k), its state counted as memory_count counts it, an exact resume, and a
+state saved by transformers' Adafactor converted when loaded."""
+import io
+
+import pytest
+import torch
+
+from dreambooth.training.adafactor import Adafactor
+from dreambooth.training.memory_count import optimizer_state_bytes
+from dreambooth.training.optim import PerWeight
+
+SETTINGS = {"lr": 1e-2, "weight_decay": 1e-2}
+
+
+def transformers_adafactor(params):
+    from transformers.optimization import Adafactor as Theirs
+    return Theirs(params, scale_parameter=False, relative_step=False, warmup_init=False,
+                  **SETTINGS)
+
+
+def run(optimizer, p, grads):
+    for g in grads:
+        p.grad = g.clone()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40,)])
+def test_matrices_and_vectors_step_as_transformers_does(shape):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=g)
+    grads = [torch.randn(shape, generator=g) * 10 ** -i for i in range(6)]
+    ours, theirs = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    run(Adafactor([ours], **SETTINGS), ours, grads)
+    run(transformers_adafactor([theirs]), theirs, grads)
+    assert not torch.equal(ours, w)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_conv_weight_keeps_one_row_and_one_column_and_learns(dtype):
+    g = torch.Generator().manual_seed(1)
+    target = torch.randn(8, 4, 3, 3, generator=g)
+    p = torch.nn.Parameter(torch.randn(8, 4, 3, 3, generator=g).to(dtype))
+    opt = Adafactor([p], lr=5e-2)
+    losses = []
+    for _ in range(20):
+        loss = ((p.float() - target) ** 2).sum()
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    state = opt.state[p]
+    assert state["exp_avg_sq_row"].shape == (8,) and state["exp_avg_sq_col"].shape == (36,)
+    assert all(t.dtype == torch.float32 for t in state.values() if torch.is_tensor(t))
+    assert p.dtype == dtype and torch.isfinite(p).all()
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("shape", [(320, 640, 3, 3), (320, 640, 1, 1), (320, 1024), (320,)])
+def test_the_state_is_what_memory_count_says(shape):
+    p = torch.nn.Parameter(torch.zeros(shape))
+    opt = Adafactor([p], lr=1e-3)
+    p.grad = torch.ones(shape)
+    opt.step()
+    held = sum(t.numel() * t.element_size() for t in opt.state[p].values() if torch.is_tensor(t))
+    assert held == optimizer_state_bytes("adafactor", [shape])
+
+
+def test_a_saved_state_continues_bit_identically():
+    g = torch.Generator().manual_seed(2)
+    shapes = [(6, 5, 3, 3), (7, 9), (11,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(5)]
+
+    def steps(opt, ps, gs):
+        for step_grads in gs:
+            for p, grad in zip(ps, step_grads):
+                p.grad = grad.clone()
+            opt.step()
+
+    first = Adafactor(params, **SETTINGS)
+    steps(first, params, grads[:3])
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)  # as a snapshot saves it
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    second = Adafactor(resumed, **SETTINGS)
+    buffer.seek(0)
+    second.load_state_dict(torch.load(buffer, weights_only=True))
+    steps(first, params, grads[3:])
+    steps(second, resumed, grads[3:])
+    assert all(torch.equal(a, b) for a, b in zip(params, resumed))
+
+
+def test_a_state_saved_by_transformers_adafactor_is_converted_on_resume():
+    """A snapshot from before: PerWeight over bf16 weights with transformers' Adafactor, whose
+    conv state is row (8, 4, 3) and col (8, 4, 3). It loads into ours and steps on."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(8, 4, 3, 3), (8, 4), (8,)]
+    w = [torch.randn(s, generator=g).bfloat16() for s in shapes]
+    grads = [torch.randn(s, generator=g).bfloat16() for s in shapes]
+
+    def per_weight(build):
+        params = [torch.nn.Parameter(t.clone()) for t in w]
+        return PerWeight([{"params": params, "lr": 1e-2}], build, in_backward=False), params
+
+    old, old_params = per_weight(transformers_adafactor)
+    for _ in range(3):
+        for p, grad in zip(old_params, grads):
+            p.grad = grad.clone()
+        old.step()
+    saved = old.state_dict()
+    conv = saved["inner"][0]["state"][0]
+    assert conv["exp_avg_sq_row"].shape == (8, 4, 3)
+    new, new_params = per_weight(lambda groups: Adafactor(groups, **SETTINGS))
+    new.load_state_dict(saved)
+    state = new.inner_states()[0]
+    (converted,) = state.values()
+    assert converted["exp_avg_sq_row"].shape == (8,)
+    assert converted["exp_avg_sq_col"].shape == (36,)
+    assert converted["step"] == 3 and "RMS" not in converted
+    # the row is the old rows' mean over the same entries
+    torch.testing.assert_close(converted["exp_avg_sq_row"],
+                               conv["exp_avg_sq_row"].float().mean(dim=(1, 2)))
+    for p, q, grad in zip(new_params, old_params, grads):
+        p.data.copy_(q.data)
+        p.grad = grad.clone()
+    new.step()
+    assert all(torch.isfinite(p.float()).all() for p in new_params)
+    # matrices and vectors were not converted: they step on as transformers would
+    for q, grad in zip(old_params, grads):
+        q.grad = grad.clone()
+    old.step()
+    assert torch.equal(new_params[1], old_params[1]) and torch.equal(new_params[2], old_params[2])
