@@ -6,7 +6,8 @@
 #   3. the core with the oldest supported packages (.venv-oldest, Forge's pins); tests marked
 #      `once` (learning, benchmark smoke: nothing version-sensitive) run in step 1 only
 # Two lanes run side by side, one per core: step 1 in this terminal; steps 2-3 (their venvs
-# built first) in the background, logged to .test-logs/lane2.log and printed when step 1 ends.
+# built first) in the background, logged to .test-logs/lane2.log and printed when step 1 ends
+# (one after the other where OMP_NUM_THREADS is more than half the cores).
 # Each test process uses one CPU thread unless OMP_NUM_THREADS says otherwise (tiny models
 # gain nothing from more, and two lanes of two threads would fight over two cores).
 # `bash test.sh --quick`: step 1 only. `bash test.sh --latest`: the core with the newest
@@ -72,7 +73,15 @@ lane2() {  # steps 2 and 3: build each venv, then run its tests; a failed stage 
 }
 
 rc2=0
-if [ $mode = full ]; then
+# side by side only where each lane's threads fit in half the cores (OMP_NUM_THREADS=2 on two
+# cores: one lane after the other; four threads on two cores made the suite ~2x slower)
+cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 2)  # nproc obeys both
+lanes=1
+case "$OMP_NUM_THREADS" in ''|*[!0-9]*) ;; *) [ $((OMP_NUM_THREADS * 2)) -gt "$cores" ] || lanes=2 ;; esac
+if [ $mode = full ] && [ $lanes = 1 ]; then
+  echo "== OMP_NUM_THREADS=$OMP_NUM_THREADS on $cores cores: the stages run one after another =="
+fi
+if [ $mode = full ] && [ $lanes = 2 ]; then
   mkdir -p .test-logs
   echo "== steps 2-3 (WebUI side, oldest packages) run alongside: .test-logs/lane2.log =="
   ( lane2 "$@" ) > .test-logs/lane2.log 2>&1 &
@@ -83,10 +92,12 @@ fi
 
 echo "== tests: core, tested packages (constraints/newest.txt) =="
 rc1=0; pytest_in .venv "$@" || rc1=$?
-if [ $mode = full ]; then
+if [ $mode = full ] && [ $lanes = 2 ]; then
   echo "== waiting for steps 2-3 =="
   wait $lane2_pid || rc2=$?
   cat .test-logs/lane2.log
+elif [ $mode = full ]; then
+  set +e; ( set -e; lane2 "$@" ); rc2=$?; set -e
 fi
 if [ $rc1 != 0 ] || [ $rc2 != 0 ]; then
   echo "FAILED: core (tested packages) rc=$rc1, WebUI side + oldest packages rc=$rc2" >&2
