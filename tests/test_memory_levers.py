@@ -10,7 +10,7 @@ from dreambooth.config.errors import TrainingError
 from dreambooth.model.checkpoint import read_checkpoint
 from dreambooth.training import trainer as trainer_module
 from dreambooth.training.memory import GIB
-from dreambooth.training.optim import PerWeight, stochastic_round_
+from dreambooth.training.optim import Bucketed, stochastic_round_
 from dreambooth.training.trainer import Trainer
 
 
@@ -34,7 +34,7 @@ def test_small_updates_survive_on_bf16_weights():
     update, stochastic rounding keeps their sum."""
     def run(build_weight):
         w = build_weight()
-        opt = PerWeight([{"params": [w], "lr": 1e-4}],
+        opt = Bucketed([{"params": [w], "lr": 1e-4}],
                         lambda groups: torch.optim.SGD(groups, lr=1.0), in_backward=False)
         for _ in range(100):
             w.grad = torch.ones_like(w)
@@ -57,7 +57,7 @@ def test_per_weight_state_round_trips():
                 torch.nn.Parameter(torch.randn(8))]
 
     def opt_for(params):
-        return PerWeight([{"params": params, "lr": 1e-2}],
+        return Bucketed([{"params": params, "lr": 1e-2}],
                          lambda g: torch.optim.AdamW(g, lr=1.0), in_backward=False, seed=3)
 
     def steps(params, opt, n):
