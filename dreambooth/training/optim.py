@@ -4,8 +4,10 @@ buffer), and on bf16 weights with stochastic rounding (no fp32 copy of the model
     opt = Bucketed(groups, build, in_backward=True, clip=1.0, seed=0)
 
 The weights of each parameter group are cut into buckets in the order their gradients complete
-in backward (about the reverse of the order they were registered in: the last layers' first),
-each up to `bucket_bytes` of weights (a larger weight is a bucket alone) and of one dtype.
+in backward, each up to `bucket_bytes` of weights (a larger weight is a bucket alone) and of
+one dtype. The first buckets follow the reverse of the order the weights were registered in;
+in backward, the first step notes the order the gradients really arrive in and the buckets
+follow it from then on (diffusers' UNet registers its up blocks before its middle block).
 `build(params)` makes one torch-style optimizer per bucket (AdamW, fused on a GPU, 8-bit
 AdamW, Adafactor, ...), so an update is a few ops per bucket, not per weight.
 
@@ -29,12 +31,11 @@ generator, which is saved with the state: a resume is exact.
 
 The schedule's learning rate lives in this object's param_groups, as for any optimizer; the
 inner optimizers take it at each update. The state is saved per weight (as torch saves it:
-index -> moments), so it does not depend on how the weights are bucketed; snapshots of the
-earlier one-optimizer-per-weight layout load unchanged.
+index -> moments) with the buckets, which a resume restores (the clipping and the rounding
+draws are per bucket); snapshots of the earlier one-optimizer-per-weight layout convert.
 """
 from __future__ import annotations
 
-import bisect
 from typing import Callable
 
 import torch
@@ -65,10 +66,10 @@ def round_bits_(bits: torch.Tensor, noise: torch.Tensor, generator, target=None)
 
 
 def split_buckets(params: list, cap_bytes: int) -> list[list]:
-    """`params` in gradient-completion order (reverse registration order), cut into runs of one
-    dtype and device of at most `cap_bytes` each (a larger weight alone)."""
+    """`params`, in the order their gradients complete, cut into runs of one dtype and device
+    of at most `cap_bytes` each (a larger weight alone)."""
     buckets, size = [], 0
-    for p in reversed(params):
+    for p in params:
         nbytes = p.numel() * p.element_size()
         if not buckets or size + nbytes > cap_bytes or \
                 (p.dtype, p.device) != (buckets[-1][0].dtype, buckets[-1][0].device):
@@ -106,23 +107,34 @@ class Bucketed(torch.optim.Optimizer):
                  bucket_bytes: int = BUCKET_BYTES) -> None:
         super().__init__(groups, {})
         self.in_backward, self.clip, self.hooks = in_backward, clip, []
+        self.build, self.bucket_bytes = build, bucket_bytes
         first = self.param_groups[0]["params"][0]
         self.generator = torch.Generator(device=first.device)
         self.generator.manual_seed(seed)
-        plan = [(group, params) for group in self.param_groups
-                for params in split_buckets(group["params"], bucket_bytes)]
+        weights = [p for g in self.param_groups for p in g["params"]]
+        self.index = {p: i for i, p in enumerate(weights)}
+        self.group_of = {p: k for k, g in enumerate(self.param_groups) for p in g["params"]}
+        self.make_buckets(weights[::-1])  # about the order gradients complete in
+        self.seen = [] if in_backward else None
+        if in_backward:
+            self.hooks = [p.register_post_accumulate_grad_hook(self._arrived) for p in weights]
+
+    def make_buckets(self, order: list) -> None:
+        """Buckets over the weights in `order` (gradient-completion order), group by group."""
+        plan = [(group, params) for k, group in enumerate(self.param_groups)
+                for params in split_buckets([p for p in order if self.group_of[p] == k],
+                                            self.bucket_bytes)]
         widest = max((sum(p.numel() for p in params) for _, params in plan
                       if params[0].dtype != torch.float32), default=0)
-        scratch = [torch.empty(widest, device=first.device) for _ in "vg"] if widest else None
-        self.buckets = [_Bucket(params, group, build, scratch) for group, params in plan]
+        device = self.param_groups[0]["params"][0].device
+        scratch = [torch.empty(widest, device=device) for _ in "vg"] if widest else None
+        self.buckets = [_Bucket(params, group, self.build, scratch) for group, params in plan]
         self.bucket_of = {p: b for b in self.buckets for p in b.params}
-        self.index = {p: i for i, p in enumerate(p for g in self.param_groups
-                                                 for p in g["params"])}
-        if in_backward:
-            self.hooks = [p.register_post_accumulate_grad_hook(self._arrived)
-                          for p in self.bucket_of]
+        self.order = [p for b in self.buckets for p in b.params]
 
     def _arrived(self, p: torch.Tensor) -> None:
+        if self.seen is not None:
+            self.seen.append(p)
         bucket = self.bucket_of[p]
         bucket.arrived += 1
         if bucket.arrived == len(bucket.params):
@@ -169,7 +181,19 @@ class Bucketed(torch.optim.Optimizer):
                 self.update(bucket)
             elif bucket.arrived:
                 self._finish(bucket)
+        if self.seen:  # the first step in backward: bucket in the order it saw
+            seen, self.seen = list(dict.fromkeys(self.seen)), None
+            noted = set(map(id, seen))
+            self.rebucket(seen + [p for p in self.order if id(p) not in noted])
         return None
+
+    def rebucket(self, order: list, keep_state: bool = True) -> None:
+        """Bucket anew in `order`, the state going with its weights if `keep_state`."""
+        if [id(p) for p in order] != [id(p) for p in self.order]:
+            state = self.state_dict() if keep_state else None
+            self.make_buckets(order)
+            if keep_state:
+                self.load_inner(state)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.bucket_of:
@@ -181,36 +205,43 @@ class Bucketed(torch.optim.Optimizer):
                 and getattr(b.inner, "_step_supports_amp_scaling", False)]
 
     def state_dict(self) -> dict:
-        """Per weight (global index -> state, as torch keeps it), with each bucket's group
-        settings and where it starts: independent of how the weights are bucketed."""
-        state, groups, starts = {}, [], []
+        """Per weight (global index -> state, as torch keeps it), with the buckets (each a list
+        of global indices) and each bucket's inner group settings."""
+        state, groups = {}, []
         for b in self.buckets:
             saved = b.inner.state_dict()
             state.update({self.index[b.params[i]]: s for i, s in saved["state"].items()})
             groups.append({k: v for k, v in saved["param_groups"][0].items() if k != "params"})
-            starts.append(self.index[b.params[0]])
-        return {"state": state, "inner_groups": groups, "starts": starts,
+        return {"state": state, "inner_groups": groups,
+                "buckets": [[self.index[p] for p in b.params] for b in self.buckets],
+                "learning": self.seen is not None,
                 "lr": [g["lr"] for g in self.param_groups],
                 "initial_lr": [g.get("initial_lr") for g in self.param_groups],
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        state = bucketed_layout(state, len(self.index))
-        order = sorted(range(len(state["starts"])), key=state["starts"].__getitem__)
-        starts = [state["starts"][k] for k in order]
-        for b in self.buckets:
-            # the settings of the saved bucket that held this bucket's first weight
-            k = order[max(0, bisect.bisect_right(starts, self.index[b.params[0]]) - 1)]
-            mine = [self.index[p] for p in b.params]
-            b.inner.load_state_dict({
-                "state": {i: state["state"][j] for i, j in enumerate(mine)
-                          if j in state["state"]},
-                "param_groups": [{**state["inner_groups"][k], "params": list(range(len(mine)))}]})
+        weights = list(self.index)
+        state = bucketed_layout(state, len(weights))
+        if not state["converted"]:  # its buckets, learnt or not (clipping is per bucket)
+            self.rebucket([weights[i] for bucket in state["buckets"] for i in bucket], False)
+            self.seen = [] if state["learning"] and self.in_backward else None
+        self.load_inner(state)
         for group, lr, initial in zip(self.param_groups, state["lr"], state["initial_lr"]):
             group["lr"] = lr
             if initial is not None:
                 group["initial_lr"] = initial
         self.generator.set_state(state["generator"].cpu())
+
+    def load_inner(self, state: dict) -> None:
+        """The inner optimizers' states from a state in Bucketed's layout."""
+        saved_bucket = {i: k for k, bucket in enumerate(state["buckets"]) for i in bucket}
+        for b in self.buckets:
+            mine = [self.index[p] for p in b.params]
+            b.inner.load_state_dict({  # with the settings of the bucket of its first weight
+                "state": {i: state["state"][j] for i, j in enumerate(mine)
+                          if j in state["state"]},
+                "param_groups": [{**state["inner_groups"][saved_bucket[mine[0]]],
+                                  "params": list(range(len(mine)))}]})
 
     def inner_states(self) -> list[dict]:
         """The inner optimizers' state tensors (for moving them between devices)."""
@@ -224,21 +255,24 @@ class Bucketed(torch.optim.Optimizer):
 
 
 def bucketed_layout(state: dict, weights: int) -> dict:
-    """A saved state in Bucketed's layout: the one-optimizer-per-weight layout of earlier
-    snapshots ("inner": one state per weight) converts, moments and all."""
-    if "inner" in state:
+    """A saved state in Bucketed's layout, "converted" saying whether it was: the
+    one-optimizer-per-weight layout of earlier snapshots ("inner": one state per weight)
+    converts, moments and all. One for another number of weights is refused."""
+    converted = "inner" in state
+    if converted:
         inner = state["inner"]
         state = {**state, "state": {i: s["state"][0] for i, s in enumerate(inner)
                                     if 0 in s["state"]},
                  "inner_groups": [{k: v for k, v in s["param_groups"][0].items()
                                    if k != "params"} for s in inner],
-                 "starts": list(range(len(inner)))}
-    saved = max(state["starts"], default=-1) + 1
-    if saved > weights or any(j >= weights for j in state["state"]):
+                 "buckets": [[i] for i in range(len(inner))]}
+    saved = sorted(i for bucket in state["buckets"] for i in bucket)
+    if saved != list(range(weights)) or any(j >= weights for j in state["state"]):
         raise DreamboothError(
-            f"The saved optimizer state is for more weights than this run trains ({weights}).",
-            "Resume with the settings the snapshot was made with, or set resume to 'never'.")
-    return state
+            f"The saved optimizer state is for {len(saved)} weights, and this run trains "
+            f"{weights}.", "Resume with the settings the snapshot was made with, or set "
+            "resume to 'never'.")
+    return {**state, "converted": converted}
 
 
 def make_optimizer(cfg, groups: list, acc, warn) -> tuple:
