@@ -57,7 +57,7 @@ def test_bench_smoke_reports_every_configuration(tmp_path):
         assert lowest["gradient_checkpointing"] and lowest["mixed_precision"] == "bf16"
         if not c["lora_rank"]:  # the memory preset: Adafactor on bf16 weights, in backward
             assert lowest["fused_optimizer"] and lowest["bf16_weights"]
-            assert lowest["optimizer"].startswith("adafactor (per weight, in backward)")
+            assert lowest["optimizer"].startswith("adafactor (bucketed, in backward)")
     skipped = {c["name"]: c["reason"] for c in by_name.values() if c["status"] == "skipped"}
     assert skipped.get("lora_r16_bs1", "not implemented") == "not implemented"
     for name in skipped:

@@ -26,8 +26,12 @@ def profile_case(case, resolution=None, tiny=False) -> dict:
 SLACK = 1.05
 # configuration -> (resolution, tiny model?, host syncs, ops per step, peak live bytes)
 HELD = {
-    # the per-weight path at the tiny size: its op count is per weight, not per pixel
-    "full_adamw_bs1_fused": (64, True, 0, 14370, 36_762_624),
+    # the optimizer in backward, bucketed (optim.Bucketed, 64 MiB buckets): 14 408 ops when it
+    # was one inner optimizer per weight; 12.09 GiB either way
+    "full_adamw_bs1_fused": (512, False, 0, 6923, 12_980_429_312),
+    # bf16 weights, bucketed: fp32 stand-ins in one scratch buffer, foreach copies and one
+    # rounding draw per bucket (16 849 ops and 10.16 GiB per weight)
+    "bf16_weights_bs1": (512, False, 0, 5523, 10_824_079_872),
     # the default full fine-tune at real size (SD1.5, 512 px): 13.03 GiB. No host sync: noise,
     # timesteps and the latent draw come from a generator on the device, the loss stays there
     # (read every log_every_steps, not in this step); 5 before (issue 13)
