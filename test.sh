@@ -81,12 +81,13 @@ rc2=0
 # side by side only where each lane's threads fit in half the cores (OMP_NUM_THREADS=2 on two
 # cores: one lane after the other; four threads on two cores made the suite ~2x slower)
 cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 2)  # nproc obeys both
-lanes=1
-case "$OMP_NUM_THREADS" in ''|*[!0-9]*) ;; *) [ $((OMP_NUM_THREADS * 2)) -gt "$cores" ] || lanes=2 ;; esac
-if [ $mode = full ] && [ $lanes = 1 ]; then
-  echo "== OMP_NUM_THREADS=$OMP_NUM_THREADS on $cores cores: the stages run one after another =="
+lanes=0  # steps 2-3 not run (--quick)
+if [ $mode = full ]; then
+  lanes=1
+  case "$OMP_NUM_THREADS" in ''|*[!0-9]*) ;; *) [ $((OMP_NUM_THREADS * 2)) -gt "$cores" ] || lanes=2 ;; esac
+  [ $lanes = 2 ] || echo "== OMP_NUM_THREADS=$OMP_NUM_THREADS on $cores cores: the stages run one after another =="
 fi
-if [ $mode = full ] && [ $lanes = 2 ]; then
+if [ $lanes = 2 ]; then
   mkdir -p .test-logs
   echo "== steps 2-3 (WebUI side, oldest packages) run alongside: .test-logs/lane2.log =="
   ( lane2 "$@" ) > .test-logs/lane2.log 2>&1 &
@@ -96,13 +97,13 @@ if [ $mode = full ] && [ $lanes = 2 ]; then
 fi
 
 echo "== tests: core, tested packages (constraints/newest.txt) =="
-core_args=(); [ $mode = quick ] || core_args=(--ignore=$FREEZE_TEST)  # step 2 runs it
+core_args=(); [ $lanes = 0 ] || core_args=(--ignore=$FREEZE_TEST)  # step 2 runs it
 rc1=0; pytest_in .venv "${core_args[@]}" "$@" || rc1=$?
-if [ $mode = full ] && [ $lanes = 2 ]; then
+if [ $lanes = 2 ]; then
   echo "== waiting for steps 2-3 =="
   wait $lane2_pid || rc2=$?
   cat .test-logs/lane2.log
-elif [ $mode = full ]; then
+elif [ $lanes = 1 ]; then
   set +e; ( set -e; lane2 "$@" ); rc2=$?; set -e
 fi
 if [ $rc1 != 0 ] || [ $rc2 != 0 ]; then
