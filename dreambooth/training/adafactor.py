@@ -14,7 +14,7 @@ the matrix (out, in*k*k): a row of `out` numbers and a column of in*k*k (for a m
 what transformers keeps). A 1-d weight keeps the full average.
 
 The statistics and the arithmetic are fp32: a bf16 or fp16 weight is updated in fp32 and copied
-back (PerWeight passes its bf16 weights as fp32 stand-ins and does the stochastic rounding
+back (Bucketed passes its bf16 weights as fp32 stand-ins and does the stochastic rounding
 itself). A step reads no device tensor, since the step count is a Python int. A state saved by
 transformers' Adafactor, with statistics over the last two dims, is converted when it is loaded
 (see `_refactored`), so a snapshot from before this module resumes.
