@@ -130,4 +130,31 @@ def test_a_state_saved_by_transformers_adafactor_is_converted_on_resume():
     for opt, q, grad in zip(old, old_params, grads):
         q.grad = grad.clone()
         opt.step()
-    assert torch.equal(new_params[1], old_params[1]) and torch.equal(new_params[2], old_params[2])
+    for i in (1, 2):
+        torch.testing.assert_close(new_params[i], old_params[i], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("batch", [None, 100])
+def test_weights_of_one_shape_step_together_as_each_would_alone(batch, monkeypatch):
+    """The stacked update (weights of one shape together, in batches of BATCH_ELEMENTS
+    numbers) is the update each weight gets from an optimizer of its own."""
+    import dreambooth.training.adafactor as module
+    if batch:
+        monkeypatch.setattr(module, "BATCH_ELEMENTS", batch)
+    g = torch.Generator().manual_seed(4)
+    shapes = [(6, 5, 3, 3), (7, 9), (6, 5, 3, 3), (11,), (7, 9), (11,), (7, 9)]
+    w = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(4)]
+    together = [torch.nn.Parameter(t.clone()) for t in w]
+    alone = [torch.nn.Parameter(t.clone()) for t in w]
+    opt = Adafactor(together, **SETTINGS)
+    opts = [Adafactor([p], **SETTINGS) for p in alone]
+    for step_grads in grads:
+        for p, q, grad in zip(together, alone, step_grads):
+            p.grad, q.grad = grad.clone(), grad.clone()
+        opt.step()
+        for o in opts:
+            o.step()
+    for p, q, start in zip(together, alone, w):
+        assert not torch.equal(p, start)
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
