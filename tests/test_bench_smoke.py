@@ -90,6 +90,27 @@ def test_moving_the_reference_between_rounds_keeps_adamws_step_counters_in_place
     assert state["exp_avg"].device.type == "meta" and state["step"].device.type == "cpu"
 
 
+def test_moving_a_bucketed_run_moves_its_bf16_scratch_and_it_steps_on():
+    """Bucketed's fp32 scratch for bf16 weights goes with the run (else it would stay on the
+    GPU through the reference's rounds); the stand-ins keep their identity and a step after
+    the move updates the weights as before. 'meta' stands in for the GPU."""
+    from bench.measure import move
+    from dreambooth.training.optim import Bucketed
+    weights = [torch.nn.Parameter(torch.ones(4, 3, dtype=torch.bfloat16)) for _ in range(2)]
+    opt = Bucketed([{"params": weights, "lr": 0.1}],
+                   lambda groups: torch.optim.SGD(groups, lr=0.1), in_backward=False)
+    stand_ins = [s for b in opt.buckets for s in b.stand_ins]
+    move(opt, "meta")
+    assert all(b.device.type == "meta" for b in opt.scratch)
+    assert all(s.device.type == "meta" for b in opt.buckets for s in b.stand_ins)
+    move(opt, "cpu")
+    assert [s for b in opt.buckets for s in b.stand_ins] == stand_ins
+    for w in weights:
+        w.grad = torch.ones_like(w)
+    opt.step()
+    assert all(torch.allclose(w.float(), torch.full((4, 3), 0.9), atol=0.01) for w in weights)
+
+
 def test_gpu_probe_without_a_gpu_says_where_to_run_it(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the probe would run")

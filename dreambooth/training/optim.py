@@ -92,13 +92,24 @@ class _Bucket:
         if params[0].dtype == torch.float32:
             self.stand_ins, self.grads, self.bits, self.noise = params, None, None, None
         else:
-            sizes = [p.numel() for p in params]
-            values, grads = (buffer[:sum(sizes)] for buffer in scratch)
-            self.stand_ins = [torch.nn.Parameter(v.view(p.shape))
-                              for v, p in zip(values.split(sizes), params)]
-            self.grads = [g.view(p.shape) for g, p in zip(grads.split(sizes), params)]
-            self.bits, self.noise = values.view(torch.int32), grads.view(torch.int32)
+            self.stand_ins = None
+            self.bind(scratch)
         self.inner = build([{"params": self.stand_ins, "lr": group["lr"]}])
+
+    def bind(self, scratch) -> None:
+        """(bf16) The stand-ins and gradients as views of `scratch`, the (values, gradients)
+        buffers; the stand-ins keep their identity (the inner optimizer's state is keyed by
+        them)."""
+        sizes = [p.numel() for p in self.params]
+        values, grads = (buffer[:sum(sizes)] for buffer in scratch)
+        views = [v.view(p.shape) for v, p in zip(values.split(sizes), self.params)]
+        if self.stand_ins is None:
+            self.stand_ins = [torch.nn.Parameter(v) for v in views]
+        else:
+            for stand_in, view in zip(self.stand_ins, views):  # .data can't change device
+                torch.utils.swap_tensors(stand_in, torch.nn.Parameter(view))
+        self.grads = [g.view(p.shape) for g, p in zip(grads.split(sizes), self.params)]
+        self.bits, self.noise = values.view(torch.int32), grads.view(torch.int32)
 
 
 class Bucketed(torch.optim.Optimizer):
@@ -131,6 +142,7 @@ class Bucketed(torch.optim.Optimizer):
                       if params[0].dtype != torch.float32), default=0)
         device = self.param_groups[0]["params"][0].device
         scratch = [torch.empty(widest, device=device) for _ in "vg"] if widest else None
+        self.scratch = scratch
         self.buckets = [_Bucket(params, group, self.build, scratch) for group, params in plan]
         self.bucket_of = {p: b for b in self.buckets for p in b.params}
         self.order = [p for b in self.buckets for p in b.params]
@@ -249,6 +261,15 @@ class Bucketed(torch.optim.Optimizer):
     def inner_states(self) -> list[dict]:
         """The inner optimizers' state tensors (for moving them between devices)."""
         return [b.inner.state for b in self.buckets]
+
+    def move_scratch(self, device) -> None:
+        """The bf16 buckets' fp32 scratch to `device` (the benchmark moves a run off the GPU
+        between its rounds); nothing is kept in it between updates."""
+        if self.scratch is not None and self.scratch[0].device != torch.device(device):
+            self.scratch = [torch.empty(len(b), device=device) for b in self.scratch]
+            for bucket in self.buckets:
+                if bucket.bits is not None:
+                    bucket.bind(self.scratch)
 
     def remove_hooks(self) -> None:
         """Stop updating in backward (step() updates everything from then on)."""
