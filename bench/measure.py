@@ -93,6 +93,8 @@ def move(obj, device) -> None:
     elif isinstance(obj, torch.optim.Optimizer) or hasattr(obj, "optimizer"):
         opt = obj if isinstance(obj, torch.optim.Optimizer) else obj.optimizer
         states = opt.inner_states() if hasattr(opt, "inner_states") else [opt.state]
+        if hasattr(opt, "move_scratch"):  # Bucketed's bf16 scratch
+            opt.move_scratch(device)
         for state in (s for states_ in states for s in states_.values()):
             for k, v in state.items():
                 if torch.is_tensor(v) and k != "step":

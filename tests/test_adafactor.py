@@ -8,7 +8,7 @@ import torch
 
 from dreambooth.training.adafactor import Adafactor
 from dreambooth.training.memory_count import optimizer_state_bytes
-from dreambooth.training.optim import PerWeight
+from dreambooth.training.optim import Bucketed
 
 SETTINGS = {"lr": 1e-2, "weight_decay": 1e-2}
 
@@ -93,31 +93,30 @@ def test_a_saved_state_continues_bit_identically():
 
 
 def test_a_state_saved_by_transformers_adafactor_is_converted_on_resume():
-    """A snapshot from before: PerWeight over bf16 weights with transformers' Adafactor, whose
-    conv state is row (8, 4, 3) and col (8, 4, 3). It loads into ours and steps on."""
+    """A snapshot from before: one transformers Adafactor per weight (the old per-weight
+    layout, "inner"), whose conv state is row (8, 4, 3) and col (8, 4, 3). It loads into a
+    Bucketed optimizer over ours and steps on."""
     g = torch.Generator().manual_seed(3)
     shapes = [(8, 4, 3, 3), (8, 4), (8,)]
-    w = [torch.randn(s, generator=g).bfloat16() for s in shapes]
-    grads = [torch.randn(s, generator=g).bfloat16() for s in shapes]
-
-    def per_weight(build):
-        params = [torch.nn.Parameter(t.clone()) for t in w]
-        return PerWeight([{"params": params, "lr": 1e-2}], build, in_backward=False), params
-
-    old, old_params = per_weight(transformers_adafactor)
+    w = [torch.randn(s, generator=g) for s in shapes]
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    old_params = [torch.nn.Parameter(t.clone()) for t in w]
+    old = [transformers_adafactor([{"params": [p], "lr": 1e-2}]) for p in old_params]
     for _ in range(3):
-        for p, grad in zip(old_params, grads):
+        for opt, p, grad in zip(old, old_params, grads):
             p.grad = grad.clone()
-        old.step()
-    saved = old.state_dict()
+            opt.step()
+    saved = {"inner": [opt.state_dict() for opt in old], "lr": [1e-2], "initial_lr": [None],
+             "generator": torch.Generator().manual_seed(0).get_state()}
     conv = saved["inner"][0]["state"][0]
     assert conv["exp_avg_sq_row"].shape == (8, 4, 3)
-    new, new_params = per_weight(lambda groups: Adafactor(groups, **SETTINGS))
+    new_params = [torch.nn.Parameter(t.clone()) for t in w]
+    new = Bucketed([{"params": new_params, "lr": 1e-2}],
+                   lambda groups: Adafactor(groups, **SETTINGS), in_backward=False)
     new.load_state_dict(saved)
-    state = new.inner_states()[0]
-    (converted,) = state.values()
+    (converted,) = [s for inner in new.inner_states() for s in inner.values()
+                    if "exp_avg_sq_col" in s and s["exp_avg_sq_col"].shape == (36,)]
     assert converted["exp_avg_sq_row"].shape == (8,)
-    assert converted["exp_avg_sq_col"].shape == (36,)
     assert converted["step"] == 3 and "RMS" not in converted
     # the row is the old rows' mean over the same entries
     torch.testing.assert_close(converted["exp_avg_sq_row"],
@@ -128,7 +127,34 @@ def test_a_state_saved_by_transformers_adafactor_is_converted_on_resume():
     new.step()
     assert all(torch.isfinite(p.float()).all() for p in new_params)
     # matrices and vectors were not converted: they step on as transformers would
-    for q, grad in zip(old_params, grads):
+    for opt, q, grad in zip(old, old_params, grads):
         q.grad = grad.clone()
-    old.step()
-    assert torch.equal(new_params[1], old_params[1]) and torch.equal(new_params[2], old_params[2])
+        opt.step()
+    for i in (1, 2):
+        torch.testing.assert_close(new_params[i], old_params[i], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("batch", [None, 100])
+def test_weights_of_one_shape_step_together_as_each_would_alone(batch, monkeypatch):
+    """The stacked update (weights of one shape together, in batches of BATCH_ELEMENTS
+    numbers) is the update each weight gets from an optimizer of its own."""
+    import dreambooth.training.adafactor as module
+    if batch:
+        monkeypatch.setattr(module, "BATCH_ELEMENTS", batch)
+    g = torch.Generator().manual_seed(4)
+    shapes = [(6, 5, 3, 3), (7, 9), (6, 5, 3, 3), (11,), (7, 9), (11,), (7, 9)]
+    w = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(4)]
+    together = [torch.nn.Parameter(t.clone()) for t in w]
+    alone = [torch.nn.Parameter(t.clone()) for t in w]
+    opt = Adafactor(together, **SETTINGS)
+    opts = [Adafactor([p], **SETTINGS) for p in alone]
+    for step_grads in grads:
+        for p, q, grad in zip(together, alone, step_grads):
+            p.grad, q.grad = grad.clone(), grad.clone()
+        opt.step()
+        for o in opts:
+            o.step()
+    for p, q, start in zip(together, alone, w):
+        assert not torch.equal(p, start)
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

@@ -57,7 +57,7 @@ def test_bench_smoke_reports_every_configuration(tmp_path):
         assert lowest["gradient_checkpointing"] and lowest["mixed_precision"] == "bf16"
         if not c["lora_rank"]:  # the memory preset: Adafactor on bf16 weights, in backward
             assert lowest["fused_optimizer"] and lowest["bf16_weights"]
-            assert lowest["optimizer"].startswith("adafactor (per weight, in backward)")
+            assert lowest["optimizer"].startswith("adafactor (bucketed, in backward)")
     skipped = {c["name"]: c["reason"] for c in by_name.values() if c["status"] == "skipped"}
     assert skipped.get("lora_r16_bs1", "not implemented") == "not implemented"
     for name in skipped:
@@ -88,6 +88,27 @@ def test_moving_the_reference_between_rounds_keeps_adamws_step_counters_in_place
     move(opt, "meta")
     state = opt.state[weight]
     assert state["exp_avg"].device.type == "meta" and state["step"].device.type == "cpu"
+
+
+def test_moving_a_bucketed_run_moves_its_bf16_scratch_and_it_steps_on():
+    """Bucketed's fp32 scratch for bf16 weights goes with the run (else it would stay on the
+    GPU through the reference's rounds); the stand-ins keep their identity and a step after
+    the move updates the weights as before. 'meta' stands in for the GPU."""
+    from bench.measure import move
+    from dreambooth.training.optim import Bucketed
+    weights = [torch.nn.Parameter(torch.ones(4, 3, dtype=torch.bfloat16)) for _ in range(2)]
+    opt = Bucketed([{"params": weights, "lr": 0.1}],
+                   lambda groups: torch.optim.SGD(groups, lr=0.1), in_backward=False)
+    stand_ins = [s for b in opt.buckets for s in b.stand_ins]
+    move(opt, "meta")
+    assert all(b.device.type == "meta" for b in opt.scratch)
+    assert all(s.device.type == "meta" for b in opt.buckets for s in b.stand_ins)
+    move(opt, "cpu")
+    assert [s for b in opt.buckets for s in b.stand_ins] == stand_ins
+    for w in weights:
+        w.grad = torch.ones_like(w)
+    opt.step()
+    assert all(torch.allclose(w.float(), torch.full((4, 3), 0.9), atol=0.01) for w in weights)
 
 
 def test_gpu_probe_without_a_gpu_says_where_to_run_it(tmp_path):

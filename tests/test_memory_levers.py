@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from dreambooth.config import events as ev
-from dreambooth.config.errors import TrainingError
+from dreambooth.config.errors import DreamboothError, TrainingError
 from dreambooth.model.checkpoint import read_checkpoint
 from dreambooth.training import trainer as trainer_module
 from dreambooth.training.memory import GIB
-from dreambooth.training.optim import PerWeight, stochastic_round_
+from dreambooth.training.optim import Bucketed, stochastic_round_
 from dreambooth.training.trainer import Trainer
 
 
@@ -34,7 +34,7 @@ def test_small_updates_survive_on_bf16_weights():
     update, stochastic rounding keeps their sum."""
     def run(build_weight):
         w = build_weight()
-        opt = PerWeight([{"params": [w], "lr": 1e-4}],
+        opt = Bucketed([{"params": [w], "lr": 1e-4}],
                         lambda groups: torch.optim.SGD(groups, lr=1.0), in_backward=False)
         for _ in range(100):
             w.grad = torch.ones_like(w)
@@ -50,15 +50,24 @@ def test_small_updates_survive_on_bf16_weights():
     assert nearest.item() == 1.0
 
 
-def test_per_weight_state_round_trips():
+OLD_LAYOUT = "per weight"  # the one-optimizer-per-weight layout of earlier snapshots
+
+
+@pytest.mark.parametrize("saved_bytes, loaded_bytes", [(1 << 30, 1 << 30), (0, 1 << 30),
+                                                       (1 << 30, 0), (OLD_LAYOUT, 1 << 30)])
+def test_state_round_trips_whatever_the_bucketing(saved_bytes, loaded_bytes):
+    """Saved per weight: a state loads into any bucketing (0 bytes: a bucket per weight), and a
+    snapshot of the earlier per-weight layout converts; the run goes on exactly."""
     def fresh():
         torch.manual_seed(0)
         return [torch.nn.Parameter(torch.randn(8, 8).to(torch.bfloat16)),
+                torch.nn.Parameter(torch.randn(8).to(torch.bfloat16)),
                 torch.nn.Parameter(torch.randn(8))]
 
-    def opt_for(params):
-        return PerWeight([{"params": params, "lr": 1e-2}],
-                         lambda g: torch.optim.AdamW(g, lr=1.0), in_backward=False, seed=3)
+    def opt_for(params, bucket_bytes):
+        return Bucketed([{"params": params, "lr": 1e-2}],
+                        lambda g: torch.optim.AdamW(g, lr=1.0), in_backward=False, seed=3,
+                        bucket_bytes=0 if bucket_bytes == OLD_LAYOUT else bucket_bytes)
 
     def steps(params, opt, n):
         for i in range(n):
@@ -67,16 +76,120 @@ def test_per_weight_state_round_trips():
             opt.step()
 
     a = fresh()
-    opt_a = opt_for(a)
+    opt_a = opt_for(a, saved_bytes)
     steps(a, opt_a, 3)
     saved = copy.deepcopy(opt_a.state_dict())  # as torch.save would keep it
+    if saved_bytes == OLD_LAYOUT:  # {"inner": [each weight's optimizer's state], ...}
+        saved = {"inner": [copy.deepcopy(opt_a.bucket_of[p].inner.state_dict()) for p in a],
+                 **{k: saved[k] for k in ("lr", "initial_lr", "generator")}}
     weights = [p.detach().clone() for p in a]
     steps(a, opt_a, 2)
     b = [torch.nn.Parameter(w) for w in weights]
-    opt_b = opt_for(b)
+    opt_b = opt_for(b, loaded_bytes)
     opt_b.load_state_dict(saved)
     steps(b, opt_b, 2)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_a_state_for_other_weights_is_refused():
+    def opt_for(params):
+        return Bucketed([{"params": params, "lr": 1e-2}], lambda g: torch.optim.AdamW(g),
+                        in_backward=False)
+    two = [torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))]
+    saved = opt_for(two).state_dict()
+    with pytest.raises(DreamboothError, match="is for 2 weights, and this run trains 1"):
+        opt_for(two[:1]).load_state_dict(saved)
+
+
+# -- buckets in backward, on the tiny UNet ------------------------------------------------------
+def tiny_unet():
+    from dreambooth.model.components import build_random
+    from dreambooth.model.tiny import tiny_configs
+    return build_random("v1x", tiny_configs("v1x")).unet
+
+
+def unet_loss(unet, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 8, 8, generator=gen)
+    cond = torch.randn(1, 7, unet.config.cross_attention_dim, generator=gen)
+    return unet(x, torch.tensor([10 * seed + 1]), cond).sample.square().mean()
+
+
+def test_buckets_update_in_backward_and_free_their_gradients():
+    unet = tiny_unet()
+    params = list(unet.parameters())
+    before = [p.detach().clone() for p in params]
+    opt = Bucketed([{"params": params, "lr": 1e-3}], lambda g: torch.optim.AdamW(g, lr=1.0),
+                   in_backward=True, clip=1.0, bucket_bytes=64 * 1024)
+    assert 5 < len(opt.buckets) < len(params) / 4
+    updated, update = [], opt.update
+    opt.update = lambda bucket: (updated.append(bucket), update(bucket))
+    unet_loss(unet, 0).backward()
+    # every bucket stepped within backward (every weight of the UNet gets a gradient), and
+    # no gradient is left
+    assert sorted(map(id, updated)) == sorted(map(id, opt.buckets))
+    first_order = [id(p) for b in opt.buckets for p in b.params]
+    stepped = len(updated)
+    opt.step()  # nothing left to update; the buckets follow the order the gradients came in
+    assert len(updated) == stepped
+    assert [id(p) for b in opt.buckets for p in b.params] != first_order
+    updated.clear()
+    unet_loss(unet, 1).backward()
+    assert [id(b) for b in updated] == [id(b) for b in opt.buckets]
+    assert all(p.grad is None for p in params)
+    assert all(not torch.equal(p, b) for p, b in zip(params, before) if b.abs().sum() > 0)
+    after = [p.detach().clone() for p in params]
+    opt.step()
+    assert len(updated) == len(opt.buckets)  # nothing left over
+    assert all(torch.equal(p, a) for p, a in zip(params, after))
+
+
+def test_a_bucket_left_incomplete_by_backward_is_updated_by_step():
+    used, unused = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    params = [*unused.parameters(), *used.parameters()]
+    kept = [p.detach().clone() for p in params]
+    opt = Bucketed([{"params": params, "lr": 1e-2}], lambda g: torch.optim.AdamW(g, lr=1.0),
+                   in_backward=True)
+    assert len(opt.buckets) == 1
+    used(torch.ones(2, 4)).sum().backward()
+    assert all(p.grad is not None for p in used.parameters())  # waiting for the rest
+    opt.step()
+    assert all(p.grad is None for p in params)
+    assert [torch.equal(p, k) for p, k in zip(params, kept)] == [True, True, False, False]
+
+
+@pytest.mark.parametrize("clip, bucket_bytes", [(0.0, 64 * 1024), (1.0, 1 << 30)])
+def test_bucketed_adamw_in_backward_equals_plain_adamw(clip, bucket_bytes):
+    """AdamW on fp32 weights, stepped bucket by bucket in backward (foreach within a bucket, as
+    on a GPU, where it is fused), makes the update torch's AdamW makes after backward, to 1e-6
+    (float rounding: foreach and per-tensor AdamW order a few ops differently, and with one
+    bucket its clipping is the plain step's global clipping, the norms summed in another
+    order). Each step starts from the plain run's weights: a rounding difference in a weight
+    changes the next gradients, and Adam turns a near-zero gradient's change into a step of up
+    to lr (see the next test)."""
+    plain_unet, unet = tiny_unet(), tiny_unet()
+    plain = torch.optim.AdamW(plain_unet.parameters(), lr=1e-3, weight_decay=1e-2)
+    params = list(unet.parameters())
+    opt = Bucketed([{"params": params, "lr": 1e-3}],
+                   lambda g: torch.optim.AdamW(g, lr=1.0, weight_decay=1e-2, foreach=True),
+                   in_backward=True, clip=clip, bucket_bytes=bucket_bytes)
+    worst = 0.0
+    for seed in range(3):
+        with torch.no_grad():
+            torch._foreach_copy_(params, list(plain_unet.parameters()))
+        unet_loss(plain_unet, seed).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(plain_unet.parameters(), clip)
+        plain.step()
+        plain.zero_grad()
+        unet_loss(unet, seed).backward()
+        opt.step()
+        worst = max(worst, max((a - b).abs().max().item()
+                               for a, b in zip(plain_unet.parameters(), params)))
+    moved = max((a - b).abs().max().item()
+                for a, b in zip(plain_unet.parameters(), tiny_unet().parameters()))
+    assert moved > 1e-3  # it trained
+    assert worst <= 1e-6, worst
 
 
 # -- through the trainer ------------------------------------------------------------------------

@@ -122,11 +122,11 @@ class TrainingConfig:
                                     "latents, gradient checkpointing, fused optimizer, Adafactor "
                                     "on bf16 weights); 'off': the settings exactly as given.",
                             choices=MEMORY_PRESETS)
-    fused_optimizer: bool = _f(False, "Update each weight inside backward as soon as its gradient "
-                                      "is ready, so no gradient buffer the size of the model is "
-                                      "kept (SD1.5: 3.4 GB less). Needs "
-                                      "gradient_accumulation_steps 1; gradients are clipped per "
-                                      "weight.", advanced=True)
+    fused_optimizer: bool = _f(False, "Update the weights inside backward, a 64 MiB bucket at a "
+                                      "time as soon as its gradients are ready, so no gradient "
+                                      "buffer the size of the model is kept (SD1.5: 3.4 GB "
+                                      "less). Needs gradient_accumulation_steps 1; gradients are "
+                                      "clipped per bucket.", advanced=True)
     bf16_weights: bool = _f(False, "Keep the trained weights in bf16 instead of fp32 (half their "
                                    "memory), updated with stochastic rounding so that small "
                                    "updates are not lost. Needs mixed_precision bf16.",

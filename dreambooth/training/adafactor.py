@@ -14,8 +14,11 @@ the matrix (out, in*k*k): a row of `out` numbers and a column of in*k*k (for a m
 what transformers keeps). A 1-d weight keeps the full average.
 
 The statistics and the arithmetic are fp32: a bf16 or fp16 weight is updated in fp32 and copied
-back (PerWeight passes its bf16 weights as fp32 stand-ins and does the stochastic rounding
-itself). A step reads no device tensor, since the step count is a Python int. A state saved by
+back (Bucketed passes its bf16 weights as fp32 stand-ins and does the stochastic rounding
+itself). Weights of the same shape are updated together, stacked (up to BATCH_ELEMENTS numbers
+at a time): a step is a few dozen ops per shape, not per weight, which for a UNet (686 weights,
+a few dozen shapes) is most of its ops. A step reads no device tensor, since the step count is a
+Python int. A state saved by
 transformers' Adafactor, with statistics over the last two dims, is converted when it is loaded
 (see `_refactored`), so a snapshot from before this module resumes.
 """
@@ -24,6 +27,9 @@ from __future__ import annotations
 import math
 
 import torch
+
+
+BATCH_ELEMENTS = 16 * 2 ** 20  # weights stacked into one update: fp32 temporaries of 64 MiB
 
 
 class Adafactor(torch.optim.Optimizer):
@@ -43,31 +49,59 @@ class Adafactor(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            batches: dict = {}  # weights of one shape, dtype, device and step count
             for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Adafactor does not support sparse gradients.")
+                state = self.state[p]
+                state["step"] = state.get("step", 0) + 1
+                key = (tuple(p.shape), p.dtype, p.grad.dtype, p.device, state["step"])
+                batches.setdefault(key, []).append(p)
+            for (shape, *_, step), ps in batches.items():
+                size = max(1, BATCH_ELEMENTS // max(1, ps[0].numel()))
+                for i in range(0, len(ps), size):
+                    self._update(ps[i:i + size], shape, step, group)
         return loss
 
-    def _update(self, p: torch.Tensor, group: dict) -> None:
-        grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
-        if grad.is_sparse:
-            raise RuntimeError("Adafactor does not support sparse gradients.")
-        state = self.state[p]
-        state["step"] = state.get("step", 0) + 1
-        beta = 1.0 - math.pow(state["step"], group["decay_rate"])
-        if grad.dim() >= 2:
-            update = _factored(state, grad.reshape(grad.shape[0], -1), beta, group["eps"][0])
+    def _update(self, ps: list, shape: tuple, step: int, group: dict) -> None:
+        """One update of weights of the same shape, stacked: a few ops for all of them."""
+        n, eps1, lr = len(ps), group["eps"][0], group["lr"]
+        beta = 1.0 - math.pow(step, group["decay_rate"])
+        grad = torch.stack([p.grad for p in ps])
+        if grad.dtype != torch.float32:
+            grad = grad.float()
+        states = [self.state[p] for p in ps]
+        if len(shape) >= 2:
+            grad = grad.view(n, shape[0], -1)
+            row = _stacked(states, "exp_avg_sq_row", shape[0], grad)
+            col = _stacked(states, "exp_avg_sq_col", grad.shape[-1], grad)
+            squared = grad.square().add_(eps1)
+            row.mul_(beta).add_(squared.mean(dim=-1), alpha=1.0 - beta)
+            col.mul_(beta).add_(squared.mean(dim=-2), alpha=1.0 - beta)
+            del squared  # before the update is made: two stacked temporaries at a time
+            update = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1) * \
+                col.unsqueeze(-2).rsqrt()
+            update.mul_(grad)
         else:
-            update = _full(state, grad, beta, group["eps"][0])
-        rms = update.norm(2) / (update.numel() ** 0.5)
-        update.div_((rms / group["clip_threshold"]).clamp_(min=1.0))
-        update.mul_(group["lr"])
-        weight = p if p.dtype == torch.float32 else p.float()
+            grad = grad.view(n, -1)
+            second = _stacked(states, "exp_avg_sq", grad.shape[-1], grad)
+            second.mul_(beta).add_(grad.square().add_(eps1), alpha=1.0 - beta)
+            update = second.rsqrt().mul_(grad)
+        del grad
+        update = update.view(n, -1)
+        # the RMS clipping, weight by weight; the learning rate goes with the subtraction
+        rms = torch.linalg.vector_norm(update, dim=1)
+        update.div_(rms.div_(update.shape[1] ** 0.5 * group["clip_threshold"])
+                    .clamp_(min=1.0).unsqueeze(1))
+        fp32 = ps[0].dtype == torch.float32
+        weights = ps if fp32 else list(torch.stack(ps).float().unbind(0))
         if group["weight_decay"] != 0:
-            weight.add_(weight, alpha=-group["weight_decay"] * group["lr"])
-        weight.sub_(update.view(weight.shape))
-        if weight is not p:
-            p.copy_(weight)
+            torch._foreach_add_(weights, weights, alpha=-group["weight_decay"] * lr)
+        torch._foreach_sub_(weights, update.view(n, *shape).unbind(0), alpha=lr)
+        if not fp32:
+            torch._foreach_copy_(ps, weights)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -78,34 +112,26 @@ class Adafactor(torch.optim.Optimizer):
                     state["exp_avg_sq_row"], state["exp_avg_sq_col"])
 
 
-def _fp32(state: dict, key: str, size: int, like: torch.Tensor) -> torch.Tensor:
-    """The statistic `key`: zeros at the first step; fp32 on the gradient's device (a loaded
-    state takes the weight's dtype, which for a bf16 weight is bf16)."""
-    if key not in state:
-        state[key] = torch.zeros(size, dtype=torch.float32, device=like.device)
-    elif state[key].dtype != torch.float32 or state[key].device != like.device:
-        state[key] = state[key].to(device=like.device, dtype=torch.float32)
-    return state[key]
-
-
-def _factored(state: dict, grad: torch.Tensor, beta: float, eps1: float) -> torch.Tensor:
-    """The update direction of a weight seen as the matrix `grad` (rows, cols), new tensor."""
-    row = _fp32(state, "exp_avg_sq_row", grad.shape[0], grad)
-    col = _fp32(state, "exp_avg_sq_col", grad.shape[1], grad)
-    squared = grad.square().add_(eps1)
-    row.mul_(beta).add_(squared.mean(dim=-1), alpha=1.0 - beta)
-    col.mul_(beta).add_(squared.mean(dim=-2), alpha=1.0 - beta)
-    del squared  # before the update is made: one weight-sized temporary at a time
-    update = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1) * \
-        col.unsqueeze(-2).rsqrt()
-    return update.mul_(grad)
-
-
-def _full(state: dict, grad: torch.Tensor, beta: float, eps1: float) -> torch.Tensor:
-    """The update direction of a 1-d weight, from its full second moment; new tensor."""
-    second = _fp32(state, "exp_avg_sq", grad.numel(), grad)
-    second.mul_(beta).add_(grad.square().add_(eps1), alpha=1.0 - beta)
-    return second.rsqrt().mul_(grad)
+def _stacked(states: list, key: str, size: int, like: torch.Tensor) -> torch.Tensor:
+    """The statistic `key` of the weights of one update, as one fp32 tensor (n, size) on the
+    gradient's device whose rows are the weights' states (views): made once, so a step neither
+    stacks nor copies back. Zeros at the first step; a loaded state (separate tensors, in the
+    weight's dtype) is stacked into one at its first step."""
+    first = states[0].get(key)
+    if first is not None and first.dtype == torch.float32 and first.device == like.device:
+        base = first._base
+        if base is not None and base.shape == (len(states), size) and all(
+                s[key]._base is base and s[key].storage_offset() == i * size
+                for i, s in enumerate(states)):
+            return base
+    if first is None:
+        stacked = torch.zeros(len(states), size, dtype=torch.float32, device=like.device)
+    else:
+        stacked = torch.stack([s[key] for s in states]).to(device=like.device,
+                                                           dtype=torch.float32)
+    for state, view in zip(states, stacked.unbind(0)):
+        state[key] = view
+    return stacked
 
 
 def _refactored(row: torch.Tensor, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -241,7 +241,7 @@ def make_optimizer(choice: str, groups: list, cfg, device: torch.device, say: Sa
 
 
 def optimizer_builder(choice: str, cfg, device: torch.device, say: Say):
-    """(build(groups) -> optimizer, name) for optimizers made one per weight: the choice (or its
+    """(build(groups) -> optimizer, name) for optimizers made one per bucket: the choice (or its
     fallback) is settled once, on a probe weight, as make_optimizer settles it."""
     probe = [{"params": [torch.nn.Parameter(torch.zeros(1, device=device))],
               "lr": cfg.learning_rate}]

@@ -11,10 +11,10 @@ A non-finite loss stops the run at the read, naming the first step it happened a
 (`check_finite`). Until then, where the optimizer can skip an update on the device at no cost
 (a fused torch optimizer over all the weights, AdamW's on a GPU, through the `found_inf` that
 GradScaler uses: the weights, the moments and the step count stay as they were), the update of
-a step whose loss is not finite is skipped. Elsewhere it is applied (the foreach/for-loop
-optimizers, 8-bit AdamW, Adafactor, Prodigy, Lion; and PerWeight, where telling each of its
-hundreds of inner optimizers would cost one more op per weight and step): the weights go
-non-finite, which costs nothing but the steps until the read, as nothing is ever saved from
+a step whose loss is not finite is skipped; also by each bucket of a Bucketed optimizer whose
+inner optimizer is fused (telling it costs no op; a skipped bf16 bucket rounds its unchanged
+values back exactly). Elsewhere it is applied (the foreach/for-loop optimizers, 8-bit AdamW,
+Adafactor, Prodigy, Lion): the weights go non-finite, which costs nothing but the steps until the read, as nothing is ever saved from
 them: every save, sample and snapshot reads first, and the read stops the run.
 """
 from __future__ import annotations
@@ -68,8 +68,10 @@ class LossLog:
 
 def fused_parts(optimizer) -> list:
     """[the torch optimizer behind `optimizer` (accelerate's wrapper)] if it takes GradScaler's
-    `found_inf` (a fused one), else []."""
+    `found_inf` (a fused one), else []; a Bucketed optimizer's fused inner ones."""
     inner = getattr(optimizer, "optimizer", optimizer)
+    if hasattr(inner, "fused_parts"):  # Bucketed: its fused inner optimizers
+        return inner.fused_parts()
     ok = isinstance(inner, torch.optim.Optimizer) and bool(inner.defaults.get("fused")) \
         and getattr(inner, "_step_supports_amp_scaling", False)
     return [inner] if ok else []

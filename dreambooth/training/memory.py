@@ -42,6 +42,7 @@ from .memory_count import (
     text_encoder_activation_bytes,
     unet_activation_bytes,
 )
+from .optim import BUCKET_BYTES
 
 GIB = 2 ** 30
 HALF = ("fp16", "bf16", "auto")  # "auto" is half on every GPU this estimates for
@@ -141,7 +142,9 @@ def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True) 
         text_encoder_activation_bytes(cfg.model_type, te, half) for te in grad_tes)
     fused = cfg.fused_optimizer
     grad_bytes = 4 if lora else tbytes
-    largest = max(numel([s]) for s in trained)
+    # bucketed (optim.Bucketed): the widest bucket's weights, a larger weight alone
+    bucket = min(numel(trained), max(max(numel([s]) for s in trained),
+                                     BUCKET_BYTES // (4 if lora else tbytes)))
     upcast = half and tbytes == 4 and not lora  # autocast's half copies of fp32 weights
     encode = 4 * _vae_channels(shapes) * cfg.resolution ** 2 * wbytes
     parts = {
@@ -150,9 +153,10 @@ def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True) 
         "ema": 4 * unet_n if cfg.use_ema and not lora else 0,
         "caches": _caches(cfg, shapes, n_images or count_images(cfg), half),
         "overhead": CUDA_OVERHEAD if gpu else 0,
-        # fused: one weight's gradient, and its fp32 stand-in and gradient for a bf16 weight
-        "gradients": largest * (grad_bytes + (8 if tbytes == 2 else 0)) if fused
-        else grad_bytes * numel(trained),
+        # bf16 weights: the fp32 stand-ins and gradients of the widest bucket, kept
+        "stand-ins": 8 * bucket if tbytes == 2 else 0,
+        # fused: one bucket's gradients
+        "gradients": bucket * grad_bytes if fused else grad_bytes * numel(trained),
         # autocast's cache of half copies of fp32 weights lives through the forward (none under
         # gradient checkpointing: the trainer turns the cache off there)
         "autocast copies": 2 * (unet_n + sum(numel(shapes[te]) for te in full_tes))
@@ -161,7 +165,8 @@ def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True) 
         "GPU-only activations": int((ACTIVATION_FACTOR - 1) * per_step * acts) if gpu else 0,
         "vae encode": 0 if cfg.cache_latents else encode,
     }
-    resident = sum(parts[k] for k in ("weights", "optimizer", "ema", "caches", "overhead"))
+    resident = sum(parts[k] for k in ("weights", "optimizer", "stand-ins", "ema", "caches",
+                                      "overhead"))
     grads = parts["gradients"]
     acts = parts["activations"] + parts["GPU-only activations"]
     # forward's end: every saved activation and the autocast cache; backward: the gradients
