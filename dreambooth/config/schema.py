@@ -116,8 +116,9 @@ class TrainingConfig:
                                              "slower.")
     cache_latents: bool = _f(True, "Encode the images with the VAE once, not every step.")
     memory_preset: str = _f("auto", "'auto': on a GPU, estimate the memory the run needs before "
-                                    "it starts and, when it won't fit, change the fewest settings "
-                                    "that make it fit (each change is said in the log); "
+                                    "it starts and, when it won't fit, change the settings that "
+                                    "make it fit at the least cost in training time (each "
+                                    "change is said in the log); "
                                     "'lowest': the least memory (frozen text encoder, cached "
                                     "latents, gradient checkpointing, fused optimizer, Adafactor "
                                     "on bf16 weights); 'off': the settings exactly as given.",
