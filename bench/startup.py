@@ -97,6 +97,7 @@ def measure_startup(smoke: bool, work: Path, images: int = 10, comp=None,
     if "step" not in marks or not result.cancelled:
         raise RuntimeError(f"the startup run did not stop at its first step: {result}")
     imports_s = fresh_process_imports()
+    loading = fresh_process_load(checkpoint)
     to_started, to_step = marks["started"] - start, marks["step"] - start
     return {"checkpoint_mb": round(checkpoint.stat().st_size / 1e6, 1), "images": images,
             "resolution": resolution, "mixed_precision": config.mixed_precision,
@@ -105,7 +106,33 @@ def measure_startup(smoke: bool, work: Path, images: int = 10, comp=None,
             "load_s": round(parts["load_s"], 3), "cache_s": round(parts["cache_s"], 3),
             "other_setup_s": round(to_started - parts["load_s"] - parts["cache_s"], 3),
             "fresh_process_imports_s": round(imports_s, 3),
-            "from_train_s": round(imports_s + to_step, 3), "target_s": TARGET_S}
+            "from_train_s": round(imports_s + to_step, 3), "target_s": TARGET_S, **loading}
+
+
+LOAD_CODE = """
+import resource, sys, time
+start = time.perf_counter()
+from dreambooth.model.single_file import load_single_file
+comp = load_single_file(sys.argv[1], "v1x")
+took = time.perf_counter() - start
+sizes = {name: sum(p.numel() * p.element_size() for p in m.parameters())
+         for name, m in (("unet", comp.unet), ("vae", comp.vae),
+                         ("text_encoder", comp.text_encoders[0]))}
+print(took, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, sizes["unet"],
+      max(sizes["vae"], sizes["text_encoder"]))
+"""
+
+
+def fresh_process_load(checkpoint: Path) -> dict:
+    """A fresh interpreter that imports what loading needs and loads `checkpoint` (fp32, on
+    the host): its seconds, and its peak resident memory against the issue's bound (1.3x the
+    fp32 UNet plus the largest other component)."""
+    out = subprocess.run([sys.executable, "-c", LOAD_CODE, str(checkpoint)], cwd=ROOT,
+                         check=True, capture_output=True, text=True, timeout=600).stdout
+    took, rss, unet, other = out.split()[-4:]
+    bound = 1.3 * int(unet) + int(other)
+    return {"fresh_load_s": round(float(took), 3), "load_peak_rss_gb": round(int(rss) / 1e9, 2),
+            "load_rss_bound_gb": round(bound / 1e9, 2)}
 
 
 def fresh_process_imports() -> float:
@@ -120,4 +147,6 @@ def describe(r: dict) -> str:
     return (f"{'startup':<18} to first step {r['to_first_step_s']:.2f} s (setup "
             f"{r['to_started_s']:.2f} s: load {r['load_s']:.2f}, cache {r['cache_s']:.2f}; first "
             f"step {r['first_step_s']:.2f} s) + imports {r['fresh_process_imports_s']:.2f} s = "
-            f"{r['from_train_s']:.2f} s from Train; target {r['target_s']:.0f} s")
+            f"{r['from_train_s']:.2f} s from Train; target {r['target_s']:.0f} s. A fresh "
+            f"process loads the file in {r['fresh_load_s']:.2f} s with imports, peak memory "
+            f"{r['load_peak_rss_gb']:.2f} GB (bound {r['load_rss_bound_gb']:.2f} GB)")

@@ -74,6 +74,8 @@ def check_startup(s: dict) -> None:
         assert s[key] > 0, key
     assert s["to_first_step_s"] >= s["to_started_s"] >= s["load_s"] + s["cache_s"] - 0.002
     assert s["from_train_s"] >= s["to_first_step_s"]
+    # the file loaded again in a fresh process: its time and peak memory, beside the bound
+    assert s["fresh_load_s"] > 0 and s["load_peak_rss_gb"] > 0 and s["load_rss_bound_gb"] > 0
 
 
 def test_moving_the_reference_between_rounds_keeps_adamws_step_counters_in_place():

@@ -103,3 +103,53 @@ def test_checkpoint_without_vae_is_refused(tiny_source, tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_single_file(str(path), "v1x")
     assert "VAE" in str(err.value)
+
+
+def test_a_safetensors_file_is_read_one_tensor_at_a_time_as_safetensors_reads_it(tmp_path):
+    """LazyState (what loading reads a .safetensors through) gives every dtype and shape as
+    safetensors' own reader does, reads nothing until asked, and prefetches (converted) on a
+    thread whose tensors it hands over once."""
+    from safetensors.torch import load_file, save_file
+
+    from dreambooth.model.checkpoint import LazyState, read_checkpoint
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.f16": torch.randn(3, 4, generator=g).half(),
+               "b.bf16": torch.randn(5, generator=g).bfloat16(),
+               "c.f32": torch.randn(2, 2, 2, generator=g),
+               "d.i64": torch.arange(7)[None], "e.bool": torch.tensor([True, False]),
+               "f.empty": torch.zeros(0, 3), "g.u8": torch.arange(9, dtype=torch.uint8)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path), metadata={"k": "v"})
+    state, metadata = read_checkpoint(path)
+    assert isinstance(state, LazyState) and metadata == {"k": "v"}
+    theirs = load_file(str(path))
+    assert set(state) == set(theirs) and len(state) == len(theirs)
+    for key, value in theirs.items():
+        assert state.dtype(key) == value.dtype and state.shape(key) == tuple(value.shape)
+        assert state[key].dtype == value.dtype and torch.equal(state[key], value)
+    state.prefetch(["a.f16", "c.f32", "d.i64"], torch.float32)
+    handed = state["a.f16"]
+    assert handed.dtype == torch.float32  # converted on the thread
+    torch.testing.assert_close(handed, theirs["a.f16"].float())
+    assert state["a.f16"].dtype == torch.float16  # handed over once: asked again, read again
+    assert state["d.i64"].dtype == torch.int64  # not floating: as stored
+    assert not state._ready or set(state._ready) == {"c.f32"}
+    state.close()
+    assert state["c.f32"].dtype == torch.float32 and not state._ready
+
+
+def test_a_tensor_the_prefetch_could_not_read_fails_where_it_is_asked_for(tmp_path):
+    """A file cut short after safetensors checked it (or failing to read): the error reaches
+    the loader as a sentence, not a dead thread and a hang."""
+    from safetensors.torch import save_file
+
+    from dreambooth.config.errors import CheckpointError
+    from dreambooth.model.checkpoint import read_checkpoint
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.ones(1000)}, str(path))
+    state, _ = read_checkpoint(path)
+    with open(path, "r+b") as f:  # cut after the check: the read finds the end of the file
+        f.truncate(path.stat().st_size - 100)
+    state.prefetch(["w"], torch.float32)
+    with pytest.raises(CheckpointError, match="truncated"):
+        state["w"]

@@ -7,7 +7,9 @@ import os
 import pickle
 import shutil
 import tempfile
+import threading
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Callable, Iterator
 
 import torch
@@ -37,17 +39,127 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
                           "Choose a single-file Stable Diffusion checkpoint.")
 
 
-def _read_safetensors(path: Path) -> tuple[dict, dict]:
+def _read_safetensors(path: Path) -> tuple["LazyState", dict]:
+    """The file's tensors as a LazyState (each read when asked for) and its metadata. The file
+    is checked by safetensors itself (header, offsets within the file) before anything is
+    read."""
     from safetensors import SafetensorError, safe_open
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        state = LazyState(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise CheckpointError(f"'{path.name}' is not a readable .safetensors file ({e}).",
                               "The file may be truncated (an interrupted download or copy): "
                               "download or copy it again.") from None
     return state, metadata
+
+
+_SAFETENSORS_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                      "F8_E5M2": torch.float8_e5m2}
+
+
+class LazyState(Mapping):
+    """A .safetensors file's tensors by name, each read from the file when it is asked for: a
+    fresh tensor every time, nothing kept here. Loading a model then holds one copy of each
+    weight at a time (the file's, until its converted one is made), not the whole file beside
+    the model, and the file is read with plain reads, not a memory map whose pages would count
+    in the process's memory until it is closed. `dtype(name)` and `shape(name)` come from the
+    header, without reading the tensor."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._ready: dict = {}  # prefetched: name -> tensor (or the error reading it)
+        self._pending: set = set()
+        self._cond = threading.Condition()
+        self._stop = False
+        with open(self.path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        self._start = 8 + size
+        self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        for key, entry in self._entries.items():
+            if entry["dtype"] not in _SAFETENSORS_TORCH:
+                raise ValueError(f"tensor {key!r} has the unsupported dtype {entry['dtype']}")
+
+    def prefetch(self, keys, dtype: torch.dtype) -> None:
+        """Read `keys` (in file order), their floating tensors converted to `dtype`, on a
+        thread of their own, while the caller goes on (importing and building the model:
+        Python work, while reading and converting release the GIL). Asked for, a prefetched
+        tensor is waited for and handed over (not kept here)."""
+        keys = sorted(keys, key=lambda k: self._entries[k]["data_offsets"][0])
+        self._pending = set(keys)
+
+        def work() -> None:
+            for key in keys:
+                if self._stop:
+                    return
+                try:
+                    value = self._read(key)
+                    if value.is_floating_point() and value.dtype != dtype:
+                        value = value.to(dtype)
+                except BaseException as e:  # handed to whoever asks for this tensor
+                    value = e
+                with self._cond:
+                    self._pending.discard(key)
+                    self._ready[key] = value
+                    self._cond.notify_all()
+        threading.Thread(target=work, name="checkpoint-prefetch", daemon=True).start()
+
+    def close(self) -> None:
+        """Stop prefetching and drop what was prefetched and not asked for."""
+        with self._cond:
+            self._stop = True
+            self._pending.clear()
+            self._ready.clear()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._pending or key in self._ready:
+            with self._cond:
+                self._cond.wait_for(lambda: key in self._ready or key not in self._pending)
+                value = self._ready.pop(key, None)
+            if isinstance(value, BaseException):
+                raise value
+            if value is not None:
+                return value
+        return self._read(key)
+
+    def _read(self, key: str) -> torch.Tensor:
+        entry = self._entries[key]
+        dtype = _SAFETENSORS_TORCH[entry["dtype"]]
+        begin, end = entry["data_offsets"]
+        if end == begin:
+            return torch.empty(entry["shape"], dtype=dtype)
+        data = torch.empty(end - begin, dtype=torch.uint8)  # not zeroed: the read fills it
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self._start + begin)
+            if f.readinto(memoryview(data.numpy())) != end - begin:
+                raise CheckpointError(f"'{self.path.name}' ends inside the tensor {key}.",
+                                      "The file is truncated: download or copy it again.")
+        return data.view(dtype).reshape(entry["shape"])
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key) -> bool:
+        return key in self._entries
+
+    def dtype(self, key: str) -> torch.dtype:
+        return _SAFETENSORS_TORCH[self._entries[key]["dtype"]]
+
+    def shape(self, key: str) -> tuple:
+        return tuple(self._entries[key]["shape"])
+
+
+def tensor_dtype(state, key: str) -> torch.dtype:
+    """A tensor's dtype, from a LazyState's header (nothing read) or the tensor itself."""
+    return state.dtype(key) if isinstance(state, LazyState) else state[key].dtype
 
 
 def _read_pickle(path: Path) -> dict:

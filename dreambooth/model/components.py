@@ -162,6 +162,8 @@ def te_load(text_encoder, state: dict, what: str = "text encoder") -> None:
 
 
 def load_module(module, state: dict, what: str) -> None:
+    """Load `state` (emptied: its tensors go into the module, in fp32) into `module`, after
+    checking that its names and shapes are the module's."""
     expected = set(module.state_dict())
     expected = {k for k in expected if not k.endswith("position_ids")}
     missing, unexpected = expected - set(state), set(state) - expected
@@ -177,7 +179,12 @@ def load_module(module, state: dict, what: str) -> None:
         raise CheckpointError(
             f"The {what} in the checkpoint has a different shape than the model type expects "
             f"(at {k}).", "Choose the model type that matches the checkpoint.")
+    for k in list(state):  # fp32 one tensor at a time; `state` gives up each as it goes, so
+        value = state.pop(k)  # the file's copy is freed as its fp32 one is made
+        state[k] = value.float() if value.is_floating_point() else value
+        del value
     module.load_state_dict(state, strict=False, assign=True)
+    state.clear()
     for p in module.parameters():
         if p.dtype != torch.float32:
             p.data = p.data.float()

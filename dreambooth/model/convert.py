@@ -131,12 +131,13 @@ def to_ldm(state: dict, pairs: PrefixMap, ldm_prefix: str, vae: bool = False) ->
 def from_ldm(state: dict, pairs: PrefixMap, ldm_prefix: str, vae: bool = False) -> dict:
     """LDM keys under `ldm_prefix` -> diffusers module keys. Keys of other prefixes are ignored."""
     out = {}
-    for key, value in state.items():
+    for key in state:  # only this prefix's tensors are read (a LazyState reads on access)
         if not key.startswith(ldm_prefix):
             continue
         new = _rename(key[len(ldm_prefix):], pairs, forward=False)
         if new is None:
             continue
+        value = state[key]
         if vae and _is_vae_attention_matrix(new) and value.ndim == 4:
             value = value[:, :, 0, 0]
         out[new] = value
@@ -148,4 +149,4 @@ def prefixed(state: dict, prefix: str) -> dict:
 
 
 def unprefixed(state: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix):]: state[k] for k in state if k.startswith(prefix)}

@@ -12,7 +12,7 @@ import torch
 
 from . import convert, ldm_yaml, openclip
 from ..config.errors import CheckpointError
-from .checkpoint import SAVE_DTYPES, cast_for_save, read_checkpoint
+from .checkpoint import SAVE_DTYPES, LazyState, cast_for_save, read_checkpoint, tensor_dtype
 from .components import (
     Components,
     build_meta,
@@ -74,10 +74,22 @@ def read_beside_yaml(path: str | Path) -> str | None:
 def load_single_file(path: str, model_type: str) -> Components:
     """A WebUI single-file checkpoint as a working model (fp32), offline."""
     state, metadata = read_checkpoint(path)
+    if isinstance(state, LazyState):  # read and convert while diffusers imports
+        prefixes = (UNET_PREFIX, VAE_PREFIX) + tuple(s.prefix for s in spec_for(
+            model_type).text_encoders)
+        state.prefetch([k for k in state if k.startswith(prefixes)], torch.float32)
+    try:
+        return _load(state, metadata, path, model_type)
+    finally:
+        if isinstance(state, LazyState):
+            state.close()
+
+
+def _load(state, metadata: dict, path: str, model_type: str) -> Components:
     source_yaml = read_beside_yaml(path)
     name = Path(path).name
-    quantized = [k for k, v in state.items() if v.dtype in (torch.int8, torch.uint8)
-                 and k.endswith(".weight")]
+    quantized = [k for k in state if k.endswith(".weight")
+                 and tensor_dtype(state, k) in (torch.int8, torch.uint8)]
     if quantized:
         raise CheckpointError(f"'{name}' holds {len(quantized)} 8-bit integer weights (e.g. "
                               f"{quantized[0]}): a quantized model, which can't be trained.",
