@@ -18,6 +18,8 @@ class Case:
     prior: bool = False
     lora_rank: int = 0  # 0: full fine-tune
     skip: str = ""  # why it is not run
+    model_type: str = "v1x"
+    resolution: int = 512  # on a GPU (smoke: the tiny size)
 
     @property
     def images_per_step(self) -> int:
@@ -49,9 +51,10 @@ def cases() -> list[Case]:
             Case("text_encoder_bs1", train_text_encoder=True),
             Case("prior_bs1", prior=True),
             Case("lora_r16_bs1", lora_rank=16, skip=lora),
-            Case("sdxl_lora_1024", lora_rank=16, skip="; ".join(
-                x for x in (lora and f"LoRA {lora}", sdxl and f"SDXL {sdxl}") if x)),
-            Case("sdxl_full_1024", skip=sdxl)]
+            Case("sdxl_lora_1024", lora_rank=16, model_type="sdxl", resolution=1024,
+                 skip="; ".join(x for x in (lora and f"LoRA {lora}", sdxl and f"SDXL {sdxl}")
+                                if x)),
+            Case("sdxl_full_1024", model_type="sdxl", resolution=1024, skip=sdxl)]
 
 
 def _lora_skip() -> str:
@@ -63,18 +66,32 @@ def _lora_skip() -> str:
 
 def _sdxl_skip() -> str:
     from dreambooth.model.spec import SPECS
-    if "sdxl" not in SPECS:
-        return "not implemented (no 'sdxl' model type yet)"
-    return "not wired into the benchmark yet (needs an SDXL reference step)"
+    return "" if "sdxl" in SPECS else "not implemented (no 'sdxl' model type yet)"
 
 
-def build_model(smoke: bool):
-    """A randomly initialised model of the real SD1.5 architecture (or the tiny one)."""
+def build_model(smoke: bool, model_type: str = "v1x"):
+    """A randomly initialised model of the real architecture (or the tiny one)."""
     from dreambooth.model.components import build_random
     from dreambooth.model.spec import shipped_configs
     from dreambooth.model.tiny import tiny_configs
-    configs = tiny_configs("v1x") if smoke else shipped_configs("v1x")
-    return build_random("v1x", configs, seed=0)
+    configs = tiny_configs(model_type) if smoke else shipped_configs(model_type)
+    return build_random(model_type, configs, seed=0)
+
+
+class Models:
+    """The base model of each type, built when first asked for; one held at a time (SDXL's
+    is ~14 GB in fp32, and the runs copy it)."""
+
+    def __init__(self, smoke: bool) -> None:
+        self.smoke, self.model_type, self.comp = smoke, None, None
+
+    def get(self, model_type: str):
+        if model_type != self.model_type:
+            from .measure import release
+            self.model_type, self.comp = None, None  # the old one goes before the new one comes
+            release()
+            self.comp, self.model_type = build_model(self.smoke, model_type), model_type
+        return self.comp
 
 
 def write_data(folder: Path, resolution: int) -> Data:
@@ -99,6 +116,7 @@ def our_config(case: Case, data: Data, work: Path, precision: str, best: bool,
         lora["lora_targets"] = "attention"  # the reference script's set, for a like-for-like run
     return TrainingConfig(**lora,
         model_name=f"bench_{case.name}_{tag}", source_checkpoint="(built in memory)",
+        model_type=case.model_type,
         work_dir=str(work / "runs"), output_dir=str(work / "out"), concepts=(concept,),
         resolution=data.resolution, batch_size=case.batch_size,
         train_text_encoder=case.train_text_encoder, learning_rate=5e-6,

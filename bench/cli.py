@@ -66,10 +66,12 @@ def parse(argv) -> argparse.Namespace:
 def build_runs(case, base, data, work: Path, precision: str) -> dict:
     from .ours import OursStep
     from .reference import ReferenceStep
+    from .reference_sdxl import SDXLReferenceStep
+    reference = SDXLReferenceStep if case.model_type == "sdxl" else ReferenceStep
     return {
-        "reference": lambda: ReferenceStep(copy.deepcopy(base), data, case.batch_size,
-                                           case.train_text_encoder, case.prior, precision,
-                                           case.lora_rank),
+        "reference": lambda: reference(copy.deepcopy(base), data, case.batch_size,
+                                       case.train_text_encoder, case.prior, precision,
+                                       case.lora_rank),
         "ours_same": lambda: OursStep("ours_same", copy.deepcopy(base),
                                       C.our_config(case, data, work, precision, best=False)),
         "ours_best": lambda: OursStep("ours_best", copy.deepcopy(base),
@@ -136,7 +138,8 @@ def header(args) -> dict:
     name = device_name()
     return {"benchmark": "dreambooth training step", "smoke": args.smoke, "device": name,
             "device_bf16_peak_tflops": peak_tflops(name), "precision": args.precision,
-            "resolution": C.TINY if args.smoke else 512, "steps_per_run": args.steps,
+            "resolution": C.TINY if args.smoke else 512,  # SD1.5's; each configuration's below
+            "steps_per_run": args.steps,
             "rounds": args.rounds, "warmup": args.warmup, "torch": torch.__version__,
             "diffusers": diffusers.__version__, "transformers": transformers.__version__,
             "images_per_step": "images through the UNet (instance + class with prior)"}
@@ -162,21 +165,22 @@ def main(argv=None) -> int:
     report = header(args)
     report["configurations"] = []
     started = time.perf_counter()
-    base = C.build_model(args.smoke)
+    models, data = C.Models(args.smoke), {}
     with tempfile.TemporaryDirectory(prefix="dreambooth_bench_") as tmp:
         # first, before training steps have warmed the GPU up (kernels, allocator), as in the
         # child process a click on Train starts
         if args.startup if args.startup is not None else only is None or "startup" in only:
             from .startup import describe, measure_startup
-            report["startup"] = measure_startup(args.smoke, Path(tmp), comp=base,
+            report["startup"] = measure_startup(args.smoke, Path(tmp), comp=models.get("v1x"),
                                                 precision=args.precision)
             print(describe(report["startup"]), flush=True)
             release()
-        data = C.write_data(Path(tmp), report["resolution"])
         for case in C.cases():
             if only is not None and case.name not in only:
                 continue
-            entry = {"name": case.name, "batch_size": case.batch_size,
+            size = C.TINY if args.smoke else case.resolution
+            entry = {"name": case.name, "model_type": case.model_type, "resolution": size,
+                     "batch_size": case.batch_size,
                      "train_text_encoder": case.train_text_encoder,
                      "prior_preservation": case.prior, "lora_rank": case.lora_rank}
             if case.skip:
@@ -184,7 +188,10 @@ def main(argv=None) -> int:
             elif args.gpu_probe and time.perf_counter() - started > PROBE_BUDGET_S:
                 entry.update(status="skipped", reason="not run: past the probe's time budget")
             else:
-                entry.update(status="ok", runs=run_case(case, base, data, Path(tmp), args))
+                if size not in data:
+                    data[size] = C.write_data(Path(tmp) / f"images_{size}", size)
+                entry.update(status="ok", runs=run_case(case, models.get(case.model_type),
+                                                        data[size], Path(tmp), args))
             report["configurations"].append(entry)
             print_entry(entry)
             write_report(report, args, started)  # after each one: a cut-short run keeps rows
@@ -221,6 +228,7 @@ def print_entry(entry: dict) -> None:
 
 def profile_main(args) -> int:
     from .profile import HEADER, run_profile
+    from .profile_reference import comparison, describe
     import diffusers
     diffusers.utils.logging.set_verbosity_error()
     only = set(args.only.split(",")) if args.only else None
@@ -229,9 +237,12 @@ def profile_main(args) -> int:
     print(HEADER, flush=True)
     started = time.perf_counter()
     rows = run_profile(only)
+    ratio = comparison(rows)
+    if ratio is not None:
+        print(describe(ratio), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"benchmark": "dreambooth step profile (fake tensors)", "torch": torch.__version__,
-             "seconds": round(time.perf_counter() - started, 1), "configurations": rows},
-            indent=2))
+             "seconds": round(time.perf_counter() - started, 1), "configurations": rows,
+             "comparison": ratio}, indent=2))
     return 0

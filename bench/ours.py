@@ -49,7 +49,8 @@ class OursStep:
 
     def settings(self) -> dict:
         t, cfg = self.trainer, self.trainer.cfg
-        return {"attention": t.attention, "optimizer": t.optimizer_name
+        return {"resolution": cfg.resolution, "attention": t.attention,
+                "optimizer": t.optimizer_name
                 + (" (fused)" if torch.cuda.is_available() and cfg.optimizer == "adamw"
                    and not cfg.bf16_weights else ""),
                 "fused_optimizer": t.fused, "bf16_weights": cfg.bf16_weights,

@@ -20,6 +20,9 @@ the host -> device copies and device reads are still seen. But autocast follows 
 lists and attention takes the CPU SDPA kernel (its saved tensors differ from flash/efficient
 attention's), so a GPU's counts will differ somewhat. The optimizer is built as on CUDA (fused
 AdamW), and clipping uses foreach, torch's default on CUDA.
+
+Beside ours, the benchmark's reference step (diffusers' train_dreambooth.py) is counted the same
+way: profile_reference.py.
 """
 from __future__ import annotations
 
@@ -245,11 +248,12 @@ def profile_case(case: ProfileCase, resolution: int | None = None, configs: dict
 
 def run_profile(only: set | None = None, resolution: int | None = None, configs=None
                 ) -> list[dict]:
+    from .profile_reference import comparison_cases, profile_row
     rows = []
-    for case in profile_cases():
+    for case in profile_cases() + comparison_cases():
         if only is not None and case.name not in only:
             continue
-        rows.append(profile_case(case, resolution, configs))
+        rows.append(profile_row(case, resolution, configs))
         print(format_row(rows[-1]), flush=True)
     return rows
 

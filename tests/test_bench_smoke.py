@@ -28,16 +28,20 @@ def test_bench_smoke_reports_every_configuration(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # one timed step per run and no warm-up: the report is checked here, not the speed
     proc = run([sys.executable, "-m", "bench", "--smoke", "--steps", "1", "--warmup", "0",
-                "--json", str(out)], 150, cwd=ROOT, env=env, capture_output=True, text=True)
+                "--json", str(out)], 200, cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["smoke"] is True and report["resolution"] == 64
     by_name = {c["name"]: c for c in report["configurations"]}
     assert set(by_name) == CONFIGURATIONS
     ran = [c for c in by_name.values() if c["status"] == "ok"]
-    assert {c["name"] for c in ran} >= {"full_bs1", "full_bs8", "text_encoder_bs1", "prior_bs1"}
+    assert {c["name"] for c in ran} >= {"full_bs1", "full_bs8", "text_encoder_bs1", "prior_bs1",
+                                        "sdxl_full_1024"}
     for c in ran:
-        assert set(c["runs"]) == RUNS
+        assert set(c["runs"]) == RUNS and c["resolution"] == 64
+        script = c["runs"]["reference"]["settings"]["script"]
+        assert script == {"v1x": "train_dreambooth.py",
+                          "sdxl": "train_dreambooth_lora_sdxl.py"}[c["model_type"]]
         for name, r in c["runs"].items():
             assert r["ratio_to_reference"] > 0 and r["steps_per_s"] > 0, (c["name"], name)
             per_step = c["batch_size"] * (2 if c["prior_preservation"] else 1)
@@ -120,3 +124,72 @@ def test_gpu_probe_without_a_gpu_says_where_to_run_it(tmp_path):
                60, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "has none" in proc.stderr and "--profile" in proc.stderr
     assert not (tmp_path / "p.json").exists()
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """accelerate keeps one state per process: each step here starts from none and leaves none
+    (the trainer clears it the same way before a run)."""
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def test_sdxl_rows_run_at_smoke_size_and_print_their_settings(tmp_path, capsys,
+                                                              fresh_accelerate):
+    """The sdxl_lora_1024 row's reference (diffusers' SDXL LoRA script's step) and ours_best
+    step on the tiny SDXL model at 64 px, in process (the whole CLI run of every configuration
+    is the slow test above), and the row prints each one's effective settings."""
+    from bench import cases as C
+    from bench.cli import build_runs, metrics, print_entry
+    from bench.measure import Clock
+    case = {c.name: c for c in C.cases()}["sdxl_lora_1024"]
+    assert not case.skip and case.model_type == "sdxl" and case.resolution == 1024
+    data = C.write_data(tmp_path / "images", C.TINY)
+    builders = build_runs(case, C.build_model(True, "sdxl"), data, tmp_path, "bf16")
+    runs = {}
+    for name in ("reference", "ours_best"):
+        runner, clock = builders[name](), Clock()
+        loss = clock.time(runner.step, 1)
+        assert loss == loss and loss > 0, name  # finite
+        runs[name] = {**metrics(case, clock, 1, runner, loss), "ratio_to_reference": 1.0}
+        runner.close()
+    ref, ours = runs["reference"]["settings"], runs["ours_best"]["settings"]
+    assert ref["script"] == "train_dreambooth_lora_sdxl.py" and ref["resolution"] == C.TINY
+    assert ref["lora_rank"] == 16 and ref["text"] == "both encoders once, before training"
+    assert ref["unet"] == "base in torch.bfloat16, LoRA in torch.bfloat16"  # as under bf16 there
+    assert ours["latents"] == "cached" and ours["resolution"] == C.TINY
+    print_entry({"name": case.name, "status": "ok", "runs": runs})
+    out = capsys.readouterr().out
+    assert out.count("settings: ") == 2
+    assert "settings: script=train_dreambooth_lora_sdxl.py, resolution=64" in out
+
+
+def test_the_sdxl_reference_trains_the_scripts_lora_layers_and_conditions_on_size(
+        tmp_path, fresh_accelerate):
+    """What the SDXL reference trains and feeds the UNet, as the script does: LoRA on
+    to_k/to_q/to_v/to_out.0 only (nothing else trainable), the prompt encoded once by both
+    encoders, each image's (original size, crop corner, target size) as its time ids."""
+    from bench import cases as C
+    from bench.reference_sdxl import SDXLReferenceStep
+    comp = C.build_model(True, "sdxl")
+    data = C.write_data(tmp_path / "images", C.TINY)
+    ref = SDXLReferenceStep(comp, data, 2, False, False, "no", lora_rank=4)
+    trained = {n for n, p in ref.unet.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained)
+    targets = ("to_k", "to_q", "to_v", "to_out.0")
+    layers = {n.split(".lora_")[0] for n in trained}
+    assert {t for t in targets if any(layer.endswith(t) for layer in layers)} == set(targets)
+    assert all(layer.endswith(targets) for layer in layers)
+    assert len(ref.params) == len(trained)
+    hidden = comp.configs["text_encoder"]["hidden_size"] + \
+        comp.configs["text_encoder_2"]["hidden_size"]
+    assert ref.embeddings["hidden"].shape == (1, 77, hidden)
+    assert ref.embeddings["pooled"].shape == (1, comp.configs["text_encoder_2"]["projection_dim"])
+    batch = ref.next_batch()
+    assert batch["pixel_values"].shape == (2, 3, C.TINY, C.TINY)
+    ids = ref.time_ids(batch["original_sizes"][0], batch["crop_top_lefts"][0])
+    assert ids.tolist() == [[C.TINY, C.TINY, 0, 0, C.TINY, C.TINY]]  # square 64 px images
+    loss = ref.step()  # read on the host every step, as the script logs it
+    assert isinstance(loss, float) and loss == loss
