@@ -20,6 +20,9 @@ class Case:
     skip: str = ""  # why it is not run
     model_type: str = "v1x"
     resolution: int = 512  # on a GPU (smoke: the tiny size)
+    # time each run alone, built and closed in turn, not alternating in rounds: four runs
+    # parked on the host would not fit in its memory (SDXL full: about 135 GB)
+    alone: bool = False
 
     @property
     def images_per_step(self) -> int:
@@ -54,7 +57,8 @@ def cases() -> list[Case]:
             Case("sdxl_lora_1024", lora_rank=16, model_type="sdxl", resolution=1024,
                  skip="; ".join(x for x in (lora and f"LoRA {lora}", sdxl and f"SDXL {sdxl}")
                                 if x)),
-            Case("sdxl_full_1024", model_type="sdxl", resolution=1024, skip=sdxl)]
+            Case("sdxl_full_1024", model_type="sdxl", resolution=1024, skip=sdxl,
+                 alone=True)]
 
 
 def _lora_skip() -> str:

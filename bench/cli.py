@@ -82,21 +82,27 @@ def build_runs(case, base, data, work: Path, precision: str) -> dict:
 
 
 def run_case(case, base, data, work: Path, args) -> dict:
-    """Set up the three runs one after another, then time them alternating, in rounds; only
-    the run being timed is on the GPU, so each one's peak memory is its own."""
+    """Set up the runs one after another, then time them alternating, in rounds; only the run
+    being timed is on the GPU, so each one's peak memory is its own. A case marked `alone`
+    builds, times and closes each run in turn (all steps in one round)."""
     home = "cuda" if torch.cuda.is_available() else "cpu"  # parking is a no-op on a CPU
-    runners, clocks, flops = {}, {}, {}
+    runners, clocks, flops, losses = {}, {}, {}, {}
     for name, build in build_runs(case, base, data, work, args.precision).items():
         runner = runners[name] = build()
         for _ in range(args.warmup):
             runner.step()
         flops[name] = count_flops(runner.step)
         clocks[name] = Clock()
-        runner.to("cpu")
+        if case.alone:  # timed now, then only what the report needs is kept
+            losses[name] = clocks[name].time(runner.step, args.steps)
+            runners[name] = _Done(runner)
+            runner.close()
+            del runner
+        else:
+            runner.to("cpu")
         release()
     per_round = [args.steps // args.rounds + (r < args.steps % args.rounds)
-                 for r in range(args.rounds)]
-    losses = {}
+                 for r in range(args.rounds)] if not case.alone else []
     for r, n in enumerate(per_round):
         for name in (RUNS if r % 2 == 0 else tuple(reversed(RUNS))):
             runners[name].to(home)
@@ -116,6 +122,21 @@ def run_case(case, base, data, work: Path, args) -> dict:
             result[name]["steps_per_s"] / result["reference"]["steps_per_s"], 3)
         runners[name].close()
     return result
+
+
+class _Done:
+    """A run already timed and closed: its settings and config, without its model."""
+
+    def __init__(self, runner) -> None:
+        self._settings = runner.settings()
+        if hasattr(runner, "trainer"):
+            self.trainer = type("Trainer", (), {"cfg": runner.trainer.cfg})()
+
+    def settings(self) -> dict:
+        return self._settings
+
+    def close(self) -> None:
+        pass
 
 
 def metrics(case, clock: Clock, flops: int, runner, loss: float) -> dict:
