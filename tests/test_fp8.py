@@ -1,8 +1,8 @@
 """fp8_base: a frozen UNet stored in fp8 and upcast per layer. The layer computes what the full
 layer computes with the (de-quantised) fp8 weight, autograd keeps no upcast copy, validation
-refuses a full fine-tune, and a tiny LoRA trains
-through the real trainer on it: the LoRA file is written, previews are drawn, and the merged
-checkpoint is the LoRA merged into the untouched source weights."""
+refuses a full fine-tune, the 'lowest' preset turns it on for a LoRA, and a tiny LoRA trains
+through the real trainer on it: class images and previews are drawn, the LoRA file is written,
+and the merged checkpoint is the LoRA merged into the untouched source weights."""
 import pytest
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ from dreambooth.model.checkpoint import read_checkpoint
 from dreambooth.model.single_file import load_single_file
 from dreambooth.training import fp8
 from dreambooth.training.lora import inject
+from dreambooth.training.memory import lowest, plan
 from dreambooth.training.trainer import Trainer
 from test_embedding import read_back, run, settings
 from test_lora import _saved, merge_by_module_names
@@ -92,6 +93,14 @@ def test_validation_refuses_fp8_for_a_full_fine_tune_only():
         assert _config(fp8_base=True, method=method, **changes).validate(check_paths=False) == []
 
 
+def test_lowest_preset_stores_a_frozen_unet_in_fp8():
+    planned, said = plan(_config(method="lora", memory_preset="lowest"), None)
+    assert planned.fp8_base is True and "fp8_base = True" in said[0]
+    assert planned.validate(check_paths=False) == []
+    assert lowest(_config(method="textual_inversion", embedding_token="sks"))["fp8_base"] is True
+    assert "fp8_base" not in lowest(_config())
+
+
 def test_lora_trains_on_an_fp8_base_and_merges_into_the_untouched_weights(tiny_source,
                                                                           instance_dir, tmp_path):
     cfg = TrainingConfig(
@@ -100,7 +109,9 @@ def test_lora_trains_on_an_fp8_base_and_merges_into_the_untouched_weights(tiny_s
         center_crop=True, batch_size=2, steps_per_image=1, method="lora", lora_rank=4,
         lora_alpha=8.0, lora_learning_rate=1e-2, lora_merge=True, fp8_base=True,
         mixed_precision="bf16", sample_every_epochs=1, sample_steps=2, state_every_steps=1,
-        concepts=(Concept(str(instance_dir), "photo of sks pattern"),)).check()
+        class_generation_steps=2, concepts=(Concept(
+            str(instance_dir), "photo of sks pattern", "photo of a pattern",
+            str(tmp_path / "class"), 1),)).check()
     events, seen = [], []
 
     def on_event(e):
@@ -112,6 +123,7 @@ def test_lora_trains_on_an_fp8_base_and_merges_into_the_untouched_weights(tiny_s
                          {p.dtype for n, p in unet.named_parameters() if n.endswith("bias")}))
     trainer = Trainer(cfg, ev.EventBus(on_event), ev.CancelToken())
     result = trainer.run()
+    assert len(list((tmp_path / "class").glob("*.png"))) == 4  # made by the fp8 UNet too
     assert result.steps == 2 and seen == [({fp8.FP8}, {torch.float32}, {torch.bfloat16})] * 2
     assert all(torch.isfinite(torch.tensor(x)) for x in result.losses)
     assert any(isinstance(e, ev.Message) and e.text.startswith("fp8_base: ") for e in events)

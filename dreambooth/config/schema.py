@@ -119,8 +119,9 @@ class TrainingConfig:
                                     "it starts and, when it won't fit, change the fewest settings "
                                     "that make it fit (each change is said in the log); "
                                     "'lowest': the least memory (frozen text encoder, cached "
-                                    "latents, gradient checkpointing, fused optimizer, Adafactor "
-                                    "on bf16 weights); 'off': the settings exactly as given.",
+                                    "latents, gradient checkpointing; a full fine-tune: fused "
+                                    "optimizer, Adafactor on bf16 weights; a LoRA or textual "
+                                    "inversion: fp8_base); 'off': the settings exactly as given.",
                             choices=MEMORY_PRESETS)
     fused_optimizer: bool = _f(False, "Update each weight inside backward as soon as its gradient "
                                       "is ready, so no gradient buffer the size of the model is "
