@@ -54,6 +54,7 @@ class OursStep:
                 + (" (fused)" if torch.cuda.is_available() and cfg.optimizer == "adamw"
                    and not cfg.bf16_weights else ""),
                 "fused_optimizer": t.fused, "bf16_weights": cfg.bf16_weights,
+                "fp8_base": cfg.fp8_base,
                 "latents": "cached" if cfg.cache_latents else "VAE every step",
                 "text": "text encoder every step" if cfg.train_text_encoder else "cached",
                 "gradient_checkpointing": cfg.gradient_checkpointing,

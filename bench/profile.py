@@ -53,6 +53,7 @@ def profile_cases() -> list[ProfileCase]:
     return [ProfileCase("full_adamw_bs1"),
             ProfileCase("full_adamw_bs1_fused", {"fused_optimizer": True}),
             ProfileCase("lora_r16_bs1", lora),
+            ProfileCase("lora_r16_lowest_bs1", {**lora, "memory_preset": "lowest"}),
             ProfileCase("full_adamw_bs8", {"batch_size": 8}),
             ProfileCase("text_encoder_bs1", {"train_text_encoder": True}),
             ProfileCase("bf16_weights_bs1", {"bf16_weights": True}),
@@ -152,7 +153,7 @@ def build_trainer(cfg, comp, device):
     from dreambooth.data.buckets import latent_shape
     from dreambooth.data.feed import DataFeed
     from dreambooth.data.images import Item
-    from dreambooth.training import backends
+    from dreambooth.training import backends, fp8
     from dreambooth.training.losslog import LossLog
     from dreambooth.training.state import fresh_rng
     from dreambooth.training.trainer import Trainer
@@ -162,6 +163,8 @@ def build_trainer(cfg, comp, device):
     trained = torch.bfloat16 if cfg.bf16_weights and not cfg.use_lora else torch.float32
     t.unet_dtype = t.dtype if cfg.use_lora else trained
     materialise(comp.unet, device, t.unet_dtype)
+    if fp8.applies(cfg):  # the trainer's own placement (Module.to, the plain one, can't swap a
+        t.place_unet()    # fake parameter: materialise has done what it does)
     for te in comp.text_encoders if cfg.trains_text_encoder else ():  # else parked, cached
         materialise(te, device, trained).requires_grad_(False)
     t.scheduler = comp.noise_scheduler()
@@ -238,7 +241,8 @@ def profile_case(case: ProfileCase, resolution: int | None = None, configs: dict
             "peak_gib": round(max(first["peak_bytes"], second["peak_bytes"]) / GIB, 3),
             "first_step_ops": first["ops"], "top_ops": dict(top),
             "settings": {"optimizer": t.optimizer_name, "fused": t.fused,
-                         "bf16_weights": cfg.bf16_weights, "use_lora": cfg.use_lora,
+                         "bf16_weights": cfg.bf16_weights, "fp8_base": cfg.fp8_base,
+                         "use_lora": cfg.use_lora,
                          "train_text_encoder": cfg.train_text_encoder,
                          "gradient_checkpointing": cfg.gradient_checkpointing,
                          "mixed_precision": t.precision, "ema": cfg.use_ema,
@@ -264,8 +268,9 @@ HEADER = (f"{'configuration':<22} {'ops/step':>9} {'host syncs':>10} {'at a read
 
 def format_row(r: dict) -> str:
     s = r["settings"]
-    extra = ", ".join(k for k in ("fused", "bf16_weights", "use_lora", "train_text_encoder",
-                                  "gradient_checkpointing", "ema") if s[k])
+    extra = ", ".join(k for k in ("fused", "bf16_weights", "fp8_base", "use_lora",
+                                  "train_text_encoder", "gradient_checkpointing", "ema")
+                      if s.get(k))
     return (f"{r['name']:<22} {r['ops']:>9} {r['host_syncs']:>10} {r['read_syncs']:>9} "
             f"{r['peak_gib']:>9.2f}  "
             f"{s['optimizer']}, bs{r['batch_size']}{', ' + extra if extra else ''} "

@@ -29,7 +29,7 @@ def full_config():
         lora_targets="transformer+conv", lora_conv_rank=4, lora_conv_alpha=2.0,
         lora_learning_rate=2e-4, lora_text_encoder_learning_rate=1e-5, lora_dir="/l",
         lora_merge=True, bucketing=True, bucket_no_upscale=True, memory_preset="lowest",
-        fused_optimizer=True, bf16_weights=True, deterministic="off", cpu_threads=3,
+        fused_optimizer=True, bf16_weights=True, fp8_base=True, deterministic="off", cpu_threads=3,
         compile="blocks",
         pivotal=True, embedding_token="zwx", embedding_init_word="dog", embedding_vectors=3,
         embedding_learning_rate=1e-3, embedding_dir="/e")

@@ -190,6 +190,11 @@ def check_memory_levers(cfg) -> list[Problem]:
         problems.append(Problem("bf16_weights", True, f"needs mixed_precision bf16, not "
                                 f"'{cfg.mixed_precision}'",
                                 "set mixed_precision to bf16 or turn bf16_weights off"))
+    if cfg.fp8_base is True and cfg.method == "dreambooth":
+        problems.append(Problem("fp8_base", True, "stores the UNet in fp8 for a run that does "
+                                "not train it, but a full fine-tune (method dreambooth) trains "
+                                "the whole UNet", "set method to 'lora' or 'textual_inversion', "
+                                "or turn fp8_base off"))
     return problems
 
 

@@ -120,8 +120,9 @@ class TrainingConfig:
                                     "make it fit at the least cost in training time (each "
                                     "change is said in the log); "
                                     "'lowest': the least memory (frozen text encoder, cached "
-                                    "latents, gradient checkpointing, fused optimizer, Adafactor "
-                                    "on bf16 weights); 'off': the settings exactly as given.",
+                                    "latents, gradient checkpointing; a full fine-tune: fused "
+                                    "optimizer, Adafactor on bf16 weights; a LoRA or textual "
+                                    "inversion: fp8_base); 'off': the settings exactly as given.",
                             choices=MEMORY_PRESETS)
     fused_optimizer: bool = _f(False, "Update the weights inside backward, a 64 MiB bucket at a "
                                       "time as soon as its gradients are ready, so no gradient "
@@ -132,6 +133,11 @@ class TrainingConfig:
                                    "memory), updated with stochastic rounding so that small "
                                    "updates are not lost. Needs mixed_precision bf16.",
                             advanced=True)
+    fp8_base: bool = _f(False, "LoRA or textual inversion: store the frozen UNet's Linear and "
+                               "Conv2d weights in fp8 (SD1.5: 0.8 GiB less than bf16), each "
+                               "upcast only while its layer runs. Costs precision of the frozen "
+                               "model (each weight within about 1/16); the LoRA file and the "
+                               "merged checkpoint are unaffected.", advanced=True)
     compile: str = _f("off", "torch.compile the UNet: 'blocks' compiles each transformer and "
                              "ResNet block (a short start), 'full' the whole UNet as one graph "
                              "(the longest start). Off by default until measured on GPUs.",

@@ -6,7 +6,7 @@ state snapshots, and `TrainResult`; events (started, step, saved, finished, fail
 
 `trainer` reads top to bottom (plan -> load -> feed -> loop -> save) and composes a
 `data.feed.DataFeed` and a `saver.Saver`; `loss`, `optim`, `backends` (attention, optimizers,
-precision), `lora`, `state` (snapshots, the run lock) and `memory` (estimate, presets, advice)
-are the parts it uses. Imports the data, model and config stages only; importing this package
+precision), `lora`, `fp8` (a frozen UNet stored in fp8), `state` (snapshots, the run lock) and
+`memory` (estimate, presets, advice) are the parts it uses. Imports the data, model and config stages only; importing this package
 loads nothing.
 """

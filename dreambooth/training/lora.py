@@ -48,12 +48,26 @@ def inject(module, rank: int, alpha: float, targets=UNET_TARGETS,
                         rank_pattern={CONV: conv[0]} if conv else {},
                         alpha_pattern={CONV: conv[1]} if conv else {})
     inject_adapter_in_model(config, module, adapter_name=ADAPTER)
+    _fp32_over_fp8(module)
     module.requires_grad_(False)
     params = [p for name, p in module.named_parameters()
               if ".lora_A." in name or ".lora_B." in name]
     for p in params:
         p.requires_grad_(True)
     return params
+
+
+def _fp32_over_fp8(module) -> None:
+    """peft gives a LoRA layer its base layer's dtype: over a weight stored in fp8 (fp8_base),
+    fp8, where the trained LoRA must be fp32. Those LoRA layers go to fp32 and are initialised
+    again there (their fp8 start would be a coarse copy of the usual one)."""
+    for layer in module.modules():
+        down = getattr(layer, "lora_A", None)
+        if isinstance(down, torch.nn.ModuleDict) and ADAPTER in down \
+                and down[ADAPTER].weight.element_size() == 1:
+            down[ADAPTER].float()
+            layer.lora_B[ADAPTER].float()
+            layer.reset_lora_parameters(ADAPTER, True)
 
 
 def _ends(path: str, names) -> bool:

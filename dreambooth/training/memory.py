@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from . import fp8
 from .memory_count import (
     lora_shapes,
     numel,
@@ -115,7 +116,8 @@ def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True) 
     """Peak GPU memory of training with `config` (bytes), and what it is made of.
 
     Where the weights are: a trained model in fp32 (bf16 with bf16_weights), a LoRA's frozen
-    base and every frozen model in the mixed precision's dtype, the LoRA layers in fp32. The
+    base and every frozen model in the mixed precision's dtype (a frozen UNet's Linear/Conv2d
+    weights in fp8 with fp8_base), the LoRA layers in fp32. The
     VAE leaves the GPU once the latents are cached, a frozen text encoder once the prompts are.
     `gpu=False`: without the two GPU-only constants (CUDA_OVERHEAD, and the share of
     ACTIVATION_FACTOR above 1), i.e. what the step profile's fake tensors hold; tests keep the
@@ -130,9 +132,10 @@ def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True) 
     full_tes = [] if lora else [te for te in grad_tes]
     unet_n = numel(shapes["unet"])
     lora_n = numel(trained) if lora else 0
+    unet_bytes = _unet_bytes(cfg, shapes["unet"], wbytes if lora else tbytes, wbytes)
     frozen = {"vae": 4 * numel(shapes["vae"]),  # kept in fp32
               "text encoders": sum(4 * numel(shapes[te]) for te in tes if te not in grad_tes)}
-    weights = (wbytes if lora else tbytes) * unet_n + 4 * lora_n + sum(
+    weights = unet_bytes + 4 * lora_n + sum(
         (tbytes if te in full_tes else wbytes) * numel(shapes[te]) for te in grad_tes) + \
         (0 if cfg.cache_latents else frozen["vae"]) + \
         (frozen["text encoders"] if cfg.trains_text_encoder else 0)
@@ -175,10 +178,19 @@ def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True) 
               "backward": grads + min(acts, grads) // 2,
               "VAE encode": parts["vae encode"], "optimizer step": grads}
     if cfg.cache_latents:  # before training (no optimizer state, no UNet), the VAE encodes
-        phases["latent caching"] = encode + frozen["vae"] - parts["optimizer"] - \
-            (wbytes if lora else tbytes) * unet_n
+        phases["latent caching"] = encode + frozen["vae"] - parts["optimizer"] - unet_bytes
     phase = max(phases, key=phases.get)
     return Estimate(resident + phases[phase], parts, phase)
+
+
+def _unet_bytes(cfg, shapes: tuple, per_value: int, half_bytes: int) -> int:
+    """The UNet's weights on the device: `per_value` bytes a value; with fp8_base (a frozen
+    UNet), one byte a value of each Linear/Conv2d weight (the tensors of 2 or more dimensions)
+    and 4 for its scale, and the rest (biases, norms) in the compute dtype."""
+    if not fp8.applies(cfg):
+        return per_value * numel(shapes)
+    matrices = [s for s in shapes if len(s) >= 2]
+    return numel(matrices) + 4 * len(matrices) + half_bytes * (numel(shapes) - numel(matrices))
 
 
 def _vae_channels(shapes: dict) -> int:
@@ -297,7 +309,8 @@ def _refused(candidate, current) -> bool:
 
 def lowest(config, half: str = "bf16") -> dict:
     """The 'lowest' preset's changes to `config`: everything that saves memory, in the order of
-    STEPS, as far as the config allows (no bf16 weights on a GPU without bf16)."""
+    STEPS, as far as the config allows (no bf16 weights on a GPU without bf16), and a frozen
+    UNet (LoRA, textual inversion) stored in fp8 (fp8_base)."""
     current = config.replace(train_text_encoder=False, cache_latents=True, use_ema=False,
                              gradient_checkpointing=True, mixed_precision=half)
     if not config.use_lora:  # Adafactor's factored state is the smallest
@@ -306,11 +319,13 @@ def lowest(config, half: str = "bf16") -> dict:
             candidate = current.replace(**{name: True})
             if not _refused(candidate, current):
                 current = candidate
+    if config.method != "dreambooth":  # the UNet is frozen: stored in fp8
+        current = current.replace(fp8_base=True)
     return {f: getattr(current, f) for f in _FIELDS if getattr(current, f) != getattr(config, f)}
 
 
 _FIELDS = ("train_text_encoder", "cache_latents", "use_ema", "gradient_checkpointing",
-           "mixed_precision", "optimizer", "fused_optimizer", "bf16_weights")
+           "mixed_precision", "optimizer", "fused_optimizer", "bf16_weights", "fp8_base")
 
 
 def plan(config, free_bytes: int | None, half: str = "bf16",

@@ -30,7 +30,7 @@ STATE_DIR = "state"
 # What a snapshot written before a field existed ran with (compared as if it had been saved).
 BEFORE_FIELD = {"lora_targets": "attention", "lora_conv_rank": 8, "lora_conv_alpha": 8.0,
                 "pivotal": False, "embedding_token": "", "embedding_init_word": "*",
-                "embedding_vectors": 1, "embedding_learning_rate": 5e-3}
+                "embedding_vectors": 1, "embedding_learning_rate": 5e-3, "fp8_base": False}
 
 
 def snapshots(model_dir: Path) -> list[Path]:

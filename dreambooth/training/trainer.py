@@ -21,7 +21,7 @@ from ..data import buckets
 from ..data.feed import DataFeed
 from ..model.components import unet_kwargs
 from ..model.workdir import load_model
-from . import backends, embedding
+from . import backends, embedding, fp8
 from .backends import gpu_total_memory
 from .memory import plan_run
 from .optim import make_optimizer, trainable_groups
@@ -144,8 +144,8 @@ class Trainer:
         self.saver.refuse_clashes(self.save_steps())
         self.setup_optimization()
 
-    def place_unet(self) -> None:
-        self.comp.unet.to(self.device, self.unet_dtype)  # tensor by tensor: no full copy
+    def place_unet(self) -> None:  # tensor by tensor; fp8_base: the frozen weights in fp8
+        fp8.place_unet(self.comp.unet, self.cfg, self.device, self.unet_dtype, self.say)
 
     def free_gpu_memory(self, device: torch.device) -> int | None:
         return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
@@ -195,6 +195,7 @@ class Trainer:
                                           num_warmup_steps=cfg.lr_warmup_steps,
                                           num_training_steps=self.total_steps)
         models = [unet, *tes] if cfg.trains_text_encoder else [unet]
+        fp8.leave_out_of_sync(unet)  # with fp8_base: never sent between processes by DDP
         prepared = self.acc.prepare(*models, optimizer)
         self.models, self.optimizer = list(prepared[:-1]), prepared[-1]
         backends.compile_unet(unet, cfg.compile, self.device, self.say)

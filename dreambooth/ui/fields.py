@@ -32,7 +32,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
                    "lora_learning_rate", "lora_text_encoder",
                    "lora_text_encoder_learning_rate", "pivotal",
                    "embedding_vectors", "embedding_learning_rate", "state_every_steps",
-                   "log_every_steps", "fused_optimizer", "bf16_weights", "compile"),
+                   "log_every_steps", "fused_optimizer", "bf16_weights", "fp8_base",
+                   "compile"),
     "Saving": ("output_dir", "save_precision", "lora_dir", "lora_merge", "embedding_dir",
                "overwrite"),
 }
@@ -65,6 +66,7 @@ LABELS = {
     "lora_conv_alpha": "LoRA conv alpha",
     "lora_dir": "Save LoRA to folder", "resume": "Resume", "memory_preset": "GPU memory preset",
     "fused_optimizer": "Fused optimizer (update in backward)", "bf16_weights": "bf16 weights",
+    "fp8_base": "fp8 frozen UNet (LoRA, textual inversion)",
     "work_dir": "Working folder", "gradient_accumulation_steps": "Gradient accumulation steps",
     "text_encoder_learning_rate": "Text encoder learning rate",
     "lr_warmup_steps": "Learning-rate warm-up steps", "weight_decay": "Weight decay",
