@@ -1,6 +1,7 @@
 """The memory levers, end to end on the tiny model: the optimizer fused into backward, bf16
 weights with stochastic rounding, the 'lowest' and 'auto' presets, and running out of memory."""
 import copy
+import json
 
 import pytest
 import torch
@@ -299,3 +300,31 @@ def test_auto_preset_resumes_with_the_settings_it_chose(quick_config, monkeypatc
                for m in second.messages)
     assert any(m.startswith("Resuming from step 1") for m in second.messages)
     assert second.cfg.train_text_encoder is False and not second.result.cancelled
+
+
+def test_a_lowest_lora_snapshot_from_before_fp8_base_resumes_without_it(quick_config,
+                                                                       monkeypatch):
+    """The 'lowest' preset now stores a LoRA's frozen UNet in fp8. A run it began before that
+    (its snapshot has no fp8_base) goes on as it began, saying so, instead of being refused
+    as another configuration."""
+    cfg = quick_config.replace(model_name="lowold", use_lora=True, memory_preset="lowest",
+                               state_every_steps=1, steps_per_image=2)
+    from dreambooth.training import memory
+    before = memory.lowest  # the preset as it was: no fp8_base
+    monkeypatch.setattr(memory, "lowest", lambda config, half="bf16": {
+        k: v for k, v in before(config, half).items() if k != "fp8_base"})
+    cancel = ev.CancelToken()
+    first = Trainer(cfg, ev.EventBus(lambda e: cancel.cancel() if isinstance(e, ev.Step)
+                                     else None), cancel)
+    assert first.run().cancelled and first.cfg.fp8_base is False
+    monkeypatch.setattr(memory, "lowest", before)
+    assert run(cfg.replace(model_name="lownew", steps_per_image=1)).cfg.fp8_base is True
+    (snapshot,) = (cfg.model_dir / "state").glob("step_*")  # as a snapshot from before
+    info = json.loads((snapshot / "trainer.json").read_text())
+    del info["config"]["fp8_base"]
+    (snapshot / "trainer.json").write_text(json.dumps(info))
+    second = run(cfg)
+    assert any(m.startswith("Resuming with the settings the 'lowest' memory preset chose")
+               and "fp8_base = False" in m for m in second.messages), second.messages
+    assert any(m.startswith("Resuming from step 1") for m in second.messages)
+    assert second.cfg.fp8_base is False and not second.result.cancelled

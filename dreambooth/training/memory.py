@@ -390,7 +390,9 @@ def oom_advice(cfg, total: int | None) -> str:
 def plan_run(cfg, resumed_config: dict | None, free_bytes: int | None, half: str, say):
     """The config to train with under its memory_preset, saying every change (and, on a GPU,
     whether the run fits in its free memory). A resumed 'auto' run goes on with the settings
-    its preset chose when it began (`resumed_config`), whatever is free now."""
+    its preset chose when it began (`resumed_config`), whatever is free now; a resumed 'lowest'
+    run keeps the settings the preset chose then, where this version's preset would choose
+    others (fp8_base, new for a LoRA: a snapshot made without it resumes without it)."""
     if resumed_config is not None and cfg.memory_preset == "auto":
         kept = {k: resumed_config[k] for step, _ in STEPS for k, _ in step
                 if k in resumed_config and resumed_config[k] != getattr(cfg, k)}
@@ -401,4 +403,12 @@ def plan_run(cfg, resumed_config: dict | None, free_bytes: int | None, half: str
     planned, said = plan(cfg, free_bytes, half)
     for text in said:
         say(text)
+    if resumed_config is not None and cfg.memory_preset == "lowest":
+        from .state import BEFORE_FIELD
+        saved = {**BEFORE_FIELD, **resumed_config}
+        kept = {k: saved[k] for k in _FIELDS if k in saved and saved[k] != getattr(planned, k)}
+        if kept:
+            say("Resuming with the settings the 'lowest' memory preset chose when this run "
+                "began: " + ", ".join(f"{k} = {v}" for k, v in kept.items()) + ".")
+            planned = planned.replace(**kept)
     return planned
