@@ -91,7 +91,7 @@ class _OneProcess:
 
 def make_config(case: ProfileCase, resolution: int, work: Path):
     from dreambooth.config import Concept, TrainingConfig
-    from dreambooth.training.memory import plan_run
+    from dreambooth.training.advice import plan_run
     settings = {"batch_size": 1, **case.settings}
     cfg = TrainingConfig(
         model_name=f"profile_{case.name}", source_checkpoint="(fake tensors)",

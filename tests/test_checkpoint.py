@@ -111,7 +111,7 @@ def test_a_safetensors_file_is_read_one_tensor_at_a_time_as_safetensors_reads_it
     thread whose tensors it hands over once."""
     from safetensors.torch import load_file, save_file
 
-    from dreambooth.model.checkpoint import LazyState, read_checkpoint
+    from dreambooth.model.checkpoint import LazyState, open_checkpoint
     g = torch.Generator().manual_seed(0)
     tensors = {"a.f16": torch.randn(3, 4, generator=g).half(),
                "b.bf16": torch.randn(5, generator=g).bfloat16(),
@@ -120,8 +120,9 @@ def test_a_safetensors_file_is_read_one_tensor_at_a_time_as_safetensors_reads_it
                "f.empty": torch.zeros(0, 3), "g.u8": torch.arange(9, dtype=torch.uint8)}
     path = tmp_path / "m.safetensors"
     save_file(tensors, str(path), metadata={"k": "v"})
-    state, metadata = read_checkpoint(path)
+    state, metadata = open_checkpoint(path)
     assert isinstance(state, LazyState) and metadata == {"k": "v"}
+    assert read_checkpoint(path)[0].keys() == state.keys()  # read_checkpoint: a plain dict
     theirs = load_file(str(path))
     assert set(state) == set(theirs) and len(state) == len(theirs)
     for key, value in theirs.items():
@@ -144,10 +145,10 @@ def test_a_tensor_the_prefetch_could_not_read_fails_where_it_is_asked_for(tmp_pa
     from safetensors.torch import save_file
 
     from dreambooth.config.errors import CheckpointError
-    from dreambooth.model.checkpoint import read_checkpoint
+    from dreambooth.model.checkpoint import open_checkpoint
     path = tmp_path / "m.safetensors"
     save_file({"w": torch.ones(1000)}, str(path))
-    state, _ = read_checkpoint(path)
+    state, _ = open_checkpoint(path)
     with open(path, "r+b") as f:  # cut after the check: the read finds the end of the file
         f.truncate(path.stat().st_size - 100)
     state.prefetch(["w"], torch.float32)

@@ -13,7 +13,7 @@ from dreambooth.model.checkpoint import read_checkpoint
 from dreambooth.model.single_file import load_single_file
 from dreambooth.training import fp8
 from dreambooth.training.lora import inject
-from dreambooth.training.memory import lowest, plan
+from dreambooth.training.advice import lowest, plan
 from dreambooth.training.trainer import Trainer
 from test_embedding import read_back, run, settings
 from test_lora import _saved, merge_by_module_names

@@ -11,7 +11,8 @@ import pytest
 from patience import run
 
 from dreambooth import Concept, TrainingConfig
-from dreambooth.training.memory import GIB, MARGIN, STEPS, estimate, suggest
+from dreambooth.training.advice import MARGIN, STEPS, suggest
+from dreambooth.training.memory import GIB, estimate
 from dreambooth.training.memory_count import numel, optimizer_state_bytes, parameter_shapes
 
 IMAGES = (10, 0)  # instance, class images: the folders need not exist
@@ -122,7 +123,7 @@ def test_auto_picks_the_plan_that_slows_training_least_not_the_first_in_the_list
     """The issue's case: on a 10 GiB GPU the default SD1.5 run fits with 8-bit AdamW and the
     fused optimizer (no slower); the list order would have turned on gradient checkpointing
     (+33% compute) first."""
-    from dreambooth.training.memory import SLOWER, _greedy
+    from dreambooth.training.advice import SLOWER, _greedy
     config = sd15(mixed_precision="auto", cache_latents=True)
     free = 10 * GIB
     advice = suggest(config, free, n_images=IMAGES)

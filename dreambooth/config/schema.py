@@ -118,8 +118,7 @@ class TrainingConfig:
     memory_preset: str = _f("auto", "'auto': on a GPU, estimate the memory the run needs before "
                                     "it starts and, when it won't fit, change the settings that "
                                     "make it fit at the least cost in training time (each "
-                                    "change is said in the log); "
-                                    "'lowest': the least memory (frozen text encoder, cached "
+                                    "change is said in the log); 'lowest': the least memory (frozen text encoder, cached "
                                     "latents, gradient checkpointing; a full fine-tune: fused "
                                     "optimizer, Adafactor on bf16 weights; a LoRA or textual "
                                     "inversion: fp8_base); 'off': the settings exactly as given.",

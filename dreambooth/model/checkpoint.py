@@ -27,6 +27,15 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
     """(state dict, metadata) of a single-file checkpoint, never running code from the file."""
+    state, metadata = open_checkpoint(path)
+    if isinstance(state, LazyState):
+        state = {k: state[k] for k in state}
+    return state, metadata
+
+
+def open_checkpoint(path: str | os.PathLike) -> tuple[Mapping, dict]:
+    """As read_checkpoint, but a .safetensors file's tensors are read when asked for (a
+    LazyState): what loading a model goes through, one tensor at a time."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"The checkpoint '{path}' does not exist.",

@@ -12,7 +12,7 @@ import torch
 
 from . import convert, ldm_yaml, openclip
 from ..config.errors import CheckpointError
-from .checkpoint import SAVE_DTYPES, LazyState, cast_for_save, read_checkpoint, tensor_dtype
+from .checkpoint import SAVE_DTYPES, LazyState, cast_for_save, open_checkpoint, tensor_dtype
 from .components import (
     Components,
     build_meta,
@@ -73,7 +73,7 @@ def read_beside_yaml(path: str | Path) -> str | None:
 
 def load_single_file(path: str, model_type: str) -> Components:
     """A WebUI single-file checkpoint as a working model (fp32), offline."""
-    state, metadata = read_checkpoint(path)
+    state, metadata = open_checkpoint(path)
     if isinstance(state, LazyState):  # read and convert while diffusers imports
         prefixes = (UNET_PREFIX, VAE_PREFIX) + tuple(s.prefix for s in spec_for(
             model_type).text_encoders)

@@ -23,7 +23,7 @@ from ..model.components import unet_kwargs
 from ..model.workdir import load_model
 from . import backends, embedding, fp8
 from .backends import gpu_total_memory
-from .memory import plan_run
+from .advice import plan_run
 from .optim import make_optimizer, trainable_groups
 from .loss import compute_loss, step_draws
 from .losslog import LossLog
@@ -65,7 +65,7 @@ def train(config: TrainingConfig, on_event=None, cancel: ev.CancelToken | None =
         emit(ev.Failed(e.message, e.hint))
         raise failure(e, log)
     except torch.cuda.OutOfMemoryError:
-        from .memory import oom_advice
+        from .advice import oom_advice
         backends.release_memory()
         err = TrainingError("The GPU ran out of memory.",
                             oom_advice(trainer.cfg if trainer else config, gpu_total_memory()))
