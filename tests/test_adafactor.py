@@ -114,6 +114,8 @@ def test_a_state_saved_by_transformers_adafactor_is_converted_on_resume():
     new = Bucketed([{"params": new_params, "lr": 1e-2}],
                    lambda groups: Adafactor(groups, **SETTINGS), in_backward=False)
     new.load_state_dict(saved)
+    from dreambooth.training.state import converted_states
+    assert converted_states(new) == 1  # the conv weight's: the resume says so
     (converted,) = [s for inner in new.inner_states() for s in inner.values()
                     if "exp_avg_sq_col" in s and s["exp_avg_sq_col"].shape == (36,)]
     assert converted["exp_avg_sq_row"].shape == (8,)

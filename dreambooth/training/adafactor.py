@@ -104,10 +104,14 @@ class Adafactor(torch.optim.Optimizer):
             torch._foreach_copy_(ps, weights)
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Also converts transformers' statistics (counted in `converted`: such a resume is
+        close to, not bit-identical with, an uninterrupted run)."""
         super().load_state_dict(state_dict)
+        self.converted = 0
         for state in self.state.values():
             state.pop("RMS", None)  # transformers' (unused with parameter scaling off)
             if "exp_avg_sq_row" in state and state["exp_avg_sq_row"].dim() > 1:
+                self.converted += 1
                 state["exp_avg_sq_row"], state["exp_avg_sq_col"] = _refactored(
                     state["exp_avg_sq_row"], state["exp_avg_sq_col"])
 

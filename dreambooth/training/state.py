@@ -114,6 +114,11 @@ def load_snapshot(trainer, folder: Path) -> dict:
             load_file(str(folder / f"model_{i}.safetensors")))
     data = torch.load(str(folder / "training.pt"), map_location="cpu", weights_only=True)
     trainer.optimizer.load_state_dict(data["optimizer"])
+    converted = converted_states(trainer.optimizer)
+    if converted:
+        trainer.warn(f"The saved Adafactor state of {converted} weights is transformers' (from "
+                     "before conv weights were factored as matrices) and was converted: the "
+                     "run goes on, close to, not bit-identical with, an uninterrupted run.")
     trainer.lr_scheduler.load_state_dict(data["lr_scheduler"])
     if trainer.ema is not None and data["ema"] is not None:
         trainer.ema.load_state_dict(data["ema"])
@@ -131,6 +136,14 @@ def load_snapshot(trainer, folder: Path) -> dict:
                      "on, but its result will be close to, not bit-identical with, an "
                      "uninterrupted run's.")
     return info
+
+
+def converted_states(optimizer) -> int:
+    """How many weights' optimizer states were converted from another layout when loaded
+    (Adafactor's `converted`), through accelerate's wrapper and Bucketed's buckets."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    inner = [b.inner for b in getattr(optimizer, "buckets", ())] or [optimizer]
+    return sum(getattr(o, "converted", 0) for o in inner)
 
 
 def machine_differences(then: dict, now: dict) -> tuple[str, str] | None:
