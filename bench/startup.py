@@ -112,8 +112,9 @@ def measure_startup(smoke: bool, work: Path, images: int = 10, comp=None,
 LOAD_CODE = """
 import resource, sys, time
 start = time.perf_counter()
+import torch
 from dreambooth.model.single_file import load_single_file
-comp = load_single_file(sys.argv[1], "v1x")
+comp = load_single_file(sys.argv[1], sys.argv[2], None if sys.argv[3] == "stored" else torch.float32)
 took = time.perf_counter() - start
 sizes = {name: sum(p.numel() * p.element_size() for p in m.parameters())
          for name, m in (("unet", comp.unet), ("vae", comp.vae),
@@ -123,16 +124,25 @@ print(took, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, sizes["un
 """
 
 
-def fresh_process_load(checkpoint: Path) -> dict:
-    """A fresh interpreter that imports what loading needs and loads `checkpoint` (fp32, on
-    the host): its seconds, and its peak resident memory against the issue's bound (1.3x the
-    fp32 UNet plus the largest other component)."""
-    out = subprocess.run([sys.executable, "-c", LOAD_CODE, str(checkpoint)], cwd=ROOT,
-                         check=True, capture_output=True, text=True, timeout=600).stdout
-    took, rss, unet, other = out.split()[-4:]
-    bound = 1.3 * int(unet) + int(other)
-    return {"fresh_load_s": round(float(took), 3), "load_peak_rss_gb": round(int(rss) / 1e9, 2),
-            "load_rss_bound_gb": round(bound / 1e9, 2)}
+def fresh_process_load(checkpoint: Path, model_type: str = "v1x") -> dict:
+    """A fresh interpreter that imports what loading needs and loads `checkpoint` on the host,
+    in fp32 (the Python API's default; a CPU run's model) and as stored (what a GPU run holds
+    before each component goes to the device in its training dtype): the seconds of the fp32
+    load, and each one's peak resident memory, beside the issue's bound (1.3x the fp32 UNet
+    plus the largest other component)."""
+    report = {}
+    for how in ("fp32", "stored"):
+        out = subprocess.run([sys.executable, "-c", LOAD_CODE, str(checkpoint), model_type,
+                              how], cwd=ROOT, check=True, capture_output=True, text=True,
+                             timeout=600).stdout
+        took, rss, unet, other = out.split()[-4:]
+        if how == "fp32":
+            report = {"fresh_load_s": round(float(took), 3),
+                      "load_peak_rss_gb": round(int(rss) / 1e9, 2),
+                      "load_rss_bound_gb": round((1.3 * int(unet) + int(other)) / 1e9, 2)}
+        else:
+            report["load_as_stored_peak_rss_gb"] = round(int(rss) / 1e9, 2)
+    return report
 
 
 def fresh_process_imports() -> float:
@@ -149,4 +159,5 @@ def describe(r: dict) -> str:
             f"step {r['first_step_s']:.2f} s) + imports {r['fresh_process_imports_s']:.2f} s = "
             f"{r['from_train_s']:.2f} s from Train; target {r['target_s']:.0f} s. A fresh "
             f"process loads the file in {r['fresh_load_s']:.2f} s with imports, peak memory "
-            f"{r['load_peak_rss_gb']:.2f} GB (bound {r['load_rss_bound_gb']:.2f} GB)")
+            f"{r['load_peak_rss_gb']:.2f} GB (bound {r['load_rss_bound_gb']:.2f} GB; as "
+            f"stored, as a GPU run loads it: {r['load_as_stored_peak_rss_gb']:.2f} GB)")

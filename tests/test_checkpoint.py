@@ -154,3 +154,19 @@ def test_a_tensor_the_prefetch_could_not_read_fails_where_it_is_asked_for(tmp_pa
     state.prefetch(["w"], torch.float32)
     with pytest.raises(CheckpointError, match="truncated"):
         state["w"]
+
+
+def test_a_model_loads_in_fp32_or_as_the_file_stores_it(tiny_source, tmp_path):
+    """dtype=None keeps an fp16 file's weights in fp16 (what training loads: each component is
+    cast as it goes to the device, so the host never holds an fp32 copy of all of it); the
+    default gives fp32 of the same values."""
+    half = save_single_file(load_single_file(str(tiny_source), "v1x"), tmp_path / "h.safetensors",
+                            "fp16")
+    stored = load_single_file(str(half), "v1x", None)
+    full = load_single_file(str(half), "v1x")
+    for a, b in ((stored.unet, full.unet), (stored.vae, full.vae),
+                 (stored.text_encoders[0], full.text_encoders[0])):
+        pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+        assert {p.dtype for p in pa.values()} == {torch.float16}
+        assert {p.dtype for p in pb.values()} == {torch.float32}
+        assert all(torch.equal(pa[k].float(), pb[k]) for k in pb)

@@ -94,8 +94,9 @@ class LazyState(Mapping):
             if entry["dtype"] not in _SAFETENSORS_TORCH:
                 raise ValueError(f"tensor {key!r} has the unsupported dtype {entry['dtype']}")
 
-    def prefetch(self, keys, dtype: torch.dtype) -> None:
-        """Read `keys` (in file order), their floating tensors converted to `dtype`, on a
+    def prefetch(self, keys, dtype: torch.dtype | None) -> None:
+        """Read `keys` (in file order), their floating tensors converted to `dtype` (None: as
+        stored), on a
         thread of their own, while the caller goes on (importing and building the model:
         Python work, while reading and converting release the GIL). Asked for, a prefetched
         tensor is waited for and handed over (not kept here)."""
@@ -108,7 +109,8 @@ class LazyState(Mapping):
                     return
                 try:
                     value = self._read(key)
-                    if value.is_floating_point() and value.dtype != dtype:
+                    if dtype is not None and value.is_floating_point() and \
+                            value.dtype != dtype:
                         value = value.to(dtype)
                 except BaseException as e:  # handed to whoever asks for this tensor
                     value = e

@@ -153,17 +153,19 @@ def te_state(text_encoder) -> dict:
             if not k.endswith("position_ids")}
 
 
-def te_load(text_encoder, state: dict, what: str = "text encoder") -> None:
+def te_load(text_encoder, state: dict, what: str = "text encoder",
+            dtype: torch.dtype | None = torch.float32) -> None:
     wants_prefix = any(k.startswith("text_model.") for k in text_encoder.state_dict())
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
     if not wants_prefix:
         state = convert.unprefixed(state, "text_model.")
-    load_module(text_encoder, state, what)
+    load_module(text_encoder, state, what, dtype)
 
 
-def load_module(module, state: dict, what: str) -> None:
-    """Load `state` (emptied: its tensors go into the module, in fp32) into `module`, after
-    checking that its names and shapes are the module's."""
+def load_module(module, state: dict, what: str,
+                dtype: torch.dtype | None = torch.float32) -> None:
+    """Load `state` (emptied: its tensors go into the module, floating ones in `dtype`; None:
+    as they are) into `module`, after checking that its names and shapes are the module's."""
     expected = set(module.state_dict())
     expected = {k for k in expected if not k.endswith("position_ids")}
     missing, unexpected = expected - set(state), set(state) - expected
@@ -179,14 +181,15 @@ def load_module(module, state: dict, what: str) -> None:
         raise CheckpointError(
             f"The {what} in the checkpoint has a different shape than the model type expects "
             f"(at {k}).", "Choose the model type that matches the checkpoint.")
-    for k in list(state):  # fp32 one tensor at a time; `state` gives up each as it goes, so
-        value = state.pop(k)  # the file's copy is freed as its fp32 one is made
-        state[k] = value.float() if value.is_floating_point() else value
+    for k in list(state):  # one tensor at a time; `state` gives up each as it goes, so the
+        value = state.pop(k)  # file's copy is freed as its converted one is made
+        convert_it = dtype is not None and value.is_floating_point()
+        state[k] = value.to(dtype) if convert_it else value
         del value
     module.load_state_dict(state, strict=False, assign=True)
     state.clear()
-    for p in module.parameters():
-        if p.dtype != torch.float32:
-            p.data = p.data.float()
+    for p in module.parameters():  # any the state did not hold (made by the module itself)
+        if dtype is not None and p.dtype != dtype and p.is_floating_point():
+            p.data = p.data.to(dtype)
 
 

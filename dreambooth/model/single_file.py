@@ -71,21 +71,24 @@ def read_beside_yaml(path: str | Path) -> str | None:
                               "checkpoint does not need it.") from None
 
 
-def load_single_file(path: str, model_type: str) -> Components:
-    """A WebUI single-file checkpoint as a working model (fp32), offline."""
+def load_single_file(path: str, model_type: str,
+                     dtype: torch.dtype | None = torch.float32) -> Components:
+    """A WebUI single-file checkpoint as a working model, offline: its floating weights in
+    `dtype` (None: as the file stores them, for a caller that casts each component itself:
+    an fp16 file then takes half the memory an fp32 copy would)."""
     state, metadata = open_checkpoint(path)
     if isinstance(state, LazyState):  # read and convert while diffusers imports
         prefixes = (UNET_PREFIX, VAE_PREFIX) + tuple(s.prefix for s in spec_for(
             model_type).text_encoders)
-        state.prefetch([k for k in state if k.startswith(prefixes)], torch.float32)
+        state.prefetch([k for k in state if k.startswith(prefixes)], dtype)
     try:
-        return _load(state, metadata, path, model_type)
+        return _load(state, metadata, path, model_type, dtype)
     finally:
         if isinstance(state, LazyState):
             state.close()
 
 
-def _load(state, metadata: dict, path: str, model_type: str) -> Components:
+def _load(state, metadata: dict, path: str, model_type: str, dtype) -> Components:
     source_yaml = read_beside_yaml(path)
     name = Path(path).name
     quantized = [k for k in state if k.endswith(".weight")
@@ -95,7 +98,7 @@ def _load(state, metadata: dict, path: str, model_type: str) -> Components:
                               f"{quantized[0]}): a quantized model, which can't be trained.",
                               "Choose the full-precision (fp16 or fp32) version of the model.")
     try:
-        return _components_of(state, metadata, source_yaml, model_type, name)
+        return _components_of(state, metadata, source_yaml, model_type, name, dtype)
     except CheckpointError as e:
         if name not in e.message:
             e.message = f"'{name}': {e.message}"
@@ -109,7 +112,7 @@ def _load(state, metadata: dict, path: str, model_type: str) -> Components:
 
 
 def _components_of(state: dict, metadata: dict, source_yaml: str | None, model_type: str,
-                   name: str) -> Components:
+                   name: str, dtype: torch.dtype | None = torch.float32) -> Components:
     spec = spec_for(model_type)
     check_model_type(state, metadata, source_yaml, model_type, name,
                      {n: s.title for n, s in SPECS.items()})
@@ -117,13 +120,14 @@ def _components_of(state: dict, metadata: dict, source_yaml: str | None, model_t
         else shipped_configs(model_type)
     modules = instantiate(model_type, configs, empty=True)
     load_module(modules["unet"], convert.from_ldm(state, convert.unet_prefix_map(configs["unet"]),
-                                                   UNET_PREFIX), "UNet")
+                                                   UNET_PREFIX), "UNet", dtype)
     load_module(modules["vae"], convert.from_ldm(state, convert.vae_prefix_map(configs["vae"]),
-                                                  VAE_PREFIX, vae=True), "VAE")
+                                                  VAE_PREFIX, vae=True), "VAE", dtype)
     extra = {}
     for i, slot in enumerate(spec.text_encoders):
         hf, rest = _te_from_ldm(slot, state, configs[slot.component])
-        te_load(modules[slot.component], hf, "text encoder" + (f" {i + 1}" if i else ""))
+        te_load(modules[slot.component], hf, "text encoder" + (f" {i + 1}" if i else ""), dtype)
+        del hf  # its tensors are the module's now (or freed as converted)
         extra.update(rest)
     return make_components(model_type, configs, modules, extra, source_yaml)
 

@@ -117,7 +117,9 @@ class Trainer:
                                gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                                kwargs_handlers=backends.autocast_kwargs(cfg))
         self.device, self.dtype = self.acc.device, backends.WEIGHT_DTYPES[self.precision]
-        self.comp, self.revision = load_model(cfg, self.say)
+        # as the file stores them (fp16: half an fp32 copy's host memory); each component is
+        # cast to its training dtype as it goes to the device, below
+        self.comp, self.revision = load_model(cfg, self.say, as_stored=True)
         embedding.install(cfg, self.comp)  # a new token's vectors (textual inversion, pivotal)
         if self.resume_from is not None:
             self.revision = snapshot_info(self.resume_from)["revision"]
@@ -127,7 +129,7 @@ class Trainer:
         # gets saved of them is untouched. The UNet comes to the GPU after the caching (unless
         # class images are to be made), so the two never share it.
         trained = torch.bfloat16 if cfg.bf16_weights and not cfg.use_lora else torch.float32
-        self.comp.vae.to(self.device).requires_grad_(False).eval()
+        self.comp.vae.to(self.device, torch.float32).requires_grad_(False).eval()
         for te in self.comp.text_encoders:
             te.to(self.device, self.dtype if cfg.use_lora and cfg.lora_text_encoder
                   else trained if cfg.train_text_encoder else torch.float32).requires_grad_(False)
