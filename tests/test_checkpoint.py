@@ -170,3 +170,24 @@ def test_a_model_loads_in_fp32_or_as_the_file_stores_it(tiny_source, tmp_path):
         assert {p.dtype for p in pa.values()} == {torch.float16}
         assert {p.dtype for p in pb.values()} == {torch.float32}
         assert all(torch.equal(pa[k].float(), pb[k]) for k in pb)
+
+
+def test_frozen_modules_park_in_the_dtype_they_were_loaded_in(tiny_source, tmp_path):
+    """After caching, the VAE and frozen text encoders leave the GPU: back in the file's fp16
+    (exactly: they ran in fp32 from those values), not in the fp32 they ran in."""
+    from dreambooth.training import backends
+    half = save_single_file(load_single_file(str(tiny_source), "v1x"), tmp_path / "h.safetensors",
+                            "fp16")
+    comp = load_single_file(str(half), "v1x", None)
+    modules = [comp.vae, *comp.text_encoders]
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in modules]
+    stored = backends.stored_dtypes(modules)
+    assert set(stored.values()) == {torch.float16}
+    for m in modules:
+        m.to(torch.float32)  # as they run on the GPU for the caches
+    backends.park(modules, stored)
+    for m, saved in zip(modules, before):
+        now = m.state_dict()
+        assert all(now[k].dtype == v.dtype and torch.equal(now[k], v) for k, v in saved.items())
+    mixed = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).half())
+    assert backends.stored_dtypes([mixed]) == {id(mixed): None}  # mixed: parked as they run

@@ -117,9 +117,9 @@ class Trainer:
                                gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                                kwargs_handlers=backends.autocast_kwargs(cfg))
         self.device, self.dtype = self.acc.device, backends.WEIGHT_DTYPES[self.precision]
-        # as the file stores them (fp16: half an fp32 copy's host memory); each component is
-        # cast to its training dtype as it goes to the device, below
+        # as stored (fp16: half of fp32's host memory); each is cast as it goes to the device
         self.comp, self.revision = load_model(cfg, self.say, as_stored=True)
+        self.stored = backends.stored_dtypes([self.comp.vae, *self.comp.text_encoders])
         embedding.install(cfg, self.comp)  # a new token's vectors (textual inversion, pivotal)
         if self.resume_from is not None:
             self.revision = snapshot_info(self.resume_from)["revision"]
@@ -161,9 +161,7 @@ class Trainer:
 
     def park_frozen(self) -> None:
         if self.device.type == "cuda":
-            for module in self.frozen_modules():
-                module.to("cpu")
-            backends.release_memory()
+            backends.park(self.frozen_modules(), self.stored)
 
     def plan_steps(self) -> None:
         cfg = self.cfg
@@ -377,8 +375,8 @@ class Trainer:
         self.log.read()
         unet = self.acc.unwrap_model(self.models[0])
         unet.eval()
-        for module in self.frozen_modules():
-            module.to(self.device)
+        for module in self.frozen_modules():  # in fp32, as they ran for the caches
+            module.to(self.device, torch.float32)
         self.saver.sample(step, unet, self.dtype)
         unet.train()
         self.park_frozen()
