@@ -8,6 +8,7 @@ import copy
 import json
 import sys
 import tempfile
+import types
 import time
 from pathlib import Path
 
@@ -129,8 +130,8 @@ class _Done:
 
     def __init__(self, runner) -> None:
         self._settings = runner.settings()
-        if hasattr(runner, "trainer"):
-            self.trainer = type("Trainer", (), {"cfg": runner.trainer.cfg})()
+        if hasattr(runner, "trainer"):  # ours: the config the estimate is made from
+            self.trainer = types.SimpleNamespace(cfg=runner.trainer.cfg)
 
     def settings(self) -> dict:
         return self._settings

@@ -20,7 +20,7 @@ class OursStep:
         self.trainer = trainer_module.Trainer(config, ev.EventBus(listener), ev.CancelToken())
         # the model comes from memory, not from converting a 4 GB single file
         with mock.patch.object(trainer_module, "load_model",
-                               lambda cfg, say, as_stored=False: (comp, 0)):
+                               lambda cfg, say, dtype=None: (comp, 0)):
             self.trainer.setup()
         self.trainer.start_position()  # fresh generators and class cursor, as a new run
         self.order, self.b, self.updates = None, self.trainer.batches_per_epoch, 0

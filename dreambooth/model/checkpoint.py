@@ -8,8 +8,8 @@ import pickle
 import shutil
 import tempfile
 import threading
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -96,10 +96,9 @@ class LazyState(Mapping):
 
     def prefetch(self, keys, dtype: torch.dtype | None) -> None:
         """Read `keys` (in file order), their floating tensors converted to `dtype` (None: as
-        stored), on a
-        thread of their own, while the caller goes on (importing and building the model:
-        Python work, while reading and converting release the GIL). Asked for, a prefetched
-        tensor is waited for and handed over (not kept here)."""
+        stored), on a thread of their own, while the caller goes on (importing and building
+        the model: Python work, while reading and converting release the GIL). Asked for, a
+        prefetched tensor is waited for and handed over (not kept here)."""
         keys = sorted(keys, key=lambda k: self._entries[k]["data_offsets"][0])
         self._pending = set(keys)
 

@@ -7,6 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+
 from .. import assets
 from ..config import TrainingConfig
 from .checkpoint import write_safetensors, write_text
@@ -123,11 +125,11 @@ def source_id(path: str) -> dict:
     return {"source": str(p), "source_size": st.st_size, "source_mtime": int(st.st_mtime)}
 
 
-def load_model(config: TrainingConfig, say, as_stored: bool = False) -> tuple[Components, int]:
+def load_model(config: TrainingConfig, say,
+               dtype: torch.dtype | None = torch.float32) -> tuple[Components, int]:
     """The working model: the model's own working folder when it came from this source (to go
-    on training it), else a fresh conversion of the source checkpoint, in fp32 (`as_stored`:
-    in the dtypes the file stores, for a caller that casts each component itself). Returns
-    (model, revision)."""
+    on training it), else a fresh conversion of the source checkpoint, its weights in `dtype`
+    as load_single_file takes it (None: as the file stores them). Returns (model, revision)."""
     info_path = working_dir(config) / "dreambooth_model.json"
     if info_path.is_file():
         info = json.loads(info_path.read_text())
@@ -135,6 +137,4 @@ def load_model(config: TrainingConfig, say, as_stored: bool = False) -> tuple[Co
                 source_id(config.source_checkpoint):
             say(f"Continuing from the working model at revision {info.get('revision', 0)}.")
             return load_working_dir(working_dir(config)), int(info.get("revision", 0))
-    import torch
-    return load_single_file(config.source_checkpoint, config.model_type,
-                            None if as_stored else torch.float32), 0
+    return load_single_file(config.source_checkpoint, config.model_type, dtype), 0

@@ -65,24 +65,21 @@ def suggest(config, free_bytes: int, half: str = "bf16",
     if before.total <= budget:
         return Suggestion((), True, before, before,
                           _sentence(before, before, free_bytes, [], True))
-    options = []  # (changes, words, slowdown) of each step that would change something
-    for step, text in STEPS:
-        step = {k: (half if v == "{half}" else v) for k, v in step}
-        if any(getattr(config, k) != v for k, v in step.items()):
-            options.append((step, text.format(half=half), SLOWER.get(next(iter(step)), 1.0)))
+    options = [(step, text, SLOWER.get(next(iter(step)), 1.0)) for step, text in _steps(half)
+               if any(getattr(config, k) != v for k, v in step.items())]
+    known = _problems(config)
     plans = {}  # mask of options -> (cost, estimate) of each plan that fits
     for mask in range(1, 2 ** len(options)):
-        chosen = [o for i, o in enumerate(options) if mask >> i & 1]
-        candidate = config.replace(**{k: v for step, _, _ in chosen for k, v in step.items()})
-        if _refused(candidate, config):
+        chosen = [i for i in range(len(options)) if mask >> i & 1]
+        candidate = config.replace(**{k: v for i in chosen for k, v in options[i][0].items()})
+        if _refused(candidate, known):
             continue
         trial = estimate(candidate, n_images)
         if trial.total <= budget:
             time = 1.0
-            for _, _, factor in chosen:
-                time *= factor
-            order = tuple(i for i in range(len(options)) if mask >> i & 1)
-            plans[mask] = ((round(time, 6), len(chosen), order), trial)
+            for i in chosen:
+                time *= options[i][2]
+            plans[mask] = ((round(time, 6), len(chosen), tuple(chosen)), trial)
     minimal = [m for m in plans  # every change needed: leave one out and it does not fit
                if not any(m & ~(1 << i) in plans for i in range(len(options)) if m >> i & 1)]
     if not minimal:
@@ -101,14 +98,13 @@ def _greedy(config, free_bytes: int, half: str, n_images, before: Estimate) -> S
     budget = free_bytes * (1 - MARGIN)
     after = before
     current, changes, words = config, {}, []
-    for step, text in STEPS:
+    for step, text in _steps(half):
         if after.total <= budget:
             break
-        step = {k: (half if v == "{half}" else v) for k, v in step}
         if all(getattr(current, k) == v for k, v in step.items()):
             continue
         candidate = current.replace(**step)
-        if _refused(candidate, current):
+        if _refused(candidate, _problems(current)):
             continue
         trial = estimate(candidate, n_images)
         if trial.total > after.total * (1 - MIN_SAVING):  # not worth a change (e.g. 8-bit
@@ -116,17 +112,28 @@ def _greedy(config, free_bytes: int, half: str, n_images, before: Estimate) -> S
         current, after = candidate, trial
         changes.update(step)
         words = [(k, w) for k, w in words if not k <= step.keys()]  # overridden: unsaid
-        words.append((set(step), text.format(half=half)))
+        words.append((set(step), text))
     words = [w for _, w in words]
     fits = after.total <= budget
     return Suggestion(tuple(changes.items()), fits, before, after,
                       _sentence(before, after, free_bytes, words, fits))
 
 
-def _refused(candidate, current) -> bool:
-    """The change makes the config invalid (where the current one was not)."""
-    known = {(p.field, p.why) for p in current.validate(check_paths=False)}
-    return any((p.field, p.why) not in known for p in candidate.validate(check_paths=False))
+def _steps(half: str) -> list:
+    """STEPS as (changes, words) with the GPU's half precision filled in."""
+    return [({k: (half if v == "{half}" else v) for k, v in step}, text.format(half=half))
+            for step, text in STEPS]
+
+
+def _problems(config) -> set:
+    """What the config refuses, (field, why) each."""
+    return {(p.field, p.why) for p in config.validate(check_paths=False)}
+
+
+def _refused(candidate, known: set) -> bool:
+    """The change makes the config invalid: a problem beyond the `known` ones of the config
+    it was made to."""
+    return bool(_problems(candidate) - known)
 
 
 def lowest(config, half: str = "bf16") -> dict:
@@ -139,7 +146,7 @@ def lowest(config, half: str = "bf16") -> dict:
         current = current.replace(optimizer="adafactor")
         for name in ("fused_optimizer", "bf16_weights"):
             candidate = current.replace(**{name: True})
-            if not _refused(candidate, current):
+            if not _refused(candidate, _problems(current)):
                 current = candidate
     if config.method != "dreambooth":  # the UNet is frozen: stored in fp8
         current = current.replace(fp8_base=True)

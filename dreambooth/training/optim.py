@@ -49,12 +49,8 @@ def stochastic_round_(target: torch.Tensor, value: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Write fp32 `value` into bf16 `target`, rounding down or up at random with the
     probabilities that make the expected result equal `value` exactly."""
-    bits = value.detach().to(torch.float32).contiguous().view(torch.int32)
-    # a bf16 number is the top 16 bits of an fp32 one: add a random amount below the cut, cut
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device,
-                          generator=generator)
-    # in place: one weight-sized temporary (the noise), not three
-    target.copy_(noise.add_(bits).bitwise_and_(-65536).view(torch.float32))
+    bits = value.detach().to(torch.float32, copy=True).contiguous().view(torch.int32)
+    round_bits_(bits, torch.empty_like(bits), generator, target)  # the buckets' own kernel
     return target
 
 

@@ -118,7 +118,7 @@ class Trainer:
                                kwargs_handlers=backends.autocast_kwargs(cfg))
         self.device, self.dtype = self.acc.device, backends.WEIGHT_DTYPES[self.precision]
         # as stored (fp16: half of fp32's host memory); each is cast as it goes to the device
-        self.comp, self.revision = load_model(cfg, self.say, as_stored=True)
+        self.comp, self.revision = load_model(cfg, self.say, dtype=None)
         self.stored = backends.stored_dtypes([self.comp.vae, *self.comp.text_encoders])
         embedding.install(cfg, self.comp)  # a new token's vectors (textual inversion, pivotal)
         if self.resume_from is not None:
