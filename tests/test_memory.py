@@ -74,10 +74,19 @@ def test_activations_are_linear_in_the_batch_and_weights_are_not():
 
 
 def test_the_parts_of_a_full_fine_tune_add_up():
+    from dreambooth.training import parked
+    shapes = parameter_shapes("v1x")["unet"]
+    unet, matrices = numel(shapes), numel([s for s in shapes if len(s) >= 2])
+    large = numel([s for s in shapes if len(s) >= 2 and numel([s]) >= parked.RECAST_ELEMENTS])
+    # gradients in fp32 (8-bit AdamW is stepped whole): all of them; autocast's bf16 copies
+    plain = estimate(sd15(optimizer="adamw_8bit"), IMAGES)
+    assert plain.parts["gradients"] == 4 * unet and plain.parts["autocast copies"] == 2 * unet
+    # AdamW: the Linear/Conv2d gradients kept in bf16, plus the fp32 scratch of one 128 MiB
+    # chunk; the largest weights' bf16 copies are not kept through the forward
     e = estimate(sd15(), IMAGES)
-    unet = numel(parameter_shapes("v1x")["unet"])
-    assert e.parts["gradients"] == 4 * unet and e.parts["optimizer"] == 8 * unet
-    assert e.parts["autocast copies"] == 2 * unet
+    assert 0 <= e.parts["gradients"] - (4 * unet - 2 * matrices) <= parked.CHUNK_BYTES
+    assert e.parts["optimizer"] == 8 * unet
+    assert e.parts["autocast copies"] == 2 * (unet - large)
     assert 12 * GIB < e.total < 24 * GIB  # the issue measured 16.6-19.5 GB for such a step
     assert e.phase and e.describe().startswith(f"about {e.gib:.1f} GiB")
 

@@ -27,16 +27,18 @@ SLACK = 1.05
 # configuration -> (resolution, tiny model?, host syncs, ops per step, peak live bytes)
 HELD = {
     # the optimizer in backward, bucketed (optim.Bucketed, 64 MiB buckets): 14 408 ops when it
-    # was one inner optimizer per weight; 12.09 GiB either way
-    "full_adamw_bs1_fused": (512, False, 0, 6923, 12_980_429_312),
+    # was one inner optimizer per weight; 12.09 GiB either way, 6 923 ops before the bucket's
+    # gradients came in bf16 from the park (parked.py: 11.03 GiB)
+    "full_adamw_bs1_fused": (512, False, 0, 6212, 11_841_230_336),
     # bf16 weights, bucketed: fp32 stand-ins in one scratch buffer, foreach copies and one
     # rounding draw per bucket (16 849 ops and 9.83 GiB per weight; the fp32 scratch of the
     # widest bucket costs the 0.25 GiB more)
     "bf16_weights_bs1": (512, False, 0, 5523, 10_824_079_872),
-    # the default full fine-tune at real size (SD1.5, 512 px): 13.03 GiB. No host sync: noise,
-    # timesteps and the latent draw come from a generator on the device, the loss stays there
-    # (read every log_every_steps, not in this step); 5 before (issue 13)
-    "full_adamw_bs1": (512, False, 0, 6195, 13_988_665_856),
+    # the default full fine-tune at real size (SD1.5, 512 px): 11.65 GiB, 5 638 ops; 13.03 GiB
+    # and 6 195 ops before its gradients were kept in bf16 (parked.py: exact). No host sync:
+    # noise, timesteps and the latent draw come from a generator on the device, the loss stays
+    # there (read every log_every_steps, not in this step); 5 before (issue 13)
+    "full_adamw_bs1": (512, False, 0, 5638, 12_504_306_176),
     # the lowest preset at real size: 2.25 GiB, 14 094 ops. 4.00 GiB before our Adafactor
     # factored conv weights as (out, in*k*k) and the stochastic rounding went in place; 37 372
     # ops one Adafactor per weight, 22 090 bucketed, 14 094 with weights of one shape stacked

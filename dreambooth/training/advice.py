@@ -61,7 +61,7 @@ def suggest(config, free_bytes: int, half: str = "bf16",
     changes, then the one earliest in STEPS. When nothing fits, every change that saves memory,
     in STEPS order. `half` is the mixed precision the GPU has (bf16 or fp16)."""
     budget = free_bytes * (1 - MARGIN)
-    before = estimate(config, n_images)
+    before = estimate(config, n_images, half=half)
     if before.total <= budget:
         return Suggestion((), True, before, before,
                           _sentence(before, before, free_bytes, [], True))
@@ -74,7 +74,7 @@ def suggest(config, free_bytes: int, half: str = "bf16",
         candidate = config.replace(**{k: v for i in chosen for k, v in options[i][0].items()})
         if _refused(candidate, known):
             continue
-        trial = estimate(candidate, n_images)
+        trial = estimate(candidate, n_images, half=half)
         if trial.total <= budget:
             time = 1.0
             for i in chosen:
@@ -106,7 +106,7 @@ def _greedy(config, free_bytes: int, half: str, n_images, before: Estimate) -> S
         candidate = current.replace(**step)
         if _refused(candidate, _problems(current)):
             continue
-        trial = estimate(candidate, n_images)
+        trial = estimate(candidate, n_images, half=half)
         if trial.total > after.total * (1 - MIN_SAVING):  # not worth a change (e.g. 8-bit
             continue                                     # AdamW on a LoRA's few weights)
         current, after = candidate, trial

@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import fp8
+from . import fp8, parked
 from .memory_count import (
     lora_shapes,
     numel,
@@ -106,7 +106,8 @@ def _caches(cfg, shapes: dict, images: tuple[int, int], half: bool) -> int:
     return latents + embeddings
 
 
-def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True) -> Estimate:
+def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True,
+             half: str = "bf16") -> Estimate:
     """Peak GPU memory of training with `config` (bytes), and what it is made of.
 
     Where the weights are: a trained model in fp32 (bf16 with bf16_weights), a LoRA's frozen
@@ -115,7 +116,9 @@ def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True) 
     VAE leaves the GPU once the latents are cached, a frozen text encoder once the prompts are.
     `gpu=False`: without the two GPU-only constants (CUDA_OVERHEAD, and the share of
     ACTIVATION_FACTOR above 1), i.e. what the step profile's fake tensors hold; tests keep the
-    two within 10% of each other.
+    two within 10% of each other. `half`: what mixed precision 'auto' is on the GPU. Where the
+    gradients are kept in bf16 (parked.py), a Linear/Conv2d weight's takes 2 bytes, and the
+    bf16 copies of the largest weights are not held through the forward.
     """
     cfg, half = config, config.mixed_precision in HALF
     lora = bool(getattr(cfg, "use_lora", False))
@@ -139,6 +142,10 @@ def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True) 
         text_encoder_activation_bytes(cfg.model_type, te, half) for te in grad_tes)
     fused = cfg.fused_optimizer
     grad_bytes = 4 if lora else tbytes
+    park = parked.applies(cfg, half if cfg.mixed_precision == "auto" else cfg.mixed_precision)
+    matrices = [s for s in trained if len(s) >= 2]  # Linear/Conv2d weights
+    recast = numel([s for s in matrices if numel([s]) >= parked.RECAST_ELEMENTS]) \
+        if park and not cfg.gradient_checkpointing else 0
     # bucketed (optim.Bucketed): the widest bucket's weights, a larger weight alone
     bucket = min(numel(trained), max(max(numel([s]) for s in trained),
                                      BUCKET_BYTES // (4 if lora else tbytes)))
@@ -152,11 +159,14 @@ def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True) 
         "overhead": CUDA_OVERHEAD if gpu else 0,
         # bf16 weights: the fp32 stand-ins and gradients of the widest bucket, kept
         "stand-ins": 8 * bucket if tbytes == 2 else 0,
-        # fused: one bucket's gradients
-        "gradients": bucket * grad_bytes if fused else grad_bytes * numel(trained),
+        # fused: one bucket's gradients; parked: 2 bytes a Linear/Conv2d weight's, and the
+        # fp32 scratch the update steps a chunk from
+        "gradients": bucket * grad_bytes if fused else grad_bytes * numel(trained) - (
+            2 * numel(matrices) - 4 * _chunk(matrices) if park else 0),
         # autocast's cache of half copies of fp32 weights lives through the forward (none under
-        # gradient checkpointing: the trainer turns the cache off there)
-        "autocast copies": 2 * (unet_n + sum(numel(shapes[te]) for te in full_tes))
+        # gradient checkpointing: the trainer turns the cache off there; parked: but those of
+        # the largest weights, cast again in backward)
+        "autocast copies": 2 * (unet_n + sum(numel(shapes[te]) for te in full_tes) - recast)
         if upcast and not cfg.gradient_checkpointing else 0,
         "activations": int(per_step * acts),
         "GPU-only activations": int((ACTIVATION_FACTOR - 1) * per_step * acts) if gpu else 0,
@@ -185,6 +195,16 @@ def _unet_bytes(cfg, shapes: tuple, per_value: int, half_bytes: int) -> int:
         return per_value * numel(shapes)
     matrices = [s for s in shapes if len(s) >= 2]
     return numel(matrices) + 4 * len(matrices) + half_bytes * (numel(shapes) - numel(matrices))
+
+
+def _chunk(shapes: list) -> int:
+    """Values in the widest chunk parked.GradPark steps (its fp32 scratch buffer)."""
+    cap, widest, size = parked.CHUNK_BYTES // 4, 0, 0
+    for s in shapes:
+        n = numel([s])
+        size = n if size and size + n > cap else size + n
+        widest = max(widest, size)
+    return widest
 
 
 def _vae_channels(shapes: dict) -> int:

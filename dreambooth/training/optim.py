@@ -117,6 +117,7 @@ class Bucketed(torch.optim.Optimizer):
                  bucket_bytes: int = BUCKET_BYTES) -> None:
         super().__init__(groups, {})
         self.in_backward, self.clip, self.hooks = in_backward, clip, []
+        self.park = None  # parked.GradPark: the gradients it keeps in bf16 come from it
         self.build, self.bucket_bytes = build, bucket_bytes
         first = self.param_groups[0]["params"][0]
         self.generator = torch.Generator(device=first.device)
@@ -142,8 +143,16 @@ class Bucketed(torch.optim.Optimizer):
         self.buckets = [_Bucket(params, group, self.build, scratch) for group, params in plan]
         self.bucket_of = {p: b for b in self.buckets for p in b.params}
         self.order = [p for b in self.buckets for p in b.params]
+        if getattr(self, "park", None) is not None:
+            self.park.plan([b.params for b in self.buckets])
 
     def _arrived(self, p: torch.Tensor) -> None:
+        """backward's hook, once p.grad has accumulated (it runs with none for a weight
+        whose gradient went to the park: the park tells arrived())."""
+        if p.grad is not None:
+            self.arrived(p)
+
+    def arrived(self, p: torch.Tensor) -> None:
         if self.seen is not None:
             self.seen.append(p)
         bucket = self.bucket_of[p]
@@ -160,6 +169,8 @@ class Bucketed(torch.optim.Optimizer):
     @torch.no_grad()
     def update(self, bucket: _Bucket) -> None:
         """Update a bucket's weights from their gradients (those that have one)."""
+        if self.park is not None:
+            self.park.take(bucket.params)
         has = [p.grad is not None for p in bucket.params]
         if not any(has):
             return
@@ -272,6 +283,8 @@ class Bucketed(torch.optim.Optimizer):
         for hook in self.hooks:
             hook.remove()
         self.hooks, self.in_backward = [], False
+        if self.park is not None:
+            self.park.arrived = None
 
 
 def bucketed_layout(state: dict, weights: int) -> dict:

@@ -21,7 +21,7 @@ from ..data import buckets
 from ..data.feed import DataFeed
 from ..model.components import unet_kwargs
 from ..model.workdir import load_model
-from . import backends, embedding, fp8
+from . import backends, embedding, fp8, parked
 from .backends import gpu_total_memory
 from .advice import plan_run
 from .optim import make_optimizer, trainable_groups
@@ -198,6 +198,7 @@ class Trainer:
         fp8.leave_out_of_sync(unet)  # with fp8_base: never sent between processes by DDP
         prepared = self.acc.prepare(*models, optimizer)
         self.models, self.optimizer = list(prepared[:-1]), prepared[-1]
+        self.park = parked.attach(cfg, self.precision, self.acc, self.models, optimizer)
         backends.compile_unet(unet, cfg.compile, self.device, self.say)
         self.ema = None
         if cfg.use_ema:
@@ -304,10 +305,8 @@ class Trainer:
             loss, _, _ = self.step_loss(order, b, self.rng, self.gen)
             self.log.micro(loss, self.optimizer)
             acc.backward(loss)
-            if acc.sync_gradients and cfg.max_grad_norm > 0 and not self.fused:
-                acc.clip_grad_norm_([p for m in self.models for p in m.parameters()],
-                                    cfg.max_grad_norm)
-            self.optimizer.step()
+            parked.update(acc, self.optimizer, self.park, self.models, cfg.max_grad_norm,
+                          self.fused)
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 

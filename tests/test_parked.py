@@ -1,0 +1,117 @@
+"""Gradients kept in bf16 (training/parked.py): the same update as a plain bf16 step, in half
+the gradient memory; where it applies and where it does not."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dreambooth.training import parked
+from test_memory_levers import run, unet_weights
+
+
+@pytest.mark.parametrize("clip,fused,checkpointing", [
+    (0.0, False, False), (1e-3, False, False), (1e-3, False, True), (0.0, True, False),
+    (1e-3, True, False)])
+def test_parked_gradients_train_exactly_as_a_plain_bf16_step(quick_config, monkeypatch, clip,
+                                                            fused, checkpointing):
+    """Stepped by the park after backward, or (fused) by the optimizer's buckets in backward;
+    1e-3: every step is clipped (globally, or bucket by bucket when fused)."""
+    base = quick_config.replace(mixed_precision="bf16", train_text_encoder=True,
+                                max_grad_norm=clip, memory_preset="off", fused_optimizer=fused,
+                                gradient_checkpointing=checkpointing)
+    received = []
+    receive = parked.GradPark.receive
+    monkeypatch.setattr(parked.GradPark, "receive",
+                        lambda self, w, g, *a: (received.append(g.dtype), receive(self, w, g, *a)))
+    kept = run(base.replace(model_name="kept"))
+    assert received and set(received) == {torch.bfloat16}
+    park = kept.park or kept.optimizer.optimizer.park
+    assert park.modules and (kept.park is None) == fused
+    assert not park.slots  # nothing is held between steps
+    assert all(p.grad is None for m in kept.models for p in m.parameters())
+    monkeypatch.setattr(parked, "attach", lambda *a: None)
+    plain = run(base.replace(model_name="plain"))
+    a, b = unet_weights(kept.result.path), unet_weights(plain.result.path)
+    source = unet_weights(quick_config.source_checkpoint)
+    assert any(not torch.equal(a[k], source[k].float()) for k in a)  # it did train
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    if fused and clip:  # clipped bucket by bucket: the buckets follow the order gradients
+        # arrive in, which differs a little (a bias before its weight): Adam's step is at
+        # most about lr wherever the clipping differs
+        assert worst <= 2 * base.learning_rate * kept.result.steps, worst
+    else:
+        assert worst == 0.0, worst
+
+
+def test_where_gradients_are_kept_in_bf16(quick_config):
+    """Only where it is exact: bf16, one process, no accumulation, a full fine-tune, no
+    compile, an optimizer stepped a chunk at a time (or the fused one, a bucket at a time)."""
+    base = quick_config.replace(mixed_precision="bf16")
+    assert parked.applies(base, "bf16")
+    assert parked.applies(base.replace(optimizer="prodigy", fused_optimizer=True), "bf16")
+    for cfg, precision, processes, distributed in [
+            (base, "fp16", 1, "NO"), (base, "no", 1, "NO"), (base, "bf16", 2, "MULTI_GPU"),
+            (base, "bf16", 1, "DEEPSPEED"),
+            (base.replace(gradient_accumulation_steps=2), "bf16", 1, "NO"),
+            (base.replace(use_lora=True), "bf16", 1, "NO"),
+            (base.replace(method="textual_inversion"), "bf16", 1, "NO"),
+            (base.replace(bf16_weights=True), "bf16", 1, "NO"),
+            (base.replace(compile="blocks"), "bf16", 1, "NO"),
+            (base.replace(optimizer="prodigy"), "bf16", 1, "NO")]:
+        assert not parked.applies(cfg, precision, processes, distributed)
+
+
+class _OwnForward(torch.nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class _Net(torch.nn.Module):
+    """A Linear used twice, a large one (cast again in backward), a conv, a norm, and a
+    Linear subclass with its own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.twice = torch.nn.Linear(8, 8)
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.norm = torch.nn.GroupNorm(2, 8)
+        self.own = _OwnForward(8, 8)
+        self.big = torch.nn.Linear(8, 8, bias=False)
+
+    def forward(self, x):
+        h = self.twice(self.twice(x))
+        h = self.conv(h.view(2, 8, 1, -1)).flatten(2).transpose(1, 2).reshape(-1, 8)
+        return self.big(self.own(self.norm(h.view(2, 8, -1)).transpose(1, 2).reshape(-1, 8)))
+
+
+def _grads(net, park, x, cache=True) -> dict:
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache):
+        loss = net(x).float().square().mean()
+    loss.backward()
+    if park is not None:
+        park.take(list(net.parameters()))
+    out = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("cache", [True, False])  # autocast's cache is off when checkpointing
+def test_the_park_gives_the_gradients_of_a_plain_backward(monkeypatch, cache):
+    torch.manual_seed(0)
+    net, x = _Net(), torch.randn(16, 8)
+    plain = _grads(net, None, x, cache)
+    monkeypatch.setattr(parked, "RECAST_ELEMENTS", 64)  # self.big's 64 values: cast again
+    park = parked.GradPark([net])
+    assert {m for m in park.modules} == {net.twice, net.conv, net.big}  # not the subclass
+    received = {}
+    receive = park.receive
+    park.receive = lambda w, g, *a: (received.setdefault(w, []).append(g.dtype), receive(w, g, *a))
+    got = _grads(net, park, x, cache)
+    assert not park.slots
+    assert received[net.twice.weight] == [torch.bfloat16] * 2  # summed in fp32, as backward
+    assert net.norm.weight not in received and net.own.weight not in received
+    for name in plain:
+        assert torch.equal(got[name], plain[name]), name
+    park.detach()
+    assert "forward" not in vars(net.twice) and not park.modules
+    assert all(torch.equal(g, plain[n]) for n, g in _grads(net, None, x, cache).items())
