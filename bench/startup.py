@@ -98,6 +98,7 @@ def measure_startup(smoke: bool, work: Path, images: int = 10, comp=None,
         raise RuntimeError(f"the startup run did not stop at its first step: {result}")
     imports_s = fresh_process_imports()
     loading = fresh_process_load(checkpoint)
+    loading["host_startup_s"] = round(fresh_process_host_startup(checkpoint), 3)
     to_started, to_step = marks["started"] - start, marks["step"] - start
     return {"checkpoint_mb": round(checkpoint.stat().st_size / 1e6, 1), "images": images,
             "resolution": resolution, "mixed_precision": config.mixed_precision,
@@ -145,6 +146,42 @@ def fresh_process_load(checkpoint: Path, model_type: str = "v1x") -> dict:
     return report
 
 
+HOST_CODE = """
+import sys, time
+start = time.perf_counter()
+from dreambooth.config import Concept, TrainingConfig
+from dreambooth.model.workdir import read_source_ahead
+work = sys.argv[3]
+config = TrainingConfig(
+    model_name="startup", source_checkpoint=sys.argv[1], model_type=sys.argv[2],
+    work_dir=work + "/runs", output_dir=work + "/out", concepts=(Concept(work, "photo"),),
+    resolution=512, mixed_precision="auto", attention="sdpa", cache_latents=True, seed=0)
+read_source_ahead(config)  # as the training child does, before its imports
+exec(sys.argv[5])  # the child's imports
+from accelerate import Accelerator
+from dreambooth.training.advice import plan_run
+from dreambooth.training.trainer import load_model
+planned = plan_run(config, None, int(float(sys.argv[4]) * 2 ** 30), "bf16", lambda *a: None)
+Accelerator(mixed_precision="bf16", cpu=True)
+comp, _ = load_model(planned, lambda *a: None, dtype=None)
+print(time.perf_counter() - start)
+"""
+
+
+def fresh_process_host_startup(checkpoint: Path, model_type: str = "v1x",
+                               free_gib: float = 24.0) -> float:
+    """Seconds a fresh interpreter takes for the host's part of a GPU run's start, all that
+    is not device work: the read ahead of the file, the training child's imports, the memory
+    plan for a GPU with `free_gib` free, the Accelerator, and the load as stored (not the
+    moves to the device, the caching of latents and prompts, or the step)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as work:
+        out = subprocess.run([sys.executable, "-c", HOST_CODE, str(checkpoint), model_type,
+                              work, str(free_gib), CHILD_IMPORTS], cwd=ROOT, check=True,
+                             capture_output=True, text=True, timeout=600).stdout
+    return float(out.split()[-1])
+
+
 def fresh_process_imports() -> float:
     """Seconds a fresh interpreter takes to start and import what the training child imports."""
     start = time.perf_counter()
@@ -160,4 +197,6 @@ def describe(r: dict) -> str:
             f"{r['from_train_s']:.2f} s from Train; target {r['target_s']:.0f} s. A fresh "
             f"process loads the file in {r['fresh_load_s']:.2f} s with imports, peak memory "
             f"{r['load_peak_rss_gb']:.2f} GB (bound {r['load_rss_bound_gb']:.2f} GB; as "
-            f"stored, as a GPU run loads it: {r['load_as_stored_peak_rss_gb']:.2f} GB)")
+            f"stored, as a GPU run loads it: {r['load_as_stored_peak_rss_gb']:.2f} GB); "
+            f"a GPU run's host work before its first step (read ahead, imports, memory plan, "
+            f"load): {r['host_startup_s']:.2f} s")

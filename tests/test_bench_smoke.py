@@ -80,6 +80,7 @@ def check_startup(s: dict) -> None:
     assert s["from_train_s"] >= s["to_first_step_s"]
     # the file loaded again in a fresh process: its time and peak memory, beside the bound
     assert s["fresh_load_s"] > 0 and s["load_peak_rss_gb"] > 0 and s["load_rss_bound_gb"] > 0
+    assert s["host_startup_s"] > 0
     assert 0 < s["load_as_stored_peak_rss_gb"] <= s["load_peak_rss_gb"] + 0.05  # tiny: noise
 
 

@@ -201,6 +201,8 @@ def run_training(config: TrainingConfig, events_jsonl: str | None) -> int:
         # its first call; the training stack is imported only below
         os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     try:
+        from ..model.workdir import read_source_ahead
+        read_source_ahead(config)  # read while the training stack imports (the trainer's load)
         from ..training.trainer import train
         result = train(config, _fanout(console, jsonl), cancel)
     finally:

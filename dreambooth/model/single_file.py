@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -71,16 +72,58 @@ def read_beside_yaml(path: str | Path) -> str | None:
                               "checkpoint does not need it.") from None
 
 
+_AHEAD: dict = {}  # (path, size, mtime, model type, dtype) -> a file opened by read_ahead
+
+
+def _ahead_key(path, model_type: str, dtype) -> tuple:
+    st = os.stat(path)
+    return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, model_type, dtype)
+
+
+def _opened(path, model_type: str, dtype) -> tuple:
+    """(state, metadata) of the file, its model weights being read on a thread."""
+    state, metadata = open_checkpoint(path)
+    if isinstance(state, LazyState):
+        prefixes = (UNET_PREFIX, VAE_PREFIX) + tuple(s.prefix for s in spec_for(
+            model_type).text_encoders)
+        state.prefetch([k for k in state if k.startswith(prefixes)], dtype)
+    return state, metadata
+
+
+def read_ahead(path: str, model_type: str, dtype: torch.dtype | None = None) -> None:
+    """Start reading a single file's weights now, on a thread, for the load_single_file of
+    the same file (unchanged), model type and dtype later in this process: the trainer
+    calls it before the imports and the memory plan, which the read then overlaps. A file
+    that can't be opened is left for that load to report. One file at a time."""
+    try:
+        key = _ahead_key(path, model_type, dtype)
+        if key not in _AHEAD:
+            drop_ahead()
+            _AHEAD[key] = _opened(path, model_type, dtype)
+    except (CheckpointError, OSError, ValueError):
+        pass
+
+
+def drop_ahead() -> None:
+    """Forget what read_ahead opened and nothing took (a run that stopped before loading)."""
+    for state, _ in _AHEAD.values():
+        if isinstance(state, LazyState):
+            state.close()
+    _AHEAD.clear()
+
+
 def load_single_file(path: str, model_type: str,
                      dtype: torch.dtype | None = torch.float32) -> Components:
     """A WebUI single-file checkpoint as a working model, offline: its floating weights in
     `dtype` (None: as the file stores them, for a caller that casts each component itself:
     an fp16 file then takes half the memory an fp32 copy would)."""
-    state, metadata = open_checkpoint(path)
-    if isinstance(state, LazyState):  # read and convert while diffusers imports
-        prefixes = (UNET_PREFIX, VAE_PREFIX) + tuple(s.prefix for s in spec_for(
-            model_type).text_encoders)
-        state.prefetch([k for k in state if k.startswith(prefixes)], dtype)
+    try:
+        ahead = _AHEAD.pop(_ahead_key(path, model_type, dtype), None)
+    except OSError:
+        ahead = None
+    drop_ahead()  # (another file's, or this one's before it changed)
+    # read (and convert) while diffusers imports, unless read_ahead started it earlier
+    state, metadata = ahead or _opened(path, model_type, dtype)
     try:
         return _load(state, metadata, path, model_type, dtype)
     finally:

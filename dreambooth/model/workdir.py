@@ -13,7 +13,7 @@ from .. import assets
 from ..config import TrainingConfig
 from .checkpoint import write_safetensors, write_text
 from .components import Components, instantiate, load_module, make_components, te_load, te_state
-from .single_file import load_single_file
+from .single_file import load_single_file, read_ahead
 from .spec import spec_for
 
 WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors",
@@ -130,11 +130,29 @@ def load_model(config: TrainingConfig, say,
     """The working model: the model's own working folder when it came from this source (to go
     on training it), else a fresh conversion of the source checkpoint, its weights in `dtype`
     as load_single_file takes it (None: as the file stores them). Returns (model, revision)."""
+    info = _working_info(config)
+    if info is not None:
+        say(f"Continuing from the working model at revision {info.get('revision', 0)}.")
+        return load_working_dir(working_dir(config)), int(info.get("revision", 0))
+    return load_single_file(config.source_checkpoint, config.model_type, dtype), 0
+
+
+def read_source_ahead(config: TrainingConfig, dtype: torch.dtype | None = None) -> None:
+    """Start reading what load_model(config, dtype=dtype) will load from the source file, if
+    it will (single_file.read_ahead): not when the working folder goes on from it."""
+    try:
+        if _working_info(config) is None:
+            read_ahead(config.source_checkpoint, config.model_type, dtype)
+    except (OSError, ValueError):  # load_model says what is wrong
+        pass
+
+
+def _working_info(config: TrainingConfig) -> dict | None:
+    """The working folder's record, when the folder came from this source."""
     info_path = working_dir(config) / "dreambooth_model.json"
     if info_path.is_file():
         info = json.loads(info_path.read_text())
         if {k: info.get(k) for k in ("source", "source_size", "source_mtime")} == \
                 source_id(config.source_checkpoint):
-            say(f"Continuing from the working model at revision {info.get('revision', 0)}.")
-            return load_working_dir(working_dir(config)), int(info.get("revision", 0))
-    return load_single_file(config.source_checkpoint, config.model_type, dtype), 0
+            return info
+    return None

@@ -258,8 +258,13 @@ def vram_gb() -> float:
 
 
 def release_memory() -> None:
-    """Give the GPU memory of a finished, failed or cancelled run back (the models are gone)."""
+    """Give the GPU memory of a finished, failed or cancelled run back (the models are gone),
+    and the host memory of a source file read ahead that no load took (a run that stopped
+    before loading)."""
     import gc
+
+    from ..model.single_file import drop_ahead
+    drop_ahead()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -144,29 +144,37 @@ def _unet_inputs(configs: dict, resolution: int, dtype) -> tuple:
     return args, kwargs
 
 
-@functools.lru_cache(maxsize=None)
 def unet_activation_bytes(model_type: str, resolution: int, attention: str,
                           checkpointing: bool, half: bool) -> int:
     """Bytes the UNet saves for backward per image (before ACTIVATION_FACTOR)."""
+    total, block = _unet_saved(model_type, resolution, attention, half, False)
+    if not checkpointing:
+        return total
+    kept, _ = _unet_saved(model_type, resolution, attention, half, True)
+    return kept + block  # block inputs kept, plus one block recomputed in backward
+
+
+@functools.lru_cache(maxsize=None)
+def _unet_saved(model_type: str, resolution: int, attention: str, half: bool,
+                checkpointing: bool) -> tuple[int, int]:
+    """(bytes one meta forward of the UNet saves, most saved inside one of BLOCKS); only the
+    UNet is built (the plan's start-up time)."""
     import torch.nn.functional as F
+    from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    from ..model.components import build_meta
-    comp = build_meta(model_type)
+    from ..model.spec import shipped_configs
+    configs = shipped_configs(model_type)
     dtype = torch.bfloat16 if half else torch.float32
-    with _quiet():
-        unet = comp.unet.to(dtype).train()
+    with torch.device("meta"), _quiet():
+        unet = UNet2DConditionModel.from_config(configs["unet"]).to(dtype).train()
     unet.set_attn_processor(AttnProcessor() if attention == "default" else AttnProcessor2_0())
-    args, kwargs = _unet_inputs(comp.configs, resolution, dtype)
-    run = lambda: unet(*args, **kwargs)  # noqa: E731
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    args, kwargs = _unet_inputs(configs, resolution, dtype)
     plain_sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _flash_like
     try:
-        total, block = _saved_bytes(unet, run, BLOCKS)
-        if not checkpointing:
-            return total
-        unet.enable_gradient_checkpointing()
-        kept, _ = _saved_bytes(unet, run)
-        return kept + block  # block inputs kept, plus one block recomputed in backward
+        return _saved_bytes(unet, lambda: unet(*args, **kwargs), () if checkpointing else BLOCKS)
     finally:
         F.scaled_dot_product_attention = plain_sdpa
 

@@ -20,7 +20,7 @@ from ..config.runlog import RunLog, failure
 from ..data import buckets
 from ..data.feed import DataFeed
 from ..model.components import unet_kwargs
-from ..model.workdir import load_model
+from ..model.workdir import load_model, read_source_ahead
 from . import backends, embedding, fp8, parked
 from .backends import gpu_total_memory
 from .advice import plan_run
@@ -99,6 +99,7 @@ class Trainer:
     def setup(self) -> None:
         from accelerate import Accelerator
         cfg = self.cfg
+        read_source_ahead(cfg)  # the file is read while the plan below imports and counts
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         cfg = cfg.replace(mixed_precision=backends.auto_precision(cfg, device, self.say))
         self.resume_from = choose_snapshot(cfg, cfg.model_dir)
