@@ -112,6 +112,10 @@ def test_the_park_gives_the_gradients_of_a_plain_backward(monkeypatch, cache):
     assert net.norm.weight not in received and net.own.weight not in received
     for name in plain:
         assert torch.equal(got[name], plain[name]), name
+    park.release()  # the scratch dropped (the benchmark's move): made again when needed
+    assert park.scratch is None
+    again = _grads(net, park, x, cache)
+    assert park.scratch is not None and all(torch.equal(again[n], plain[n]) for n in plain)
     park.detach()
     assert "forward" not in vars(net.twice) and not park.modules
     assert all(torch.equal(g, plain[n]) for n, g in _grads(net, None, x, cache).items())

@@ -142,6 +142,11 @@ class GradPark:
         # values in the widest set taken at once: a chunk, a bucket, or a larger weight alone
         self.widest = max([widest] + [m.weight.numel() for m in self.modules])
 
+    def release(self) -> None:
+        """Drop the scratch buffer (and its views): made again where the weights are at the
+        next step that needs it (the benchmark moves a run off the GPU between its rounds)."""
+        self.scratch, self.views = None, {}
+
     def detach(self) -> None:
         """The modules run as they were made."""
         for m in self.modules:
