@@ -73,17 +73,20 @@ def test_activations_are_linear_in_the_batch_and_weights_are_not():
     assert four.parts["optimizer"] == one.parts["optimizer"]
 
 
-def test_the_parts_of_a_full_fine_tune_add_up():
+def test_the_parts_of_a_full_fine_tune_add_up(monkeypatch):
     from dreambooth.training import parked
-    shapes = parameter_shapes("v1x")["unet"]
-    unet, matrices = numel(shapes), numel([s for s in shapes if len(s) >= 2])
-    large = numel([s for s in shapes if len(s) >= 2 and numel([s]) >= parked.RECAST_ELEMENTS])
+    from dreambooth.training.memory_count import linear_conv_shapes
+    cast = linear_conv_shapes("v1x")["unet"]  # Linear/Conv2d weights and biases
+    unet, matrices = numel(parameter_shapes("v1x")["unet"]), numel(cast)
+    large = numel([s for s in cast if numel([s]) >= parked.RECAST_ELEMENTS])
     # gradients in fp32 (8-bit AdamW is stepped whole): all of them; autocast's bf16 copies
     plain = estimate(sd15(optimizer="adamw_8bit"), IMAGES)
     assert plain.parts["gradients"] == 4 * unet and plain.parts["autocast copies"] == 2 * unet
     # AdamW: the Linear/Conv2d gradients kept in bf16, plus the fp32 scratch of one 128 MiB
     # chunk; the largest weights' bf16 copies are not kept through the forward
     e = estimate(sd15(), IMAGES)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # not with several processes (DDP reduces .grad)
+    assert estimate(sd15(), IMAGES).parts["gradients"] == 4 * unet
     assert 0 <= e.parts["gradients"] - (4 * unet - 2 * matrices) <= parked.CHUNK_BYTES
     assert e.parts["optimizer"] == 8 * unet
     assert e.parts["autocast copies"] == 2 * (unet - large)

@@ -119,3 +119,41 @@ def test_the_park_gives_the_gradients_of_a_plain_backward(monkeypatch, cache):
     park.detach()
     assert "forward" not in vars(net.twice) and not park.modules
     assert all(torch.equal(g, plain[n]) for n, g in _grads(net, None, x, cache).items())
+
+
+class _Twice(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.twice, self.last = (torch.nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x):
+        return self.last(self.twice(self.twice(self.first(x))))
+
+
+def _fused_run(park: bool, cache: bool, steps: int = 3):
+    from dreambooth.training.optim import Bucketed
+    torch.manual_seed(0)
+    net, x = _Twice(), torch.randn(16, 8)
+    opt = Bucketed([{"params": list(net.parameters()), "lr": 1e-2}],
+                   lambda groups: torch.optim.AdamW(groups, lr=1e-2), True, 0.0, 0,
+                   bucket_bytes=4)  # a bucket a weight: the most chances to finish one early
+    if park:
+        opt.park = parked.GradPark([net], True, opt.bucket_bytes // 4)
+        opt.park.plan([b.params for b in opt.buckets])
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache):
+            loss = net(x).float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return net.state_dict(), opt.state_dict()["state"]
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_the_fused_optimizer_steps_a_twice_used_weight_once_with_both_gradients(cache):
+    """A weight's bucket completes when backward's hook on the weight runs: once, after both
+    uses, not at the first gradient that reaches the park."""
+    (plain, plain_state), (kept, kept_state) = _fused_run(False, cache), _fused_run(True, cache)
+    assert [int(s["step"]) for s in kept_state.values()] == \
+        [int(s["step"]) for s in plain_state.values()] == [3] * 6
+    assert all(torch.equal(plain[k], kept[k]) for k in plain)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -72,12 +73,14 @@ def read_beside_yaml(path: str | Path) -> str | None:
                               "checkpoint does not need it.") from None
 
 
-_AHEAD: dict = {}  # (path, size, mtime, model type, dtype) -> a file opened by read_ahead
+_AHEAD: dict = {}  # (path, file identity, model type, dtype) -> a file opened by read_ahead
+_AHEAD_LOCK = threading.Lock()  # (runs on several threads of one process: the UI's)
 
 
 def _ahead_key(path, model_type: str, dtype) -> tuple:
-    st = os.stat(path)
-    return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, model_type, dtype)
+    st = os.stat(path)  # a file replaced in place or by a rename is another file
+    return (str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+            st.st_ctime_ns, model_type, dtype)
 
 
 def _opened(path, model_type: str, dtype) -> tuple:
@@ -95,21 +98,28 @@ def read_ahead(path: str, model_type: str, dtype: torch.dtype | None = None) -> 
     the same file (unchanged), model type and dtype later in this process: the trainer
     calls it before the imports and the memory plan, which the read then overlaps. A file
     that can't be opened is left for that load to report. One file at a time."""
+    if Path(path).suffix.lower() != ".safetensors":  # a pickle loads whole: nothing to overlap
+        return
     try:
         key = _ahead_key(path, model_type, dtype)
-        if key not in _AHEAD:
-            drop_ahead()
-            _AHEAD[key] = _opened(path, model_type, dtype)
+        with _AHEAD_LOCK:
+            if key in _AHEAD:
+                return
+        drop_ahead()
+        opened = _opened(path, model_type, dtype)
+        with _AHEAD_LOCK:
+            _AHEAD[key] = opened
     except (CheckpointError, OSError, ValueError):
         pass
 
 
 def drop_ahead() -> None:
     """Forget what read_ahead opened and nothing took (a run that stopped before loading)."""
-    for state, _ in _AHEAD.values():
-        if isinstance(state, LazyState):
-            state.close()
-    _AHEAD.clear()
+    with _AHEAD_LOCK:
+        dropped = list(_AHEAD.values())
+        _AHEAD.clear()
+    for state, _ in dropped:
+        state.close()
 
 
 def load_single_file(path: str, model_type: str,
@@ -118,7 +128,8 @@ def load_single_file(path: str, model_type: str,
     `dtype` (None: as the file stores them, for a caller that casts each component itself:
     an fp16 file then takes half the memory an fp32 copy would)."""
     try:
-        ahead = _AHEAD.pop(_ahead_key(path, model_type, dtype), None)
+        with _AHEAD_LOCK:
+            ahead = _AHEAD.pop(_ahead_key(path, model_type, dtype), None)
     except OSError:
         ahead = None
     drop_ahead()  # (another file's, or this one's before it changed)

@@ -27,11 +27,13 @@ import time; diffusers and transformers are imported (lazily) only to build meta
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import fp8, parked
 from .memory_count import (
+    linear_conv_shapes,
     lora_shapes,
     numel,
     optimizer_state_bytes,
@@ -142,8 +144,11 @@ def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True,
         text_encoder_activation_bytes(cfg.model_type, te, half) for te in grad_tes)
     fused = cfg.fused_optimizer
     grad_bytes = 4 if lora else tbytes
-    park = parked.applies(cfg, half if cfg.mixed_precision == "auto" else cfg.mixed_precision)
-    matrices = [s for s in trained if len(s) >= 2]  # Linear/Conv2d weights
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    park = parked.applies(cfg, half if cfg.mixed_precision == "auto" else cfg.mixed_precision,
+                          processes)
+    cast = linear_conv_shapes(cfg.model_type)
+    matrices = list(cast["unet"]) + [s for te in full_tes for s in cast[te]]  # (not embeddings)
     recast = numel([s for s in matrices if numel([s]) >= parked.RECAST_ELEMENTS]) \
         if park and not cfg.gradient_checkpointing else 0
     # bucketed (optim.Bucketed): the widest bucket's weights, a larger weight alone

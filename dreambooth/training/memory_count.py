@@ -11,14 +11,29 @@ import torch
 
 
 # -- parameters ---------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
 def parameter_shapes(model_type: str) -> dict:
     """{component: tuple of parameter shapes} of a model type, from meta-device instantiation."""
+    return _shapes(model_type)[0]
+
+
+def linear_conv_shapes(model_type: str) -> dict:
+    """{component: tuple of the shapes of its nn.Linear and nn.Conv2d weights and biases}: what
+    bf16 autocast runs in bf16 (parked.py keeps their gradients in bf16)."""
+    return _shapes(model_type)[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _shapes(model_type: str) -> tuple[dict, dict]:
     from ..model.components import build_meta
     comp = build_meta(model_type)
     modules = {"unet": comp.unet, "vae": comp.vae}
     modules.update({s.component: getattr(comp, s.component) for s in comp.spec.text_encoders})
-    return {name: tuple(tuple(p.shape) for p in m.parameters()) for name, m in modules.items()}
+    every = {name: tuple(tuple(p.shape) for p in m.parameters()) for name, m in modules.items()}
+    cast = {name: tuple(tuple(p.shape) for sub in m.modules()
+                        if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d))
+                        for p in sub.parameters(recurse=False))
+            for name, m in modules.items()}
+    return every, cast
 
 
 @functools.lru_cache(maxsize=None)

@@ -138,7 +138,8 @@ class Bucketed(torch.optim.Optimizer):
         widest = max((sum(p.numel() for p in params) for _, params in plan
                       if params[0].dtype != torch.float32), default=0)
         device = self.param_groups[0]["params"][0].device
-        scratch = [torch.empty(widest, device=device) for _ in "vg"] if widest else None
+        scratch = [torch.empty(widest, dtype=torch.float32, device=device) for _ in "vg"] \
+            if widest else None
         self.scratch = scratch
         self.buckets = [_Bucket(params, group, self.build, scratch) for group, params in plan]
         self.bucket_of = {p: b for b in self.buckets for p in b.params}
@@ -147,12 +148,10 @@ class Bucketed(torch.optim.Optimizer):
             self.park.plan([b.params for b in self.buckets])
 
     def _arrived(self, p: torch.Tensor) -> None:
-        """backward's hook, once p.grad has accumulated (it runs with none for a weight
-        whose gradient went to the park: the park tells arrived())."""
-        if p.grad is not None:
-            self.arrived(p)
-
-    def arrived(self, p: torch.Tensor) -> None:
+        """backward's hook, once p.grad has accumulated: once a backward, after every use of
+        the weight (it runs with no .grad for a weight whose gradient went to the park)."""
+        if p.grad is None and (self.park is None or p not in self.park.slots):
+            return
         if self.seen is not None:
             self.seen.append(p)
         bucket = self.bucket_of[p]
@@ -283,8 +282,6 @@ class Bucketed(torch.optim.Optimizer):
         for hook in self.hooks:
             hook.remove()
         self.hooks, self.in_backward = [], False
-        if self.park is not None:
-            self.park.arrived = None
 
 
 def bucketed_layout(state: dict, weights: int) -> dict:

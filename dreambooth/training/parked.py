@@ -15,16 +15,20 @@ keeps the fp32 weight and casts it again when backward needs it (the weight is u
 the update), so the end of the forward holds 1.1 GiB less on SD1.5's UNet, for 42 casts. Not
 under gradient checkpointing, whose own hooks keep nothing of a block anyway.
 
-With `fused_optimizer` (optim.Bucketed) the park tells the optimizer of each gradient as it
-comes; a bucket takes its gradients from the park when it completes and steps in backward.
+With `fused_optimizer` (optim.Bucketed) a weight's gradient counts as arrived when backward's
+hook on the weight runs (once, after all of its uses, with no .grad: its gradient is here); a
+bucket takes its gradients from the park when it completes and steps in backward.
 
 Exact wherever it applies (`applies`): bf16 mixed precision, one process (DDP and DeepSpeed
 reduce `.grad`), no gradient accumulation (a sum of bf16 values is not one), a full fine-tune
 with an optimizer that updates each weight on its own (PER_WEIGHT: stepping some of the
 weights is stepping each of them) or the fused one, and no torch.compile (the park is Python,
-outside a graph). A weight that gets a second gradient in one backward keeps the sum a plain
-backward makes (see `receive`). Layers that autocast runs in fp32 (norms, embeddings) keep fp32
-`.grad`, and so does a Linear/Conv2d subclass with a forward of its own.
+outside a graph). With the fused optimizer's per-bucket clipping, the buckets (learnt from the
+order gradients arrive in) may form a little differently, so a clip can differ. A weight that
+gets a second gradient in one backward keeps the sum a plain backward makes (see `receive`;
+within one autocast region, as the trainer runs each model). Layers that autocast runs in fp32
+(norms, embeddings) keep fp32 `.grad`, and so do a Linear/Conv2d subclass with a forward of
+its own and a module whose forward something else replaced.
 """
 from __future__ import annotations
 
@@ -103,8 +107,7 @@ def attach(cfg, precision: str, acc, models: list, optimizer) -> "GradPark | Non
     if getattr(inner, "in_backward", False):  # optim.Bucketed: a bucket steps as it completes
         # (a weight changes in backward once its bucket completes: after the one node that
         # casts it again has run)
-        inner.park = GradPark(models, not cfg.gradient_checkpointing, inner.arrived,
-                              inner.bucket_bytes // 4)
+        inner.park = GradPark(models, not cfg.gradient_checkpointing, inner.bucket_bytes // 4)
         inner.park.plan([b.params for b in inner.buckets])
         return None
     return GradPark(models, recast=not cfg.gradient_checkpointing)  # (its own hooks)
@@ -123,18 +126,18 @@ def update(acc, optimizer, park: "GradPark | None", models: list, max_norm: floa
 
 
 class GradPark:
-    def __init__(self, models: list, recast: bool = True, arrived=None,
+    def __init__(self, models: list, recast: bool = True,
                  widest: int = CHUNK_BYTES // 4) -> None:
         self.slots: dict = {}  # weight -> its gradient of this step (bf16; fp32 if summed)
         self.recast = recast  # large weights' bf16 copies are not kept for backward
-        self.arrived = arrived  # told of each weight whose gradient came (fused: its bucket)
         self.modules = []
         for model in models:
             for m in model.modules():
                 kind = next((k for k in FORWARDS if isinstance(m, k)), None)
-                # a subclass with a forward of its own runs as it is (its .grad stays fp32)
+                # a subclass with a forward of its own, or a module whose forward was replaced
+                # (hooks of other libraries), runs as it is (its .grad stays fp32)
                 if kind is not None and type(m).forward is kind.forward \
-                        and m.weight.dtype == torch.float32:
+                        and "forward" not in vars(m) and m.weight.dtype == torch.float32:
                     m._park, m.forward = self, MethodType(FORWARDS[kind], m)
                     self.modules.append(m)
         self.parked = {p for m in self.modules for p in (m.weight, m.bias) if p is not None}
@@ -189,8 +192,6 @@ class GradPark:
             self.slots[weight] = kept + grad
         else:
             self.slots[weight] = kept.float() + grad.float()
-        if self.arrived is not None:
-            self.arrived(weight)
 
     def take(self, params: list) -> None:
         """The parked gradients of `params` into their .grad, in fp32: views of one scratch
@@ -213,7 +214,8 @@ class GradPark:
             n = sum(p.numel() for p in params)
             if self.scratch is None or self.scratch.numel() < n:  # the old views go with it
                 self.views, self.scratch = {}, None
-                self.scratch = torch.empty(max(n, self.widest), device=params[0].device)
+                self.scratch = torch.empty(max(n, self.widest), dtype=torch.float32,
+                                           device=params[0].device)
             views = self.views[key] = [v.view(p.shape) for v, p in zip(
                 self.scratch[:n].split([p.numel() for p in params]), params)]
         return views
