@@ -45,10 +45,8 @@ class OursStep:
         kept = [m for m in (t.comp.vae, *t.comp.text_encoders) if all(m is not p for p in parked)]
         for obj in (t.comp.unet, *kept, t.optimizer, t.feed.latents, t.feed.embeddings):
             move(obj, device)
-        inner = getattr(t.optimizer, "optimizer", t.optimizer)
-        for park in (getattr(t, "park", None), getattr(inner, "park", None)):
-            if park is not None:  # its fp32 scratch: made again on the device at the next step
-                park.release()
+        if getattr(t, "park", None) is not None:  # its fp32 scratch: made again where the
+            t.park.release()                         # weights are, at the next step
         if t.ema is not None:
             t.ema.to(device)
 

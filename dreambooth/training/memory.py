@@ -27,9 +27,12 @@ import time; diffusers and transformers are imported (lazily) only to build meta
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from . import fp8, parked
 from .memory_count import (
@@ -41,7 +44,7 @@ from .memory_count import (
     text_encoder_activation_bytes,
     unet_activation_bytes,
 )
-from .optim import BUCKET_BYTES
+from .optim import BUCKET_BYTES, split_buckets
 
 GIB = 2 ** 30
 HALF = ("fp16", "bf16", "auto")  # "auto" is half on every GPU this estimates for
@@ -167,7 +170,7 @@ def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True,
         # fused: one bucket's gradients; parked: 2 bytes a Linear/Conv2d weight's, and the
         # fp32 scratch the update steps a chunk from
         "gradients": bucket * grad_bytes if fused else grad_bytes * numel(trained) - (
-            2 * numel(matrices) - 4 * _chunk(matrices) if park else 0),
+            2 * numel(matrices) - 4 * _chunk(tuple(matrices)) if park else 0),
         # autocast's cache of half copies of fp32 weights lives through the forward (none under
         # gradient checkpointing: the trainer turns the cache off there; parked: but those of
         # the largest weights, cast again in backward)
@@ -202,14 +205,13 @@ def _unet_bytes(cfg, shapes: tuple, per_value: int, half_bytes: int) -> int:
     return numel(matrices) + 4 * len(matrices) + half_bytes * (numel(shapes) - numel(matrices))
 
 
-def _chunk(shapes: list) -> int:
-    """Values in the widest chunk parked.GradPark steps (its fp32 scratch buffer)."""
-    cap, widest, size = parked.CHUNK_BYTES // 4, 0, 0
-    for s in shapes:
-        n = numel([s])
-        size = n if size and size + n > cap else size + n
-        widest = max(widest, size)
-    return widest
+@functools.lru_cache(maxsize=None)  # (the plan's search asks for the same ones)
+def _chunk(shapes: tuple) -> int:
+    """Values in the widest chunk parked.GradPark steps (its fp32 scratch buffer): the
+    weights cut as it cuts them (optim.split_buckets), on the meta device."""
+    weights = [torch.empty(s, device="meta") for s in shapes]
+    return max((numel([w.shape for w in c]) for c in split_buckets(weights, parked.CHUNK_BYTES)),
+               default=0)
 
 
 def _vae_channels(shapes: dict) -> int:

@@ -147,6 +147,12 @@ class Bucketed(torch.optim.Optimizer):
         if getattr(self, "park", None) is not None:
             self.park.plan([b.params for b in self.buckets])
 
+    def use_park(self, park) -> None:
+        """Take the gradients parked.GradPark keeps in bf16 from `park` (each bucket as it
+        completes)."""
+        self.park = park
+        park.plan([b.params for b in self.buckets])
+
     def _arrived(self, p: torch.Tensor) -> None:
         """backward's hook, once p.grad has accumulated: once a backward, after every use of
         the weight (it runs with no .grad for a weight whose gradient went to the park)."""
@@ -270,7 +276,10 @@ class Bucketed(torch.optim.Optimizer):
 
     def move_scratch(self, device) -> None:
         """The bf16 buckets' fp32 scratch to `device` (the benchmark moves a run off the GPU
-        between its rounds); nothing is kept in it between updates."""
+        between its rounds); nothing is kept in it between updates. The park's scratch
+        (use_park) is dropped, made again where the weights are."""
+        if self.park is not None:
+            self.park.release()
         if self.scratch is not None and self.scratch[0].device != torch.device(device):
             self.scratch = [torch.empty(len(b), device=device) for b in self.scratch]
             for bucket in self.buckets:

@@ -37,6 +37,8 @@ from types import MethodType
 
 import torch
 
+from .optim import split_buckets
+
 CHUNK_BYTES = 128 * 2 ** 20  # of fp32 gradients stepped at once (the scratch buffer)
 RECAST_ELEMENTS = 2 ** 22  # weights this large are cast again in backward (SD1.5: 42 of 282)
 # optimizers stepped a chunk at a time: each weight's update is its own (torch's AdamW). Others
@@ -107,8 +109,7 @@ def attach(cfg, precision: str, acc, models: list, optimizer) -> "GradPark | Non
     if getattr(inner, "in_backward", False):  # optim.Bucketed: a bucket steps as it completes
         # (a weight changes in backward once its bucket completes: after the one node that
         # casts it again has run)
-        inner.park = GradPark(models, not cfg.gradient_checkpointing, inner.bucket_bytes // 4)
-        inner.park.plan([b.params for b in inner.buckets])
+        inner.use_park(GradPark(models, not cfg.gradient_checkpointing, inner.bucket_bytes // 4))
         return None
     return GradPark(models, recast=not cfg.gradient_checkpointing)  # (its own hooks)
 
@@ -225,11 +226,8 @@ class GradPark:
         it makes them), not at the first step that takes them."""
         self.views = {}
         for params in sets:
-            if chosen := [p for p in params if self.parks(p)]:
+            if chosen := [p for p in params if p in self.parked]:
                 self._views(chosen)
-
-    def parks(self, p) -> bool:
-        return p in self.parked
 
     @torch.no_grad()
     def step(self, optimizer, max_norm: float) -> None:
@@ -242,14 +240,15 @@ class GradPark:
                 self.slots[p], p.grad = p.grad + self.slots[p].float(), None
         grads = [self.slots.get(p, p.grad) for _, p in weights]
         coef = self._clip_coef(grads, max_norm) if max_norm > 0 else None
-        plain = [(k, p) for (k, p), g in zip(weights, grads) if g is not None
+        plain = [p for (_, p), g in zip(weights, grads) if g is not None
                  and p not in self.slots]  # fp32, in .grad already
+        group_of = {p: k for k, p in weights}
         saved = [g["params"] for g in groups]
         try:
-            for chunk in ([plain] if plain else []) + \
-                    _chunks([(k, p) for k, p in weights if p in self.slots], CHUNK_BYTES):
-                self.take([p for _, p in chunk])
-                _step_chunk(optimizer, groups, chunk, coef)
+            for chunk in ([plain] if plain else []) + split_buckets(
+                    [p for _, p in weights if p in self.slots], CHUNK_BYTES):
+                self.take(chunk)
+                _step_chunk(optimizer, groups, chunk, group_of, coef)
         finally:
             for g, params in zip(groups, saved):
                 g["params"] = params
@@ -271,26 +270,12 @@ class GradPark:
         return torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
 
-def _step_chunk(optimizer, groups, chunk: list, coef) -> None:
-    """Step `optimizer` over the (group, weight) items of `chunk` alone, clipped by `coef`."""
+def _step_chunk(optimizer, groups, chunk: list, group_of: dict, coef) -> None:
+    """Step `optimizer` over the weights of `chunk` alone, clipped by `coef`."""
     if coef is not None:
-        torch._foreach_mul_([p.grad for _, p in chunk], coef)
+        torch._foreach_mul_([p.grad for p in chunk], coef)
     for k, g in enumerate(groups):
-        g["params"] = [p for j, p in chunk if j == k]
+        g["params"] = [p for p in chunk if group_of[p] == k]
     optimizer.step()
-    for _, p in chunk:
+    for p in chunk:
         p.grad = None
-
-
-def _chunks(items: list, cap_bytes: int) -> list:
-    """(group, weight) items cut into runs of at most `cap_bytes` of fp32 (a larger weight
-    alone)."""
-    chunks, size = [], 0
-    for item in items:
-        nbytes = 4 * item[1].numel()
-        if not chunks or size + nbytes > cap_bytes:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(item)
-        size += nbytes
-    return chunks
