@@ -32,6 +32,20 @@ def _same_file(path: Path, source: str) -> bool:
         return False
 
 
+def _same_folder(a: Path, b: Path) -> bool:
+    """The same folder, however spelt (relative, through a link; on a case-blind disk, in
+    another case)."""
+    try:
+        if a.exists() and b.exists():
+            return a.samefile(b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+PIVOTAL_SUFFIX = "_emb"
+
+
 class Saver:
     def __init__(self, cfg, comp, acc, emit, revision: int) -> None:
         self.cfg, self.comp, self.acc, self.emit, self.revision = cfg, comp, acc, emit, revision
@@ -48,9 +62,14 @@ class Saver:
 
     def embedding_path(self, step: int) -> Path:
         """The embedding file of a save at `step` (textual inversion, pivotal): its name is the
-        word a WebUI prompt uses it by."""
-        return self.cfg.resolved_embedding_dir / \
-            f"{self.cfg.model_name}_{self.revision + step}.safetensors"
+        word a WebUI prompt uses it by. A pivotal embedding saved into the LoRA's own folder is
+        `<model>_<step>_emb`, so the LoRA (`<model>_<step>`, used as <lora:<model>_<step>:1>)
+        does not take its name; in its own folder it keeps the LoRA's name."""
+        cfg, name = self.cfg, f"{self.cfg.model_name}_{self.revision + step}"
+        if cfg.method != "textual_inversion" and _same_folder(cfg.resolved_embedding_dir,
+                                                                cfg.resolved_lora_dir):
+            name += PIVOTAL_SUFFIX
+        return cfg.resolved_embedding_dir / f"{name}.safetensors"
 
     def refuse_clashes(self, steps: set[int]) -> None:
         """Refuse before training, not after hours, when a save at one of `steps` would replace
@@ -61,6 +80,11 @@ class Saver:
         if cfg.trains_embedding and cfg.use_lora:  # pivotal: the embedding beside the LoRA
             paths += [self.embedding_path(s) for s in sorted(steps)]
         self.refuse_source(paths)
+        twice = [p for p in dict.fromkeys(paths) if paths.count(p) > 1]
+        if twice:  # two files of one run under one name: the second would replace the first
+            raise DreamboothError(f"This run would write two files as '{twice[0]}'.",
+                                  "Choose different folders for the LoRA, the embedding and "
+                                  "the checkpoints.")
         clash = [p for p in paths if p.exists()]
         if clash and not cfg.overwrite:
             raise DreamboothError(f"'{clash[0]}' already exists; this run would replace it.",
