@@ -7,6 +7,7 @@ from patience import run
 
 from dreambooth import Concept, train
 from dreambooth.config import events as ev
+from dreambooth.config.errors import DreamboothError
 from dreambooth.model.tiny import write_images
 
 pytestmark = pytest.mark.reliability
@@ -102,3 +103,38 @@ def test_existing_output_is_never_replaced_unless_asked(quick_config, tmp_path):
     out = run_cli(fresh, tmp_path)
     assert_clear_failure(out, "already exists", "overwrite")
     assert first.path.read_bytes() == before
+
+
+@pytest.fixture(scope="module")
+def trained_work_dir(tiny_source, instance_dir, tmp_path_factory):
+    """The work folder of a finished one-step run (its working model is what the next run of the
+    model goes on from): copy it, never change it."""
+    from dreambooth import TrainingConfig
+    root = tmp_path_factory.mktemp("trained")
+    cfg = TrainingConfig(model_name="quick", source_checkpoint=str(tiny_source),
+                         work_dir=str(root / "runs"), output_dir=str(root / "out"),
+                         resolution=64, center_crop=True, steps_per_image=1, batch_size=4,
+                         concepts=(Concept(str(instance_dir), "photo of sks pattern"),))
+    train(cfg)
+    return root / "runs"
+
+
+@pytest.mark.parametrize("damage", ["unet_cut_in_half", "record_is_a_list"])
+def test_a_damaged_working_model_is_named_with_the_fix(quick_config, trained_work_dir, tmp_path,
+                                                       damage):
+    import shutil
+    runs = tmp_path / "runs_copy"
+    shutil.copytree(trained_work_dir, runs)
+    working = runs / "quick" / "working"
+    if damage == "unet_cut_in_half":
+        weights = working / "unet" / "diffusion_pytorch_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        (working / "dreambooth_model.json").write_text("[]")
+    seen = []
+    with pytest.raises(DreamboothError) as e:
+        train(quick_config.replace(work_dir=str(runs), batch_size=4, steps_per_image=1),
+              seen.append)
+    text = str(e.value)
+    assert str(working) in text and "damaged" in text and "Delete that folder" in text, text
+    assert "bug" not in text and not any(isinstance(x, ev.Step) for x in seen)
