@@ -138,3 +138,61 @@ def test_a_damaged_working_model_is_named_with_the_fix(quick_config, trained_wor
     text = str(e.value)
     assert str(working) in text and "damaged" in text and "Delete that folder" in text, text
     assert "bug" not in text and not any(isinstance(x, ev.Step) for x in seen)
+
+
+@pytest.mark.parametrize("failure", [
+    MemoryError(),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                 "memory: you tried to allocate 34359738368 bytes. Error code 12 (Cannot "
+                 "allocate memory)")])
+def test_running_out_of_host_memory_while_encoding_says_so_with_the_fix(quick_config,
+                                                                        monkeypatch, failure):
+    """Resolution 4096 under a memory limit: the VAE's first activations alone are gigabytes."""
+    from dreambooth.data.feed import DataFeed
+
+    def exhausted(self, pixels):
+        raise failure
+    monkeypatch.setattr(DataFeed, "vae_encode", exhausted)
+    seen = []
+    with pytest.raises(DreamboothError) as e:
+        train(quick_config, seen.append)
+    text = str(e.value)
+    assert "ran out of memory (RAM) while encoding 'checker_000.png' at 64x64" in text, text
+    assert "Lower resolution" in text and "bug" not in text
+    failed = [x for x in seen if isinstance(x, ev.Failed)]
+    assert failed and "ran out of memory" in failed[0].message and "bug" not in failed[0].hint
+
+
+def test_out_of_host_memory_anywhere_is_said_not_called_a_bug():
+    from dreambooth.config.runlog import failure
+    err = failure(RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate "
+                               "8 bytes."))
+    assert "ran out of memory (RAM)" in err.message and "bug" not in str(err).lower()
+    assert "This is a bug" in failure(RuntimeError("something else")).message
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names are bytes only on Linux")
+def test_filewords_captions_empty_or_from_a_latin1_name_are_said_once(quick_config, tmp_path):
+    """Three of four images would train on an empty caption; a file name in Latin-1 bytes made
+    the tokenizer fail ('This is a bug'): it is read as Latin-1, trained, and said once."""
+    import os
+    from dreambooth.training.trainer import Trainer
+    folder = tmp_path / "captioned"
+    write_images(folder, "checker", 4)
+    for i, name in enumerate([b"caf\xe9 au lait.png", b"001.png", b"002.png"]):
+        os.rename(bytes(folder / f"checker_00{i}.png"), bytes(folder) + b"/" + name)
+    (folder / "checker_003.png").rename(folder / "004.png")
+    (folder / "004.txt").write_text("")
+    cfg = quick_config.replace(concepts=(Concept(str(folder), "[filewords]"),), batch_size=4,
+                               steps_per_image=1)
+    seen = []
+    trainer = Trainer(cfg, ev.EventBus(seen.append), ev.CancelToken())
+    assert trainer.run().path.exists()
+    warnings = [e.text for e in seen if isinstance(e, ev.Message) and e.level == "warning"]
+    empty = [w for w in warnings if "empty caption" in w]
+    assert len(empty) == 1 and "3 of 4 image(s)" in empty[0], warnings
+    assert "001.png (no .txt caption, no line in metadata.jsonl, and no words" in empty[0]
+    assert "002.png" in empty[0] and "004.png (its .txt caption is empty)" in empty[0]
+    latin = [w for w in warnings if "not UTF-8" in w]
+    assert len(latin) == 1 and "café au lait.png" in latin[0], warnings
+    assert sorted(it.prompt for it in trainer.feed.items) == ["", "", "", "café au lait"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..config.runlog import host_out_of_memory, out_of_host_memory
 from ..model.components import encode_prompts
 from . import buckets
 from .buckets import load_bucketed
@@ -63,8 +64,17 @@ class DataFeed:
         afresh every step)."""
         out, rng = [], random.Random(self.cfg.seed)
         for it, bucket in pairs:
-            pixels, geometry = load_bucketed(it.path, bucket, self.cfg.center_crop, rng, flip)
-            out.append((*self.vae_encode(pixels), geometry))
+            try:
+                pixels, geometry = load_bucketed(it.path, bucket, self.cfg.center_crop, rng, flip)
+                out.append((*self.vae_encode(pixels), geometry))
+            except (MemoryError, RuntimeError) as e:
+                if not host_out_of_memory(e):
+                    raise
+                native = self.comp.spec.resolution
+                raise out_of_host_memory(
+                    f"encoding '{it.path.name}' at {bucket[0]}x{bucket[1]}", e,
+                    f"Lower resolution (this model was made for {native}), or close other "
+                    "programs to free memory.") from None
         return out
 
     @torch.no_grad()
