@@ -196,3 +196,17 @@ def test_filewords_captions_empty_or_from_a_latin1_name_are_said_once(quick_conf
     latin = [w for w in warnings if "not UTF-8" in w]
     assert len(latin) == 1 and "café au lait.png" in latin[0], warnings
     assert sorted(it.prompt for it in trainer.feed.items) == ["", "", "", "café au lait"]
+
+
+def test_a_prompt_past_77_tokens_is_said_with_what_is_dropped(quick_config):
+    from dreambooth.training.trainer import Trainer
+    long_prompt = "photo of sks pattern, " + "red " * 1996  # 2000 words, 2001 tokens + 2 marks
+    seen = []
+    trainer = Trainer(quick_config.replace(concepts=(Concept(quick_config.concepts[0]
+                                                             .instance_data_dir, long_prompt),),
+                                           batch_size=4, steps_per_image=1),
+                      ev.EventBus(seen.append), ev.CancelToken())
+    assert trainer.run().path.exists()
+    warnings = [e.text for e in seen if isinstance(e, ev.Message) and "tokens" in e.text]
+    assert len(warnings) == 1, warnings
+    assert "(2003 tokens, the last 1926 dropped)" in warnings[0] and "Shorten" in warnings[0]

@@ -57,6 +57,9 @@ class DataFeed:
         if cfg.bucketing:
             self.say("Aspect-ratio buckets (width x height: images): "
                      + buckets.describe(list(self.bucket_of.values())) + ".")
+        prompts = [it.prompt for it in self.items] + \
+            [it.prompt for pool in self.class_items.values() for it in pool]
+        warn_long_prompts(self.comp, prompts, self.warn)
 
     @torch.no_grad()
     def encode_images(self, pairs: list, flip: bool) -> list:
@@ -159,3 +162,22 @@ class DataFeed:
                                              random.Random(seed), flip)
                 mean, std = self.vae_encode(px)
         return (mean + std * eps.to(mean.device)) * self.comp.vae.config.scaling_factor, geometry
+
+
+def warn_long_prompts(comp, prompts: list[str], warn) -> None:
+    """One warning naming the prompts longer than the text encoder reads (CLIP: 77 tokens with
+    its start and end marks), and how many tokens of each training drops."""
+    tokenizer = comp.tokenizers[0]
+    limit, long = tokenizer.model_max_length, []
+    for prompt in dict.fromkeys(prompts):
+        text = comp.rewrite_prompt(prompt) if comp.rewrite_prompt else prompt
+        n = len(tokenizer(text, verbose=False).input_ids)
+        if n > limit:
+            long.append((prompt, n))
+    if long:
+        shown = "; ".join(f"'{p[:60]}{'...' if len(p) > 60 else ''}' ({n} tokens, the last "
+                          f"{n - limit} dropped)" for p, n in long[:3])
+        more = f" and {len(long) - 3} more" if len(long) > 3 else ""
+        warn(f"{len(long)} prompt(s) are longer than the {limit} tokens the text encoder reads, "
+             f"so training drops their ends: {shown}{more}. Shorten them to about "
+             f"{limit - 2} tokens (some 50 words), putting what matters first.")
