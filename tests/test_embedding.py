@@ -286,3 +286,28 @@ def test_the_tab_names_the_embedding_and_the_lora_the_run_saved(tmp_path, layout
     word = "m_12_emb" if one else "m_12"
     assert f"Embedding saved: write {word} in a prompt" in log
     assert ("<lora:m_12:1>" in log) == (layout != "textual_inversion"), log
+
+
+def test_a_textual_inversion_run_says_nothing_of_a_text_encoder_it_never_trained(
+        sources, instance_dir, tmp_path):
+    events = []
+    cfg = settings(sources["v1x"], "v1x", instance_dir, tmp_path, batch_size=4)
+    Trainer(cfg, ev.EventBus(events.append), ev.CancelToken()).run()
+    said = [e.text for e in events if isinstance(e, ev.Message)]
+    assert not any("ext encoder" in t or "stopped training" in t for t in said), said
+
+
+@pytest.mark.parametrize("changes, step, expect", [
+    ({"method": "textual_inversion", "embedding_token": "sks"}, 8, ""),  # ran to the end
+    ({"method": "textual_inversion", "embedding_token": "sks"}, 4,
+     "The embedding of 'sks' stopped training at step 4 (text_encoder_steps_ratio 0.5 of 8"),
+    ({"train_text_encoder": True}, 4, "The text encoder stopped training at step 4"),
+    ({"train_text_encoder": True}, 0, "The text encoder is not trained (text_encoder_steps_"),
+    ({"method": "lora", "lora_text_encoder": True}, 0,
+     "The text encoder's LoRA layers are not trained"),
+    ({}, 4, ""),  # a plain run: the text encoder never learnt
+])
+def test_what_text_encoder_steps_ratio_stops_is_named(changes, step, expect):
+    from dreambooth.training.advice import text_encoder_stop
+    said = text_encoder_stop(TrainingConfig(text_encoder_steps_ratio=0.5, **changes), step, 8)
+    assert said.startswith(expect) and bool(said) == bool(expect), said

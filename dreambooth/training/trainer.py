@@ -23,7 +23,7 @@ from ..model.components import unet_kwargs
 from ..model.workdir import load_model, read_source_ahead
 from . import backends, embedding, fp8, parked
 from .backends import gpu_total_memory
-from .advice import plan_run
+from .advice import plan_run, text_encoder_stop
 from .optim import make_optimizer, trainable_groups
 from .loss import compute_loss, step_draws
 from .losslog import LossLog
@@ -255,8 +255,7 @@ class Trainer:
             for te in self.comp.text_encoders:
                 te.requires_grad_(False)
             if self.te_steps == 0:
-                self.say("The text encoder is not trained: text_encoder_steps_ratio "
-                         f"{self.cfg.text_encoder_steps_ratio} of {self.total_steps} steps is 0.")
+                self.say(text_encoder_stop(self.cfg, 0, self.total_steps))
         return position
 
     def loop(self, position: dict) -> TrainResult:
@@ -327,8 +326,8 @@ class Trainer:
         if self.cfg.trains_text_encoder and step == self.te_steps:
             for te in self.comp.text_encoders:
                 te.requires_grad_(False)
-            self.say(f"Text encoder training ended at step {step} (ratio "
-                     f"{self.cfg.text_encoder_steps_ratio}).")
+            if said := text_encoder_stop(self.cfg, step, self.total_steps):
+                self.say(said)
 
     def epoch_end(self, epoch: int, step: int, result: TrainResult, last: bool) -> None:
         cfg = self.cfg
