@@ -21,7 +21,8 @@ from ..model.metadata import training_metadata
 from ..model.single_file import save_single_file
 from ..model.workdir import load_model, save_working_dir, source_id, working_dir
 from .embedding import activation_text, save_embedding
-from .housekeeping import refuse_no_space
+from .housekeeping import (no_room_for_extra_save, refuse_no_space,
+                           refuse_save_without_space)
 from .lora import merged_state, save_lora, ss_metadata
 
 
@@ -49,6 +50,7 @@ PIVOTAL_SUFFIX = "_emb"
 class Saver:
     def __init__(self, cfg, comp, acc, emit, revision: int) -> None:
         self.cfg, self.comp, self.acc, self.emit, self.revision = cfg, comp, acc, emit, revision
+        self.planned: set[int] = set()  # the steps refuse_clashes checked the room of
 
     def output_path(self, step: int, merged: bool = False) -> Path:
         """The file a save at `step` writes: the checkpoint, or the LoRA (`merged`: the full
@@ -91,6 +93,18 @@ class Saver:
                                   "Choose another model name or output folder, or turn on "
                                   "'overwrite'.")
         refuse_no_space(cfg, self.comp, len(steps))
+        self.planned = set(steps)
+
+    def save_now_refused(self, step: int) -> str:
+        """Why a Save now at `step` is not made ('' when it is): its file exists and overwrite
+        is off, or it would take the room the planned saves were checked to have."""
+        path = self.output_path(step)
+        if path.exists() and not self.cfg.overwrite:
+            return f"Not saved now: '{path}' already exists (turn on 'overwrite' to replace it)."
+        if step in self.planned:
+            return ""
+        return no_room_for_extra_save(self.cfg, self.comp, step,
+                                      len([s for s in self.planned if s > step]))
 
     def refuse_source(self, paths: list[Path]) -> None:
         """The source checkpoint is never replaced, whatever 'overwrite' says."""
@@ -111,6 +125,7 @@ class Saver:
         self.refuse_source([path, self.output_path(step, merged=True)])
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
+            refuse_save_without_space(cfg, self.comp, path, step, keep_working)
             self.emit(ev.Saving(str(path), step))
             meta = training_metadata(cfg, self.comp.spec, self.revision + step)
             if cfg.method == "textual_inversion":

@@ -341,10 +341,8 @@ class Trainer:
     def run_commands(self, step: int, result: TrainResult) -> None:
         """What the host asked for since the last step: a checkpoint now, previews now."""
         if self.cancel.take("save") and step < self.total_steps:
-            path = self.saver.output_path(step)
-            if path.exists() and not self.cfg.overwrite:
-                self.warn(f"Not saved now: '{path}' already exists (turn on 'overwrite' to "
-                          "replace it).")
+            if refused := self.saver.save_now_refused(step):
+                self.warn(refused)
             elif step not in self.saved_steps:
                 result.saved.append(self.save(step))
         if self.cancel.take("sample") and self.acc.is_main_process:
