@@ -7,6 +7,7 @@ from patience import run
 
 from dreambooth import Concept, train
 from dreambooth.config import events as ev
+from dreambooth.config.errors import DreamboothError
 from dreambooth.model.tiny import write_images
 
 pytestmark = pytest.mark.reliability
@@ -102,3 +103,110 @@ def test_existing_output_is_never_replaced_unless_asked(quick_config, tmp_path):
     out = run_cli(fresh, tmp_path)
     assert_clear_failure(out, "already exists", "overwrite")
     assert first.path.read_bytes() == before
+
+
+@pytest.fixture(scope="module")
+def trained_work_dir(tiny_source, instance_dir, tmp_path_factory):
+    """The work folder of a finished one-step run (its working model is what the next run of the
+    model goes on from): copy it, never change it."""
+    from dreambooth import TrainingConfig
+    root = tmp_path_factory.mktemp("trained")
+    cfg = TrainingConfig(model_name="quick", source_checkpoint=str(tiny_source),
+                         work_dir=str(root / "runs"), output_dir=str(root / "out"),
+                         resolution=64, center_crop=True, steps_per_image=1, batch_size=4,
+                         concepts=(Concept(str(instance_dir), "photo of sks pattern"),))
+    train(cfg)
+    return root / "runs"
+
+
+@pytest.mark.parametrize("damage", ["unet_cut_in_half", "record_is_a_list"])
+def test_a_damaged_working_model_is_named_with_the_fix(quick_config, trained_work_dir, tmp_path,
+                                                       damage):
+    import shutil
+    runs = tmp_path / "runs_copy"
+    shutil.copytree(trained_work_dir, runs)
+    working = runs / "quick" / "working"
+    if damage == "unet_cut_in_half":
+        weights = working / "unet" / "diffusion_pytorch_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        (working / "dreambooth_model.json").write_text("[]")
+    seen = []
+    with pytest.raises(DreamboothError) as e:
+        train(quick_config.replace(work_dir=str(runs), batch_size=4, steps_per_image=1),
+              seen.append)
+    text = str(e.value)
+    assert str(working) in text and "damaged" in text and "Delete that folder" in text, text
+    assert "bug" not in text and not any(isinstance(x, ev.Step) for x in seen)
+
+
+@pytest.mark.parametrize("failure", [
+    MemoryError(),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                 "memory: you tried to allocate 34359738368 bytes. Error code 12 (Cannot "
+                 "allocate memory)")])
+def test_running_out_of_host_memory_while_encoding_says_so_with_the_fix(quick_config,
+                                                                        monkeypatch, failure):
+    """Resolution 4096 under a memory limit: the VAE's first activations alone are gigabytes."""
+    from dreambooth.data.feed import DataFeed
+
+    def exhausted(self, pixels):
+        raise failure
+    monkeypatch.setattr(DataFeed, "vae_encode", exhausted)
+    seen = []
+    with pytest.raises(DreamboothError) as e:
+        train(quick_config, seen.append)
+    text = str(e.value)
+    assert "ran out of memory (RAM) while encoding 'checker_000.png' at 64x64" in text, text
+    assert "Lower resolution" in text and "bug" not in text
+    failed = [x for x in seen if isinstance(x, ev.Failed)]
+    assert failed and "ran out of memory" in failed[0].message and "bug" not in failed[0].hint
+
+
+def test_out_of_host_memory_anywhere_is_said_not_called_a_bug():
+    from dreambooth.config.runlog import failure
+    err = failure(RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate "
+                               "8 bytes."))
+    assert "ran out of memory (RAM)" in err.message and "bug" not in str(err).lower()
+    assert "This is a bug" in failure(RuntimeError("something else")).message
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names are bytes only on Linux")
+def test_filewords_captions_empty_or_from_a_latin1_name_are_said_once(quick_config, tmp_path):
+    """Three of four images would train on an empty caption; a file name in Latin-1 bytes made
+    the tokenizer fail ('This is a bug'): it is read as Latin-1, trained, and said once."""
+    import os
+    from dreambooth.training.trainer import Trainer
+    folder = tmp_path / "captioned"
+    write_images(folder, "checker", 4)
+    for i, name in enumerate([b"caf\xe9 au lait.png", b"001.png", b"002.png"]):
+        os.rename(bytes(folder / f"checker_00{i}.png"), bytes(folder) + b"/" + name)
+    (folder / "checker_003.png").rename(folder / "004.png")
+    (folder / "004.txt").write_text("")
+    cfg = quick_config.replace(concepts=(Concept(str(folder), "[filewords]"),), batch_size=4,
+                               steps_per_image=1)
+    seen = []
+    trainer = Trainer(cfg, ev.EventBus(seen.append), ev.CancelToken())
+    assert trainer.run().path.exists()
+    warnings = [e.text for e in seen if isinstance(e, ev.Message) and e.level == "warning"]
+    empty = [w for w in warnings if "empty caption" in w]
+    assert len(empty) == 1 and "3 of 4 image(s)" in empty[0], warnings
+    assert "001.png (no .txt caption, no line in metadata.jsonl, and no words" in empty[0]
+    assert "002.png" in empty[0] and "004.png (its .txt caption is empty)" in empty[0]
+    latin = [w for w in warnings if "not UTF-8" in w]
+    assert len(latin) == 1 and "café au lait.png" in latin[0], warnings
+    assert sorted(it.prompt for it in trainer.feed.items) == ["", "", "", "café au lait"]
+
+
+def test_a_prompt_past_77_tokens_is_said_with_what_is_dropped(quick_config):
+    from dreambooth.training.trainer import Trainer
+    long_prompt = "photo of sks pattern, " + "red " * 1996  # 2000 words, 2001 tokens + 2 marks
+    seen = []
+    trainer = Trainer(quick_config.replace(concepts=(Concept(quick_config.concepts[0]
+                                                             .instance_data_dir, long_prompt),),
+                                           batch_size=4, steps_per_image=1),
+                      ev.EventBus(seen.append), ev.CancelToken())
+    assert trainer.run().path.exists()
+    warnings = [e.text for e in seen if isinstance(e, ev.Message) and "tokens" in e.text]
+    assert len(warnings) == 1, warnings
+    assert "(2003 tokens, the last 1926 dropped)" in warnings[0] and "Shorten" in warnings[0]

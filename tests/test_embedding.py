@@ -234,3 +234,80 @@ def test_a_snapshot_from_before_method_resumes_as_the_same_run():
         "embedding_learning_rate", "embedding_dir")}
     assert config_differences(old, new) == []
     assert config_differences(old, TrainingConfig().to_dict()) != []
+
+
+def webui_embedding_names(folder) -> dict:
+    """What WebUI 1.10.1's embedding database makes of the .safetensors files of `folder`: a file
+    of one tensor (SD 1.x/2.x) or of clip_l and clip_g (SDXL) is an embedding named by its file
+    stem; any other layout (a LoRA) is skipped."""
+    names = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors, _ = read_back(path)
+        if len(tensors) == 1 or set(tensors) == {"clip_l", "clip_g"}:
+            names[path.stem] = path
+    return names
+
+
+def test_pivotal_lora_and_embedding_in_one_folder_keep_both_files(sources, instance_dir,
+                                                                   tmp_path):
+    """lora_dir = embedding_dir with overwrite on: the LoRA used to replace the embedding saved a
+    moment before (same name) and the card named a file that was gone."""
+    shared = tmp_path / "shared"
+    cfg = settings(sources["v1x"], "v1x", instance_dir, tmp_path, method="lora", pivotal=True,
+                   lora_rank=2, lora_alpha=2.0, batch_size=4, lora_dir=str(shared),
+                   embedding_dir=str(shared), overwrite=True)
+    trainer = run(cfg)
+    steps = trainer.total_steps
+    lora, emb = shared / f"emb_{steps}.safetensors", shared / f"emb_{steps}_emb.safetensors"
+    assert trainer.saved == [str(emb), str(lora)] and trainer.result.path == lora
+    assert webui_embedding_names(shared) == {emb.stem: emb}  # the LoRA is not an embedding
+    assert any(k.startswith("lora_unet_") for k in read_back(lora)[0])  # <lora:emb_N:1>
+    card = json.loads(lora.with_suffix(".json").read_text())
+    assert card["activation text"] == f"photo of {emb.stem} pattern"
+
+
+@pytest.mark.parametrize("layout", ["textual_inversion", "pivotal", "pivotal_one_folder"])
+def test_the_tab_names_the_embedding_and_the_lora_the_run_saved(tmp_path, layout):
+    from dreambooth.host.interface import Host, standalone_paths
+    from dreambooth.host.runner import Progress
+    from dreambooth.ui.actions import TabActions
+    one = layout == "pivotal_one_folder"
+    paths = standalone_paths(tmp_path, lora_dir=tmp_path / ("shared" if one else "Lora"),
+                             embeddings_dir=tmp_path / ("shared" if one else "embeddings"))
+    emb, lora = paths.embeddings_dir, paths.lora_dir
+    saved = {"textual_inversion": [emb / "m_4.safetensors", emb / "m_12.safetensors"],
+             "pivotal": [emb / "m_12.safetensors", lora / "m_12.safetensors"],
+             "pivotal_one_folder": [emb / "m_12_emb.safetensors", lora / "m_12.safetensors"]}
+    files = [str(p) for p in saved[layout]]
+    manager = type("Idle", (), {"status": lambda self: Progress("finished", "m", saved=files,
+                                                                 final_path=files[-1]),
+                                "busy": lambda self: False})()
+    log = TabActions(Host(paths), manager).status_view().log
+    word = "m_12_emb" if one else "m_12"
+    assert f"Embedding saved: write {word} in a prompt" in log
+    assert ("<lora:m_12:1>" in log) == (layout != "textual_inversion"), log
+
+
+def test_a_textual_inversion_run_says_nothing_of_a_text_encoder_it_never_trained(
+        sources, instance_dir, tmp_path):
+    events = []
+    cfg = settings(sources["v1x"], "v1x", instance_dir, tmp_path, batch_size=4)
+    Trainer(cfg, ev.EventBus(events.append), ev.CancelToken()).run()
+    said = [e.text for e in events if isinstance(e, ev.Message)]
+    assert not any("ext encoder" in t or "stopped training" in t for t in said), said
+
+
+@pytest.mark.parametrize("changes, step, expect", [
+    ({"method": "textual_inversion", "embedding_token": "sks"}, 8, ""),  # ran to the end
+    ({"method": "textual_inversion", "embedding_token": "sks"}, 4,
+     "The embedding of 'sks' stopped training at step 4 (text_encoder_steps_ratio 0.5 of 8"),
+    ({"train_text_encoder": True}, 4, "The text encoder stopped training at step 4"),
+    ({"train_text_encoder": True}, 0, "The text encoder is not trained (text_encoder_steps_"),
+    ({"method": "lora", "lora_text_encoder": True}, 0,
+     "The text encoder's LoRA layers are not trained"),
+    ({}, 4, ""),  # a plain run: the text encoder never learnt
+])
+def test_what_text_encoder_steps_ratio_stops_is_named(changes, step, expect):
+    from dreambooth.training.advice import text_encoder_stop
+    said = text_encoder_stop(TrainingConfig(text_encoder_steps_ratio=0.5, **changes), step, 8)
+    assert said.startswith(expect) and bool(said) == bool(expect), said

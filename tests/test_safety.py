@@ -230,6 +230,54 @@ def test_too_little_space_refused_before_the_first_step(quick_config, monkeypatc
     assert steps == []
 
 
+def run_with_free_space(cfg, monkeypatch, free, on_event=None, cancel=None):
+    """Train `cfg` with every free-space check told `free(folder)` bytes are free."""
+    from dreambooth.training import housekeeping
+    monkeypatch.setattr(housekeeping, "free_bytes", free)
+    return train(cfg, on_event, cancel)
+
+
+def test_a_save_now_that_would_take_the_final_saves_room_is_refused(quick_config, monkeypatch,
+                                                                     tiny_source):
+    """Room for the planned saves and half a checkpoint more: the up-front check passes, Save now
+    is refused in a sentence (the run goes on), the final save is made."""
+    from dreambooth.model.single_file import load_single_file
+    from dreambooth.training.housekeeping import checkpoint_bytes, space_needed
+    cfg = quick_config.replace(steps_per_image=1, batch_size=2)  # 2 steps; Save now at step 1
+    comp = load_single_file(str(tiny_source), "v1x")
+    planned = sum(space_needed(cfg, comp, 1).values())
+    free = planned + checkpoint_bytes(comp, cfg.save_precision) // 2
+    cancel, said = ev.CancelToken(), []
+    cancel.request("save")
+    result = run_with_free_space(cfg, monkeypatch, lambda folder: free,
+                                 lambda e: said.append(e), cancel)
+    assert result.path.exists() and result.saved == [result.path] and result.steps == 2
+    refusals = [e.text for e in said if isinstance(e, ev.Message) and "Not saved now" in e.text]
+    assert len(refusals) == 1 and "step 1" in refusals[0] and f"{free / 2**20:.1f} MB free" \
+        in refusals[0] and "final save keeps its room" in refusals[0], refusals
+    assert not (Path(cfg.output_dir) / "quick_1.safetensors").exists()
+
+
+def test_each_save_checks_its_room_before_writing(quick_config, monkeypatch):
+    """The disk filled after the up-front check: the save is refused unwritten, naming the
+    folder, what it needs and what is free."""
+    from dreambooth.training.saver import Saver
+    full = []
+    checked = Saver.refuse_clashes
+
+    def then_fill(self, steps):
+        checked(self, steps)
+        full.append(True)
+    monkeypatch.setattr(Saver, "refuse_clashes", then_fill)
+    from dreambooth.training import housekeeping
+    monkeypatch.setattr(housekeeping, "free_bytes", lambda folder: 1_000 if full else 2**50)
+    e = refused(quick_config, ["Not enough free space in", "to save step", "quick_", "MB are free",
+                               "nothing was written"])
+    assert not list(Path(quick_config.output_dir).glob("*.safetensors*")) if \
+        Path(quick_config.output_dir).exists() else True
+    assert "0.0 MB are free" in e.message
+
+
 # -- real faults on a small tmpfs ------------------------------------------------------------------
 @pytest.fixture
 def tmpfs(tmp_path):
@@ -262,8 +310,9 @@ def test_disk_fills_during_the_checkpoint_write(quick_config, tmpfs):
     write_safetensors(old, {"w": torch.ones(100)})
     before = old.read_bytes()
     cfg = quick_config.replace(output_dir=str(out), overwrite=True)
+    # filled once the save has checked its room (a full disk before it is refused unwritten)
     e = refused(cfg, ["quick_8.safetensors", "No space left", "needs about", "MB"],
-                lambda e: fill(out, 64 * 1024) if isinstance(e, ev.Started) else None)
+                lambda e: fill(out, 64 * 1024) if isinstance(e, ev.Saving) else None)
     if old.read_bytes() != before:
         TALLY["lost"] += 1
     assert sorted(p.name for p in out.iterdir()) == ["filler.bin", "quick_8.safetensors"]

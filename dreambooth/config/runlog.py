@@ -13,7 +13,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from .errors import BugError, DreamboothError
+from .errors import BugError, DreamboothError, TrainingError
 from .folders import owned
 
 
@@ -89,6 +89,10 @@ def failure(exc: BaseException, log: RunLog | None = None) -> DreamboothError:
         exc.log = str(path) if path else ""
         return exc
     what = " ".join(str(exc).split())[:300]
+    if host_out_of_memory(exc):
+        err = out_of_host_memory("", exc)
+        err.log = str(path) if path else ""
+        return err
     err = BugError(f"Training failed unexpectedly ({type(exc).__name__}: {what}). This is a "
                    f"bug; {where}.", "Please report it with that log file.")
     err.log = str(path) if path else ""
@@ -98,3 +102,19 @@ def failure(exc: BaseException, log: RunLog | None = None) -> DreamboothError:
 def log_file_hint(exc: DreamboothError) -> str:
     path = getattr(exc, "log", "")
     return f"log: {path}" if path and path not in exc.message else ""
+
+
+def host_out_of_memory(exc: BaseException) -> bool:
+    """The computer's memory (RAM, not the GPU's) ran out: Python's MemoryError, or torch's CPU
+    allocator refusing ("DefaultCPUAllocator: can't allocate memory" / "not enough memory")."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or isinstance(exc, RuntimeError) and (
+        "DefaultCPUAllocator" in text or "can't allocate memory" in text)
+
+
+def out_of_host_memory(doing: str, exc: BaseException, hint: str = "") -> TrainingError:
+    """The sentence for `host_out_of_memory`: what was being done, and the fix."""
+    what = " ".join(str(exc).split())[:200] or type(exc).__name__
+    return TrainingError(
+        f"The computer ran out of memory (RAM){' while ' + doing if doing else ''} ({what}).",
+        hint or "Lower resolution or batch_size, or close other programs to free memory.")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..config.runlog import host_out_of_memory, out_of_host_memory
 from ..model.components import encode_prompts
 from . import buckets
 from .buckets import load_bucketed
@@ -56,6 +57,9 @@ class DataFeed:
         if cfg.bucketing:
             self.say("Aspect-ratio buckets (width x height: images): "
                      + buckets.describe(list(self.bucket_of.values())) + ".")
+        prompts = [it.prompt for it in self.items] + \
+            [it.prompt for pool in self.class_items.values() for it in pool]
+        warn_long_prompts(self.comp, prompts, self.warn)
 
     @torch.no_grad()
     def encode_images(self, pairs: list, flip: bool) -> list:
@@ -63,8 +67,17 @@ class DataFeed:
         afresh every step)."""
         out, rng = [], random.Random(self.cfg.seed)
         for it, bucket in pairs:
-            pixels, geometry = load_bucketed(it.path, bucket, self.cfg.center_crop, rng, flip)
-            out.append((*self.vae_encode(pixels), geometry))
+            try:
+                pixels, geometry = load_bucketed(it.path, bucket, self.cfg.center_crop, rng, flip)
+                out.append((*self.vae_encode(pixels), geometry))
+            except (MemoryError, RuntimeError) as e:
+                if not host_out_of_memory(e):
+                    raise
+                native = self.comp.spec.resolution
+                raise out_of_host_memory(
+                    f"encoding '{it.path.name}' at {bucket[0]}x{bucket[1]}", e,
+                    f"Lower resolution (this model was made for {native}), or close other "
+                    "programs to free memory.") from None
         return out
 
     @torch.no_grad()
@@ -149,3 +162,22 @@ class DataFeed:
                                              random.Random(seed), flip)
                 mean, std = self.vae_encode(px)
         return (mean + std * eps.to(mean.device)) * self.comp.vae.config.scaling_factor, geometry
+
+
+def warn_long_prompts(comp, prompts: list[str], warn) -> None:
+    """One warning naming the prompts longer than the text encoder reads (CLIP: 77 tokens with
+    its start and end marks), and how many tokens of each training drops."""
+    tokenizer = comp.tokenizers[0]
+    limit, long = tokenizer.model_max_length, []
+    for prompt in dict.fromkeys(prompts):
+        text = comp.rewrite_prompt(prompt) if comp.rewrite_prompt else prompt
+        n = len(tokenizer(text, verbose=False).input_ids)
+        if n > limit:
+            long.append((prompt, n))
+    if long:
+        shown = "; ".join(f"'{p[:60]}{'...' if len(p) > 60 else ''}' ({n} tokens, the last "
+                          f"{n - limit} dropped)" for p, n in long[:3])
+        more = f" and {len(long) - 3} more" if len(long) > 3 else ""
+        warn(f"{len(long)} prompt(s) are longer than the {limit} tokens the text encoder reads, "
+             f"so training drops their ends: {shown}{more}. Shorten them to about "
+             f"{limit - 2} tokens (some 50 words), putting what matters first.")

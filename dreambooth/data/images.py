@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import random
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,35 +78,12 @@ def instance_items(folder: str | Path, prompt: str, warn) -> list[Item]:
         detail = f"it holds {len(others)} file(s), none a readable image" if others else "it is empty"
         raise DataError(f"No training images in '{folder}': {detail}.",
                         "Put .jpg, .png or .webp pictures of your subject there.")
-    return [Item(p, expand_prompt(prompt, p, warn)) for p in good]
-
-
-def expand_prompt(prompt: str, image: Path, warn=None) -> str:
-    """Replace [filewords] with the image's caption (.txt beside it) or its file name."""
     if FILEWORDS not in prompt:
-        return prompt
-    return prompt.replace(FILEWORDS, caption_for(image, warn)).strip()
-
-
-def caption_for(image: Path, warn=None) -> str:
-    """The image's caption: its .txt beside it, its line in the folder's metadata.jsonl, or
-    the words of its file name."""
-    from .captions import jsonl_captions
-    txt = image.with_suffix(".txt")
-    if txt.is_file():
-        raw = txt.read_bytes()
-        try:
-            return raw.decode("utf-8-sig").strip()
-        except UnicodeDecodeError:
-            if warn:
-                warn(f"The caption '{txt.name}' is not UTF-8 text; it was read as Latin-1. "
-                     "Save it as UTF-8 to be sure of its words.")
-            return raw.decode("latin-1").strip()
-    listed = jsonl_captions(image.parent, warn)
-    if image.name in listed:
-        return listed[image.name]
-    words = re.sub(r"[_\-]+", " ", re.sub(r"\(\d+\)|\d+$", "", image.stem))
-    return " ".join(words.split())
+        return [Item(p, prompt) for p in good]
+    from .captions import caption_for, warn_captions
+    found = {p: caption_for(p, warn) for p in good}
+    warn_captions(folder, prompt, found, warn)
+    return [Item(p, prompt.replace(FILEWORDS, found[p][0]).strip()) for p in good]
 
 
 def load_image(path: Path, resolution: int, center_crop: bool, rng: random.Random,

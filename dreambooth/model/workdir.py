@@ -8,9 +8,11 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .. import assets
 from ..config import TrainingConfig
+from ..config.errors import DreamboothError, short_repr
 from .checkpoint import write_safetensors, write_text
 from .components import Components, instantiate, load_module, make_components, te_load, te_state
 from .single_file import load_single_file, read_ahead
@@ -133,8 +135,26 @@ def load_model(config: TrainingConfig, say,
     info = _working_info(config)
     if info is not None:
         say(f"Continuing from the working model at revision {info.get('revision', 0)}.")
-        return load_working_dir(working_dir(config)), int(info.get("revision", 0))
+        try:
+            return load_working_dir(working_dir(config)), int(info.get("revision", 0))
+        except MemoryError:
+            raise
+        except (DreamboothError, OSError, ValueError, KeyError, TypeError, AttributeError,
+                RuntimeError, SafetensorError) as e:
+            if "can't allocate memory" in str(e):  # the host's RAM, not the folder
+                raise
+            raise damaged_working_dir(config, e) from None
     return load_single_file(config.source_checkpoint, config.model_type, dtype), 0
+
+
+def damaged_working_dir(config: TrainingConfig, e: Exception) -> DreamboothError:
+    """The working folder can't be read: named, with what was wrong and the way out."""
+    why = e.message if isinstance(e, DreamboothError) else " ".join(str(e).split())[:200]
+    return DreamboothError(
+        f"The working model '{working_dir(config)}' is damaged ({type(e).__name__}: {why}); "
+        "it can't be read.", "Delete that folder: the next run rebuilds it from the source "
+        "checkpoint (what earlier runs of this model trained into it is lost; their saved "
+        "checkpoints stay), or choose that checkpoint as the source.")
 
 
 def read_source_ahead(config: TrainingConfig, dtype: torch.dtype | None = None) -> None:
@@ -143,15 +163,21 @@ def read_source_ahead(config: TrainingConfig, dtype: torch.dtype | None = None) 
     try:
         if _working_info(config) is None:
             read_ahead(config.source_checkpoint, config.model_type, dtype)
-    except (OSError, ValueError):  # load_model says what is wrong
+    except (OSError, ValueError, DreamboothError):  # load_model says what is wrong
         pass
 
 
 def _working_info(config: TrainingConfig) -> dict | None:
     """The working folder's record, when the folder came from this source."""
-    info_path = working_dir(config) / "dreambooth_model.json"
+    info_path = working_dir(config) / INFO
     if info_path.is_file():
-        info = json.loads(info_path.read_text())
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            raise damaged_working_dir(config, e) from None
+        if not isinstance(info, dict) or not isinstance(info.get("model_type"), str):
+            raise damaged_working_dir(config, ValueError(
+                f"{INFO} holds {short_repr(info)}, not the model's record"))
         if {k: info.get(k) for k in ("source", "source_size", "source_mtime")} == \
                 source_id(config.source_checkpoint):
             return info

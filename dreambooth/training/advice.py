@@ -241,3 +241,20 @@ def plan_run(cfg, resumed_config: dict | None, free_bytes: int | None, half: str
                 "began: " + ", ".join(f"{k} = {v}" for k, v in kept.items()) + ".")
             planned = planned.replace(**kept)
     return planned
+
+
+def text_encoder_stop(cfg, step: int, total: int) -> str:
+    """What text_encoder_steps_ratio stops at `step` of `total`, said by what it is (the text
+    encoder, its LoRA layers, the new token's embedding); '' when nothing stops before the end
+    (the ratio 1.0, or nothing of the text encoder learns)."""
+    parts = (["the text encoder"] if cfg.train_text_encoder else []) + \
+        (["the text encoder's LoRA layers"] if cfg.use_lora and cfg.lora_text_encoder else []) + \
+        ([f"the embedding of '{cfg.embedding_token.strip()}'"] if cfg.trains_embedding else [])
+    if not parts or step >= total:
+        return ""
+    what = " and ".join(parts)
+    what = what[0].upper() + what[1:]
+    ratio = f"text_encoder_steps_ratio {cfg.text_encoder_steps_ratio} of {total} steps"
+    verb = "are" if len(parts) > 1 or what.endswith("layers") else "is"
+    return f"{what} {verb} not trained ({ratio} is 0)." if step == 0 else \
+        f"{what} stopped training at step {step} ({ratio})."

@@ -113,29 +113,95 @@ def space_needed(cfg, comp, saves: int) -> dict[Path, int]:
     return need
 
 
-def refuse_no_space(cfg, comp, saves: int) -> None:
-    """Refuse before training when a folder the run writes to has too little free space."""
+def free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def short_of_space(need: dict[Path, int]) -> tuple[Path, int, int] | None:
+    """(folder, bytes needed on its disk, bytes free) of the first disk `need` does not fit on
+    (folders on one disk add up); None when all fit."""
     by_device: dict[int, tuple[Path, int]] = {}
-    for folder, size in space_needed(cfg, comp, saves).items():
+    for folder, size in need.items():
         try:
             dev = folder.stat().st_dev
         except OSError:
             continue
         seen = by_device.get(dev, (folder, 0))
         by_device[dev] = (seen[0], seen[1] + size)
-    for folder in space_needed(cfg, comp, saves):
+    for folder, size in by_device.values():
+        free = free_bytes(folder)
+        if size > free:
+            return folder, size, free
+    return None
+
+
+def refuse_no_space(cfg, comp, saves: int) -> None:
+    """Refuse before training when a folder the run writes to has too little free space."""
+    need = space_needed(cfg, comp, saves)
+    for folder in need:
         if not os.access(folder, os.W_OK):
             raise DreamboothError(f"The folder '{folder}' can't be written (a read-only file "
                                   "system, or no permission); this run saves there.",
                                   "Choose a folder you can write to, or make it writable.")
-    for folder, size in by_device.values():
-        free = shutil.disk_usage(folder).free
-        if size > free:
-            raise DreamboothError(
-                f"Not enough free space in '{folder}': this run writes about {size / MB:.1f} MB "
-                f"there (checkpoints, working model, training state) and {free / MB:.1f} MB are "
-                "free.", "Free some space, choose another output_dir or work_dir, save less often "
-                "(save_every_epochs) or turn state_every_steps to 0.")
+    short = short_of_space(need)
+    if short:
+        folder, size, free = short
+        raise DreamboothError(
+            f"Not enough free space in '{folder}': this run writes about {size / MB:.1f} MB "
+            f"there (checkpoints, working model, training state) and {free / MB:.1f} MB are "
+            "free.", "Free some space, choose another output_dir or work_dir, save less often "
+            "(save_every_epochs) or turn state_every_steps to 0.")
+
+
+def save_bytes(cfg, comp, final: bool) -> dict[Path, int]:
+    """Bytes one save writes, per existing folder: the checkpoint (or the LoRA and its merge,
+    or the embedding) and, at the end of a full fine-tune, the working model."""
+    need: dict[Path, int] = {}
+
+    def add(folder: Path, size: int) -> None:
+        key = _nearest_existing(folder)
+        need[key] = need.get(key, 0) + size
+    if not cfg.use_lora and cfg.method != "textual_inversion":
+        add(cfg.resolved_output_dir, checkpoint_bytes(comp, cfg.save_precision))
+        if final:
+            add(cfg.model_dir, _bytes([comp.unet, comp.vae, *comp.text_encoders], None))
+        return need
+    size = SAVE_DTYPES[cfg.save_precision].itemsize
+    small = sum(p.numel() * size for m in (comp.unet, *comp.text_encoders)
+                for n, p in m.named_parameters()
+                if ".lora_A." in n or ".lora_B." in n or n.endswith(".vectors"))
+    add(cfg.resolved_lora_dir if cfg.use_lora else cfg.resolved_embedding_dir, small)
+    if cfg.use_lora and cfg.lora_merge:
+        add(cfg.resolved_output_dir, checkpoint_bytes(comp, cfg.save_precision))
+    return need
+
+
+def refuse_save_without_space(cfg, comp, path: Path, step: int, final: bool) -> None:
+    """Before a save writes anything: refused, naming the folder, when its disk lacks the room."""
+    short = short_of_space(save_bytes(cfg, comp, final))
+    if short:
+        folder, size, free = short
+        raise DreamboothError(
+            f"Not enough free space in '{folder}' to save step {step} ('{path.name}'): it writes "
+            f"about {size / MB:.1f} MB there and {free / MB:.1f} MB are free; nothing was "
+            "written.",
+            "Free some space there; the checkpoints and training states saved before are kept.")
+
+
+def no_room_for_extra_save(cfg, comp, step: int, pending: int) -> str:
+    """Why a save the plan did not count (Save now) at `step` is refused: it would not leave room
+    for the `pending` saves still to come and the rest of the run's files ('' when it fits)."""
+    need = space_needed(cfg, comp, pending)
+    for folder, size in save_bytes(cfg, comp, final=False).items():
+        need[folder] = need.get(folder, 0) + size
+    short = short_of_space(need)
+    if not short:
+        return ""
+    folder, size, free = short
+    return (f"Not saved now (step {step}): '{folder}' has {free / MB:.1f} MB free, and this save "
+            f"with what the run still writes there ({pending} planned save(s), the working "
+            f"model and training state) needs about {size / MB:.1f} MB; the final save keeps "
+            "its room. Free some space and ask again: the run goes on.")
 
 
 # -- the image set a snapshot belongs to -------------------------------------------------------
@@ -173,7 +239,7 @@ def snapshot_failed(cfg, models, optimizer, step: int, e: Exception) -> Dreamboo
     need = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
     need += sum(t.numel() * t.element_size() for st in optimizer.state_dict()["state"].values()
                 for t in st.values() if isinstance(t, torch.Tensor))
-    free = shutil.disk_usage(_nearest_existing(folder)).free
+    free = free_bytes(_nearest_existing(folder))
     return DreamboothError(
         f"Saving the training state at step {step} into '{folder}' failed "
         f"({' '.join(str(e).split())[:200]}): it needs about {need / MB:.1f} MB and "

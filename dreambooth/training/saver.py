@@ -21,7 +21,8 @@ from ..model.metadata import training_metadata
 from ..model.single_file import save_single_file
 from ..model.workdir import load_model, save_working_dir, source_id, working_dir
 from .embedding import activation_text, save_embedding
-from .housekeeping import refuse_no_space
+from .housekeeping import (no_room_for_extra_save, refuse_no_space,
+                           refuse_save_without_space)
 from .lora import merged_state, save_lora, ss_metadata
 
 
@@ -32,9 +33,24 @@ def _same_file(path: Path, source: str) -> bool:
         return False
 
 
+def _same_folder(a: Path, b: Path) -> bool:
+    """The same folder, however spelt (relative, through a link; on a case-blind disk, in
+    another case)."""
+    try:
+        if a.exists() and b.exists():
+            return a.samefile(b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+PIVOTAL_SUFFIX = "_emb"
+
+
 class Saver:
     def __init__(self, cfg, comp, acc, emit, revision: int) -> None:
         self.cfg, self.comp, self.acc, self.emit, self.revision = cfg, comp, acc, emit, revision
+        self.planned: set[int] = set()  # the steps refuse_clashes checked the room of
 
     def output_path(self, step: int, merged: bool = False) -> Path:
         """The file a save at `step` writes: the checkpoint, or the LoRA (`merged`: the full
@@ -48,9 +64,14 @@ class Saver:
 
     def embedding_path(self, step: int) -> Path:
         """The embedding file of a save at `step` (textual inversion, pivotal): its name is the
-        word a WebUI prompt uses it by."""
-        return self.cfg.resolved_embedding_dir / \
-            f"{self.cfg.model_name}_{self.revision + step}.safetensors"
+        word a WebUI prompt uses it by. A pivotal embedding saved into the LoRA's own folder is
+        `<model>_<step>_emb`, so the LoRA (`<model>_<step>`, used as <lora:<model>_<step>:1>)
+        does not take its name; in its own folder it keeps the LoRA's name."""
+        cfg, name = self.cfg, f"{self.cfg.model_name}_{self.revision + step}"
+        if cfg.method != "textual_inversion" and _same_folder(cfg.resolved_embedding_dir,
+                                                                cfg.resolved_lora_dir):
+            name += PIVOTAL_SUFFIX
+        return cfg.resolved_embedding_dir / f"{name}.safetensors"
 
     def refuse_clashes(self, steps: set[int]) -> None:
         """Refuse before training, not after hours, when a save at one of `steps` would replace
@@ -61,12 +82,29 @@ class Saver:
         if cfg.trains_embedding and cfg.use_lora:  # pivotal: the embedding beside the LoRA
             paths += [self.embedding_path(s) for s in sorted(steps)]
         self.refuse_source(paths)
+        twice = [p for p in dict.fromkeys(paths) if paths.count(p) > 1]
+        if twice:  # two files of one run under one name: the second would replace the first
+            raise DreamboothError(f"This run would write two files as '{twice[0]}'.",
+                                  "Choose different folders for the LoRA, the embedding and "
+                                  "the checkpoints.")
         clash = [p for p in paths if p.exists()]
         if clash and not cfg.overwrite:
             raise DreamboothError(f"'{clash[0]}' already exists; this run would replace it.",
                                   "Choose another model name or output folder, or turn on "
                                   "'overwrite'.")
         refuse_no_space(cfg, self.comp, len(steps))
+        self.planned = set(steps)
+
+    def save_now_refused(self, step: int) -> str:
+        """Why a Save now at `step` is not made ('' when it is): its file exists and overwrite
+        is off, or it would take the room the planned saves were checked to have."""
+        path = self.output_path(step)
+        if path.exists() and not self.cfg.overwrite:
+            return f"Not saved now: '{path}' already exists (turn on 'overwrite' to replace it)."
+        if step in self.planned:
+            return ""
+        return no_room_for_extra_save(self.cfg, self.comp, step,
+                                      len([s for s in self.planned if s > step]))
 
     def refuse_source(self, paths: list[Path]) -> None:
         """The source checkpoint is never replaced, whatever 'overwrite' says."""
@@ -87,6 +125,7 @@ class Saver:
         self.refuse_source([path, self.output_path(step, merged=True)])
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
+            refuse_save_without_space(cfg, self.comp, path, step, keep_working)
             self.emit(ev.Saving(str(path), step))
             meta = training_metadata(cfg, self.comp.spec, self.revision + step)
             if cfg.method == "textual_inversion":

@@ -23,7 +23,7 @@ from ..model.components import unet_kwargs
 from ..model.workdir import load_model, read_source_ahead
 from . import backends, embedding, fp8, parked
 from .backends import gpu_total_memory
-from .advice import plan_run
+from .advice import plan_run, text_encoder_stop
 from .optim import make_optimizer, trainable_groups
 from .loss import compute_loss, step_draws
 from .losslog import LossLog
@@ -255,8 +255,7 @@ class Trainer:
             for te in self.comp.text_encoders:
                 te.requires_grad_(False)
             if self.te_steps == 0:
-                self.say("The text encoder is not trained: text_encoder_steps_ratio "
-                         f"{self.cfg.text_encoder_steps_ratio} of {self.total_steps} steps is 0.")
+                self.say(text_encoder_stop(self.cfg, 0, self.total_steps))
         return position
 
     def loop(self, position: dict) -> TrainResult:
@@ -327,8 +326,8 @@ class Trainer:
         if self.cfg.trains_text_encoder and step == self.te_steps:
             for te in self.comp.text_encoders:
                 te.requires_grad_(False)
-            self.say(f"Text encoder training ended at step {step} (ratio "
-                     f"{self.cfg.text_encoder_steps_ratio}).")
+            if said := text_encoder_stop(self.cfg, step, self.total_steps):
+                self.say(said)
 
     def epoch_end(self, epoch: int, step: int, result: TrainResult, last: bool) -> None:
         cfg = self.cfg
@@ -342,10 +341,8 @@ class Trainer:
     def run_commands(self, step: int, result: TrainResult) -> None:
         """What the host asked for since the last step: a checkpoint now, previews now."""
         if self.cancel.take("save") and step < self.total_steps:
-            path = self.saver.output_path(step)
-            if path.exists() and not self.cfg.overwrite:
-                self.warn(f"Not saved now: '{path}' already exists (turn on 'overwrite' to "
-                          "replace it).")
+            if refused := self.saver.save_now_refused(step):
+                self.warn(refused)
             elif step not in self.saved_steps:
                 result.saved.append(self.save(step))
         if self.cancel.take("sample") and self.acc.is_main_process:

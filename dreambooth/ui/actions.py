@@ -153,6 +153,15 @@ class TabActions:
         return [s for s in dict.fromkeys(p.saved) if not is_under(s, self.host.paths.lora_dir)
                 and not is_under(s, self.host.paths.embeddings_dir)]
 
+    def saved_embedding(self, p: Progress) -> str:
+        """The embedding saved with the final file: that file (textual inversion), or the one
+        saved just before it (pivotal: named as the LoRA, or the LoRA's name + '_emb' when both
+        share a folder); '' when none."""
+        stem = Path(p.final_path).stem
+        found = [s for s in p.saved[-2:] if is_under(s, self.host.paths.embeddings_dir)
+                 and Path(s).stem.startswith(stem)]
+        return next((s for s in found if s != p.final_path), found[0]) if found else ""
+
     def use_in_txt2img(self, path: str) -> str:
         if not path:
             return render.banner("warning", "No trained checkpoint yet.")
@@ -179,11 +188,12 @@ class TabActions:
         p: Progress = self.manager.status()
         if p.state in ("finished", "cancelled") and self.manager.busy():
             p = Progress(**{**p.__dict__, "state": "running"})  # refreshing the list still
-        if p.state == "finished" and is_under(p.final_path, self.host.paths.lora_dir):
+        embedding = self.saved_embedding(p) if p.state == "finished" else ""
+        if p.state == "finished" and is_under(p.final_path, self.host.paths.lora_dir) \
+                and embedding != p.final_path:
             p.messages.append(f"LoRA saved: add <lora:{Path(p.final_path).stem}:1> to a prompt.")
-        if p.state == "finished" and any(is_under(s, self.host.paths.embeddings_dir)
-                                         for s in p.saved[-2:]):
-            p.messages.append(f"Embedding saved: write {Path(p.final_path).stem} in a prompt "
+        if embedding:
+            p.messages.append(f"Embedding saved: write {Path(embedding).stem} in a prompt "
                               "where the token was.")
         active = p.active or self.manager.busy()
         saved = self.saved_checkpoints(p)
