@@ -311,3 +311,16 @@ def test_what_text_encoder_steps_ratio_stops_is_named(changes, step, expect):
     from dreambooth.training.advice import text_encoder_stop
     said = text_encoder_stop(TrainingConfig(text_encoder_steps_ratio=0.5, **changes), step, 8)
     assert said.startswith(expect) and bool(said) == bool(expect), said
+
+
+def test_textual_inversion_that_would_stop_early_is_refused_before_training():
+    """The embedding is all a textual-inversion run trains: stopping it at a share of the steps
+    would leave the rest of the run changing nothing (pivotal tuning still trains its LoRA)."""
+    ti = TrainingConfig(method="textual_inversion", embedding_token="sks",
+                        text_encoder_steps_ratio=0.5)
+    fields = [p.field for p in ti.validate()]
+    assert "text_encoder_steps_ratio" in fields
+    assert "text_encoder_steps_ratio" not in [p.field for p in ti.replace(
+        text_encoder_steps_ratio=1.0).validate()]
+    pivotal = ti.replace(method="lora", pivotal=True)
+    assert "text_encoder_steps_ratio" not in [p.field for p in pivotal.validate()]

@@ -253,6 +253,12 @@ def check_embedding(cfg) -> list[Problem]:
         problems.append(Problem("train_text_encoder", True, "trains the whole text encoder, "
                                 "which an embedding file can't hold", "turn it off (textual "
                                 "inversion trains only the new token's embedding)"))
+    ratio = cfg.text_encoder_steps_ratio
+    if cfg.method == "textual_inversion" and isinstance(ratio, (int, float)) and 0 <= ratio < 1:
+        problems.append(Problem("text_encoder_steps_ratio", ratio, "stops the embedding after "
+                                "that share of the steps, and textual inversion trains nothing "
+                                "else, so the steps after it would change nothing", "set it to "
+                                "1.0 and lower the number of steps instead"))
     if not cfg.trains_embedding or not isinstance(cfg.embedding_token, str) \
             or not isinstance(cfg.embedding_init_word, str):
         return problems
