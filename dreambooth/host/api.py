@@ -209,10 +209,11 @@ class Api:
                        for c in self.host.list_checkpoints()]
         return {"models": models, "checkpoints": checkpoints}
 
-    def config(self, request: Request, raw: bytes | None, wanted: tuple = ()) -> TrainingConfig:
+    def config(self, request: Request, raw: bytes | None,
+               keep=lambda field: True) -> TrainingConfig:
         """The request's config with the host's defaults filled in, every path confined to the
-        host's folders and the source picked from its list, validated (only the `wanted`
-        fields when given); or ConfigError naming every problem at once."""
+        host's folders and the source picked from its list, validated (the fields `keep`
+        accepts); or ConfigError naming every problem at once."""
         data = self.body(request, raw)
         for key, value in host_defaults(self.host).items():
             data.setdefault(key, value)
@@ -226,14 +227,13 @@ class Api:
             except CheckpointError as e:
                 raise ConfigError([Problem("source_checkpoint", data["source_checkpoint"],
                                            e.message, e.hint)]) from None
-        keep = (lambda field: field in wanted) if wanted else (lambda field: True)
         return checked(TrainingConfig.from_dict(data), self.host, keep=keep)
 
     def create(self, request: Request, raw: bytes | None = Depends(raw_body)):
-        """The model's folder and settings (201); 409 while a run of that model is going on
-        (the run writes its settings back when it ends: a change now would be lost)."""
-        config = self.config(request, raw, ("model_name", "source_checkpoint", "model_type",
-                                            "work_dir"))
+        """The model's folder and settings (201): every setting valid, its concepts may come
+        later; 409 while a run of that model is going on (the run writes its settings back
+        when it ends: a change now would be lost)."""
+        config = self.config(request, raw, keep=lambda field: field != "concepts")
         folder = Path(config.work_dir) / config.model_name
         self.not_training(folder, config.model_name)
         claim_model_dir(folder)

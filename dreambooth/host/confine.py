@@ -50,8 +50,11 @@ def inside(value: str, roots: list[Path], field: str) -> Path:
     """`value` resolved (symlinks followed) when it lies in one of `roots`; else ConfigError."""
     shown = ", ".join(str(r) for r in roots)
     fix = f"give a folder inside {shown}"
-    if not isinstance(value, str) or "\x00" in value or not _encodable(value):
-        raise ConfigError([Problem(field, short(repr(value)), "is not a usable path", fix)])
+    why = "is not text" if not isinstance(value, str) else "holds a NUL character" \
+        if "\x00" in value else None if _encodable(value) else \
+        "holds characters that are not valid Unicode (a lone surrogate)"
+    if why:
+        raise ConfigError([Problem(field, short(repr(value)), why, fix)])
     first = Path(os.path.realpath(roots[0]))
     target = Path(os.path.realpath(first / os.path.expanduser(value) if value else first))
     for root in roots:
@@ -100,9 +103,10 @@ def pick_source(host: Host, value) -> str:
         raise ConfigError([Problem("source_checkpoint", short(value), "is empty",
                                    "choose a checkpoint from the list")])
     value = value.strip()
-    listed = host.list_checkpoints()
-    found = [c for c in listed if value in (c.title, c.filename)] or \
-        [c for c in listed if value in _names(c, host.paths.checkpoints_dir)]
+    listed, found = host.list_checkpoints(), []
+    for tier in range(3):  # the most exact kind of name that matches wins
+        found = found or [c for c in listed if value in _names(c, host.paths.checkpoints_dir,
+                                                                tier)]
     if len(found) == 1 or len({c.filename for c in found}) == 1:
         problem = regular_file(found[0].filename, "source_checkpoint")
         if problem:
@@ -117,11 +121,15 @@ def pick_source(host: Host, value) -> str:
     raise ConfigError([Problem("source_checkpoint", short(value), why, fix)])
 
 
-def _names(c, folder: Path) -> set[str]:
-    """Other names a listed checkpoint answers to: its title without the WebUI's ' [hash]',
-    its path relative to the checkpoints folder (either slash), its file name."""
-    names = {c.title.rsplit(" [", 1)[0] if c.title.endswith("]") else c.title,
-             os.path.basename(c.filename)}
+def _names(c, folder: Path, tier: int) -> set[str]:
+    """The names a listed checkpoint answers to, most exact first: (0) its title and its file's
+    path, (1) its title without the WebUI's ' [hash]' and its path relative to the checkpoints
+    folder (either slash), (2) its file name."""
+    if tier == 0:
+        return {c.title, c.filename}
+    if tier == 2:
+        return {os.path.basename(c.filename)}
+    names = {c.title.rsplit(" [", 1)[0] if c.title.endswith("]") else c.title}
     try:
         relative = os.path.relpath(c.filename, folder)
     except ValueError:  # another drive (Windows)
