@@ -71,7 +71,7 @@ def detect_model_type(state: dict, metadata: dict | None = None,
                       yaml_text: str | None = None) -> str | None:
     """The model type of an LDM state dict (v2: 768-v only on evidence), or None (also for a
     `state` that is not a mapping: a damaged header)."""
-    if not isinstance(state, dict):
+    if not hasattr(state, "keys"):
         return None
     family = family_of(state)
     if family == "v2":
