@@ -345,6 +345,13 @@ def test_settings_of_the_model_in_training_are_refused_not_lost(tmp_path, monkey
     assert "Wait for the run to end" in r.json()["fix"] and settings.read_text() == before
     r = client.post(api.PREFIX + "/models", json=_valid(model_name="cat"))
     assert r.status_code == 201  # another model's settings are free
+    from dreambooth.ui.actions import TabActions
+    values = {"model_name": "dog", "source_checkpoint": "base.safetensors", "resolution": 128,
+              "work_dir": str(host.paths.work_dir),
+              "concepts[0].instance_data_dir": "dog", "concepts[0].instance_prompt": "a sks dog"}
+    for button in ("save_settings", "create_model"):  # the tab's buttons: the same refusal
+        banner = getattr(TabActions(host, manager), button)(values, 1)
+        assert "being trained now" in banner and settings.read_text() == before, banner
 
 
 def test_settings_of_a_model_a_command_line_run_holds_are_refused(tmp_path):

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import secrets
-import socket
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
@@ -31,7 +30,7 @@ from ..config.errors import CheckpointError, ConfigError, DreamboothError, short
 from ..config.folders import claim_model_dir
 from ..config.runlog import failure
 from ..config.textfile import parse_json
-from .confine import SHORT, checked, pick_source, refused, short
+from .confine import SHORT, checked, pick_source, refused, short, training_now
 from .guard import FOREIGN, cross_site
 from .interface import Host, host_defaults, sniff_model_type
 from .runner import RunManager
@@ -118,29 +117,6 @@ async def raw_body(request: Request) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _same_folder(a, b) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
-def locked_elsewhere(folder: Path) -> int | None:
-    """The process id in the model's training lock when a live process of this machine holds
-    it (a run from the command line), else None. POSIX only (elsewhere: None)."""
-    try:
-        owner = json.loads((folder / ".train.lock").read_text(encoding="utf-8"))
-        pid = owner["pid"] if owner.get("host") == socket.gethostname() else None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
-        return None
-    if os.name != "posix" or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        return None
-    try:
-        os.kill(pid, 0)
-    except PermissionError:
-        return pid
-    except (OSError, OverflowError):
-        return None
-    return pid
 
 
 class Api:
@@ -251,15 +227,10 @@ class Api:
                       "config": config.to_dict()}, 201)
 
     def not_training(self, folder: Path, name: str) -> None:
-        run = self.manager.run
-        pid = locked_elsewhere(folder)
-        if pid is None and not (run is not None and self.manager.busy() and _same_folder(
-                Path(run.config.work_dir) / run.config.model_name, folder)):
-            return
-        raise Refused(409, f"The model '{name}' is being trained now"
-                      + (f" (process {pid})" if pid else "") + "; the run writes its settings "
-                      "back when it ends, so a change now would be lost.",
-                      "Wait for the run to end (or cancel it), then send the settings again.")
+        why = training_now(self.manager, folder, name)
+        if why:
+            raise Refused(409, why, "Wait for the run to end (or cancel it), then send the "
+                          "settings again.")
 
     def train(self, request: Request, raw: bytes | None = Depends(raw_body)):
         config = self.config(request, raw)

@@ -8,7 +8,9 @@ the Python API don't come through here: they may use any path.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -213,3 +215,36 @@ def model_folder(host: Host, name, field: str = "model_name") -> Path:
     if problems:
         raise ConfigError([dataclasses.replace(p, field=field) for p in problems])
     return inside(name, [host.paths.work_dir], field)
+
+
+def training_now(manager, folder: Path, name: str) -> str:
+    """Why the settings of the model in `folder` must not be written now (a run of it is going
+    on, here or from the command line: it writes its settings back when it ends, so an edit
+    would be lost without a word), or ''."""
+    run = manager.run
+    pid = locked_elsewhere(folder)
+    here = run is not None and manager.busy() and os.path.realpath(
+        Path(run.config.work_dir) / run.config.model_name) == os.path.realpath(folder)
+    if pid is None and not here:
+        return ""
+    return (f"The model '{name}' is being trained now" + (f" (process {pid})" if pid else "")
+            + "; the run writes its settings back when it ends, so a change now would be lost.")
+
+
+def locked_elsewhere(folder: Path) -> int | None:
+    """The process id in the model's training lock when a live process of this machine holds
+    it (a run from the command line), else None. POSIX only (elsewhere: None)."""
+    try:
+        owner = json.loads((Path(folder) / ".train.lock").read_text(encoding="utf-8"))
+        pid = owner["pid"] if owner.get("host") == socket.gethostname() else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        return None
+    if os.name != "posix" or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except PermissionError:
+        return pid
+    except (OSError, OverflowError):
+        return None
+    return pid
