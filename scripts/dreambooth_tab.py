@@ -12,6 +12,7 @@ import html
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,18 @@ if not LOAD_ERROR:
         def missing_dependencies(self) -> list[str]:
             return self.missing
 
+        def origin_allowed(self, origin: str) -> bool:
+            """The sites the WebUI's own --cors-allow-origins / --cors-allow-origins-regex
+            open to its API (none by default)."""
+            listed = [o.strip() for o in str(_opt("cors_allow_origins", "")).split(",")]
+            if origin in listed or "*" in listed:
+                return True
+            try:
+                return bool(_opt("cors_allow_origins_regex")) and \
+                    re.fullmatch(_opt("cors_allow_origins_regex"), origin) is not None
+            except re.error:
+                return False
+
 
 def _banner(title: str, lines: list[str], command: str = "") -> str:
     items = "".join(f"<li>{html.escape(l)}</li>" for l in lines)
@@ -215,8 +228,12 @@ def on_app_started(demo, app):
     except ImportError as e:
         print(f"[dreambooth] HTTP API not available: {e}", file=sys.stderr)
         return
+    from dreambooth.host.guard import guard_cors
     host, manager = _manager()
     api.mount(app, host, manager)
+    # the WebUI's app answers CORS for the routes we add too (gradio 4's middleware lets a
+    # sandboxed page, Origin 'null', read them): no allowance for another site on ours
+    guard_cors(app, api.PREFIX, host.origin_allowed)
 
 
 script_callbacks.on_ui_tabs(on_ui_tabs)

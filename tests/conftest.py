@@ -7,6 +7,9 @@ import socket
 # what the CLI gives a deterministic run (host/cli.py run_training), for the in-process runs too:
 # set before torch's first BLAS call
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+# gradio's import starts a thread that fetches its messages and version from api.gradio.app
+# unless this is off: imported inside a test, that would fail the test's no-network check
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest
 

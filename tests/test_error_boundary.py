@@ -22,6 +22,7 @@ from dreambooth.host.cli import main
 from dreambooth.model.checkpoint import read_checkpoint, write_safetensors
 from dreambooth.model.tiny import write_images
 
+from hostile_configs import config_text_cases, deep  # noqa: E402
 from tally import tally_fixture  # noqa: E402
 
 pytestmark = pytest.mark.reliability
@@ -56,60 +57,7 @@ def run_cli(argv, capsys):
 
 
 # -- config files: every one refused (exit 2) with the field named, nothing written --------------
-def deep(n):
-    return "[" * n + "]" * n
-
-
-def config_text_cases():
-    big = "9" * 5000
-    c = [
-        ("latin1", "caf\xe9".encode("latin-1"), ["--config", "UTF-8"]),
-        ("cp1252_quote", b'{"model_name": "\x93x\x94"}', ["--config", "UTF-8"]),
-        ("utf16_no_bom_bytes", '{"a": 1}'.encode("utf-16-le"), ["(file)"]),
-        ("binary", bytes(range(256)), ["--config"]),
-        ("5000_digit_int", f'{{"steps_per_image": {big}}}'.encode(), ["(file)"]),
-        ("5000_digit_float_field", f'{{"learning_rate": {big}}}'.encode(), ["(file)"]),
-        ("5000_digit_in_concept", f'{{"concepts": [{{"class_images_per_instance": {big}}}]}}'
-         .encode(), ["(file)"]),
-        ("nesting_100000", f'{{"model_name": {deep(100000)}}}'.encode(), ["(file)"]),
-        ("nesting_top", deep(100000).encode(), ["(file)"]),
-        ("schema_minus_1", b'{"schema_version": -1}', ["schema_version"]),
-        ("schema_text", b'{"schema_version": "1"}', ["schema_version"]),
-        ("schema_float", b'{"schema_version": 1.5}', ["schema_version"]),
-        ("schema_bool", b'{"schema_version": true}', ["schema_version"]),
-        ("schema_99", b'{"schema_version": 99}', ["schema_version", "newer"]),
-        ("schema_huge", f'{{"schema_version": -{"9" * 400}}}'.encode(), ["schema_version"]),
-        ("warmup_10e400", f'{{"lr_warmup_steps": 1{"0" * 400}}}'.encode(), ["lr_warmup_steps"]),
-        ("save_every_huge", f'{{"save_every_epochs": 1{"0" * 300}}}'.encode(),
-         ["save_every_epochs"]),
-        ("lr_int_1e400", f'{{"learning_rate": 1{"0" * 400}}}'.encode(), ["learning_rate"]),
-        ("lr_float_1e400", b'{"learning_rate": 1e400}', ["learning_rate"]),
-        ("lr_nan", b'{"learning_rate": NaN}', ["learning_rate"]),
-        ("lr_neg_inf", b'{"learning_rate": -Infinity}', ["learning_rate"]),
-        ("seed_negative_huge", f'{{"seed": -{"9" * 300}}}'.encode(), ["seed"]),
-        ("name_surrogate", b'{"model_name": "a\\ud800b"}', ["model_name"]),
-        ("prompt_surrogate", b'{"concepts": [{"instance_data_dir": "x", "instance_prompt": '
-         b'"\\udcff"}]}', ["instance_prompt"]),
-        ("class_prompt_surrogate", b'{"concepts": [{"instance_data_dir": "x", "instance_prompt"'
-         b': "a", "class_prompt": "\\ud834"}]}', ["class_prompt"]),
-        ("name_nul", b'{"model_name": "a\\u0000b"}', ["model_name"]),
-        ("work_dir_nul", b'{"work_dir": "a\\u0000b"}', ["work_dir", "NUL"]),
-        ("output_dir_nul", b'{"output_dir": "/tmp/a\\u0000b"}', ["output_dir", "NUL"]),
-        ("lora_dir_nul", b'{"lora_dir": "a\\u0000"}', ["lora_dir", "NUL"]),
-        ("source_nul", b'{"source_checkpoint": "m\\u0000.safetensors"}', ["source_checkpoint"]),
-        ("resume_nul", b'{"resume": "st\\u0000ate"}', ["resume"]),
-        ("instance_dir_nul", b'{"concepts": [{"instance_data_dir": "a\\u0000", '
-         b'"instance_prompt": "x"}]}', ["instance_data_dir"]),
-        ("work_dir_surrogate", b'{"work_dir": "\\udc80runs"}', ["work_dir"]),
-        ("resume_surrogate", b'{"resume": "\\udc80"}', ["resume"]),
-        ("concepts_deep_list", b'{"concepts": [[[[[]]]]]}', ["concepts[0]"]),
-        ("concept_null", b'{"concepts": [null]}', ["concepts[0]"]),
-        ("empty_file", b"", ["(file)"]),
-        ("bom_only", b"\xef\xbb\xbf", ["(file)"]),
-    ]
-    return c
-
-
+# (the cases live in hostile_configs.py: the HTTP API is held to the same ones, tests/test_api.py)
 @pytest.mark.parametrize("case", config_text_cases(), ids=lambda c: c[0])
 def test_config_file_refused_in_one_sentence(case, tmp_path, capsys):
     name, data, words = case

@@ -237,6 +237,37 @@ def test_api_routes_mount_on_the_webuis_app_under_its_auth(webui):
     assert r.status_code == 200 and r.json()["models"] == []
 
 
+def test_our_routes_in_the_webui_give_no_cors_allowance_to_another_site(webui):
+    """The WebUI's app answers CORS itself (gradio 4's middleware allows a sandboxed page,
+    Origin 'null'); the glue keeps our routes out of it, except for the sites the WebUI's
+    --cors-allow-origins names."""
+    fastapi = pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+    from starlette.middleware.cors import CORSMiddleware
+    mods, glue = webui
+    mods["shared"].cmd_opts.api = True
+    mods["shared"].cmd_opts.cors_allow_origins = "https://mine.example"
+    glue.STATE.clear()
+    app = fastapi.FastAPI()
+    app.add_middleware(CORSMiddleware, allow_origin_regex=".*", allow_credentials=True,
+                       allow_methods=["*"], allow_headers=["*"])
+    mods["script_callbacks"].app_started_callback(None, app)
+    client = TestClient(app, base_url="http://127.0.0.1:7860")
+    for origin in ("null", "https://evil.example"):
+        r = client.get("/dreambooth/v1/status", headers={"origin": origin})
+        assert r.status_code == 403 and not [k for k in r.headers
+                                             if k.lower().startswith("access-control-")]
+        r = client.options("/dreambooth/v1/train", headers={
+            "origin": origin, "access-control-request-method": "POST"})
+        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+    r = client.get("/dreambooth/v1/status", headers={"origin": "https://mine.example"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == \
+        "https://mine.example"
+    assert client.get("/dreambooth/v1/status",
+                      headers={"origin": "http://127.0.0.1:7860"}).status_code == 200
+
+
 @pytest.mark.slow
 def test_a_lora_from_the_tab_lands_in_the_lora_list(webui, tiny_inputs, monkeypatch):
     mods, glue = webui

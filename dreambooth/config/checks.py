@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -17,6 +18,10 @@ _BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 MAX_NAME_LENGTH = 100
 MAX_TEXT_LENGTH = 10_000  # a prompt or a path: CLIP reads 77 tokens, paths end at 4096 bytes
 MAX_UNBOUNDED_INT = 10**9  # a count without its own maximum
+NAME_MAX_BYTES = 255  # the longest file or folder name ext4, XFS, btrfs, NTFS and APFS take
+PATH_MAX_BYTES = 4095  # the longest path Linux takes (a run adds ~80 bytes below the model)
+PATH_FIELDS = ("work_dir", "output_dir", "lora_dir", "embedding_dir", "resume",
+               "source_checkpoint")
 
 
 def is_dir(path: str) -> bool:
@@ -115,6 +120,9 @@ def check_name(name: Any) -> list[Problem]:
         why = "is empty"
     elif len(name) > MAX_NAME_LENGTH:
         why = f"is {len(name)} characters long (at most {MAX_NAME_LENGTH})"
+    elif len(name.encode("utf-8", "surrogatepass")) > NAME_MAX_BYTES:
+        why = (f"is {len(name.encode('utf-8', 'surrogatepass'))} bytes long in UTF-8, longer "
+               f"than a folder name may be ({NAME_MAX_BYTES} bytes)")
     elif _BAD_NAME_CHARS.search(name) or name in (".", "..") or ".." in name:
         why = "contains a path separator, '..' or a reserved character (<>:\"/\\|?*)"
     elif name.split(".")[0].lower() in _RESERVED_NAMES:
@@ -125,6 +133,45 @@ def check_name(name: Any) -> list[Problem]:
         return []
     return [Problem("model_name", name, why,
                     "use letters, digits, '-', '_' and '.', e.g. 'my_dog'")]
+
+
+def path_length_problem(value: str) -> str | None:
+    """Why the file system would refuse `value` as a path for its length (ENAMETOOLONG), or
+    None."""
+    try:
+        data = os.fsencode(value)
+    except (UnicodeError, ValueError):  # a lone surrogate: _text_problem names it
+        return None
+    if len(data) > PATH_MAX_BYTES:
+        return f"is {len(data)} bytes long, more than a path may be ({PATH_MAX_BYTES} bytes)"
+    for sep in (os.sep, os.altsep or os.sep):
+        data = data.replace(os.fsencode(sep), b"/")
+    longest = max(len(part) for part in data.split(b"/"))
+    if longest > NAME_MAX_BYTES:
+        return (f"holds a name of {longest} bytes, more than a file or folder name may be "
+                f"({NAME_MAX_BYTES} bytes)")
+    return None
+
+
+def check_path_lengths(cfg) -> list[Problem]:
+    """Every path field (and the model's folder, work_dir/model_name) short enough for the
+    file system, so no mkdir or open fails later with 'File name too long'."""
+    values = [(name, getattr(cfg, name, None)) for name in PATH_FIELDS]
+    values += [(f"concepts[{i}].{k}", getattr(c, k, None)) for i, c in enumerate(cfg.concepts)
+               for k in ("instance_data_dir", "class_data_dir")]
+    problems = []
+    for name, value in values:
+        if isinstance(value, str) and not _text_problem(value) and path_length_problem(value):
+            problems.append(Problem(name, value, path_length_problem(value),
+                                    "give a shorter path"))
+    if isinstance(cfg.work_dir, str) and isinstance(cfg.model_name, str) and not problems:
+        longest = os.path.join(cfg.work_dir, cfg.model_name, "x" * 80)
+        if not _text_problem(longest) and path_length_problem(longest):
+            problems.append(Problem("work_dir", cfg.work_dir, "is so long that the files a run "
+                                    f"writes under <work_dir>/{cfg.model_name} would pass the "
+                                    f"longest path the system takes ({PATH_MAX_BYTES} bytes)",
+                                    "give a shorter work_dir or model_name"))
+    return problems
 
 
 def check_concept(c, i: int, check_paths: bool) -> list[Problem]:

@@ -25,6 +25,8 @@ def _made_by_us_before_markers(folder: Path) -> bool:
             or any((folder / "state").glob("step_*/trainer.json")) \
             or any((folder / "runs").glob("*/run.json")):
         return True
+    if not (folder / "config.json").is_file():  # a FIFO there would block the read
+        return False
     try:
         data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):

@@ -77,9 +77,11 @@ class RunLog:
         return ([self.model_dir / "logs"] if mine else []) + [fallback_folder()]
 
 
-def failure(exc: BaseException, log: RunLog | None = None) -> DreamboothError:
+def failure(exc: BaseException, log: RunLog | None = None,
+            what: str = "Training") -> DreamboothError:
     """The exception as a DreamboothError; its traceback goes to the log. A DreamboothError
-    keeps its words (the log path is added as `.log`); anything else is a bug, said as such."""
+    keeps its words (the log path is added as `.log`); anything else is a bug, said as such
+    ("<what> failed unexpectedly ...": the HTTP API says "The request")."""
     log = log or RunLog()
     log.keep = True
     log.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
@@ -88,12 +90,12 @@ def failure(exc: BaseException, log: RunLog | None = None) -> DreamboothError:
     if isinstance(exc, DreamboothError):
         exc.log = str(path) if path else ""
         return exc
-    what = " ".join(str(exc).split())[:300]
+    said = " ".join(str(exc).split())[:300]
     if host_out_of_memory(exc):
         err = out_of_host_memory("", exc)
         err.log = str(path) if path else ""
         return err
-    err = BugError(f"Training failed unexpectedly ({type(exc).__name__}: {what}). This is a "
+    err = BugError(f"{what} failed unexpectedly ({type(exc).__name__}: {said}). This is a "
                    f"bug; {where}.", "Please report it with that log file.")
     err.log = str(path) if path else ""
     return err

@@ -17,6 +17,7 @@ from .checks import (
     check_fields,
     check_lora_and_buckets,
     check_name,
+    check_path_lengths,
     check_source,
     field_names,
     is_dir,
@@ -24,7 +25,7 @@ from .checks import (
 )
 from .errors import ConfigError, Problem
 from .migrate import SCHEMA_VERSION, migrate
-from .textfile import read_config_text
+from .textfile import parse_json, read_config_text
 
 MODEL_TYPES = ("v1x", "v2x-512", "v2x-768-v", "sdxl")
 OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "prodigy", "adafactor")
@@ -314,7 +315,7 @@ class TrainingConfig:
                                     f"use {max(8, self.resolution // 8 * 8)}"))
         if check_paths:
             problems += check_source(self.source_checkpoint)
-        problems += check_lora_and_buckets(self)
+        problems += check_lora_and_buckets(self) + check_path_lengths(self)
         problems += check_embedding(self)
         if isinstance(self.resume, str) and self.resume not in ("auto", "never") and (
                 not self.resume.strip() or (check_paths and not is_dir(self.resume))):
@@ -367,18 +368,7 @@ class TrainingConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "TrainingConfig":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError([Problem("(file)", f"line {e.lineno} column {e.colno}",
-                                       f"is not valid JSON ({e.msg})",
-                                       "fix the JSON syntax at that place")]) from None
-        except (ValueError, RecursionError) as e:  # a 5000-digit number, nesting 100 000 deep
-            raise ConfigError([Problem("(file)", type(e).__name__, "holds a value this can't "
-                                       f"read ({str(e).splitlines()[0][:120]})",
-                                       "give plain numbers and at most a few levels of "
-                                       "nesting")]) from None
-        return cls.from_dict(data)
+        return cls.from_dict(parse_json(text, "(file)"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TrainingConfig":

@@ -2,51 +2,95 @@
 
 Only plain Request/JSONResponse, so the same code runs on fastapi 0.94 + pydantic 1 (A1111 1.10)
 and on newer fastapi + pydantic 2 (Forge). Under the WebUI's --api-auth every route needs HTTP
-basic auth. Errors are JSON: {"detail": [{"field", "value", "why", "fix"}, ...]}, values cut to
-200 characters. Every path in a request stays inside the host's folders (dreambooth.host.confine:
-403 naming the field otherwise); the source is a checkpoint from the host's list. A POST must be
-application/json and not come from another site's page (403), so a web page can't drive it.
+basic auth. Every answer is JSON with a status: a problem with the request is 4xx, its body
+{"detail": [{"field", "value", "why", "fix"}, ...]} (values cut to 200 characters) or
+{"detail": sentence, "fix": sentence}; 500 is kept for our own bugs, said as such, the traceback
+in the log file it names (`Api.answering`, the one boundary every route goes through). Every
+path in a request stays inside the host's folders (dreambooth.host.confine: 403 naming the
+field otherwise); the source is a checkpoint from the host's list. A request from another
+site's page (its Origin, or a sandboxed page's 'null') is refused (403), and a POST must be
+application/json, so a web page can neither read nor drive the API.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
+import math
+import os
 import secrets
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from ..config import Problem, TrainingConfig
-from ..config.errors import ConfigError
-from .confine import checked, pick_source, refused, short
+from ..config.errors import CheckpointError, ConfigError, DreamboothError, short_repr
+from ..config.folders import claim_model_dir
+from ..config.runlog import failure
+from ..config.textfile import parse_json
+from .confine import SHORT, checked, pick_source, refused, short, training_now
+from .guard import FOREIGN, cross_site
 from .interface import Host, host_defaults, sniff_model_type
 from .runner import RunManager
 
 PREFIX = "/dreambooth/v1"
-
-
 MAX_BODY = 1 << 20  # a config is a few KiB; more is refused unread
+SETTINGS = "config.json"
 
 
-def _problems(problems: list[Problem], status: int = 422) -> JSONResponse:
-    detail = [{"field": short(p.field), "value": short(_jsonable(p.value)), "why": short(p.why),
-               "fix": short(p.fix)} for p in problems]
-    return JSONResponse({"detail": detail}, status_code=status)
+class Refused(DreamboothError):
+    """A request the API turns down with `status`: a sentence (and its fix), or `problems`."""
+
+    def __init__(self, status: int, message: str = "", hint: str = "",
+                 problems: list | None = None, headers: dict | None = None, **extra) -> None:
+        super().__init__(message, hint)
+        self.status, self.problems, self.headers, self.extra = status, problems, headers, extra
 
 
-def _jsonable(value):
-    try:
-        json.dumps(value)
+def clean(value, depth: int = 0):
+    """`value` as JSON can carry it: no NaN/Infinity (null), no lone surrogates (escaped), no
+    number too long to write, nothing nested past 64 levels."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, bool) or (isinstance(value, int)
+                                                    and value.bit_length() < 10_000):
         return value
-    except (TypeError, ValueError):
-        return repr(value)
+    if depth < 64 and isinstance(value, dict):
+        return {clean(str(k)): clean(v, depth + 1) for k, v in value.items()}
+    if depth < 64 and isinstance(value, (list, tuple)):
+        return [clean(v, depth + 1) for v in value]
+    return short_repr(value)
 
 
-def _error(status: int, message: str, **extra) -> JSONResponse:
-    return JSONResponse({"detail": short(message), **extra}, status_code=status)
+def reply(content, status: int = 200, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(clean(content), status_code=status, headers=headers)
+
+
+def _shown(value):
+    """A problem's value as the answer echoes it: short, whatever it holds."""
+    if isinstance(value, str):
+        return short(value)
+    try:
+        if len(json.dumps(value, allow_nan=False)) <= SHORT:
+            return value
+    except (TypeError, ValueError, RecursionError):
+        pass
+    return short_repr(value, SHORT)
+
+
+def _problems(problems: list[Problem], status: int = 422, headers=None) -> JSONResponse:
+    detail = [{"field": short(p.field), "value": _shown(p.value), "why": short(p.why, 1000),
+               "fix": short(p.fix, 2000)} for p in problems]
+    return reply({"detail": detail}, status, headers)
+
+
+def _error(status: int, message: str, hint: str = "", headers=None, **extra) -> JSONResponse:
+    return reply({"detail": short(message, 2000), **({"fix": short(hint, 2000)} if hint else {}),
+                  **extra}, status, headers)
 
 
 def check_auth(header: str, credentials: str) -> bool:
@@ -61,16 +105,6 @@ def check_auth(header: str, credentials: str) -> bool:
         return False
     pairs = [c.strip() for c in credentials.split(",") if ":" in c]
     return any(secrets.compare_digest(given.encode(), pair.encode()) for pair in pairs)
-
-
-def foreign_origin(headers) -> bool:
-    """True when the request comes from a page of another site: its Origin (or, without one,
-    Referer) names another host than the one it was sent to, or is 'null'."""
-    origin = headers.get("origin") or headers.get("referer") or ""
-    if not origin:
-        return headers.get("sec-fetch-site", "") == "cross-site"
-    netloc = urlsplit(origin).netloc if origin != "null" else ""
-    return not netloc or netloc.lower() != headers.get("host", "").lower()
 
 
 async def raw_body(request: Request) -> bytes | None:
@@ -89,55 +123,74 @@ class Api:
     def __init__(self, host: Host, manager: RunManager) -> None:
         self.host, self.manager = host, manager
 
-    def guard(self, request: Request) -> JSONResponse | None:
+    def answering(self, endpoint):
+        """`endpoint` behind the API's one boundary: whatever it returns or raises becomes a
+        JSON answer with a status; an exception we did not foresee is a 500 that says "this is
+        a bug" and names the log file holding its traceback (also said in the host's log)."""
+        @functools.wraps(endpoint)  # FastAPI reads the endpoint's parameters through this
+        def route(*args, **kwargs):
+            try:
+                result = endpoint(*args, **kwargs)
+                return result if isinstance(result, Response) else reply(result)
+            except Refused as e:
+                if e.problems:
+                    return _problems(e.problems, e.status, e.headers)
+                return _error(e.status, e.message, e.hint, e.headers, **e.extra)
+            except ConfigError as e:
+                return _problems(e.problems, 403 if refused(e.problems) else 422)
+            except DreamboothError as e:
+                return _error(422, e.message, e.hint)
+            except Exception as e:  # our bug: one sentence out, the traceback to the log
+                err = failure(e, what="The request")
+                self.host.log(f"{err.message} {err.hint}")
+                return _error(500, err.message, err.hint)
+        return route
+
+    def guard(self, request: Request) -> None:
+        """Refused (401, 403, 415) unless the caller may make this request."""
         if not check_auth(request.headers.get("authorization", ""), self.host.api_auth):
-            return JSONResponse({"detail": "Not authenticated"}, status_code=401,
-                                headers={"WWW-Authenticate": "Basic"})
+            raise Refused(401, "Not authenticated", headers={"WWW-Authenticate": "Basic"})
+        if cross_site(request.headers, request.method) \
+                and not self.host.origin_allowed(request.headers.get("origin", "")):
+            raise Refused(403, FOREIGN, "Call the API from a program (curl, Python) or from "
+                          "this server's own page.")
         if request.method == "POST":
-            if foreign_origin(request.headers):
-                return _error(403, "Requests from another site's page are refused.")
             kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if kind != "application/json":
-                return _problems([Problem("(content-type)", kind, "is not application/json",
-                                          "send the body as JSON with that content type")], 415)
-        return None
+                raise Refused(415, problems=[Problem("(content-type)", kind,
+                                                     "is not application/json",
+                                                     "send the body as JSON with that content "
+                                                     "type")])
 
-    def body(self, request: Request, raw: bytes | None) -> dict | JSONResponse:
-        if (denied := self.guard(request)) is not None:
-            return denied
+    def body(self, request: Request, raw: bytes | None) -> dict:
+        self.guard(request)
         if raw is None:
-            return _problems([Problem("(body)", "", f"is over {MAX_BODY} bytes",
-                                      "send a smaller JSON object")], 413)
-        try:
-            data = json.loads(raw or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return _problems([Problem("(body)", "", f"is not valid JSON ({e})",
-                                      "send one JSON object")])
+            raise Refused(413, problems=[Problem("(body)", "", f"is over {MAX_BODY} bytes",
+                                                 "send a smaller JSON object")])
+        data = parse_json(raw or b"{}", "(body)")
         if not isinstance(data, dict):
-            return _problems([Problem("(body)", type(data).__name__, "is not a JSON object",
-                                      "send one {...} object")])
+            raise ConfigError([Problem("(body)", type(data).__name__, "is not a JSON object",
+                                       "send one {...} object")])
         return data
 
     # -- routes (plain functions: FastAPI runs them in a thread, file I/O never blocks the loop)
     def models(self, request: Request):
-        if (denied := self.guard(request)) is not None:
-            return denied
+        self.guard(request)
         root = self.host.paths.work_dir
         models = []
         if root.is_dir():
-            for folder in sorted(p for p in root.iterdir() if (p / "config.json").is_file()):
-                models.append({"name": folder.name, "settings": str(folder / "config.json")})
+            for folder in sorted(p for p in root.iterdir() if (p / SETTINGS).is_file()):
+                models.append({"name": folder.name, "settings": str(folder / SETTINGS)})
         checkpoints = [{"title": c.title, "filename": c.filename}
                        for c in self.host.list_checkpoints()]
         return {"models": models, "checkpoints": checkpoints}
 
-    def config(self, request: Request, raw: bytes | None, wanted: tuple = ()):
+    def config(self, request: Request, raw: bytes | None,
+               keep=lambda field: True) -> TrainingConfig:
         """The request's config with the host's defaults filled in, every path confined to the
-        host's folders and the source picked from its list, validated (only the `wanted`
-        fields when given); or the error response naming every problem at once."""
+        host's folders and the source picked from its list, validated (the fields `keep`
+        accepts); or ConfigError naming every problem at once."""
         data = self.body(request, raw)
-        if isinstance(data, JSONResponse):
-            return data
         for key, value in host_defaults(self.host).items():
             data.setdefault(key, value)
         try:
@@ -145,46 +198,57 @@ class Api:
         except ConfigError:
             source = None  # confine() below names the field with the others
         if source is not None and "model_type" not in data:
-            data["model_type"] = sniff_model_type(source) or "v1x"
-        try:
-            keep = (lambda field: field in wanted) if wanted else (lambda field: True)
-            return checked(TrainingConfig.from_dict(data), self.host, keep=keep)
-        except ConfigError as e:
-            return _problems(e.problems, 403 if refused(e.problems) else 422)
+            try:
+                data["model_type"] = sniff_model_type(source, strict=True) or "v1x"
+            except CheckpointError as e:
+                raise ConfigError([Problem("source_checkpoint", data["source_checkpoint"],
+                                           e.message, e.hint)]) from None
+        return checked(TrainingConfig.from_dict(data), self.host, keep=keep)
 
     def create(self, request: Request, raw: bytes | None = Depends(raw_body)):
-        config = self.config(request, raw, ("model_name", "source_checkpoint", "model_type",
-                                            "work_dir"))
-        if isinstance(config, JSONResponse):
-            return config
+        """The model's folder and settings (201): every setting valid, its concepts may come
+        later; 409 while a run of that model is going on (the run writes its settings back
+        when it ends: a change now would be lost)."""
+        config = self.config(request, raw, keep=lambda field: field != "concepts")
         folder = Path(config.work_dir) / config.model_name
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(config.to_json(), encoding="utf-8")
-        return JSONResponse({"name": config.model_name, "settings": str(folder / "config.json"),
-                             "config": config.to_dict()}, status_code=201)
+        self.not_training(folder, config.model_name)
+        claim_model_dir(folder)
+        path = folder / SETTINGS
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            tmp.write_text(config.to_json(), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise DreamboothError(f"The settings could not be written to '{path}' "
+                                  f"({e.strerror or e}).", "Check that the work folder is "
+                                  "writable and has free space.") from None
+        return reply({"name": config.model_name, "settings": str(path),
+                      "config": config.to_dict()}, 201)
+
+    def not_training(self, folder: Path, name: str) -> None:
+        why = training_now(self.manager, folder, name)
+        if why:
+            raise Refused(409, why, "Wait for the run to end (or cancel it), then send the "
+                          "settings again.")
 
     def train(self, request: Request, raw: bytes | None = Depends(raw_body)):
         config = self.config(request, raw)
-        if isinstance(config, JSONResponse):
-            return config
         if self.host.missing_dependencies():
-            return _error(503, "Training needs packages that are not installed.",
+            raise Refused(503, "Training needs packages that are not installed.",
                           missing=self.host.missing_dependencies())
         try:
             self.manager.start(config)
         except RuntimeError as e:
-            return _error(409, str(e))
-        return JSONResponse(self.manager.status().to_dict(), status_code=202)
+            raise Refused(409, str(e)) from None
+        return reply(self.manager.status().to_dict(), 202)
 
     def status(self, request: Request):
-        if (denied := self.guard(request)) is not None:
-            return denied
+        self.guard(request)
         return self.manager.status().to_dict()
 
     def cancel(self, request: Request, raw: bytes | None = Depends(raw_body)):
-        data = self.body(request, raw)
-        if isinstance(data, JSONResponse):
-            return data
+        self.body(request, raw)
         return {"cancelling": self.manager.cancel(), **self.manager.status().to_dict()}
 
     def save(self, request: Request, raw: bytes | None = Depends(raw_body)):
@@ -195,17 +259,13 @@ class Api:
 
     def command(self, request: Request, raw: bytes | None, what: str):
         """202 when the running job was asked (it acts at its next step), 409 when none runs."""
-        data = self.body(request, raw)
-        if isinstance(data, JSONResponse):
-            return data
+        self.body(request, raw)
         if not self.manager.request(what):
-            return _error(409, f"Nothing is training, so there is nothing to {what}.")
-        return JSONResponse({"requested": what, **self.manager.status().to_dict()},
-                            status_code=202)
+            raise Refused(409, f"Nothing is training, so there is nothing to {what}.")
+        return reply({"requested": what, **self.manager.status().to_dict()}, 202)
 
     def outputs(self, request: Request):
-        if (denied := self.guard(request)) is not None:
-            return denied
+        self.guard(request)
         files = {}
         for p in self.manager.history + [self.manager.status()]:
             for path in p.saved:
@@ -226,5 +286,5 @@ def mount(app: FastAPI, host: Host, manager: RunManager) -> Api:
                                    ("/save", api.save, "POST"),
                                    ("/sample", api.sample, "POST"),
                                    ("/outputs", api.outputs, "GET")):
-        app.add_api_route(PREFIX + path, endpoint, methods=[method])
+        app.add_api_route(PREFIX + path, api.answering(endpoint), methods=[method])
     return api

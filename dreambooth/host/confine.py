@@ -8,7 +8,9 @@ the Python API don't come through here: they may use any path.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -20,10 +22,13 @@ SHORT = 200  # longest value echoed back in an error
 LEAVES = "leaves the folders this host offers"
 
 
-def short(value):
-    """`value` cut to SHORT characters when it is a long string (errors never echo megabytes)."""
-    if isinstance(value, str) and len(value) > SHORT:
-        return value[:SHORT] + f"... ({len(value)} characters)"
+def short(value, limit: int = SHORT):
+    """`value` cut to `limit` characters when it is a long string (errors never echo
+    megabytes), with characters UTF-8 can't carry (lone surrogates) written as escapes."""
+    if isinstance(value, str):
+        if len(value) > limit:
+            value = value[:limit] + f"... ({len(value)} characters)"
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
     return value
 
 
@@ -31,7 +36,7 @@ def roots_of(host: Host, field: str) -> list[Path]:
     """The folders `field` may point into, its default root first."""
     p = host.paths
     data = getattr(p, "data_dir", None) or p.work_dir
-    return {"work_dir": [p.work_dir],
+    roots = {"work_dir": [p.work_dir],
             "output_dir": [p.checkpoints_dir, p.work_dir],
             "lora_dir": [p.lora_dir, p.work_dir],
             "embedding_dir": [p.embeddings_dir, p.work_dir],
@@ -39,14 +44,19 @@ def roots_of(host: Host, field: str) -> list[Path]:
             "instance_data_dir": [data, p.work_dir],
             "class_data_dir": [data, p.work_dir],
             "model_name": [p.work_dir]}[field.rsplit(".", 1)[-1]]
+    unique = {os.path.realpath(r): Path(r) for r in reversed(roots)}  # the data dir may be
+    return list(reversed(unique.values()))  # the work dir: one folder, named once
 
 
 def inside(value: str, roots: list[Path], field: str) -> Path:
     """`value` resolved (symlinks followed) when it lies in one of `roots`; else ConfigError."""
     shown = ", ".join(str(r) for r in roots)
     fix = f"give a folder inside {shown}"
-    if not isinstance(value, str) or "\x00" in value:
-        raise ConfigError([Problem(field, short(repr(value)), "is not a usable path", fix)])
+    why = "is not text" if not isinstance(value, str) else "holds a NUL character" \
+        if "\x00" in value else None if _encodable(value) else \
+        "holds characters that are not valid Unicode (a lone surrogate)"
+    if why:
+        raise ConfigError([Problem(field, short(repr(value)), why, fix)])
     first = Path(os.path.realpath(roots[0]))
     target = Path(os.path.realpath(first / os.path.expanduser(value) if value else first))
     for root in roots:
@@ -59,6 +69,16 @@ def inside(value: str, roots: list[Path], field: str) -> Path:
     elif Path(os.path.abspath(first / value)) != target:
         why += " (through a symlink)"
     raise ConfigError([Problem(field, short(value), why, fix)])
+
+
+def _encodable(value: str) -> bool:
+    """True when the file system can take `value` as a name (not a lone surrogate that its
+    encoding can't write)."""
+    try:
+        os.fsencode(value)
+        return True
+    except UnicodeError:
+        return False
 
 
 def regular_file(path: str | os.PathLike, field: str) -> Problem | None:
@@ -75,24 +95,50 @@ def regular_file(path: str | os.PathLike, field: str) -> Problem | None:
 
 
 def pick_source(host: Host, value) -> str:
-    """The file of the checkpoint called `value` (its title, or its listed filename) in the host's
-    list; ConfigError when there is none or it is not a regular file. (A miss does not rescan:
-    a caller must not make the host walk its folders, or the WebUI reselect its --ckpt, at will;
-    the tab's refresh button and the WebUI's refresh-checkpoints do that.)"""
+    """The file of the checkpoint called `value` in the host's list: by its title ('base.
+    safetensors [93316a775d]'), its file's path, its title or path without the hash, its path
+    relative to the checkpoints folder, or its file name alone when only one file has it;
+    ConfigError listing the names when there is none, or when it is not a regular file. (A miss
+    does not rescan: a caller must not make the host walk its folders, or the WebUI reselect
+    its --ckpt, at will; the tab's refresh button and the WebUI's refresh-checkpoints do that.)"""
     if not isinstance(value, str) or not value.strip():
         raise ConfigError([Problem("source_checkpoint", short(value), "is empty",
                                    "choose a checkpoint from the list")])
     value = value.strip()
-    for c in host.list_checkpoints():
-        if value in (c.title, c.filename):
-            problem = regular_file(c.filename, "source_checkpoint")
-            if problem:
-                raise ConfigError([problem])
-            return c.filename
-    raise ConfigError([Problem("source_checkpoint", short(value),
-                               "is not a checkpoint this host lists",
-                               "choose a checkpoint by its name in the list (refresh it if "
-                               "the file is new)")])
+    listed, found = host.list_checkpoints(), []
+    for tier in range(3):  # the most exact kind of name that matches wins
+        found = found or [c for c in listed if value in _names(c, host.paths.checkpoints_dir,
+                                                                tier)]
+    if len(found) == 1 or len({c.filename for c in found}) == 1:
+        problem = regular_file(found[0].filename, "source_checkpoint")
+        if problem:
+            raise ConfigError([problem])
+        return found[0].filename
+    titles = [c.title for c in (found or listed)]
+    shown = ", ".join(f"'{t}'" for t in titles[:20]) + (f" and {len(titles) - 20} more"
+                                                         if len(titles) > 20 else "")
+    why = f"names {len(found)} checkpoints" if found else "is not a checkpoint this host lists"
+    fix = (f"choose one of: {shown}" if titles else "put a checkpoint into "
+           f"'{host.paths.checkpoints_dir}'") + " (refresh the list if the file is new)"
+    raise ConfigError([Problem("source_checkpoint", short(value), why, fix)])
+
+
+def _names(c, folder: Path, tier: int) -> set[str]:
+    """The names a listed checkpoint answers to, most exact first: (0) its title and its file's
+    path, (1) its title without the WebUI's ' [hash]' and its path relative to the checkpoints
+    folder (either slash), (2) its file name."""
+    if tier == 0:
+        return {c.title, c.filename}
+    if tier == 2:
+        return {os.path.basename(c.filename)}
+    names = {c.title.rsplit(" [", 1)[0] if c.title.endswith("]") else c.title}
+    try:
+        relative = os.path.relpath(c.filename, folder)
+    except ValueError:  # another drive (Windows)
+        relative = ""
+    if relative and not relative.startswith(".."):
+        names.update({relative, relative.replace(os.sep, "/")})
+    return names
 
 
 def confine(config: TrainingConfig, host: Host, need_source: bool = True) -> TrainingConfig:
@@ -169,3 +215,36 @@ def model_folder(host: Host, name, field: str = "model_name") -> Path:
     if problems:
         raise ConfigError([dataclasses.replace(p, field=field) for p in problems])
     return inside(name, [host.paths.work_dir], field)
+
+
+def training_now(manager, folder: Path, name: str) -> str:
+    """Why the settings of the model in `folder` must not be written now (a run of it is going
+    on, here or from the command line: it writes its settings back when it ends, so an edit
+    would be lost without a word), or ''."""
+    run = manager.run
+    pid = locked_elsewhere(folder)
+    here = run is not None and manager.busy() and os.path.realpath(
+        Path(run.config.work_dir) / run.config.model_name) == os.path.realpath(folder)
+    if pid is None and not here:
+        return ""
+    return (f"The model '{name}' is being trained now" + (f" (process {pid})" if pid else "")
+            + "; the run writes its settings back when it ends, so a change now would be lost.")
+
+
+def locked_elsewhere(folder: Path) -> int | None:
+    """The process id in the model's training lock when a live process of this machine holds
+    it (a run from the command line), else None. POSIX only (elsewhere: None)."""
+    try:
+        owner = json.loads((Path(folder) / ".train.lock").read_text(encoding="utf-8"))
+        pid = owner["pid"] if owner.get("host") == socket.gethostname() else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        return None
+    if os.name != "posix" or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except PermissionError:
+        return pid
+    except (OSError, OverflowError):
+        return None
+    return pid

@@ -1,7 +1,9 @@
 """Who may talk to the standalone server (`python -m dreambooth ui`): requests must name it by
 the address or name it is bound to (a page on another site that rebinds its own DNS name to
 127.0.0.1 sends its own name: 403), and a POST from another site's page is refused (403).
-A plain ASGI wrapper, standard library only."""
+No page of another site (nor a sandboxed page, whose Origin is 'null') gets a CORS allowance
+to read an answer, whatever gradio's middleware added (CorsGuard; in the WebUI it guards our
+routes only). Plain ASGI wrappers, standard library only."""
 from __future__ import annotations
 
 import ipaddress
@@ -39,6 +41,71 @@ def allowed_names(bound: str, extra: tuple = ()) -> set[str] | None:
     return names
 
 
+UNSAFE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+FOREIGN = "Requests from another site's page are refused."
+
+
+def cross_site(headers, method: str = "GET") -> bool:
+    """True when the request comes from a page of another site: its Origin names another host
+    than the one it was sent to, or is 'null' (a sandboxed or file: page); for a POST (and the
+    like) without an Origin, its Referer does, or the browser says 'cross-site'."""
+    origin = headers.get("origin") or ""
+    if not origin and method.upper() in UNSAFE_METHODS:
+        origin = headers.get("referer") or ""
+    if not origin:
+        return headers.get("sec-fetch-site", "") == "cross-site"
+    netloc = urlsplit(origin).netloc if origin != "null" else ""
+    return not netloc or netloc.lower() != headers.get("host", "").lower()
+
+
+def _headers(scope) -> dict:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+
+async def _answer(send, status: int, why: str) -> None:
+    body = json.dumps({"detail": why}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class CorsGuard:
+    """ASGI middleware for the paths under `prefix`: a request from another site's page (or a
+    sandboxed one, Origin 'null') gets no CORS allowance, whatever the app behind it (gradio
+    4's middleware answers 'null' as if it were localhost) adds: its preflight is answered 403
+    and every Access-Control-* header is taken off the other answers. `allowed(origin)`: the
+    origins the host's owner opened (the WebUI's --cors-allow-origins) pass untouched."""
+
+    def __init__(self, app, prefix: str = "", allowed=lambda origin: False) -> None:
+        self.app, self.prefix, self.allowed = app, prefix, allowed
+
+    def _applies(self, scope, headers: dict) -> bool:
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if not (path.startswith(self.prefix) or path.startswith(root + self.prefix)):
+            return False
+        origin = headers.get("origin", "")
+        return bool(origin) and cross_site(headers) and not self.allowed(origin)
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("type") != "http":
+            return await self.app(scope, receive, send)
+        headers = _headers(scope)
+        if not self._applies(scope, headers):
+            return await self.app(scope, receive, send)
+        if scope.get("method") == "OPTIONS" and "access-control-request-method" in headers:
+            return await _answer(send, 403, FOREIGN)
+
+        async def without_allowance(message):
+            if message.get("type") == "http.response.start":
+                message = {**message, "headers": [
+                    (k, v) for k, v in message.get("headers", [])
+                    if not bytes(k).lower().startswith(b"access-control-")]}
+            await send(message)
+        await self.app(scope, receive, without_allowance)
+
+
 class HostGuard:
     """ASGI middleware: 403 for a request naming another host, or a POST (or a websocket) whose
     Origin names another one."""
@@ -47,17 +114,14 @@ class HostGuard:
         self.app, self.names = app, names
 
     def _refusal(self, scope) -> str:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                   for k, v in scope.get("headers", [])}
+        headers = _headers(scope)
         host = _name(headers.get("host", ""))
         if self.names is not None and host not in self.names:
             return "This server does not answer to that host name."
-        if scope["type"] == "websocket" or scope.get("method") in ("POST", "PUT", "PATCH",
-                                                                    "DELETE"):
+        if scope["type"] == "websocket" or scope.get("method") in UNSAFE_METHODS:
             origin = headers.get("origin", "")
-            if origin and (origin == "null"
-                           or urlsplit(origin).netloc.lower() != headers.get("host", "").lower()):
-                return "Requests from another site's page are refused."
+            if origin and cross_site(headers):
+                return FOREIGN
         return ""
 
     async def __call__(self, scope, receive, send):
@@ -67,18 +131,23 @@ class HostGuard:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        body = json.dumps({"detail": why}).encode()
-        await send({"type": "http.response.start", "status": 403,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await _answer(send, 403, why)
 
 
 def protect(app, names: set[str] | None) -> None:
-    """Put HostGuard in front of a running Starlette/FastAPI app (gradio's, after launch)."""
+    """Put HostGuard, then CorsGuard on every path, in front of a running Starlette/FastAPI app
+    (gradio's, after launch)."""
     inner = app.middleware_stack or app.build_middleware_stack()
     if not isinstance(inner, HostGuard):
-        app.middleware_stack = HostGuard(inner, names)
+        app.middleware_stack = HostGuard(CorsGuard(inner), names)
+
+
+def guard_cors(app, prefix: str, allowed=lambda origin: False) -> None:
+    """Put CorsGuard for the paths under `prefix` in front of a running app (the WebUI's: its
+    other routes are the WebUI's business and stay as they are)."""
+    inner = app.middleware_stack or app.build_middleware_stack()
+    if not (isinstance(inner, CorsGuard) and inner.prefix == prefix):
+        app.middleware_stack = CorsGuard(inner, prefix, allowed)
 
 
 def check_auth_pairs(value: str) -> str:

@@ -95,6 +95,11 @@ class Host:
         """Packages training needs that are neither in the host nor in the lib folder."""
         return []
 
+    def origin_allowed(self, origin: str) -> bool:
+        """True for a web page's origin (another site's) that the host's owner allowed to call
+        the HTTP API (the WebUI's --cors-allow-origins); the standalone host allows none."""
+        return False
+
     def log(self, text: str) -> None:
         print(f"{LOG_PREFIX} {text}", file=sys.stderr)
 
@@ -142,31 +147,48 @@ def scan_checkpoints(folder: Path) -> list[Checkpoint]:
 
 def read_safetensors_header(path: str | os.PathLike, limit: int = 100 * 2**20) -> dict:
     """The JSON header of a .safetensors file (tensor names, shapes, metadata), without torch.
-    Only a regular file is opened (a FIFO or device would block or never end)."""
+    Only a regular file is opened (a FIFO or device would block or never end). ValueError, in
+    words, for anything that is not such a header."""
     if not stat.S_ISREG(os.stat(path).st_mode):
-        raise ValueError("not a regular file")
+        raise ValueError("it is not a regular file")
     with open(path, "rb") as fh:
         raw = fh.read(8)
         if len(raw) != 8:
-            raise ValueError("the file is shorter than a safetensors header")
+            raise ValueError("it is shorter than a safetensors header")
         (size,) = struct.unpack("<Q", raw)
         if size > limit:
-            raise ValueError(f"the header claims {size} bytes")
-        return json.loads(fh.read(size))
+            raise ValueError(f"its header claims {size} bytes")
+        try:
+            header = json.loads(fh.read(size))
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, a 5000-digit number
+            raise ValueError("its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
+    if not isinstance(header.get("__metadata__", {}), dict):
+        raise ValueError("its __metadata__ is not a JSON object")
+    return header
 
 
-def sniff_model_type(path: str | os.PathLike) -> str | None:
+def sniff_model_type(path: str | os.PathLike, strict: bool = False) -> str | None:
     """The model family of a single-file checkpoint from its tensor names, metadata and the
     WebUI's `<name>.yaml` beside it (safetensors only; no tensor is read), or None when it
-    can't be told this way. The rules are dreambooth.model.detect's, the ones training applies."""
+    can't be told this way. The rules are dreambooth.model.detect's, the ones training applies.
+    `strict`: a .safetensors file whose header can't be read is a CheckpointError, in words
+    (else None)."""
+    from ..config.errors import CheckpointError
     from ..model.detect import detect_model_type
     try:
         header = read_safetensors_header(path)
-    except (OSError, ValueError):
+        yaml = Path(path).with_suffix(".yaml")
+        yaml_text = yaml.read_text(encoding="utf-8", errors="replace") if yaml.is_file() else None
+    except (OSError, ValueError) as e:
+        if strict and str(path).lower().endswith(".safetensors"):
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise CheckpointError(f"'{Path(path).name}' can't be read as a safetensors "
+                                  f"checkpoint: {why}.", "Choose another checkpoint; this file "
+                                  "is damaged or not a checkpoint.") from None
         return None
     meta = header.pop("__metadata__", None) or {}
-    yaml = Path(path).with_suffix(".yaml")
-    yaml_text = yaml.read_text(encoding="utf-8", errors="replace") if yaml.is_file() else None
     return detect_model_type(header, meta, yaml_text)
 
 

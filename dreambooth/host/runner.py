@@ -360,9 +360,16 @@ MANAGERS: dict[str, RunManager] = {}
 
 
 def _unique(path: Path) -> Path:
+    """`path`, or `path`-1, -2... when taken; DreamboothError, in words, when the file system
+    can't even look there (a name or path longer than it takes: ENAMETOOLONG)."""
     candidate, i = path, 1
-    while candidate.exists():
-        candidate, i = path.with_name(f"{path.name}-{i}"), i + 1
+    try:
+        while candidate.exists():
+            candidate, i = path.with_name(f"{path.name}-{i}"), i + 1
+    except (OSError, ValueError) as e:
+        raise DreamboothError(f"The run folder '{path}' can't be made "
+                              f"({getattr(e, 'strerror', None) or e}).", "Choose a shorter "
+                              "work_dir or model_name, in a folder you can write to.") from None
     return candidate
 
 

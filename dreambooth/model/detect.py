@@ -51,8 +51,10 @@ def unsupported(state: dict) -> str | None:
 
 
 def prediction_evidence(metadata: dict, yaml_text: str | None) -> str | None:
-    """'v' or 'epsilon' when the file's metadata or the .yaml beside it says so, else None."""
-    declared = metadata.get("dreambooth.model_type") or ARCHITECTURE_TYPES.get(
+    """'v' or 'epsilon' when the file's metadata or the .yaml beside it says so, else None
+    (metadata that is not a mapping, as a damaged header may hold, says nothing)."""
+    metadata = metadata if isinstance(metadata, dict) else {}
+    declared = str(metadata.get("dreambooth.model_type") or "") or ARCHITECTURE_TYPES.get(
         str(metadata.get("modelspec.architecture", "")).split("/")[0])
     if declared in FAMILY:
         return "v" if declared == "v2x-768-v" else "epsilon"
@@ -67,7 +69,10 @@ def prediction_evidence(metadata: dict, yaml_text: str | None) -> str | None:
 
 def detect_model_type(state: dict, metadata: dict | None = None,
                       yaml_text: str | None = None) -> str | None:
-    """The model type of an LDM state dict (v2: 768-v only on evidence), or None."""
+    """The model type of an LDM state dict (v2: 768-v only on evidence), or None (also for a
+    `state` that is not a mapping: a damaged header)."""
+    if not hasattr(state, "keys"):
+        return None
     family = family_of(state)
     if family == "v2":
         return "v2x-768-v" if prediction_evidence(metadata or {}, yaml_text) == "v" else "v2x-512"

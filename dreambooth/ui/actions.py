@@ -10,7 +10,7 @@ from typing import Any
 
 from ..config import TrainingConfig
 from ..config.errors import ConfigError
-from ..host.confine import checked, model_folder, pick_source
+from ..host.confine import checked, model_folder, pick_source, training_now
 from ..host.interface import Host, host_defaults, sniff_model_type
 from ..host.runner import Progress, RunManager, is_under
 from . import fields, render
@@ -120,6 +120,9 @@ class TabActions:
                                       keep=lambda field: not field.startswith("concepts"))
         except ConfigError as e:
             return self.problems_banner("The settings were not saved:", e)
+        if (why := training_now(self.manager, config.model_dir, config.model_name)):
+            return render.banner("warning", why, ["Wait for the run to end (or cancel it), "
+                                                  "then save again."])
         path = self._write_settings(config)
         return render.banner("success", f"Settings saved to {path}")
 
@@ -131,6 +134,9 @@ class TabActions:
             config = self.config_from(values, count, keep=wanted.__contains__)
         except ConfigError as e:
             return self.problems_banner("The model was not created:", e)
+        if (why := training_now(self.manager, config.model_dir, config.model_name)):
+            return render.banner("warning", why, ["Wait for the run to end (or cancel it), "
+                                                  "then save again."])
         path = self._write_settings(config)
         return render.banner("success", f"Model '{config.model_name}' created ({path}). Add "
                              "concepts, then press Train.")
