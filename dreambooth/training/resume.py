@@ -61,8 +61,8 @@ def file_problem(folder: Path) -> tuple[dict | None, str | None]:
         if not path.is_file():
             return None, f"{name} is missing"
         if size is not None and path.stat().st_size != size:
-            return None, (f"{name} is {path.stat().st_size} bytes, {size} when it was written "
-                          "(cut short or replaced)")
+            return None, (f"{name} is {path.stat().st_size} bytes, it was {size} when written: "
+                          "cut short or replaced")
     return info, None
 
 
@@ -95,8 +95,8 @@ def weights_problem(trainer, folder: Path, info: dict) -> str | None:
         other = sorted(set(have) ^ set(want)) + sorted(
             k for k in set(have) & set(want) if have[k] != want[k])
         if other:
-            return (f"{name} holds {len(have)} weights that don't fit this model's {len(want)} "
-                    f"({len(other)} missing, extra or of another shape, e.g. '{other[0]}')")
+            return (f"{name} doesn't fit this model: {len(other)} weights' names or shapes "
+                    f"differ, e.g. '{other[0]}'")
     return None
 
 
@@ -137,12 +137,12 @@ def usable(model_dir: Path, warn, before: Path | None) -> list[Path]:
 
 
 def skip_text(folder: Path, problem: str) -> str:
-    return (f"The saved training state '{folder}' can't be resumed ({problem}); an earlier one "
-            "is used if there is one.")
+    return (f"The saved training state '{folder}' can't be resumed, so an earlier one is used "
+            f"if there is one: {problem}.")
 
 
 def refuse_chosen(cfg, folder: Path, problem: str) -> DreamboothError:
-    return DreamboothError(f"The saved training state '{folder}' can't be resumed ({problem}).",
+    return DreamboothError(f"The saved training state '{folder}' can't be resumed: {problem}.",
                            f"Choose another step_* folder in '{cfg.model_dir / STATE_DIR}', or "
                            "set resume to 'auto' (the newest usable one) or 'never' (start "
                            "over).")
@@ -151,7 +151,7 @@ def refuse_chosen(cfg, folder: Path, problem: str) -> DreamboothError:
 def refuse_all(model_dir: Path, skipped: list) -> DreamboothError:
     """None of the snapshots can be resumed: refused, not started over (a finished run would
     delete them, and a copy of one may be put back)."""
-    names = "; ".join(f"{f.name} ({why})" for f, why in skipped)
+    names = "; ".join(f"{f.name}: {why}" for f, why in skipped)
     return DreamboothError(
         f"No saved training state in '{model_dir / STATE_DIR}' can be resumed: {names}. They "
         "are left as they are.", "Put back an undamaged copy to go on from it, or set resume to "
