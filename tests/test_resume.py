@@ -37,7 +37,8 @@ def test_a_frozen_base_snapshot_holds_what_trains_and_resumes_exactly(method, qu
     uninterrupted run writes, bit for bit."""
     cfg = quick_config.replace(method=method, embedding_token="sks", lora_rank=2,
                                lora_learning_rate=1e-2, state_every_steps=2, cpu_threads=1,
-                               steps_per_image=1)  # 4 steps
+                               steps_per_image=1,  # 4 steps; the LoRA saved as its EMA's
+                               use_ema=method == "lora")
     # peft draws a LoRA's first weights from torch's global generator, which a run does not
     # seed: two runs in one process start alike only when it is seeded alike
     torch.manual_seed(0)
@@ -60,10 +61,11 @@ def test_a_frozen_base_snapshot_holds_what_trains_and_resumes_exactly(method, qu
     base = sum(v.numel() * v.element_size() for v in read_checkpoint(cfg.source_checkpoint)[0]
                .values())
     total = sum(f.stat().st_size for f in snap.iterdir())
-    # the weights, two Adam moments, the generators and the json (and the records of a tiny
-    # adapter's 384 small tensors): a few times the adapter, far below the frozen model's size
-    # (measured: 0.95 MB for a 0.19 MB adapter; before, 10.8 MB: the whole UNet)
-    assert total < 6 * trained + 100_000 < base / 10, (total, trained, base)
+    # the weights, two Adam moments, the EMA's averages of them, the generators and the json
+    # (and the records of a tiny adapter's 384 small tensors): a few times the adapter, far
+    # below the frozen model's size (measured without EMA: 0.95 MB for a 0.19 MB adapter;
+    # before, 10.8 MB: the whole UNet; with EMA: 1.24 MB)
+    assert total < (6 + cfg.use_ema) * trained + 100_000 < base / 10, (total, trained, base)
     info = json.loads((snap / "trainer.json").read_text())
     assert info["trained_only"] and len(info["base"]["source_sha256"]) == 64
 
@@ -163,6 +165,21 @@ def test_a_snapshot_of_another_base_is_refused(part, said, stopped, tmp_path):
     with pytest.raises(DreamboothError) as err:
         resume.try_restore(trainer, folder)
     assert said in f"{err.value.message} {err.value.hint}" and "never" in err.value.hint
+
+
+def test_a_snapshot_of_an_older_version_passes_the_checks(stopped, tmp_path):
+    """One written before the sizes and the base were recorded is checked for what it has."""
+    cfg, trainer = stopped
+    folder = tmp_path / "step_00000003"
+    shutil.copytree(snapshots(cfg.model_dir)[-1], folder)
+    info = json.loads((folder / "trainer.json").read_text())
+    for key in ("format", "files", "base", "trained_only"):
+        del info[key]
+    (folder / "trainer.json").write_text(json.dumps(info))
+    info, problem = resume.file_problem(folder)
+    assert problem is None and resume.plan_problem(trainer, info) is None
+    assert resume.weights_problem(trainer, folder, info) is None
+    resume.refuse_other_base(trainer, folder, info)
 
 
 def test_the_newest_usable_snapshot_is_chosen_and_none_usable_is_refused(stopped, tmp_path):
