@@ -135,6 +135,7 @@ DAMAGE = [  # (name, change, what the problem says)
     ("epoch_past_this_plan", edit_json("epoch", 7), "outside this run's"),
     ("order_of_other_images", edit_json("order", [0, 1, 99]), "images this run doesn't have"),
     ("no_position", edit_json("batch", "two"), "no valid 'batch'"),
+    ("foreign_file_named", edit_json("files", {"../../x": 1}), "not a file of a training state"),
     ("model_cut", cut("model_0.safetensors"), "model_0.safetensors is"),
     ("model_missing", lambda f: (f / "model_0.safetensors").unlink(), "missing"),
     ("model_other_shapes", resize("model_0.safetensors"), "doesn't fit this model"),

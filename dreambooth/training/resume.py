@@ -10,6 +10,7 @@ those are the user's changes to undo, not damage.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..config.errors import DreamboothError
@@ -23,6 +24,7 @@ def refuse_other_base(trainer, folder: Path, info: dict) -> None:
     if not isinstance(base, dict):
         return  # a snapshot of an older version
     cfg, then = trainer.cfg, base.get("source_sha256")
+    then = then if isinstance(then, str) else None
     now = source_sha256(cfg.source_checkpoint) if then else None
     if then and now != then:
         raise DreamboothError(
@@ -57,6 +59,9 @@ def file_problem(folder: Path) -> tuple[dict | None, str | None]:
     names = files if isinstance(files, dict) else {"model_0.safetensors": None,
                                                    "training.pt": None}
     for name, size in names.items():
+        if not re.fullmatch(r"model_\d+\.safetensors|training\.pt", name) or \
+                not isinstance(size, (int, type(None))):
+            return None, f"its trainer.json lists '{name}', not a file of a training state"
         path = folder / name
         if not path.is_file():
             return None, f"{name} is missing"
