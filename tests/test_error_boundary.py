@@ -321,17 +321,19 @@ def test_damaged_snapshot_in_one_sentence(case, stopped_run, tmp_path):
     shutil.copytree(stopped_run.work_dir, work)
     cfg = stopped_run.replace(work_dir=str(work), output_dir=str(tmp_path / "out"))
     (work / "stop" / ".train.lock").unlink(missing_ok=True)
-    snap = sorted((work / "stop" / "state").glob("step_*"))[-1]
-    target = snap / filename
-    if damage is None:
-        write_safetensors(target, {"foo": torch.zeros(2)}, overwrite=True)
-    else:
-        target.write_bytes(damage(target.read_bytes()))
+    snaps = sorted((work / "stop" / "state").glob("step_*"))
+    for snap in snaps:  # all of them: a damaged one alone is skipped (tests/test_resume.py)
+        target = snap / filename
+        if damage is None:
+            write_safetensors(target, {"foo": torch.zeros(2)}, overwrite=True)
+        else:
+            target.write_bytes(damage(target.read_bytes()))
     TALLY["tried"] += 1
     with pytest.raises(DreamboothError) as info:
         train(cfg)
     assert not isinstance(info.value, BugError), info.value.message
-    assert str(snap) in info.value.message and "resume" in info.value.hint
+    assert str(snap.parent) in info.value.message and "resume" in info.value.hint
+    assert all(s.name in info.value.message for s in snaps)
     assert target.exists(), "a damaged state is the user's to delete"
     TALLY["clear"] += 1
 

@@ -109,7 +109,8 @@ def space_needed(cfg, comp, saves: int) -> dict[Path, int]:
         add(cfg.resolved_output_dir, saves * full)
     if cfg.state_every_steps:  # trained weights and two optimizer moments, in fp32
         trained = [comp.unet, *(comp.text_encoders if cfg.train_text_encoder else ())]
-        add(cfg.model_dir, 0 if cfg.use_lora else 3 * _bytes(trained, torch.float32))
+        # beside a frozen base (LoRA, textual inversion) a snapshot holds what trains: small
+        add(cfg.model_dir, 0 if cfg.method != "dreambooth" else 3 * _bytes(trained, torch.float32))
     return need
 
 
@@ -236,7 +237,9 @@ def snapshot_failed(cfg, models, optimizer, step: int, e: Exception) -> Dreamboo
     message says how much space a snapshot needs."""
     folder = cfg.model_dir / "state"
     remove_leftovers(cfg, lambda text: None)
-    need = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+    trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    need = sum(p.numel() * p.element_size() for m in models for p in m.parameters()
+               if cfg.method == "dreambooth" or id(p) in trained)  # beside a frozen base
     need += sum(t.numel() * t.element_size() for st in optimizer.state_dict()["state"].values()
                 for t in st.values() if isinstance(t, torch.Tensor))
     free = free_bytes(_nearest_existing(folder))

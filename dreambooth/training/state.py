@@ -1,9 +1,11 @@
-"""Training state for exact resume, and the one-run-per-model lock.
+"""Training state for exact resume.
 
 A snapshot folder holds everything the next step depends on: trained weights, optimizer, LR
 schedule, EMA, every random generator, the epoch's data order and the position in it, and the
-config it belongs to. It is written under a temporary name and renamed, so a kill mid-write
-leaves the previous snapshot as the newest complete one.
+config it belongs to. Beside a frozen base (LoRA, textual inversion) it holds only what trains,
+and names the base by its source checkpoint's hash: a resume loads the source again. It is
+written under a temporary name and renamed, so a kill mid-write leaves the previous snapshot as
+the newest complete one. Which snapshot a run goes on from, and whether it can: resume.py.
 """
 from __future__ import annotations
 
@@ -11,15 +13,15 @@ import json
 import os
 import random
 import re
-import socket
 from pathlib import Path
 
 import torch
 
 from ..config.errors import DreamboothError
-from ..config.folders import claim_model_dir
 from ..model.checkpoint import write_text
 from .housekeeping import image_set, image_set_changes, remove_snapshot_folder
+from .sourcehash import base_identity
+from .lock import ModelLock, pid_start_time  # noqa: F401 (where they were first imported from)
 
 # Settings that change neither the weights nor the order of training: may differ on resume.
 FREE_ON_RESUME = {"output_dir", "overwrite", "sample_every_epochs", "save_every_epochs",
@@ -27,6 +29,11 @@ FREE_ON_RESUME = {"output_dir", "overwrite", "sample_every_epochs", "save_every_
                   "guidance_scale", "save_precision", "work_dir", "attention", "lora_dir",
                   "lora_merge", "embedding_dir", "cpu_threads", "deterministic"}
 STATE_DIR = "state"
+FORMAT = 2  # 2: "files" (their sizes), "base" (the source's hash), "trained_only"
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.float64: "F64", torch.int64: "I64", torch.int32: "I32",
+                      torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+                      torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 # What a snapshot written before a field existed ran with (compared as if it had been saved).
 BEFORE_FIELD = {"lora_targets": "attention", "lora_conv_rank": 8, "lora_conv_alpha": 8.0,
                 "pivotal": False, "embedding_token": "", "embedding_init_word": "*",
@@ -34,13 +41,14 @@ BEFORE_FIELD = {"lora_targets": "attention", "lora_conv_rank": 8, "lora_conv_alp
 
 
 def snapshots(model_dir: Path) -> list[Path]:
-    """Complete snapshots of a model, oldest first."""
+    """Complete snapshots of a model (renamed from their temporary name: a trainer.json is in
+    them), oldest first, by the step in their name."""
     folder = model_dir / STATE_DIR
     if not folder.is_dir():
         return []
     found = [p for p in folder.glob("step_*")
-             if ".tmp" not in p.name and (p / "trainer.json").is_file()]
-    return sorted(found, key=lambda p: snapshot_info(p)["step"])
+             if re.fullmatch(r"step_\d+", p.name) and (p / "trainer.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
@@ -51,44 +59,106 @@ def config_differences(saved: dict, current: dict) -> list[str]:
             if saved.get(k) != current.get(k)]
 
 
+def trained_ids(trainer) -> set[int]:
+    """The weights the optimizer updates (accelerate's wrapper and Bucketed show its groups)."""
+    return {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+
+
+def frozen_base(cfg) -> bool:
+    """LoRA and textual inversion train beside a base that does not change: their snapshots
+    hold what trains and name the base; a full fine-tune's hold its whole models."""
+    return cfg.method != "dreambooth"
+
+
+def weights_to_keep(trainer, model, trained: set[int] | None) -> dict:
+    """The weights of `model` a snapshot holds: all of its state (trained None), or the
+    trained parameters alone (references, not copies)."""
+    model = trainer.acc.unwrap_model(model)
+    if trained is None:
+        return model.state_dict()
+    return {k: p for k, p in model.named_parameters() if id(p) in trained}
+
+
+def write_tensors(path: Path, tensors: dict) -> int:
+    """A .safetensors file written tensor by tensor: the header, then each tensor's bytes as it
+    comes off its device, so writing never holds a second copy of the whole state (safetensors'
+    save_file builds the whole file in memory first). Returns its size."""
+    header, offset = {}, 0
+    for key, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for t in tensors.values():
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return 8 + len(head) + offset
+
+
+def ema_to_keep(trainer, trained: set[int] | None) -> dict | None:
+    """The EMA's state; beside a frozen base, the averages of the trained weights alone (the
+    others are copies of the base, made again on resume)."""
+    if trainer.ema is None:
+        return None
+    state = trainer.ema.state_dict()
+    if trained is None:
+        return state
+    keep = [i for i, p in enumerate(trainer.comp.unet.parameters()) if id(p) in trained]
+    return {**state, "shadow_params": [state["shadow_params"][i] for i in keep],
+            "shadow_index": keep}
+
+
 def save_snapshot(trainer, step: int, epoch: int, batch: int, order: list[int]) -> Path:
-    """Write the trainer's full state after `step` updates (epoch/batch: where to go on)."""
-    from safetensors.torch import save_file
+    """Write the trainer's state after `step` updates (epoch/batch: where to go on). Beside a
+    frozen base (LoRA, textual inversion) only what trains is written, and the base is named by
+    its source's hash (checked on resume)."""
     final = trainer.cfg.model_dir / STATE_DIR / f"step_{step:08d}"
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
     remove_snapshot_folder(tmp)
     tmp.mkdir(parents=True)
+    trained = trained_ids(trainer) if frozen_base(trainer.cfg) else None
+    files = {}
     for i, model in enumerate(trainer.models):
-        state = {k: v.detach().contiguous() for k, v in
-                 trainer.acc.unwrap_model(model).state_dict().items()}
-        save_file(state, str(tmp / f"model_{i}.safetensors"))
+        name = f"model_{i}.safetensors"
+        files[name] = write_tensors(tmp / name, weights_to_keep(trainer, model, trained))
     rng_state = {"python": trainer.rng.getstate(), "generator": trainer.gen.get_state(),
                  "torch": torch.get_rng_state(),
                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     torch.save({"optimizer": trainer.optimizer.state_dict(),
                 "lr_scheduler": trainer.lr_scheduler.state_dict(),
-                "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
-                "rng": rng_state}, tmp / "training.pt")
-    info = {"step": step, "epoch": epoch, "batch": batch, "order": order,
+                "ema": ema_to_keep(trainer, trained), "rng": rng_state}, tmp / "training.pt")
+    files["training.pt"] = (tmp / "training.pt").stat().st_size
+    info = {"format": FORMAT, "step": step, "epoch": epoch, "batch": batch, "order": order,
             "class_cursor": trainer.feed.class_cursor, "accelerator_step": trainer.acc.step,
             "total_steps": trainer.total_steps, "revision": trainer.revision,
             "config": trainer.cfg.to_dict(), "machine": trainer.machine,
-            "images": image_set(trainer.feed.items)}
+            "images": image_set(trainer.feed.items), "trained_only": trained is not None,
+            "base": base_identity(trainer), "files": files}
     write_text(tmp / "trainer.json", json.dumps(info))
     remove_snapshot_folder(final)
     os.replace(tmp, final)
     return final
 
 
+def read_info(folder: Path) -> dict:
+    """A snapshot's trainer.json (OSError / ValueError when it can't be read as one)."""
+    info = json.loads((folder / "trainer.json").read_text(encoding="utf-8"))
+    if not isinstance(info, dict) or not isinstance(info.get("step"), int) \
+            or not isinstance(info.get("config"), dict):
+        raise ValueError("not a training state")
+    return info
+
+
 def snapshot_info(folder: Path) -> dict:
     try:
-        info = json.loads((folder / "trainer.json").read_text(encoding="utf-8"))
-        if not isinstance(info, dict) or not isinstance(info.get("step"), int) \
-                or not isinstance(info.get("config"), dict):
-            raise ValueError("not a training state")
+        return read_info(folder)
     except (OSError, ValueError, RecursionError) as e:
         raise unreadable_snapshot(folder, e) from None
-    return info
 
 
 def unreadable_snapshot(folder: Path, e: BaseException) -> DreamboothError:
@@ -98,30 +168,31 @@ def unreadable_snapshot(folder: Path, e: BaseException) -> DreamboothError:
                            "set resume to 'never' to start over.")
 
 
-def load_snapshot(trainer, folder: Path) -> dict:
-    """Restore the trainer from a snapshot; returns its position (step, epoch, batch, order)."""
-    from safetensors.torch import load_file
-    info = snapshot_info(folder)
-    diffs = config_differences(info["config"], trainer.cfg.to_dict())
-    if diffs:
-        raise DreamboothError(
-            f"The saved training state in '{folder}' belongs to a different configuration; "
-            "resuming would not continue the same run. Changed: " + "; ".join(diffs) + ".",
-            "Undo these changes to resume, or set resume to 'never' to start over.")
-    refuse_changed_images(folder, info, trainer.feed.items)
-    for i, model in enumerate(trainer.models):
-        trainer.acc.unwrap_model(model).load_state_dict(
-            load_file(str(folder / f"model_{i}.safetensors")))
+def read_training(folder: Path) -> dict:
+    """training.pt: optimizer, LR schedule, EMA and generators."""
     data = torch.load(str(folder / "training.pt"), map_location="cpu", weights_only=True)
-    trainer.optimizer.load_state_dict(data["optimizer"])
+    if not isinstance(data, dict) or not {"optimizer", "lr_scheduler", "rng"} <= set(data):
+        raise ValueError("it is not a training state")
+    return data
+
+
+def load_snapshot(trainer, folder: Path, info: dict, data: dict) -> dict:
+    """Restore the trainer from a checked snapshot (info: its trainer.json, data: its
+    training.pt); returns its position (step, epoch, batch, order)."""
+    from safetensors.torch import load_file
+    trainer.optimizer.load_state_dict(data["optimizer"])  # refuses a mismatch before changing
     converted = converted_states(trainer.optimizer)
     if converted:
         trainer.warn(f"The saved Adafactor state of {converted} weights is transformers' (from "
                      "before conv weights were factored as matrices) and was converted: the "
                      "run goes on, close to, not bit-identical with, an uninterrupted run.")
     trainer.lr_scheduler.load_state_dict(data["lr_scheduler"])
+    for i, model in enumerate(trainer.models):
+        trainer.acc.unwrap_model(model).load_state_dict(
+            load_file(str(folder / f"model_{i}.safetensors")),
+            strict=not info.get("trained_only", False))
     if trainer.ema is not None and data["ema"] is not None:
-        trainer.ema.load_state_dict(data["ema"])
+        restore_ema(trainer.ema, data["ema"])
     rng = data["rng"]
     trainer.rng.setstate(_as_tuple(rng["python"]))
     restore_generator(trainer.gen, rng["generator"], info["step"])
@@ -136,6 +207,20 @@ def load_snapshot(trainer, folder: Path) -> dict:
                      "on, but its result will be close to, not bit-identical with, an "
                      "uninterrupted run's.")
     return info
+
+
+def restore_ema(ema, state: dict) -> None:
+    """The EMA as saved, where its averages are (a frozen base's: those of the trained weights,
+    the rest kept as made from the base)."""
+    device = ema.shadow_params[0].device if ema.shadow_params else "cpu"
+    if "shadow_index" in state:
+        shadow = list(ema.shadow_params)
+        for i, t in zip(state["shadow_index"], state["shadow_params"]):
+            shadow[i] = t
+        state = {k: v for k, v in state.items() if k != "shadow_index"}
+        state["shadow_params"] = shadow
+    ema.load_state_dict(state)
+    ema.to(device)
 
 
 def converted_states(optimizer) -> int:
@@ -159,45 +244,29 @@ def machine_differences(then: dict, now: dict) -> tuple[str, str] | None:
     return words(then), words(now)
 
 
-def restore_snapshot(trainer, folder: Path) -> dict:
-    """load_snapshot, with a truncated or foreign file said as such."""
-    try:
-        return load_snapshot(trainer, folder)
-    except DreamboothError:
-        raise
-    except Exception as e:  # truncated or foreign files fail in many ways
-        raise unreadable_snapshot(folder, e) from None
-
-
 def _as_tuple(value):
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def choose_snapshot(cfg, model_dir: Path) -> Path | None:
-    """The snapshot `cfg.resume` names: 'auto' the newest, 'never' none, else a folder."""
-    if cfg.resume == "never":
-        return None
-    if cfg.resume == "auto":
-        found = snapshots(model_dir)
-        return found[-1] if found else None
-    folder = Path(cfg.resume)
-    if not (folder / "trainer.json").is_file():
-        raise DreamboothError(f"'{folder}' is not a saved training state.",
-                              f"Choose one of the step_* folders in '{model_dir / STATE_DIR}'.")
-    return folder
-
-
 def clear_snapshots(model_dir: Path) -> None:
     """Delete the model's snapshots, by name: nothing else in state/ is touched."""
+    end_snapshots(model_dir, keep=False)
+
+
+def end_snapshots(model_dir: Path, keep: bool) -> None:
+    """At the end of a run: delete the partial snapshots (step_N.tmpPID, left by a process
+    killed mid-write) and, unless `keep`, the complete ones; by name only: nothing else in
+    state/ is touched, and state/ goes when nothing is left in it."""
     folder = model_dir / STATE_DIR
     if not folder.is_dir():
         return
+    pattern = r"step_\d+\.tmp\d+" if keep else r"step_\d+(\.tmp\d+)?"
     for p in folder.iterdir():
-        if p.is_dir() and re.fullmatch(r"step_\d+(\.tmp\d+)?", p.name):
+        if p.is_dir() and re.fullmatch(pattern, p.name):
             remove_snapshot_folder(p)
     try:
         folder.rmdir()
-    except OSError:  # something we did not write is in it: it stays
+    except OSError:  # a snapshot kept, or something we did not write
         pass
 
 
@@ -230,84 +299,3 @@ def restore_generator(gen: torch.Generator, state: torch.Tensor, step: int) -> N
         gen.set_state(state)
     except RuntimeError:
         gen.manual_seed(int.from_bytes(state[:8].numpy().tobytes(), "little") ^ step)
-
-
-class ModelLock:
-    """One training run per model folder. A lock left by a killed process is detected and cleared."""
-
-    def __init__(self, model_dir: Path, say) -> None:
-        self.path, self.say, self.held = model_dir / ".train.lock", say, False
-
-    def __enter__(self) -> "ModelLock":
-        claim_model_dir(self.path.parent)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._refuse_or_clear()
-                continue
-            except OSError as e:
-                raise DreamboothError(f"Can't create the training lock '{self.path}' "
-                                      f"({e.strerror or e}).", "Check that the work folder is "
-                                      "writable and has free space.") from None
-            self.held = True
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
-                           "started": pid_start_time(os.getpid())}, fh)
-            return self
-        raise DreamboothError(f"Could not take the training lock '{self.path}'.",
-                              "Delete that file if no training of this model is running.")
-
-    def _refuse_or_clear(self) -> None:
-        try:
-            owner = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            owner = {}
-        if not isinstance(owner, dict):
-            owner = {}
-        pid, host, started = owner.get("pid"), owner.get("host"), owner.get("started")
-        same = host == socket.gethostname() and isinstance(pid, int) and _alive(pid)
-        if same and started is not None and pid_start_time(pid) not in (None, started):
-            same = False  # the PID now belongs to another process: the lock's owner is gone
-        if same:
-            raise DreamboothError(
-                f"The model '{self.path.parent.name}' is already being trained (process {pid}, "
-                f"lock file '{self.path}').",
-                "Wait for that run to end or cancel it; two runs would overwrite each other. "
-                "If no run of this model is going on, delete the lock file.")
-        if host not in (None, socket.gethostname()):
-            raise DreamboothError(
-                f"The model '{self.path.parent.name}' is locked by a run on '{host}' (lock file "
-                f"'{self.path}').", f"If no run is going on there, delete '{self.path}'.")
-        self.say(f"Cleared a stale training lock '{self.path}' left by process {pid}, which is "
-                 "no longer running.")
-        self.path.unlink(missing_ok=True)
-
-    def __exit__(self, *exc) -> bool:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-        return False
-
-
-def pid_start_time(pid: int) -> str | None:
-    """When process `pid` started (clock ticks since boot, from /proc; None where unknown): a
-    lock whose PID was reused by another process is told apart by it."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            return fh.read().rsplit(")", 1)[-1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (killed, not yet reaped) holds no lock
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True

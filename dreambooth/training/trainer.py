@@ -29,15 +29,9 @@ from .loss import compute_loss, step_draws
 from .losslog import LossLog
 from .saver import Saver
 from .housekeeping import refuse_idle_accumulation, remove_leftovers, snapshot_failed
-from .state import (
-    ModelLock,
-    choose_snapshot,
-    clear_snapshots,
-    fresh_rng,
-    save_snapshot,
-    snapshot_info,
-    restore_snapshot,
-)
+from .resume import choose_snapshot, resume_position
+from .sourcehash import hash_source_ahead
+from .state import ModelLock, end_snapshots, fresh_rng, save_snapshot, snapshot_info
 
 
 @dataclass
@@ -100,9 +94,10 @@ class Trainer:
         from accelerate import Accelerator
         cfg = self.cfg
         read_source_ahead(cfg)  # the file is read while the plan below imports and counts
+        hash_source_ahead(cfg)  # a snapshot names the base it trains beside by it
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         cfg = cfg.replace(mixed_precision=backends.auto_precision(cfg, device, self.say))
-        self.resume_from = choose_snapshot(cfg, cfg.model_dir)
+        self.resume_from = choose_snapshot(cfg, cfg.model_dir, self.warn)
         saved = snapshot_info(self.resume_from)["config"] if self.resume_from else None
         self.cfg = cfg = plan_run(cfg, saved, self.free_gpu_memory(device),
                                   backends.half_precision(device), self.say)
@@ -119,11 +114,11 @@ class Trainer:
                                kwargs_handlers=backends.autocast_kwargs(cfg))
         self.device, self.dtype = self.acc.device, backends.WEIGHT_DTYPES[self.precision]
         # as stored (fp16: half of fp32's host memory); each is cast as it goes to the device
-        self.comp, self.revision = load_model(cfg, self.say, dtype=None)
+        self.comp, self.base_revision = load_model(cfg, self.say, dtype=None)
         self.stored = backends.stored_dtypes([self.comp.vae, *self.comp.text_encoders])
         embedding.install(cfg, self.comp)  # a new token's vectors (textual inversion, pivotal)
-        if self.resume_from is not None:
-            self.revision = snapshot_info(self.resume_from)["revision"]
+        self.revision = snapshot_info(self.resume_from)["revision"] if self.resume_from \
+            else self.base_revision
         # trained weights in fp32 (bf16 with bf16_weights); a LoRA's frozen base in the mixed
         # precision's dtype; the VAE and frozen text encoders stay as loaded (fp32: their outputs
         # are cached, and SDXL's VAE overflows in fp16) and leave the GPU once cached, so what
@@ -245,12 +240,7 @@ class Trainer:
         self.rng, self.gen = fresh_rng(self.cfg.seed, self.device)  # same on every process
         self.log = LossLog(self.cfg.log_every_steps)
         self.feed.class_cursor = 0
-        snapshot = self.resume_from
-        position = {"step": 0, "epoch": 0, "batch": 0, "order": None}
-        if snapshot is not None:
-            position = restore_snapshot(self, snapshot)
-            self.say(f"Resuming from step {position['step']} of {self.total_steps} "
-                     f"({snapshot.name}).")
+        position = resume_position(self)  # checked first: a damaged snapshot is skipped
         if self.cfg.trains_text_encoder and position["step"] >= self.te_steps:
             for te in self.comp.text_encoders:
                 te.requires_grad_(False)
@@ -388,8 +378,8 @@ class Trainer:
             else:
                 result.path = self.save(step, final=True)
                 result.saved.append(result.path)
-        if not result.cancelled and self.acc.is_main_process:
-            clear_snapshots(self.cfg.model_dir)
+        if self.acc.is_main_process:  # a cancelled run keeps its own, not partial ones
+            end_snapshots(self.cfg.model_dir, keep=result.cancelled)
         if self.cancel.cancelled:
             self.say(f"Training was cancelled at step {step} of {self.total_steps}.")
         self.emit(ev.Finished(str(result.path or ""), step, time.time() - start,
