@@ -102,8 +102,16 @@ def is_conv_target(path: str) -> bool:
 
 
 def add_lora(comp, cfg) -> list[dict]:
-    """LoRA layers in the UNet (and the text encoders when cfg.lora_text_encoder); returns the
+    """LoRA layers in the UNet (and the text encoders when cfg.lora_text_encoder), their first
+    weights drawn from `cfg.seed` (the caller's random state is left as it was); returns the
     optimizer's parameter groups with their learning rates."""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(cfg.seed)
+        return _add_lora(comp, cfg)
+
+
+def _add_lora(comp, cfg) -> list[dict]:
     conv = (cfg.lora_conv_rank, cfg.lora_conv_alpha) \
         if cfg.lora_targets == "transformer+conv" else None
     groups = [{"params": inject(comp.unet, cfg.lora_rank, cfg.lora_alpha,
