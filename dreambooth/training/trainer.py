@@ -27,7 +27,7 @@ from .advice import plan_run
 from .optim import make_optimizer, trainable_groups
 from .loss import compute_loss, step_draws
 from .losslog import LossLog
-from .saver import Saver
+from .saver import Saver, ema_state
 from .housekeeping import refuse_idle_accumulation, remove_leftovers, snapshot_failed
 from .state import (
     ModelLock,
@@ -353,15 +353,8 @@ class Trainer:
 
     # -- outputs (the Saver writes) ----------------------------------------------------------
     def unet_state(self) -> dict:
-        """The UNet's weights to save: the EMA's, when one is kept."""
-        unet = self.comp.unet
-        if self.ema is None:
-            return unet.state_dict()
-        self.ema.store(unet.parameters())
-        self.ema.copy_to(unet.parameters())
-        state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-        self.ema.restore(unet.parameters())
-        return state
+        """The UNet's weights to save: the EMA's, when one is kept (not copied)."""
+        return ema_state(self.comp.unet, self.ema)
 
     def save(self, step: int, final: bool = False) -> Path:
         self.log.read()  # never a save of weights after a non-finite loss
