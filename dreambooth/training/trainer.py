@@ -21,7 +21,7 @@ from ..data import buckets
 from ..data.feed import DataFeed
 from ..model.components import unet_kwargs
 from ..model.workdir import load_model, read_source_ahead
-from . import backends, embedding, fp8, parked
+from . import backends, embedding, fp8, liblog, parked
 from .backends import gpu_total_memory
 from .advice import plan_run
 from .optim import make_optimizer, trainable_groups
@@ -60,7 +60,8 @@ def train(config: TrainingConfig, on_event=None, cancel: ev.CancelToken | None =
         config.check()
         trainer = Trainer(config, emit, cancel or ev.CancelToken())
         trainer.runlog = log
-        return trainer.run()
+        with liblog.to_log(log):  # the libraries' words: into the log, not on the console
+            return trainer.run()
     except DreamboothError as e:
         emit(ev.Failed(e.message, e.hint))
         raise failure(e, log)
@@ -231,8 +232,9 @@ class Trainer:
         # one lock per launch: its rank 0 takes it (torchrun / accelerate launch set RANK)
         with ModelLock(self.cfg.model_dir, self.say) if os.environ.get("RANK", "0") == "0" \
                 else contextlib.nullcontext(), \
-                backends.reproducible(self.cfg.is_deterministic, self.cfg.cpu_threads,
-                                      not self.cfg.bucketing) as machine:
+                backends.reproducible(self.cfg.is_deterministic, backends.cpu_threads(
+                    self.cfg.cpu_threads, torch.cuda.is_available(), self.say),
+                    not self.cfg.bucketing) as machine:
             self.machine = machine  # recorded in snapshots: a resume elsewhere is said
             if getattr(self, "runlog", None) is not None:
                 self.runlog.flush()
