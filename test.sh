@@ -22,7 +22,7 @@ case "${1:-}" in --quick) mode=quick; shift ;; --latest) mode=latest; shift ;; e
 pytest_in() {  # VENV ARGS...: run pytest; "no tests collected" (exit 5) is a failure too
   local v=$1; shift
   local rc=0
-  "$v/bin/python" -m pytest -q --durations=15 "$@" || rc=$?
+  "$v/bin/python" -m pytest -q -rs --durations=15 "$@" || rc=$?
   if [ $rc = 5 ]; then echo "error: pytest collected no tests ($*)" >&2; fi
   return $rc
 }

@@ -1,5 +1,6 @@
 """`python -m bench [--smoke] [--json FILE] [--steps N] [--rounds R] [--only NAMES]
 [--no-startup]`; `python -m bench --profile [--only NAMES] [--json FILE]` (no GPU needed);
+`python -m bench --save-memory [--smoke] [--json FILE]` (a save's peak RSS; no GPU needed);
 `python -m bench --gpu-probe [--json FILE]` (one short pass over everything on a GPU)."""
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ def parse(argv) -> argparse.Namespace:
                         "steps each), the JSON rewritten after each one (default gpu_probe.json) "
                         "so a cut-short run keeps its rows, each peak beside its estimate; "
                         "starts nothing after 7 minutes")
+    p.add_argument("--save-memory", action="store_true",
+                   help="peak resident memory of saving a full SD1.5 fine-tune as one file "
+                        "(tiny with --smoke), each in a fresh process; no GPU needed")
     p.add_argument("--only", help="comma-separated configurations to run, 'startup' among "
                                   "them for the startup time (default: all)")
     p.add_argument("--startup", action=argparse.BooleanOptionalAction, default=None,
@@ -171,6 +175,8 @@ def main(argv=None) -> int:
     args = parse(argv)
     if args.profile:
         return profile_main(args)
+    if args.save_memory:
+        return save_memory_main(args)
     if args.gpu_probe and not torch.cuda.is_available():
         print("--gpu-probe measures a CUDA GPU and this machine has none. Run it where there "
               "is one, or use 'python -m bench --profile' (counts, no GPU).", file=sys.stderr)
@@ -246,6 +252,19 @@ def print_entry(entry: dict) -> None:
         shown = {k: v for k, v in r["settings"].items() if k != "messages"}
         print(f"{'':<18} {'':<10} settings: "
               + ", ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+
+
+def save_memory_main(args) -> int:
+    from .save_memory import describe, measure_save_memory
+    smoke = args.smoke and not args.forced_smoke  # a host measure: real size on any machine
+    with tempfile.TemporaryDirectory(prefix="dreambooth_bench_") as tmp:
+        rows = measure_save_memory(smoke, Path(tmp))
+    for row in rows:
+        print(describe(row), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"save_memory": rows}, indent=2) + "\n",
+                                   encoding="utf-8")
+    return 0 if all(r["within_bound"] for r in rows) else 1
 
 
 def profile_main(args) -> int:

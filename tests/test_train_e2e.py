@@ -56,6 +56,12 @@ def test_cli_with_json_config_and_events_stream(quick_config, tmp_path):
     events = [event_from_json(line) for line in events_path.read_text().splitlines()]
     assert isinstance(events[-1], ev.Finished) and events[-1].path == path
     assert any(isinstance(e, ev.Started) and e.total_steps == 8 for e in events)
+    # the libraries' own lines go to the run's log, never to the console
+    library = ("should be kept in float32", "requires torchvision", "[transformers",
+               "[diffusers", "[accelerate", "Failed to initialize NumPy", "Warning:")
+    log = "".join(p.read_text() for p in (tmp_path / "runs" / "quick" / "logs").glob("*.log"))
+    assert not [line for line in out.stderr.splitlines() if any(m in line for m in library)]
+    assert "[diffusers.models.modeling_utils] warning: There are modules in" in log
 
 
 def test_cli_flags_build_the_same_config(quick_config, tmp_path):

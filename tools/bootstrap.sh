@@ -22,6 +22,7 @@ if [ -n "$constraints" ]; then  # torch is pinned below to the one installed (a 
   args+=(-c "$venv/constraints.txt")
 fi
 # Pin torch to the one installed so no dependency can swap it for another build.
-tv=$("$vpy" -c "import torch; print(torch.__version__.split('+')[0])")
+# (-W ignore: before numpy is installed, torch warns "Failed to initialize NumPy" on import)
+tv=$("$vpy" -W ignore -c "import torch; print(torch.__version__.split('+')[0])")
 echo "torch==$tv" > "$venv/torch-pin.txt"
 "$vpy" -m pip install "${args[@]}" -c "$venv/torch-pin.txt"

@@ -167,10 +167,10 @@ class TrainingConfig:
                                     "training state is saved for resume (state_every_steps > 0); "
                                     "'off': the fastest kernels, results only statistically the "
                                     "same.", advanced=True, choices=DETERMINISTIC)
-    cpu_threads: int = _f(0, "CPU threads for the training maths (0: PyTorch's default). The "
-                             "count is recorded with the training state: a resume on another "
-                             "count goes on, close to but not bit-identical with an "
-                             "uninterrupted run.", advanced=True, minimum=0, maximum=1024)
+    cpu_threads: int = _f(0, "CPU threads for the maths (0: a CPU run takes the cores free at "
+                             "its start, or OMP_NUM_THREADS; a GPU run, PyTorch's default). A "
+                             "resume on another count goes on, close to but not bit-identical "
+                             "with an uninterrupted run.", advanced=True, minimum=0, maximum=1024)
     save_precision: str = _f("fp32", "Precision of the saved checkpoint (fp16: 'half model').",
                              choices=SAVE_PRECISION)
     class_generation_steps: int = _f(20, "Denoising steps when generating class images.",

@@ -314,12 +314,13 @@ def atomic_path(final: str | os.PathLike, overwrite: bool = False,
 
 def write_safetensors(path: str | os.PathLike, state: dict, metadata: dict | None = None,
                       overwrite: bool = False) -> Path:
-    """Write atomically: a crash leaves either the old file or the new one, never half of one."""
-    from safetensors.torch import save_file
+    """Write atomically: a crash leaves either the old file or the new one, never half of one;
+    one tensor at a time (streamed.write_streamed), never a copy of the whole state."""
+    from .streamed import data_size, write_streamed
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    needed = sum(t.numel() * t.element_size() for t in state.values())
-    with atomic_path(path, overwrite, needed) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+    with atomic_path(path, overwrite, data_size(state)) as tmp:
+        with open(tmp, "wb") as fh:
+            write_streamed(fh, state, meta)
     return Path(path)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..config.errors import CheckpointError
 from .checkpoint import atomic_path
+from .streamed import data_size, save_dtype, write_streamed
 
 HASH_KEY = "sshs_model_hash"
 PLACEHOLDER = "dreambooth-hash-pending".ljust(64, "-")  # same length as a sha256 hex digest
@@ -29,10 +30,11 @@ def data_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _fill_hash(path: Path) -> str:
-    """Replace the placeholder in the header with the data hash; the header keeps its length,
-    so the data (and with it the hash) stays where it was."""
-    digest = data_hash(path)
+def _fill_hash(path: Path, digest: str | None = None) -> str:
+    """Replace the placeholder in the header with the data hash (`digest`, or read from the
+    file); the header keeps its length, so the data (and with it the hash) stays where it
+    was."""
+    digest = digest or data_hash(path)
     with open(path, "r+b") as f:
         n = int.from_bytes(f.read(8), "little")
         header = f.read(n)
@@ -46,9 +48,10 @@ def _fill_hash(path: Path) -> str:
 
 
 def read_layout(path: str | os.PathLike) -> tuple[dict, dict, dict]:
-    """(key -> shape, key -> safetensors dtype, metadata) of a file, without loading tensors."""
+    """(key -> shape, key -> safetensors dtype, metadata) of a file, without loading tensors
+    (read by safetensors itself; as numpy, which maps no torch storage over the file)."""
     from safetensors import safe_open
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with safe_open(str(path), framework="numpy") as f:
         slices = {k: f.get_slice(k) for k in f.keys()}
         shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
         dtypes = {k: s.get_dtype() for k, s in slices.items()}
@@ -75,15 +78,17 @@ def layout_problems(path: str | os.PathLike, expected: dict, dtype=None,
 def write_verified(path: str | os.PathLike, state: dict, metadata: dict, expected: dict,
                    overwrite: bool = False, dtype=None, what: str = "checkpoint",
                    fp32_keys=()) -> Path:
-    """Write `state` to `path` atomically with `metadata` and its sshs_model_hash, after checking
-    the written file against `expected` (key -> shape)."""
-    from safetensors.torch import save_file
+    """Write `state` (tensors or streamed.Deferred ones) to `path` atomically with `metadata`
+    and its sshs_model_hash, one tensor at a time, its floating tensors in `dtype` (those of
+    `fp32_keys` in fp32; None: as they are), after checking the written file against
+    `expected` (key -> shape)."""
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     meta[HASH_KEY] = PLACEHOLDER
-    needed = sum(t.numel() * t.element_size() for t in state.values())
-    with atomic_path(path, overwrite, needed) as tmp:
-        save_file(state, str(tmp), metadata=meta)
-        _fill_hash(tmp)
+    dtype_of = save_dtype(dtype, fp32_keys)
+    with atomic_path(path, overwrite, data_size(state, dtype_of)) as tmp:
+        with open(tmp, "wb") as fh:
+            digest = write_streamed(fh, state, meta, dtype_of)
+        _fill_hash(tmp, digest)
         problems = layout_problems(tmp, expected, dtype, fp32_keys)
         if problems:
             raise CheckpointError(

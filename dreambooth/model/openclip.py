@@ -30,14 +30,17 @@ def _swap(rest: str, forward: bool) -> str | None:
     return None
 
 
-def to_openclip(state: dict) -> dict:
-    """transformers CLIP text keys -> OpenCLIP keys (q/k/v fused, projection transposed)."""
+def to_openclip(state: dict, deferred: bool = False) -> dict:
+    """transformers CLIP text keys -> OpenCLIP keys (q/k/v fused, projection transposed);
+    `deferred`: the fused and transposed tensors as streamed.Deferred ones, made when a
+    streamed write reaches them."""
     out, fused = {}, {}
     for key, value in state.items():
         if key in TOP:
             out[TOP[key]] = value
         elif key == PROJECTION_HF:
-            out[PROJECTION_OC] = value.T.contiguous()
+            out[PROJECTION_OC] = _later(lambda v=value: v.T.contiguous(), tuple(
+                value.shape[::-1]), value.dtype) if deferred else value.T.contiguous()
         elif key.startswith(HF_LAYERS):
             n, rest = key[len(HF_LAYERS):].split(".", 1)
             parts = rest.split(".")
@@ -53,8 +56,16 @@ def to_openclip(state: dict) -> dict:
     for (n, kind), parts in fused.items():
         if set(parts) != set(QKV):
             raise KeyError(f"text encoder layer {n} lacks one of q/k/v ({kind})")
-        out[f"{OC_LAYERS}{n}.attn.in_proj_{kind}"] = torch.cat([parts[p] for p in QKV])
+        qkv = [parts[p] for p in QKV]
+        shape = (sum(p.shape[0] for p in qkv), *qkv[0].shape[1:])
+        out[f"{OC_LAYERS}{n}.attn.in_proj_{kind}"] = _later(
+            lambda qkv=qkv: torch.cat(qkv), shape, qkv[0].dtype) if deferred else torch.cat(qkv)
     return out
+
+
+def _later(make, shape: tuple, dtype):
+    from .streamed import Deferred
+    return Deferred(tuple(shape), dtype, make)
 
 
 def from_openclip(state: dict, layers: int, projection: bool) -> tuple[dict, dict]:

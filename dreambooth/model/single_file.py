@@ -14,7 +14,7 @@ import torch
 
 from . import convert, ldm_yaml, openclip
 from ..config.errors import CheckpointError
-from .checkpoint import SAVE_DTYPES, LazyState, cast_for_save, open_checkpoint, tensor_dtype
+from .checkpoint import SAVE_DTYPES, LazyState, open_checkpoint, tensor_dtype
 from .components import (
     Components,
     build_meta,
@@ -48,9 +48,10 @@ def _te_from_ldm(slot: TextEncoderSlot, state: dict, config: dict) -> tuple[dict
     return hf, convert.prefixed(rest, slot.prefix)
 
 
-def _te_to_ldm(slot: TextEncoderSlot, state: dict, config: dict) -> dict:
+def _te_to_ldm(slot: TextEncoderSlot, state: dict, config: dict,
+               deferred: bool = False) -> dict:
     if slot.layout == "openclip":
-        return convert.prefixed(openclip.to_openclip(state), slot.prefix)
+        return convert.prefixed(openclip.to_openclip(state, deferred), slot.prefix)
     state = dict(state)
     positions = config.get("max_position_embeddings", 77)
     state["text_model.embeddings.position_ids"] = torch.arange(positions)[None]
@@ -187,8 +188,11 @@ def _components_of(state: dict, metadata: dict, source_yaml: str | None, model_t
 
 
 def ldm_state(comp: Components, unet_state: dict | None = None,
-              te_states: dict | None = None, buffers: bool = True) -> dict:
-    """The single-file (LDM) state dict of a working model, in the layout the WebUI loads.
+              te_states: dict | None = None, buffers: bool = True,
+              deferred: bool = False) -> dict:
+    """The single-file (LDM) state dict of a working model, in the layout the WebUI loads: the
+    live weights (views of them), nothing copied but the tensors the layout fuses or
+    transposes (`deferred`: not even those, made as a streamed write reaches them).
     `unet_state` / `te_states` (component -> 'text_model.'-keyed state) replace the live ones;
     `buffers`: with the computed schedule buffers of the family (fp32)."""
     unet_state = unet_state if unet_state is not None else comp.unet.state_dict()
@@ -198,7 +202,7 @@ def ldm_state(comp: Components, unet_state: dict | None = None,
     for slot in comp.spec.text_encoders:
         te = (te_states or {}).get(slot.component)
         te = te if te is not None else te_state(getattr(comp, slot.component))
-        state.update(_te_to_ldm(slot, te, comp.configs[slot.component]))
+        state.update(_te_to_ldm(slot, te, comp.configs[slot.component], deferred))
     state.update(comp.extra)
     if buffers and comp.spec.family == "sdxl":
         state["denoiser.sigmas"] = denoiser_sigmas(comp.configs["scheduler"])
@@ -247,10 +251,12 @@ def save_single_file(comp: Components, path: str | Path, precision: str = "fp32"
                      unet_state: dict | None = None, te_states: dict | None = None) -> Path:
     """Write the single file the WebUI loads (checked against the reference layout before it
     takes its name), and the WebUI's <name>.yaml beside it when the model needs one. The
-    schedule buffers stay fp32 in a half model: the WebUI samples with the file's values."""
+    schedule buffers stay fp32 in a half model: the WebUI samples with the file's values.
+    Written one tensor at a time, each converted and cast as its turn comes: the save holds
+    about one tensor beside the model, not a copy of the whole state."""
     meta = {COMPONENTS_KEY: json.dumps(comp.configs), TYPE_KEY: comp.model_type,
             **model_metadata(comp.spec, Path(path).stem, metadata or {})}
-    state = cast_for_save(ldm_state(comp, unet_state, te_states), precision, comp.spec.buffers)
+    state = ldm_state(comp, unet_state, te_states, deferred=True)
     write_verified(path, state, meta, reference_layout(comp), overwrite=overwrite,
                    dtype=SAVE_DTYPES[precision], fp32_keys=comp.spec.buffers)
     ldm_yaml.write_beside(path, comp)

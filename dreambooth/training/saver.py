@@ -19,6 +19,7 @@ from ..model.checkpoint import write_text
 from ..model.components import te_state
 from ..model.metadata import training_metadata
 from ..model.single_file import save_single_file
+from ..model.streamed import Deferred
 from ..model.workdir import load_model, save_working_dir, source_id, working_dir
 from .embedding import activation_text, save_embedding
 from .housekeeping import (no_room_for_extra_save, refuse_no_space,
@@ -45,6 +46,31 @@ def _same_folder(a: Path, b: Path) -> bool:
 
 
 PIVOTAL_SUFFIX = "_emb"
+
+
+def ema_state(unet, ema) -> dict:
+    """The UNet's state to save: its own, or with the EMA's weights in place of its
+    parameters, the EMA's tensors themselves (one cast to the parameter's dtype as a streamed
+    save reaches it, where they differ), not a copy of the UNet."""
+    if ema is None:
+        return unet.state_dict()
+    shadow = {id(p): s for p, s in zip(unet.parameters(), ema.shadow_params)}
+    state, found = {}, set()
+    for key, value in unet.state_dict(keep_vars=True).items():
+        s = shadow.get(id(value))
+        if s is None:
+            state[key] = value.detach()
+            continue
+        found.add(id(value))
+        state[key] = s.detach() if s.dtype == value.dtype else Deferred(
+            tuple(value.shape), value.dtype, lambda s=s, dtype=value.dtype: s.to(dtype))
+    if len(found) == len(shadow):
+        return state
+    ema.store(unet.parameters())  # parameters the state dict names otherwise: copied back
+    ema.copy_to(unet.parameters())
+    state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    ema.restore(unet.parameters())
+    return state
 
 
 class Saver:

@@ -21,13 +21,13 @@ from ..data import buckets
 from ..data.feed import DataFeed
 from ..model.components import unet_kwargs
 from ..model.workdir import load_model, read_source_ahead
-from . import backends, embedding, fp8, parked
+from . import backends, embedding, fp8, liblog, parked
 from .backends import gpu_total_memory
 from .advice import plan_run, text_encoder_stop
 from .optim import make_optimizer, trainable_groups
 from .loss import compute_loss, step_draws
 from .losslog import LossLog
-from .saver import Saver
+from .saver import Saver, ema_state
 from .housekeeping import refuse_idle_accumulation, remove_leftovers, snapshot_failed
 from .resume import choose_snapshot, resume_position
 from .sourcehash import hash_source_ahead
@@ -54,7 +54,8 @@ def train(config: TrainingConfig, on_event=None, cancel: ev.CancelToken | None =
         config.check()
         trainer = Trainer(config, emit, cancel or ev.CancelToken())
         trainer.runlog = log
-        return trainer.run()
+        with liblog.to_log(log):  # the libraries' words: into the log, not on the console
+            return trainer.run()
     except DreamboothError as e:
         emit(ev.Failed(e.message, e.hint))
         raise failure(e, log)
@@ -226,8 +227,9 @@ class Trainer:
         # one lock per launch: its rank 0 takes it (torchrun / accelerate launch set RANK)
         with ModelLock(self.cfg.model_dir, self.say) if os.environ.get("RANK", "0") == "0" \
                 else contextlib.nullcontext(), \
-                backends.reproducible(self.cfg.is_deterministic, self.cfg.cpu_threads,
-                                      not self.cfg.bucketing) as machine:
+                backends.reproducible(self.cfg.is_deterministic, backends.cpu_threads(
+                    self.cfg.cpu_threads, torch.cuda.is_available(), self.say),
+                    not self.cfg.bucketing) as machine:
             self.machine = machine  # recorded in snapshots: a resume elsewhere is said
             if getattr(self, "runlog", None) is not None:
                 self.runlog.flush()
@@ -340,15 +342,8 @@ class Trainer:
 
     # -- outputs (the Saver writes) ----------------------------------------------------------
     def unet_state(self) -> dict:
-        """The UNet's weights to save: the EMA's, when one is kept."""
-        unet = self.comp.unet
-        if self.ema is None:
-            return unet.state_dict()
-        self.ema.store(unet.parameters())
-        self.ema.copy_to(unet.parameters())
-        state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-        self.ema.restore(unet.parameters())
-        return state
+        """The UNet's weights to save: the EMA's, when one is kept (not copied)."""
+        return ema_state(self.comp.unet, self.ema)
 
     def save(self, step: int, final: bool = False) -> Path:
         self.log.read()  # never a save of weights after a non-finite loss
