@@ -142,63 +142,139 @@ def test_cancel_stops_cleanly_and_keeps_what_was_trained(tiny_inputs, train_pyth
     assert host.calls == ["offload", "refresh", "restore"]  # refreshed under the GPU lock
 
 
-def test_a_child_that_ignores_sigint_gets_sigterm_after_the_grace_period(tmp_path):
-    script = textwrap.dedent("""
-        import json, signal, sys, time
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        print(json.dumps({"event": "started", "model_name": "m", "total_steps": 9,
-                          "epochs": 9, "instance_images": 1, "class_images": 0}), flush=True)
-        time.sleep(60)
-    """)
+# A stand-in child (plain Python, no torch): it says Ready, then follows the script each test
+# gives it, in the order the real one does (Stopping at the end of the running step, then the
+# resume state and the checkpoint, each announced by Saving).
+CHILD = textwrap.dedent("""
+    import json, os, signal, sys, time
+    def say(kind, **fields):
+        print(json.dumps({"event": kind, **fields}), flush=True)
+    def hang(*a):
+        time.sleep(3600)
+    def stop(*a):
+        say("stopped", step=2, message="stopped at once")
+        sys.exit(130)
+    say("ready", pid=os.getpid())
+    say("started", model_name="m", total_steps=9, epochs=9, instance_images=1, class_images=0)
+    def saves(seconds):
+        say("saving", path="/w/m/state", step=2, what="state"); time.sleep(seconds)
+        say("state_saved", path="/w/m/state/step_00000002", step=2)
+        say("saving", path="/x/m_2.safetensors", step=2); time.sleep(seconds)
+        say("checkpoint_saved", path="/x/m_2.safetensors", step=2)
+    say("step", step=1, total_steps=9, epoch=1, loss=0.5, lr=1e-4, it_per_s=1.0)
+""")
 
-    class StubbornRun(TrainingRun):
+
+
+def _child(tmp_path, script: str) -> TrainingRun:
+    class Child(TrainingRun):
         @property
         def command(self):
-            return [sys.executable, "-c", script]
+            return [sys.executable, "-c", CHILD + textwrap.dedent(script)]
 
     from dreambooth import TrainingConfig
-    run = StubbornRun(TrainingConfig(), tmp_path / "run").start()
-    wait_for(lambda: run.snapshot().state == "running", timeout=30)
-    run.cancel(grace_s=1.0)
-    p = run.wait(deadline(15))
-    assert p.returncode == -signal.SIGTERM
-    assert p.state == "cancelled"
+    run = Child(TrainingConfig(), tmp_path / "run").start()
+    wait_for(lambda: run.snapshot().step == 1 or run.snapshot().returncode is not None,
+             timeout=30)
+    assert run.snapshot().returncode is None, run.stderr_tail()
+    return run
 
 
-def test_the_grace_period_starts_when_a_save_starts(tmp_path):
-    """A slow save after Cancel is waited for: the grace counts from the save's start, so the
-    child below (save begins 2 s after the signal, takes 2 s) is never cut off by a 3 s grace
-    counted from the signal (which would stop it 1 s into the save)."""
-    script = textwrap.dedent("""
-        import json, signal, sys, time
-        def stop(*a):
-            time.sleep(2)
-            print(json.dumps({"event": "saving", "path": "/x/m_3.safetensors", "step": 3}),
-                  flush=True)
-            time.sleep(2)
-            print(json.dumps({"event": "checkpoint_saved", "path": "/x/m_3.safetensors",
-                              "step": 3}), flush=True)
-            print(json.dumps({"event": "finished", "path": "/x/m_3.safetensors", "steps": 3,
-                              "seconds": 4.0, "cancelled": True}), flush=True)
+def test_the_grace_counts_from_the_stop_point_and_never_cuts_a_save(tmp_path):
+    """The step running at Cancel takes 2 s, each save 1.5 s, the grace is 1 s: a grace counted
+    from the click (or from a save's start) would stop it before its files are written."""
+    run = _child(tmp_path, """
+        def on_int(*a):
+            time.sleep(2)  # the rest of the running step
+            say("step", step=2, total_steps=9, epoch=1, loss=None, lr=1e-4, it_per_s=1.0)
+            say("stopping", step=2, total_steps=9, loss=0.25)
+            saves(1.5)
+            say("finished", path="/x/m_2.safetensors", steps=2, seconds=5.0, cancelled=True)
             sys.exit(130)
-        signal.signal(signal.SIGINT, stop)
-        print(json.dumps({"event": "started", "model_name": "m", "total_steps": 9,
-                          "epochs": 9, "instance_images": 1, "class_images": 0}), flush=True)
-        time.sleep(60)
+        signal.signal(signal.SIGINT, on_int)
+        hang()
+    """)
+    run.cancel(grace_s=1.0)
+    p = run.wait(deadline(30))
+    assert p.returncode == 130 and (p.state, p.stop, p.stop_step) == ("cancelled", "", 2)
+    assert p.saved == ["/x/m_2.safetensors"] and p.state_path == "/w/m/state/step_00000002"
+    assert p.loss == 0.25 and p.losses[-1] == [2, 0.25]  # read for the save, shown
+    from dreambooth.ui import render
+    shown = render.result_html(p)
+    assert "Cancelled at step 2 of 9" in shown and "/x/m_2.safetensors" in shown
+    assert "/w/m/state/step_00000002" in shown and "nothing was saved" not in shown
+
+
+def test_a_child_that_hangs_after_its_saves_is_forced_and_said_so(tmp_path):
+    """It stops and saves, then hangs ignoring the stop-at-once signal too: after the grace it
+    is stopped at once, then killed; the result says forced, with the files it kept."""
+    run = _child(tmp_path, """
+        def on_int(*a):
+            say("stopping", step=1, total_steps=9, loss=None)
+            saves(0)
+            hang()
+        signal.signal(signal.SIGINT, on_int)
+        signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+        hang()
+    """)
+    run.cancel(grace_s=1.0)
+    p = run.wait(deadline(30))
+    assert p.returncode == -signal.SIGKILL and (p.state, p.stop) == ("stopped", "forced")
+    from dreambooth.ui import render
+    shown = render.result_html(p)
+    assert "Forced stop at step 1 of 9" in shown and "had not ended 1 s after it stopped" in shown
+    assert "/x/m_2.safetensors" in shown and "/w/m/state/step_00000002" in shown
+    assert "nothing was saved" not in shown
+
+
+def test_stop_now_stops_at_once_and_says_what_was_kept(tmp_path):
+    """Stop now (without Cancel first) is one stop-at-once signal; the child's Stopped event
+    and the earlier save it names stay in the result."""
+    run = _child(tmp_path, """
+        say("checkpoint_saved", path="/x/m_1.safetensors", step=1)
+        signal.signal(signal.SIGQUIT, stop)
+        hang()
+    """)
+    wait_for(lambda: run.snapshot().saved, timeout=30)
+    run.cancel(grace_s=30.0, now=True)
+    p = run.wait(deadline(30))
+    assert p.returncode == 130 and (p.state, p.stop) == ("stopped", "at_once")
+    from dreambooth.ui import render
+    shown = render.result_html(p)
+    assert "Stopped at once at step 2 of 9 without saving" in shown
+    assert "saved: /x/m_1.safetensors" in shown
+
+
+def test_commands_wait_for_ready_and_are_refused_once_the_run_ends(tmp_path):
+    """A Save now before the child can take it is held (a SIGUSR1 then would kill it: -10),
+    sent once it says Ready; after its Finished, requests are refused, never sent."""
+    script = textwrap.dedent("""
+        import json, os, signal, sys, time
+        time.sleep(1.5)  # importing: no handler yet
+        got = []
+        signal.signal(signal.SIGUSR1, lambda *a: got.append("save"))
+        print(json.dumps({"event": "ready", "pid": os.getpid()}), flush=True)
+        while not got:
+            time.sleep(0.05)
+        print(json.dumps({"event": "message", "text": "saving now"}), flush=True)
+        print(json.dumps({"event": "finished", "path": "", "steps": 0, "seconds": 1.0}),
+              flush=True)
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # as when Python shuts down
+        time.sleep(1.5)
     """)
 
-    class SlowSaver(TrainingRun):
+    class Starting(TrainingRun):
         @property
         def command(self):
             return [sys.executable, "-c", script]
 
     from dreambooth import TrainingConfig
-    run = SlowSaver(TrainingConfig(), tmp_path / "run").start()
-    wait_for(lambda: run.snapshot().state == "running", timeout=30)
-    run.cancel(grace_s=3.0)
-    p = run.wait(30)
-    assert p.returncode == 130 and p.state == "cancelled"
-    assert p.saved == ["/x/m_3.safetensors"] and p.saving == ""
+    run = Starting(TrainingConfig(), tmp_path / "run").start()
+    assert run.request("save") == "queued" and run.request("save") == "queued"
+    wait_for(lambda: run.snapshot().state == "finished", timeout=30)
+    assert run.request("save") == "ending" and run.request("sample") == "ending"
+    p = run.wait(deadline(30))
+    assert p.returncode == 0 and p.messages == ["saving now"]
 
 
 def test_saving_shows_in_the_progress_and_the_result_lists_every_save():
@@ -209,7 +285,8 @@ def test_saving_shows_in_the_progress_and_the_result_lists_every_save():
     apply_event(p, ev.CheckpointSaved("/out/m_3.safetensors", 3))
     assert p.saving == "" and "Saving" not in render.progress_html(p)
     apply_event(p, ev.Finished("", 3, 1.0, cancelled=True))
-    assert "Cancelled; saved: /out/m_3.safetensors" in render.result_html(p)
+    assert "Cancelled at step 3 of 9." in render.result_html(p)
+    assert "saved: /out/m_3.safetensors" in render.result_html(p)
 
 
 def test_a_child_that_crashes_becomes_a_failed_run_with_its_log(tmp_path):

@@ -28,6 +28,9 @@ from .runner import RunManager
 PREFIX = "/dreambooth/v1"
 
 
+REFUSED = {"idle": "Nothing is training, so there is nothing to {what}.",
+           "ending": "The run is stopping or has stopped, so it takes no more requests.",
+           "unsupported": "This system has no signal to ask a running job to {what}."}
 MAX_BODY = 1 << 20  # a config is a few KiB; more is refused unread
 
 
@@ -182,10 +185,15 @@ class Api:
         return self.manager.status().to_dict()
 
     def cancel(self, request: Request, raw: bytes | None = Depends(raw_body)):
+        """{} stops after the running step and saves; {"now": true} stops at once, unsaved."""
         data = self.body(request, raw)
         if isinstance(data, JSONResponse):
             return data
-        return {"cancelling": self.manager.cancel(), **self.manager.status().to_dict()}
+        now = data.get("now", False)
+        if not isinstance(now, bool):
+            return _problems([Problem("now", now, "is not true or false", "send true to stop at "
+                                      "once without saving, false (or nothing) to save first")])
+        return {"cancelling": self.manager.cancel(now=now), **self.manager.status().to_dict()}
 
     def save(self, request: Request, raw: bytes | None = Depends(raw_body)):
         return self.command(request, raw, "save")
@@ -194,14 +202,16 @@ class Api:
         return self.command(request, raw, "sample")
 
     def command(self, request: Request, raw: bytes | None, what: str):
-        """202 when the running job was asked (it acts at its next step), 409 when none runs."""
+        """202 when the job was asked (it acts at its next step; "queued": it is still
+        starting and is asked once it can act), 409 with the reason otherwise."""
         data = self.body(request, raw)
         if isinstance(data, JSONResponse):
             return data
-        if not self.manager.request(what):
-            return _error(409, f"Nothing is training, so there is nothing to {what}.")
-        return JSONResponse({"requested": what, **self.manager.status().to_dict()},
-                            status_code=202)
+        answer = self.manager.request(what)
+        if answer not in ("sent", "queued"):
+            return _error(409, REFUSED[answer].format(what=what))
+        return JSONResponse({"requested": what, "queued": answer == "queued",
+                             **self.manager.status().to_dict()}, status_code=202)
 
     def outputs(self, request: Request):
         if (denied := self.guard(request)) is not None:
