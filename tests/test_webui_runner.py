@@ -142,6 +142,59 @@ def test_cancel_stops_cleanly_and_keeps_what_was_trained(tiny_inputs, train_pyth
     assert host.calls == ["offload", "refresh", "restore"]  # refreshed under the GPU lock
 
 
+@pytest.mark.slow
+def test_cancel_once_in_a_step_and_a_save_longer_than_the_grace_keeps_both(
+        tiny_inputs, train_python, tmp_path, monkeypatch):
+    """The steps after the first take 4 s more and the resume state 4 s more to write (a test-
+    only sitecustomize in the child: tests/slow_child), the grace is 1 s: Cancel once after
+    step 1 still gives a checkpoint and a resumable state, and the result names both."""
+    slow = Path(__file__).parent / "slow_child"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(slow), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("DREAMBOOTH_TEST_SLOW_FROM_STEP", "2")
+    monkeypatch.setenv("DREAMBOOTH_TEST_SLOW_STEP_S", "4")
+    monkeypatch.setenv("DREAMBOOTH_TEST_SLOW_STATE_S", "4")
+    host = RecordingHost(standalone_paths(tmp_path / "ui"), train_python)
+    manager = RunManager(host, cancel_grace_s=1.0)
+    manager.start(_config(tiny_inputs, tmp_path, steps_per_image=2))  # 2 images: 4 steps
+    wait_for(lambda: manager.status().step >= 1 or not manager.busy(), timeout=300)
+    assert manager.cancel()
+    p = manager.wait(deadline(120))
+    assert p.state == "cancelled" and p.stop != "at_once", (p, manager.run.stderr_tail())
+    assert 2 <= p.stop_step == p.step < p.total_steps and p.loss is not None
+    assert Path(p.final_path).is_file() and p.final_path in p.saved
+    assert Path(p.state_path).is_dir() and p.state_step == p.step
+    from dreambooth.training.state import snapshot_info
+    assert snapshot_info(Path(p.state_path))["step"] == p.step  # a state a run resumes from
+    from dreambooth.ui import render
+    shown = render.result_html(p)
+    assert p.final_path in shown and p.state_path in shown and "nothing was saved" not in shown
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+def test_a_burst_of_requests_from_the_start_never_kills_the_run(tiny_inputs, train_python,
+                                                                tmp_path):
+    """Save now / Sample now from the moment Train is pressed until after the run ended: held
+    until the child can take them, then sent, then refused; the run trains to its end."""
+    host = RecordingHost(standalone_paths(tmp_path / "ui"), train_python)
+    manager = RunManager(host, cancel_grace_s=60)
+    manager.start(_config(tiny_inputs, tmp_path, steps_per_image=2))
+    answers = []
+    limit = deadline(300)
+    import time
+    end = time.monotonic() + limit
+    while manager.busy() and time.monotonic() < end:
+        answers.append(manager.request("save" if len(answers) % 2 else "sample"))
+        time.sleep(0.01)
+    answers.append(manager.request("save"))
+    p = manager.wait(deadline(60))
+    assert p.state == "finished" and p.returncode == 0, (p, manager.run.stderr_tail())
+    assert Path(p.final_path).is_file() and len(p.saved) >= 2  # a Save now's too
+    assert answers[0] == "queued" and "sent" in answers and answers[-1] == "idle"
+    kinds = [a for i, a in enumerate(answers) if i == 0 or a != answers[i - 1]]
+    assert kinds[:2] == ["queued", "sent"] and "queued" not in kinds[2:]  # in that order
+
+
 # A stand-in child (plain Python, no torch): it says Ready, then follows the script each test
 # gives it, in the order the real one does (Stopping at the end of the running step, then the
 # resume state and the checkpoint, each announced by Saving).
@@ -287,6 +340,47 @@ def test_saving_shows_in_the_progress_and_the_result_lists_every_save():
     apply_event(p, ev.Finished("", 3, 1.0, cancelled=True))
     assert "Cancelled at step 3 of 9." in render.result_html(p)
     assert "saved: /out/m_3.safetensors" in render.result_html(p)
+
+
+@pytest.mark.parametrize("progress, said, unsaid", [
+    (Progress("cancelled", step=0, total_steps=12), ["Cancelled before the first step; nothing "
+                                                      "was saved."], []),
+    # a resumed run cancelled before its first step: the state it began from is still there
+    (Progress("cancelled", step=4, total_steps=12, resumed_from=4),
+     ["Cancelled before the first step", "resume state of step 4"], []),
+    # Forge's case: 2 steps ran, an earlier Save now, the run was stopped hard
+    (Progress("stopped", step=2, total_steps=12, saved=["/o/m_1.safetensors"], stop="forced",
+              stop_note="it had not ended."),
+     ["Forced stop at step 2 of 12: it had not ended.", "saved: /o/m_1.safetensors"],
+     ["nothing was saved", "Nothing of this run"]),
+    (Progress("stopped", step=5, total_steps=12, stop="at_once", state_path="/w/state/step_4",
+              state_step=4),
+     ["Stopped at once at step 5 of 12 without saving", "resume state: /w/state/step_4",
+      "continues from step 4"], ["nothing was saved"]),
+    (Progress("stopped", step=5, total_steps=12, stop="at_once"),
+     ["Stopped at once", "Nothing of this run was saved."], []),
+    (Progress("cancelled", step=3, total_steps=12, final_path="/o/m_3.safetensors",
+              saved=["/o/m_1.safetensors", "/o/m_3.safetensors"], state_path="/w/s/step_3",
+              state_step=3, stop="forced", stop_note="the exit hung."),
+     ["Cancelled at step 3 of 12; saved what was trained to: /o/m_3.safetensors",
+      "saved: /o/m_1.safetensors", "resume state: /w/s/step_3", "stopped hard: the exit hung."],
+     ["nothing was saved"]),
+])
+def test_the_result_of_an_early_end_says_the_steps_run_and_the_files_kept(progress, said, unsaid):
+    from dreambooth.ui import render
+    shown = render.result_html(progress)
+    assert all(text in shown for text in said), shown
+    assert not any(text in shown for text in unsaid), shown
+
+
+def test_a_run_cancelled_before_its_start_starts_nothing(tmp_path):
+    from dreambooth import TrainingConfig
+    run = TrainingRun(TrainingConfig(), tmp_path / "run")
+    assert run.snapshot().state == "starting" and run.request("save") == "queued"
+    run.cancel(grace_s=1.0)
+    assert run.request("save") == "ending"
+    p = run.start().wait(1)
+    assert run.proc is None and p.state == "cancelled" and not p.active
 
 
 def test_a_child_that_crashes_becomes_a_failed_run_with_its_log(tmp_path):

@@ -42,7 +42,7 @@ class TrainingRun:
                  pythonpath: list[str] | None = None) -> None:
         self.config, self.run_dir = config, Path(run_dir).resolve()
         self.python, self.pythonpath = python, list(pythonpath or [])
-        self.progress = Progress(model_name=config.model_name, run_dir=str(run_dir))
+        self.progress = Progress("starting", model_name=config.model_name, run_dir=str(run_dir))
         self.log_lines: list[str] = []
         self._lock = threading.Lock()
         self.proc: subprocess.Popen | None = None
@@ -71,9 +71,12 @@ class TrainingRun:
         return env
 
     def start(self) -> "TrainingRun":
+        with self._lock:
+            if self._grace is not None:  # cancelled before it began: nothing to start
+                self.progress.state = "cancelled"
+                return self
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "run.json").write_text(self.config.to_json(), encoding="utf-8")
-        self.progress.state = "starting"
         self._stderr = open(self.run_dir / "train.log", "w", encoding="utf-8")
         self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=self._stderr,
                                      stdin=subprocess.DEVNULL, env=self.child_env(),
