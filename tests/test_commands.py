@@ -117,6 +117,11 @@ def test_the_child_keeps_signals_that_come_before_its_token_and_stops_as_asked()
     fresh.attach(ev.CancelToken())
     with pytest.raises(KeyboardInterrupt):
         fresh.on_stop_now(signal.SIGQUIT, None)  # the host's Stop now, without a Cancel first
+    before = signal.getsignal(signal.SIGINT)  # a Python caller's process gets its own back
+    fresh.install()
+    assert signal.getsignal(signal.SIGINT) == fresh.on_stop
+    fresh.end()
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
@@ -141,8 +146,8 @@ runpy.run_module("dreambooth", run_name="__main__", alter_sys=True)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=120)
     assert out.returncode == 2 and "missing.json" in out.stderr, (out.returncode, out.stderr)
-    ended = ("from dreambooth.host.signals import CHILD; import os, signal; CHILD.install(); "
-             "CHILD.end(); os.kill(os.getpid(), signal.SIGUSR1); "
+    ended = ("from dreambooth.host.signals import CHILD; import os, signal; "
+             "CHILD.install(owner=True); CHILD.end(); os.kill(os.getpid(), signal.SIGUSR1); "
              "os.kill(os.getpid(), signal.SIGQUIT); print('alive')")
     out = subprocess.run([sys.executable, "-c", ended], capture_output=True, text=True,
                          env=env, timeout=120)

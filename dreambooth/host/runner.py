@@ -248,6 +248,7 @@ class TrainingRun:
         self._forced, self.progress.stop_note = True, why
         return step
 
+
 def _parse(line: str) -> ev.Event | None:
     if not line.startswith("{"):
         return None

@@ -30,15 +30,21 @@ class ChildSignals:
         self.stopping = ""  # the signal that asked for the clean stop ("" until one did)
         self.at_once = False
         self.ended = False
+        self.before: dict = {}  # the handlers ours replaced, by signal name
+        self.owner = False  # this process is `python -m dreambooth`: it exits after the run
 
-    def install(self) -> None:
-        """Take the signals from here on (the main thread only; elsewhere nothing changes)."""
+    def install(self, owner: bool = False) -> None:
+        """Take the signals from here on (the main thread only; elsewhere nothing changes).
+        `owner`: the process ends with the run (the CLI), see `end`."""
+        self.owner = self.owner or owner
+        if self.before:
+            return
         table = {"SIGINT": self.on_stop, "SIGTERM": self.on_stop, STOP_NOW: self.on_stop_now}
         table.update({name: self.on_command for name in COMMAND_SIGNALS.values()})
         for name, handler in table.items():
             if hasattr(signal, name):
                 try:
-                    signal.signal(getattr(signal, name), handler)
+                    self.before[name] = signal.signal(getattr(signal, name), handler)
                 except ValueError:  # not the main thread (embedded use)
                     return
 
@@ -84,15 +90,18 @@ class ChildSignals:
             self.token.request(command)  # set.add: safe in a handler
 
     def end(self) -> None:
-        """The run is over: commands and stops are ignored while the process exits (Python
-        restores the default actions while it shuts down: a late SIGUSR1 would kill it)."""
+        """The run is over. In the CLI's process commands and Stop now are ignored from here
+        (Python restores the default actions while it shuts down: a late SIGUSR1 would kill
+        it); in a Python caller's process its own handlers come back."""
         self.ended = True
-        for name in (*COMMAND_SIGNALS.values(), STOP_NOW):
-            if hasattr(signal, name):
-                try:
-                    signal.signal(getattr(signal, name), signal.SIG_IGN)
-                except ValueError:
-                    pass
+        for name, before in self.before.items():
+            ignore = self.owner and name not in ("SIGINT", "SIGTERM")
+            try:
+                signal.signal(getattr(signal, name), signal.SIG_IGN if ignore else
+                              before if before is not None else signal.SIG_DFL)
+            except ValueError:
+                pass
+        self.before = {}
 
 
 def _say(text: str) -> None:

@@ -190,7 +190,7 @@ class TabActions:
     # -- progress ------------------------------------------------------------------------------
     def status_view(self) -> StatusView:
         p: Progress = self.manager.status()
-        if p.state in ("finished", "cancelled") and self.manager.busy():
+        if p.state in ("finished", "cancelled", "stopped") and self.manager.busy():
             p = Progress(**{**p.__dict__, "state": "running"})  # refreshing the list still
         if p.state == "finished" and is_under(p.final_path, self.host.paths.lora_dir):
             p.messages.append(f"LoRA saved: add <lora:{Path(p.final_path).stem}:1> to a prompt.")

@@ -8,8 +8,8 @@ from ..host.runstate import Progress, ending
 
 STATE_WORDS = {"idle": "Ready", "starting": "Starting (loading the model)", "running": "Training",
                "cancelling": "Cancelling: stopping after this step and saving",
-               "finished": "Finished", "cancelled": "Cancelled", "stopped": "Stopped without "
-               "saving", "failed": "Failed"}
+               "finished": "Finished", "cancelled": "Cancelled", "stopped": "Stopped",
+               "failed": "Failed"}
 
 
 def duration(seconds: float | None) -> str:
