@@ -297,6 +297,9 @@ def test_stop_now_stops_at_once_and_says_what_was_kept(tmp_path):
         hang()
     """)
     wait_for(lambda: run.snapshot().saved, timeout=30)
+    record = Path(run.snapshot().run_dir) / "events.jsonl"  # written as the events come
+    wait_for(lambda: '"checkpoint_saved"' in record.read_text(), timeout=30)
+    assert run.running()
     run.cancel(grace_s=30.0, now=True)
     p = run.wait(deadline(30))
     assert p.returncode == 130 and (p.state, p.stop) == ("stopped", "at_once")
