@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..config import MODEL_TYPES, Concept, TrainingConfig
-from ..config.errors import ConfigError, DreamboothError, Problem
 from ..config import events as ev
+from ..config.errors import ConfigError, DreamboothError, Problem
 from ..config.runlog import failure, log_file_hint
 from .runstate import Progress, apply_event, ending
 from .signals import CHILD

@@ -24,6 +24,8 @@ STOP_NOW = "SIGQUIT"  # how a host says "stop at once, without saving" (POSIX)
 
 
 class ChildSignals:
+    """The handlers of one process, and what they were told before the run could take it."""
+
     def __init__(self) -> None:
         self.token = None  # the run's CancelToken, once it exists
         self.kept: list[str] = []  # commands that came before it
@@ -93,7 +95,7 @@ class ChildSignals:
         """The run is over. In the CLI's process commands and Stop now are ignored from here
         (Python restores the default actions while it shuts down: a late SIGUSR1 would kill
         it); in a Python caller's process its own handlers come back."""
-        self.ended = True
+        self.ended, self.token, self.stopping = True, None, ""
         for name, before in self.before.items():
             ignore = self.owner and name not in ("SIGINT", "SIGTERM")
             try:
