@@ -134,6 +134,9 @@ def test_start_status_cancel_on_the_real_child(tmp_path, tiny_inputs, train_pyth
     assert final.state == "cancelled"
     status = client.get("/dreambooth/v1/status").json()
     assert status["state"] == "cancelled" and not status["active"]
+    assert status["outcome"].startswith(f"Cancelled at step {status['step']} of ")
+    assert status["state_path"] and status["state_path"] in status["outcome"]
+    assert status["final_path"] in status["outcome"]
     outputs = client.get("/dreambooth/v1/outputs").json()["outputs"]
     assert [o["path"] for o in outputs] == [status["final_path"]]
     assert Path(status["final_path"]).is_file()

@@ -286,6 +286,8 @@ def test_a_child_that_hangs_after_its_saves_is_forced_and_said_so(tmp_path):
     assert "Forced stop at step 1 of 9" in shown and "had not ended 1 s after it stopped" in shown
     assert "/x/m_2.safetensors" in shown and "/w/m/state/step_00000002" in shown
     assert "nothing was saved" not in shown
+    said = p.to_dict()["outcome"]  # the API's status says the same
+    assert said.startswith("Forced stop at step 1 of 9") and "Resume state: /w/m/state" in said
 
 
 def test_stop_now_stops_at_once_and_says_what_was_kept(tmp_path):

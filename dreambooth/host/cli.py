@@ -16,7 +16,7 @@ from ..config import MODEL_TYPES, Concept, TrainingConfig
 from ..config import events as ev
 from ..config.errors import ConfigError, DreamboothError, Problem
 from ..config.runlog import failure, log_file_hint
-from .runstate import Progress, apply_event, ending
+from .runstate import Progress, apply_event, outcome
 from .signals import CHILD
 
 CONCEPT_FLAGS = {"instance_dir": "instance_data_dir", "instance_prompt": "instance_prompt",
@@ -226,8 +226,7 @@ def run_training(config: TrainingConfig, events_jsonl: str | None) -> int:
 def _stopped_at_once(seen: Progress, jsonl, on_event) -> int:
     """Say what was lost and what is kept, here and (as a Stopped event) to the host."""
     seen.stop = "at_once"
-    title, kept = ending(seen)
-    text = " ".join([title] + [k[0].upper() + k[1:] + "." for k in kept])
+    text = outcome(seen)
     if jsonl is not None:
         jsonl.new_line()  # the signal may have cut a line short
     on_event(ev.Stopped(seen.step, text))

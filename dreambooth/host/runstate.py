@@ -53,8 +53,11 @@ class Progress:
         return self.state in ("starting", "running", "cancelling")
 
     def to_dict(self) -> dict:
+        """The fields, `active`, and `outcome`: how a run that ended early ended, in words (the
+        steps it ran, the files it kept; "" otherwise)."""
         d = dataclasses.asdict(self)
         d["active"] = self.active
+        d["outcome"] = outcome(self) if self.state in ("cancelled", "stopped") else ""
         return d
 
 
@@ -143,3 +146,9 @@ def ending(p: Progress) -> tuple[str, list[str]]:
     if p.stop == "forced" and p.state == "cancelled":  # it had ended its run: only the exit hung
         lines.append(f"Then it was stopped hard: {p.stop_note}")
     return title, lines
+
+
+def outcome(p: Progress) -> str:
+    """`ending` as one paragraph (the CLI's words, the API's `outcome`)."""
+    title, lines = ending(p)
+    return " ".join([title] + [line[0].upper() + line[1:] + "." for line in lines])
