@@ -1,7 +1,7 @@
 """Test-only: makes a training child slow where a test asks, through its environment.
 
 A folder a test puts first on the child's PYTHONPATH (tests/test_webui_runner.py); Python runs
-this module at start-up. Once the trainer module is imported, each step from
+this module at start-up, and it acts only in `python -m dreambooth ...`. Once the trainer module is imported, each step from
 DREAMBOOTH_TEST_SLOW_FROM_STEP on takes DREAMBOOTH_TEST_SLOW_STEP_S seconds more, and each
 resume state takes DREAMBOOTH_TEST_SLOW_STATE_S more to write. With DREAMBOOTH_TEST_START_GATE
 the process waits at its start, before any code of ours, until that file exists. Nothing in the
@@ -50,8 +50,10 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-if any(os.environ.get(f"DREAMBOOTH_TEST_SLOW_{what}_S") for what in ("STEP", "STATE")):
+# only in the training child: the test's other processes (a load probe...) see the same env
+CHILD = getattr(sys, "orig_argv", [])[1:3] == ["-m", "dreambooth"]
+if CHILD and any(os.environ.get(f"DREAMBOOTH_TEST_SLOW_{what}_S") for what in ("STEP", "STATE")):
     sys.meta_path.insert(0, _AfterImport())
-while os.environ.get("DREAMBOOTH_TEST_START_GATE") and \
+while CHILD and os.environ.get("DREAMBOOTH_TEST_START_GATE") and \
         not os.path.exists(os.environ["DREAMBOOTH_TEST_START_GATE"]):
     time.sleep(0.05)
