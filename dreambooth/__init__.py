@@ -5,16 +5,24 @@ share.
     result = train(TrainingConfig(source_checkpoint="sd15.safetensors",
                                   concepts=(Concept("dog/", "photo of sks dog"),)))
 
-Importing this package loads only the standard library; torch, diffusers and transformers load
-when training starts.
+Importing this package loads nothing: the names below load on first use (the standard library
+only; torch, diffusers and transformers load when training starts). So `python -m dreambooth
+train` takes its signals before any import of ours (dreambooth.host.signals).
 """
-from .config import CheckpointError, Concept, ConfigError, DataError, DreamboothError, Problem, \
-    TrainingConfig, TrainingError
-from .config.events import CancelToken
-
 __version__ = "0.1.0"
 __all__ = ["TrainingConfig", "Concept", "Problem", "train", "create_model", "CancelToken",
            "DreamboothError", "ConfigError", "CheckpointError", "DataError", "TrainingError"]
+_FROM = {"CancelToken": ".config.events", **{name: ".config" for name in __all__[6:]},
+         **{name: ".config" for name in ("TrainingConfig", "Concept", "Problem")}}
+
+
+def __getattr__(name: str):
+    if name not in _FROM:
+        raise AttributeError(f"module 'dreambooth' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(_FROM[name], __name__), name)
+    globals()[name] = value
+    return value
 
 
 def train(config, on_event=None, cancel=None):

@@ -7,14 +7,24 @@
         return gradioApp().getElementById("tab_dreambooth");
     }
 
-    function confirmCancel(event) {
-        var state = root().querySelector(".dreambooth-progress");
-        var running = state && ["running", "starting"].indexOf(state.dataset.state) >= 0;
-        if (running && !window.confirm("Cancel training? What was trained so far is saved.")) {
-            event.stopImmediatePropagation();
-            event.preventDefault();
-        }
+    // Cancel stops after the running step and saves; Stop now stops at once without saving.
+    function confirming(question, states) {
+        return function (event) {
+            var state = root().querySelector(".dreambooth-progress");
+            var running = state && states.indexOf(state.dataset.state) >= 0;
+            if (running && !window.confirm(question)) {
+                event.stopImmediatePropagation();
+                event.preventDefault();
+            }
+        };
     }
+
+    var CONFIRMS = {
+        dreambooth_cancel: confirming("Cancel training? It stops after the step that is " +
+            "running and saves what was trained so far.", ["running", "starting"]),
+        dreambooth_stop_now: confirming("Stop now, without saving? What was trained since " +
+            "the last save is lost.", ["running", "starting", "cancelling"])
+    };
 
     // After "Use in txt2img" loaded a checkpoint on the server, the WebUI's own checkpoint
     // dropdown at the top still shows the old one: re-read its list (AUTOMATIC1111's and
@@ -60,10 +70,12 @@
             return;
         }
         tab.dataset.dreamboothReady = "1";
-        var cancel = tab.querySelector("#dreambooth_cancel");
-        if (cancel) {
-            cancel.addEventListener("click", confirmCancel, true);
-        }
+        Object.keys(CONFIRMS).forEach(function (id) {
+            var button = tab.querySelector("#" + id);
+            if (button) {
+                button.addEventListener("click", CONFIRMS[id], true);
+            }
+        });
         watchMessages(tab);
     }
 

@@ -189,11 +189,18 @@ STATE: dict = {}  # the host and run manager of this WebUI process (survive a UI
 def _manager():
     if "manager" not in STATE:
         STATE["host"] = WebUIHost()
-        grace = float(getattr(shared.opts, "dreambooth_cancel_grace_s", 30) or 30)
         STATE["manager"] = db_runner.MANAGERS.setdefault(str(EXT_ROOT), db_runner.RunManager(
-            STATE["host"], cancel_grace_s=grace))
+            STATE["host"]))
         STATE["manager"].host = STATE["host"]
+        STATE["manager"].cancel_grace_s = _cancel_grace  # read at each Cancel
     return STATE["host"], STATE["manager"]
+
+
+def _cancel_grace() -> float:
+    try:
+        return max(float(getattr(shared.opts, "dreambooth_cancel_grace_s", 30)), 0.0)
+    except (TypeError, ValueError):  # a value the settings file holds by hand
+        return 30.0
 
 
 def on_ui_tabs():
@@ -215,8 +222,9 @@ def on_ui_tabs():
 
 def on_ui_settings():
     shared.opts.add_option("dreambooth_cancel_grace_s", shared.OptionInfo(
-        30, "Seconds a cancelled training run gets to save before it is stopped hard",
-        section=SECTION))
+        30, "Cancel: seconds a training run may take to end once it has stopped after its "
+        "running step and saved, before it is stopped hard (a save in progress is never cut; "
+        "used from the next Cancel on)", section=SECTION))
 
 
 def on_app_started(demo, app):

@@ -137,6 +137,9 @@ def test_start_status_cancel_on_the_real_child(tmp_path, tiny_inputs, train_pyth
     assert final.state == "cancelled"
     status = client.get("/dreambooth/v1/status").json()
     assert status["state"] == "cancelled" and not status["active"]
+    assert status["outcome"].startswith(f"Cancelled at step {status['step']} of ")
+    assert status["state_path"] and status["state_path"] in status["outcome"]
+    assert status["final_path"] in status["outcome"]
     outputs = client.get("/dreambooth/v1/outputs").json()["outputs"]
     assert [o["path"] for o in outputs] == [status["final_path"]]
     assert Path(status["final_path"]).is_file()
@@ -153,10 +156,36 @@ def test_save_and_sample_now_without_a_run_say_so(tmp_path):
 def test_save_now_asks_the_running_job(tmp_path, monkeypatch):
     client, _, manager = _client(tmp_path)
     asked = []
-    monkeypatch.setattr(manager, "request", lambda what: asked.append(what) or True)
+    monkeypatch.setattr(manager, "request", lambda what: asked.append(what) or "sent")
     assert client.post("/dreambooth/v1/save", content=b"x").status_code == 415  # not JSON
     r = client.post("/dreambooth/v1/save", json={})
     assert r.status_code == 202 and r.json()["requested"] == "save" and asked == ["save"]
+    assert r.json()["queued"] is False
+
+
+@pytest.mark.parametrize("answer, status, words", [
+    ("queued", 202, None), ("ending", 409, "stopping or has stopped"),
+    ("unsupported", 409, "no signal"), ("idle", 409, "Nothing is training")])
+def test_save_now_while_a_run_starts_or_ends_is_queued_or_refused_in_a_sentence(
+        tmp_path, monkeypatch, answer, status, words):
+    """Before the child can act the request waits for it (202, queued); while it stops or
+    after it ended it is refused (409), never sent to a process that is exiting."""
+    client, _, manager = _client(tmp_path)
+    monkeypatch.setattr(manager, "request", lambda what: answer)
+    r = client.post("/dreambooth/v1/sample", json={})
+    assert r.status_code == status
+    assert r.json()["queued"] is True if words is None else words in r.json()["detail"]
+
+
+def test_cancel_takes_now_to_stop_at_once(tmp_path, monkeypatch):
+    client, _, manager = _client(tmp_path)
+    asked = []
+    monkeypatch.setattr(manager, "cancel", lambda now=False: asked.append(now) or True)
+    assert client.post("/dreambooth/v1/cancel", json={}).json()["cancelling"] is True
+    assert client.post("/dreambooth/v1/cancel", json={"now": True}).status_code == 200
+    r = client.post("/dreambooth/v1/cancel", json={"now": "yes"})
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "now"
+    assert asked == [False, True]
 
 
 # -- one boundary: every request gets a status and a sentence, 500 only for our own bugs ---------

@@ -93,3 +93,62 @@ def test_sigusr1_saves_now_from_the_command_line(quick_config, tmp_path):
     assert all(os.path.isfile(k["path"]) for k in saved)
     finished = [k for k in kinds if k["event"] == "finished"][-1]
     assert finished["cancelled"] and finished["path"] == saved[-1]["path"]
+
+
+def test_the_child_keeps_signals_that_come_before_its_token_and_stops_as_asked():
+    """The handlers alone (no signal sent): commands and a stop before the token exists reach
+    it; SIGTERM is a clean stop however often it comes; Ctrl-C again or the stop-at-once
+    signal raises KeyboardInterrupt, once."""
+    from dreambooth.host.signals import ChildSignals
+    child = ChildSignals()
+    child.on_command(signal.SIGUSR1, None)
+    child.on_stop(signal.SIGTERM, None)
+    child.on_stop(signal.SIGTERM, None)  # an OS's, or a host's, again: still the clean stop
+    token = ev.CancelToken()
+    child.attach(token)
+    assert token.cancelled and token.take("save") and not token.take("sample")
+    child.on_command(signal.SIGUSR2, None)
+    assert token.take("sample")
+    child.on_stop(signal.SIGINT, None)  # a first Ctrl-C after the SIGTERM: still clean
+    with pytest.raises(KeyboardInterrupt):
+        child.on_stop(signal.SIGINT, None)  # Ctrl-C again: at once
+    child.on_stop_now(signal.SIGQUIT, None)  # once: the words about it are not cut
+    fresh = ChildSignals()
+    fresh.attach(ev.CancelToken())
+    with pytest.raises(KeyboardInterrupt):
+        fresh.on_stop_now(signal.SIGQUIT, None)  # the host's Stop now, without a Cancel first
+    before = signal.getsignal(signal.SIGINT)  # a Python caller's process gets its own back
+    fresh.install()
+    assert signal.getsignal(signal.SIGINT) == fresh.on_stop
+    fresh.end()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+def test_a_signal_while_the_cli_imports_is_kept_not_fatal(tmp_path):
+    """`python -m dreambooth train` takes its signals before its own imports: SIGUSR1/SIGUSR2
+    sent while the CLI module is being imported (the default action would end the process
+    with -10/-12 and an empty log) are kept; the run goes on to its answer (here: no such
+    config file, exit 2). After the run, a late command is ignored while the process exits."""
+    code = f"""
+import importlib.abc, os, runpy, signal, sys
+class Poke(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "dreambooth.host.cli":
+            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return None
+sys.meta_path.insert(0, Poke())
+sys.argv = ["dreambooth", "train", "--config", {str(tmp_path / "missing.json")!r}]
+runpy.run_module("dreambooth", run_name="__main__", alter_sys=True)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 2 and "missing.json" in out.stderr, (out.returncode, out.stderr)
+    ended = ("from dreambooth.host.signals import CHILD; import os, signal; "
+             "CHILD.install(owner=True); CHILD.end(); os.kill(os.getpid(), signal.SIGUSR1); "
+             "os.kill(os.getpid(), signal.SIGQUIT); print('alive')")
+    out = subprocess.run([sys.executable, "-c", ended], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "alive", out.stderr

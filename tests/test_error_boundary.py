@@ -410,7 +410,11 @@ def test_second_ctrl_c_within_50_ms_is_one_sentence(quick_config, tmp_path):
     if "Traceback" in err:
         TALLY["tracebacks"] += 1
     assert "Traceback" not in err, err[-3000:]
-    assert child.returncode == 130 and "error:" in err
+    assert child.returncode == 130 and "Stopped at once at step" in err, err[-3000:]
+    assert "without saving, as asked" in err
+    stopped = [json.loads(line) for line in events.read_text().splitlines()
+               if '"event": "stopped"' in line]
+    assert stopped and "Stopped at once" in stopped[-1]["message"]  # the host reads this
     TALLY["clear"] += 1
 
 

@@ -31,6 +31,7 @@ PAGE = """<!doctype html><html><body>
   <div id="dreambooth_message"></div>
   <div id="dreambooth_progress"><div class="dreambooth-progress" data-state="running"></div></div>
   <button id="dreambooth_cancel" onclick="calls.push('cancel')">Cancel</button>
+  <button id="dreambooth_stop_now" onclick="calls.push('stop_now')">Stop now</button>
 </div>
 <script>
   var calls = [], loaded = [];
@@ -85,3 +86,18 @@ def test_cancel_asks_first_while_a_run_is_running(page):
     assert calls(page) == [] and "Cancel training?" in answers[0]
     page.click("#dreambooth_cancel")  # accepted
     assert calls(page) == ["cancel"] and len(answers) == 2
+
+
+def test_stop_now_asks_first_and_says_it_does_not_save(page):
+    answers = []
+
+    def answer(dialog):
+        answers.append(dialog.message)
+        dialog.dismiss() if len(answers) == 1 else dialog.accept()
+    page.on("dialog", answer)
+    page.click("#dreambooth_stop_now")  # dismissed
+    assert calls(page) == [] and "without saving" in answers[0]
+    page.evaluate("() => { document.querySelector('.dreambooth-progress').dataset.state ="
+                  " 'cancelling'; }")  # a Cancel is saving: Stop now still asks
+    page.click("#dreambooth_stop_now")
+    assert calls(page) == ["stop_now"] and len(answers) == 2

@@ -242,12 +242,15 @@ def test_safe_loading_refuses_code_but_reads_plain_tensor_ckpt(tmp_path):
 
 
 def test_ctrl_c_in_the_cli_is_a_clean_stop_that_keeps_the_work(long_config, tmp_path):
+    """Ctrl-C, then SIGTERM (an OS's, or an older host's after its grace): SIGTERM is the same
+    clean stop, never "a second Ctrl-C", so the run still saves and keeps its state."""
     cmd, events = cli(long_config.replace(model_name="interrupted"), tmp_path, "c")
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     end = time.time() + deadline(60)
     while max(losses(read_events(events)), default=0) < 6 and time.time() < end:
         time.sleep(0.02)
     child.send_signal(signal.SIGINT)
+    child.send_signal(signal.SIGTERM)
     out, err = child.communicate(timeout=deadline(60))
     assert child.returncode == 130, err
     assert "Traceback" not in err

@@ -1,6 +1,7 @@
 """End to end through the real entry points on the tiny model, offline."""
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,6 +92,17 @@ def test_cancel_stops_between_steps_and_keeps_the_work(quick_config):
     assert result.cancelled and result.steps == 3
     assert result.path.name == "quick_3.safetensors" and result.path.exists()
     assert isinstance(seen[-1], ev.Finished) and seen[-1].cancelled
+    # where it stopped, with the loss the save read (step 3's event had none: read every 10),
+    # then each write announced before it starts: the resume state, then the checkpoint
+    after = [e for e in seen if not isinstance(e, (ev.Step, ev.Message, ev.Started))]
+    assert [type(e) for e in after] == [ev.Stopping, ev.Saving, ev.StateSaved, ev.Saving,
+                                        ev.CheckpointSaved, ev.Finished]
+    stop, state, saved = after[0], after[2], after[4]
+    total = next(e for e in seen if isinstance(e, ev.Started)).total_steps
+    assert (stop.step, stop.total_steps) == (3, total) and isinstance(stop.loss, float)
+    assert [s.loss for s in seen if isinstance(s, ev.Step)][2] is None
+    assert after[1].what == "state" and after[3].what == "checkpoint"
+    assert state.step == 3 and Path(state.path).is_dir() and saved.path == str(result.path)
 
 
 def test_class_images_are_generated_once_and_reused(quick_config, tmp_path):

@@ -154,3 +154,24 @@ def test_every_checkpoint_of_a_cancelled_run_is_offered_for_txt2img(host, tmp_pa
     assert "not a checkpoint this run saved" in tab.actions.use_in_txt2img("/etc/passwd")
     assert "not a checkpoint this run saved" in tab.actions.use_in_txt2img(saved[1])
     assert host.chosen == [saved[0]]
+
+
+def test_cancel_stop_now_and_requests_answer_in_words(host):
+    """Cancel saves; Stop now says it does not; a Save now is answered by what the run can
+    do: sent, held until the run can act, or refused while it stops."""
+    tab = build_tab(host)
+    actions, manager = tab.actions, tab.actions.manager
+    assert "Nothing is training" in actions.cancel() and "Nothing" in actions.stop_now()
+    stops = []
+    manager.cancel = lambda now=False: stops.append(now) or True
+    assert "saves a checkpoint and its resume state" in actions.cancel()
+    assert "not saved" in actions.stop_now() and stops == [False, True]
+    for answer, words in (("sent", "Asked for a checkpoint: it is made at the next step."),
+                          ("queued", "still starting; it is made at its first step"),
+                          ("ending", "takes no more requests"), ("idle", "Nothing is training")):
+        manager.request = lambda what, answer=answer: answer
+        assert words in actions.save_now(), answer
+    manager.request = lambda what: "sent"
+    assert "Asked for preview images: they are made at the next step." in actions.sample_now()
+    ids = [c.elem_id for c in tab.blocks.blocks.values() if getattr(c, "elem_id", None)]
+    assert "dreambooth_stop_now" in ids

@@ -37,6 +37,21 @@ def test_tab_and_settings_register_with_the_webui(webui):
     cb.ui_settings_callback()
     info = mods["shared"].opts.data_labels["dreambooth_cancel_grace_s"]
     assert info.section == ("dreambooth", "Dreambooth")
+    assert "a save in progress is never cut" in info.label and "next Cancel" in info.label
+
+
+def test_the_cancel_grace_is_read_when_cancel_is_pressed(webui):
+    """Changing the setting needs no restart: the manager built with the tab reads it at each
+    Cancel (a value the settings file holds by hand falls back to the default)."""
+    mods, glue = webui
+    mods["script_callbacks"].ui_settings_callback()
+    _, manager = glue._manager()
+    opts = mods["shared"].opts
+    assert manager.grace() == 30.0
+    opts.set("dreambooth_cancel_grace_s", 300)
+    assert manager.grace() == 300.0
+    opts.set("dreambooth_cancel_grace_s", "soon")
+    assert manager.grace() == 30.0
 
 
 def test_paths_follow_the_webuis_flags(webui, tmp_path, monkeypatch):

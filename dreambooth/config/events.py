@@ -22,6 +22,13 @@ class Event:
 
 
 @dataclass(frozen=True)
+class Ready(Event):
+    """The training process takes commands from here on (its signal handlers are in place and
+    what came before them is queued): hosts hold a Save now / Sample now / Cancel until then."""
+    pid: int
+
+
+@dataclass(frozen=True)
 class Started(Event):
     model_name: str
     total_steps: int
@@ -58,17 +65,44 @@ class SampleSaved(Event):
 
 
 @dataclass(frozen=True)
+class Stopping(Event):
+    """A cancel reached the end of the step that was running: from here the run saves (a
+    checkpoint and its resume state) and ends. Hosts count a cancel's grace from this point
+    and from the end of each save after it, never during one."""
+    step: int
+    total_steps: int
+    loss: float | None = None  # the last step's loss (read for the save)
+
+
+@dataclass(frozen=True)
 class Saving(Event):
-    """A checkpoint (or LoRA) is being written: hosts show it, and give a cancel's grace period
-    from here, so a slow save is never killed halfway."""
+    """A file is being written: hosts show it, and never cut it off (a cancel's grace counts
+    from its end). what: checkpoint (a model, LoRA or embedding) | state (the resume state;
+    path: the folder it goes into)."""
     path: str
     step: int
+    what: str = "checkpoint"
 
 
 @dataclass(frozen=True)
 class CheckpointSaved(Event):
     path: str
     step: int
+
+
+@dataclass(frozen=True)
+class StateSaved(Event):
+    """A resume state was written (the next run of the model continues from it)."""
+    path: str
+    step: int
+
+
+@dataclass(frozen=True)
+class Stopped(Event):
+    """The run stopped at once without saving, as asked (a second Ctrl-C, Stop now); `message`
+    says what was lost and which earlier files remain."""
+    step: int
+    message: str
 
 
 @dataclass(frozen=True)
@@ -85,9 +119,10 @@ class Failed(Event):
     hint: str = ""
 
 
-_KIND_OF = {Started: "started", Message: "message", Step: "step", SampleSaved: "sample_saved",
-            Saving: "saving", CheckpointSaved: "checkpoint_saved", Finished: "finished",
-            Failed: "failed"}
+_KIND_OF = {Ready: "ready", Started: "started", Message: "message", Step: "step",
+            SampleSaved: "sample_saved", Stopping: "stopping", Saving: "saving",
+            CheckpointSaved: "checkpoint_saved", StateSaved: "state_saved", Stopped: "stopped",
+            Finished: "finished", Failed: "failed"}
 _CLASS_OF = {v: k for k, v in _KIND_OF.items()}
 
 
@@ -100,7 +135,6 @@ def event_from_json(line: str) -> Event:
 
 
 COMMANDS = ("save", "sample")  # what a host can ask of a running job besides cancel
-COMMAND_SIGNALS = {"save": "SIGUSR1", "sample": "SIGUSR2"}  # how, to a child (POSIX)
 
 
 class CancelToken:

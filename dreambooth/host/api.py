@@ -36,6 +36,9 @@ from .interface import Host, host_defaults, sniff_model_type
 from .runner import RunManager
 
 PREFIX = "/dreambooth/v1"
+REFUSED = {"idle": "Nothing is training, so there is nothing to {what}.",
+           "ending": "The run is stopping or has stopped, so it takes no more requests.",
+           "unsupported": "This system has no signal to ask a running job to {what}."}
 MAX_BODY = 1 << 20  # a config is a few KiB; more is refused unread
 SETTINGS = "config.json"
 
@@ -248,8 +251,13 @@ class Api:
         return self.manager.status().to_dict()
 
     def cancel(self, request: Request, raw: bytes | None = Depends(raw_body)):
-        self.body(request, raw)
-        return {"cancelling": self.manager.cancel(), **self.manager.status().to_dict()}
+        """{} stops after the running step and saves; {"now": true} stops at once, unsaved."""
+        now = self.body(request, raw).get("now", False)
+        if not isinstance(now, bool):
+            raise Refused(422, problems=[Problem("now", now, "is not true or false", "send true "
+                                                 "to stop at once without saving, false (or "
+                                                 "nothing) to save first")])
+        return {"cancelling": self.manager.cancel(now=now), **self.manager.status().to_dict()}
 
     def save(self, request: Request, raw: bytes | None = Depends(raw_body)):
         return self.command(request, raw, "save")
@@ -258,11 +266,14 @@ class Api:
         return self.command(request, raw, "sample")
 
     def command(self, request: Request, raw: bytes | None, what: str):
-        """202 when the running job was asked (it acts at its next step), 409 when none runs."""
+        """202 when the job was asked (it acts at its next step; "queued": it is still
+        starting and is asked once it can act), 409 with the reason otherwise."""
         self.body(request, raw)
-        if not self.manager.request(what):
-            raise Refused(409, f"Nothing is training, so there is nothing to {what}.")
-        return reply({"requested": what, **self.manager.status().to_dict()}, 202)
+        answer = self.manager.request(what)
+        if answer not in ("sent", "queued"):
+            raise Refused(409, REFUSED[answer].format(what=what))
+        return reply({"requested": what, "queued": answer == "queued",
+                      **self.manager.status().to_dict()}, 202)
 
     def outputs(self, request: Request):
         self.guard(request)

@@ -8,15 +8,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 from ..config import MODEL_TYPES, Concept, TrainingConfig
+from ..config import events as ev
 from ..config.errors import ConfigError, DreamboothError, Problem
-from ..config.events import COMMAND_SIGNALS, CancelToken
 from ..config.runlog import failure, log_file_hint
+from .runstate import Progress, apply_event, outcome
+from .signals import CHILD
 
 CONCEPT_FLAGS = {"instance_dir": "instance_data_dir", "instance_prompt": "instance_prompt",
                  "class_prompt": "class_prompt", "class_dir": "class_data_dir",
@@ -123,10 +124,9 @@ def main(argv: Sequence[str] | None = None,
     except DreamboothError as e:
         _say_error(e)
         return 1
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
-        _say("error: Stopped at once by a second Ctrl-C; nothing of this run was saved after the "
-             "last checkpoint or state snapshot.\n  fix: Press Ctrl-C once to stop cleanly (the "
-             "run then saves and can resume).")
+    except KeyboardInterrupt:  # Ctrl-C in the UI server, or a stop at once before training
+        _say("Stopped." if args.command == "ui" else
+             "Stopped at once before training began, as asked; nothing was trained.")
         return 130
     except Exception as e:  # the boundary: every failure is one sentence, the traceback is logged
         _say_error(failure(e))
@@ -189,13 +189,18 @@ def _say_error(e: DreamboothError) -> None:
 
 
 def run_training(config: TrainingConfig, events_jsonl: str | None) -> int:
+    """Train `config` with this process's signals (dreambooth.host.signals) as its commands."""
     from .progress import ConsoleProgress, JsonLines
     config.check()
-    cancel = CancelToken()
-    _install_signal_handlers(cancel)
+    cancel = ev.CancelToken()
+    CHILD.install()  # `python -m dreambooth` did so first; a Python caller gets them here
+    CHILD.attach(cancel)
     first = _is_first_process()  # under torchrun / accelerate launch only rank 0 reports
     jsonl = JsonLines(events_jsonl) if events_jsonl and first else None
     console = ConsoleProgress(stream=sys.stderr) if first else None
+    seen = Progress()  # what this run did, for the words of a stop at once
+    on_event = _fanout(lambda event: apply_event(seen, event), console, jsonl)
+    on_event(ev.Ready(os.getpid()))  # a host sends its commands from here on
     if config.is_deterministic:
         # Intel MKL rounds multi-threaded BLAS by memory alignment unless this is set before
         # its first call; the training stack is imported only below
@@ -204,8 +209,11 @@ def run_training(config: TrainingConfig, events_jsonl: str | None) -> int:
         from ..model.workdir import read_source_ahead
         read_source_ahead(config)  # read while the training stack imports (the trainer's load)
         from ..training.trainer import train
-        result = train(config, _fanout(console, jsonl), cancel)
+        result = train(config, on_event, cancel)
+    except KeyboardInterrupt:  # a second Ctrl-C, or the host's Stop now
+        return _stopped_at_once(seen, jsonl, on_event)
     finally:
+        CHILD.end()
         if console:
             console.close()
         if jsonl:
@@ -213,6 +221,17 @@ def run_training(config: TrainingConfig, events_jsonl: str | None) -> int:
     if result.path and first:
         print(str(result.path).encode("utf-8", "backslashreplace").decode("utf-8"))
     return 130 if result.cancelled else 0
+
+
+def _stopped_at_once(seen: Progress, jsonl, on_event) -> int:
+    """Say what was lost and what is kept, here and (as a Stopped event) to the host."""
+    seen.stop = "at_once"
+    text = outcome(seen)
+    if jsonl is not None:
+        jsonl.new_line()  # the signal may have cut a line short
+    on_event(ev.Stopped(seen.step, text))
+    _say(text)
+    return 130
 
 
 def _is_first_process() -> bool:
@@ -231,24 +250,3 @@ def _fanout(*listeners):
                 live.remove(listener)
                 _say(f"warning: {e}")
     return on_event
-
-
-def _install_signal_handlers(cancel: CancelToken) -> None:
-    def handler(signum, frame):
-        if cancel.cancelled:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        cancel.cancel()
-        _say("Stopping after this step and saving what was trained (Ctrl-C again: stop at "
-             "once).")
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            signal.signal(sig, handler)
-        except ValueError:  # not the main thread (embedded use)
-            pass
-    for command, name in COMMAND_SIGNALS.items():  # POSIX: `kill -USR1 <pid>` saves now
-        if hasattr(signal, name):
-            try:
-                signal.signal(getattr(signal, name),
-                              lambda signum, frame, c=command: cancel.request(c))
-            except ValueError:
-                pass

@@ -11,7 +11,7 @@ class ConsoleProgress:
     """tqdm bar with step, loss, it/s and ETA; messages and saved files as lines above it."""
 
     def __init__(self, stream=sys.stderr) -> None:
-        self.stream, self.bar, self.loss = stream, None, None
+        self.stream, self.bar, self.loss, self.lr = stream, None, None, "-"
 
     def __call__(self, event: ev.Event) -> None:
         if isinstance(event, ev.Started):
@@ -22,11 +22,12 @@ class ConsoleProgress:
                        f"class images for {event.total_steps} steps ({event.epochs} epochs).")
         elif isinstance(event, ev.Step) and self.bar is not None:
             self.bar.n = event.step
-            if event.loss is not None:  # read every log_every_steps: the last one shows
-                self.loss = event.loss
-            self.bar.set_postfix(loss="-" if self.loss is None else f"{self.loss:.4f}",
-                                 lr=f"{event.lr:.2e}", refresh=False)
-            self.bar.refresh()
+            self.show_loss(event.loss, lr=f"{event.lr:.2e}")
+        elif isinstance(event, ev.Stopping):
+            self.show_loss(event.loss)
+            self.write(f"Cancelled: the run stops at step {event.step} of {event.total_steps}.")
+        elif isinstance(event, ev.StateSaved):
+            self.write(f"resume state: {event.path}")
         elif isinstance(event, ev.Message):
             self.write(("warning: " if event.level == "warning" else "") + event.text)
         elif isinstance(event, ev.SampleSaved):
@@ -35,6 +36,15 @@ class ConsoleProgress:
             self.write(f"saved: {event.path}")
         elif isinstance(event, ev.Failed):
             self.close()
+
+    def show_loss(self, loss: float | None, lr: str = "") -> None:
+        if loss is not None:  # read every log_every_steps: the last one shows
+            self.loss = loss
+        self.lr = lr or self.lr
+        if self.bar is not None:
+            self.bar.set_postfix(loss="-" if self.loss is None else f"{self.loss:.4f}",
+                                 lr=self.lr, refresh=False)
+            self.bar.refresh()
 
     def write(self, text: str) -> None:
         if self.bar is not None:
@@ -70,6 +80,13 @@ class JsonLines:
                                   f"({getattr(e, 'strerror', None) or e}); they are no longer "
                                   "written there.", "Free space there or choose another file."
                                   ) from None
+
+    def new_line(self) -> None:
+        """End a line a signal may have cut short (the reader skips empty lines)."""
+        try:
+            self.fh.write("\n")
+        except (OSError, ValueError):
+            pass
 
     def close(self) -> None:
         if self.own:

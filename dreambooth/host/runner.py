@@ -2,8 +2,14 @@
 
 The child runs with the host's interpreter and our lib folder first on its path, so the host
 process never imports torch or diffusers; all GPU memory is returned when it exits; a crash in
-training can't take the host down. Its JSON-line events become a `Progress` snapshot; cancel is
-SIGINT (a clean stop that still saves), then SIGTERM after a grace period. Standard library only.
+training can't take the host down. Its JSON-line events become a `Progress` snapshot (runstate.py).
+
+Commands reach the child as signals (signals.py), only once it said Ready: one asked before is
+held until then. Cancel is one SIGINT: the child stops at the end of the step that is running
+(its Stopping event), saves a checkpoint and a resume state, and ends. The grace period counts
+from that stop point and from the end of each save after it, never during a save; a child that
+has not ended when it runs out is stopped at once (SIGQUIT, then a kill): a forced stop, said as
+such with what was kept. "Stop now" is the user's own stop at once. Standard library only.
 """
 from __future__ import annotations
 
@@ -15,102 +21,41 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ..config import TrainingConfig
 from ..config import events as ev
 from ..config.errors import DreamboothError
 from ..config.folders import claim_model_dir
 from .interface import Host
+from .runstate import MAX_LOSSES, Progress, apply_event  # noqa: F401 (their home until now)
+from .signals import COMMAND_SIGNALS, STOP_NOW
 
-MAX_LOSSES = 2000  # loss history kept for the chart (older points are thinned)
 MAX_LOG_LINES = 200
 
 
-@dataclass
-class Progress:
-    """Everything the tab and the API show about a run, as plain data."""
-
-    state: str = "idle"  # idle | starting | running | cancelling | finished | cancelled | failed
-    model_name: str = ""
-    step: int = 0
-    total_steps: int = 0
-    epoch: int = 0
-    loss: float | None = None
-    lr: float | None = None
-    it_per_s: float = 0.0
-    eta_s: float | None = None
-    vram_gb: float = 0.0
-    device: str = ""  # from Started: cpu | cuda | ...
-    losses: list = field(default_factory=list)  # [step, loss] pairs
-    samples: list = field(default_factory=list)  # newest last
-    saved: list = field(default_factory=list)
-    saving: str = ""  # the file being written now
-    final_path: str = ""
-    error: str = ""
-    hint: str = ""
-    messages: list = field(default_factory=list)
-    returncode: int | None = None
-    run_dir: str = ""
-
-    @property
-    def active(self) -> bool:
-        return self.state in ("starting", "running", "cancelling")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["active"] = self.active
-        return d
-
-
-def apply_event(p: Progress, event: ev.Event) -> None:
-    """Fold one event into the progress snapshot (a pure function of the stream)."""
-    if isinstance(event, ev.Started):
-        p.state, p.total_steps, p.model_name = "running", event.total_steps, event.model_name
-        p.step, p.device = event.resumed_from_step, event.device
-    elif isinstance(event, ev.Step):
-        p.step, p.total_steps, p.epoch = event.step, event.total_steps, event.epoch
-        p.lr, p.it_per_s, p.vram_gb = event.lr, event.it_per_s, event.vram_gb
-        left = max(event.total_steps - event.step, 0)
-        p.eta_s = left / event.it_per_s if event.it_per_s > 0 else None
-        if event.loss is not None:  # read every log_every_steps: the last known one stays
-            p.loss = event.loss
-            p.losses.append([event.step, event.loss])
-            if len(p.losses) > MAX_LOSSES:
-                p.losses = p.losses[::2]
-    elif isinstance(event, ev.SampleSaved):
-        p.samples.append(event.path)
-    elif isinstance(event, ev.Saving):
-        p.saving = event.path
-    elif isinstance(event, ev.CheckpointSaved):
-        p.saved.append(event.path)
-        p.saving = ""
-    elif isinstance(event, ev.Message):
-        p.messages.append(("warning: " if event.level == "warning" else "") + event.text)
-    elif isinstance(event, ev.Finished):
-        p.final_path, p.saving = event.path, ""
-        p.state = "cancelled" if event.cancelled else "finished"
-        p.eta_s = 0.0
-    elif isinstance(event, ev.Failed):
-        p.state, p.error, p.hint = "failed", event.message, event.hint
-
-
 class TrainingRun:
-    """One child training process and the thread that reads its events."""
+    """One child training process, the thread that reads its events, and a cancel's course."""
 
     def __init__(self, config: TrainingConfig, run_dir: Path, python: str = sys.executable,
                  pythonpath: list[str] | None = None) -> None:
         self.config, self.run_dir = config, Path(run_dir).resolve()
         self.python, self.pythonpath = python, list(pythonpath or [])
-        self.progress = Progress(model_name=config.model_name, run_dir=str(run_dir))
+        self.progress = Progress("starting", model_name=config.model_name, run_dir=str(run_dir))
         self.log_lines: list[str] = []
         self._lock = threading.Lock()
         self.proc: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
-        self._cancel_grace: float | None = None  # set by cancel(), even before the start
-        self._signalled = False
-        self._save_started = 0.0  # when the newest Saving event came (monotonic)
+        self._ready = False  # the child said Ready: its handlers take signals
+        self._ended = False  # it said Finished, Failed or Stopped: it exits on its own
+        self._queued: list[str] = []  # commands asked before it was ready
+        self._grace: float | None = None  # set by cancel(), even before the start
+        self._now = False  # "Stop now": at once, without saving
+        self._forced = False  # stopped by us, not by the user's word
+        self._stopper: threading.Thread | None = None
+        self._sent: dict[str, float] = {}  # stop | now | kill -> when (monotonic)
+        self._times: dict[str, float] = {}  # asked | stop (its stop point) | saved -> when
 
     @property
     def command(self) -> list[str]:
@@ -126,9 +71,12 @@ class TrainingRun:
         return env
 
     def start(self) -> "TrainingRun":
+        with self._lock:
+            if self._grace is not None:  # cancelled before it began: nothing to start
+                self.progress.state = "cancelled"
+                return self
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "run.json").write_text(self.config.to_json(), encoding="utf-8")
-        self.progress.state = "starting"
         self._stderr = open(self.run_dir / "train.log", "w", encoding="utf-8")
         self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=self._stderr,
                                      stdin=subprocess.DEVNULL, env=self.child_env(),
@@ -136,8 +84,8 @@ class TrainingRun:
                                      errors="replace", bufsize=1)
         self._reader = threading.Thread(target=self._read, name="dreambooth-events", daemon=True)
         self._reader.start()
-        if self._cancel_grace is not None:
-            threading.Thread(target=self.cancel, args=(self._cancel_grace,), daemon=True).start()
+        with self._lock:
+            self._start_stopper()  # a cancel that came before the start
         return self
 
     def _read(self) -> None:
@@ -151,26 +99,49 @@ class TrainingRun:
                 with self._lock:
                     if event is None:
                         self.log_lines = (self.log_lines + [line])[-MAX_LOG_LINES:]
-                    else:
-                        record.write(line + "\n")
-                        apply_event(self.progress, event)
-                        if isinstance(event, ev.Saving):
-                            self._save_started = time.monotonic()
+                        continue
+                    apply_event(self.progress, event)
+                    self._note(event)
+                try:  # as it comes: the record of a run still going, or of one killed
+                    record.write(line + "\n")
+                    record.flush()
+                except OSError:  # a full disk: the progress above still shows it
+                    pass
         code = self.proc.wait()
         self._stderr.close()
         with self._lock:
             self._finish(code)
 
+    def _note(self, event: ev.Event) -> None:
+        """What a cancel's course needs from the stream (under the lock)."""
+        now = time.monotonic()
+        if isinstance(event, ev.Ready):
+            self._ready = True
+            for command in self._queued:
+                self._command(command)
+            self._queued = []
+        elif isinstance(event, ev.Stopping):
+            self._times["stop"] = now
+        elif isinstance(event, (ev.CheckpointSaved, ev.StateSaved)):
+            self._times["saved"] = now
+        elif isinstance(event, (ev.Finished, ev.Failed, ev.Stopped)):
+            self._ended = True
+            self._times.setdefault("stop", now)
+
     def _finish(self, code: int) -> None:
         p = self.progress
         p.returncode = code
         if p.state in ("starting", "running", "cancelling"):
-            if p.state == "cancelling":
+            if self._sent.keys() & {"now", "kill"}:  # no word from it after the stop at once
+                p.state, p.stop = "stopped", "at_once"
+            elif p.state == "cancelling":
                 p.state = "cancelled"
             else:
                 p.state = "failed"
                 p.error = p.error or f"The training process ended with exit code {code}."
                 p.hint = p.hint or "See the log below (or train.log in the run folder)."
+        if self._forced:
+            p.stop = "forced"
         if p.state == "failed" and not p.messages:
             p.messages = self.stderr_tail(20)
 
@@ -197,48 +168,85 @@ class TrainingRun:
             self._reader.join(timeout)
         return self.snapshot()
 
-    def cancel(self, grace_s: float = 30.0) -> None:
-        """SIGINT (the child stops after the current step and saves), SIGTERM after `grace_s`,
-        and a kill if even that is ignored for `grace_s` more."""
-        with self._lock:  # one SIGINT only: the child takes a second one as "stop at once"
-            self._cancel_grace = grace_s
-            self.progress.state = "cancelling" if self.progress.active else self.progress.state
-            if self.proc is None or self._signalled:
-                return
-            self._signalled = True
-        if not self.running():
-            return
-        _interrupt(self.proc)
-        for sig_step in (_terminate, _kill):
-            if self._wait_out(grace_s):
-                return
-            sig_step(self.proc)
-
-    def _wait_out(self, grace_s: float) -> bool:
-        """Wait until the child ends (True) or `grace_s` have passed since the signal or since
-        the newest save began, whichever is later (False): a save is never cut off halfway."""
-        assert self.proc is not None
-        start = time.monotonic()
-        while True:
-            end = max(start, self._save_started) + grace_s
-            try:
-                self.proc.wait(max(0.0, min(end - time.monotonic(), 1.0)))
-                return True
-            except subprocess.TimeoutExpired:
-                if time.monotonic() >= max(start, self._save_started) + grace_s:
-                    return False
-
-
-    def request(self, command: str) -> bool:
-        """Ask the running child for a checkpoint ("save") or previews ("sample") at its next
-        step, by signal (POSIX); False when there is no running child or no such signal."""
-        name = ev.COMMAND_SIGNALS[command]
+    # -- commands and cancel ------------------------------------------------------------------
+    def request(self, command: str) -> str:
+        """Ask the child for a checkpoint ("save") or previews ("sample") at its next step:
+        'sent'; 'queued' (it is still starting: sent when it is ready); 'ending' (it stops or
+        has stopped: nothing more reaches it); 'unsupported' (no such signal here)."""
+        if not hasattr(signal, COMMAND_SIGNALS[command]):
+            return "unsupported"
         with self._lock:
-            if self.proc is None or self._signalled or not self.running() \
-                    or not hasattr(signal, name):
-                return False
-            self.proc.send_signal(getattr(signal, name))
-        return True
+            if self._ended or self._grace is not None or self.progress.state not in (
+                    "starting", "running") or (self.proc is not None and not self.running()):
+                return "ending"
+            if not self._ready:
+                self._queued += [] if command in self._queued else [command]
+                return "queued"
+            self._command(command)
+        return "sent"
+
+    def _command(self, command: str) -> None:
+        if self.running():
+            self.proc.send_signal(getattr(signal, COMMAND_SIGNALS[command]))
+
+    def cancel(self, grace_s: float = 30.0, now: bool = False) -> None:
+        """Stop the run: cleanly (it saves; see the module's words), or `now` without saving.
+        Returns at once; the course runs in a thread of its own."""
+        with self._lock:
+            if self._grace is None:
+                self._grace, self._times["asked"] = float(grace_s), time.monotonic()
+            self._now = self._now or now
+            self._queued = []
+            if self.progress.active:
+                self.progress.state = "cancelling"
+            self._start_stopper()
+
+    def _start_stopper(self) -> None:
+        if self._grace is not None and self.proc is not None and self._stopper is None:
+            self._stopper = threading.Thread(target=self._stop, name="dreambooth-cancel",
+                                             daemon=True)
+            self._stopper.start()
+
+    def _stop(self) -> None:
+        """A cancel's course: each signal when it is due, until the child has ended."""
+        assert self.proc is not None
+        while True:
+            try:
+                self.proc.wait(0.2)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+            with self._lock:
+                step = self._due(time.monotonic())
+                if step is not None and self.running():
+                    self._sent[step] = time.monotonic()
+                    _SIGNALS[step](self.proc)
+
+    def _due(self, t: float) -> str | None:
+        """The next signal of the course, if one is due at `t` (under the lock)."""
+        grace, sent, times = self._grace or 0.0, self._sent, self._times
+        if "kill" in sent:
+            return None
+        if "now" in sent:  # stopping at once: a kill if even that hangs
+            return "kill" if t >= sent["now"] + grace else None
+        if self._now:  # the user's Stop now; before Ready nothing was trained
+            return "now" if self._ready else "kill"
+        if not self._ready:  # it takes no signal yet; a start that hangs is stopped hard
+            if t < times["asked"] + grace:
+                return None
+            return self._force(f"it had not begun to train {grace:g} s after Cancel.", "kill")
+        if "stop" not in sent and not self._ended:
+            return "stop"
+        if "stop" not in times or self.progress.saving:  # its step runs, or a save does
+            return None
+        if t < max(times["stop"], times.get("saved", 0.0)) + grace:
+            return None
+        return self._force(f"the training process had not ended {grace:g} s after it stopped"
+                           " (and after its last save), so it was stopped at once.", "now")
+
+    def _force(self, why: str, step: str) -> str:
+        self._forced, self.progress.stop_note = True, why
+        return step
 
 
 def _parse(line: str) -> ev.Event | None:
@@ -257,21 +265,21 @@ def _interrupt(proc: subprocess.Popen) -> None:
         proc.send_signal(signal.SIGINT)
 
 
-def _terminate(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM) if os.name != "nt" else proc.terminate()
+def _stop_now(proc: subprocess.Popen) -> None:
+    if os.name == "nt":
+        proc.terminate()
+    else:
+        proc.send_signal(getattr(signal, STOP_NOW))
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-
+_SIGNALS = {"stop": _interrupt, "now": _stop_now, "kill": subprocess.Popen.kill}
 
 class RunManager:
     """One training run at a time for a host: frees the host's GPU, starts the child, tells
     the host about the new checkpoint when it ends. The tab and the API share one manager."""
 
-    def __init__(self, host: Host, cancel_grace_s: float = 30.0) -> None:
+    def __init__(self, host: Host, cancel_grace_s: float | Callable[[], float] = 30.0) -> None:
+        """cancel_grace_s: seconds, or what reads them when Cancel is pressed (a setting)."""
         self.host, self.cancel_grace_s = host, cancel_grace_s
         self.run: TrainingRun | None = None
         self.history: list[Progress] = []
@@ -336,16 +344,21 @@ class RunManager:
     def status(self) -> Progress:
         return self.run.snapshot() if self.run is not None else Progress()
 
-    def request(self, command: str) -> bool:
-        """Save now / sample now in the running job (see TrainingRun.request)."""
+    def request(self, command: str) -> str:
+        """Save now / sample now in the job: TrainingRun.request's answer, or 'idle'."""
         run = self.run
-        return run is not None and self.busy() and run.request(command)
+        return run.request(command) if run is not None and self.busy() else "idle"
 
-    def cancel(self) -> bool:
+    def grace(self) -> float:
+        grace = self.cancel_grace_s() if callable(self.cancel_grace_s) else self.cancel_grace_s
+        return max(float(grace), 0.0)
+
+    def cancel(self, now: bool = False) -> bool:
+        """Cancel the job (it saves), or with `now` stop it at once without saving."""
         run = self.run
         if run is None or not self.busy():
             return False
-        threading.Thread(target=run.cancel, args=(self.cancel_grace_s,), daemon=True).start()
+        run.cancel(self.grace(), now=now)
         return True
 
     def wait(self, timeout: float | None = None) -> Progress:

@@ -22,7 +22,6 @@ from ..data.feed import DataFeed
 from ..model.components import unet_kwargs
 from ..model.workdir import load_model, read_source_ahead
 from . import backends, embedding, fp8, liblog, parked
-from .backends import gpu_total_memory
 from .advice import plan_run, text_encoder_stop
 from .optim import make_optimizer, trainable_groups
 from .loss import compute_loss, step_draws
@@ -31,7 +30,7 @@ from .saver import Saver, ema_state
 from .housekeeping import refuse_idle_accumulation, remove_leftovers, snapshot_failed
 from .resume import choose_snapshot, resume_position
 from .sourcehash import hash_source_ahead
-from .state import ModelLock, end_snapshots, fresh_rng, save_snapshot, snapshot_info
+from .state import STATE_DIR, ModelLock, end_snapshots, fresh_rng, save_snapshot, snapshot_info
 
 
 @dataclass
@@ -62,8 +61,8 @@ def train(config: TrainingConfig, on_event=None, cancel: ev.CancelToken | None =
     except torch.cuda.OutOfMemoryError:
         from .advice import oom_advice
         backends.release_memory()
-        err = TrainingError("The GPU ran out of memory.",
-                            oom_advice(trainer.cfg if trainer else config, gpu_total_memory()))
+        advice = oom_advice(trainer.cfg if trainer else config, backends.gpu_total_memory())
+        err = TrainingError("The GPU ran out of memory.", advice)
         emit(ev.Failed(err.message, err.hint))
         raise failure(err, log) from None
     except Exception as e:
@@ -282,8 +281,7 @@ class Trainer:
                             and step < self.total_steps:
                         self.snapshot(step, epoch, b + 1, order)
             if self.cancel.cancelled:
-                if step > self.resumed_at:
-                    self.snapshot(step, epoch, next_batch, order)
+                self.stop_here(step, epoch, next_batch, order)
                 break
             self.epoch_end(epoch, step, result, last=step >= self.total_steps)
             if step >= self.total_steps:
@@ -302,14 +300,23 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    def stop_here(self, step: int, epoch: int, batch: int, order: list[int]) -> None:
+        """A cancel at the end of the running step: said, with its loss; the resume state."""
+        self.log.read()
+        self.emit(ev.Stopping(step, self.total_steps, self.log.loss_at(step)))
+        if step > self.resumed_at:
+            self.snapshot(step, epoch, batch, order)
+
     def snapshot(self, step: int, epoch: int, batch: int, order: list[int]) -> None:
         self.log.read()  # never a snapshot of weights after a non-finite loss
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
+            self.emit(ev.Saving(str(self.cfg.model_dir / STATE_DIR), step, "state"))
             try:
-                save_snapshot(self, step, epoch, batch, order)
+                path = save_snapshot(self, step, epoch, batch, order)
             except Exception as e:  # a full disk or a read-only folder fails in many ways
                 raise snapshot_failed(self.cfg, self.models, self.optimizer, step, e) from None
+            self.emit(ev.StateSaved(str(path), step))
 
     def after_update(self, step: int) -> None:
         self.lr_scheduler.step()

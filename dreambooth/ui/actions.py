@@ -15,6 +15,12 @@ from ..host.interface import Host, host_defaults, sniff_model_type
 from ..host.runner import Progress, RunManager, is_under
 from . import fields, render
 
+# what a Save now / Sample now got (RunManager.request's answer), in words
+ANSWERS = {"sent": "Asked for {what}: {it} made at the next step.",
+           "queued": "Asked for {what}: the run is still starting; {it} made at its first step.",
+           "ending": "The run is stopping or has stopped, so it takes no more requests.",
+           "unsupported": "Save now and Sample now need POSIX signals, which this system lacks.",
+           "idle": "Nothing is training."}
 SETTINGS_FILE = "config.json"  # the same file (and format) `python -m dreambooth train --config` reads
 
 
@@ -98,15 +104,22 @@ class TabActions:
 
     def cancel(self) -> str:
         if self.manager.cancel():
-            return render.banner("info", "Cancelling: training stops after the current step "
-                                 "and saves what it has.")
+            return render.banner("info", "Cancelling: training stops at the end of the step "
+                                 "that is running, then saves a checkpoint and its resume "
+                                 "state (Stop now: stop at once without saving).")
+        return render.banner("info", "Nothing is training.")
+
+    def stop_now(self) -> str:
+        if self.manager.cancel(now=True):
+            return render.banner("warning", "Stopping at once: what was trained since the last "
+                                 "save is not saved.")
         return render.banner("info", "Nothing is training.")
 
     def request(self, command: str) -> str:
-        if self.manager.request(command):
-            what = "a checkpoint" if command == "save" else "preview images"
-            return render.banner("info", f"Asked for {what}: they are made at the next step.")
-        return render.banner("info", "Nothing is training.")
+        answer = self.manager.request(command)
+        what, it = ("a checkpoint", "it is") if command == "save" else ("preview images",
+                                                                        "they are")
+        return render.banner("info", ANSWERS[answer].format(what=what, it=it))
 
     def save_now(self) -> str:
         return self.request("save")
@@ -192,7 +205,7 @@ class TabActions:
     # -- progress ------------------------------------------------------------------------------
     def status_view(self) -> StatusView:
         p: Progress = self.manager.status()
-        if p.state in ("finished", "cancelled") and self.manager.busy():
+        if p.state in ("finished", "cancelled", "stopped") and self.manager.busy():
             p = Progress(**{**p.__dict__, "state": "running"})  # refreshing the list still
         embedding = self.saved_embedding(p) if p.state == "finished" else ""
         if p.state == "finished" and is_under(p.final_path, self.host.paths.lora_dir) \

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import html
 
-from ..host.runner import Progress
+from ..host.runstate import Progress, ending
 
 STATE_WORDS = {"idle": "Ready", "starting": "Starting (loading the model)", "running": "Training",
                "cancelling": "Cancelling: stopping after this step and saving",
-               "finished": "Finished", "cancelled": "Cancelled", "failed": "Failed"}
+               "finished": "Finished", "cancelled": "Cancelled", "stopped": "Stopped",
+               "failed": "Failed"}
 
 
 def duration(seconds: float | None) -> str:
@@ -32,8 +33,11 @@ def progress_html(p: Progress) -> str:
                     f"<span data-stat='{html.escape(k.lower())}'>{html.escape(v)}</span></span>"
                     for k, v in stats)
     words = STATE_WORDS.get(p.state, p.state)
+    if p.state == "cancelling" and p.stop_step is not None:
+        words = f"Cancelling: stopped at step {p.stop_step}, saving"
     if p.saving and p.active:
-        words = f"Saving {p.saving.replace(chr(92), '/').rsplit('/', 1)[-1]}…"
+        words = "Saving the resume state…" if p.saving_what == "state" else \
+            f"Saving {p.saving.replace(chr(92), '/').rsplit('/', 1)[-1]}…"
     state = html.escape(words)
     return (f"<div class='dreambooth-progress' data-state='{html.escape(p.state)}' "
             f"data-step='{p.step}' data-total='{p.total_steps}'>"
@@ -84,13 +88,13 @@ def result_html(p: Progress) -> str:
     if p.state == "failed":
         return banner("error", p.error or "Training failed.", [p.hint] if p.hint else
                       p.messages[-10:])
-    if p.state in ("finished", "cancelled") and p.final_path:
-        word = "Saved" if p.state == "finished" else "Cancelled; saved what was trained so far to"
+    warnings = [m for m in p.messages if m.startswith("warning")][-5:]
+    if p.state == "finished" and p.final_path:
         earlier = [f"also saved: {s}" for s in p.saved if s != p.final_path]
-        return banner("success", f"{word}: {p.final_path}",
-                      earlier + [m for m in p.messages if m.startswith("warning")][-5:])
-    if p.state == "cancelled" and p.saved:
-        return banner("success", "Cancelled; saved: " + ", ".join(p.saved))
-    if p.state == "cancelled":
-        return banner("warning", "Cancelled before the first step; nothing was saved.")
+        return banner("success", f"Saved: {p.final_path}", earlier + warnings)
+    if p.state in ("cancelled", "stopped"):
+        title, lines = ending(p)
+        kind = "warning" if p.state == "stopped" or p.stop else \
+            "success" if p.final_path else "info"
+        return banner(kind, title, lines + warnings)
     return ""

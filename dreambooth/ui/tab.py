@@ -126,6 +126,7 @@ class Tab:
             self.save_now_btn = gr.Button("Save now", elem_id=f"{ELEM}_save_now")
             self.sample_now_btn = gr.Button("Sample now", elem_id=f"{ELEM}_sample_now")
             self.cancel_btn = gr.Button("Cancel", variant="stop", elem_id=f"{ELEM}_cancel")
+            self.stop_now_btn = gr.Button("Stop now", elem_id=f"{ELEM}_stop_now")
         self.progress = gr.HTML(render.progress_html(self.actions.manager.status()),
                                 elem_id=f"{ELEM}_progress")
         self.result = gr.HTML("", elem_id=f"{ELEM}_result")
@@ -158,6 +159,7 @@ class Tab:
         self.train_btn.click(self.on_train, self.inputs, [self.message]).then(**stream)
         self.status_btn.click(**stream)
         self.cancel_btn.click(self.actions.cancel, None, [self.message], queue=False)
+        self.stop_now_btn.click(self.actions.stop_now, None, [self.message], queue=False)
         self.save_now_btn.click(self.actions.save_now, None, [self.message], queue=False)
         self.sample_now_btn.click(self.actions.sample_now, None, [self.message], queue=False)
         self.use_btn.click(self.actions.use_in_txt2img, [self.saved_list], [self.message])
