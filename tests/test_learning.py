@@ -30,12 +30,15 @@ def run(root, name, source, concept, steps):
 def test_learns_the_concept_and_prior_preservation_keeps_the_class(tiny_source, tmp_path,
                                                                    no_network):
     instance, klass = tmp_path / "instance", tmp_path / "class"
-    write_images(instance, "checker", 4)
+    # two instance images, 60 steps each: the same outcome as four and 80 in 57% of the time
+    # (idle: 43 s, was 76 s; instance -59% with the prior, was -61%; class with the prior +2%,
+    # was -22%, without it +47%, was +58%)
+    write_images(instance, "checker", 2)
     write_images(klass, "blob", 8, seed=100)
     base = run(tmp_path, "base", tiny_source, Concept(str(klass), CLASS), 30)
     with_prior = run(tmp_path, "prior", base,
-                     Concept(str(instance), INSTANCE, CLASS, str(klass), 2), 80)
-    without = run(tmp_path, "noprior", base, Concept(str(instance), INSTANCE), 80)
+                     Concept(str(instance), INSTANCE, CLASS, str(klass), 2), 60)
+    without = run(tmp_path, "noprior", base, Concept(str(instance), INSTANCE), 60)
 
     i0, c0 = eval_loss(base, instance, INSTANCE), eval_loss(base, klass, CLASS)
     i1, c1 = eval_loss(with_prior, instance, INSTANCE), eval_loss(with_prior, klass, CLASS)

@@ -66,17 +66,6 @@ def test_step_profile_holds_its_figures(name):
     assert r["ops"] > 1000 and r["peak_bytes"] > 0
 
 
-@pytest.mark.parametrize("name", [c.name for c in profile_cases()])
-def test_no_configuration_waits_for_the_device_in_a_step(name):
-    """Every configuration, at the tiny size (where a host sync comes from does not depend on
-    the size): a step makes no host sync; the read of the pending losses, every
-    log_every_steps, makes one (a single device -> host copy of all of them)."""
-    case = {c.name: c for c in profile_cases()}[name]
-    r = profile_case(case, 64, tiny=True)
-    assert r["host_syncs"] == 0, r["syncs_by_kind"]
-    assert r["read_syncs"] == 1
-
-
 def test_counter_sees_syncs_and_rounds_blocks():
     """The counting itself, on a few ops whose answer is known."""
     import torch
@@ -113,3 +102,16 @@ def test_the_memory_estimate_is_the_count(case, tmp_path):
     r = profile_case(case, case.resolution)
     counted = estimate(make_config(case, case.resolution, tmp_path), (1, 0), gpu=False).total
     assert abs(counted / r["peak_bytes"] - 1) <= 0.10, (counted / 2**30, r["peak_gib"])
+
+
+@pytest.mark.parametrize("name", [c.name for c in profile_cases()])
+def test_no_configuration_waits_for_the_device_in_a_step(name):
+    """Every configuration: a step makes no host sync; the read of the pending losses, every
+    log_every_steps, makes one (a single device -> host copy of all of them). Where a host
+    sync comes from does not depend on the size: the real-size profile where this session has
+    made it already (the `once` tests above, placed before this one), else the tiny model's
+    (a run without them, as with the oldest packages: 63 s idle for the eleven)."""
+    case = {c.name: c for c in profile_cases()}[name]
+    r = _PROFILED.get((name, case.resolution, False)) or profile_case(case, 64, tiny=True)
+    assert r["host_syncs"] == 0, r["syncs_by_kind"]
+    assert r["read_syncs"] == 1

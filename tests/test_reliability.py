@@ -50,20 +50,22 @@ def long_config(quick_config):
 
 
 def test_killed_run_resumes_exactly(long_config, tmp_path):
-    straight_cmd, straight_events = cli(long_config.replace(model_name="straight"), tmp_path, "a")
+    # 24 steps (snapshots at 4, 8, ...): killed after step 10, 14 steps before the end
+    short = long_config.replace(steps_per_image=6)
+    straight_cmd, straight_events = cli(short.replace(model_name="straight"), tmp_path, "a")
     assert subprocess.run(straight_cmd, capture_output=True).returncode == 0
     reference = losses(read_events(straight_events))
 
-    cfg = long_config.replace(model_name="killed")
+    cfg = short.replace(model_name="killed")
     cmd, events = cli(cfg, tmp_path, "b")
     child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     end = time.time() + deadline(60)
-    while max(losses(read_events(events)), default=0) < 14 and time.time() < end:
+    while max(losses(read_events(events)), default=0) < 10 and time.time() < end:
         time.sleep(0.02)
     child.send_signal(signal.SIGKILL)
     child.wait()
     killed_at = max(losses(read_events(events)))
-    assert killed_at < 48, "the run finished before it could be killed"
+    assert killed_at < 24, "the run finished before it could be killed"
     assert snapshots(cfg.model_dir), "a state snapshot must exist"
     assert (cfg.model_dir / ".train.lock").exists(), "the killed run left its lock"
     events.unlink()
@@ -72,15 +74,15 @@ def test_killed_run_resumes_exactly(long_config, tmp_path):
     assert out.returncode == 0, out.stderr
     resumed = read_events(events)
     started = next(e for e in resumed if isinstance(e, ev.Started))
-    assert started.resumed_from_step >= 12
+    assert started.resumed_from_step >= 8
     texts = [e.text for e in resumed if isinstance(e, ev.Message)]
-    assert any(f"Resuming from step {started.resumed_from_step} of 48" in t for t in texts)
+    assert any(f"Resuming from step {started.resumed_from_step} of 24" in t for t in texts)
     assert any("stale training lock" in t for t in texts)
     after = losses(resumed)
-    assert sorted(after) == list(range(started.resumed_from_step + 1, 49))
+    assert sorted(after) == list(range(started.resumed_from_step + 1, 25))
     assert all(after[s] == reference[s] for s in after), "loss sequence differs after resume"
-    a, _ = read_checkpoint(tmp_path / "out" / "straight_48.safetensors")
-    b, _ = read_checkpoint(tmp_path / "out" / "killed_48.safetensors")
+    a, _ = read_checkpoint(tmp_path / "out" / "straight_24.safetensors")
+    b, _ = read_checkpoint(tmp_path / "out" / "killed_24.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), "final weights differ after resume"
     assert snapshots(cfg.model_dir) == [], "a finished run clears its snapshots"
 
@@ -145,19 +147,20 @@ def test_losses_read_every_few_steps_are_each_steps_loss_and_resume_exactly(long
     """A Step event every step, its loss only where it was read; the result has every step's
     loss, the same as read every step; a resume from a snapshot continues them exactly (the
     device generator's state is in the snapshot)."""
-    every = train(long_config.replace(model_name="every"))
+    short = long_config.replace(steps_per_image=6)  # 24 steps: 10, then 8 to the end
+    every = train(short.replace(model_name="every"))
     seen, cancel = [], ev.CancelToken()
 
     def stop_at_10(event):
         seen.append(event)
         if isinstance(event, ev.Step) and event.step == 10:
             cancel.cancel()
-    sparse = long_config.replace(model_name="sparse", log_every_steps=3)
+    sparse = short.replace(model_name="sparse", log_every_steps=3)
     first = train(sparse, stop_at_10, cancel)
     steps = [e for e in seen if isinstance(e, ev.Step)]
     assert [s.step for s in steps] == list(range(1, 11))
     assert [s.step for s in steps if s.loss is not None] == [3, 6, 9]
-    assert len(every.losses) == 48 and first.losses == every.losses[:10]
+    assert len(every.losses) == 24 and first.losses == every.losses[:10]
     assert all(s.loss == every.losses[s.step - 1] for s in steps if s.loss is not None)
     chosen = [p for p in snapshots(sparse.model_dir) if p.name.endswith("00000008")][0]
     again = train(sparse.replace(resume=str(chosen), overwrite=True))
