@@ -231,17 +231,16 @@ def test_missing_config_file(tmp_path, capsys):
 @pytest.mark.parametrize("code_", [errno.EROFS, errno.ENOSPC])
 def test_read_only_or_full_output_folder(code_, quick_config, tmp_path, monkeypatch, capsys):
     """Simulated (the tests run as root, which ignores permissions)."""
-    import safetensors.torch
+    from dreambooth.model import filecheck
     TALLY["tried"] += 1
     previous = tmp_path / "out" / "quick_4.safetensors"
     write_safetensors(previous, {"w": torch.ones(3)})
     before = previous.read_bytes()
 
-    def failing_save(tensors, filename, metadata=None):
-        with open(filename, "wb") as fh:
-            fh.write(b"partial")
+    def failing_write(fh, *args, **kwargs):  # the checkpoint's write, cut off halfway
+        fh.write(b"partial")
         raise OSError(code_, "simulated")
-    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    monkeypatch.setattr(filecheck, "write_streamed", failing_write)
     code = main(["train", "--config", str(_write(tmp_path, quick_config.replace(
         steps_per_image=1, overwrite=True)))])
     err = capsys.readouterr().err

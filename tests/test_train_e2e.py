@@ -62,7 +62,10 @@ def test_cli_with_json_config_and_events_stream(quick_config, tmp_path):
                "[diffusers", "[accelerate", "Failed to initialize NumPy", "Warning:")
     log = "".join(p.read_text() for p in (tmp_path / "runs" / "quick" / "logs").glob("*.log"))
     assert not [line for line in out.stderr.splitlines() if any(m in line for m in library)]
-    assert "[diffusers.models.modeling_utils] warning: There are modules in" in log
+    import inspect
+    import diffusers.models.modeling_utils as modeling_utils
+    if "should be kept in float32" in inspect.getsource(modeling_utils):  # diffusers >= 0.32
+        assert "[diffusers.models.modeling_utils] warning: There are modules in" in log
 
 
 def test_cli_flags_build_the_same_config(quick_config, tmp_path):

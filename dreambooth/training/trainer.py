@@ -23,6 +23,7 @@ from ..model.components import unet_kwargs
 from ..model.workdir import load_model, read_source_ahead
 from . import backends, embedding, fp8, liblog, parked
 from .advice import plan_run, text_encoder_stop
+from .backends import gpu_total_memory
 from .optim import make_optimizer, trainable_groups
 from .loss import compute_loss, step_draws
 from .losslog import LossLog
@@ -61,7 +62,7 @@ def train(config: TrainingConfig, on_event=None, cancel: ev.CancelToken | None =
     except torch.cuda.OutOfMemoryError:
         from .advice import oom_advice
         backends.release_memory()
-        advice = oom_advice(trainer.cfg if trainer else config, backends.gpu_total_memory())
+        advice = oom_advice(trainer.cfg if trainer else config, gpu_total_memory())
         err = TrainingError("The GPU ran out of memory.", advice)
         emit(ev.Failed(err.message, err.hint))
         raise failure(err, log) from None
