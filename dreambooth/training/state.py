@@ -30,10 +30,6 @@ FREE_ON_RESUME = {"output_dir", "overwrite", "sample_every_epochs", "save_every_
                   "lora_merge", "embedding_dir", "cpu_threads", "deterministic"}
 STATE_DIR = "state"
 FORMAT = 2  # 2: "files" (their sizes), "base" (the source's hash), "trained_only"
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.float64: "F64", torch.int64: "I64", torch.int32: "I32",
-                      torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-                      torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 # What a snapshot written before a field existed ran with (compared as if it had been saved).
 BEFORE_FIELD = {"lora_targets": "attention", "lora_conv_rank": 8, "lora_conv_alpha": 8.0,
                 "pivotal": False, "embedding_token": "", "embedding_init_word": "*",
@@ -80,24 +76,12 @@ def weights_to_keep(trainer, model, trained: set[int] | None) -> dict:
 
 
 def write_tensors(path: Path, tensors: dict) -> int:
-    """A .safetensors file written tensor by tensor: the header, then each tensor's bytes as it
-    comes off its device, so writing never holds a second copy of the whole state (safetensors'
-    save_file builds the whole file in memory first). Returns its size."""
-    header, offset = {}, 0
-    for key, t in tensors.items():
-        size = t.numel() * t.element_size()
-        header[key] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                       "data_offsets": [offset, offset + size]}
-        offset += size
-    header["__metadata__"] = {"format": "pt"}
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
+    """A .safetensors file written tensor by tensor (model.streamed: never a second copy of the
+    whole state, as safetensors' save_file builds). Returns its size."""
+    from ..model.streamed import write_streamed
     with open(path, "wb") as f:
-        f.write(len(head).to_bytes(8, "little"))
-        f.write(head)
-        for t in tensors.values():
-            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return 8 + len(head) + offset
+        write_streamed(f, tensors, {"format": "pt"})
+        return f.tell()
 
 
 def ema_to_keep(trainer, trained: set[int] | None) -> dict | None:
