@@ -43,10 +43,12 @@ def _hashing(path: str) -> dict | None:
         return _HASHES[key]
 
 
-def hash_source_ahead(cfg) -> None:
-    """Start hashing the source checkpoint while the run sets up: a snapshot names its base by
-    it (no wait at a Cancel's snapshot), a resume checks it."""
-    _hashing(cfg.source_checkpoint)
+def hash_source_ahead(cfg, frozen: bool) -> None:
+    """Start hashing the source checkpoint while the run sets up when its base is `frozen`
+    (LoRA, textual inversion): a snapshot names that base by it (no wait at a Cancel's
+    snapshot), a resume checks it. A full fine-tune reads the file once, to load it."""
+    if frozen:
+        _hashing(cfg.source_checkpoint)
 
 
 def source_sha256(path: str) -> str | None:
@@ -58,9 +60,10 @@ def source_sha256(path: str) -> str | None:
     return slot["sha256"]
 
 
-def base_identity(trainer) -> dict:
-    """What the weights a snapshot does not hold come from: the source file (by hash) and the
-    working model's revision it was loaded at, and how the frozen UNet was stored."""
-    return {"source_sha256": source_sha256(trainer.cfg.source_checkpoint),
+def base_identity(trainer, frozen: bool) -> dict:
+    """What the weights a snapshot does not hold come from: the source file (by hash, for a
+    `frozen` base only: a full fine-tune's snapshot holds every weight) and the working model's
+    revision it was loaded at, and how the frozen UNet was stored."""
+    return {"source_sha256": source_sha256(trainer.cfg.source_checkpoint) if frozen else None,
             "revision": getattr(trainer, "base_revision", trainer.revision),
             "fp8_base": bool(trainer.cfg.fp8_base)}

@@ -122,7 +122,7 @@ def save_snapshot(trainer, step: int, epoch: int, batch: int, order: list[int]) 
             "total_steps": trainer.total_steps, "revision": trainer.revision,
             "config": trainer.cfg.to_dict(), "machine": trainer.machine,
             "images": image_set(trainer.feed.items), "trained_only": trained is not None,
-            "base": base_identity(trainer), "files": files}
+            "base": base_identity(trainer, trained is not None), "files": files}
     write_text(tmp / "trainer.json", json.dumps(info))
     remove_snapshot_folder(final)
     os.replace(tmp, final)

@@ -31,7 +31,8 @@ from .saver import Saver, ema_state
 from .housekeeping import refuse_idle_accumulation, remove_leftovers, snapshot_failed
 from .resume import choose_snapshot, resume_position
 from .sourcehash import hash_source_ahead
-from .state import STATE_DIR, ModelLock, end_snapshots, fresh_rng, save_snapshot, snapshot_info
+from .state import (STATE_DIR, ModelLock, end_snapshots, fresh_rng, frozen_base, save_snapshot,
+                    snapshot_info)
 
 
 @dataclass
@@ -95,7 +96,7 @@ class Trainer:
         from accelerate import Accelerator
         cfg = self.cfg
         read_source_ahead(cfg)  # the file is read while the plan below imports and counts
-        hash_source_ahead(cfg)  # a snapshot names the base it trains beside by it
+        hash_source_ahead(cfg, frozen_base(cfg))  # a LoRA/TI snapshot names its base by it
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         cfg = cfg.replace(mixed_precision=backends.auto_precision(cfg, device, self.say))
         self.resume_from = choose_snapshot(cfg, cfg.model_dir, self.warn)
