@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 from .errors import DreamboothError
 
 MARKER = ".dreambooth_model"
+LOCK = ".train.lock"  # one training run per model folder (training.lock.ModelLock)
 
 
 def owned(folder: Path) -> bool:
@@ -61,3 +63,51 @@ def claim_model_dir(folder: str | os.PathLike) -> Path:
                               "a folder you can write to (not a file, not read-only) with free "
                               "space.") from None
     return folder
+
+
+def lock_owner(folder: Path) -> dict:
+    """What the model's training lock says of its owner ({} when there is none or it can't be
+    read): pid, host and the process's start time."""
+    try:
+        owner = json.loads((Path(folder) / LOCK).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def held_here(owner: dict) -> bool:
+    """The lock's owner is a live process of this machine (not a zombie, nor another process
+    that has since been given its PID)."""
+    pid, started = owner.get("pid"), owner.get("started")
+    if owner.get("host") != socket.gethostname() or not isinstance(pid, int) \
+            or isinstance(pid, bool) or pid <= 0 or not _alive(pid):
+        return False
+    return started is None or pid_start_time(pid) in (None, started)
+
+
+def pid_start_time(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, from /proc; None where unknown): a
+    lock whose PID was reused by another process is told apart by it."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    if os.name != "posix":  # no signal 0 there (os.kill would end the process): assume it lives
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    try:  # a zombie (killed, not yet reaped) holds no lock
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True

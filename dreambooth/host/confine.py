@@ -8,14 +8,13 @@ the Python API don't come through here: they may use any path.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import socket
 import stat
 from pathlib import Path
 
 from ..config import Problem, TrainingConfig
 from ..config.errors import ConfigError
+from ..config.folders import held_here, lock_owner
 from .interface import Host
 
 SHORT = 200  # longest value echoed back in an error
@@ -233,18 +232,6 @@ def training_now(manager, folder: Path, name: str) -> str:
 
 def locked_elsewhere(folder: Path) -> int | None:
     """The process id in the model's training lock when a live process of this machine holds
-    it (a run from the command line), else None. POSIX only (elsewhere: None)."""
-    try:
-        owner = json.loads((Path(folder) / ".train.lock").read_text(encoding="utf-8"))
-        pid = owner["pid"] if owner.get("host") == socket.gethostname() else None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
-        return None
-    if os.name != "posix" or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        return None
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except PermissionError:
-        return pid
-    except (OSError, OverflowError):
-        return None
-    return pid
+    it (a run from the command line), else None."""
+    owner = lock_owner(folder)
+    return owner["pid"] if held_here(owner) else None

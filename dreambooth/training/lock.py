@@ -8,14 +8,14 @@ import socket
 from pathlib import Path
 
 from ..config.errors import DreamboothError
-from ..config.folders import claim_model_dir
+from ..config.folders import LOCK, claim_model_dir, held_here, lock_owner, pid_start_time
 
 
 class ModelLock:
     """One training run per model folder. A lock left by a killed process is detected and cleared."""
 
     def __init__(self, model_dir: Path, say) -> None:
-        self.path, self.say, self.held = model_dir / ".train.lock", say, False
+        self.path, self.say, self.held = model_dir / LOCK, say, False
 
     def __enter__(self) -> "ModelLock":
         claim_model_dir(self.path.parent)
@@ -38,16 +38,9 @@ class ModelLock:
                               "Delete that file if no training of this model is running.")
 
     def _refuse_or_clear(self) -> None:
-        try:
-            owner = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            owner = {}
-        if not isinstance(owner, dict):
-            owner = {}
-        pid, host, started = owner.get("pid"), owner.get("host"), owner.get("started")
-        same = host == socket.gethostname() and isinstance(pid, int) and _alive(pid)
-        if same and started is not None and pid_start_time(pid) not in (None, started):
-            same = False  # the PID now belongs to another process: the lock's owner is gone
+        owner = lock_owner(self.path.parent)
+        pid, host = owner.get("pid"), owner.get("host")
+        same = held_here(owner)
         if same:
             raise DreamboothError(
                 f"The model '{self.path.parent.name}' is already being trained (process {pid}, "
@@ -66,27 +59,3 @@ class ModelLock:
         if self.held:
             self.path.unlink(missing_ok=True)
         return False
-
-
-def pid_start_time(pid: int) -> str | None:
-    """When process `pid` started (clock ticks since boot, from /proc; None where unknown): a
-    lock whose PID was reused by another process is told apart by it."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            return fh.read().rsplit(")", 1)[-1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (killed, not yet reaped) holds no lock
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
