@@ -139,6 +139,9 @@ def test_a_lora_under_forge_joins_its_list_and_the_message_says_to_refresh_the_c
     from dreambooth.ui.actions import TabActions
     log = TabActions(host, manager).status_view().log
     assert "<lora:forge_dog:1>" in log and "Press Refresh in the Lora tab" in log
+    from dreambooth.host.interface import Host
+    alone = TabActions(Host(host.paths), manager).status_view().log  # no Lora tab to refresh
+    assert "<lora:forge_dog:1>" in alone and "Refresh" not in alone
 
 
 def test_a_new_embedding_reaches_forges_loaded_text_encoder(forge):
