@@ -6,7 +6,8 @@ process needs beyond what the WebUI has goes into <extension>/lib with exact pin
 the training child process puts that folder on its path. torch, numpy and Pillow always come
 from the WebUI (the training process uses the WebUI's torch, never a second copy).
 
-When everything is there it does nothing (a metadata scan, well under a second). Without a
+When everything is there it installs nothing and says so in one line (a metadata scan,
+well under a second). Without a
 network it prints what is missing and the command that installs it, and exits 0: it must never
 stop the WebUI from starting. `python install.py --check` (or `--dry-run`) only reports what it would install; `--json` prints the plan as JSON.
 """
@@ -220,6 +221,14 @@ def report(plan: Plan, lib: Path | None = None) -> None:
         print(f"{PREFIX} {problem}: training can't run until the WebUI provides it.")
 
 
+def ready_line(lib: Path | None = None) -> str:
+    """What is said when nothing is missing: whether training takes anything from lib."""
+    lib = lib or LIB_DIR
+    if lib.is_dir() and any(lib.glob("*.dist-info")):
+        return f"using the host's packages and {lib}: nothing to install"
+    return "using the host's packages: nothing to install"
+
+
 def main(argv: list[str] | None = None) -> int:
     # Messages go to stdout: the WebUI shows an installer's stdout and drops its stderr when it
     # exits 0, which install.py always does
@@ -230,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     if "--json" in argv:  # for the tab, when training runs with another interpreter
         print(json.dumps({"install": plan.requirements(), "problems": plan.problems}))
         return 0
-    if plan.ok:
+    if plan.ok:  # one line, so that a user can tell it ran
+        print(f"{PREFIX} {ready_line()}")
         return 0
     if "--check" in argv or "--dry-run" in argv or not plan.install:
         report(plan)

@@ -50,7 +50,7 @@ fi
 bash tools/bootstrap.sh .venv test constraints/newest.txt
 export DREAMBOOTH_TEST_TRAIN_PYTHON=$PWD/.venv/bin/python
 FREEZE_TEST=tests/test_install_freeze.py
-WEBUI_TESTS="tests/test_ui_fields.py tests/test_ui_build.py tests/test_webui_glue.py tests/test_api.py tests/test_confinement.py tests/test_browser.py tests/test_page_script.py tests/test_install.py"
+WEBUI_TESTS="tests/test_ui_fields.py tests/test_ui_build.py tests/test_webui_glue.py tests/test_forge_glue.py tests/test_api.py tests/test_confinement.py tests/test_browser.py tests/test_page_script.py tests/test_install.py"
 
 lane2() {  # steps 2 and 3: build each venv, then run its tests; a failed stage does not stop the next
   local rc=0

@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Iterator
 
 from modules import call_queue, paths, script_callbacks, sd_models, shared
 
@@ -69,11 +70,91 @@ def missing_dependencies(python: str = sys.executable) -> tuple[list[str], str]:
     return plan.requirements() + plan.problems, command if plan.install else ""
 
 
+class A1111Calls:
+    """The seam between our host and the WebUI's model: AUTOMATIC1111's calls (v1.10) to load
+    a checkpoint, to free the GPU and to reload embeddings. ForgeCalls answers the same three
+    questions for Forge, whose sd_models keeps these names with empty bodies."""
+
+    name = "AUTOMATIC1111"
+
+    def load(self, info: Any) -> None:
+        """Make `info` (a CheckpointInfo, already the sd_model_checkpoint option) the model."""
+        loaded = getattr(shared.sd_model, "sd_checkpoint_info", None)
+        if loaded is None or loaded.filename != info.filename:
+            sd_models.reload_model_weights(info=info)
+
+    @contextlib.contextmanager
+    def gpu_freed(self) -> Iterator[None]:
+        """The WebUI's model on the CPU for the duration (a fork without send_model_to_cpu:
+        unloaded, and reloaded after)."""
+        model = shared.sd_model
+        to_cpu = getattr(sd_models, "send_model_to_cpu", None)
+        if model is None:
+            yield
+        elif to_cpu is None:
+            sd_models.unload_model_weights()
+            try:
+                yield
+            finally:
+                sd_models.reload_model_weights()
+        else:
+            to_cpu(model)
+            try:
+                yield
+            finally:
+                sd_models.send_model_to_device(model)
+
+    def reload_embeddings(self) -> None:
+        try:  # the embedding database of the loaded model
+            from modules import sd_hijack
+        except ImportError:
+            return
+        db = getattr(getattr(sd_hijack, "model_hijack", None), "embedding_db", None)
+        if db is not None:
+            db.load_textual_inversion_embeddings(force_reload=True)
+
+
+class ForgeCalls(A1111Calls):
+    """Forge (read at lllyasviel/stable-diffusion-webui-forge dfdcbab6): a checkpoint loads at
+    the next generation from modules_forge.main_entry's loading parameters, and the GPU is
+    Forge's memory manager's, which loads a model back by itself when it is next used."""
+
+    name = "Forge"
+
+    def load(self, info: Any) -> None:
+        # main_entry.checkpoint_change does nothing when the option already names the title
+        # (it compares names, not what is loaded): set the parameters from the option directly
+        from modules_forge import main_entry
+        main_entry.refresh_model_loading_parameters()
+
+    @contextlib.contextmanager
+    def gpu_freed(self) -> Iterator[None]:
+        from backend import memory_management
+        memory_management.unload_all_models()
+        yield  # nothing after: the next generation loads what it needs
+
+    def reload_embeddings(self) -> None:
+        """Each text encoder of the loaded model has its own embedding database (none loaded:
+        the folder is read when one is)."""
+        model = shared.sd_model
+        for name in [n for n in dir(model) if n.startswith("text_processing_engine")]:
+            db = getattr(getattr(model, name), "embeddings", None)
+            if hasattr(db, "load_textual_inversion_embeddings"):
+                db.load_textual_inversion_embeddings()
+
+
+def host_calls() -> A1111Calls:
+    """Forge's calls where the WebUI is Forge (its sd_models loads through forge_model_reload),
+    else AUTOMATIC1111's."""
+    return ForgeCalls() if hasattr(sd_models, "forge_model_reload") else A1111Calls()
+
+
 if not LOAD_ERROR:
     class WebUIHost(db_host.Host):
         """The WebUI as our host: its folders, its checkpoint list, its model and GPU lock."""
 
         name = "webui"
+        cards_need_refresh = True  # no call re-reads the Lora / Textual Inversion cards
 
         def __init__(self) -> None:
             models = Path(paths.models_path)
@@ -88,6 +169,7 @@ if not LOAD_ERROR:
             super().__init__(db_paths, python=_opt("dreambooth_python", sys.executable),
                              api_auth=_opt("api_auth", ""))
             self.missing, self.fix_command = missing_dependencies(self.python)
+            self.calls = host_calls()
 
         def list_checkpoints(self):
             return [db_host.Checkpoint(info.title, info.filename)
@@ -102,13 +184,7 @@ if not LOAD_ERROR:
                 networks.list_available_networks()
 
         def refresh_embeddings(self) -> None:
-            try:  # AUTOMATIC1111: the embedding database of the loaded model
-                from modules import sd_hijack
-            except ImportError:  # Forge reads the folder when it next builds the text encoder
-                return
-            db = getattr(getattr(sd_hijack, "model_hijack", None), "embedding_db", None)
-            if db is not None:
-                db.load_textual_inversion_embeddings(force_reload=True)
+            self.calls.reload_embeddings()
 
         def select_checkpoint(self, path: str) -> str:
             info = self._info(path)
@@ -117,11 +193,10 @@ if not LOAD_ERROR:
                 info = self._info(path)
             if info is None:
                 raise FileNotFoundError(f"{path} is not in the WebUI's checkpoint list")
-            shared.opts.set("sd_model_checkpoint", info.title)  # the WebUI reloads on change
-            loaded = getattr(shared.sd_model, "sd_checkpoint_info", None)
-            if loaded is None or loaded.filename != info.filename:
-                with call_queue.queue_lock:
-                    sd_models.reload_model_weights(info=info)
+            # AUTOMATIC1111 reloads on this change itself, taking the GPU queue: not under it
+            shared.opts.set("sd_model_checkpoint", info.title)
+            with call_queue.queue_lock:  # not while a generation runs
+                self.calls.load(info)
             return info.title
 
         @staticmethod
@@ -131,24 +206,18 @@ if not LOAD_ERROR:
                          if os.path.abspath(i.filename) == wanted), None)
 
         @contextlib.contextmanager
-        def model_offloaded(self):
-            """No other GPU job while training runs; the WebUI's model waits on the CPU
-            (A1111: send_model_to_cpu/send_model_to_device; a fork without them: unload and
-            reload the weights)."""
+        def model_offloaded(self) -> Iterator[None]:
+            """No other GPU job while training runs, and the WebUI's model off the GPU (the
+            host's own calls: A1111Calls / ForgeCalls), unless --dreambooth-no-offload."""
             with call_queue.queue_lock:
                 shared.state.begin(job="dreambooth")
-                model = shared.sd_model
-                move = model is not None and not _opt("dreambooth_no_offload", False)
-                to_cpu = getattr(sd_models, "send_model_to_cpu", None)
-                if move:
-                    to_cpu(model) if to_cpu else sd_models.unload_model_weights()
                 try:
-                    yield
+                    if _opt("dreambooth_no_offload", False):
+                        yield
+                    else:
+                        with self.calls.gpu_freed():
+                            yield
                 finally:
-                    if move and to_cpu:
-                        sd_models.send_model_to_device(model)
-                    elif move:
-                        sd_models.reload_model_weights()
                     shared.state.end()
 
         def missing_dependencies(self) -> list[str]:

@@ -129,6 +129,20 @@ def test_no_network_reports_and_does_not_fail(installer, tmp_path, capsys, monke
     assert "failed" in out.out and "diffusers==0.31.0" in out.out and "pip install --target" in out.out
 
 
+def test_nothing_missing_says_so_in_one_line(installer, tmp_path, capsys, monkeypatch):
+    """Forge has every package: install.py still tells the user, on stdout, that it ran."""
+    monkeypatch.setattr(installer, "LIB_DIR", tmp_path / "lib")
+    monkeypatch.setattr(installer, "current_plan", lambda lib=None: installer.make_plan(FORGE, {}))
+    monkeypatch.setattr(installer.subprocess, "run", lambda *a, **k: pytest.fail("installed"))
+    assert installer.main([]) == 0
+    out = capsys.readouterr()
+    assert (out.out, out.err) == ("[dreambooth] using the host's packages: nothing to install\n", "")
+    (tmp_path / "lib" / "peft-0.13.2.dist-info").mkdir(parents=True)  # lib adds to the host's
+    assert installer.main([]) == 0
+    assert capsys.readouterr().out == \
+        f"[dreambooth] using the host's packages and {tmp_path / 'lib'}: nothing to install\n"
+
+
 def test_skip_install_does_nothing(installer, monkeypatch):
     monkeypatch.setattr(installer, "current_plan", lambda lib=None: pytest.fail("checked"))
     assert installer.main(["--skip-install"]) == 0

@@ -308,3 +308,4 @@ def test_a_lora_from_the_tab_lands_in_the_lora_list(webui, tiny_inputs, monkeypa
     assert Path(p.final_path).parent == Path(mods["shared"].cmd_opts.lora_dir)
     assert "webui_lora" in " ".join(networks.available_networks)
     assert frames[-1][-1]["visible"] is False and "<lora:" in frames[-1][5]
+    assert "Press Refresh in the Lora tab" in frames[-1][5]  # the page's cards are cached

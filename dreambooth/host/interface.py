@@ -50,6 +50,10 @@ class Host:
     """The standalone host: plain folders, no model of its own to move off the GPU."""
 
     name = "standalone"
+    # True where the host's page shows LoRAs and embeddings as cards that it re-reads only when
+    # its Refresh is pressed, with no call to refresh them from here (AUTOMATIC1111 1.10 and
+    # Forge: the extra networks' HTML is built once per page and by that button)
+    cards_need_refresh: bool = False
 
     def __init__(self, paths: HostPaths, python: str = sys.executable,
                  api_auth: str = "") -> None:

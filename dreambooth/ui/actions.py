@@ -208,12 +208,15 @@ class TabActions:
         if p.state in ("finished", "cancelled", "stopped") and self.manager.busy():
             p = Progress(**{**p.__dict__, "state": "running"})  # refreshing the list still
         embedding = self.saved_embedding(p) if p.state == "finished" else ""
+        refresh = " Press Refresh in the {} tab to see its card." \
+            if self.host.cards_need_refresh else ""
         if p.state == "finished" and is_under(p.final_path, self.host.paths.lora_dir) \
                 and embedding != p.final_path:
-            p.messages.append(f"LoRA saved: add <lora:{Path(p.final_path).stem}:1> to a prompt.")
+            p.messages.append(f"LoRA saved: add <lora:{Path(p.final_path).stem}:1> to a "
+                              "prompt." + refresh.format("Lora"))
         if embedding:
             p.messages.append(f"Embedding saved: write {Path(embedding).stem} in a prompt "
-                              "where the token was.")
+                              "where the token was." + refresh.format("Textual Inversion"))
         active = p.active or self.manager.busy()
         saved = self.saved_checkpoints(p)
         selected = p.final_path if p.final_path in saved else (saved or [""])[-1]

@@ -87,16 +87,29 @@ def quick_values(tiny: dict, work: Path, out: Path, steps_per_image: int = 1,
             "concepts[0].instance_prompt": "photo of sks pattern"}
 
 
-def load_webui(monkeypatch, data_dir: Path, argv: tuple = ()):
-    """Fresh stand-in `modules` on sys.path over `data_dir`, our preload flags parsed, and
-    scripts/dreambooth_tab.py loaded the way the WebUI loads a script. Returns (modules, glue)."""
+FORGE_DIR = STUB_DIR / "forge"  # Forge's modules over the AUTOMATIC1111 stand-in (forge/README)
+# what a fresh WebUI imports anew (networks: the built-in Lora extension, which reads shared)
+HOST_PACKAGES = ("modules", "modules_forge", "backend", "networks")
+
+
+def load_webui(monkeypatch, data_dir: Path, argv: tuple = (), forge: bool = False):
+    """Fresh stand-in `modules` on sys.path over `data_dir` (AUTOMATIC1111's, or Forge's with
+    `forge`), our preload flags parsed, and scripts/dreambooth_tab.py loaded the way the WebUI
+    loads a script. Returns (modules, glue); with `forge`, modules also holds main_entry,
+    memory_management and processing."""
     monkeypatch.setenv("WEBUI_STUB_DATA_DIR", str(data_dir))
     monkeypatch.syspath_prepend(str(STUB_DIR))
+    if forge:
+        monkeypatch.syspath_prepend(str(FORGE_DIR))
     monkeypatch.syspath_prepend(str(REPO))
-    for name in [m for m in sys.modules if m == "modules" or m.startswith("modules.")]:
+    for name in [m for m in sys.modules if m.split(".")[0] in HOST_PACKAGES]:
         monkeypatch.delitem(sys.modules, name)
     mods = {n: importlib.import_module(f"modules.{n}") for n in (
         "paths", "shared", "options", "sd_models", "script_callbacks", "call_queue")}
+    if forge:
+        mods.update(main_entry=importlib.import_module("modules_forge.main_entry"),
+                    memory_management=importlib.import_module("backend.memory_management"),
+                    processing=importlib.import_module("modules.processing"))
     preload = _load_file(REPO / "preload.py", "dreambooth_preload")
     preload.preload(mods["shared"].parser)
     mods["shared"].cmd_opts = mods["shared"].parser.parse_args(list(argv))
