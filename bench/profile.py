@@ -131,7 +131,7 @@ def _lora_made_already(cfg, comp):
         return
     from unittest import mock
 
-    from dreambooth.training import lora
+    from dreambooth.training import adapters
 
     def made(comp_, cfg_):
         groups = [{"params": _lora_params(comp_.unet), "lr": cfg_.lora_learning_rate}]
@@ -139,7 +139,7 @@ def _lora_made_already(cfg, comp):
             groups.append({"params": [p for te in comp_.text_encoders for p in _lora_params(te)],
                            "lr": cfg_.lora_text_encoder_learning_rate})
         return groups
-    with mock.patch.object(lora, "add_lora", made):
+    with mock.patch.object(adapters, "add_lora", made):
         yield
 
 
@@ -215,7 +215,7 @@ def profile_case(case: ProfileCase, resolution: int | None = None, configs: dict
             setattr(comp, "tokenizer" if slot.component == "text_encoder" else "tokenizer_2",
                     assets.load_tokenizer(pad_token=slot.pad_token))
     if cfg.use_lora:
-        from dreambooth.training.lora import add_lora
+        from dreambooth.training.adapters import add_lora
         add_lora(comp, cfg)  # on the meta model: see _lora_made_already
     with FakeTensorMode(allow_non_fake_inputs=True), StepCounter() as counter, \
             OnDevice(counter):
