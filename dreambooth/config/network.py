@@ -26,8 +26,9 @@ NETWORK_LINES = {
             "convention): closer to a full fine-tune, slower steps.",
 }
 
-NETWORK = spec_field("lora", "With method lora, the network trained: " + " ".join(
-    f"'{k}': {v}" for k, v in NETWORK_LINES.items()) + " Each is saved in the layout the "
+NETWORK = spec_field("lora", "With method lora, the network trained (each line its name "
+                     "in lowercase): " + " ".join(NETWORK_LINES.values()) + " Each is saved in "
+                     "the layout the "
     "WebUI's Lora extension loads; lora_targets picks the layers for all of them.",
     choices=NETWORKS)
 LOHA_RANK = spec_field(8, "With network 'loha', the rank of each of the two products (the "
