@@ -273,3 +273,11 @@ def test_full_size_network_keys_all_land_on_modules_of_the_file(model_type):
         assert len(layout) == KEYS[network] * len(stems)
         missed = [s for s in stems if webui_module(s, comp.spec.family == "v2") not in modules]
         assert not missed, missed[:5]
+
+
+def test_a_file_with_a_value_no_host_can_use_is_refused():
+    from dreambooth.config.errors import DreamboothError
+    adapters.refuse_unloadable({"a.alpha": torch.tensor(1.0), "a.hada_w1_a": torch.ones(2)},
+                               "fp16")
+    with pytest.raises(DreamboothError, match="'a.hada_w1_a'.*fp16"):
+        adapters.refuse_unloadable({"a.hada_w1_a": torch.tensor([1.0, float("inf")])}, "fp16")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..config.errors import DreamboothError
 from ..config.network import targets_of
 from ..model.checkpoint import SAVE_DTYPES, cast_for_save, write_text
 from ..model.metadata import model_metadata
@@ -168,6 +169,18 @@ def merged_states(cfg, states: dict, bases: dict) -> dict:
             if k in states else v for k, v in bases.items()}
 
 
+def refuse_unloadable(state: dict, precision: str) -> None:
+    """A value that is not finite (a diverged run, or a factor beyond fp16's range after the
+    cast) would load in every host without a word and spoil each image: refused."""
+    bad = next((k for k, v in state.items() if isinstance(v, torch.Tensor)
+                and v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise DreamboothError(f"The LoRA file would hold a value that is not a finite number "
+                              f"in '{bad}' (saved as {precision}); the WebUI would load it "
+                              "and make broken images.", "Save in fp32 or bf16 if it is fp16's "
+                              "range, else lower the learning rate and train again.")
+
+
 def save_lora(comp, path: str | Path, cfg, states: dict, metadata: dict, precision: str = "fp32",
               overwrite: bool = False) -> Path:
     """Write the kohya LoRA file (checked against the targeted modules before it takes its name),
@@ -176,6 +189,7 @@ def save_lora(comp, path: str | Path, cfg, states: dict, metadata: dict, precisi
     meta = model_metadata(comp.spec, Path(path).stem, metadata, lora=True)
     state, expected = file_tensors(comp, cfg, states)
     state = cast_for_save(state, precision)
+    refuse_unloadable(state, precision)
     write_verified(path, state, meta, expected, overwrite=overwrite, dtype=SAVE_DTYPES[precision],
                    what="LoRA")
     card = {"description": meta.get("modelspec.description", ""),
