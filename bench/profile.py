@@ -63,6 +63,14 @@ def profile_cases() -> list[ProfileCase]:
             ProfileCase("sdxl_full_lowest_1024", {"memory_preset": "lowest"}, "sdxl", 1024)]
 
 
+def network_cases() -> list[ProfileCase]:
+    """One row per network type beside lora_r16_bs1, at each type's defaults (SD1.5, 512 px).
+    Profiled by `python -m bench --profile`, not by the test suite (about 15 s each)."""
+    lora = {"use_lora": True, "lora_rank": 16, "lora_alpha": 16.0, "lora_learning_rate": 5e-4}
+    return [ProfileCase(f"{net}_bs1", {**lora, "network": net})
+            for net in ("locon", "loha", "lokr", "dora")]
+
+
 class _OneProcess:
     """What accelerate does for a single process with bf16/no mixed precision."""
     num_processes, process_index, is_main_process, sync_gradients = 1, 0, True, True
@@ -131,7 +139,7 @@ def _lora_made_already(cfg, comp):
         return
     from unittest import mock
 
-    from dreambooth.training import lora
+    from dreambooth.training import adapters
 
     def made(comp_, cfg_):
         groups = [{"params": _lora_params(comp_.unet), "lr": cfg_.lora_learning_rate}]
@@ -139,12 +147,15 @@ def _lora_made_already(cfg, comp):
             groups.append({"params": [p for te in comp_.text_encoders for p in _lora_params(te)],
                            "lr": cfg_.lora_text_encoder_learning_rate})
         return groups
-    with mock.patch.object(lora, "add_lora", made):
+    with mock.patch.object(adapters, "add_lora", made):
         yield
 
 
 def _lora_params(module) -> list:
-    return [p for name, p in module.named_parameters() if ".lora_A." in name or ".lora_B." in name]
+    """The network's parameters: peft's LoRA layers, or ours (LoHa, LoKr, DoRA)."""
+    from dreambooth.training.networks import PARAMS
+    return [p for name, p in module.named_parameters() if ".lora_A." in name
+            or ".lora_B." in name or name.rpartition(".")[2] in PARAMS]
 
 
 def build_trainer(cfg, comp, device):
@@ -215,7 +226,7 @@ def profile_case(case: ProfileCase, resolution: int | None = None, configs: dict
             setattr(comp, "tokenizer" if slot.component == "text_encoder" else "tokenizer_2",
                     assets.load_tokenizer(pad_token=slot.pad_token))
     if cfg.use_lora:
-        from dreambooth.training.lora import add_lora
+        from dreambooth.training.adapters import add_lora
         add_lora(comp, cfg)  # on the meta model: see _lora_made_already
     with FakeTensorMode(allow_non_fake_inputs=True), StepCounter() as counter, \
             OnDevice(counter):
@@ -254,7 +265,7 @@ def run_profile(only: set | None = None, resolution: int | None = None, configs=
                 ) -> list[dict]:
     from .profile_reference import comparison_cases, profile_row
     rows = []
-    for case in profile_cases() + comparison_cases():
+    for case in profile_cases() + network_cases() + comparison_cases():
         if only is not None and case.name not in only:
             continue
         rows.append(profile_row(case, resolution, configs))

@@ -27,6 +27,7 @@ def full_config():
         guidance_scale=6.0, overwrite=True, state_every_steps=25, log_every_steps=3, resume="never",
         use_lora=True, lora_rank=32, lora_alpha=8.0, lora_text_encoder=True,
         lora_targets="transformer+conv", lora_conv_rank=4, lora_conv_alpha=2.0,
+        network="lokr", loha_rank=4, loha_alpha=2.0, lokr_factor=-1, lokr_rank=4, lokr_alpha=2.0,
         lora_learning_rate=2e-4, lora_text_encoder_learning_rate=1e-5, lora_dir="/l",
         lora_merge=True, bucketing=True, bucket_no_upscale=True, memory_preset="lowest",
         fused_optimizer=True, bf16_weights=True, fp8_base=True, deterministic="off", cpu_threads=3,

@@ -24,7 +24,10 @@ from .checks import (
     unknown_keys,
 )
 from .errors import ConfigError, Problem
+from .fieldspec import spec_field as _f
 from .migrate import SCHEMA_VERSION, migrate
+from .network import (LOHA_ALPHA, LOHA_RANK, LOKR_ALPHA, LOKR_FACTOR, LOKR_RANK, LORA_TARGETS,
+                      NETWORK, check_network)
 from .textfile import parse_json, read_config_text
 
 MODEL_TYPES = ("v1x", "v2x-512", "v2x-768-v", "sdxl")
@@ -37,17 +40,7 @@ SAVE_PRECISION = ("fp32", "fp16", "bf16")
 MEMORY_PRESETS = ("auto", "lowest", "off")
 DETERMINISTIC = ("auto", "on", "off")
 COMPILE = ("off", "blocks", "full")
-LORA_TARGETS = ("attention", "transformer", "transformer+conv")
 METHODS = ("dreambooth", "lora", "textual_inversion")
-
-
-
-def _f(default: Any, help: str, *, advanced: bool = False, choices: tuple = (),
-       minimum: float | None = None, maximum: float | None = None) -> Any:
-    """A dataclass field with the text and limits the UI, the README and validate() use."""
-    meta = {"help": help, "advanced": advanced, "choices": choices,
-            "minimum": minimum, "maximum": maximum}
-    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -194,6 +187,7 @@ class TrainingConfig:
     use_lora: bool = _f(False, "Train a LoRA (a small file for the WebUI's Lora networks, "
                                "written to lora_dir) instead of the whole model: the older "
                                "spelling of method 'lora'.", advanced=True)
+    network: str = NETWORK
     lora_rank: int = _f(16, "LoRA rank (dimension): larger learns more and makes a larger file.",
                         minimum=1, maximum=1024)
     lora_alpha: float = _f(16.0, "LoRA alpha: the LoRA's update is scaled by alpha / rank.",
@@ -211,6 +205,11 @@ class TrainingConfig:
     lora_conv_alpha: float = _f(8.0, "With lora_targets 'transformer+conv', the alpha of the "
                                      "ResNet convolutions' LoRA (scaled by alpha / rank).",
                                 advanced=True, minimum=0.001, maximum=10000.0)
+    loha_rank: int = LOHA_RANK
+    loha_alpha: float = LOHA_ALPHA
+    lokr_factor: int = LOKR_FACTOR
+    lokr_rank: int = LOKR_RANK
+    lokr_alpha: float = LOKR_ALPHA
     lora_text_encoder: bool = _f(False, "With use_lora, also train LoRA layers in the text "
                                         "encoder(s).")
     lora_learning_rate: float = _f(1e-4, "Learning rate of the UNet's LoRA layers.", minimum=0.0,
@@ -315,7 +314,7 @@ class TrainingConfig:
                                     f"use {max(8, self.resolution // 8 * 8)}"))
         if check_paths:
             problems += check_source(self.source_checkpoint)
-        problems += check_lora_and_buckets(self) + check_path_lengths(self)
+        problems += check_lora_and_buckets(self) + check_path_lengths(self) + check_network(self)
         problems += check_embedding(self)
         if isinstance(self.resume, str) and self.resume not in ("auto", "never") and (
                 not self.resume.strip() or (check_paths and not is_dir(self.resume))):

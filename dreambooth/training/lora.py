@@ -15,17 +15,11 @@ or `lora_te1_` / `lora_te2_` (SDXL) + the transformers text encoder module path.
 """
 from __future__ import annotations
 
-import json
 import re
-from collections import Counter
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
 from ..model import convert
-from ..model.checkpoint import SAVE_DTYPES, cast_for_save, write_text
-from ..model.metadata import model_metadata
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -101,30 +95,6 @@ def is_conv_target(path: str) -> bool:
     return bool(RESNET_CONV.search(path))
 
 
-def add_lora(comp, cfg) -> list[dict]:
-    """LoRA layers in the UNet (and the text encoders when cfg.lora_text_encoder), their first
-    weights drawn from `cfg.seed` (the caller's random state is left as it was); returns the
-    optimizer's parameter groups with their learning rates."""
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(cfg.seed)
-        return _add_lora(comp, cfg)
-
-
-def _add_lora(comp, cfg) -> list[dict]:
-    conv = (cfg.lora_conv_rank, cfg.lora_conv_alpha) \
-        if cfg.lora_targets == "transformer+conv" else None
-    groups = [{"params": inject(comp.unet, cfg.lora_rank, cfg.lora_alpha,
-                                target_paths(comp.unet, "unet", cfg.lora_targets), conv),
-               "lr": cfg.lora_learning_rate}]
-    if cfg.lora_text_encoder:
-        params = [p for te, slot in zip(comp.text_encoders, comp.spec.text_encoders)
-                  for p in inject(te, cfg.lora_rank, cfg.lora_alpha,
-                                  target_paths(te, slot.component, cfg.lora_targets))]
-        groups.append({"params": params, "lr": cfg.lora_text_encoder_learning_rate})
-    return groups
-
-
 # -- peft state <-> kohya keys -----------------------------------------------------------------
 def lora_pairs(state: dict) -> dict:
     """module path -> (down, up) of every peft LoRA layer in a state dict."""
@@ -160,28 +130,33 @@ def kohya_state(comp, alpha: float, states: dict, conv_alpha: float | None = Non
     return out
 
 
-def expected_layout(comp, rank: int, text_encoders: bool, targets: str = "attention",
-                    conv_rank: int | None = None) -> dict:
-    """Key -> shape the LoRA file must hold: one triple per targeted Linear/Conv2d of the plain
-    architecture (built on the meta device from the configs, not from the peft state), each
-    named after that module: a key that maps onto no module of the base can't pass."""
+def target_modules(comp, text_encoders: bool, targets: str):
+    """(component, module path, kohya name, plain module) of every module `targets` adapts in
+    the plain architecture, built on the meta device from the configs (not from a trained
+    state: a key that maps onto no module of the base can't pass)."""
     from ..model.components import build_meta
     meta = build_meta(comp.model_type, comp.configs, comp.extra)
     parts = [("unet", meta.unet)]
     if text_encoders:
         parts += [(s.component, getattr(meta, s.component)) for s in comp.spec.text_encoders]
-    out = {}
     for component, module in parts:
         prefix = "" if component == "unet" or any(
             n.startswith("text_model.") for n, _ in module.named_modules()) else "text_model."
         found = dict(module.named_modules())
         for path in target_paths(module, component, targets):
-            name = kohya_name(comp, component, prefix + path)
-            r = conv_rank if conv_rank and is_conv_target(path) else rank
-            w = tuple(found[path].weight.shape)
-            out[f"{name}.lora_down.weight"] = (r, *w[1:])
-            out[f"{name}.lora_up.weight"] = (w[0], r) + tuple(1 for _ in w[2:])
-            out[f"{name}.alpha"] = ()
+            yield component, path, kohya_name(comp, component, prefix + path), found[path].weight
+
+
+def expected_layout(comp, rank: int, text_encoders: bool, targets: str = "attention",
+                    conv_rank: int | None = None) -> dict:
+    """Key -> shape the LoRA file must hold: one triple per targeted Linear/Conv2d."""
+    out = {}
+    for _, path, name, weight in target_modules(comp, text_encoders, targets):
+        r = conv_rank if conv_rank and is_conv_target(path) else rank
+        w = tuple(weight.shape)
+        out[f"{name}.lora_down.weight"] = (r, *w[1:])
+        out[f"{name}.lora_up.weight"] = (w[0], r) + tuple(1 for _ in w[2:])
+        out[f"{name}.alpha"] = ()
     return out
 
 
@@ -209,61 +184,3 @@ def merged_state(state: dict, scale: float, base: dict | None = None,
         out[f"{path}.weight"] = (weight.float() + k * delta.reshape(weight.shape)
                                  ).to(weight.dtype)
     return out
-
-
-# -- the file ------------------------------------------------------------------------------
-def ss_metadata(cfg, spec, steps: int, epochs: int, images: list, n_class: int,
-                trained_at: datetime | None = None) -> dict:
-    """kohya's ss_* keys: what the WebUI's Lora cards show (version, tags, training)."""
-    tags: dict = {}
-    for item in images:
-        folder = tags.setdefault(Path(item.path).parent.name, Counter())
-        folder.update(t.strip() for t in item.prompt.split(",") if t.strip())
-    when = (trained_at or datetime.now(timezone.utc)).timestamp()
-    conv = {"ss_network_args": json.dumps({"conv_dim": str(cfg.lora_conv_rank),
-                                           "conv_alpha": str(cfg.lora_conv_alpha)})} \
-        if cfg.lora_targets == "transformer+conv" else {}
-    return {**conv,
-        "ss_network_module": "networks.lora", "ss_network_dim": str(cfg.lora_rank),
-        "ss_network_alpha": str(cfg.lora_alpha), "ss_base_model_version": BASE_VERSION[spec.family],
-        "ss_v2": str(spec.family == "v2"),
-        "ss_v_parameterization": str(spec.prediction_type == "v_prediction"),
-        "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
-        "ss_enable_bucket": str(cfg.bucketing),
-        "ss_num_train_images": str(len(images)), "ss_num_reg_images": str(n_class),
-        "ss_num_epochs": str(epochs), "ss_steps": str(steps),
-        "ss_batch_size_per_device": str(cfg.batch_size),
-        "ss_learning_rate": str(cfg.lora_learning_rate), "ss_unet_lr": str(cfg.lora_learning_rate),
-        "ss_text_encoder_lr": str(cfg.lora_text_encoder_learning_rate
-                                  if cfg.lora_text_encoder else 0),
-        "ss_lr_scheduler": cfg.lr_scheduler, "ss_optimizer": cfg.optimizer,
-        "ss_seed": str(cfg.seed), "ss_mixed_precision": cfg.mixed_precision,
-        "ss_noise_offset": str(cfg.offset_noise), "ss_min_snr_gamma": str(cfg.min_snr_gamma),
-        "ss_prior_loss_weight": str(cfg.prior_loss_weight),
-        "ss_output_name": cfg.model_name, "ss_sd_model_name": Path(cfg.source_checkpoint).name,
-        "ss_training_finished_at": str(when),
-        "ss_tag_frequency": json.dumps({k: dict(v) for k, v in tags.items()}),
-        "ss_dataset_dirs": json.dumps({k: {"n_repeats": 1, "img_count": n}
-                                       for k, n in Counter(Path(it.path).parent.name
-                                                           for it in images).items()}),
-    }
-
-
-def save_lora(comp, path: str | Path, cfg, states: dict, metadata: dict, precision: str = "fp32",
-              overwrite: bool = False) -> Path:
-    """Write the kohya LoRA file (checked against the targeted modules before it takes its name),
-    and the WebUI's <name>.json beside it (activation text, SD version)."""
-    from ..model.filecheck import write_verified
-    meta = model_metadata(comp.spec, Path(path).stem, metadata, lora=True)
-    conv = cfg.lora_targets == "transformer+conv"
-    state = cast_for_save(kohya_state(comp, cfg.lora_alpha, states,
-                                      cfg.lora_conv_alpha if conv else None), precision)
-    expected = expected_layout(comp, cfg.lora_rank, cfg.lora_text_encoder, cfg.lora_targets,
-                               cfg.lora_conv_rank if conv else None)
-    write_verified(path, state, meta, expected, overwrite=overwrite, dtype=SAVE_DTYPES[precision],
-                   what="LoRA")
-    card = {"description": meta.get("modelspec.description", ""),
-            "sd version": WEBUI_VERSION[comp.spec.family],
-            "activation text": meta.get("modelspec.trigger_phrase", ""), "preferred weight": 1.0}
-    write_text(Path(path).with_suffix(".json"), json.dumps(card, indent=2))
-    return Path(path)

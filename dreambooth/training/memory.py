@@ -38,12 +38,16 @@ from . import fp8, parked
 from .memory_count import (
     linear_conv_shapes,
     lora_shapes,
+    network_settings,
+    network_shapes,
     numel,
     optimizer_state_bytes,
     parameter_shapes,
     text_encoder_activation_bytes,
     unet_activation_bytes,
 )
+from ..config.network import targets_of
+from .networks import OURS
 from .optim import BUCKET_BYTES, split_buckets
 
 GIB = 2 ** 30
@@ -87,8 +91,12 @@ def count_images(config) -> tuple[int, int]:
 def _trainable(cfg, shapes: dict) -> tuple[list, list]:
     """(shapes of the trained parameters, names of the text encoders that run with gradients)."""
     tes = [k for k in shapes if k.startswith("text_encoder")]
-    if getattr(cfg, "use_lora", False):
-        which = (getattr(cfg, "lora_targets", "attention"), getattr(cfg, "lora_conv_rank", None))
+    if getattr(cfg, "use_lora", False) and getattr(cfg, "network", "lora") in OURS:
+        parts = ["unet"] + (tes if cfg.lora_text_encoder else [])
+        trained = [s for c in parts for s in network_shapes(cfg.model_type, c,
+                                                             network_settings(cfg))[0]]
+    elif getattr(cfg, "use_lora", False):
+        which = (targets_of(cfg), getattr(cfg, "lora_conv_rank", None))
         trained = list(lora_shapes(cfg.model_type, cfg.lora_rank, "unet", *which))
         if cfg.lora_text_encoder:
             trained += [s for te in tes for s in lora_shapes(cfg.model_type, cfg.lora_rank, te,
@@ -98,6 +106,18 @@ def _trainable(cfg, shapes: dict) -> tuple[list, list]:
                                           for s in shapes[te]]
     grad_tes = tes if getattr(cfg, "trains_text_encoder", cfg.train_text_encoder) else []
     return trained, grad_tes
+
+
+def _network_updates(cfg, tes: list, wbytes: int) -> int:
+    """LoHa / LoKr / DoRA build each adapted weight's update in forward, and backward needs it:
+    its compute-dtype copy (DoRA: also V = W + update in fp32), one per adapted weight; under
+    gradient checkpointing, one block's at a time (left out)."""
+    if not getattr(cfg, "use_lora", False) or getattr(cfg, "network", "lora") not in OURS \
+            or cfg.gradient_checkpointing:
+        return 0
+    parts = ["unet"] + (tes if cfg.lora_text_encoder else [])
+    adapted = sum(network_shapes(cfg.model_type, c, network_settings(cfg))[1] for c in parts)
+    return adapted * (wbytes + (4 if cfg.network == "dora" else 0))
 
 
 def _caches(cfg, shapes: dict, images: tuple[int, int], half: bool) -> int:
@@ -179,6 +199,7 @@ def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True,
         "activations": int(per_step * acts),
         "GPU-only activations": int((ACTIVATION_FACTOR - 1) * per_step * acts) if gpu else 0,
         "vae encode": 0 if cfg.cache_latents else encode,
+        "network updates": _network_updates(cfg, tes, wbytes),
     }
     resident = sum(parts[k] for k in ("weights", "optimizer", "stand-ins", "ema", "caches",
                                       "overhead"))
@@ -186,7 +207,7 @@ def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True,
     acts = parts["activations"] + parts["GPU-only activations"]
     # forward's end: every saved activation and the autocast cache; backward: the gradients
     # arrive while the activations are freed (their largest overlap: about half the smaller)
-    phases = {"forward": parts["autocast copies"] + acts,
+    phases = {"forward": parts["autocast copies"] + parts["network updates"] + acts,
               "backward": grads + min(acts, grads) // 2,
               "VAE encode": parts["vae encode"], "optimizer step": grads}
     if cfg.cache_latents:  # before training (no optimizer state, no UNet), the VAE encodes

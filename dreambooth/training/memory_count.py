@@ -52,6 +52,37 @@ def lora_shapes(model_type: str, rank: int, component: str = "unet", targets: st
     return tuple(shapes)
 
 
+NETWORK_SETTINGS = ("network", "lora_targets", "lora_rank", "lora_alpha", "lora_conv_rank",
+                    "lora_conv_alpha", "loha_rank", "loha_alpha", "lokr_factor", "lokr_rank",
+                    "lokr_alpha")
+
+
+def network_settings(cfg) -> tuple:
+    """What of cfg decides the shapes of its network's layers (hashable, for the cache)."""
+    return tuple((k, getattr(cfg, k)) for k in NETWORK_SETTINGS)
+
+
+@functools.lru_cache(maxsize=None)
+def network_shapes(model_type: str, component: str, settings: tuple) -> tuple[tuple, int]:
+    """(shapes of the parameters LoHa / LoKr / DoRA layers add to a component, elements of the
+    weights they adapt), `settings` from network_settings."""
+    from types import SimpleNamespace
+
+    from ..config.network import targets_of
+    from ..model.components import build_meta
+    from .lora import target_paths
+    from .networks import param_shapes
+    cfg = SimpleNamespace(**dict(settings))
+    module = getattr(build_meta(model_type), component)
+    found = dict(module.named_modules())
+    shapes, adapted = [], 0
+    for path in target_paths(module, component, targets_of(cfg)):
+        w = tuple(found[path].weight.shape)
+        shapes += list(param_shapes(cfg, path, w).values())
+        adapted += numel([w])
+    return tuple(shapes), adapted
+
+
 def numel(shapes) -> int:
     total = 0
     for shape in shapes:

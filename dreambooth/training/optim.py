@@ -341,7 +341,7 @@ def trainable_groups(cfg, comp) -> list[dict]:
     everything else frozen, or the UNet and, with train_text_encoder,
     the text encoders at their own learning rate."""
     from .embedding import embedding_groups
-    from .lora import add_lora
+    from .adapters import add_lora
     unet, tes = comp.unet, comp.text_encoders
     if cfg.method == "textual_inversion":
         unet.requires_grad_(False)

@@ -24,7 +24,7 @@ from ..model.workdir import load_model, save_working_dir, source_id, working_dir
 from .embedding import activation_text, save_embedding
 from .housekeeping import (no_room_for_extra_save, refuse_no_space,
                            refuse_save_without_space)
-from .lora import merged_state, save_lora, ss_metadata
+from .adapters import merged_states, save_lora, ss_metadata
 
 
 def _same_file(path: Path, source: str) -> bool:
@@ -187,9 +187,7 @@ class Saver:
             base, _ = load_model(cfg, lambda *a: None)
             bases = {"unet": base.unet.state_dict(), **{
                 s.component: te_state(getattr(base, s.component)) for s in comp.spec.text_encoders}}
-            conv = cfg.lora_conv_alpha / cfg.lora_conv_rank
-            merged = {k: merged_state(states[k], cfg.lora_alpha / cfg.lora_rank, v, conv)
-                      if k in states else v for k, v in bases.items()}
+            merged = merged_states(cfg, states, bases)
             out = save_single_file(base, self.output_path(step, merged=True), cfg.save_precision,
                                    meta, overwrite=cfg.overwrite, unet_state=merged.pop("unet"),
                                    te_states=merged)

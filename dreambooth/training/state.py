@@ -33,7 +33,9 @@ FORMAT = 2  # 2: "files" (their sizes), "base" (the source's hash), "trained_onl
 # What a snapshot written before a field existed ran with (compared as if it had been saved).
 BEFORE_FIELD = {"lora_targets": "attention", "lora_conv_rank": 8, "lora_conv_alpha": 8.0,
                 "pivotal": False, "embedding_token": "", "embedding_init_word": "*",
-                "embedding_vectors": 1, "embedding_learning_rate": 5e-3, "fp8_base": False}
+                "embedding_vectors": 1, "embedding_learning_rate": 5e-3, "fp8_base": False,
+                "network": "lora", "loha_rank": 8, "loha_alpha": 4.0, "lokr_factor": 8,
+                "lokr_rank": 0, "lokr_alpha": 1.0}
 
 
 def snapshots(model_dir: Path) -> list[Path]:

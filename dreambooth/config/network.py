@@ -1,0 +1,68 @@
+"""The network a LoRA run trains (`network`) and each type's own settings: their fields, the
+targets they adapt, and their validation. Standard library only.
+
+lora / locon / dora are kohya's LoRA layout (locon: also the ResNet convolutions; dora: plus a
+magnitude per input column, `.dora_scale`, as the WebUI applies it); loha / lokr are LyCORIS's
+Hadamard and Kronecker products (`.hada_*`, `.lokr_*`). Every type is one file the WebUI's
+built-in Lora extension loads.
+"""
+from __future__ import annotations
+
+from .errors import Problem
+from .fieldspec import spec_field
+
+NETWORKS = ("lora", "locon", "loha", "lokr", "dora")
+LORA_TARGETS = ("attention", "transformer", "transformer+conv")
+# one line each: what the tab shows beside the choice (and the README)
+NETWORK_LINES = {
+    "lora": "LoRA: a low-rank update (up x down) of each adapted layer; the usual choice.",
+    "locon": "LoCon: LoRA also on the ResNet blocks' convolutions (lora_conv_rank / alpha): "
+             "more of the model learns, a larger file.",
+    "loha": "LoHa: the Hadamard product of two low-rank updates: a higher effective rank "
+            "for the same file size; often chosen for styles.",
+    "lokr": "LoKr: a Kronecker product of a small and a larger matrix: the smallest files; "
+            "often chosen for styles.",
+    "dora": "DoRA: LoRA plus a learnt magnitude per input column of each weight (the WebUI's "
+            "convention): closer to a full fine-tune, slower steps.",
+}
+
+NETWORK = spec_field("lora", "With method lora, the network trained (each line its name "
+                     "in lowercase): " + " ".join(NETWORK_LINES.values()) + " Each is saved in "
+                     "the layout the "
+    "WebUI's Lora extension loads; lora_targets picks the layers for all of them.",
+    choices=NETWORKS)
+LOHA_RANK = spec_field(8, "With network 'loha', the rank of each of the two products (the "
+                          "update's rank is up to its square).", advanced=True, minimum=1,
+                       maximum=1024)
+LOHA_ALPHA = spec_field(4.0, "With network 'loha', alpha: the update is scaled by alpha / "
+                             "loha_rank.", advanced=True, minimum=0.001, maximum=10000.0)
+LOKR_FACTOR = spec_field(8, "With network 'lokr', the size of the small Kronecker factor "
+                            "(each dimension split as close to it as it divides; -1: as even "
+                            "as possible). Larger: a larger file.", advanced=True, minimum=-1,
+                         maximum=1024)
+LOKR_RANK = spec_field(0, "With network 'lokr', 0: the larger factor is a full matrix (no "
+                          "alpha, scale 1, as the WebUI applies it); above 0: that factor is "
+                          "itself a low-rank product of this rank, scaled by lokr_alpha / "
+                          "lokr_rank.", advanced=True, minimum=0, maximum=1024)
+LOKR_ALPHA = spec_field(1.0, "With network 'lokr' and lokr_rank above 0, alpha (the update is "
+                             "scaled by alpha / lokr_rank).", advanced=True, minimum=0.001,
+                        maximum=10000.0)
+
+
+def targets_of(cfg) -> str:
+    """The layers the network adapts: lora_targets, with the ResNet convolutions for locon."""
+    return "transformer+conv" if getattr(cfg, "network", "lora") == "locon" \
+        else cfg.lora_targets
+
+
+def check_network(cfg) -> list[Problem]:
+    problems = []
+    if cfg.network == "locon" and cfg.lora_targets == "attention":
+        problems.append(Problem("lora_targets", "attention", "leaves out the transformer "
+                                "layers that network 'locon' adapts beside the convolutions",
+                                "set lora_targets to 'transformer' (locon adds the "
+                                "convolutions), or choose network 'lora'"))
+    if isinstance(cfg.lokr_factor, int) and cfg.lokr_factor == 0:
+        problems.append(Problem("lokr_factor", 0, "splits no dimension",
+                                "use -1 (as even as possible) or a factor of 1 or more, e.g. 8"))
+    return problems
