@@ -16,6 +16,20 @@ import pytest
 from dreambooth.model.tiny import make_tiny_checkpoint, write_images
 
 
+def pytest_collection_finish(session):
+    """The libraries every test module imported, and the training stack, are loaded by now:
+    move them out of the cyclic collector's sight, so each collection during a test and the one
+    at the end of every in-process run scans only that test's objects (0.27 s a run, ~400k
+    objects, before)."""
+    import gc
+    try:
+        import dreambooth.training.trainer  # noqa: F401  (absent where a venv has no torch)
+    except ImportError:
+        pass
+    gc.collect()
+    gc.freeze()
+
+
 class NetworkBlocked(RuntimeError):
     pass
 

@@ -12,6 +12,9 @@ from patience import Deadline
 from dreambooth import train
 from dreambooth.config import events as ev
 
+# signals and commands between host and child: nothing version-sensitive
+pytestmark = pytest.mark.once
+
 
 def test_a_token_carries_each_command_once():
     token = ev.CancelToken()

@@ -59,6 +59,7 @@ def run_cli(argv, capsys):
 # -- config files: every one refused (exit 2) with the field named, nothing written --------------
 # (the cases live in hostile_configs.py: the HTTP API is held to the same ones, tests/test_api.py)
 @pytest.mark.parametrize("case", config_text_cases(), ids=lambda c: c[0])
+@pytest.mark.once  # our own checks and messages: nothing version-sensitive
 def test_config_file_refused_in_one_sentence(case, tmp_path, capsys):
     name, data, words = case
     path = tmp_path / "bad.json"
@@ -73,6 +74,7 @@ def test_config_file_refused_in_one_sentence(case, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-32"])
+@pytest.mark.once  # our own checks and messages: nothing version-sensitive
 def test_config_in_other_unicode_encodings_is_read(encoding, tmp_path, capsys):
     path = tmp_path / "cfg.json"
     path.write_bytes(json.dumps({"model_name": "caf\u00e9_dog"}).encode(encoding))
@@ -81,6 +83,7 @@ def test_config_in_other_unicode_encodings_is_read(encoding, tmp_path, capsys):
     TALLY["handled"] += 1
 
 
+@pytest.mark.once  # our own checks and messages: nothing version-sensitive
 def test_110_mb_prompt_refused(quick_config, tmp_path, capsys):
     cfg = quick_config.replace(concepts=(Concept(quick_config.concepts[0].instance_data_dir,
                                                  "sks " * 27_500_000),))
@@ -154,6 +157,7 @@ def test_folder_refused_in_one_sentence(case, quick_config, instance_dir, tmp_pa
     TALLY["clear"] += 1
 
 
+@pytest.mark.once  # our own checks and messages: nothing version-sensitive
 def test_events_into_dev_full_is_said_and_training_goes_on(quick_config, tmp_path, capsys):
     path = tmp_path / "run.json"
     path.write_text(quick_config.replace(steps_per_image=1).to_json())
@@ -342,6 +346,7 @@ def test_damaged_snapshot_in_one_sentence(case, stopped_run, tmp_path):
 @pytest.mark.parametrize("where", ["dreambooth.training.trainer.Trainer.setup",
                                    "dreambooth.training.trainer.Trainer.loop",
                                    "dreambooth.data.feed.DataFeed.cache"])
+@pytest.mark.once  # our own checks and messages: nothing version-sensitive
 def test_unexpected_exception_names_its_log(where, quick_config, monkeypatch, capsys):
     import importlib
     module, cls, attr = where.rsplit(".", 2)
@@ -369,6 +374,7 @@ def test_python_train_raises_the_project_error_for_a_bug(quick_config, monkeypat
     TALLY["clear"] += 1
 
 
+@pytest.mark.once  # our own checks and messages: nothing version-sensitive
 def test_a_clear_error_also_leaves_a_log(quick_config):
     TALLY["tried"] += 1
     with pytest.raises(DreamboothError) as info:
@@ -379,6 +385,7 @@ def test_a_clear_error_also_leaves_a_log(quick_config):
 
 
 # -- the child process and Ctrl-C -------------------------------------------------------------
+@pytest.mark.once  # our own checks and messages: nothing version-sensitive
 def test_second_ctrl_c_within_50_ms_is_one_sentence(quick_config, tmp_path):
     """The second Ctrl-C comes 20 ms after the first was taken (the run says so). Sent sooner,
     while the process is inside one long kernel, the two would reach Python as one signal
@@ -418,6 +425,7 @@ def test_second_ctrl_c_within_50_ms_is_one_sentence(quick_config, tmp_path):
     TALLY["clear"] += 1
 
 
+@pytest.mark.once  # our own checks and messages: nothing version-sensitive
 def test_runner_child_failure_is_one_sentence(quick_config, tmp_path):
     from dreambooth.host.runner import TrainingRun
     cfg = quick_config.replace(gradient_accumulation_steps=999)
@@ -443,6 +451,7 @@ def test_resolution_the_model_cant_take(resolution, expect, quick_config, tmp_pa
 
 
 @pytest.mark.parametrize("port", ["0", "-1", "70000", "99999999999999999999"])
+@pytest.mark.once  # our own checks and messages: nothing version-sensitive
 def test_ui_on_an_invalid_port(port, capsys):
     code, err = run_cli(["ui", "--port", port], capsys)
     assert code == 2 and "--port" in err and "Traceback" not in err, err
@@ -460,6 +469,7 @@ def python_api_cases():
 
 @pytest.mark.parametrize("field,value", python_api_cases(),
                          ids=lambda v: v if isinstance(v, str) and v.isidentifier() else "v")
+@pytest.mark.once  # our own checks and messages: nothing version-sensitive
 def test_python_train_refuses_absurd_values_by_field(field, value, quick_config, tmp_path):
     from dreambooth import ConfigError
     TALLY["tried"] += 1
@@ -474,6 +484,7 @@ def test_python_train_refuses_absurd_values_by_field(field, value, quick_config,
 @pytest.mark.parametrize("field", ["instance_prompt", "class_prompt", "sample_prompt",
                                    "instance_data_dir", "class_data_dir"])
 @pytest.mark.parametrize("value", ["\ud83d", "nul\x00", "y" * 10_001])
+@pytest.mark.once  # our own checks and messages: nothing version-sensitive
 def test_python_train_refuses_bad_concept_text(field, value, quick_config, tmp_path):
     import dataclasses
 
@@ -489,6 +500,7 @@ def test_python_train_refuses_bad_concept_text(field, value, quick_config, tmp_p
 
 
 @pytest.mark.parametrize("kind", ["file", "nul", "surrogate"])
+@pytest.mark.once  # our own checks and messages: nothing version-sensitive
 def test_demo_out_that_cant_be_a_folder(kind, tmp_path, capsys):
     out = {"file": str(_file(tmp_path / "f")), "nul": str(tmp_path / "a\x00b"),
            "surrogate": str(tmp_path / "a\ud800")}[kind]

@@ -16,6 +16,7 @@ from dreambooth.training.trainer import Trainer
 
 
 # -- stochastic rounding ------------------------------------------------------------------------
+@pytest.mark.once  # torch only, and torch is the same in both core venvs
 def test_stochastic_rounding_is_unbiased_where_nearest_rounding_is_not():
     gen = torch.Generator().manual_seed(0)
     for value in (1.0 + 2 ** -10, -3.0 - 3 * 2 ** -9, 1e-3 * (1 + 2 ** -9)):
@@ -30,6 +31,7 @@ def test_stochastic_rounding_is_unbiased_where_nearest_rounding_is_not():
                                          gen).float(), exact)
 
 
+@pytest.mark.once  # torch only, and torch is the same in both core venvs
 def test_small_updates_survive_on_bf16_weights():
     """lr x grad = 1e-4 is 40 times below half a bf16 step at 1.0: rounding to nearest loses every
     update, stochastic rounding keeps their sum."""
@@ -56,6 +58,7 @@ OLD_LAYOUT = "per weight"  # the one-optimizer-per-weight layout of earlier snap
 
 @pytest.mark.parametrize("saved_bytes, loaded_bytes", [(1 << 30, 1 << 30), (0, 1 << 30),
                                                        (1 << 30, 0), (OLD_LAYOUT, 1 << 30)])
+@pytest.mark.once  # torch only, and torch is the same in both core venvs
 def test_state_round_trips_whatever_the_bucketing(saved_bytes, loaded_bytes):
     """Saved per weight: a state loads into any bucketing (0 bytes: a bucket per weight), and a
     snapshot of the earlier per-weight layout converts; the run goes on exactly."""
@@ -92,6 +95,7 @@ def test_state_round_trips_whatever_the_bucketing(saved_bytes, loaded_bytes):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.once  # torch only, and torch is the same in both core venvs
 def test_a_state_for_other_weights_is_refused():
     def opt_for(params):
         return Bucketed([{"params": params, "lr": 1e-2}], lambda g: torch.optim.AdamW(g),
@@ -116,6 +120,7 @@ def unet_loss(unet, seed: int) -> torch.Tensor:
     return unet(x, torch.tensor([10 * seed + 1]), cond).sample.square().mean()
 
 
+@pytest.mark.once  # torch only, and torch is the same in both core venvs
 def test_buckets_update_in_backward_and_free_their_gradients():
     unet = tiny_unet()
     params = list(unet.parameters())
@@ -145,6 +150,7 @@ def test_buckets_update_in_backward_and_free_their_gradients():
     assert all(torch.equal(p, a) for p, a in zip(params, after))
 
 
+@pytest.mark.once  # torch only, and torch is the same in both core venvs
 def test_a_bucket_left_incomplete_by_backward_is_updated_by_step():
     used, unused = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
     params = [*unused.parameters(), *used.parameters()]
@@ -160,6 +166,7 @@ def test_a_bucket_left_incomplete_by_backward_is_updated_by_step():
 
 
 @pytest.mark.parametrize("clip, bucket_bytes", [(0.0, 64 * 1024), (1.0, 1 << 30)])
+@pytest.mark.once  # torch only, and torch is the same in both core venvs
 def test_bucketed_adamw_in_backward_equals_plain_adamw(clip, bucket_bytes):
     """AdamW on fp32 weights, stepped bucket by bucket in backward (foreach within a bucket, as
     on a GPU, where it is fused), makes the update torch's AdamW makes after backward, to 1e-6
@@ -262,6 +269,7 @@ def test_auto_preset_changes_what_it_must_and_off_only_advises(quick_config, mon
     assert any("200.0 GiB are free" in m for m in roomy.messages)
 
 
+@pytest.mark.once  # torch only, and torch is the same in both core venvs
 def test_out_of_memory_says_what_to_change_and_loses_nothing(quick_config, monkeypatch):
     first = run(quick_config.replace(model_name="oom", memory_preset="off"))
     kept = first.result.path.read_bytes()
@@ -304,6 +312,7 @@ def test_auto_preset_resumes_with_the_settings_it_chose(quick_config, monkeypatc
     assert second.cfg.train_text_encoder is False and not second.result.cancelled
 
 
+@pytest.mark.once  # torch only, and torch is the same in both core venvs
 def test_a_lowest_lora_snapshot_from_before_fp8_base_resumes_without_it(quick_config,
                                                                        monkeypatch):
     """The 'lowest' preset now stores a LoRA's frozen UNet in fp8. A run it began before that

@@ -8,6 +8,9 @@ import torch
 from dreambooth.training import parked
 from test_memory_levers import run, unet_weights
 
+# torch only, and torch is the same in both core venvs
+pytestmark = pytest.mark.once
+
 
 @pytest.mark.parametrize("clip,fused,checkpointing", [
     (0.0, False, False), (1e-3, False, False), (1e-3, False, True), (0.0, True, False),

@@ -100,6 +100,7 @@ def test_resume_with_a_changed_config_is_refused_listing_the_changes(long_config
     assert "learning_rate" in text and "seed" in text and "never" in text
 
 
+@pytest.mark.once  # our own run control; torch is the same in both core venvs
 def test_choosing_a_snapshot_uses_that_snapshot(long_config):
     cancel = ev.CancelToken()
     first = {}
@@ -120,6 +121,7 @@ def test_choosing_a_snapshot_uses_that_snapshot(long_config):
     assert all(again[s] == first[s] for s in range(5, 11))
 
 
+@pytest.mark.once  # our own run control; torch is the same in both core venvs
 def test_nan_loss_stops_with_the_step_and_keeps_saved_checkpoints(quick_config, monkeypatch):
     import dreambooth.training.trainer as train_module
     real = train_module.compute_loss
@@ -143,6 +145,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_saved_checkpoints(quick_config, 
     assert isinstance(seen[-1], ev.Failed)
 
 
+@pytest.mark.once  # our own run control; torch is the same in both core venvs
 def test_losses_read_every_few_steps_are_each_steps_loss_and_resume_exactly(long_config):
     """A Step event every step, its loss only where it was read; the result has every step's
     loss, the same as read every step; a resume from a snapshot continues them exactly (the
@@ -167,6 +170,7 @@ def test_losses_read_every_few_steps_are_each_steps_loss_and_resume_exactly(long
     assert again.losses == every.losses[8:]
 
 
+@pytest.mark.once  # our own run control; torch is the same in both core venvs
 def test_nan_loss_stops_at_the_read_naming_the_first_step(quick_config, monkeypatch):
     """Steps 6-8 go on after the non-finite loss of step 6 (nothing waits for it); the read at
     the last step stops the run, naming step 6, before the final save."""
@@ -188,6 +192,7 @@ def test_nan_loss_stops_at_the_read_naming_the_first_step(quick_config, monkeypa
     assert not list(Path(quick_config.output_dir).glob("*.safetensors"))
 
 
+@pytest.mark.once  # our own run control; torch is the same in both core venvs
 def test_second_run_of_the_same_model_is_refused(quick_config):
     with ModelLock(quick_config.model_dir, lambda t: None):
         with pytest.raises(DreamboothError) as err:
@@ -196,6 +201,7 @@ def test_second_run_of_the_same_model_is_refused(quick_config):
     assert train(quick_config).path.exists()  # the lock is released afterwards
 
 
+@pytest.mark.once  # our own run control; torch is the same in both core venvs
 def test_stale_lock_from_a_dead_process_is_cleared(quick_config):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -244,6 +250,7 @@ def test_safe_loading_refuses_code_but_reads_plain_tensor_ckpt(tmp_path):
     assert torch.equal(state["a"], torch.ones(2))
 
 
+@pytest.mark.once  # our own run control; torch is the same in both core venvs
 def test_ctrl_c_in_the_cli_is_a_clean_stop_that_keeps_the_work(long_config, tmp_path):
     """Ctrl-C, then SIGTERM (an OS's, or an older host's after its grace): SIGTERM is the same
     clean stop, never "a second Ctrl-C", so the run still saves and keeps its state."""
@@ -265,6 +272,7 @@ def test_ctrl_c_in_the_cli_is_a_clean_stop_that_keeps_the_work(long_config, tmp_
         "a cancelled run keeps its state so it can resume"
 
 
+@pytest.mark.once  # our own run control; torch is the same in both core venvs
 def test_resuming_on_another_thread_count_says_so_and_stays_close(long_config, tmp_path):
     """Bit-identity is promised for the same thread count only; on another count the run goes
     on, says so, and stays within what the optimizer could have moved the weights since."""

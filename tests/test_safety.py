@@ -25,7 +25,8 @@ from dreambooth.training.state import ModelLock, pid_start_time, snapshots
 
 from tally import tally_fixture  # noqa: E402
 
-pytestmark = pytest.mark.reliability
+# our own writers, locks and checks: nothing version-sensitive (test.sh runs it once)
+pytestmark = [pytest.mark.reliability, pytest.mark.once]
 TALLY = {"tried": 0, "clear": 0, "handled": 0, "tracebacks": 0, "lost": 0}
 
 

@@ -18,6 +18,9 @@ from dreambooth.host.runner import Progress, RunManager, TrainingRun, apply_even
 sys.path.insert(0, str(Path(__file__).parent / "webui_stub"))
 from dreambooth_test_helpers import deadline, tiny_inputs, train_python, wait_for  # noqa: E402,F401
 
+# the host process and its child protocol: nothing version-sensitive (test.sh runs it once)
+pytestmark = pytest.mark.once
+
 
 def test_events_fold_into_progress():
     p = Progress()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import os
 import sys
 from pathlib import Path
@@ -209,6 +210,7 @@ def run_training(config: TrainingConfig, events_jsonl: str | None) -> int:
         from ..model.workdir import read_source_ahead
         read_source_ahead(config)  # read while the training stack imports (the trainer's load)
         from ..training.trainer import train
+        gc.freeze()  # the training stack's ~400k objects: out of every collection's scan
         result = train(config, on_event, cancel)
     except KeyboardInterrupt:  # a second Ctrl-C, or the host's Stop now
         return _stopped_at_once(seen, jsonl, on_event)
