@@ -190,14 +190,14 @@ def _say_error(e: DreamboothError) -> None:
 
 def run_training(config: TrainingConfig, events_jsonl: str | None) -> int:
     """Train `config` with this process's signals (dreambooth.host.signals) as its commands."""
-    from .progress import ConsoleProgress, JsonLines
+    from .progress import JsonLines, console_progress
     config.check()
     cancel = ev.CancelToken()
     CHILD.install()  # `python -m dreambooth` did so first; a Python caller gets them here
     CHILD.attach(cancel)
     first = _is_first_process()  # under torchrun / accelerate launch only rank 0 reports
     jsonl = JsonLines(events_jsonl) if events_jsonl and first else None
-    console = ConsoleProgress(stream=sys.stderr) if first else None
+    console = console_progress(sys.stderr, config.log_every_steps) if first else None
     seen = Progress()  # what this run did, for the words of a stop at once
     on_event = _fanout(lambda event: apply_event(seen, event), console, jsonl)
     on_event(ev.Ready(os.getpid()))  # a host sends its commands from here on
