@@ -199,7 +199,11 @@ def run_training(config: TrainingConfig, events_jsonl: str | None) -> int:
     jsonl = JsonLines(events_jsonl) if events_jsonl and first else None
     console = console_progress(sys.stderr, config.log_every_steps) if first else None
     seen = Progress()  # what this run did, for the words of a stop at once
-    on_event = _fanout(lambda event: apply_event(seen, event), console, jsonl)
+    tracking = None
+    if config.log_with != "none" and first:
+        from .tracking import Tracking
+        tracking = Tracking(config, _say)
+    on_event = _fanout(lambda event: apply_event(seen, event), console, jsonl, tracking)
     on_event(ev.Ready(os.getpid()))  # a host sends its commands from here on
     if config.is_deterministic:
         # Intel MKL rounds multi-threaded BLAS by memory alignment unless this is set before
