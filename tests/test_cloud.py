@@ -63,7 +63,8 @@ def test_tensorboard_holds_every_step_once_across_a_resume(tracked):
     losses = {e.step: e.loss for run in runs for e in run if isinstance(e, ev.Step)}
     resumed = {e.step: e.loss for e in runs[1] if isinstance(e, ev.Step)}
     losses.update(resumed)  # step 3 as the resumed run computed it
-    assert [s.value for s in acc.Scalars("loss")] == pytest.approx([losses[s] for s in (1, 2, 3, 4)])
+    assert [s.value for s in acc.Scalars("loss")] == \
+        pytest.approx([losses[s] for s in (1, 2, 3, 4)])
     assert acc.Scalars("lr")[0].value == pytest.approx(1e-4)
     (image,) = acc.Images("samples/0")  # the preview of the sample step
     assert image.step == 4 and (image.width, image.height) == (64, 64)
@@ -412,7 +413,8 @@ def test_an_input_folder_at_a_url_is_cached_by_identity_and_refetched_when_it_ch
     local.check()  # a config the trainer takes
     fetch_inputs(cfg, said.append)
     assert said[-1].startswith(f"s3://inputs/dog: 0 file(s) fetched, {len(names)} reused")
-    s3.put_object(Bucket="inputs", Key=f"dog/{names[0]}", Body=(instance_dir / names[1]).read_bytes())
+    s3.put_object(Bucket="inputs", Key=f"dog/{names[0]}",  # changed between two runs
+                  Body=(instance_dir / names[1]).read_bytes())
     s3.delete_object(Bucket="inputs", Key=f"dog/{names[2]}")
     fetch_inputs(cfg, said.append)
     assert said[-1].startswith(f"s3://inputs/dog: 1 file(s) fetched, {len(names) - 2} reused")

@@ -9,8 +9,8 @@ touches the local file, is recorded in <model_dir>/outbox/uploads.json and named
 command that retries it, `python -m dreambooth upload <model_dir>`, which skips what already
 arrived whole and verifies the rest.
 
-Inputs (urls.py, which also holds `localize`, the host's one call): instance/class folders and the source checkpoint at URLs are fetched into a
-cache keyed by each object's identity.
+Inputs (urls.py, which also holds `localize`, the host's one call): instance/class folders and
+the source checkpoint at URLs are fetched into a cache keyed by each object's identity.
 
 Credentials come only from the backend's standard chain (environment, profile, instance role);
 nothing here reads, prints or records one: URLs are shown through config.cloud.redact.

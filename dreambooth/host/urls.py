@@ -1,11 +1,13 @@
 """Inputs at object-storage URLs: a concept's instance or class folder, the source checkpoint.
 
-Each is fetched once into <work_dir>/.inputs/<key of the URL>/ (its index: <key>.json) and reused by the next run while
-every object keeps its identity (ETag, size and modification time as the store reports them):
-an object that changed is fetched again, one that is gone is removed from the cache. A file is
-written beside its place under a temporary name, checked (its size, and its MD5 where the
-store's ETag is one), then renamed: a failed fetch (a full disk, a dropped connection) leaves
-the cache as it was. fsspec is imported only through storage.open_url, when a URL is given.
+Each is fetched once into <work_dir>/.inputs/<key of the URL>/ (its index: <key>.json) and
+reused by the next run while every object keeps its identity (ETag, size and modification time
+as the store reports them): an object that changed is fetched again, one that is gone is removed
+from the cache. A file is written beside its place under a temporary name, checked (its size,
+and its MD5 where the store's ETag is one), then renamed: a failed fetch (a full disk, a dropped
+connection) leaves the cache as it was. Class images generated into a URL concept's folder stay
+in the local copy (they are not sent back to the bucket). fsspec is imported only through
+storage.open_url, when a URL is given.
 """
 from __future__ import annotations
 
