@@ -7,9 +7,6 @@ import pytest
 
 from dreambooth.config import events as ev
 
-tb_reader = pytest.importorskip(
-    "tensorboard.backend.event_processing.event_accumulator",
-    reason="tensorboard is not installed (pip install -e .[test] installs it)")
 
 
 class StopAt:
@@ -27,6 +24,8 @@ class StopAt:
 def tracked(tmp_path_factory, tiny_source, instance_dir):
     """A 4-step run logged to TensorBoard, stopped at once after step 3 (its snapshot: step 2),
     then resumed to the end. -> (config, events of each run, warnings said)."""
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install -e "
+                        ".[test] installs it)")
     from dreambooth import Concept, TrainingConfig, train
     from dreambooth.host.tracking import Tracking
     root = tmp_path_factory.mktemp("tracked")
@@ -53,8 +52,9 @@ def test_tensorboard_holds_every_step_once_across_a_resume(tracked):
     started = [e for e in runs[1] if isinstance(e, ev.Started)]
     assert started[0].resumed_from_step == 2  # the stopped run's step 3 is logged twice...
     assert [e.step for e in runs[0] if isinstance(e, ev.Step)] == [1, 2, 3]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     folder = config.model_dir / "tracking" / config.model_name
-    acc = tb_reader.EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0})
+    acc = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     tags = acc.Tags()
     assert {"loss", "lr", "steps_per_s"} <= set(tags["scalars"])
