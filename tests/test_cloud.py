@@ -433,3 +433,27 @@ def test_an_input_folder_at_a_url_is_cached_by_identity_and_refetched_when_it_ch
     with pytest.raises(DreamboothError, match=r"'s3://nobucket/dog' can't be read \(the bucket"):
         fetch_inputs(cfg.replace(concepts=(cfg.concepts[0].__class__("s3://nobucket/dog", "x"),)),
                      said.append)
+
+
+@pytest.mark.once
+def test_a_source_checkpoint_at_a_url_is_fetched_whole(s3, tmp_path, quick_config, tiny_source):
+    from dreambooth.host.urls import fetch_inputs
+    s3.create_bucket(Bucket="sources")
+    s3.put_object(Bucket="sources", Key="base/sd.safetensors", Body=tiny_source.read_bytes())
+    said = []
+    local = fetch_inputs(quick_config.replace(source_checkpoint="s3://sources/base/sd.safetensors"),
+                         said.append)
+    assert local.source_checkpoint.endswith("/sd.safetensors")
+    assert _sha(local.source_checkpoint) == _sha(tiny_source)
+    assert said == [f"s3://sources/base/sd.safetensors: 1 file(s) fetched, 0 reused from the "
+                    f"cache {__import__('pathlib').Path(local.source_checkpoint).parent}"]
+
+
+@pytest.mark.once
+def test_a_url_is_shown_without_its_secrets():
+    from dreambooth.config.cloud import is_url, redact
+    assert redact("https://user:pw@host/x?X-Amz-Signature=abc&part=1&sig=zz") == \
+        "https://***@host/x?X-Amz-Signature=***&part=1&sig=***"
+    assert redact("s3://bucket/models") == "s3://bucket/models"
+    assert is_url("s3://b/x") and is_url("file:///tmp/x") and not is_url("C:\\models") \
+        and not is_url("models/s3://x")
