@@ -33,7 +33,8 @@ def full_config():
         fused_optimizer=True, bf16_weights=True, fp8_base=True, deterministic="off", cpu_threads=3,
         compile="blocks",
         pivotal=True, embedding_token="zwx", embedding_init_word="dog", embedding_vectors=3,
-        embedding_learning_rate=1e-3, embedding_dir="/e")
+        embedding_learning_rate=1e-3, embedding_dir="/e", log_with="tensorboard",
+        logging_dir="/t")
 
 
 def test_every_field_round_trips_through_json():

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from . import cloud
 from .checks import (
     check_concept,
     check_embedding,
@@ -241,6 +242,8 @@ class TrainingConfig:
                                 "instead of a square crop; each batch comes from one size.")
     bucket_no_upscale: bool = _f(False, "With bucketing, never enlarge an image: a smaller image "
                                         "gets a size of its own.", advanced=True)
+    log_with: str = cloud.LOG_WITH  # run tracking: defined in cloud.py
+    logging_dir: str = cloud.LOGGING_DIR
 
     # -- derived ---------------------------------------------------------------------------
     @property

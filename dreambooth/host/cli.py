@@ -55,7 +55,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainingConfig:
-    config = TrainingConfig.load(args.config) if args.config else TrainingConfig()
+    from ..config.job import load_config  # + a training service's job contract
+    config = load_config(args.config) if args.config else TrainingConfig()
     changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingConfig)
                if f.name != "concepts" and getattr(args, f.name, None) is not None}
     concept = {name: getattr(args, "concept_" + name) for name in CONCEPT_FLAGS.values()
@@ -84,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lora", action="store_true", help="train a LoRA instead of the whole model")
     demo.add_argument("--steps-per-image", type=int, default=30)
     demo.add_argument("--events-jsonl", help="write every event as a JSON line to FILE ('-': stdout)")
+    up = sub.add_parser("upload", help="send a run's outputs that did not reach their URL")
+    up.add_argument("run", help="the model's folder, <work_dir>/<model_name>")
     configure_ui(sub.add_parser("ui", help="serve the Dreambooth tab as a web app (needs gradio)"))
     return parser
 
@@ -151,6 +154,9 @@ def _serve(args: argparse.Namespace, serve) -> int:
 
 
 def _command(args: argparse.Namespace) -> int:
+    if args.command == "upload":
+        from .storage import upload_run
+        return upload_run(args.run, _say)
     if args.command == "demo":
         from .demo import demo_config
         _check_out(args.out)
@@ -191,21 +197,29 @@ def _say_error(e: DreamboothError) -> None:
 
 def run_training(config: TrainingConfig, events_jsonl: str | None) -> int:
     """Train `config` with this process's signals (dreambooth.host.signals) as its commands."""
-    from .progress import ConsoleProgress, JsonLines
+    from .progress import JsonLines, console_progress
+    from .urls import localize
+    config, uploads = localize(config, _say)  # URLs: inputs fetched, outputs sent at the end
     config.check()
     cancel = ev.CancelToken()
     CHILD.install()  # `python -m dreambooth` did so first; a Python caller gets them here
     CHILD.attach(cancel)
     first = _is_first_process()  # under torchrun / accelerate launch only rank 0 reports
     jsonl = JsonLines(events_jsonl) if events_jsonl and first else None
-    console = ConsoleProgress(stream=sys.stderr) if first else None
+    console = console_progress(sys.stderr, config.log_every_steps) if first else None
     seen = Progress()  # what this run did, for the words of a stop at once
-    on_event = _fanout(lambda event: apply_event(seen, event), console, jsonl)
+    tracking = None
+    if config.log_with != "none" and first:
+        from .tracking import Tracking
+        tracking = Tracking(config, _say)
+    on_event = _fanout(lambda event: apply_event(seen, event), console, jsonl, tracking,
+                       uploads)
     on_event(ev.Ready(os.getpid()))  # a host sends its commands from here on
     if config.is_deterministic:
         # Intel MKL rounds multi-threaded BLAS by memory alignment unless this is set before
         # its first call; the training stack is imported only below
         os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+    failed = False
     try:
         from ..model.workdir import read_source_ahead
         read_source_ahead(config)  # read while the training stack imports (the trainer's load)
@@ -220,9 +234,19 @@ def run_training(config: TrainingConfig, events_jsonl: str | None) -> int:
             console.close()
         if jsonl:
             jsonl.close()
+        failed = uploads is not None and _uploads_failed(uploads, config)
     if result.path and first:
         print(str(result.path).encode("utf-8", "backslashreplace").decode("utf-8"))
-    return 130 if result.cancelled else 0
+    return 1 if failed else 130 if result.cancelled else 0
+
+
+def _uploads_failed(uploads, config) -> bool:
+    """Wait for the uploads; name what did not arrive and the command that retries it."""
+    failed = uploads.finish()
+    if failed:
+        _say("error: " + "; ".join(failed) + ". The local files are kept as they are.\n"
+             f"  fix: python -m dreambooth upload {config.model_dir}")
+    return bool(failed)
 
 
 def _stopped_at_once(seen: Progress, jsonl, on_event) -> int:

@@ -1,7 +1,9 @@
-"""Ways to show events: a console progress bar, a JSON-lines stream."""
+"""Ways to show events: a console progress bar (a terminal), progress lines (a log a machine
+keeps: a cloud job's, a pipe), a JSON-lines stream."""
 from __future__ import annotations
 
 import sys
+import time
 
 from ..config import events as ev
 from ..config.errors import DreamboothError
@@ -56,6 +58,66 @@ class ConsoleProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class LineProgress(ConsoleProgress):
+    """Progress as plain lines, never a redrawn bar: one every `every_steps` steps or every
+    `every_s` seconds, whichever comes first, and the last step's. `clock`: time.monotonic
+    (a test gives its own)."""
+
+    def __init__(self, stream=sys.stderr, every_steps: int = 10, every_s: float = 60.0,
+                 clock=time.monotonic) -> None:
+        super().__init__(stream)
+        self.every_steps, self.every_s, self.clock = max(1, every_steps), every_s, clock
+        self.total, self.said_at = 0, clock()
+
+    def __call__(self, event: ev.Event) -> None:
+        if isinstance(event, ev.Started):
+            self.total, self.said_at = event.total_steps, self.clock()
+            resumed = f", resumed from step {event.resumed_from_step}" \
+                if event.resumed_from_step else ""
+            self.write(f"Training {event.model_name}: {event.instance_images} instance and "
+                       f"{event.class_images} class images for {event.total_steps} steps "
+                       f"({event.epochs} epochs{resumed}).")
+        elif isinstance(event, ev.Step):
+            if event.loss is not None:
+                self.loss = event.loss
+            now = self.clock()
+            if event.step % self.every_steps == 0 or event.step >= event.total_steps \
+                    or now - self.said_at >= self.every_s:
+                self.said_at = now
+                self.write(step_line(event, self.loss))
+        elif isinstance(event, ev.Stopping):
+            self.write(f"Cancelled: the run stops at step {event.step} of {event.total_steps}.")
+        else:
+            super().__call__(event)
+
+    def show_loss(self, loss: float | None, lr: str = "") -> None:
+        pass  # no bar to redraw
+
+    def write(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+
+def step_line(event: ev.Step, loss: float | None) -> str:
+    """`step 20/100 (20%) loss 0.1234 lr 1.00e-04 2.50 steps/s eta 32s`, plus VRAM on a GPU."""
+    left = (event.total_steps - event.step) / event.it_per_s if event.it_per_s > 0 else None
+    parts = [f"step {event.step}/{event.total_steps} "
+             f"({100 * event.step // max(event.total_steps, 1)}%)",
+             "loss -" if loss is None else f"loss {loss:.4f}", f"lr {event.lr:.2e}",
+             f"{event.it_per_s:.2f} steps/s", "eta -" if left is None else f"eta {left:.0f}s"]
+    if event.vram_gb:
+        parts.append(f"vram {event.vram_gb:.1f} GB")
+    return " ".join(parts)
+
+
+def console_progress(stream=sys.stderr, every_steps: int = 10):
+    """A redrawn bar on a terminal; lines anywhere else (a file, a pipe, a cloud job's log)."""
+    try:
+        terminal = stream.isatty()
+    except (AttributeError, ValueError):  # closed or not a real stream
+        terminal = False
+    return ConsoleProgress(stream) if terminal else LineProgress(stream, every_steps)
 
 
 class JsonLines:

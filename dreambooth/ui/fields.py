@@ -36,7 +36,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
                    "log_every_steps", "fused_optimizer", "bf16_weights", "fp8_base",
                    "compile"),
     "Saving": ("output_dir", "save_precision", "lora_dir", "lora_merge", "embedding_dir",
-               "overwrite"),
+               "overwrite", "log_with", "logging_dir"),
 }
 BASIC = frozenset({
     "model_name", "source_checkpoint", "model_type", "steps_per_image", "batch_size",
@@ -98,6 +98,8 @@ LABELS = {
     "embedding_vectors": "Embedding vectors per token",
     "embedding_learning_rate": "Embedding learning rate",
     "embedding_dir": "Save embedding to folder",
+    "log_with": "Run tracking (TensorBoard, wandb, MLflow ...)",
+    "logging_dir": "Tracking folder",
 }
 
 
