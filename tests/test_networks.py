@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from dreambooth import Concept, TrainingConfig
-from dreambooth.config import events as ev
+from dreambooth import TrainingConfig
 from dreambooth.model.checkpoint import read_checkpoint
 from dreambooth.model.single_file import load_single_file
 from dreambooth.training import adapters, networks
 from dreambooth.training.trainer import Trainer
+from test_lora import run_lora
 
 OURS = ("loha", "lokr", "dora")
 
@@ -167,21 +167,12 @@ def test_dora_magnitude_is_per_input_column():
 
 # -- the trained tiny model -------------------------------------------------------------------------
 def run(source, instance_dir, tmp_path, network, **changes) -> Trainer:
-    settings = dict(
-        model_name="net", source_checkpoint=str(source), model_type="v1x",
-        work_dir=str(tmp_path / "runs"), output_dir=str(tmp_path / "out"),
-        lora_dir=str(tmp_path / "Lora"), embedding_dir=str(tmp_path / "emb"), resolution=64,
-        center_crop=True, batch_size=4, steps_per_image=1, use_lora=True, network=network,
-        lora_rank=4, lora_alpha=8.0, loha_rank=2, loha_alpha=1.0, lokr_factor=4,
-        lora_learning_rate=1e-2, lora_text_encoder=True, lora_text_encoder_learning_rate=1e-2,
-        lora_merge=True, pivotal=True, embedding_token="sks", embedding_init_word="pattern",
-        concepts=(Concept(str(instance_dir), "photo of sks pattern"),))
-    cfg = TrainingConfig(**{**settings, **changes}).check()
-    events = []
-    trainer = Trainer(cfg, ev.EventBus(events.append), ev.CancelToken())
-    trainer.result = trainer.run()
-    trainer.saved = [e.path for e in events if isinstance(e, ev.CheckpointSaved)]
-    return trainer
+    """test_lora's run, with the network, pivotal tuning and merge on, a batch of all four."""
+    return run_lora(source, "v1x", instance_dir, tmp_path, **{
+        "model_name": "net", "embedding_dir": str(tmp_path / "emb"), "batch_size": 4,
+        "network": network, "loha_rank": 2, "loha_alpha": 1.0, "lokr_factor": 4,
+        "lora_merge": True, "pivotal": True, "embedding_token": "sks",
+        "embedding_init_word": "pattern", **changes})
 
 
 def trained_layers(comp) -> dict:
