@@ -95,12 +95,13 @@ def _good(world) -> dict:
 def _dir_values(world, field):
     outside = world["outside"]
     return ["../../../outside", str(outside), str(outside / "imgs"), "/etc", "/tmp",
-            "escape", "escape/imgs", "dog/../../../outside", "~", "/proc/self/cwd"]
+            "escape", "escape/imgs", "dog/../../../outside", "~", "/proc/self/cwd",
+            "s3://someone-elses-bucket/models"]  # a URL would carry the host's credentials
 
 
 DIR_FIELDS = ["work_dir", "output_dir", "lora_dir", "resume", "concepts[0].instance_data_dir",
               "concepts[0].class_data_dir"]
-CASES = [(f, i) for f in DIR_FIELDS for i in range(10)]
+CASES = [(f, i) for f in DIR_FIELDS for i in range(11)]
 
 
 def _set(body: dict, field: str, value) -> dict:

@@ -13,6 +13,7 @@ import stat
 from pathlib import Path
 
 from ..config import Problem, TrainingConfig
+from ..config.cloud import is_url, redact
 from ..config.errors import ConfigError
 from ..config.folders import held_here, lock_owner
 from .interface import Host
@@ -56,6 +57,9 @@ def inside(value: str, roots: list[Path], field: str) -> Path:
         "holds characters that are not valid Unicode (a lone surrogate)"
     if why:
         raise ConfigError([Problem(field, short(repr(value)), why, fix)])
+    if is_url(value):  # a bucket is the command line's and Python's, never a remote caller's
+        raise ConfigError([Problem(field, short(redact(value)), LEAVES + " (a URL: buckets are "
+                                   "for the command line and the Python API)", fix)])
     first = Path(os.path.realpath(roots[0]))
     target = Path(os.path.realpath(first / os.path.expanduser(value) if value else first))
     for root in roots:
