@@ -99,8 +99,8 @@ def _dir_values(world, field):
             "s3://someone-elses-bucket/models"]  # a URL would carry the host's credentials
 
 
-DIR_FIELDS = ["work_dir", "output_dir", "lora_dir", "resume", "concepts[0].instance_data_dir",
-              "concepts[0].class_data_dir"]
+DIR_FIELDS = ["work_dir", "output_dir", "lora_dir", "resume", "logging_dir",
+              "concepts[0].instance_data_dir", "concepts[0].class_data_dir"]
 CASES = [(f, i) for f in DIR_FIELDS for i in range(11)]
 
 

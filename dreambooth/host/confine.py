@@ -41,6 +41,7 @@ def roots_of(host: Host, field: str) -> list[Path]:
             "lora_dir": [p.lora_dir, p.work_dir],
             "embedding_dir": [p.embeddings_dir, p.work_dir],
             "resume": [p.work_dir],
+            "logging_dir": [p.work_dir],
             "instance_data_dir": [data, p.work_dir],
             "class_data_dir": [data, p.work_dir],
             "model_name": [p.work_dir]}[field.rsplit(".", 1)[-1]]
@@ -161,7 +162,7 @@ def confine(config: TrainingConfig, host: Host, need_source: bool = True) -> Tra
             return value
 
     changes["work_dir"] = check("work_dir", config.work_dir, allow_empty=False)
-    for name in ("output_dir", "lora_dir", "embedding_dir"):
+    for name in ("output_dir", "lora_dir", "embedding_dir", "logging_dir"):
         if name in {f.name for f in dataclasses.fields(config)}:
             changes[name] = check(name, getattr(config, name))
     if isinstance(config.resume, str) and config.resume.strip() not in ("", "auto", "never"):
