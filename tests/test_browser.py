@@ -67,6 +67,8 @@ def server(tmp_path, tiny_inputs, train_python):
     def up():
         if proc.poll() is not None:
             raise AssertionError((tmp_path / "server.log").read_text()[-3000:])
+        if "Dreambooth UI on" not in (tmp_path / "server.log").read_text():
+            return False  # said once its routes and guards stand
         try:
             return urllib.request.urlopen(url, timeout=2).status == 200
         except OSError:

@@ -391,15 +391,17 @@ def standalone_server(tmp_path_factory):
                              "--root", str(root / "ui")], stdout=log, stderr=subprocess.STDOUT,
                             cwd=root, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
     end = time.monotonic() + 180
-    while True:
+    while True:  # its line says the guards stand (gradio answers from its launch on)
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
-            break
+            if "Dreambooth UI on" in (root / "server.log").read_text():
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+                break
         except OSError:
-            if proc.poll() is not None or time.monotonic() > end:
-                proc.kill()
-                pytest.fail((root / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
+            pass
+        if proc.poll() is not None or time.monotonic() > end:
+            proc.kill()
+            pytest.fail((root / "server.log").read_text()[-3000:])
+        time.sleep(0.5)
     yield port, f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(30)

@@ -31,7 +31,6 @@ def run(args: argparse.Namespace) -> int:
         folder.mkdir(parents=True, exist_ok=True)
     app = serve(host, compat)
     auth = [tuple(pair.split(":", 1)) for pair in args.auth.split(",") if ":" in pair] or None
-    print(f"Dreambooth UI on http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
     fastapi_app, _, _ = app.launch(
         server_name=args.host, server_port=args.port, auth=auth, inbrowser=False,
         allowed_paths=[str(host.paths.work_dir), str(host.paths.checkpoints_dir)],
@@ -41,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
         mount(fastapi_app)
     names = allowed_names(args.host, tuple(getattr(args, "allow_host", ())))
     protect(fastapi_app, names)
+    # said once the guards stand (gradio serves from launch on: a page opened before this line
+    # could meet its routes unguarded)
+    print(f"Dreambooth UI on http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
     if names is None:
         print("note: listening on every interface without --allow-host: the Host header is "
               "not checked", file=sys.stderr)
