@@ -10,9 +10,9 @@ stand-in for accelerate on both sides (profile._OneProcess: autocast around a pr
 forward, plain backward, foreach clipping as on CUDA), plus the part of prepare() only the script
 asks for: its DataLoader sends each batch to the device with accelerate's own send_to_device,
 blocking (accelerate's default, `DataLoaderConfiguration.non_blocking=False`). The script's
-torch.optim.AdamW is set to what torch picks for CUDA weights (foreach; its step counters stay
-on the host, so reading them is no sync); on the fake tensors, which are CPU tensors, it would
-pick the for-loop.
+torch.optim.AdamW is set to what torch picks for CUDA weights (foreach, as ReferenceStep sets it
+everywhere: gpu_path.py; its step counters stay on the host, so reading them is no sync); on
+the fake tensors, which are CPU tensors, it would pick the for-loop.
 
 The reference's host syncs per step are the real script's at these settings: three blocking
 host -> device copies (the batch: pixels, token ids, attention mask) and one scalar read (the
@@ -104,14 +104,6 @@ def _placed(module, device, dtype) -> None:
     module.to = lambda *args, **kwargs: module
 
 
-def _as_on_cuda(optimizer) -> None:
-    """What torch.optim.AdamW picks by itself for CUDA weights: the foreach implementation
-    (for the step, and for zero_grad)."""
-    optimizer.defaults["foreach"] = True
-    for group in optimizer.param_groups:
-        group["foreach"] = True
-
-
 def profile_reference(case: ReferenceCase, resolution: int | None = None,
                       configs: dict | None = None) -> dict:
     """The reference's step, counted as profile.profile_case counts ours: two steps (the first
@@ -136,7 +128,6 @@ def profile_reference(case: ReferenceCase, resolution: int | None = None,
                 _placed(frozen, device, torch.bfloat16)
             ref = ReferenceStep(comp, data, case.batch_size, False, False, "bf16",
                                 acc=_ScriptProcess(device, "bf16"))
-            _as_on_cuda(ref.optimizer)
             steps = []
             for _ in (1, 2):
                 counter.start_step()

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .gpu_path import foreach_as_on_cuda, implementation
 from .measure import move
 
 
@@ -146,6 +147,7 @@ class ReferenceStep:
                                      num_training_steps=10**6)
         prepared = self.acc.prepare(*models, optimizer, loader, lr_scheduler)
         self.optimizer, self.loader, self.lr_scheduler = prepared[-3:]
+        foreach_as_on_cuda(self.optimizer)  # what torch picks on a GPU, on any device
         self.batches = iter(())
         return prepared[:-3]
 
@@ -224,7 +226,7 @@ class ReferenceStep:
 
     def settings(self) -> dict:
         return {"script": self.script, "resolution": self.resolution,
-                "attention": self.attention, "optimizer": "torch.optim.AdamW (foreach)",
+                "attention": self.attention, "optimizer": f"torch.optim.AdamW [{implementation(self.optimizer)}]",
                 "lr": self.lr, "weight_decay": self.weight_decay,
                 "latents": "VAE every step", "text": "text encoder every step",
                 "zero_grad": f"set_to_none={bool(self.lora)}", "lora_rank": self.lora}
