@@ -142,6 +142,8 @@ def _row(case, size: int, steps: list, top: list, ref, seconds: float) -> dict:
     peak = max(first["peak_bytes"], second["peak_bytes"])
     return {"name": case.name, "model_type": case.model_type, "resolution": size,
             "batch_size": case.batch_size, "ops": second["ops"],
+            "python_calls": second["python_calls"]["total"],
+            "python_calls_by": second["python_calls"],
             "host_syncs": second["host_syncs"], "syncs_by_kind": second["syncs_by_kind"],
             "read_syncs": 0, "read_ops": 0,  # its loss read is in every step, counted above
             "peak_bytes": peak, "peak_gib": round(peak / GIB, 3),
@@ -170,6 +172,8 @@ def comparison(rows: list[dict]) -> dict | None:
     ours, ref = by_name[OURS], by_name[REFERENCE]
     return {"ours": OURS, "reference": REFERENCE,
             "ops_ratio": round(ours["ops"] / ref["ops"], 3), "ops_target": TARGET,
+            "python_calls": [ours["python_calls"], ref["python_calls"]],
+            "python_calls_ratio": round(ours["python_calls"] / ref["python_calls"], 3),
             "host_syncs": [ours["host_syncs"], ref["host_syncs"]],
             "peak_ratio": round(ours["peak_bytes"] / ref["peak_bytes"], 3)}
 
@@ -177,5 +181,7 @@ def comparison(rows: list[dict]) -> dict | None:
 def describe(c: dict) -> str:
     ok = "within" if c["ops_ratio"] <= c["ops_target"] else "above"
     return (f"{c['ours']} / {c['reference']}: dispatcher ops x{c['ops_ratio']:.3f} ({ok} the "
-            f"target x{c['ops_target']}), host syncs {c['host_syncs'][0]} vs "
+            f"target x{c['ops_target']}), Python calls {c['python_calls'][0]} vs "
+            f"{c['python_calls'][1]} (x{c['python_calls_ratio']:.3f}; target x1), host syncs "
+            f"{c['host_syncs'][0]} vs "
             f"{c['host_syncs'][1]}, peak memory x{c['peak_ratio']:.3f}")

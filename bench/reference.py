@@ -98,7 +98,10 @@ WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # accelerate's 
 def accelerator(precision: str):
     """The Accelerator the scripts make, for one process (on a CPU when there is no CUDA)."""
     from accelerate import Accelerator
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state()  # one per process, and our runs set theirs (as the trainer
+    return Accelerator(mixed_precision=precision,  # does): the lowest preset's bf16 with
+                       cpu=not torch.cuda.is_available())  # --precision no, before this one
 
 
 class ReferenceStep:
