@@ -141,3 +141,11 @@ def release() -> None:
     if torch.cuda.is_available():
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def free(acc) -> None:
+    """A closed run's GPU memory back: accelerate's free_memory (its references to the models
+    and optimizer dropped, a full collection, the cache emptied). Without a GPU nothing: the
+    run's objects go with it, and the collection took 0.3 s a run (as release())."""
+    if torch.cuda.is_available():
+        acc.free_memory()

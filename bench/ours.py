@@ -5,7 +5,7 @@ from __future__ import annotations
 from unittest import mock
 
 from .gpu_path import fused_adamw, implementation
-from .measure import move
+from .measure import free, move
 
 
 class OursStep:
@@ -62,4 +62,4 @@ class OursStep:
                 "mixed_precision": t.precision, "messages": self.messages}
 
     def close(self) -> None:
-        self.trainer.acc.free_memory()
+        free(self.trainer.acc)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .gpu_path import foreach_as_on_cuda, implementation
-from .measure import move
+from .measure import free, move
 
 
 class DreamBoothImages(torch.utils.data.Dataset):
@@ -235,4 +235,4 @@ class ReferenceStep:
                 "zero_grad": f"set_to_none={bool(self.lora)}", "lora_rank": self.lora}
 
     def close(self) -> None:
-        self.acc.free_memory()
+        free(self.acc)
