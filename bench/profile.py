@@ -59,6 +59,7 @@ def profile_cases() -> list[ProfileCase]:
             ProfileCase("bf16_weights_bs1", {"bf16_weights": True}),
             ProfileCase("lowest_bs1", {"memory_preset": "lowest"}),
             ProfileCase("ema_bs1", {"use_ema": True}),
+            ProfileCase("lora_r16_ema_bs1", {**lora, "use_ema": True}),
             ProfileCase("sdxl_lora_r16_1024", lora, "sdxl", 1024),
             ProfileCase("sdxl_full_lowest_1024", {"memory_preset": "lowest"}, "sdxl", 1024)]
 
