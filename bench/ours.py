@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from unittest import mock
 
-import torch
-
-from .measure import move
+from .gpu_path import fused_adamw, implementation
+from .measure import free, move
 
 
 class OursStep:
@@ -20,7 +19,7 @@ class OursStep:
         self.trainer = trainer_module.Trainer(config, ev.EventBus(listener), ev.CancelToken())
         # the model comes from memory, not from converting a 4 GB single file
         with mock.patch.object(trainer_module, "load_model",
-                               lambda cfg, say, dtype=None: (comp, 0)):
+                               lambda cfg, say, dtype=None: (comp, 0)), fused_adamw():
             self.trainer.setup()
         self.trainer.start_position()  # fresh generators and class cursor, as a new run
         self.order, self.b, self.updates = None, self.trainer.batches_per_epoch, 0
@@ -31,7 +30,8 @@ class OursStep:
         t = self.trainer
         if self.b >= t.batches_per_epoch:
             self.order, self.b = t.rng.sample(range(len(t.feed.items)), len(t.feed.items)), 0
-        value = t.micro_step(self.order, self.b, self.updates + 1)
+        with fused_adamw():  # (a rebucketing builds its AdamWs again)
+            value = t.micro_step(self.order, self.b, self.updates + 1)
         self.b += 1
         if t.acc.sync_gradients:
             self.updates += 1
@@ -53,9 +53,7 @@ class OursStep:
     def settings(self) -> dict:
         t, cfg = self.trainer, self.trainer.cfg
         return {"resolution": cfg.resolution, "attention": t.attention,
-                "optimizer": t.optimizer_name
-                + (" (fused)" if torch.cuda.is_available() and cfg.optimizer == "adamw"
-                   and not cfg.bf16_weights else ""),
+                "optimizer": f"{t.optimizer_name} [{implementation(t.optimizer)}]",
                 "fused_optimizer": t.fused, "bf16_weights": cfg.bf16_weights,
                 "fp8_base": cfg.fp8_base,
                 "latents": "cached" if cfg.cache_latents else "VAE every step",
@@ -64,4 +62,4 @@ class OursStep:
                 "mixed_precision": t.precision, "messages": self.messages}
 
     def close(self) -> None:
-        self.trainer.acc.free_memory()
+        free(self.trainer.acc)

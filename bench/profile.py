@@ -59,6 +59,7 @@ def profile_cases() -> list[ProfileCase]:
             ProfileCase("bf16_weights_bs1", {"bf16_weights": True}),
             ProfileCase("lowest_bs1", {"memory_preset": "lowest"}),
             ProfileCase("ema_bs1", {"use_ema": True}),
+            ProfileCase("lora_r16_ema_bs1", {**lora, "use_ema": True}),
             ProfileCase("sdxl_lora_r16_1024", lora, "sdxl", 1024),
             ProfileCase("sdxl_full_lowest_1024", {"memory_preset": "lowest"}, "sdxl", 1024)]
 
@@ -211,8 +212,10 @@ def build_trainer(cfg, comp, device):
 
 
 def profile_case(case: ProfileCase, resolution: int | None = None, configs: dict | None = None,
-                 work: Path = Path("/nonexistent/profile")) -> dict:
-    """One configuration: two steps (the first makes the optimizer state); the second counted."""
+                 work: Path = Path("/nonexistent/profile"), python_calls: bool = True) -> dict:
+    """One configuration: two steps (the first makes the optimizer state); the second counted
+    (its Python calls too unless `python_calls` is off: 0 then; the count adds about a
+    second)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from dreambooth.model.components import build_meta
@@ -228,7 +231,7 @@ def profile_case(case: ProfileCase, resolution: int | None = None, configs: dict
     if cfg.use_lora:
         from dreambooth.training.adapters import add_lora
         add_lora(comp, cfg)  # on the meta model: see _lora_made_already
-    with FakeTensorMode(allow_non_fake_inputs=True), StepCounter() as counter, \
+    with FakeTensorMode(allow_non_fake_inputs=True), StepCounter(python_calls) as counter, \
             OnDevice(counter):
         t = build_trainer(cfg, comp, device)
         order = list(range(len(t.feed.items)))
@@ -246,6 +249,8 @@ def profile_case(case: ProfileCase, resolution: int | None = None, configs: dict
     first, second = steps
     return {"name": case.name, "model_type": case.model_type, "resolution": cfg.resolution,
             "batch_size": cfg.batch_size, "ops": second["ops"],
+            "python_calls": second["python_calls"]["total"],
+            "python_calls_by": second["python_calls"],
             "host_syncs": second["host_syncs"], "syncs_by_kind": second["syncs_by_kind"],
             "read_syncs": read["host_syncs"], "read_ops": read["ops"],
             "peak_bytes": max(first["peak_bytes"], second["peak_bytes"]),
@@ -273,8 +278,8 @@ def run_profile(only: set | None = None, resolution: int | None = None, configs=
     return rows
 
 
-HEADER = (f"{'configuration':<22} {'ops/step':>9} {'host syncs':>10} {'at a read':>9} "
-          f"{'peak GiB':>9}  settings")
+HEADER = (f"{'configuration':<22} {'ops/step':>9} {'py calls':>9} {'host syncs':>10} "
+          f"{'at a read':>9} {'peak GiB':>9}  settings")
 
 
 def format_row(r: dict) -> str:
@@ -282,7 +287,8 @@ def format_row(r: dict) -> str:
     extra = ", ".join(k for k in ("fused", "bf16_weights", "fp8_base", "use_lora",
                                   "train_text_encoder", "gradient_checkpointing", "ema")
                       if s.get(k))
-    return (f"{r['name']:<22} {r['ops']:>9} {r['host_syncs']:>10} {r['read_syncs']:>9} "
+    return (f"{r['name']:<22} {r['ops']:>9} {r['python_calls']:>9} {r['host_syncs']:>10} "
+            f"{r['read_syncs']:>9} "
             f"{r['peak_gib']:>9.2f}  "
             f"{s['optimizer']}, bs{r['batch_size']}{', ' + extra if extra else ''} "
             f"({r['seconds']:.0f} s)")

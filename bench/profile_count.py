@@ -15,6 +15,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .profile_calls import PythonCalls
+
 BLOCK = 512  # the CUDA caching allocator rounds every allocation up to this
 aten = torch.ops.aten
 # ops that make the host wait for the device (their result is needed on the host)
@@ -46,7 +48,7 @@ class StepCounter(TorchDispatchMode):
     (`.item()`, `bool(t)`) of a device tensor is a sync; it is answered with a harmless value
     (1 / True), as fake tensors have no data: the step goes on as when the loss is finite."""
 
-    def __init__(self) -> None:
+    def __init__(self, python_calls: bool = True) -> None:
         super().__init__()
         self.sizes: dict = {}  # storage key -> bytes (rounded) of each live fake storage
         self.host: set = set()  # storage keys that stand for host memory
@@ -55,21 +57,26 @@ class StepCounter(TorchDispatchMode):
         self.ops = 0
         self.syncs: Counter = Counter()
         self.by_op: Counter = Counter()
+        self.calls = PythonCalls(python_calls)  # the step's Python calls, outside dispatch
 
     # -- the step ---------------------------------------------------------------------------
     def start_step(self) -> None:
         self.counting, self.ops, self.peak = True, 0, self.live
         self.syncs, self.by_op = Counter(), Counter()
+        self.calls.start()
 
     def figures(self) -> dict:
         self.counting = False
-        return {"ops": self.ops, "host_syncs": sum(self.syncs.values()),
+        return {"ops": self.ops, "python_calls": self.calls.figures(),
+                "host_syncs": sum(self.syncs.values()),
                 "syncs_by_kind": dict(self.syncs), "peak_bytes": self.peak,
                 "live_bytes_after": self.live}
 
     def sync(self, kind: str) -> None:
         if self.counting:
+            self.calls.pause()  # (the profile's own bookkeeping)
             self.syncs[kind] += 1
+            self.calls.resume()
 
     # -- where a tensor is ------------------------------------------------------------------
     def is_host(self, t: torch.Tensor) -> bool:
@@ -81,6 +88,13 @@ class StepCounter(TorchDispatchMode):
             return False
 
     def mark(self, t: torch.Tensor, host: bool) -> None:
+        self.calls.pause()  # (the profile's own bookkeeping)
+        try:
+            self._mark(t, host)
+        finally:
+            self.calls.resume()
+
+    def _mark(self, t: torch.Tensor, host: bool) -> None:
         if not _is_fake(t):
             return
         self.track(t)
@@ -95,7 +109,13 @@ class StepCounter(TorchDispatchMode):
 
     # -- dispatch ---------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        self.calls.pause()  # none of what runs in here runs in a real step
+        try:
+            return self._dispatch(func, args, kwargs or {})
+        finally:
+            self.calls.resume()
+
+    def _dispatch(self, func, args, kwargs):
         if is_metadata(func):
             return func(*args, **kwargs)
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
 FACTORIES = {"randn", "rand", "randint", "zeros", "ones", "empty", "full", "arange",
              "linspace", "randperm", "normal", "tensor", "as_tensor", "eye"}
@@ -99,8 +98,8 @@ class OnDevice(TorchFunctionMode):
         out = func(*args, **kwargs)
         if name in FROM_DATA and dest == "device":
             self.counter.sync("blocking host -> device copy")
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
+        for t in out if isinstance(out, (tuple, list)) else (out,):  # (no Python of torch's
+            if isinstance(t, torch.Tensor):                            # counted: profile_calls)
                 self.counter.mark(t, host=dest == "host")
         return out
 

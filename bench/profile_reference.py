@@ -10,9 +10,9 @@ stand-in for accelerate on both sides (profile._OneProcess: autocast around a pr
 forward, plain backward, foreach clipping as on CUDA), plus the part of prepare() only the script
 asks for: its DataLoader sends each batch to the device with accelerate's own send_to_device,
 blocking (accelerate's default, `DataLoaderConfiguration.non_blocking=False`). The script's
-torch.optim.AdamW is set to what torch picks for CUDA weights (foreach; its step counters stay
-on the host, so reading them is no sync); on the fake tensors, which are CPU tensors, it would
-pick the for-loop.
+torch.optim.AdamW is set to what torch picks for CUDA weights (foreach, as ReferenceStep sets it
+everywhere: gpu_path.py; its step counters stay on the host, so reading them is no sync); on
+the fake tensors, which are CPU tensors, it would pick the for-loop.
 
 The reference's host syncs per step are the real script's at these settings: three blocking
 host -> device copies (the batch: pixels, token ids, attention mask) and one scalar read (the
@@ -104,14 +104,6 @@ def _placed(module, device, dtype) -> None:
     module.to = lambda *args, **kwargs: module
 
 
-def _as_on_cuda(optimizer) -> None:
-    """What torch.optim.AdamW picks by itself for CUDA weights: the foreach implementation
-    (for the step, and for zero_grad)."""
-    optimizer.defaults["foreach"] = True
-    for group in optimizer.param_groups:
-        group["foreach"] = True
-
-
 def profile_reference(case: ReferenceCase, resolution: int | None = None,
                       configs: dict | None = None) -> dict:
     """The reference's step, counted as profile.profile_case counts ours: two steps (the first
@@ -136,7 +128,6 @@ def profile_reference(case: ReferenceCase, resolution: int | None = None,
                 _placed(frozen, device, torch.bfloat16)
             ref = ReferenceStep(comp, data, case.batch_size, False, False, "bf16",
                                 acc=_ScriptProcess(device, "bf16"))
-            _as_on_cuda(ref.optimizer)
             steps = []
             for _ in (1, 2):
                 counter.start_step()
@@ -151,6 +142,8 @@ def _row(case, size: int, steps: list, top: list, ref, seconds: float) -> dict:
     peak = max(first["peak_bytes"], second["peak_bytes"])
     return {"name": case.name, "model_type": case.model_type, "resolution": size,
             "batch_size": case.batch_size, "ops": second["ops"],
+            "python_calls": second["python_calls"]["total"],
+            "python_calls_by": second["python_calls"],
             "host_syncs": second["host_syncs"], "syncs_by_kind": second["syncs_by_kind"],
             "read_syncs": 0, "read_ops": 0,  # its loss read is in every step, counted above
             "peak_bytes": peak, "peak_gib": round(peak / GIB, 3),
@@ -179,6 +172,8 @@ def comparison(rows: list[dict]) -> dict | None:
     ours, ref = by_name[OURS], by_name[REFERENCE]
     return {"ours": OURS, "reference": REFERENCE,
             "ops_ratio": round(ours["ops"] / ref["ops"], 3), "ops_target": TARGET,
+            "python_calls": [ours["python_calls"], ref["python_calls"]],
+            "python_calls_ratio": round(ours["python_calls"] / ref["python_calls"], 3),
             "host_syncs": [ours["host_syncs"], ref["host_syncs"]],
             "peak_ratio": round(ours["peak_bytes"] / ref["peak_bytes"], 3)}
 
@@ -186,5 +181,7 @@ def comparison(rows: list[dict]) -> dict | None:
 def describe(c: dict) -> str:
     ok = "within" if c["ops_ratio"] <= c["ops_target"] else "above"
     return (f"{c['ours']} / {c['reference']}: dispatcher ops x{c['ops_ratio']:.3f} ({ok} the "
-            f"target x{c['ops_target']}), host syncs {c['host_syncs'][0]} vs "
+            f"target x{c['ops_target']}), Python calls {c['python_calls'][0]} vs "
+            f"{c['python_calls'][1]} (x{c['python_calls_ratio']:.3f}; target x1), host syncs "
+            f"{c['host_syncs'][0]} vs "
             f"{c['host_syncs'][1]}, peak memory x{c['peak_ratio']:.3f}")

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .measure import move
+from .gpu_path import foreach_as_on_cuda, implementation
+from .measure import free, move
 
 
 class DreamBoothImages(torch.utils.data.Dataset):
@@ -97,7 +98,10 @@ WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # accelerate's 
 def accelerator(precision: str):
     """The Accelerator the scripts make, for one process (on a CPU when there is no CUDA)."""
     from accelerate import Accelerator
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state()  # one per process, and our runs set theirs (as the trainer
+    return Accelerator(mixed_precision=precision,  # does): the lowest preset's bf16 with
+                       cpu=not torch.cuda.is_available())  # --precision no, before this one
 
 
 class ReferenceStep:
@@ -146,6 +150,7 @@ class ReferenceStep:
                                      num_training_steps=10**6)
         prepared = self.acc.prepare(*models, optimizer, loader, lr_scheduler)
         self.optimizer, self.loader, self.lr_scheduler = prepared[-3:]
+        foreach_as_on_cuda(self.optimizer)  # what torch picks on a GPU, on any device
         self.batches = iter(())
         return prepared[:-3]
 
@@ -224,10 +229,10 @@ class ReferenceStep:
 
     def settings(self) -> dict:
         return {"script": self.script, "resolution": self.resolution,
-                "attention": self.attention, "optimizer": "torch.optim.AdamW (foreach)",
+                "attention": self.attention, "optimizer": f"torch.optim.AdamW [{implementation(self.optimizer)}]",
                 "lr": self.lr, "weight_decay": self.weight_decay,
                 "latents": "VAE every step", "text": "text encoder every step",
                 "zero_grad": f"set_to_none={bool(self.lora)}", "lora_rank": self.lora}
 
     def close(self) -> None:
-        self.acc.free_memory()
+        free(self.acc)

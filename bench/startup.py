@@ -10,7 +10,9 @@ preservation) and is cancelled at its first Step event. Clocked from the call of
 optimizer) and `to_first_step_s`; `load_s` and `cache_s` are the two big parts of setup.
 The saves a cancelled run makes (state snapshot, checkpoint) come after the clock stops and are
 skipped. Not in these numbers: the imports of the child process the WebUI starts, timed apart
-in a fresh interpreter as `fresh_process_imports_s`; `from_train_s` adds them. The checkpoint
+in a fresh interpreter (the one that times the host's start, fresh_process_host_startup: from
+its start to the end of those imports, which it makes after starting the read ahead of the
+file, as the child does) as `fresh_process_imports_s`; `from_train_s` adds them. The checkpoint
 was just written, so it is read from the page cache, as a second run of a user's file would be.
 """
 from __future__ import annotations
@@ -96,9 +98,9 @@ def measure_startup(smoke: bool, work: Path, images: int = 10, comp=None,
         result = trainer_module.train(config, on_event, cancel)
     if "step" not in marks or not result.cancelled:
         raise RuntimeError(f"the startup run did not stop at its first step: {result}")
-    imports_s = fresh_process_imports()
     loading = fresh_process_load(checkpoint)
-    loading["host_startup_s"] = round(fresh_process_host_startup(checkpoint), 3)
+    host_s, imports_s = fresh_process_host_startup(checkpoint, imports=True)
+    loading["host_startup_s"] = round(host_s, 3)
     to_started, to_step = marks["started"] - start, marks["step"] - start
     return {"checkpoint_mb": round(checkpoint.stat().st_size / 1e6, 1), "images": images,
             "resolution": resolution, "mixed_precision": config.mixed_precision,
@@ -158,28 +160,33 @@ config = TrainingConfig(
     resolution=512, mixed_precision="auto", attention="sdpa", cache_latents=True, seed=0)
 read_source_ahead(config)  # as the training child does, before its imports
 exec(sys.argv[5])  # the child's imports
+imported = time.time()
 from accelerate import Accelerator
 from dreambooth.training.advice import plan_run
 from dreambooth.training.trainer import load_model
 planned = plan_run(config, None, int(float(sys.argv[4]) * 2 ** 30), "bf16", lambda *a: None)
 Accelerator(mixed_precision="bf16", cpu=True)
 comp, _ = load_model(planned, lambda *a: None, dtype=None)
-print(time.perf_counter() - start)
+print(time.perf_counter() - start, imported)
 """
 
 
 def fresh_process_host_startup(checkpoint: Path, model_type: str = "v1x",
-                               free_gib: float = 24.0) -> float:
+                               free_gib: float = 24.0, imports: bool = False):
     """Seconds a fresh interpreter takes for the host's part of a GPU run's start, all that
     is not device work: the read ahead of the file, the training child's imports, the memory
     plan for a GPU with `free_gib` free, the Accelerator, and the load as stored (not the
-    moves to the device, the caching of latents and prompts, or the step)."""
+    moves to the device, the caching of latents and prompts, or the step). With `imports`:
+    (those seconds, the seconds from starting the process to the end of the child's imports,
+    as fresh_process_imports times them, in the same process: one fresh start fewer)."""
     import tempfile
     with tempfile.TemporaryDirectory() as work:
+        started = time.time()  # the child reports its import end on the same clock
         out = subprocess.run([sys.executable, "-c", HOST_CODE, str(checkpoint), model_type,
                               work, str(free_gib), CHILD_IMPORTS], cwd=ROOT, check=True,
                              capture_output=True, text=True, timeout=600).stdout
-    return float(out.split()[-1])
+    took, imported = map(float, out.split()[-2:])
+    return (took, imported - started) if imports else took
 
 
 def fresh_process_imports() -> float:

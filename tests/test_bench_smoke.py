@@ -89,6 +89,9 @@ def test_bench_smoke_reports_one_configuration_per_code_path(tmp_path):
         # the reference encodes images with the VAE every step, our best settings never do
         assert runs["ours_best"]["flops_per_step"] < runs["reference"]["flops_per_step"]
         assert runs["ours_best"]["settings"]["latents"] == "cached"
+        # AdamW as it runs on a GPU, on this CPU too, and said: foreach / fused
+        assert runs["reference"]["settings"]["optimizer"] == "torch.optim.AdamW [foreach]"
+        assert runs["ours_best"]["settings"]["optimizer"] == "adamw [fused]"
         assert runs["ours_same"]["settings"]["latents"] == "VAE every step"
         lowest = runs["ours_lowest"]["settings"]
         assert lowest["gradient_checkpointing"] and lowest["mixed_precision"] == "bf16"
@@ -115,6 +118,32 @@ def check_startup(s: dict) -> None:
     assert s["fresh_load_s"] > 0 and s["load_peak_rss_gb"] > 0 and s["load_rss_bound_gb"] > 0
     assert s["host_startup_s"] > 0
     assert 0 < s["load_as_stored_peak_rss_gb"] <= s["load_peak_rss_gb"] + 0.05  # tiny: noise
+
+
+def test_every_rows_adamw_takes_the_path_a_gpu_takes_and_says_which():
+    """On a CPU torch's AdamW would loop over the weights in Python, which no GPU run does: the
+    reference's is set to foreach, ours is built fused (as on a GPU), each says what ran, and
+    all three update alike."""
+    from types import SimpleNamespace
+
+    from bench.gpu_path import foreach_as_on_cuda, fused_adamw, implementation
+    from dreambooth.training import backends
+    weights = [[torch.nn.Parameter(torch.linspace(-1, 1, 6))] for _ in range(3)]
+    plain, foreach = torch.optim.AdamW(weights[0]), torch.optim.AdamW(weights[1])
+    assert implementation(plain) == "for-loop"  # what torch picks for CPU weights
+    foreach_as_on_cuda(foreach)
+    assert implementation(foreach) == "foreach"
+    with fused_adamw():
+        fused = backends.OPTIMIZERS["adamw"](
+            [{"params": weights[2]}], SimpleNamespace(learning_rate=1e-3, weight_decay=1e-2),
+            torch.device("cpu"))
+    assert backends.OPTIMIZERS["adamw"] is backends._adamw  # only within
+    assert implementation(fused) == "fused"
+    for opt, (w,) in zip((plain, foreach, fused), weights):
+        w.grad = torch.linspace(1, -1, 6)
+        opt.step()
+    assert torch.allclose(weights[0][0], weights[1][0]) and \
+        torch.allclose(weights[0][0], weights[2][0], atol=1e-6)
 
 
 def test_moving_the_reference_between_rounds_keeps_adamws_step_counters_in_place():
@@ -195,6 +224,8 @@ def test_sdxl_rows_run_at_smoke_size_and_print_their_settings(tmp_path, capsys,
     assert ref["lora_rank"] == 16 and ref["text"] == "both encoders once, before training"
     assert ref["unet"] == "base in torch.bfloat16, LoRA in torch.bfloat16"  # as under bf16 there
     assert ours["latents"] == "cached" and ours["resolution"] == C.TINY
+    assert ref["optimizer"] == "torch.optim.AdamW [foreach]"  # as torch picks on a GPU
+    assert ours["optimizer"] == "adamw [fused]"  # as backends._adamw builds it on a GPU
     print_entry({"name": case.name, "status": "ok", "runs": runs})
     out = capsys.readouterr().out
     assert out.count("settings: ") == 2

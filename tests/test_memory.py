@@ -147,6 +147,21 @@ def test_auto_picks_the_plan_that_slows_training_least_not_the_first_in_the_list
     assert "checkpointing" not in advice.message
 
 
+def test_auto_stores_a_loras_frozen_unet_in_fp8_when_nothing_exact_is_enough():
+    """A LoRA with gradient checkpointing (2.6 GiB by the estimate, 1.8 with fp8_base) on a
+    GPU with 2.3 GiB free: only its frozen UNet in fp8 makes it fit; a full fine-tune is never
+    offered it (its UNet trains)."""
+    config = sd15(use_lora=True, mixed_precision="auto", gradient_checkpointing=True)
+    exact = suggest(config, 4 * GIB, n_images=IMAGES)
+    assert exact.fits and "fp8_base" not in dict(exact.changes)  # it fits without
+    advice = suggest(config, int(2.3 * GIB), n_images=IMAGES)
+    assert advice.fits and dict(advice.changes).get("fp8_base") is True, advice.message
+    assert "fp8" in advice.message
+    assert not config.replace(**dict(advice.changes)).validate(check_paths=False)
+    full = suggest(sd15(mixed_precision="auto"), int(2.3 * GIB), n_images=IMAGES)
+    assert "fp8_base" not in dict(full.changes)
+
+
 def test_a_change_the_config_refuses_is_never_advised():
     """Gradient accumulation refuses the fused optimizer: the advice goes without it (this
     used to raise AttributeError in the check itself)."""

@@ -151,10 +151,21 @@ def compile_unet(unet, choice: str, device: torch.device, say: Say) -> None:
     backend = compile_backend()
     modules = [unet] if choice == "full" else \
         [m for m in unet.modules() if type(m).__name__ in COMPILED_BLOCKS]
+    if choice == "blocks":
+        _allow_recompiles(2 * len(modules))
     for module in modules:
         module.compile(backend=backend)
     say(f"Compiling the UNet ({choice}: {len(modules)} module(s), {backend}) at the first step; "
         "the first steps are slow.")
+
+
+def _allow_recompiles(n: int) -> None:
+    """Each block shape is one more compile of its class's one forward, and dynamo stops
+    compiling a function after its recompile limit (8) and runs the rest of its calls eager,
+    silently: the tiny UNet's ResNet blocks passed it (measured), SD1.5's have more shapes."""
+    import torch._dynamo.config as config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), n))
 
 
 def autocast_kwargs(cfg) -> list:

@@ -182,7 +182,9 @@ def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True,
     parts = {
         "weights": weights,
         "optimizer": optimizer_state_bytes(cfg.optimizer, trained),
-        "ema": 4 * unet_n if cfg.use_ema and not lora else 0,
+        # EMA: an fp32 copy of the UNet; over a LoRA, of every UNet weight as it is stored
+        # (diffusers' EMAModel copies all the parameters it is given: the trainer's UNet's)
+        "ema": (unet_bytes + 4 * lora_n if lora else 4 * unet_n) if cfg.use_ema else 0,
         "caches": _caches(cfg, shapes, n_images or count_images(cfg), half),
         "overhead": CUDA_OVERHEAD if gpu else 0,
         # bf16 weights: the fp32 stand-ins and gradients of the widest bucket, kept

@@ -143,6 +143,8 @@ class Bucketed(torch.optim.Optimizer):
         self.scratch = scratch
         self.buckets = [_Bucket(params, group, self.build, scratch) for group, params in plan]
         self.bucket_of = {p: b for b in self.buckets for p in b.params}
+        # by id too: a tensor's hash is a Python call, and backward's hooks look each one up
+        self.bucket_by_id = {id(p): b for b in self.buckets for p in b.params}
         self.order = [p for b in self.buckets for p in b.params]
         if getattr(self, "park", None) is not None:
             self.park.plan([b.params for b in self.buckets])
@@ -156,11 +158,11 @@ class Bucketed(torch.optim.Optimizer):
     def _arrived(self, p: torch.Tensor) -> None:
         """backward's hook, once p.grad has accumulated: once a backward, after every use of
         the weight (it runs with no .grad for a weight whose gradient went to the park)."""
-        if p.grad is None and (self.park is None or p not in self.park.slots):
+        if p.grad is None and (self.park is None or id(p) not in self.park.slots):
             return
         if self.seen is not None:
             self.seen.append(p)
-        bucket = self.bucket_of[p]
+        bucket = self.bucket_by_id[id(p)]
         bucket.arrived += 1
         if bucket.arrived == len(bucket.params):
             self._finish(bucket)
@@ -223,7 +225,7 @@ class Bucketed(torch.optim.Optimizer):
                 self.load_inner(state)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.bucket_of:
+        for p in self.order:
             p.grad = None
 
     def fused_parts(self) -> list:

@@ -32,7 +32,6 @@ its own and a module whose forward something else replaced.
 """
 from __future__ import annotations
 
-import contextlib
 from types import MethodType
 
 import torch
@@ -58,30 +57,51 @@ def applies(cfg, precision: str, processes: int = 1, distributed: str = "NO") ->
 
 
 class _Cast(torch.autograd.Function):
-    """An fp32 weight to bf16 for the forward; its gradient (bf16) to the park, not to .grad."""
+    """A layer's fp32 weight (and bias) to bf16 for the forward, in one node; their gradients
+    (bf16) to the park, not to .grad."""
 
     @staticmethod
-    def forward(ctx, weight, park):
-        ctx.park, ctx.weight = park, weight
+    def forward(ctx, park, weight, bias):
+        ctx.park, ctx.weight, ctx.bias = park, weight, bias
         ctx.cached = torch.is_autocast_cache_enabled()  # autocast's would be one cast, shared
-        return weight.to(torch.bfloat16)
+        if bias is None:
+            return weight.to(torch.bfloat16)
+        return weight.to(torch.bfloat16), bias.to(torch.bfloat16)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, grad_bias=None):
         ctx.park.receive(ctx.weight, grad, ctx.cached)
-        return None, None
+        if ctx.bias is not None:
+            ctx.park.receive(ctx.bias, grad_bias, ctx.cached)
+        return None, None, None
+
+
+# Function.apply less its Python wrapper (4-6 Python calls a layer and step: a default-arguments
+# check and the unwrapping of functorch's dead wrappers, which matter only under functorch's
+# transforms; there the full apply runs)
+_apply = super(torch.autograd.Function, _Cast).apply
+
+
+def _cast(park, weight, bias):
+    if torch._C._are_functorch_transforms_active():
+        return _Cast.apply(park, weight, bias)
+    return _apply(park, weight, bias)
 
 
 def _linear(self, x):
     weight, bias = self._park.weights(self)
-    with self._park.saving(self, weight):
-        return torch.nn.functional.linear(x, weight, bias)
+    if self._recast and weight.dtype == torch.bfloat16:  # cast by the park
+        with self._park.saving(self, weight):
+            return torch.nn.functional.linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def _conv(self, x):
     weight, bias = self._park.weights(self)
-    with self._park.saving(self, weight):
-        return self._conv_forward(x, weight, bias)
+    if self._recast and weight.dtype == torch.bfloat16:
+        with self._park.saving(self, weight):
+            return self._conv_forward(x, weight, bias)
+    return self._conv_forward(x, weight, bias)
 
 
 class _Recast:
@@ -122,14 +142,19 @@ def update(acc, optimizer, park: "GradPark | None", models: list, max_norm: floa
         park.step(optimizer, max_norm)
         return
     if acc.sync_gradients and max_norm > 0 and not fused:
-        acc.clip_grad_norm_([p for m in models for p in m.parameters()], max_norm)
+        # the optimizer's weights, the ones with gradients: walking the models' parameters
+        # each step (a LoRA's UNet has thousands more, frozen) was a third of ours' Python
+        groups = getattr(optimizer, "optimizer", optimizer).param_groups
+        acc.clip_grad_norm_([p for g in groups for p in g["params"]], max_norm)
     optimizer.step()
 
 
 class GradPark:
     def __init__(self, models: list, recast: bool = True,
                  widest: int = CHUNK_BYTES // 4) -> None:
-        self.slots: dict = {}  # weight -> its gradient of this step (bf16; fp32 if summed)
+        # id(weight) -> its gradient of this step (bf16; fp32 if summed). By id: a tensor's
+        # hash is a Python call, and the step looks weights up a few times each
+        self.slots: dict = {}
         self.recast = recast  # large weights' bf16 copies are not kept for backward
         self.modules = []
         for model in models:
@@ -140,9 +165,12 @@ class GradPark:
                 if kind is not None and type(m).forward is kind.forward \
                         and "forward" not in vars(m) and m.weight.dtype == torch.float32:
                     m._park, m.forward = self, MethodType(FORWARDS[kind], m)
+                    m._recast = recast and m.weight.numel() >= RECAST_ELEMENTS  # see saving
                     self.modules.append(m)
-        self.parked = {p for m in self.modules for p in (m.weight, m.bias) if p is not None}
+        self.parked = {id(p) for m in self.modules for p in (m.weight, m.bias)
+                       if p is not None}
         self.scratch, self.views = None, {}  # see take
+        self.plans: dict = {}  # see _plan
         # values in the widest set taken at once: a chunk, a bucket, or a larger weight alone
         self.widest = max([widest] + [m.weight.numel() for m in self.modules])
 
@@ -154,7 +182,7 @@ class GradPark:
     def detach(self) -> None:
         """The modules run as they were made."""
         for m in self.modules:
-            del m._park, m.forward
+            del m._park, m.forward, m._recast
         self.modules = []
 
     def weights(self, m) -> tuple:
@@ -164,14 +192,16 @@ class GradPark:
                 and torch.is_autocast_enabled(w.device.type)
                 and torch.get_autocast_dtype(w.device.type) == torch.bfloat16):
             return w, m.bias
-        return _Cast.apply(w, self), None if m.bias is None else _Cast.apply(m.bias, self)
+        bias = m.bias
+        if bias is None:
+            return _cast(self, w, None), None
+        return _cast(self, w, bias)
 
     def saving(self, m, cast):
-        """Around a large weight's forward: autograd keeps, of the weight's bf16 copy `cast`,
-        what casts it again in backward (1 op), not the copy: at the end of the forward,
-        SD1.5's UNet holds 1.1 GiB less (RECAST_ELEMENTS)."""
-        if not (self.recast and m.weight.numel() >= RECAST_ELEMENTS and cast is not m.weight):
-            return contextlib.nullcontext()
+        """Around a large weight's forward (`_recast`: RECAST_ELEMENTS, when recast is on):
+        autograd keeps, of the weight's bf16 copy `cast`, what casts it again in
+        backward (1 op), not the copy: at the end of the forward, SD1.5's UNet holds 1.1 GiB
+        less."""
         weight, copy = m.weight, id(cast)  # (by id: the hooks live as long as the saved)
 
         def pack(t):
@@ -185,31 +215,32 @@ class GradPark:
         """A weight's gradient from one use. A second use's is summed as a plain backward sums
         it: in bf16 where autocast would have shared one cached cast (`shared`), else in fp32
         (each use cast up on its own)."""
-        kept = self.slots.get(weight)
+        key = id(weight)
+        kept = self.slots.get(key)
         if kept is None:  # the tensor backward made, or a view of all of one (a transpose)
             whole = grad._base is None or grad._base.numel() == grad.numel()
-            self.slots[weight] = grad if whole else grad.clone()
+            self.slots[key] = grad if whole else grad.clone()
         elif shared and kept.dtype == grad.dtype:
-            self.slots[weight] = kept + grad
+            self.slots[key] = kept + grad
         else:
-            self.slots[weight] = kept.float() + grad.float()
+            self.slots[key] = kept.float() + grad.float()
 
     def take(self, params: list) -> None:
         """The parked gradients of `params` into their .grad, in fp32: views of one scratch
         buffer, made once for a set of weights (no op per weight at a step); a weight that
         has a .grad too (it ran outside the park) gets the sum."""
-        chosen = [p for p in params if p in self.slots]
+        slots = self.slots
+        chosen = [p for p in params if id(p) in slots]
         if not chosen:
             return
         views = self._views(chosen)
-        grads = [self.slots.pop(p) for p in chosen]
-        plain = [p.grad for p in chosen]
+        grads = [slots.pop(id(p)) for p in chosen]
         torch._foreach_copy_(views, grads)
-        for p, v, g in zip(chosen, views, plain):
-            p.grad = v if g is None else v.add_(g)
+        for p, v in zip(chosen, views):
+            p.grad = v if p.grad is None else v.add_(p.grad)
 
     def _views(self, params: list) -> list:
-        key = tuple(id(p) for p in params)
+        key = tuple(map(id, params))
         views = self.views.get(key)
         if views is None:
             n = sum(p.numel() for p in params)
@@ -226,33 +257,43 @@ class GradPark:
         it makes them), not at the first step that takes them."""
         self.views = {}
         for params in sets:
-            if chosen := [p for p in params if p in self.parked]:
+            if chosen := [p for p in params if id(p) in self.parked]:
                 self._views(chosen)
+
+    def _plan(self, groups: list) -> "_Plan":
+        """What step() needs of the optimizer's groups, made once for them (the lists of
+        weights are the same objects every step: step() puts them back)."""
+        key = tuple((id(g["params"]), len(g["params"])) for g in groups)
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = _Plan(groups, self.parked)
+        return plan
 
     @torch.no_grad()
     def step(self, optimizer, max_norm: float) -> None:
         """Clip every gradient (parked and .grad) by their global norm, then step `optimizer`
         (accelerate's wrapper or a torch one) a chunk of weights at a time."""
         groups = getattr(optimizer, "optimizer", optimizer).param_groups
-        weights = [(k, p) for k, g in enumerate(groups) for p in g["params"]]
-        for _, p in weights:
-            if p in self.slots and p.grad is not None:  # ran outside the park too: both, fp32
-                self.slots[p], p.grad = p.grad + self.slots[p].float(), None
-        grads = [self.slots.get(p, p.grad) for _, p in weights]
+        plan, slots = self._plan(groups), self.slots
+        for p in plan.weights:
+            if p.grad is not None and id(p) in slots:  # ran outside the park too: both, fp32
+                slots[id(p)], p.grad = p.grad + slots[id(p)].float(), None
+        grads = [slots.get(id(p), p.grad) for p in plan.weights]
         coef = self._clip_coef(grads, max_norm) if max_norm > 0 else None
-        plain = [p for (_, p), g in zip(weights, grads) if g is not None
-                 and p not in self.slots]  # fp32, in .grad already
-        group_of = {p: k for k, p in weights}
-        saved = [g["params"] for g in groups]
+        plain = [p for p, g in zip(plan.weights, grads) if g is not None
+                 and id(p) not in slots]  # fp32, in .grad already
+        chunks = plan.chunks if slots.keys() == plan.parked else [plan.split(c) for c in (
+            split_buckets([p for p in plan.weights if id(p) in slots], CHUNK_BYTES))]
         try:
-            for chunk in ([plain] if plain else []) + split_buckets(
-                    [p for _, p in weights if p in self.slots], CHUNK_BYTES):
+            if plain:
+                _step_chunk(optimizer, groups, *plan.split(plain), coef)
+            for chunk, by_group in chunks:
                 self.take(chunk)
-                _step_chunk(optimizer, groups, chunk, group_of, coef)
+                _step_chunk(optimizer, groups, chunk, by_group, coef)
         finally:
-            for g, params in zip(groups, saved):
+            for g, params in zip(groups, plan.saved):
                 g["params"] = params
-            self.slots.clear()
+            slots.clear()
 
     def _clip_coef(self, grads: list, max_norm: float) -> torch.Tensor:
         """clip_grad_norm_'s coefficient over `grads` (in the weights' order; bf16 ones'
@@ -270,12 +311,34 @@ class GradPark:
         return torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
 
-def _step_chunk(optimizer, groups, chunk: list, group_of: dict, coef) -> None:
-    """Step `optimizer` over the weights of `chunk` alone, clipped by `coef`."""
+class _Plan:
+    """A set of optimizer groups as GradPark.step walks them: every weight in order, the
+    parked ones cut into chunks (split_buckets, CHUNK_BYTES), each chunk's weights per group."""
+
+    def __init__(self, groups: list, parked: set) -> None:
+        self.saved = [g["params"] for g in groups]
+        self.weights = [p for params in self.saved for p in params]
+        self.group_of = {id(p): k for k, params in enumerate(self.saved) for p in params}
+        self.count = len(groups)
+        chunked = [p for p in self.weights if id(p) in parked]
+        self.parked = set(map(id, chunked))
+        self.chunks = [self.split(c) for c in split_buckets(chunked, CHUNK_BYTES)]
+
+    def split(self, chunk: list) -> tuple:
+        """(chunk, its weights group by group)."""
+        by_group = [[] for _ in range(self.count)]
+        for p in chunk:
+            by_group[self.group_of[id(p)]].append(p)
+        return chunk, by_group
+
+
+def _step_chunk(optimizer, groups, chunk: list, by_group: list, coef) -> None:
+    """Step `optimizer` over the weights of `chunk` alone (`by_group`: those of each group),
+    clipped by `coef`."""
     if coef is not None:
         torch._foreach_mul_([p.grad for p in chunk], coef)
-    for k, g in enumerate(groups):
-        g["params"] = [p for p in chunk if group_of[p] == k]
+    for g, params in zip(groups, by_group):
+        g["params"] = params
     optimizer.step()
     for p in chunk:
         p.grad = None
