@@ -22,10 +22,12 @@ def pytest_collection_finish(session):
     at the end of every in-process run scans only that test's objects (0.27 s a run, ~400k
     objects, before)."""
     import gc
-    try:
-        import dreambooth.training.trainer  # noqa: F401  (absent where a venv has no torch)
-    except ImportError:
-        pass
+    import sys
+    if "torch" in sys.modules:  # never load torch here: the WebUI lanes test that the tab doesn't
+        try:
+            import dreambooth.training.trainer  # noqa: F401
+        except ImportError:
+            pass
     gc.collect()
     gc.freeze()
 
