@@ -170,6 +170,8 @@ if not LOAD_ERROR:
                              api_auth=_opt("api_auth", ""))
             self.missing, self.fix_command = missing_dependencies(self.python)
             self.calls = host_calls()
+            if not isinstance(self.calls, ForgeCalls):  # AUTOMATIC1111 1.10 loads no Flux
+                self.model_types = db_host.types_without_flux()
 
         def list_checkpoints(self):
             return [db_host.Checkpoint(info.title, info.filename)

@@ -26,12 +26,13 @@ from .checks import (
 )
 from .errors import ConfigError, Problem
 from .fieldspec import spec_field as _f
+from .flux import FLUX_AE, FLUX_CLIP_L, FLUX_T5XXL, FLUX_TYPES, T5_TOKENIZER_DIR, check_flux
 from .migrate import SCHEMA_VERSION, migrate
 from .network import (LOHA_ALPHA, LOHA_RANK, LOKR_ALPHA, LOKR_FACTOR, LOKR_RANK, LORA_TARGETS,
                       NETWORK, check_network)
 from .textfile import parse_json, read_config_text
 
-MODEL_TYPES = ("v1x", "v2x-512", "v2x-768-v", "sdxl")
+MODEL_TYPES = ("v1x", "v2x-512", "v2x-768-v", "sdxl", *FLUX_TYPES)
 OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "prodigy", "adafactor")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 ATTENTION = ("default", "sdpa", "xformers")
@@ -72,7 +73,12 @@ class TrainingConfig:
     model_name: str = _f("my_model", "Name of the model; names the output files and the work folder.")
     source_checkpoint: str = _f("", "Single-file checkpoint to start from (.safetensors, or .ckpt "
                                     "loaded safely).")
-    model_type: str = _f("v1x", "Architecture of the source checkpoint.", choices=MODEL_TYPES)
+    model_type: str = _f("v1x", "Architecture of the source checkpoint (flux-*: the transformer "
+                                "file; its other parts are the flux_* fields).", choices=MODEL_TYPES)
+    flux_clip_l: str = FLUX_CLIP_L
+    flux_t5xxl: str = FLUX_T5XXL
+    flux_ae: str = FLUX_AE
+    t5_tokenizer_dir: str = T5_TOKENIZER_DIR
     method: str = _f("dreambooth", "What to train: 'dreambooth' (the whole model, a checkpoint to "
                                    "output_dir), 'lora' (a LoRA file to lora_dir; use_lora is the "
                                    "older spelling of this), 'textual_inversion' (only a new "
@@ -318,7 +324,7 @@ class TrainingConfig:
         if check_paths:
             problems += check_source(self.source_checkpoint)
         problems += check_lora_and_buckets(self) + check_path_lengths(self) + check_network(self)
-        problems += check_embedding(self)
+        problems += check_embedding(self) + check_flux(self, check_paths)
         if isinstance(self.resume, str) and self.resume not in ("auto", "never") and (
                 not self.resume.strip() or (check_paths and not is_dir(self.resume))):
             problems.append(Problem("resume", self.resume, "is not 'auto', 'never' or an "

@@ -110,6 +110,12 @@ def refuse_resolution(resolution: int, vae_config, unet_config) -> None:
     """A resolution so small that the UNet's deeper levels would be one latent pixel (its
     group norms then fail)."""
     factor = 2 ** (len(vae_config.block_out_channels) - 1)
+    if not hasattr(unet_config, "down_block_types"):  # Flux: 2x2 latent patches
+        if resolution % (2 * factor):
+            raise DataError(f"resolution = {resolution} is not a multiple of {2 * factor}, "
+                            "which this model's latent patches need.",
+                            f"Use {max(2 * factor, resolution // (2 * factor) * 2 * factor)}.")
+        return
     levels = max(len(unet_config.down_block_types) - 2, 0)
     if not _deep_enough(resolution, factor, levels):
         smallest = next(r for r in range(8, 4097, 8) if _deep_enough(r, factor, levels))

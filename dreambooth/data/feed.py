@@ -161,7 +161,9 @@ class DataFeed:
                 px, geometry = load_bucketed(item.path, bucket, self.cfg.center_crop,
                                              random.Random(seed), flip)
                 mean, std = self.vae_encode(px)
-        return (mean + std * eps.to(mean.device)) * self.comp.vae.config.scaling_factor, geometry
+        vae = self.comp.vae.config  # Flux's autoencoder also shifts its latents
+        shift = getattr(vae, "shift_factor", None) or 0.0
+        return (mean + std * eps.to(mean.device) - shift) * vae.scaling_factor, geometry
 
 
 def warn_long_prompts(comp, prompts: list[str], warn) -> None:

@@ -54,6 +54,10 @@ class Host:
     # its Refresh is pressed, with no call to refresh them from here (AUTOMATIC1111 1.10 and
     # Forge: the extra networks' HTML is built once per page and by that button)
     cards_need_refresh: bool = False
+    # the model types whose outputs the host can load (None: all); AUTOMATIC1111 1.10 has no
+    # Flux, so its tab offers none of the flux-* types and says why
+    model_types: tuple | None = None
+    no_flux_note = "AUTOMATIC1111 1.10 has no Flux: train Flux LoRAs under Forge."
 
     def __init__(self, paths: HostPaths, python: str = sys.executable,
                  api_auth: str = "") -> None:
@@ -194,6 +198,13 @@ def sniff_model_type(path: str | os.PathLike, strict: bool = False) -> str | Non
         return None
     meta = header.pop("__metadata__", None) or {}
     return detect_model_type(header, meta, yaml_text)
+
+
+def types_without_flux() -> tuple:
+    """The model types a host without Flux (AUTOMATIC1111 1.10) can load."""
+    from ..config.flux import FLUX_TYPES
+    from ..config.schema import MODEL_TYPES
+    return tuple(t for t in MODEL_TYPES if t not in FLUX_TYPES)
 
 
 def host_defaults(host: Host) -> dict[str, str]:

@@ -45,6 +45,9 @@ class Components:
                 for s in self.spec.text_encoders]
 
     def noise_scheduler(self):
+        if self.spec.family == "flux":
+            from diffusers import FlowMatchEulerDiscreteScheduler
+            return FlowMatchEulerDiscreteScheduler.from_config(self.configs["scheduler"])
         from diffusers import DDPMScheduler
         return DDPMScheduler.from_config(self.configs["scheduler"])
 
@@ -57,12 +60,17 @@ def _token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
 
 
 def encode_prompts(comp: Components, prompts: list[str], device, encoders=None) -> dict:
-    """{"hidden": encoder states [B, 77, D]} and, for SDXL, "pooled" [B, P]. SD 1.x/2.x: the
+    """{"hidden": encoder states [B, 77, D]} and, for SDXL and Flux, "pooled" [B, P] (Flux:
+    T5's states [B, tokens, D], CLIP-L's pooled output). SD 1.x/2.x: the
     encoder's last hidden state (SD 2.x's model already ends at the penultimate layer); SDXL: the
     penultimate states of both encoders side by side, pooled from the second."""
     encoders = list(encoders) if encoders else comp.text_encoders
     if comp.rewrite_prompt is not None:
         prompts = [comp.rewrite_prompt(p) for p in prompts]
+    if comp.spec.family == "flux":  # as diffusers' FluxPipeline: CLIP's pooled, T5's states
+        pooled = encoders[0](_token_ids(comp.tokenizer, prompts, device))[1]
+        return {"hidden": encoders[1](_token_ids(comp.tokenizer_2, prompts, device))[0],
+                "pooled": pooled}
     if comp.spec.family != "sdxl":
         return {"hidden": encoders[0](_token_ids(comp.tokenizer, prompts, device))[0]}
     hidden = []

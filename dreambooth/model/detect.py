@@ -10,7 +10,8 @@ import re
 
 from ..config.errors import CheckpointError
 
-FAMILY = {"v1x": "v1", "v2x-512": "v2", "v2x-768-v": "v2", "sdxl": "sdxl"}
+FAMILY = {"v1x": "v1", "v2x-512": "v2", "v2x-768-v": "v2", "sdxl": "sdxl", "flux-dev": "flux",
+          "flux-schnell": "flux"}
 ARCHITECTURE_TYPES = {"stable-diffusion-v1": "v1x", "stable-diffusion-v2-512": "v2x-512",
                       "stable-diffusion-v2-768-v": "v2x-768-v",
                       "stable-diffusion-xl-v1-base": "sdxl"}
@@ -24,6 +25,20 @@ OTHER_KINDS = {"embedder.model.": "an unCLIP (image variation) model",
                "depth_model.": "a depth model",
                "cond_stage_model.roberta.": "an AltDiffusion model",
                "control_model.": "a ControlNet", "lora_unet_": "a LoRA, not a checkpoint"}
+
+
+FLUX_MARK = "double_blocks.0.img_attn.norm.key_norm.scale"  # BFL's original transformer layout
+FLUX_PREFIX = "model.diffusion_model."  # of the all-in-one files
+
+
+def flux_type(state) -> str | None:
+    """'flux-dev' (it has the guidance embedding), 'flux-schnell', or None: a Flux.1
+    transformer in BFL's key layout, with or without the all-in-one files' prefix."""
+    for prefix in ("", FLUX_PREFIX):
+        if prefix + FLUX_MARK in state:
+            return "flux-dev" if prefix + "guidance_in.in_layer.weight" in state \
+                else "flux-schnell"
+    return None
 
 
 def family_of(state: dict) -> str | None:
@@ -73,6 +88,8 @@ def detect_model_type(state: dict, metadata: dict | None = None,
     `state` that is not a mapping: a damaged header)."""
     if not hasattr(state, "keys"):
         return None
+    if flux := flux_type(state):
+        return flux
     family = family_of(state)
     if family == "v2":
         return "v2x-768-v" if prediction_evidence(metadata or {}, yaml_text) == "v" else "v2x-512"
@@ -105,7 +122,7 @@ def check_model_type(state: dict, metadata: dict, yaml_text: str | None, chosen:
 def _check_widths(state: dict, family: str, name: str) -> None:
     """The UNet's cross-attention must take what the text encoder(s) give."""
     key = "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight"
-    widths = [state[k].shape[0] for k in TEXT_WIDTH_KEYS[family] if k in state]
+    widths = [state[k].shape[0] for k in TEXT_WIDTH_KEYS.get(family, ()) if k in state]
     if key in state and len(widths) == len(TEXT_WIDTH_KEYS[family]) \
             and state[key].shape[-1] != sum(widths):
         raise CheckpointError(f"'{name}' does not fit together: its UNet expects text features "

@@ -6,14 +6,16 @@ from datetime import datetime, timezone
 
 SPEC_VERSION = "1.0.0"
 IMPL_STABILITY = "https://github.com/Stability-AI/generative-models"  # the single-file layout
-IMPL_DIFFUSERS = "diffusers"  # module names of diffusers (kohya LoRAs of SD 1.x/2.x)
-PREDICTION = {"epsilon": "epsilon", "v_prediction": "v", "v": "v"}
+IMPL_DIFFUSERS = "diffusers"
+IMPL_BFL = "https://github.com/black-forest-labs/flux"  # Flux: BFL's module names  # module names of diffusers (kohya LoRAs of SD 1.x/2.x)
+PREDICTION = {"epsilon": "epsilon", "v_prediction": "v", "v": "v", "flow": "flow"}
 
 
 def model_metadata(spec, title: str, given: dict, lora: bool = False) -> dict:
     """modelspec.* for a file of `spec` (a LoRA when `lora`), completed with and overridden
     by `given` (title, trigger phrase, resolution, ...); prediction type in the spec's words."""
-    impl = IMPL_STABILITY if not lora or spec.family == "sdxl" else IMPL_DIFFUSERS
+    impl = IMPL_BFL if spec.family == "flux" else \
+        IMPL_STABILITY if not lora or spec.family == "sdxl" else IMPL_DIFFUSERS
     meta = {"modelspec.sai_model_spec": SPEC_VERSION,
             "modelspec.architecture": spec.architecture + ("/lora" if lora else ""),
             "modelspec.implementation": impl, "modelspec.title": title,

@@ -42,6 +42,11 @@ class ModelSpec:
     # the computed (not learned) buffers the original architecture's checkpoints carry, each
     # [num_train_timesteps] and fp32 in every save precision
     buffers: tuple = ()
+    # flow matching (Flux): the timestep shift, the guidance the transformer is given (dev's
+    # guidance embedding; None: none), the tokens of T5 read
+    shift: float = 1.0
+    guidance: float | None = None
+    t5_tokens: int = 0
 
     @property
     def components(self) -> tuple:
@@ -61,6 +66,8 @@ LDM_BUFFERS = (  # ldm.models.diffusion.ddpm.LatentDiffusion.register_schedule
     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
     "posterior_mean_coef1", "posterior_mean_coef2")
 SGM_BUFFERS = ("denoiser.sigmas",)  # sgm DiffusionEngine's DiscreteDenoiser
+FLUX_TE = (TextEncoderSlot("text_encoder", "", lora_prefix="lora_te1"),
+           TextEncoderSlot("text_encoder_2", "", "t5", lora_prefix="lora_te2"))
 SPECS = {
     "v1x": ModelSpec("v1x", "Stable Diffusion 1.x", "v1", 512, "epsilon", "stable-diffusion-v1",
                      V1_TE, LDM_BUFFERS),
@@ -70,6 +77,12 @@ SPECS = {
                            "v_prediction", "stable-diffusion-v2-768-v", V2_TE, LDM_BUFFERS),
     "sdxl": ModelSpec("sdxl", "Stable Diffusion XL", "sdxl", 1024, "epsilon",
                       "stable-diffusion-xl-v1-base", XL_TE, SGM_BUFFERS),
+    # as diffusers' train_dreambooth_lora_flux.py trains them: its scheduler's shift, its
+    # default guidance 3.5 (dev), T5's 512 tokens (schnell: 256, as its pipeline reads)
+    "flux-dev": ModelSpec("flux-dev", "FLUX.1 [dev]", "flux", 1024, "flow", "flux-1-dev",
+                          FLUX_TE, shift=3.0, guidance=3.5, t5_tokens=512),
+    "flux-schnell": ModelSpec("flux-schnell", "FLUX.1 [schnell]", "flux", 1024, "flow",
+                              "flux-1-schnell", FLUX_TE, shift=1.0, t5_tokens=256),
 }
 
 

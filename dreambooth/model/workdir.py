@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from .. import assets
 from ..config import TrainingConfig
 from ..config.errors import DreamboothError, short_repr
+from ..config.flux import FLUX_TYPES
 from .checkpoint import write_safetensors, write_text
 from .components import Components, instantiate, load_module, make_components, te_load, te_state
 from .single_file import load_single_file, read_ahead
@@ -132,6 +133,9 @@ def load_model(config: TrainingConfig, say,
     """The working model: the model's own working folder when it came from this source (to go
     on training it), else a fresh conversion of the source checkpoint, its weights in `dtype`
     as load_single_file takes it (None: as the file stores them). Returns (model, revision)."""
+    if config.model_type in FLUX_TYPES:  # a LoRA of its files, no working folder
+        from .flux import load_flux
+        return load_flux(config, dtype), 0
     info = _working_info(config)
     if info is not None:
         say(f"Continuing from the working model at revision {info.get('revision', 0)}.")
@@ -161,7 +165,7 @@ def read_source_ahead(config: TrainingConfig, dtype: torch.dtype | None = None) 
     """Start reading what load_model(config, dtype=dtype) will load from the source file, if
     it will (single_file.read_ahead): not when the working folder goes on from it."""
     try:
-        if _working_info(config) is None:
+        if _working_info(config) is None and config.model_type not in FLUX_TYPES:
             read_ahead(config.source_checkpoint, config.model_type, dtype)
     except (OSError, ValueError, DreamboothError):  # load_model says what is wrong
         pass

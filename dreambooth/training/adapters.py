@@ -17,7 +17,7 @@ from ..config.network import targets_of
 from ..model.checkpoint import SAVE_DTYPES, cast_for_save, write_text
 from ..model.metadata import model_metadata
 from .lora import (BASE_VERSION, WEBUI_VERSION, expected_layout, inject, kohya_name, kohya_state,
-                   merged_state, target_modules, target_paths)
+                   lora_pairs, merged_state, target_modules, target_paths)
 from .networks import (OURS, PARAMS, inject_network, network_params, param_shapes, rank_alpha,
                        update)
 
@@ -112,7 +112,11 @@ def ss_metadata(cfg, spec, steps: int, epochs: int, images: list, n_class: int,
         folder = tags.setdefault(Path(item.path).parent.name, Counter())
         folder.update(t.strip() for t in item.prompt.split(",") if t.strip())
     when = (trained_at or datetime.now(timezone.utc)).timestamp()
-    return {**network_keys(cfg), "ss_base_model_version": BASE_VERSION[spec.family],
+    flux = {} if spec.family != "flux" else {  # kohya's Flux keys, in its words
+        "ss_model_prediction_type": "raw", "ss_timestep_sampling": "shift" if spec.shift != 1
+        else "uniform", "ss_discrete_flow_shift": str(spec.shift),
+        "ss_guidance_scale": str(spec.guidance or 1.0), "ss_weighting_scheme": "none"}
+    return {**network_keys(cfg), **flux, "ss_base_model_version": BASE_VERSION[spec.family],
         "ss_v2": str(spec.family == "v2"),
         "ss_v_parameterization": str(spec.prediction_type == "v_prediction"),
         "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
@@ -149,6 +153,10 @@ def network_keys(cfg) -> dict:
 
 def file_tensors(comp, cfg, states: dict) -> tuple[dict, dict]:
     """(the file's tensors, key -> shape they must have) of the network cfg trains."""
+    if comp.spec.family == "flux":
+        from . import flux_lora
+        return (flux_lora.kohya_state(comp, cfg, lora_pairs(states["unet"])),
+                flux_lora.expected_layout(comp, cfg))
     if cfg.network in OURS:
         return network_state(comp, cfg, states), expected_network_layout(comp, cfg)
     targets = targets_of(cfg)

@@ -28,8 +28,8 @@ TRANSFORMER = re.compile(r"(^|\.)attentions\.\d+\.")  # inside a Transformer2DMo
 CONV = r"resnets\.\d+\.(conv1|conv2|conv_shortcut)"  # LoCon's modules (peft pattern)
 RESNET_CONV = re.compile(rf"(^|\.){CONV}$")
 ADAPTER = "default"
-BASE_VERSION = {"v1": "sd_v1", "v2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-WEBUI_VERSION = {"v1": "SD1", "v2": "SD2", "sdxl": "SDXL"}
+BASE_VERSION = {"v1": "sd_v1", "v2": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}
+WEBUI_VERSION = {"v1": "SD1", "v2": "SD2", "sdxl": "SDXL", "flux": "Unknown"}
 
 
 def inject(module, rank: int, alpha: float, targets=UNET_TARGETS,
@@ -72,6 +72,10 @@ def target_paths(module, component: str, targets: str = "attention") -> list[str
     """The module paths `targets` ('attention' | 'transformer' | 'transformer+conv') adapts in
     a plain (not yet wrapped) UNet or text encoder."""
     import torch.nn as nn
+    from .flux_lora import is_flux
+    if component == "unet" and is_flux(module):
+        from .flux_lora import target_paths as flux_paths
+        return flux_paths(module, targets)
     out = []
     for path, m in module.named_modules():
         if not isinstance(m, (nn.Linear, nn.Conv2d)):

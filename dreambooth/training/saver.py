@@ -206,6 +206,9 @@ class Saver:
         """Preview images of every concept with the UNet as it is now (the frozen modules must
         be on the UNet's device)."""
         cfg, comp = self.cfg, self.comp
+        if comp.spec.family == "flux":
+            self.emit(ev.Message("Preview images are not made for Flux yet.", "warning"))
+            return
         pipe = make_pipeline(comp, unet=unet, text_encoder=comp.text_encoder)
         folder = cfg.model_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from ..data import buckets
 from ..data.feed import DataFeed
 from ..model.components import unet_kwargs
 from ..model.workdir import load_model, read_source_ahead
-from . import backends, embedding, fp8, liblog, parked
+from . import backends, embedding, flow, fp8, liblog, parked
 from .advice import plan_run, text_encoder_stop
 from .backends import gpu_total_memory
 from .optim import make_optimizer, trainable_groups
@@ -138,7 +138,8 @@ class Trainer:
         self.feed.cache()
         self.park_frozen()
         self.place_unet()
-        self.attention = backends.set_attention(self.comp.unet, cfg.attention, self.warn)
+        self.attention = "sdpa" if self.comp.spec.family == "flux" else \
+            backends.set_attention(self.comp.unet, cfg.attention, self.warn)  # Flux's: SDPA
         self.plan_steps()
         self.saver = Saver(cfg, self.comp, self.acc, self.emit, self.revision)
         self.saver.refuse_clashes(self.save_steps())
@@ -211,6 +212,8 @@ class Trainer:
 
     # -- one step ------------------------------------------------------------------------
     def step_loss(self, order, b, rng, gen):
+        if self.comp.spec.family == "flux":  # flow matching (flow.py)
+            return flow.flow_step(self, order, b, rng, gen)
         encoders = self.models[1:] if self.cfg.trains_text_encoder else None
         latents, cond, geometry, n_inst, rows, n_global = self.feed.batch(order, b, rng, gen,
                                                                           encoders)

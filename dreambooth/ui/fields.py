@@ -17,7 +17,8 @@ MAX_CONCEPTS = 4
 # Sections of the tab and the fields they hold, in order. BASIC: the ~15 controls a first-time
 # user needs; every other field shows under the section's "Advanced" accordion.
 SECTIONS: dict[str, tuple[str, ...]] = {
-    "Model": ("model_name", "source_checkpoint", "model_type", "work_dir", "resume"),
+    "Model": ("model_name", "source_checkpoint", "model_type", "work_dir", "resume",
+              "flux_clip_l", "flux_t5xxl", "flux_ae", "t5_tokenizer_dir"),
     "Parameters": ("steps_per_image", "batch_size", "learning_rate", "resolution",
                    "optimizer", "mixed_precision", "attention", "cache_latents",
                    "memory_preset", "train_text_encoder", "prior_loss_weight", "sample_every_epochs",
@@ -100,6 +101,8 @@ LABELS = {
     "embedding_dir": "Save embedding to folder",
     "log_with": "Run tracking (TensorBoard, wandb, MLflow ...)",
     "logging_dir": "Tracking folder",
+    "flux_clip_l": "Flux: CLIP-L file", "flux_t5xxl": "Flux: T5-XXL file",
+    "flux_ae": "Flux: autoencoder (ae) file", "t5_tokenizer_dir": "Flux: T5 tokenizer folder",
 }
 
 
@@ -152,6 +155,18 @@ def config_specs() -> dict[str, list[WidgetSpec]]:
     if rest:
         out["Other"] = rest
     return out
+
+
+def host_model_types(spec: WidgetSpec, host) -> WidgetSpec:
+    """The model type widget as `host` can use it: only the types it loads (Host.model_types),
+    and, where that leaves out Flux, its note why."""
+    allowed = getattr(host, "model_types", None)
+    if allowed is None:
+        return spec
+    left_out = [c for c in spec.choices if c not in allowed]
+    note = f" {host.no_flux_note}" if any(c.startswith("flux") for c in left_out) else ""
+    return dataclasses.replace(spec, choices=tuple(c for c in spec.choices if c in allowed),
+                               help=spec.help + note)
 
 
 def concept_specs(index: int) -> list[WidgetSpec]:

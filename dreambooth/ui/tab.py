@@ -102,6 +102,8 @@ class Tab:
 
     def _add(self, spec: fields.WidgetSpec, value) -> None:
         choices = self.actions.checkpoint_titles() if spec.key == "source_checkpoint" else None
+        if spec.key == "model_type":
+            spec = fields.host_model_types(spec, self.actions.host)
         self.widgets[spec.key] = _widget(spec, value, choices)
 
     def _concepts_section(self, values: dict, count: int) -> None:

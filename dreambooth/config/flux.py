@@ -1,0 +1,95 @@
+"""Flux.1 (dev, schnell) settings: the separate files a Flux run is given beside the transformer
+(the source checkpoint), and what this version trains of Flux. Standard library only.
+
+A Flux run is a LoRA on the transformer, with the text encoders and the autoencoder frozen;
+what that does not cover yet is refused here, before anything loads, one sentence each.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import Problem
+from .fieldspec import spec_field
+
+FLUX_TYPES = ("flux-dev", "flux-schnell")
+
+FLUX_CLIP_L = spec_field("", "Flux: the CLIP-L text encoder file (e.g. Forge's "
+                             "models/text_encoder/clip_l.safetensors).")
+FLUX_T5XXL = spec_field("", "Flux: the T5-XXL text encoder file (e.g. Forge's "
+                            "models/text_encoder/t5xxl_fp16.safetensors).")
+FLUX_AE = spec_field("", "Flux: the autoencoder file (e.g. Forge's models/VAE/ae.safetensors).")
+T5_TOKENIZER_DIR = spec_field("", "Flux: a folder holding T5's tokenizer (tokenizer.json or "
+                                  "spiece.model, e.g. the tokenizer_2 folder of FLUX.1-dev); "
+                                  "nothing is downloaded.")
+FLUX_FILES = ("flux_clip_l", "flux_t5xxl", "flux_ae")
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+# (field, value it must have, why not yet): what this version does not train of Flux
+NOT_YET = (
+    ("method", "lora", "only a LoRA of the transformer is trained for Flux so far",
+     "set method to 'lora'"),
+    ("network", "lora", "Flux LoRAs are plain LoRA so far (LoCon/LoHa/LoKr/DoRA are not done)",
+     "set network to 'lora'"),
+    ("lora_text_encoder", False, "Flux's text encoders are not trained yet",
+     "turn lora_text_encoder off"),
+    ("train_text_encoder", False, "Flux's text encoders are not trained yet",
+     "turn train_text_encoder off"),
+    ("fp8_base", False, "fp8_base is not done for Flux yet", "turn fp8_base off"),
+    ("use_ema", False, "EMA is not done for Flux yet", "turn use_ema off"),
+    ("lora_merge", False, "merging into a Flux checkpoint is not done yet",
+     "turn lora_merge off"),
+    ("sample_every_epochs", 0, "preview images are not made for Flux yet",
+     "set sample_every_epochs to 0"),
+    ("compile", "off", "compiling is not done for Flux yet", "set compile to 'off'"),
+    ("min_snr_gamma", 0.0, "Min-SNR weighting is for noise-prediction models, not Flux's flow "
+     "matching", "set min_snr_gamma to 0"),
+)
+
+
+def check_flux(cfg, check_paths: bool) -> list[Problem]:
+    """What a Flux config lacks or asks for that is not done yet (nothing for other types)."""
+    if cfg.model_type not in FLUX_TYPES:
+        return []
+    problems = [Problem(name, getattr(cfg, name), why, fix) for name, want, why, fix in NOT_YET
+                if getattr(cfg, name, want) != want]
+    if cfg.lora_targets == "transformer+conv":
+        problems.append(Problem("lora_targets", cfg.lora_targets, "Flux's transformer has no "
+                                "convolutions", "use 'attention' or 'transformer'"))
+    for i, concept in enumerate(cfg.concepts):
+        if getattr(concept, "uses_prior", False):
+            problems.append(Problem(f"concepts[{i}].class_images_per_instance",
+                                    concept.class_images_per_instance,
+                                    "prior preservation is not done for Flux yet",
+                                    "set it to 0 (or clear the class prompt)"))
+    if check_paths:
+        problems += _missing_files(cfg)
+    return problems
+
+
+def _missing_files(cfg) -> list[Problem]:
+    problems = []
+    for name in FLUX_FILES:
+        value = getattr(cfg, name)
+        if not isinstance(value, str) or not _is_file(value):
+            problems.append(Problem(name, value, "is not an existing file; a Flux run needs the "
+                                    "text encoders and the autoencoder as separate files",
+                                    f"give the path of the {_WHAT[name]}"))
+    folder = cfg.t5_tokenizer_dir
+    if not isinstance(folder, str) or not folder.strip() or not any(
+            _is_file(str(Path(folder) / f)) for f in TOKENIZER_FILES):
+        problems.append(Problem("t5_tokenizer_dir", folder, "holds no T5 tokenizer "
+                                "(tokenizer.json or spiece.model), and none is downloaded",
+                                "give a folder with T5's tokenizer, e.g. the tokenizer_2 folder "
+                                "of FLUX.1-dev or of google/t5-v1_1-xxl"))
+    return problems
+
+
+_WHAT = {"flux_clip_l": "CLIP-L text encoder (clip_l.safetensors)",
+         "flux_t5xxl": "T5-XXL text encoder (t5xxl_fp16.safetensors)",
+         "flux_ae": "Flux autoencoder (ae.safetensors)"}
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return bool(path) and Path(path).is_file()
+    except (OSError, ValueError):
+        return False

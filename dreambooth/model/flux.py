@@ -1,0 +1,171 @@
+"""A Flux.1 working model from the files Forge users have: the transformer as a single file in
+BFL's layout (the source checkpoint), CLIP-L and T5-XXL as transformers-layout files, the
+autoencoder in BFL's (LDM) layout, T5's tokenizer from a folder the user names; CLIP-L's ships
+with the package. Every config comes from the files' own keys and shapes; nothing is downloaded.
+
+In: a TrainingConfig of a flux-* type. Out: Components (unet: the transformer; text_encoder:
+CLIP-L, text_encoder_2: T5; vae: the autoencoder), its weights as stored (or in `dtype`).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .. import assets
+from ..config.errors import CheckpointError
+from . import convert, flux_keys
+from .checkpoint import LazyState, open_checkpoint
+from .components import Components, load_module, te_load
+from .detect import flux_type
+from .spec import spec_for
+
+AE_SCALE, AE_SHIFT = 0.3611, 0.1159  # FLUX.1's autoencoder latents: (z - shift) * scale
+CLIP_EXTRA = ("text_projection.weight", "logit_scale")  # in some clip_l files, unused here
+
+
+def _count(keys, pattern: str) -> int:
+    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else 0
+
+
+def _shape(state, key: str) -> tuple:
+    return tuple(state.shape(key)) if isinstance(state, LazyState) else tuple(state[key].shape)
+
+
+def clip_config(state) -> dict:
+    """CLIP-L's text config (the one SD 1.x ships: the same encoder) sized from a file."""
+    cfg = assets.load_config("v1x", "text_encoder")
+    keys = {k.removeprefix("text_model.") for k in state}
+    prefix = "text_model." if any(k.startswith("text_model.") for k in state) else ""
+    vocab, hidden = _shape(state, prefix + "embeddings.token_embedding.weight")
+    cfg.update(vocab_size=vocab, hidden_size=hidden, projection_dim=hidden,
+               num_attention_heads=max(1, hidden // 64),
+               intermediate_size=_shape(state, prefix + "encoder.layers.0.mlp.fc1.weight")[0],
+               max_position_embeddings=_shape(
+                   state, prefix + "embeddings.position_embedding.weight")[0],
+               num_hidden_layers=_count(keys, r"encoder\.layers\.(\d+)\."))
+    return {k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}
+
+
+def t5_config(state) -> dict:
+    """T5 v1.1's encoder config (gated GELU) sized from a transformers-layout file."""
+    attn = "encoder.block.0.layer.0.SelfAttention."
+    buckets, heads = _shape(state, attn + "relative_attention_bias.weight")
+    vocab, width = _shape(state, "shared.weight")
+    return {"vocab_size": vocab, "d_model": width, "num_heads": heads,
+            "d_kv": _shape(state, attn + "q.weight")[0] // heads,
+            "d_ff": _shape(state, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight")[0],
+            "num_layers": _count(state, r"encoder\.block\.(\d+)\."),
+            "relative_attention_num_buckets": buckets, "relative_attention_max_distance": 128,
+            "feed_forward_proj": "gated-gelu", "is_encoder_decoder": False, "use_cache": False,
+            "tie_word_embeddings": False, "dropout_rate": 0.0}
+
+
+def ae_config(state) -> dict:
+    """The autoencoder's AutoencoderKL config from a BFL ae file (no quant convs)."""
+    cfg = assets.load_config("v1x", "vae")
+    levels = _count(state, r"encoder\.down\.(\d+)\.")
+    blocks = [_shape(state, f"encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)]
+    cfg.update(block_out_channels=blocks, down_block_types=["DownEncoderBlock2D"] * levels,
+               up_block_types=["UpDecoderBlock2D"] * levels,
+               layers_per_block=_count(state, r"encoder\.down\.0\.block\.(\d+)\."),
+               latent_channels=_shape(state, "decoder.conv_in.weight")[1],
+               use_quant_conv="quant_conv.weight" in state,
+               use_post_quant_conv="post_quant_conv.weight" in state,
+               scaling_factor=AE_SCALE, shift_factor=AE_SHIFT)
+    return cfg
+
+
+def t5_tokenizer(folder: str, max_length: int):
+    """T5's tokenizer from the user's folder, offline."""
+    from transformers import T5TokenizerFast
+    try:
+        tok = T5TokenizerFast.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"The T5 tokenizer in '{folder}' can't be read ({type(e).__name__}"
+                              f": {' '.join(str(e).split())[:160]}).", "Give the tokenizer_2 "
+                              "folder of FLUX.1-dev (tokenizer.json or spiece.model with its "
+                              "tokenizer_config.json).") from None
+    if not 0 < tok.model_max_length <= max_length:
+        tok.model_max_length = max_length
+    return tok
+
+
+def _opened(path: str, what: str) -> LazyState | dict:
+    state, _ = open_checkpoint(path)
+    if not len(state):
+        raise CheckpointError(f"The {what} file '{Path(path).name}' holds no tensors.",
+                              f"Choose the {what} file.")
+    return state
+
+
+def _transformer(cfg, dtype):
+    from diffusers import FluxTransformer2DModel
+    name = Path(cfg.source_checkpoint).name
+    state = _opened(cfg.source_checkpoint, "Flux transformer")
+    found = flux_type(state)
+    if found is None:
+        raise CheckpointError(f"'{name}' is not a Flux.1 transformer in BFL's layout (no "
+                              "double_blocks.* keys).", "Choose the transformer file (e.g. "
+                              "flux1-dev.safetensors from Forge's models/Stable-diffusion).")
+    if found != cfg.model_type:
+        raise CheckpointError(f"'{name}' is a {found} transformer, but the model type is set "
+                              f"to {cfg.model_type}.", f"Set the model type to {found}.")
+    config = flux_keys.transformer_config(state)
+    module = _empty(lambda: FluxTransformer2DModel.from_config(config))
+    load_module(module, flux_keys.to_diffusers(state), f"Flux transformer '{name}'", dtype)
+    return config, module
+
+
+def _empty(build):
+    from accelerate import init_empty_weights
+    with init_empty_weights(include_buffers=False):
+        return build()
+
+
+def _encoders(cfg, dtype) -> tuple[dict, dict]:
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    clip = _opened(cfg.flux_clip_l, "CLIP-L")
+    configs = {"text_encoder": clip_config(clip)}
+    modules = {"text_encoder": _empty(lambda: CLIPTextModel(CLIPTextConfig(
+        **configs["text_encoder"])))}
+    te_load(modules["text_encoder"], {k: clip[k] for k in clip
+                                      if k.removeprefix("text_model.") not in CLIP_EXTRA},
+            f"CLIP-L text encoder '{Path(cfg.flux_clip_l).name}'", dtype)
+    t5 = _opened(cfg.flux_t5xxl, "T5-XXL")
+    configs["text_encoder_2"] = t5_config(t5)
+    module = _empty(lambda: T5EncoderModel(T5Config(**configs["text_encoder_2"])))
+    wanted = set(module.state_dict())
+    state = {k: t5[k] for k in t5 if k in wanted}
+    if "encoder.embed_tokens.weight" in wanted and "encoder.embed_tokens.weight" not in state:
+        state["encoder.embed_tokens.weight"] = state.get("shared.weight")  # tied in T5
+    load_module(module, state, f"T5 text encoder '{Path(cfg.flux_t5xxl).name}'", dtype)
+    modules["text_encoder_2"] = module
+    return configs, modules
+
+
+def _ae(cfg, dtype):
+    from diffusers import AutoencoderKL
+    state = _opened(cfg.flux_ae, "autoencoder")
+    config = ae_config(state)
+    module = _empty(lambda: AutoencoderKL.from_config(config))
+    load_module(module, convert.from_ldm(state, convert.vae_prefix_map(config), "", vae=True),
+                f"autoencoder '{Path(cfg.flux_ae).name}'", dtype)
+    return config, module
+
+
+def load_flux(cfg, dtype: torch.dtype | None = torch.float32) -> Components:
+    """The Flux working model of `cfg` (weights in `dtype`; None: as stored)."""
+    spec = spec_for(cfg.model_type)
+    unet_config, transformer = _transformer(cfg, dtype)
+    configs, encoders = _encoders(cfg, dtype)
+    vae_config, vae = _ae(cfg, dtype)
+    configs.update(unet=unet_config, vae=vae_config, scheduler={
+        "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+        "shift": spec.shift})
+    tokenizer_2 = t5_tokenizer(cfg.t5_tokenizer_dir, spec.t5_tokens)
+    return Components(cfg.model_type, configs, transformer, vae, encoders["text_encoder"],
+                      assets.load_tokenizer(), text_encoder_2=encoders["text_encoder_2"],
+                      tokenizer_2=tokenizer_2)

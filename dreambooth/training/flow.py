@@ -1,0 +1,66 @@
+"""Flux's objective, rectified flow, as diffusers' train_dreambooth_lora_flux.py trains it: a
+point between the latents (t = 0) and noise (t = 1), x_t = (1 - t) x_0 + t e, with t drawn
+uniformly and shifted toward noise by the spec's shift (t' = s t / (1 + (s - 1) t)); the
+transformer reads x_t as packed 2x2 patches with their positions, the text as T5's states with
+CLIP's pooled vector, t (and, for dev, the guidance it was distilled with) and predicts the
+velocity e - x_0. Pure helpers and one step, tested against independent sums."""
+from __future__ import annotations
+
+import torch
+
+from .loss import draw_noise, dreambooth_loss, take_rows
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, H/2 * W/2, 4C]: each 2x2 patch one token (channels, then the patch)."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """pack's inverse, for latents of height h and width w."""
+    b, _, d = tokens.shape
+    x = tokens.reshape(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, h, w)
+
+
+def image_ids(h: int, w: int, device) -> torch.Tensor:
+    """[(h/2) (w/2), 3]: each packed token's (0, row, column), its rotary position."""
+    ids = torch.zeros(h // 2, w // 2, 3, device=device)
+    ids[..., 1] = torch.arange(h // 2, device=device)[:, None]
+    ids[..., 2] = torch.arange(w // 2, device=device)[None, :]
+    return ids.reshape(-1, 3)
+
+
+def shifted(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """The timestep shift of flow matching schedulers (shift 1: t itself)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flow_loss(transformer, latents, cond: dict, noise, sigmas, n_instance: int,
+              prior_weight: float, guidance: float | None) -> tuple:
+    """Interpolate, predict the velocity and return dreambooth_loss(...) against e - x_0."""
+    b, _, h, w = latents.shape
+    s = sigmas.reshape(-1, 1, 1, 1).to(latents.dtype)
+    noisy = (1 - s) * latents + s * noise
+    hidden = cond["hidden"]
+    extra = {} if guidance is None else {
+        "guidance": torch.full((b,), guidance, device=latents.device, dtype=torch.float32)}
+    pred = transformer(hidden_states=pack(noisy), timestep=sigmas,
+                       pooled_projections=cond["pooled"], encoder_hidden_states=hidden,
+                       txt_ids=torch.zeros(hidden.shape[1], 3, device=latents.device),
+                       img_ids=image_ids(h, w, latents.device), return_dict=False, **extra)[0]
+    return dreambooth_loss(unpack(pred, h, w), noise - latents, n_instance, prior_weight)
+
+
+def flow_step(trainer, order, b: int, rng, gen) -> tuple:
+    """Trainer.step_loss for Flux: the batch, its noise and timesteps (drawn for the whole global
+    batch, as step_draws does), the loss."""
+    cfg, spec, device = trainer.cfg, trainer.comp.spec, trainer.device
+    latents, cond, _, n_inst, rows, n_global = trainer.feed.batch(order, b, rng, gen, None)
+    noise = draw_noise((n_global, *latents.shape[1:]), gen, gen.device, cfg.offset_noise)
+    sigmas = shifted(torch.rand((n_global,), generator=gen, device=gen.device), spec.shift)
+    cond = {k: v.to(device) for k, v in cond.items()}
+    return flow_loss(trainer.models[0], latents, cond, take_rows(noise, rows),
+                     take_rows(sigmas, rows), n_inst, cfg.prior_loss_weight, spec.guidance)

@@ -1,0 +1,200 @@
+"""Flux.1 LoRA: a tiny Flux in the files Forge users have (BFL transformer, clip_l, t5xxl, ae, a
+T5 tokenizer folder) detected, loaded and trained end to end; its file in kohya's Flux layout
+read by diffusers' own kohya reader; at full size, the BFL key map checked against diffusers'
+converter and the LoRA's every key against diffusers' reader."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dreambooth import Concept, TrainingConfig
+from dreambooth.config.errors import ConfigError
+from dreambooth.model import flux_keys
+from dreambooth.model.detect import detect_model_type, flux_type
+from dreambooth.model.tiny_flux import make_tiny_flux
+from dreambooth.training import flux_lora
+from dreambooth.training.lora import lora_pairs
+
+FULL = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+            guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    """A tiny FLUX.1-dev's files, built once per session (read them, never change them)."""
+    return make_tiny_flux(tmp_path_factory.mktemp("tiny_flux"), "flux-dev")
+
+
+def flux_config(files, instance_dir, tmp_path, **changes) -> TrainingConfig:
+    settings = dict(model_name="flux", model_type="flux-dev", method="lora",
+                    work_dir=str(tmp_path / "runs"), lora_dir=str(tmp_path / "Lora"),
+                    resolution=32, center_crop=True, batch_size=1, steps_per_image=1,
+                    lora_rank=2, lora_alpha=4.0, lora_learning_rate=1e-2,
+                    concepts=(Concept(str(instance_dir), "photo of sks dog"),), **files)
+    return TrainingConfig(**{**settings, **changes})
+
+
+@pytest.mark.once
+def test_flux_types_are_told_from_the_keys():
+    dev = {"double_blocks.0.img_attn.norm.key_norm.scale": 0, "guidance_in.in_layer.weight": 0}
+    schnell = {"double_blocks.0.img_attn.norm.key_norm.scale": 0}
+    assert flux_type(dev) == detect_model_type(dev) == "flux-dev"
+    assert flux_type(schnell) == detect_model_type(schnell) == "flux-schnell"
+    prefixed = {"model.diffusion_model." + k: v for k, v in dev.items()}
+    assert detect_model_type(prefixed) == "flux-dev"
+    assert flux_type({"model.diffusion_model.input_blocks.0.0.weight": 0}) is None
+
+
+@pytest.mark.once
+def test_headless_run_without_t5_tokenizer_refuses_before_loading(tiny_flux, instance_dir,
+                                                                   tmp_path):
+    from dreambooth.training.trainer import train
+    cfg = flux_config({**tiny_flux, "t5_tokenizer_dir": ""}, instance_dir, tmp_path)
+    with pytest.raises(ConfigError) as e:
+        train(cfg)
+    problems = {p.field: p for p in e.value.problems}
+    assert set(problems) == {"t5_tokenizer_dir"}
+    assert "none is downloaded" in problems["t5_tokenizer_dir"].why
+    not_yet = flux_config(tiny_flux, instance_dir, tmp_path, method="dreambooth",
+                          sample_every_epochs=1).validate()
+    assert {p.field for p in not_yet} == {"method", "sample_every_epochs"}
+
+
+@pytest.fixture(scope="module")
+def full_meta():
+    """A full-size FLUX.1-dev transformer on the meta device (shapes, no memory)."""
+    from diffusers import FluxTransformer2DModel
+    with torch.device("meta"):
+        return FluxTransformer2DModel(**FULL)
+
+
+def thin_bfl(meta) -> dict:
+    """Its BFL keys, each tensor one column whose rows count up (each tensor from its own
+    start): the rows' order is what the converters change, at a few MB."""
+    shapes = flux_keys.to_bfl(meta.state_dict(), 19, 38, True)
+    return {k: torch.arange(v.shape[0], dtype=torch.float64)[:, None] + i * 1e6
+            for i, (k, v) in enumerate(sorted(shapes.items()))}
+
+
+@pytest.mark.once
+def test_key_map_is_diffusers_converter_at_full_size(full_meta):
+    from diffusers.loaders.single_file_utils import \
+        convert_flux_transformer_checkpoint_to_diffusers as theirs
+    bfl = thin_bfl(full_meta)
+    ours = flux_keys.to_diffusers(dict(bfl))
+    given = {"model.diffusion_model." + k: v for k, v in bfl.items()}
+    expected = theirs(given)
+    assert given == {}  # it used every key ours wrote
+    assert set(ours) == set(expected)
+    assert all(torch.equal(ours[k], expected[k]) for k in ours)
+    assert {k: v.shape[0] for k, v in full_meta.state_dict().items()} == \
+        {k: v.shape[0] for k, v in ours.items()}
+    back = flux_keys.to_bfl(ours, 19, 38, True)
+    assert set(back) == set(bfl) and all(torch.equal(back[k], bfl[k]) for k in bfl)
+    assert flux_keys.transformer_config(bfl)["axes_dims_rope"] == [16, 56, 56]
+
+
+def reader_deltas(kohya: dict) -> dict:
+    """diffusers' own kohya Flux reader: module -> (lora_A, lora_B), alpha / rank folded in.
+    A key it has no use for (any but a text encoder's) raises ValueError there."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+    read = _convert_kohya_flux_lora_to_diffusers(dict(kohya))
+    out = {}
+    for key, value in read.items():
+        module, _, part = key.removeprefix("transformer.").rpartition(".lora_")
+        out.setdefault(module, {})[part] = value
+    return {m: (p["A.weight"], p["B.weight"]) for m, p in out.items()}
+
+
+def random_peft_state(module, targets: str, rank: int) -> dict:
+    state = {}
+    for path in flux_lora.target_paths(module, targets):
+        rows, cols = module.get_submodule(path).weight.shape
+        state[f"{path}.lora_A.default.weight"] = torch.randn(rank, cols)
+        state[f"{path}.lora_B.default.weight"] = torch.randn(rows, rank)
+    return state
+
+
+@pytest.mark.once
+def test_kohya_file_is_read_by_diffusers_at_full_size(full_meta):
+    """Every module of a full-size Flux.1-dev's LoRA: diffusers' reader uses every key and
+    gives each module the update it trained (up @ down x alpha / rank)."""
+    meta = full_meta
+    torch.manual_seed(0)
+    state = random_peft_state(meta, "transformer", 1)
+    comp = SimpleNamespace(configs={"unet": dict(meta.config)})
+    cfg = SimpleNamespace(lora_alpha=2.0, lora_rank=1, lora_targets="transformer")
+    kohya = flux_lora.kohya_state(comp, cfg, lora_pairs(state))
+    layout = flux_lora.expected_layout(comp, cfg)
+    assert {k: tuple(v.shape) for k, v in kohya.items()} == layout
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in layout
+    assert "lora_unet_single_blocks_37_linear1.lora_up.weight" in layout
+    read = reader_deltas(kohya)
+    assert set(read) == set(flux_lora.target_paths(meta, "transformer"))
+    probe = torch.randn(3072, 2)
+    for module, (a, b) in read.items():
+        down = state[f"{module}.lora_A.default.weight"]
+        up = state[f"{module}.lora_B.default.weight"]
+        x = probe if down.shape[1] == 3072 else torch.randn(down.shape[1], 2)
+        torch.testing.assert_close(b @ (a @ x), 2.0 * up @ (down @ x), rtol=1e-5, atol=1e-4)
+
+
+def trained_deltas(unet, alpha: float) -> dict:
+    """module path -> the update its trained peft LoRA makes (B @ A x alpha / rank)."""
+    return {path: up.float() @ down.float() * alpha / down.shape[0]
+            for path, (down, up) in lora_pairs(unet.state_dict()).items()}
+
+
+def test_tiny_flux_trains_end_to_end_offline(tiny_flux, instance_dir, tmp_path, no_network):
+    """Detected from its file, loaded from the four files and the tokenizer folder, trained two
+    steps on the flow objective: a kohya Flux LoRA in lora_dir with exactly its layout whose
+    every stem applied as the hosts do (up @ down x alpha / rank on BFL's stacked rows) is the
+    trained update; the double blocks read by diffusers' own reader give the trained update
+    too (its single blocks assume Flux.1's real width: proven at full size above)."""
+    from safetensors.torch import load_file
+    from dreambooth.config import events as ev
+    from dreambooth.host.interface import sniff_model_type
+    from dreambooth.model.filecheck import read_layout
+    from dreambooth.training.trainer import Trainer
+    assert sniff_model_type(tiny_flux["source_checkpoint"]) == "flux-dev"
+    cfg = flux_config(tiny_flux, instance_dir, tmp_path, steps_per_image=1, batch_size=2)
+    trainer = Trainer(cfg.check(), ev.EventBus(lambda e: None), ev.CancelToken())
+    result = trainer.run()
+    assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.path.parent == tmp_path / "Lora"
+    shapes, _, meta = read_layout(result.path)
+    assert shapes == flux_lora.expected_layout(trainer.comp, cfg)
+    assert meta["ss_base_model_version"] == "flux1" and meta["ss_network_dim"] == "2"
+    lora, trained = load_file(str(result.path)), trained_deltas(trainer.comp.unet, 4.0)
+    assert lora["lora_unet_double_blocks_0_img_attn_qkv.alpha"].item() == 12.0
+    assert all(d.abs().sum() > 0 for d in trained.values())  # every layer learnt
+    stems: dict = {}
+    for path, (stem, part, _) in flux_keys.lora_names(1, 1).items():
+        if path in trained:
+            stems.setdefault(stem, {})[part] = trained[path]
+    for stem, parts in stems.items():
+        down, up = lora[f"{stem}.lora_down.weight"], lora[f"{stem}.lora_up.weight"]
+        host = up @ down * lora[f"{stem}.alpha"].item() / down.shape[0]
+        torch.testing.assert_close(host, torch.cat([parts[i] for i in sorted(parts)]))
+    read = reader_deltas({k: v for k, v in lora.items() if "_double_blocks_" in k})
+    assert set(read) == {p for p in trained if p.startswith("transformer_blocks.")}
+    for path, (a, b) in read.items():
+        torch.testing.assert_close(b @ a, trained[path])
+
+
+@pytest.mark.once
+def test_tiny_flux_schnell_learns(tmp_path_factory, instance_dir, tmp_path):
+    """schnell (no guidance embedding), 40 steps: the last quarter's loss is well below that of
+    the same run with the learning rate 0 (the same images, noise and timesteps)."""
+    files = make_tiny_flux(tmp_path_factory.mktemp("tiny_schnell"), "flux-schnell")
+    from dreambooth.training.trainer import train
+
+    def late_loss(lr: float, name: str) -> float:
+        cfg = flux_config(files, instance_dir, tmp_path, model_type="flux-schnell",
+                          model_name=name, steps_per_image=10, lora_rank=4,
+                          lora_learning_rate=lr, log_every_steps=1, seed=1)
+        losses = train(cfg.check()).losses
+        assert len(losses) == 40
+        return sum(losses[30:]) / 10
+    assert late_loss(1e-2, "trained") < 0.85 * late_loss(0.0, "frozen")
