@@ -123,8 +123,20 @@ def test_the_stand_in_loads_only_through_forges_path_and_the_glue_picks_it(forge
 def test_under_the_a1111_stand_in_the_glue_keeps_a1111s_calls(monkeypatch, tmp_path):
     mods, glue = load_webui(monkeypatch, tmp_path / "webui")
     monkeypatch.setattr(glue, "missing_dependencies", lambda python=None: ([], ""))
-    assert type(glue.WebUIHost().calls) is glue.A1111Calls
+    host = glue.WebUIHost()
+    assert type(host.calls) is glue.A1111Calls
     assert "modules_forge" not in sys.modules and "backend" not in sys.modules
+    assert host.model_types and not any(t.startswith("flux") for t in host.model_types)
+
+
+def test_the_tab_offers_flux_under_forge_only(forge):
+    """Forge loads Flux LoRAs: its tab offers the flux-* types (AUTOMATIC1111 1.10's does not:
+    the test above and test_ui_build)."""
+    from dreambooth.ui import fields
+    _, glue = forge
+    host = glue._manager()[0]
+    spec = next(s for s in fields.config_specs()["Model"] if s.key == "model_type")
+    assert {"flux-dev", "flux-schnell"} <= set(fields.host_model_types(spec, host).choices)
 
 
 def test_a_lora_under_forge_joins_its_list_and_the_message_says_to_refresh_the_cards(

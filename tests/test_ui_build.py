@@ -51,6 +51,18 @@ def test_checkpoint_dropdown_lists_the_hosts_checkpoints_and_refreshes(host, tmp
     assert "b.safetensors" in str(tab.on_refresh())
 
 
+def test_a_host_without_flux_offers_no_flux_type_and_says_why(tmp_path):
+    from dreambooth.host.interface import types_without_flux
+    paths = standalone_paths(tmp_path / "a1111")
+    paths.checkpoints_dir.mkdir(parents=True)
+    a1111 = Host(paths)
+    a1111.model_types = types_without_flux()
+    widget = build_tab(a1111).widgets["model_type"]
+    assert "sdxl" in str(widget.choices) and "flux" not in str(widget.choices)
+    assert "has no Flux" in widget.info
+    assert "flux-dev" in str(build_tab(Host(paths)).widgets["model_type"].choices)
+
+
 def test_model_type_is_detected_from_the_checkpoint_header(host, tmp_path):
     import json
     import struct
