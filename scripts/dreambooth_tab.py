@@ -22,6 +22,7 @@ from modules import call_queue, paths, script_callbacks, sd_models, shared
 
 EXT_ROOT = Path(__file__).resolve().parent.parent
 TAB = ("Dreambooth", "dreambooth")
+FORGE_T5_TOKENIZER = "backend/huggingface/black-forest-labs/FLUX.1-dev/tokenizer_2"
 SECTION = ("dreambooth", "Dreambooth")
 
 try:  # the extension folder is on sys.path while the WebUI loads this file
@@ -172,6 +173,8 @@ if not LOAD_ERROR:
             self.calls = host_calls()
             if not isinstance(self.calls, ForgeCalls):  # AUTOMATIC1111 1.10 loads no Flux
                 self.model_types = db_host.types_without_flux()
+            else:  # Forge (dfdcbab6) ships FLUX.1-dev's T5 tokenizer (tokenizer.json)
+                self.t5_tokenizer_dir = str(Path(paths.script_path) / FORGE_T5_TOKENIZER)
 
         def list_checkpoints(self):
             return [db_host.Checkpoint(info.title, info.filename)

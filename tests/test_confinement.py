@@ -124,6 +124,22 @@ def test_api_refuses_folders_outside_the_hosts(world, route, field, case):
     assert tree_hash(world["root"]) == before and not world["manager"].busy()
 
 
+@pytest.mark.parametrize("field", ["flux_clip_l", "flux_t5xxl", "flux_ae", "t5_tokenizer_dir"])
+def test_flux_files_come_from_the_hosts_models_folder(world, field):
+    """A remote caller names Flux's files inside the host's models folder (or the work dir),
+    never elsewhere."""
+    from dreambooth import TrainingConfig
+    from dreambooth.host.confine import confine
+    for value in (str(world["outside"] / "secret.safetensors"), "../../outside/x"):
+        r = world["client"].post(api.PREFIX + "/train", json={**_good(world), field: value})
+        assert r.status_code == 403 and field in {d["field"] for d in r.json()["detail"]}
+    models = world["host"].paths.checkpoints_dir.parent
+    cfg = TrainingConfig.from_dict({**_good(world), field: "models/text_encoder/clip_l"})
+    assert getattr(confine(cfg, world["host"]), field) == str(models / "models/text_encoder"
+                                                                        "/clip_l")
+    assert not world["manager"].busy()
+
+
 SOURCES = ["{outside}/secret.safetensors", "../../outside/secret.safetensors",
            "/proc/self/fd/0", "/dev/zero", "http://169.254.169.254/latest/meta-data",
            "file:///etc/passwd", "escape/secret.safetensors", "fifo.safetensors",

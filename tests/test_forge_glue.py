@@ -129,7 +129,7 @@ def test_under_the_a1111_stand_in_the_glue_keeps_a1111s_calls(monkeypatch, tmp_p
     assert host.model_types and not any(t.startswith("flux") for t in host.model_types)
 
 
-def test_the_tab_offers_flux_under_forge_only(forge):
+def test_the_tab_offers_flux_under_forge_only(forge, tmp_path):
     """Forge loads Flux LoRAs: its tab offers the flux-* types (AUTOMATIC1111 1.10's does not:
     the test above and test_ui_build)."""
     from dreambooth.ui import fields
@@ -137,6 +137,11 @@ def test_the_tab_offers_flux_under_forge_only(forge):
     host = glue._manager()[0]
     spec = next(s for s in fields.config_specs()["Model"] if s.key == "model_type")
     assert {"flux-dev", "flux-schnell"} <= set(fields.host_model_types(spec, host).choices)
+    # Forge ships FLUX.1-dev's T5 tokenizer: a new model's default where the folder is there
+    assert host.t5_tokenizer_dir.endswith(glue.FORGE_T5_TOKENIZER)
+    assert "t5_tokenizer_dir" not in glue.db_host.host_defaults(host)  # (not in the stand-in)
+    host.t5_tokenizer_dir = str(tmp_path)
+    assert glue.db_host.host_defaults(host)["t5_tokenizer_dir"] == str(tmp_path)
 
 
 def test_a_lora_under_forge_joins_its_list_and_the_message_says_to_refresh_the_cards(

@@ -58,6 +58,7 @@ class Host:
     # Flux, so its tab offers none of the flux-* types and says why
     model_types: tuple | None = None
     no_flux_note = "AUTOMATIC1111 1.10 has no Flux: train Flux LoRAs under Forge."
+    t5_tokenizer_dir: str | None = None  # a T5 tokenizer the host ships (Forge's FLUX.1-dev's)
 
     def __init__(self, paths: HostPaths, python: str = sys.executable,
                  api_auth: str = "") -> None:
@@ -208,7 +209,10 @@ def types_without_flux() -> tuple:
 
 
 def host_defaults(host: Host) -> dict[str, str]:
-    """Where the host wants outputs: its checkpoints folder, its Lora folder, its work dir."""
+    """Where the host wants outputs: its checkpoints folder, its Lora folder, its work dir (and
+    the T5 tokenizer it ships, for Flux)."""
     wanted = {"work_dir": host.paths.work_dir, "output_dir": host.paths.checkpoints_dir,
               "lora_dir": host.paths.lora_dir, "embedding_dir": host.paths.embeddings_dir}
+    if host.t5_tokenizer_dir and Path(host.t5_tokenizer_dir).is_dir():
+        wanted["t5_tokenizer_dir"] = host.t5_tokenizer_dir
     return {k: str(v) for k, v in wanted.items()}
