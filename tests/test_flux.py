@@ -198,3 +198,26 @@ def test_tiny_flux_schnell_learns(tmp_path_factory, instance_dir, tmp_path):
         assert len(losses) == 40
         return sum(losses[30:]) / 10
     assert late_loss(1e-2, "trained") < 0.85 * late_loss(0.0, "frozen")
+
+
+@pytest.mark.once
+def test_an_fp8_all_in_one_prefixed_transformer_loads(tiny_flux, tmp_path):
+    """Forge/ComfyUI's fp8 files, keys under 'model.diffusion_model.': detected and loaded as
+    stored (upcast when placed), each weight the file's."""
+    from safetensors.torch import load_file, save_file
+    from dreambooth.host.interface import sniff_model_type
+    from dreambooth.model.flux import load_flux
+    bfl = load_file(tiny_flux["source_checkpoint"])
+    fp8 = {"model.diffusion_model." + k: v.to(torch.float8_e4m3fn) for k, v in bfl.items()}
+    path = tmp_path / "flux1-dev-fp8.safetensors"
+    save_file(fp8, str(path))
+    assert sniff_model_type(path) == "flux-dev"
+    comp = load_flux(SimpleNamespace(**{**tiny_flux, "source_checkpoint": str(path),
+                                        "model_type": "flux-dev"}), dtype=None)
+    state = comp.unet.state_dict()
+    assert all(v.dtype == torch.float8_e4m3fn for v in state.values())
+    expected = flux_keys.to_diffusers({k.split(".", 2)[2]: v for k, v in fp8.items()})
+    assert all(torch.equal(state[k].float(), v.float()) for k, v in expected.items())
+    with pytest.raises(Exception, match="flux-dev transformer, but the model type is set to "
+                                        "flux-schnell"):
+        load_flux(SimpleNamespace(**{**tiny_flux, "model_type": "flux-schnell"}))

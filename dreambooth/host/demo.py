@@ -12,6 +12,8 @@ def demo_config(out: Path, model_type: str = "v1x", steps_per_image: int = 30,
     """Write the demo's inputs under `out` and return the config that trains on them (a LoRA
     into out/output with `lora`)."""
     out.mkdir(parents=True, exist_ok=True)
+    if model_type.startswith("flux"):
+        return _flux_demo(out, model_type, steps_per_image)
     source = out / f"tiny_{model_type}.safetensors"
     if not source.exists():
         make_tiny_checkpoint(source, model_type)
@@ -28,3 +30,19 @@ def demo_config(out: Path, model_type: str = "v1x", steps_per_image: int = 30,
         sample_steps=4, overwrite=True, seed=0,
         use_lora=lora, lora_dir=str(out / "output"), lora_rank=4, lora_alpha=4.0,
         lora_learning_rate=1e-3)
+
+
+def _flux_demo(out: Path, model_type: str, steps_per_image: int) -> TrainingConfig:
+    """A tiny Flux's files (transformer, clip_l, t5xxl, ae, a T5 tokenizer) and a LoRA run on
+    them (no class images or previews: not done for Flux yet)."""
+    from ..model.tiny_flux import make_tiny_flux
+    files = make_tiny_flux(out / "flux", model_type)
+    instance = out / "instance_images"
+    if not instance.exists():
+        write_images(instance, "checker", 4)
+    return TrainingConfig(
+        model_name=f"demo_{model_type}_lora", model_type=model_type, method="lora",
+        work_dir=str(out / "models"), lora_dir=str(out / "output"),
+        concepts=(Concept(instance_data_dir=str(instance), instance_prompt="photo of sks dog"),),
+        steps_per_image=steps_per_image, resolution=32, center_crop=True, overwrite=True,
+        seed=0, lora_rank=4, lora_alpha=4.0, lora_learning_rate=1e-2, **files)
