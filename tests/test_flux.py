@@ -221,3 +221,21 @@ def test_an_fp8_all_in_one_prefixed_transformer_loads(tiny_flux, tmp_path):
     with pytest.raises(Exception, match="flux-dev transformer, but the model type is set to "
                                         "flux-schnell"):
         load_flux(SimpleNamespace(**{**tiny_flux, "model_type": "flux-schnell"}))
+
+
+@pytest.mark.once
+def test_a_cancelled_flux_run_resumes_where_it_stopped(tiny_flux, instance_dir, tmp_path):
+    """Cancelled after step 3 (its state saved), the next run goes on at step 4 with the very
+    losses the uninterrupted run has there."""
+    from dreambooth.config import events as ev
+    from dreambooth.training.trainer import train
+    whole = train(flux_config(tiny_flux, instance_dir, tmp_path / "a", log_every_steps=1,
+                              steps_per_image=2).check())
+    cfg = flux_config(tiny_flux, instance_dir, tmp_path / "b", log_every_steps=1,
+                      steps_per_image=2, state_every_steps=2)
+    cancel = ev.CancelToken()
+    first = train(cfg.check(), lambda e: isinstance(e, ev.Step) and e.step == 3
+                  and cancel.cancel(), cancel)
+    assert first.cancelled and first.steps == 3
+    rest = train(cfg)
+    assert rest.steps == 8 and rest.losses == whole.losses[3:]
