@@ -117,9 +117,18 @@ def random_peft_state(module, targets: str, rank: int) -> dict:
 
 
 @pytest.mark.once
-def test_kohya_file_is_read_by_diffusers_at_full_size(full_meta):
+def forge_key_map(bfl: dict) -> dict:
+    """Forge's map (dfdcbab6, packages_3rdparty/comfyui_lora_collection/lora.py
+    model_lora_keys_unet) onto its Flux model, whose module names are BFL's
+    (backend/nn/flux.py): 'lora_unet_' + each weight's module path with '_' for '.'."""
+    return {"lora_unet_" + k[:-len(".weight")].replace(".", "_"): k for k in bfl
+            if k.endswith(".weight")}
+
+
+def test_kohya_file_is_read_by_diffusers_and_mapped_by_forge_at_full_size(full_meta):
     """Every module of a full-size Flux.1-dev's LoRA: diffusers' reader uses every key and
-    gives each module the update it trained (up @ down x alpha / rank)."""
+    gives each module the update it trained (up @ down x alpha / rank); Forge's key map takes
+    every stem to a weight of up @ down's shape, and its loader reads each stem's three keys."""
     meta = full_meta
     torch.manual_seed(0)
     state = random_peft_state(meta, "transformer", 1)
@@ -130,6 +139,15 @@ def test_kohya_file_is_read_by_diffusers_at_full_size(full_meta):
     assert {k: tuple(v.shape) for k, v in kohya.items()} == layout
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in layout
     assert "lora_unet_single_blocks_37_linear1.lora_up.weight" in layout
+    bfl = flux_keys.to_bfl(meta.state_dict(), 19, 38, True)
+    forge = forge_key_map(bfl)
+    stems = {k.split(".")[0] for k in kohya}
+    assert set(kohya) == {f"{s}.{leaf}" for s in stems
+                          for leaf in ("lora_down.weight", "lora_up.weight", "alpha")}
+    for stem in stems:
+        shape = (kohya[f"{stem}.lora_up.weight"].shape[0],
+                 kohya[f"{stem}.lora_down.weight"].shape[1])
+        assert tuple(bfl[forge[stem]].shape) == shape, stem
     read = reader_deltas(kohya)
     assert set(read) == set(flux_lora.target_paths(meta, "transformer"))
     probe = torch.randn(3072, 2)
