@@ -176,7 +176,8 @@ def test_tiny_flux_trains_end_to_end_offline(tiny_flux, instance_dir, tmp_path, 
     from dreambooth.model.filecheck import read_layout
     from dreambooth.training.trainer import Trainer
     assert sniff_model_type(tiny_flux["source_checkpoint"]) == "flux-dev"
-    cfg = flux_config(tiny_flux, instance_dir, tmp_path, steps_per_image=1, batch_size=2)
+    cfg = flux_config(tiny_flux, instance_dir, tmp_path, steps_per_image=1, batch_size=2,
+                      gradient_checkpointing=True)
     trainer = Trainer(cfg.check(), ev.EventBus(lambda e: None), ev.CancelToken())
     result = trainer.run()
     assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
@@ -239,6 +240,11 @@ def test_an_fp8_all_in_one_prefixed_transformer_loads(tiny_flux, tmp_path):
     with pytest.raises(Exception, match="flux-dev transformer, but the model type is set to "
                                         "flux-schnell"):
         load_flux(SimpleNamespace(**{**tiny_flux, "model_type": "flux-schnell"}))
+    scaled = tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"  # ComfyUI's: weights x scales
+    save_file({**load_file(tiny_flux["flux_t5xxl"]), "scaled_fp8": torch.zeros(0)}, str(scaled))
+    with pytest.raises(Exception, match="is a scaled fp8 file"):
+        load_flux(SimpleNamespace(**{**tiny_flux, "flux_t5xxl": str(scaled),
+                                     "model_type": "flux-dev"}))
 
 
 @pytest.mark.once
@@ -257,3 +263,34 @@ def test_a_cancelled_flux_run_resumes_where_it_stopped(tiny_flux, instance_dir, 
     assert first.cancelled and first.steps == 3
     rest = train(cfg)
     assert rest.steps == 8 and rest.losses == whole.losses[3:]
+
+
+@pytest.mark.once
+def test_configs_from_real_size_files(full_meta):
+    """Each part's config read off the shapes of full-size files (meta tensors: no memory):
+    FLUX.1-dev's transformer, CLIP-L, T5-XXL (v1.1), the 16-channel autoencoder."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from dreambooth import assets
+    from dreambooth.model import convert, flux
+    from dreambooth.model.components import te_state
+    bfl = {"model.diffusion_model." + k: v
+           for k, v in flux_keys.to_bfl(full_meta.state_dict(), 19, 38, True).items()}
+    got = flux_keys.transformer_config(bfl)
+    assert {k: got[k] for k in FULL} == {**FULL, "axes_dims_rope": [16, 56, 56]}
+    clip = {k: v for k, v in assets.load_config("v1x", "text_encoder").items()
+            if k not in ("architectures", "model_type")}
+    xxl = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+               relative_attention_num_buckets=32, feed_forward_proj="gated-gelu")
+    ae = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=16,
+              down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+              use_quant_conv=False, use_post_quant_conv=False)
+    with torch.device("meta"):
+        clip_state = te_state(CLIPTextModel(CLIPTextConfig(**clip)))
+        t5_state = T5EncoderModel(T5Config(**xxl, is_encoder_decoder=False)).state_dict()
+        ae_model = AutoencoderKL(**ae)
+    assert flux.clip_config(clip_state) == clip
+    assert {k: flux.t5_config(t5_state)[k] for k in xxl} == xxl
+    ldm = convert.to_ldm(ae_model.state_dict(), convert.vae_prefix_map(dict(ae_model.config)),
+                         "", vae=True)
+    assert {k: flux.ae_config(ldm)[k] for k in ae} == ae

@@ -23,6 +23,7 @@ from .spec import spec_for
 
 AE_SCALE, AE_SHIFT = 0.3611, 0.1159  # FLUX.1's autoencoder latents: (z - shift) * scale
 CLIP_EXTRA = ("text_projection.weight", "logit_scale")  # in some clip_l files, unused here
+SCALES = (".scale_weight", ".scale_input")  # ComfyUI's scaled fp8 files (with 'scaled_fp8')
 
 
 def _count(keys, pattern: str) -> int:
@@ -95,9 +96,15 @@ def t5_tokenizer(folder: str, max_length: int):
 
 def _opened(path: str, what: str) -> LazyState | dict:
     state, _ = open_checkpoint(path)
+    name = Path(path).name
     if not len(state):
-        raise CheckpointError(f"The {what} file '{Path(path).name}' holds no tensors.",
+        raise CheckpointError(f"The {what} file '{name}' holds no tensors.",
                               f"Choose the {what} file.")
+    scaled = next((k for k in state if k == "scaled_fp8" or k.endswith(SCALES)), None)
+    if scaled is not None:  # its weights mean nothing without their scales
+        raise CheckpointError(f"The {what} file '{name}' is a scaled fp8 file (it holds "
+                              f"{scaled}), which is not read yet.", "Choose the fp16/bf16 "
+                              "file, or a plain fp8 one.")
     return state
 
 
@@ -113,9 +120,13 @@ def _transformer(cfg, dtype):
     if found != cfg.model_type:
         raise CheckpointError(f"'{name}' is a {found} transformer, but the model type is set "
                               f"to {cfg.model_type}.", f"Set the model type to {found}.")
-    config = flux_keys.transformer_config(state)
+    try:
+        config, converted = flux_keys.transformer_config(state), flux_keys.to_diffusers(state)
+    except KeyError as e:
+        raise CheckpointError(f"'{name}' is not a complete Flux.1 transformer ({e.args[0]}).",
+                              "Choose the transformer file as Forge or BFL wrote it.") from None
     module = _empty(lambda: FluxTransformer2DModel.from_config(config))
-    load_module(module, flux_keys.to_diffusers(state), f"Flux transformer '{name}'", dtype)
+    load_module(module, converted, f"Flux transformer '{name}'", dtype)
     return config, module
 
 
