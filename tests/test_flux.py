@@ -294,3 +294,40 @@ def test_configs_from_real_size_files(full_meta):
     ldm = convert.to_ldm(ae_model.state_dict(), convert.vae_prefix_map(dict(ae_model.config)),
                          "", vae=True)
     assert {k: flux.ae_config(ldm)[k] for k in ae} == ae
+
+
+@pytest.mark.once
+def test_flow_maths_against_independent_sums():
+    """Packing (each 2x2 patch one token, channels first), the ids, the shift, and the loss:
+    the noisy input and the velocity target computed here by hand."""
+    from dreambooth.training import flow
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 6)
+    tokens = flow.pack(x)
+    assert tokens.shape == (2, 6, 12)
+    for r in range(2):
+        for c in range(3):
+            patch = [x[1, ch, 2 * r + i, 2 * c + j] for ch in range(3) for i in (0, 1)
+                     for j in (0, 1)]
+            assert torch.equal(tokens[1, r * 3 + c], torch.stack(patch))
+    assert torch.equal(flow.unpack(tokens, 4, 6), x)
+    from diffusers import FluxPipeline  # the pipeline packs the same way
+    assert torch.equal(FluxPipeline._pack_latents(x, 2, 3, 4, 6), tokens)
+    assert flow.image_ids(4, 6, "cpu")[4].tolist() == [0.0, 1.0, 1.0]
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    assert torch.allclose(flow.shifted(t, 3.0), torch.tensor([0.0, 0.5, 0.75, 1.0]))
+    assert torch.equal(flow.shifted(t, 1.0), t)
+    seen = {}
+
+    def transformer(hidden_states, timestep, guidance=None, **kw):
+        seen.update(hidden=hidden_states, t=timestep, guidance=guidance, **kw)
+        return (torch.zeros_like(hidden_states),)
+    noise, sigmas = torch.randn_like(x), torch.tensor([0.2, 0.9])
+    cond = {"hidden": torch.randn(2, 5, 8), "pooled": torch.randn(2, 4)}
+    total, inst, prior = flow.flow_loss(transformer, x, cond, noise, sigmas, 1, 0.5, 3.5)
+    noisy = torch.stack([(1 - s) * x[i] + s * noise[i] for i, s in enumerate(sigmas.tolist())])
+    assert torch.allclose(flow.unpack(seen["hidden"], 4, 6), noisy)
+    assert seen["guidance"].tolist() == [3.5, 3.5] and seen["txt_ids"].shape == (5, 3)
+    per_sample = ((noise - x) ** 2).mean(dim=(1, 2, 3))  # the prediction was 0
+    assert torch.allclose(inst, per_sample[0]) and torch.allclose(prior, per_sample[1])
+    assert torch.allclose(total, per_sample[0] + 0.5 * per_sample[1])
