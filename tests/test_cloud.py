@@ -330,7 +330,9 @@ def test_every_output_type_goes_to_its_url(s3, tmp_path, quick_config):
 def test_an_upload_cut_by_the_server_stopping_resumes_after_its_restart(
         s3, s3_server, tmp_path, monkeypatch):
     """A 12 MiB file in 5 MiB parts; the server stops after the first part. The failure is
-    recorded, the local file kept; with the server back, `upload` completes and verifies it."""
+    recorded, the local file kept; with the server back, `upload` sends the other two parts,
+    completes the upload and verifies it."""
+    import json
     import os
 
     from dreambooth.host import storage
@@ -356,7 +358,10 @@ def test_an_upload_cut_by_the_server_stopping_resumes_after_its_restart(
     __import__("s3fs").S3FileSystem.clear_instance_cache()
     said.clear()
     assert storage.upload_run(str(tmp_path / "m"), said.append) == 0
-    assert said == ["uploaded: s3://cut/x/m_9.safetensors (verified)"]
+    # only the parts the store lacks are sent again
+    assert said == ["uploaded: s3://cut/x/m_9.safetensors (resumed at part 2 of 3, verified)"]
+    entry = json.loads((outbox.parent / "uploads.json").read_text())["files"][str(big)]
+    assert entry["state"] == "done" and entry["upload_id"] is None  # completed, not pending
     body = s3.get_object(Bucket="cut", Key="x/m_9.safetensors")["Body"].read()
     assert __import__("hashlib").sha256(body).hexdigest() == before == _sha(big)
 
