@@ -109,15 +109,17 @@ def _trainable(cfg, shapes: dict) -> tuple[list, list]:
 
 
 def _network_updates(cfg, tes: list, wbytes: int) -> int:
-    """LoHa / LoKr / DoRA build each adapted weight's update in forward, and backward needs it:
-    its compute-dtype copy (DoRA: also V = W + update in fp32), one per adapted weight; under
-    gradient checkpointing, one block's at a time (left out)."""
+    """Our layers build each adapted weight's update (or new weight) in forward, and backward
+    needs it: its compute-dtype copy (DoRA, dora_wd: also V = W + update in fp32), one per
+    adapted weight; (IA)3 scales activations instead (none); under gradient checkpointing, one
+    block's at a time (left out)."""
     if not getattr(cfg, "use_lora", False) or getattr(cfg, "network", "lora") not in OURS \
-            or cfg.gradient_checkpointing:
+            or cfg.gradient_checkpointing or cfg.network == "ia3":
         return 0
     parts = ["unet"] + (tes if cfg.lora_text_encoder else [])
     adapted = sum(network_shapes(cfg.model_type, c, network_settings(cfg))[1] for c in parts)
-    return adapted * (wbytes + (4 if cfg.network == "dora" else 0))
+    dora = cfg.network == "dora" or getattr(cfg, "dora_wd", False)
+    return adapted * (wbytes + (4 if dora else 0))
 
 
 def _caches(cfg, shapes: dict, images: tuple[int, int], half: bool) -> int:
