@@ -315,3 +315,13 @@ def test_full_size_norm_keys_land_on_modules_of_the_file(model_type):
     assert len(stems) == {"v1x": 16 * 4, "sdxl": 70 * 3 + 11}[model_type]
     missed = [s for s in stems if webui_module(s, False) not in modules]
     assert not missed, missed[:5]
+
+
+def test_full_leaves_text_encoder_qkv_biases_alone():
+    """The WebUI folds a text encoder's q/k/v into OpenCLIP's fused in_proj (SD 2.x, SDXL's
+    second encoder) and drops their ex_bias there: no diff_b for them, one for out_proj."""
+    cfg = TrainingConfig(use_lora=True, network="full")
+    assert networks.param_shapes(cfg, "text_model.encoder.layers.0.self_attn.q_proj",
+                                 (32, 32), True) == {"diff": (32, 32)}
+    assert networks.param_shapes(cfg, "text_model.encoder.layers.0.self_attn.out_proj",
+                                 (32, 32), True) == {"diff": (32, 32), "diff_b": (32,)}

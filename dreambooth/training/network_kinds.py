@@ -9,7 +9,9 @@ of them: the WebUI reads no rank off these tensors, so `calc_scale` is 1):
   column (`on_input` True: the feed-forward's second layer, as the (IA)3 paper scales the FF
   activation). Linear only: the WebUI's broadcast does not fit a conv's weight. The bias is not
   scaled (LyCORIS's own forward scales the output with it; the WebUI does not).
-- full: W' = W + diff, b' = b + diff_b (diff_b only where the module has a bias).
+- full: W' = W + diff, b' = b + diff_b (diff_b only where the module has a bias, and never on a
+  text encoder's q / k / v projection: for OpenCLIP's fused attention (SD 2.x, SDXL's second
+  encoder) the WebUI applies their weights to in_proj_weight but drops their ex_bias).
 - glora: W' = W + b2 @ b1 + (W @ a2) @ a1 with a1 [r, in], a2 [in, r], b1 [r, in], b2 [out, r]
   (LyCORIS's first GLoRA layout, the one the WebUI's formula fits; Linear only, since W @ a2
   needs a matrix). The WebUI ignores alpha here (no dim), Forge scales by alpha / r: the file
@@ -33,6 +35,7 @@ PARAMS = {"ia3_out": "weight", "ia3_in": "weight", "diff": "diff", "diff_b": "di
           "glora_a1": "a1.weight", "glora_a2": "a2.weight", "glora_b1": "b1.weight",
           "glora_b2": "b2.weight", "oft_blocks": "oft_blocks"}  # parameter -> file key
 ON_INPUT = ("ff.net.2", "mlp.fc2")  # the feed-forward's second layer: (IA)3 scales its input
+NO_DIFF_B = ("q_proj", "k_proj", "v_proj")  # the WebUI drops these biases' change (see above)
 
 
 def largest_divisor(n: int, limit: int) -> int:
@@ -47,6 +50,7 @@ def shapes(cfg, path: str, weight_shape: tuple, bias: bool) -> dict:
             return {}
         return {"ia3_in": (cin,)} if path.endswith(ON_INPUT) else {"ia3_out": (out,)}
     if cfg.network == "full":
+        bias = bias and not path.endswith(NO_DIFF_B)
         return {"diff": tuple(weight_shape), **({"diff_b": (out,)} if bias else {})}
     if cfg.network == "glora":
         r = cfg.glora_rank
@@ -130,16 +134,15 @@ def bias_update(params: dict) -> torch.Tensor | None:
 
 
 def forward(layer, x: torch.Tensor, dtype, weight: torch.Tensor) -> torch.Tensor:
-    """The layer's output with its base's fp32 weight `weight`, in the compute dtype: the same
-    function as the base with W', b' (cheaper forms where the update is a scale)."""
+    """The layer's output with its base's fp32 weight `weight`, in the compute dtype: the base's
+    function with W', b'. (IA)3 too scales the weight, not the activations: a weight-sized copy
+    is kept for backward instead of an activation-sized one, smaller at SD's sizes."""
     p, base = layer.params(), layer.base_layer
     bias = None if base.bias is None else base.bias.to(dtype)
     kind = kind_of(p)
-    if kind == "ia3" and "ia3_in" in p:
-        return F.linear(x.to(dtype) * (1 + p["ia3_in"]).to(dtype), weight.to(dtype), bias)
-    if kind == "ia3":
-        y = F.linear(x.to(dtype), weight.to(dtype)) * (1 + p["ia3_out"]).to(dtype)
-        return y if bias is None else y + bias
+    if kind == "ia3":  # in the compute dtype: backward keeps W's copy in it, not in fp32
+        w = weight.to(dtype) * (1 + ia3_scale(p, weight)).to(dtype)
+        return layer._run(x.to(dtype), w, bias)
     if kind == "full":
         w = weight + p["diff"]
         bias = bias if "diff_b" not in p else (base.bias.float() + p["diff_b"]).to(dtype)
