@@ -325,3 +325,12 @@ def test_full_leaves_text_encoder_qkv_biases_alone():
                                  (32, 32), True) == {"diff": (32, 32)}
     assert networks.param_shapes(cfg, "text_model.encoder.layers.0.self_attn.out_proj",
                                  (32, 32), True) == {"diff": (32, 32), "diff_b": (32,)}
+
+
+def test_a_snapshot_from_before_these_settings_resumes_with_their_defaults_only():
+    from dreambooth.training.state import config_differences
+    now = TrainingConfig(use_lora=True).to_dict()
+    new = ("dora_wd", "glora_rank", "oft_block_size", "oft_constraint", "train_norm")
+    old = {k: v for k, v in now.items() if k not in new}
+    assert config_differences(old, now) == []
+    assert config_differences(old, {**now, "train_norm": True}) == ["train_norm: False -> True"]
