@@ -190,7 +190,7 @@ def test_dora_wd_needs_loha_or_lokr():
         TrainingConfig(use_lora=True, network="lora", dora_wd=True).check()
 
 
-# -- the trained tiny model -------------------------------------------------------------------------
+# -- the trained tiny model ------------------------------------------------------------------------
 KEYS = {"ia3": 2, "glora": 5, "oft": 2}  # per module: factors, .alpha / .on_input
 LINEAR_COUNT = MODULE_COUNT - 16 * 2  # the tiny v1x's proj_in / proj_out are 1x1 convs
 
@@ -245,7 +245,7 @@ def test_each_new_network_trains_saves_merges_with_pivotal(network, tiny_checkpo
                           atol=1e-6)
 
 
-# -- train_norm: the UNet transformers' norms, beside any network ----------------------------------
+# -- train_norm: the UNet transformers' norms, beside any network ---------------------------------
 def test_norm_layer_is_the_norm_with_the_file_added():
     """network_norm.py (and Forge's 'diff' patches): weight + w_norm, bias + b_norm; the layer's
     forward is the plain norm's with them, for LayerNorm and GroupNorm."""

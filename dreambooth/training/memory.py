@@ -120,8 +120,8 @@ def _network_updates(cfg, tes: list, wbytes: int) -> int:
     parts = ["unet"] + (tes if cfg.lora_text_encoder else [])
     adapted = sum(network_shapes(cfg.model_type, c, network_settings(cfg))[1] for c in parts)
     dora = cfg.network == "dora" or getattr(cfg, "dora_wd", False)
-    return adapted * (wbytes + (4 if dora else 0) + (wbytes if cfg.network in ("ia3", "glora", "oft")
-                                                     else 0))
+    base_copy = cfg.network in ("ia3", "glora", "oft")
+    return adapted * (wbytes + (4 if dora else 0) + (wbytes if base_copy else 0))
 
 
 def _caches(cfg, shapes: dict, images: tuple[int, int], half: bool) -> int:
