@@ -152,6 +152,7 @@ def test_hosts_rebuild_a_single_trained_module(setting, kind):
     assert torch.allclose(merged["m.bias"], plain.bias, atol=1e-6)
 
 
+@pytest.mark.once
 def test_ia3_scales_the_feed_forward_input_and_other_outputs():
     cfg = TrainingConfig(use_lora=True, network="ia3")
     assert networks.param_shapes(cfg, "a.ff.net.2", (320, 1280)) == {"ia3_in": (1280,)}
@@ -162,6 +163,7 @@ def test_ia3_scales_the_feed_forward_input_and_other_outputs():
     assert networks.param_shapes(oft, "x", (40, 8)) == {"oft_blocks": (2, 20, 20)}
 
 
+@pytest.mark.once
 @pytest.mark.parametrize("network", ["loha", "lokr"])
 def test_dora_wd_on_loha_and_lokr_is_what_both_hosts_apply(network):
     """dora_wd: a dora_scale [1, in] on a LoHa / LoKr layer, applied after the type's own
@@ -185,9 +187,12 @@ def test_dora_wd_on_loha_and_lokr_is_what_both_hosts_apply(network):
     assert json.loads(meta["ss_network_args"])["dora_wd"] == "True"
 
 
-def test_dora_wd_needs_loha_or_lokr():
+@pytest.mark.once
+def test_settings_a_type_cannot_honour_are_refused():
     with pytest.raises(ConfigError, match="dora_wd"):
         TrainingConfig(use_lora=True, network="lora", dora_wd=True).check()
+    with pytest.raises(ConfigError, match="lora_targets.*linear layers only"):
+        TrainingConfig(use_lora=True, network="glora", lora_targets="transformer+conv").check()
 
 
 # -- the trained tiny model ------------------------------------------------------------------------
@@ -246,6 +251,7 @@ def test_each_new_network_trains_saves_merges_with_pivotal(network, tiny_checkpo
 
 
 # -- train_norm: the UNet transformers' norms, beside any network ---------------------------------
+@pytest.mark.once
 def test_norm_layer_is_the_norm_with_the_file_added():
     """network_norm.py (and Forge's 'diff' patches): weight + w_norm, bias + b_norm; the layer's
     forward is the plain norm's with them, for LayerNorm and GroupNorm."""
@@ -317,6 +323,7 @@ def test_full_size_norm_keys_land_on_modules_of_the_file(model_type):
     assert not missed, missed[:5]
 
 
+@pytest.mark.once
 def test_full_leaves_text_encoder_qkv_biases_alone():
     """The WebUI folds a text encoder's q/k/v into OpenCLIP's fused in_proj (SD 2.x, SDXL's
     second encoder) and drops their ex_bias there: no diff_b for them, one for out_proj."""
@@ -327,6 +334,7 @@ def test_full_leaves_text_encoder_qkv_biases_alone():
                                  (32, 32), True) == {"diff": (32, 32), "diff_b": (32,)}
 
 
+@pytest.mark.once
 def test_a_snapshot_from_before_these_settings_resumes_with_their_defaults_only():
     from dreambooth.training.state import config_differences
     now = TrainingConfig(use_lora=True).to_dict()

@@ -97,6 +97,12 @@ def check_network(cfg) -> list[Problem]:
     if isinstance(cfg.lokr_factor, int) and cfg.lokr_factor == 0:
         problems.append(Problem("lokr_factor", 0, "splits no dimension",
                                 "use -1 (as even as possible) or a factor of 1 or more, e.g. 8"))
+    if cfg.network in ("ia3", "glora") and cfg.lora_targets == "transformer+conv":
+        problems.append(Problem("lora_targets", "transformer+conv", f"asks for the ResNet "
+                                f"convolutions, which network '{cfg.network}' can't adapt (the "
+                                "WebUI applies it to linear layers only)",
+                                "set lora_targets to 'transformer', or choose network 'locon', "
+                                "'loha', 'lokr', 'full' or 'oft' for the convolutions"))
     if getattr(cfg, "dora_wd", False) and cfg.network not in ("loha", "lokr"):
         problems.append(Problem("dora_wd", True, f"adds DoRA's magnitude to network 'loha' or "
                                 f"'lokr' only, not '{cfg.network}'",
