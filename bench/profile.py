@@ -68,8 +68,10 @@ def network_cases() -> list[ProfileCase]:
     """One row per network type beside lora_r16_bs1, at each type's defaults (SD1.5, 512 px).
     Profiled by `python -m bench --profile`, not by the test suite (about 15 s each)."""
     lora = {"use_lora": True, "lora_rank": 16, "lora_alpha": 16.0, "lora_learning_rate": 5e-4}
-    return [ProfileCase(f"{net}_bs1", {**lora, "network": net})
-            for net in ("locon", "loha", "lokr", "dora")]
+    named = {"full": "network_full"}  # full_bs1 is the bench's full fine-tune
+    return [ProfileCase(f"{named.get(net, net)}_bs1", {**lora, "network": net})
+            for net in ("locon", "loha", "lokr", "dora", "ia3", "full", "glora", "oft")] + \
+        [ProfileCase("loha_dora_bs1", {**lora, "network": "loha", "dora_wd": True})]
 
 
 class _OneProcess:

@@ -3,10 +3,11 @@ service's job contract, outputs and inputs at object-storage URLs (a real S3 pro
 moto's, on 127.0.0.1). One tiny trained run serves most tests."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from dreambooth.config import events as ev
-
 
 
 class StopAt:
@@ -270,9 +271,14 @@ def test_outputs_at_a_url_a_missing_bucket_then_the_upload_command(
     the retry command, the local file untouched), then `upload` sends it and verifies it; no
     file we wrote and no line we said holds the credentials."""
     from dreambooth.host.cli import main
+    s3.create_bucket(Bucket="classes")  # empty: the run generates its class images, sends them
+    concept = dataclasses.replace(quick_config.concepts[0], class_prompt="photo of a pattern",
+                                  class_data_dir="s3://classes/pattern",
+                                  class_images_per_instance=1)
     cfg = quick_config.replace(model_name="up", steps_per_image=1, state_every_steps=0,
                                cpu_threads=1, output_dir="s3://outputs/models",
-                               log_with="tensorboard", sample_every_epochs=1)
+                               log_with="tensorboard", sample_every_epochs=1,
+                               concepts=(concept,))
     (tmp_path / "run.json").write_text(cfg.to_json())
     events = tmp_path / "events.jsonl"
     assert main(["train", "--config", str(tmp_path / "run.json"), "--events-jsonl",
@@ -283,6 +289,9 @@ def test_outputs_at_a_url_a_missing_bucket_then_the_upload_command(
     assert f"{local} did not reach s3://outputs/models/up_4.safetensors (the bucket does not " \
            "exist)" in said.err
     assert f"fix: python -m dreambooth upload {cfg.model_dir}" in said.err
+    classes = [o["Key"] for o in s3.list_objects_v2(Bucket="classes")["Contents"]]
+    assert len(classes) == 4 and all(k.startswith("pattern/") for k in classes), classes
+    assert "s3://classes/pattern: 4 generated class image(s) uploaded (verified)" in said.err
     before = (_sha(local), local.stat().st_mtime_ns)
     s3.create_bucket(Bucket="outputs")
     assert main(["upload", str(cfg.model_dir)]) == 0
@@ -321,7 +330,9 @@ def test_every_output_type_goes_to_its_url(s3, tmp_path, quick_config):
 def test_an_upload_cut_by_the_server_stopping_resumes_after_its_restart(
         s3, s3_server, tmp_path, monkeypatch):
     """A 12 MiB file in 5 MiB parts; the server stops after the first part. The failure is
-    recorded, the local file kept; with the server back, `upload` completes and verifies it."""
+    recorded, the local file kept; with the server back, `upload` sends the other two parts,
+    completes the upload and verifies it."""
+    import json
     import os
 
     from dreambooth.host import storage
@@ -347,7 +358,10 @@ def test_an_upload_cut_by_the_server_stopping_resumes_after_its_restart(
     __import__("s3fs").S3FileSystem.clear_instance_cache()
     said.clear()
     assert storage.upload_run(str(tmp_path / "m"), said.append) == 0
-    assert said == ["uploaded: s3://cut/x/m_9.safetensors (verified)"]
+    # only the parts the store lacks are sent again
+    assert said == ["uploaded: s3://cut/x/m_9.safetensors (resumed at part 2 of 3, verified)"]
+    entry = json.loads((outbox.parent / "uploads.json").read_text())["files"][str(big)]
+    assert entry["state"] == "done" and entry["upload_id"] is None  # completed, not pending
     body = s3.get_object(Bucket="cut", Key="x/m_9.safetensors")["Body"].read()
     assert __import__("hashlib").sha256(body).hexdigest() == before == _sha(big)
 
@@ -433,6 +447,49 @@ def test_an_input_folder_at_a_url_is_cached_by_identity_and_refetched_when_it_ch
     with pytest.raises(DreamboothError, match=r"'s3://nobucket/dog' can't be read \(the bucket"):
         fetch_inputs(cfg.replace(concepts=(cfg.concepts[0].__class__("s3://nobucket/dog", "x"),)),
                      said.append)
+
+
+@pytest.mark.once
+def test_class_images_generated_for_a_url_go_back_or_stay_with_a_warning(s3, tmp_path,
+                                                                          quick_config):
+    """An empty class folder at a URL is fine (its images are generated); what was generated
+    into its local copy is uploaded and reused by the next fetch; a store that refuses it leaves
+    a warning and the local files."""
+    from dreambooth.host.urls import fetch_inputs, send_back
+    s3.create_bucket(Bucket="cls")
+    s3.create_bucket(Bucket="gone")
+    concepts = tuple(dataclasses.replace(quick_config.concepts[0], class_prompt="a pattern",
+                                         class_data_dir=url, class_images_per_instance=1)
+                     for url in ("s3://cls/p", "s3://gone/p"))
+    cfg = quick_config.replace(concepts=concepts)
+    said = []
+    local = fetch_inputs(cfg, said.append)
+    assert said == ["s3://cls/p: 0 file(s) fetched, 0 reused from the cache "
+                    f"{local.concepts[0].class_data_dir}", said[1]]
+    made = []
+    for c in local.concepts:
+        folder = __import__("pathlib").Path(c.class_data_dir)
+        for name in ("0.png", "1.png"):
+            (folder / name).write_bytes(name.encode() * 50)
+        (folder / ".2.png.tmp").write_bytes(b"partial")  # a write in progress: not sent
+        made.append(folder)
+    s3.delete_bucket(Bucket="gone")
+    said.clear()
+    send_back(cfg, local, said.append)
+    assert said == ["s3://cls/p: 2 generated class image(s) uploaded (verified)",
+                    "warning: 2 class image(s) generated for 's3://gone/p' did not reach it "
+                    f"(the bucket does not exist); they stay in {made[1]}, where the next run "
+                    "on this machine finds them."], said
+    assert sorted(o["Key"] for o in s3.list_objects_v2(Bucket="cls")["Contents"]) == \
+        ["p/0.png", "p/1.png"]
+    assert sorted(p.name for p in made[1].iterdir()) == [".2.png.tmp", "0.png", "1.png"]
+    said.clear()
+    fetch_inputs(cfg.replace(concepts=concepts[:1]), said.append)
+    assert said[-1].startswith("s3://cls/p: 0 file(s) fetched, 2 reused")
+    said.clear()
+    send_back(cfg.replace(concepts=concepts[:1]), local.replace(concepts=local.concepts[:1]),
+              said.append)
+    assert said == []  # nothing new
 
 
 @pytest.mark.once

@@ -28,6 +28,7 @@ def full_config():
         use_lora=True, lora_rank=32, lora_alpha=8.0, lora_text_encoder=True,
         lora_targets="transformer+conv", lora_conv_rank=4, lora_conv_alpha=2.0,
         network="lokr", loha_rank=4, loha_alpha=2.0, lokr_factor=-1, lokr_rank=4, lokr_alpha=2.0,
+        dora_wd=True, glora_rank=4, oft_block_size=16, oft_constraint=0.5, train_norm=True,
         lora_learning_rate=2e-4, lora_text_encoder_learning_rate=1e-5, lora_dir="/l",
         lora_merge=True, bucketing=True, bucket_no_upscale=True, memory_preset="lowest",
         fused_optimizer=True, bf16_weights=True, fp8_base=True, deterministic="off", cpu_threads=3,

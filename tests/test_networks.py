@@ -188,21 +188,22 @@ def trained_layers(comp) -> dict:
 
 
 KEYS = {"loha": 5, "lokr": 3, "dora": 4}  # per module: the factors and .alpha
+TRAINED_KEYS = {**KEYS, "lokr": 4}  # the trained LoKr with dora_wd: + dora_scale
 MODULE_COUNT = 16 * 2 * 4 + 16 * 4 + 2 * 6  # tiny v1x, 'transformer' targets (test_lora COUNTS)
 
 
 @pytest.mark.parametrize("network", OURS)
 def test_each_network_trains_saves_merges_with_pivotal(network, tiny_checkpoints, instance_dir,
                                                        tmp_path):
-    """One step of each type with its text-encoder layers and a pivotal embedding: the file
-    holds exactly the expected keys, every module (UNet Linear and 1x1 conv, text-encoder
-    attention and MLP) is rebuilt by both hosts' formulas as trained, and the merged
-    checkpoint is the source plus the WebUI's delta."""
+    """One step of each type (LoKr with dora_wd) with its text-encoder layers and a pivotal
+    embedding: the file holds exactly the expected keys, every module (UNet Linear and 1x1
+    conv, text-encoder attention and MLP) is rebuilt by both hosts' formulas as trained, and
+    the merged checkpoint is the source plus the WebUI's delta."""
     source = tiny_checkpoints("v1x")
-    trainer = run(source, instance_dir, tmp_path, network)
+    trainer = run(source, instance_dir, tmp_path, network, dora_wd=network == "lokr")
     path = trainer.result.path
     tensors, meta = read_checkpoint(path)
-    assert len(tensors) == KEYS[network] * MODULE_COUNT
+    assert len(tensors) == TRAINED_KEYS[network] * MODULE_COUNT
     assert {k: tuple(v.shape) for k, v in tensors.items()} == \
         adapters.expected_network_layout(trainer.comp, trainer.cfg)
     assert json.loads(meta["ss_network_args"])["algo"] == {"dora": "lora"}.get(network, network)

@@ -40,6 +40,7 @@ NOT_YET = (
     ("sample_every_epochs", 0, "preview images are not made for Flux yet",
      "set sample_every_epochs to 0"),
     ("compile", "off", "compiling is not done for Flux yet", "set compile to 'off'"),
+    ("train_norm", False, "train_norm is not done for Flux yet", "turn train_norm off"),
     ("min_snr_gamma", 0.0, "Min-SNR weighting is for noise-prediction models, not Flux's flow "
      "matching", "set min_snr_gamma to 0"),
 )

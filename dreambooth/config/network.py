@@ -3,7 +3,9 @@ targets they adapt, and their validation. Standard library only.
 
 lora / locon / dora are kohya's LoRA layout (locon: also the ResNet convolutions; dora: plus a
 magnitude per input column, `.dora_scale`, as the WebUI applies it); loha / lokr are LyCORIS's
-Hadamard and Kronecker products (`.hada_*`, `.lokr_*`). Every type is one file the WebUI's
+Hadamard and Kronecker products (`.hada_*`, `.lokr_*`, with dora_wd a `.dora_scale` too); ia3,
+full, glora and oft the rest of the family the WebUI 1.10.1 loads (`.weight`/`.on_input`,
+`.diff`/`.diff_b`, `.a1.weight`..., `.oft_blocks`). Every type is one file the WebUI's
 built-in Lora extension loads.
 """
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from .errors import Problem
 from .fieldspec import spec_field
 
-NETWORKS = ("lora", "locon", "loha", "lokr", "dora")
+NETWORKS = ("lora", "locon", "loha", "lokr", "dora", "ia3", "full", "glora", "oft")
 LORA_TARGETS = ("attention", "transformer", "transformer+conv")
 # one line each: what the tab shows beside the choice (and the README)
 NETWORK_LINES = {
@@ -24,6 +26,14 @@ NETWORK_LINES = {
             "often chosen for styles.",
     "dora": "DoRA: LoRA plus a learnt magnitude per input column of each weight (the WebUI's "
             "convention): closer to a full fine-tune, slower steps.",
+    "ia3": "(IA)3: a learnt scale per output of each adapted linear layer (per input for the "
+           "feed-forward's second one): tiny files, learns the least.",
+    "full": "Full: the whole change of each adapted layer's weight and bias: a fine-tune of "
+            "those layers in a file, the largest.",
+    "glora": "GLoRA: a low-rank update plus a low-rank change in proportion to the weight "
+             "itself (linear layers only; glora_rank).",
+    "oft": "OFT: turns each adapted weight's outputs by a learnt block-diagonal rotation "
+           "(oft_block_size): keeps the weight's norms, hard to overtrain.",
 }
 
 NETWORK = spec_field("lora", "With method lora, the network trained (each line its name "
@@ -49,6 +59,28 @@ LOKR_ALPHA = spec_field(1.0, "With network 'lokr' and lokr_rank above 0, alpha (
                         maximum=10000.0)
 
 
+GLORA_RANK = spec_field(8, "With network 'glora', the rank of its four factors (the update is "
+                           "b2 @ b1 + W @ a2 @ a1, scale 1: the WebUI ignores alpha there).",
+                        advanced=True, minimum=1, maximum=1024)
+OFT_BLOCK_SIZE = spec_field(32, "With network 'oft', the size of each rotation block (each "
+                                "layer's output count split into blocks of its largest divisor "
+                                "up to this). Larger: more freedom, a larger file.",
+                            advanced=True, minimum=1, maximum=1024)
+OFT_CONSTRAINT = spec_field(0.0, "With network 'oft', 0: the rotations are free; above 0: their "
+                                 "generator's norm is held within this times the output count "
+                                 "(kohya's alpha for OFT, LyCORIS's constraint).", advanced=True,
+                            minimum=0.0, maximum=1000.0)
+DORA_WD = spec_field(False, "With network 'loha' or 'lokr', also learn a magnitude per input "
+                            "column of each weight (DoRA's decomposition, LyCORIS's dora_wd), "
+                            "as the WebUI applies it: closer to a full fine-tune, slower steps.",
+                     advanced=True)
+
+TRAIN_NORM = spec_field(False, "With method lora, also learn a change of the weight and bias of "
+                               "the norm layers in the UNet's transformer blocks (w_norm / "
+                               "b_norm, LyCORIS's train_norm), beside any network. Not the text "
+                               "encoders': Forge does not load those.", advanced=True)
+
+
 def targets_of(cfg) -> str:
     """The layers the network adapts: lora_targets, with the ResNet convolutions for locon."""
     return "transformer+conv" if getattr(cfg, "network", "lora") == "locon" \
@@ -65,4 +97,14 @@ def check_network(cfg) -> list[Problem]:
     if isinstance(cfg.lokr_factor, int) and cfg.lokr_factor == 0:
         problems.append(Problem("lokr_factor", 0, "splits no dimension",
                                 "use -1 (as even as possible) or a factor of 1 or more, e.g. 8"))
+    if cfg.network in ("ia3", "glora") and cfg.lora_targets == "transformer+conv":
+        problems.append(Problem("lora_targets", "transformer+conv", f"asks for the ResNet "
+                                f"convolutions, which network '{cfg.network}' can't adapt (the "
+                                "WebUI applies it to linear layers only)",
+                                "set lora_targets to 'transformer', or choose network 'locon', "
+                                "'loha', 'lokr', 'full' or 'oft' for the convolutions"))
+    if getattr(cfg, "dora_wd", False) and cfg.network not in ("loha", "lokr"):
+        problems.append(Problem("dora_wd", True, f"adds DoRA's magnitude to network 'loha' or "
+                                f"'lokr' only, not '{cfg.network}'",
+                                "choose network 'dora' for LoRA with it, or turn dora_wd off"))
     return problems

@@ -12,24 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from . import cloud
-from .checks import (
-    check_concept,
-    check_embedding,
-    check_fields,
-    check_lora_and_buckets,
-    check_name,
-    check_path_lengths,
-    check_source,
-    field_names,
-    is_dir,
-    unknown_keys,
-)
+from .checks import (check_concept, check_embedding, check_fields, check_lora_and_buckets,
+                     check_name, check_path_lengths, check_source, field_names, is_dir,
+                     unknown_keys)
 from .errors import ConfigError, Problem
 from .fieldspec import spec_field as _f
 from .flux import FLUX_AE, FLUX_CLIP_L, FLUX_T5XXL, FLUX_TYPES, T5_TOKENIZER_DIR, check_flux
 from .migrate import SCHEMA_VERSION, migrate
-from .network import (LOHA_ALPHA, LOHA_RANK, LOKR_ALPHA, LOKR_FACTOR, LOKR_RANK, LORA_TARGETS,
-                      NETWORK, check_network)
+from .network import (DORA_WD, GLORA_RANK, LOHA_ALPHA, LOHA_RANK, LOKR_ALPHA, LOKR_FACTOR,
+                      LOKR_RANK, LORA_TARGETS, NETWORK, OFT_BLOCK_SIZE, OFT_CONSTRAINT,
+                      TRAIN_NORM, check_network)
 from .textfile import parse_json, read_config_text
 
 MODEL_TYPES = ("v1x", "v2x-512", "v2x-768-v", "sdxl", *FLUX_TYPES)
@@ -217,6 +209,11 @@ class TrainingConfig:
     lokr_factor: int = LOKR_FACTOR
     lokr_rank: int = LOKR_RANK
     lokr_alpha: float = LOKR_ALPHA
+    dora_wd: bool = DORA_WD
+    glora_rank: int = GLORA_RANK
+    oft_block_size: int = OFT_BLOCK_SIZE
+    oft_constraint: float = OFT_CONSTRAINT
+    train_norm: bool = TRAIN_NORM
     lora_text_encoder: bool = _f(False, "With use_lora, also train LoRA layers in the text "
                                         "encoder(s).")
     lora_learning_rate: float = _f(1e-4, "Learning rate of the UNet's LoRA layers.", minimum=0.0,

@@ -198,7 +198,8 @@ def _say_error(e: DreamboothError) -> None:
 def run_training(config: TrainingConfig, events_jsonl: str | None) -> int:
     """Train `config` with this process's signals (dreambooth.host.signals) as its commands."""
     from .progress import JsonLines, console_progress
-    from .urls import localize
+    from .urls import localize, send_back
+    asked = config
     config, uploads = localize(config, _say)  # URLs: inputs fetched, outputs sent at the end
     config.check()
     cancel = ev.CancelToken()
@@ -235,6 +236,8 @@ def run_training(config: TrainingConfig, events_jsonl: str | None) -> int:
         if jsonl:
             jsonl.close()
         failed = uploads is not None and _uploads_failed(uploads, config)
+    if first and asked is not config:
+        send_back(asked, config, _say)  # class images generated for a folder at a URL
     if result.path and first:
         print(str(result.path).encode("utf-8", "backslashreplace").decode("utf-8"))
     return 1 if failed else 130 if result.cancelled else 0

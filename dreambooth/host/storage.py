@@ -30,6 +30,7 @@ from typing import Callable
 from ..config import events as ev
 from ..config.cloud import is_url, redact
 from ..config.errors import DreamboothError
+from .multipart import put_in_parts, resumable
 
 OUTPUT_FIELDS = ("output_dir", "lora_dir", "embedding_dir")
 OUTBOX = "outbox"
@@ -84,7 +85,8 @@ class Digest:
     etags: tuple  # the ETags an S3-like store gives this content: one part, parts of PART
 
 
-def digest(path: Path, part: int = PART) -> Digest:
+def digest(path: Path, part: int | None = None) -> Digest:
+    part = part or PART  # read at the call: the module's part size as it is now
     sha, whole, parts, size = hashlib.sha256(), hashlib.md5(), [], 0
     with open(path, "rb") as f:
         while chunk := f.read(part):
@@ -118,26 +120,34 @@ def arrived(fs, path: str, want: Digest) -> bool:
     return remote_sha256(fs, path) == want.sha256  # another backend, or other part sizes
 
 
-def upload_file(local: Path, url: str, on_bytes: Callable[[int, int], None] | None = None
+def upload_file(local: Path, url: str, on_bytes: Callable[[int, int], None] | None = None,
+                upload_id: str | None = None, keep: Callable[[str | None], None] | None = None
                 ) -> str:
-    """Send `local` to `url` unless it is there whole; verify; 'sent' | 'present'. Only reads
-    the local file."""
+    """Send `local` to `url` unless it is there whole; verify; 'sent' | 'present' | 'resumed at
+    part N of M'. Only reads the local file. With `keep`, a large file to S3 goes in parts whose
+    upload (`upload_id`, recorded through `keep`) a retry continues (multipart.py)."""
     want = digest(local)
     fs, path = open_url(url)
     if arrived(fs, path, want):
         return "present"
-    kwargs = {"chunksize": PART} if "s3" in fs.protocol else {}
-    if on_bytes is not None:
-        kwargs["callback"] = _callback(on_bytes)
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    if "file" in protocols:  # a local folder is made; a bucket never is
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    fs.put_file(str(local), path, **kwargs)
+    how = "sent"
+    if keep is not None and resumable(fs, want.size, PART):
+        first = put_in_parts(fs, path, local, PART, upload_id, keep, on_bytes)
+        count = int(want.etags[1].rsplit("-", 1)[1])
+        how = f"resumed at part {first} of {count}" if first > 1 else how
+    else:
+        kwargs = {"chunksize": PART} if "s3" in fs.protocol else {}
+        if on_bytes is not None:
+            kwargs["callback"] = _callback(on_bytes)
+        protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+        if "file" in protocols:  # a local folder is made; a bucket never is
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.put_file(str(local), path, **kwargs)
     fs.invalidate_cache(path)
     if not arrived(fs, path, want):
         raise OSError(f"the object at {redact(url)} does not match the local file after the "
                       "upload")
-    return "sent"
+    return how
 
 
 def _callback(on_bytes):
@@ -171,6 +181,11 @@ class Manifest:
             tmp = self.path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps({"files": self.files}, indent=1), encoding="utf-8")
             os.replace(tmp, self.path)
+
+    def resume(self, local: Path) -> tuple:
+        """(the multipart upload to continue, the call that records it) for upload_file."""
+        return (self.files.get(str(local), {}).get("upload_id"),
+                lambda upload_id: self.set(local, upload_id=upload_id))
 
     def pending(self) -> list[tuple[Path, str]]:
         return [(Path(k), v["url"]) for k, v in self.files.items() if v.get("state") != "done"]
@@ -207,7 +222,7 @@ class Uploads:
             if total > PART and 0 < done < total:
                 self.say(f"uploading {shown}: {done / 2**20:.0f} of {total / 2**20:.0f} MiB")
         try:
-            upload_file(local, url, on_bytes)
+            upload_file(local, url, on_bytes, *self.manifest.resume(local))
         except Exception as e:  # said at the end, with the command that retries
             self.manifest.set(local, state="failed", error=reason(e))
             raise
@@ -260,7 +275,7 @@ def upload_run(model_dir: str, say: Callable[[str], None]) -> int:
             failed += 1
             continue
         try:
-            how = upload_file(local, url)
+            how = upload_file(local, url, None, *manifest.resume(local))
         except Exception as e:
             manifest.set(local, state="failed", error=reason(e))
             say(f"error: {local} did not reach {redact(url)} ({reason(e)}).")
@@ -268,5 +283,6 @@ def upload_run(model_dir: str, say: Callable[[str], None]) -> int:
             continue
         manifest.set(local, state="done", error="")
         say(f"uploaded: {redact(url)}" + (" (already there, verified)" if how == "present"
-                                          else " (verified)"))
+                                          else " (verified)" if how == "sent"
+                                          else f" ({how}, verified)"))
     return 1 if failed else 0

@@ -5,8 +5,9 @@ reused by the next run while every object keeps its identity (ETag, size and mod
 as the store reports them): an object that changed is fetched again, one that is gone is removed
 from the cache. A file is written beside its place under a temporary name, checked (its size,
 and its MD5 where the store's ETag is one), then renamed: a failed fetch (a full disk, a dropped
-connection) leaves the cache as it was. Class images generated into a URL concept's folder stay
-in the local copy (they are not sent back to the bucket). fsspec is imported only through
+connection) leaves the cache as it was. A class folder's URL may hold nothing yet: the images
+generated into its local copy are uploaded back when the run ends (`send_back`), or stay in the
+local copy with a warning where the store refuses them. fsspec is imported only through
 storage.open_url, when a URL is given.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Callable
 
 from ..config.cloud import is_url, redact
 from ..config.errors import DreamboothError
-from .storage import PART, open_url, outbox_config, reason
+from .storage import PART, join, open_url, outbox_config, reason, upload_file
 
 
 def localize(config, say: Callable[[str], None]):
@@ -41,9 +42,8 @@ def fetch_inputs(config, say: Callable[[str], None]):
         changes["source_checkpoint"] = str(fetch(config.source_checkpoint, cache, say, True))
     new = []
     for c in concepts:
-        local = {k: str(fetch(getattr(c, k), cache, say)) for k in ("instance_data_dir",
-                                                                    "class_data_dir")
-                 if is_url(getattr(c, k))}
+        local = {k: str(fetch(getattr(c, k), cache, say, empty=k == "class_data_dir"))
+                 for k in ("instance_data_dir", "class_data_dir") if is_url(getattr(c, k))}
         new.append(dataclasses.replace(c, **local))
     return config.replace(concepts=tuple(new), **changes)
 
@@ -54,8 +54,10 @@ def identity(info: dict) -> str:
     return f"{etag}|{info.get('size')}|{when}"
 
 
-def fetch(url: str, cache: Path, say: Callable[[str], None], one_file: bool = False) -> Path:
-    """The local copy of the folder (or, `one_file`, the file) at `url`."""
+def fetch(url: str, cache: Path, say: Callable[[str], None], one_file: bool = False,
+          empty: bool = False) -> Path:
+    """The local copy of the folder (or, `one_file`, the file) at `url`; `empty`: the folder
+    may hold nothing yet (a class folder whose images are generated)."""
     fs, root = open_url(url)
     folder = cache / hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
     try:
@@ -67,7 +69,7 @@ def fetch(url: str, cache: Path, say: Callable[[str], None], one_file: bool = Fa
                               "variables, profile or instance role).") from None
     files = {(p.rsplit("/", 1)[-1] if one_file else p[len(root):].strip("/")): (p, info)
              for p, info in listing.items() if info.get("type", "file") == "file"}
-    if not files:
+    if not files and not empty:
         raise DreamboothError(f"'{redact(url)}' holds no files.", "Check the URL.")
     folder.mkdir(parents=True, exist_ok=True)
     index = _read_index(folder.with_suffix(".json"))
@@ -88,6 +90,43 @@ def fetch(url: str, cache: Path, say: Callable[[str], None], one_file: bool = Fa
     say(f"{redact(url)}: {fetched} file(s) fetched, {len(files) - fetched} reused from the "
         f"cache {folder}")
     return folder / next(iter(files)) if one_file else folder
+
+
+def send_back(original, local, say: Callable[[str], None]) -> None:
+    """Class images generated into the local copy of a class folder at a URL go to that URL,
+    each verified and recorded in the cache's index (the next run reuses them, here or on
+    another machine). A store that refuses them is a warning: they stay in the local copy."""
+    for c, mine in zip(original.concepts, local.concepts):
+        if is_url(c.class_data_dir):
+            _send_folder(c.class_data_dir, Path(mine.class_data_dir), say)
+
+
+def _send_folder(url: str, folder: Path, say: Callable[[str], None]) -> None:
+    index = _read_index(folder.with_suffix(".json"))
+    new = sorted(rel for rel in (p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                                 if p.is_file() and not p.name.startswith("."))
+                 if rel not in index)
+    sent = []
+    try:
+        for rel in new:
+            upload_file(folder / rel, join(url, rel))
+            sent.append(rel)
+    except Exception as e:
+        say(f"warning: {len(new) - len(sent)} class image(s) generated for '{redact(url)}' did "
+            f"not reach it ({reason(e)}); they stay in {folder}, where the next run on this "
+            "machine finds them.")
+    if not sent:
+        return
+    try:  # the identities a listing gives, as the next fetch compares them
+        fs, root = open_url(url)
+        fs.invalidate_cache()
+        listing = {p[len(root):].strip("/"): info for p, info in
+                   fs.find(root, detail=True).items()}
+        index.update({rel: identity(listing[rel]) for rel in sent if rel in listing})
+        _write_index(folder.with_suffix(".json"), index)
+    except Exception:  # unrecorded: the next run fetches them once more
+        pass
+    say(f"{redact(url)}: {len(sent)} generated class image(s) uploaded (verified)")
 
 
 def _download(fs, path: str, target: Path, info: dict, url: str, folder: Path) -> None:

@@ -18,6 +18,8 @@ from ..model.checkpoint import SAVE_DTYPES, cast_for_save, write_text
 from ..model.metadata import model_metadata
 from .lora import (BASE_VERSION, WEBUI_VERSION, expected_layout, inject, kohya_name, kohya_state,
                    lora_pairs, merged_state, target_modules, target_paths)
+from .network_kinds import HAS_ALPHA, KINDS, bias_update, on_input
+from .network_norm import expected_norms, inject_norms, merged_norms, norm_state
 from .networks import (OURS, PARAMS, inject_network, network_params, param_shapes, rank_alpha,
                        update)
 
@@ -42,7 +44,9 @@ def _add_lora(comp, cfg) -> list[dict]:
         conv = (cfg.lora_conv_rank, cfg.lora_conv_alpha) \
             if targets == "transformer+conv" and component == "unet" else None
         return inject(module, cfg.lora_rank, cfg.lora_alpha, paths, conv)
-    groups = [{"params": adapt(comp.unet, "unet"), "lr": cfg.lora_learning_rate}]
+    norms = inject_norms if getattr(cfg, "train_norm", False) else (lambda unet: [])
+    groups = [{"params": adapt(comp.unet, "unet") + norms(comp.unet),
+               "lr": cfg.lora_learning_rate}]
     if cfg.lora_text_encoder:
         params = [p for te, slot in zip(comp.text_encoders, comp.spec.text_encoders)
                   for p in adapt(te, slot.component)]
@@ -52,14 +56,26 @@ def _add_lora(comp, cfg) -> list[dict]:
 
 # -- the file -----------------------------------------------------------------------------------
 def network_state(comp, cfg, states: dict) -> dict:
-    """The file's tensors: each layer's parameters under `<kohya name>.<file key>`, and its
-    `.alpha` (`states`: component -> state dict, as lora.kohya_state takes them)."""
+    """The file's tensors: each layer's parameters under `<kohya name>.<file key>`, its
+    `.alpha` (not for ia3 / full) and an (IA)3 layer's `.on_input` (`states`: component ->
+    state dict, as lora.kohya_state takes them)."""
     out = {}
     for component, state in states.items():
         for path, params in network_params(state).items():
             name = kohya_name(comp, component, path)
             out.update({f"{name}.{PARAMS[k]}": v for k, v in params.items()})
-            out[f"{name}.alpha"] = torch.tensor(float(rank_alpha(cfg, path)[1]))
+            out.update(extra_keys(cfg, path, params, name))
+    return out
+
+
+def extra_keys(cfg, path: str, params: dict, name: str) -> dict:
+    """`.alpha` and `.on_input` of one module: what the type's WebUI module reads beside its
+    factors."""
+    out = {}
+    if cfg.network not in KINDS or cfg.network in HAS_ALPHA:
+        out[f"{name}.alpha"] = torch.tensor(float(rank_alpha(cfg, path)[1]))
+    if on_input(params) is not None:
+        out[f"{name}.on_input"] = torch.tensor(on_input(params))
     return out
 
 
@@ -67,11 +83,12 @@ def expected_network_layout(comp, cfg) -> dict:
     """Key -> shape the file must hold: one set per targeted module of the plain architecture
     (built on the meta device from the configs), named after that module."""
     out = {}
-    for component, path, name, weight in target_modules(comp, cfg.lora_text_encoder,
+    for component, path, name, module in target_modules(comp, cfg.lora_text_encoder,
                                                         targets_of(cfg)):
-        shapes = param_shapes(cfg, path, tuple(weight.shape))
+        shapes = param_shapes(cfg, path, tuple(module.weight.shape), module.bias is not None)
         out.update({f"{name}.{PARAMS[k]}": v for k, v in shapes.items()})
-        out[f"{name}.alpha"] = ()
+        if shapes:
+            out.update({k: () for k in extra_keys(cfg, path, shapes, name)})
     return out
 
 
@@ -83,6 +100,9 @@ def merged_network_state(state: dict, cfg, base: dict) -> dict:
         weight = out[f"{path}.weight"]
         delta = update(params, weight, rank_alpha(cfg, path)[1])
         out[f"{path}.weight"] = (weight.float() + delta).to(weight.dtype)
+        if bias_update(params) is not None:
+            bias = out[f"{path}.bias"]
+            out[f"{path}.bias"] = (bias.float() + bias_update(params).float()).to(bias.dtype)
     return out
 
 
@@ -90,10 +110,12 @@ def network_metadata(cfg) -> dict:
     """ss_network_module / _dim / _alpha / _args as LyCORIS's kohya wrapper writes them."""
     conv = targets_of(cfg) == "transformer+conv"
     rank, alpha = rank_alpha(cfg, "")
-    args = {"algo": {"dora": "lora"}.get(cfg.network, cfg.network)}
+    args = {"algo": {"dora": "lora", "oft": "diag-oft"}.get(cfg.network, cfg.network)}
     if cfg.network == "lokr":
         args.update(factor=str(cfg.lokr_factor), full_matrix=str(not cfg.lokr_rank))
-    if cfg.network == "dora":
+    if cfg.network == "oft":
+        args.update(constraint=str(cfg.oft_constraint))
+    if cfg.network == "dora" or getattr(cfg, "dora_wd", False):
         args.update(dora_wd="True", wd_on_output="False")  # per input column: the WebUI's
     if conv:
         conv_rank, conv_alpha = (cfg.lora_conv_rank, cfg.lora_conv_alpha) \
@@ -143,20 +165,34 @@ def ss_metadata(cfg, spec, steps: int, epochs: int, images: list, n_class: int,
 def network_keys(cfg) -> dict:
     """ss_network_module / _dim / _alpha (/ _args) of the network cfg trains."""
     if cfg.network in OURS:
-        return network_metadata(cfg)
-    conv = {"ss_network_args": json.dumps({"conv_dim": str(cfg.lora_conv_rank),
-                                           "conv_alpha": str(cfg.lora_conv_alpha)})} \
-        if targets_of(cfg) == "transformer+conv" else {}
-    return {**conv, "ss_network_module": "networks.lora", "ss_network_dim": str(cfg.lora_rank),
-            "ss_network_alpha": str(cfg.lora_alpha)}
+        keys = network_metadata(cfg)
+    else:
+        conv = {"ss_network_args": json.dumps({"conv_dim": str(cfg.lora_conv_rank),
+                                               "conv_alpha": str(cfg.lora_conv_alpha)})} \
+            if targets_of(cfg) == "transformer+conv" else {}
+        keys = {**conv, "ss_network_module": "networks.lora",
+                "ss_network_dim": str(cfg.lora_rank), "ss_network_alpha": str(cfg.lora_alpha)}
+    if getattr(cfg, "train_norm", False):  # LyCORIS's name for it
+        args = {**json.loads(keys.get("ss_network_args", "{}")), "train_norm": "True"}
+        keys["ss_network_args"] = json.dumps(args)
+    return keys
 
 
 def file_tensors(comp, cfg, states: dict) -> tuple[dict, dict]:
-    """(the file's tensors, key -> shape they must have) of the network cfg trains."""
-    if comp.spec.family == "flux":
+    """(the file's tensors, key -> shape they must have) of the network cfg trains, with the
+    norms' under train_norm."""
+    if comp.spec.family == "flux":  # kohya's Flux layout (flux_lora.py)
         from . import flux_lora
         return (flux_lora.kohya_state(comp, cfg, lora_pairs(states["unet"])),
                 flux_lora.expected_layout(comp, cfg))
+    state, expected = network_tensors(comp, cfg, states)
+    if getattr(cfg, "train_norm", False):
+        state.update(norm_state(comp, states["unet"]))
+        expected.update(expected_norms(comp))
+    return state, expected
+
+
+def network_tensors(comp, cfg, states: dict) -> tuple[dict, dict]:
     if cfg.network in OURS:
         return network_state(comp, cfg, states), expected_network_layout(comp, cfg)
     targets = targets_of(cfg)
@@ -170,11 +206,15 @@ def merged_states(cfg, states: dict, bases: dict) -> dict:
     """The plain states `bases` (component -> state) with the trained network of `states`
     folded in, as the WebUI applies the file."""
     if cfg.network in OURS:
-        return {k: merged_network_state(states[k], cfg, v) if k in states else v
-                for k, v in bases.items()}
-    conv = cfg.lora_conv_alpha / cfg.lora_conv_rank
-    return {k: merged_state(states[k], cfg.lora_alpha / cfg.lora_rank, v, conv)
-            if k in states else v for k, v in bases.items()}
+        out = {k: merged_network_state(states[k], cfg, v) if k in states else v
+               for k, v in bases.items()}
+    else:
+        conv = cfg.lora_conv_alpha / cfg.lora_conv_rank
+        out = {k: merged_state(states[k], cfg.lora_alpha / cfg.lora_rank, v, conv)
+               if k in states else v for k, v in bases.items()}
+    if getattr(cfg, "train_norm", False):
+        out["unet"] = merged_norms(states["unet"], out["unet"])
+    return out
 
 
 def refuse_unloadable(state: dict, precision: str) -> None:

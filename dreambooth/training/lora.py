@@ -148,16 +148,16 @@ def target_modules(comp, text_encoders: bool, targets: str):
             n.startswith("text_model.") for n, _ in module.named_modules()) else "text_model."
         found = dict(module.named_modules())
         for path in target_paths(module, component, targets):
-            yield component, path, kohya_name(comp, component, prefix + path), found[path].weight
+            yield component, path, kohya_name(comp, component, prefix + path), found[path]
 
 
 def expected_layout(comp, rank: int, text_encoders: bool, targets: str = "attention",
                     conv_rank: int | None = None) -> dict:
     """Key -> shape the LoRA file must hold: one triple per targeted Linear/Conv2d."""
     out = {}
-    for _, path, name, weight in target_modules(comp, text_encoders, targets):
+    for _, path, name, module in target_modules(comp, text_encoders, targets):
         r = conv_rank if conv_rank and is_conv_target(path) else rank
-        w = tuple(weight.shape)
+        w = tuple(module.weight.shape)
         out[f"{name}.lora_down.weight"] = (r, *w[1:])
         out[f"{name}.lora_up.weight"] = (w[0], r) + tuple(1 for _ in w[2:])
         out[f"{name}.alpha"] = ()

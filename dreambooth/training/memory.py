@@ -109,15 +109,19 @@ def _trainable(cfg, shapes: dict) -> tuple[list, list]:
 
 
 def _network_updates(cfg, tes: list, wbytes: int) -> int:
-    """LoHa / LoKr / DoRA build each adapted weight's update in forward, and backward needs it:
-    its compute-dtype copy (DoRA: also V = W + update in fp32), one per adapted weight; under
+    """Our layers build each adapted weight's update (or new weight) in forward, and backward
+    needs it: its compute-dtype copy, one per adapted weight (DoRA, dora_wd: also V = W +
+    update in fp32; (IA)3's W * (1 + w), GLoRA's W @ a2 and OFT's rotation of W: also W's
+    compute-dtype copy); under
     gradient checkpointing, one block's at a time (left out)."""
     if not getattr(cfg, "use_lora", False) or getattr(cfg, "network", "lora") not in OURS \
             or cfg.gradient_checkpointing:
         return 0
     parts = ["unet"] + (tes if cfg.lora_text_encoder else [])
     adapted = sum(network_shapes(cfg.model_type, c, network_settings(cfg))[1] for c in parts)
-    return adapted * (wbytes + (4 if cfg.network == "dora" else 0))
+    dora = cfg.network == "dora" or getattr(cfg, "dora_wd", False)
+    base_copy = cfg.network in ("ia3", "glora", "oft")
+    return adapted * (wbytes + (4 if dora else 0) + (wbytes if base_copy else 0))
 
 
 def _caches(cfg, shapes: dict, images: tuple[int, int], half: bool) -> int:

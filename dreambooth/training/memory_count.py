@@ -54,7 +54,7 @@ def lora_shapes(model_type: str, rank: int, component: str = "unet", targets: st
 
 NETWORK_SETTINGS = ("network", "lora_targets", "lora_rank", "lora_alpha", "lora_conv_rank",
                     "lora_conv_alpha", "loha_rank", "loha_alpha", "lokr_factor", "lokr_rank",
-                    "lokr_alpha")
+                    "lokr_alpha", "dora_wd", "glora_rank", "oft_block_size", "oft_constraint")
 
 
 def network_settings(cfg) -> tuple:
@@ -64,8 +64,8 @@ def network_settings(cfg) -> tuple:
 
 @functools.lru_cache(maxsize=None)
 def network_shapes(model_type: str, component: str, settings: tuple) -> tuple[tuple, int]:
-    """(shapes of the parameters LoHa / LoKr / DoRA layers add to a component, elements of the
-    weights they adapt), `settings` from network_settings."""
+    """(shapes of the parameters our layers (LoHa, LoKr, DoRA, IA3, ...) add to a component,
+    elements of the weights they adapt), `settings` from network_settings."""
     from types import SimpleNamespace
 
     from ..config.network import targets_of
@@ -78,8 +78,9 @@ def network_shapes(model_type: str, component: str, settings: tuple) -> tuple[tu
     shapes, adapted = [], 0
     for path in target_paths(module, component, targets_of(cfg)):
         w = tuple(found[path].weight.shape)
-        shapes += list(param_shapes(cfg, path, w).values())
-        adapted += numel([w])
+        layer = param_shapes(cfg, path, w, found[path].bias is not None)
+        shapes += list(layer.values())
+        adapted += numel([w]) if layer else 0
     return tuple(shapes), adapted
 
 

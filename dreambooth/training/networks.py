@@ -1,4 +1,5 @@
-"""LoHa, LoKr and DoRA: our own small layers (LoRA and LoCon are peft's, lora.py), each trained as
+"""LoHa, LoKr and DoRA (and through network_kinds.py (IA)3, Full, GLoRA, OFT): our own small layers
+(LoRA and LoCon are peft's, lora.py), each trained as
 the weight update the WebUI's built-in Lora extension (1.10.1, extensions-builtin/Lora) rebuilds
 from the saved file, and saved in its key layout.
 
@@ -12,6 +13,8 @@ The update of a module with weight W [out, in, *k] (k: the kernel of a conv), sc
   each input column (over out and the kernel) and `dora_scale` shaped [1, in] / [1, in, 1, 1],
   the WebUI's `apply_weight_decompose` (peft's DoRA normalises each output row instead, which
   the WebUI would apply silently wrong; that is why DoRA is ours). The update is W' - W.
+  With dora_wd, LoHa and LoKr take the same `dora_scale` over their own update (1.10.1's
+  network.py applies it to any module type).
 
 A layer keeps the frozen module as `base_layer` (the name peft uses) and its trained tensors as parameters named after their file keys (PARAMS).
 """
@@ -24,12 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config.network import targets_of
+from . import network_kinds as kinds
 from .lora import is_conv_target
+
 PARAMS = {"hada_w1_a": "hada_w1_a", "hada_w1_b": "hada_w1_b", "hada_w2_a": "hada_w2_a",
           "hada_w2_b": "hada_w2_b", "lokr_w1": "lokr_w1", "lokr_w2": "lokr_w2",
           "lokr_w2_a": "lokr_w2_a", "lokr_w2_b": "lokr_w2_b", "lora_down": "lora_down.weight",
-          "lora_up": "lora_up.weight", "dora_scale": "dora_scale"}  # parameter -> file key
-OURS = ("loha", "lokr", "dora")  # our layers; lora and locon are peft's (lora.py)
+          "lora_up": "lora_up.weight", "dora_scale": "dora_scale",
+          **kinds.PARAMS}  # parameter -> file key
+OURS = ("loha", "lokr", "dora") + kinds.KINDS  # our layers; lora and locon are peft's (lora.py)
 
 
 # -- shapes and settings ------------------------------------------------------------------------
@@ -45,6 +51,8 @@ def factorization(dim: int, factor: int) -> tuple[int, int]:
 
 def rank_alpha(cfg, path: str) -> tuple[int, float]:
     """The rank and alpha a module of `path` gets under cfg.network."""
+    if cfg.network in kinds.KINDS:
+        return kinds.rank_alpha(cfg)
     if cfg.network == "loha":
         return cfg.loha_rank, cfg.loha_alpha
     if cfg.network == "lokr":
@@ -54,20 +62,24 @@ def rank_alpha(cfg, path: str) -> tuple[int, float]:
     return cfg.lora_rank, cfg.lora_alpha
 
 
-def param_shapes(cfg, path: str, weight_shape: tuple) -> dict:
-    """Parameter name -> shape of the layer cfg.network puts on a module of this weight shape."""
+def param_shapes(cfg, path: str, weight_shape: tuple, bias: bool = False) -> dict:
+    """Parameter name -> shape of the layer cfg.network puts on a module of this weight shape
+    (and bias, when it has one); {}: the type does not adapt such a module."""
+    if cfg.network in kinds.KINDS:
+        return kinds.shapes(cfg, path, weight_shape, bias)
     out, cin, kernel = weight_shape[0], weight_shape[1], tuple(weight_shape[2:])
     rest, ones = cin * math.prod(kernel), tuple(1 for _ in kernel)
     rank, _ = rank_alpha(cfg, path)
+    dora = {"dora_scale": (1, cin, *ones)} if getattr(cfg, "dora_wd", False) else {}
     if cfg.network == "loha":
         return {"hada_w1_a": (out, rank), "hada_w1_b": (rank, rest),
-                "hada_w2_a": (out, rank), "hada_w2_b": (rank, rest)}
+                "hada_w2_a": (out, rank), "hada_w2_b": (rank, rest), **dora}
     if cfg.network == "lokr":
         (o1, o2), (i1, i2) = factorization(out, cfg.lokr_factor), factorization(cin,
                                                                                cfg.lokr_factor)
         w2 = {"lokr_w2_a": (o2, rank), "lokr_w2_b": (rank, i2 * math.prod(kernel))} if rank \
             else {"lokr_w2": (o2, i2, *kernel)}
-        return {"lokr_w1": (o1, i1), **w2}
+        return {"lokr_w1": (o1, i1), **w2, **dora}
     return {"lora_down": (rank, cin, *kernel), "lora_up": (out, rank, *ones),
             "dora_scale": (1, cin, *ones)}
 
@@ -128,6 +140,8 @@ def update(params: dict, weight: torch.Tensor, alpha: float) -> torch.Tensor:
     """What the layer adds to `weight` (fp32): the WebUI's delta for this module."""
     weight = weight.float()
     params = {k: v.float() for k, v in params.items()}
+    if kinds.kind_of(params):
+        return kinds.update(params, weight, alpha)
     if "dora_scale" in params:
         return decomposed(weight, params, alpha) - weight
     return product(params).reshape(weight.shape) * scale_of(params, alpha)
@@ -156,8 +170,9 @@ class NetworkLayer(nn.Module):
     @torch.no_grad()
     def reset(self) -> None:
         """A zero update to start: LoHa's hada_w2_a, LoKr's w2 (or w2_a), DoRA's up are zero;
-        DoRA's magnitude is the base's column norm."""
+        DoRA's magnitude is the base's column norm (network_kinds.reset: the others)."""
         p = self.params()
+        kinds.reset(p)
         for name in ("lokr_w1", "lokr_w2_b", "lora_down"):
             if name in p:
                 nn.init.kaiming_uniform_(p[name], a=math.sqrt(5))
@@ -177,9 +192,15 @@ class NetworkLayer(nn.Module):
         w = base_weight(self.base_layer)
         return w + update(self.params(), w, self.alpha)
 
+    def effective_bias(self) -> torch.Tensor | None:
+        b, delta = self.base_layer.bias, kinds.bias_update(self.params())
+        return b if delta is None else b.float() + delta
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .fp8 import compute_dtype
         dtype, p = compute_dtype(x), self.params()
+        if kinds.kind_of(p):
+            return kinds.forward(self, x, dtype, base_weight(self.base_layer))
         if "dora_scale" in p:  # the whole weight: W' replaces W
             w = decomposed(base_weight(self.base_layer), p, self.alpha)
             bias = self.base_layer.bias
@@ -195,8 +216,10 @@ def inject_network(module: nn.Module, paths: list[str], cfg) -> list:
     found, params = dict(module.named_modules()), []
     for path in paths:
         base = found[path]
-        layer = NetworkLayer(base, param_shapes(cfg, path, tuple(base.weight.shape)),
-                             rank_alpha(cfg, path)[1])
+        shapes = param_shapes(cfg, path, tuple(base.weight.shape), base.bias is not None)
+        if not shapes:
+            continue
+        layer = NetworkLayer(base, shapes, rank_alpha(cfg, path)[1])
         parent, _, leaf = path.rpartition(".")
         setattr(found[parent] if parent else module, leaf, layer)
         params += list(layer.params().values())

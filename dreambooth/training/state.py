@@ -35,8 +35,9 @@ BEFORE_FIELD = {"lora_targets": "attention", "lora_conv_rank": 8, "lora_conv_alp
                 "pivotal": False, "embedding_token": "", "embedding_init_word": "*",
                 "embedding_vectors": 1, "embedding_learning_rate": 5e-3, "fp8_base": False,
                 "network": "lora", "loha_rank": 8, "loha_alpha": 4.0, "lokr_factor": 8,
-                "lokr_rank": 0, "lokr_alpha": 1.0, "flux_clip_l": "", "flux_t5xxl": "",
-                "flux_ae": "", "t5_tokenizer_dir": ""}
+                "lokr_rank": 0, "lokr_alpha": 1.0, "dora_wd": False, "glora_rank": 8,
+                "oft_block_size": 32, "oft_constraint": 0.0, "train_norm": False,
+                "flux_clip_l": "", "flux_t5xxl": "", "flux_ae": "", "t5_tokenizer_dir": ""}
 
 
 def snapshots(model_dir: Path) -> list[Path]:
