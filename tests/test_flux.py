@@ -57,8 +57,8 @@ def test_headless_run_without_t5_tokenizer_refuses_before_loading(tiny_flux, ins
     assert set(problems) == {"t5_tokenizer_dir"}
     assert "none is downloaded" in problems["t5_tokenizer_dir"].why
     not_yet = flux_config(tiny_flux, instance_dir, tmp_path, method="dreambooth",
-                          sample_every_epochs=1).validate()
-    assert {p.field for p in not_yet} == {"method", "sample_every_epochs"}
+                          fp8_base=True).validate()
+    assert {p.field for p in not_yet} == {"method", "fp8_base"}
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +165,9 @@ def trained_deltas(unet, alpha: float) -> dict:
 
 
 def test_tiny_flux_trains_end_to_end_offline(tiny_flux, instance_dir, tmp_path, no_network):
-    """Detected from its file, loaded from the four files and the tokenizer folder, trained two
-    steps on the flow objective: a kohya Flux LoRA in lora_dir with exactly its layout whose
+    """Detected from its file, loaded from the four files and the tokenizer folder, its class
+    images made with FluxPipeline, trained two steps on the flow objective with prior
+    preservation, a preview made: a kohya Flux LoRA in lora_dir with exactly its layout whose
     every stem applied as the hosts do (up @ down x alpha / rank on BFL's stacked rows) is the
     trained update; the double blocks read by diffusers' own reader give the trained update
     too (its single blocks assume Flux.1's real width: proven at full size above)."""
@@ -176,11 +177,17 @@ def test_tiny_flux_trains_end_to_end_offline(tiny_flux, instance_dir, tmp_path, 
     from dreambooth.model.filecheck import read_layout
     from dreambooth.training.trainer import Trainer
     assert sniff_model_type(tiny_flux["source_checkpoint"]) == "flux-dev"
+    concept = Concept(str(instance_dir), "photo of sks dog", "photo of a dog",
+                      class_images_per_instance=1)
     cfg = flux_config(tiny_flux, instance_dir, tmp_path, steps_per_image=1, batch_size=2,
-                      gradient_checkpointing=True)
-    trainer = Trainer(cfg.check(), ev.EventBus(lambda e: None), ev.CancelToken())
+                      gradient_checkpointing=True, concepts=(concept,), class_generation_steps=2,
+                      sample_every_epochs=1, sample_steps=2)
+    events = []
+    trainer = Trainer(cfg.check(), ev.EventBus(events.append), ev.CancelToken())
     result = trainer.run()
     assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert len(list((cfg.model_dir / "class_images").rglob("*.png"))) == 4
+    assert [e.step for e in events if isinstance(e, ev.SampleSaved)] == [2]
     assert result.path.parent == tmp_path / "Lora"
     shapes, _, meta = read_layout(result.path)
     assert shapes == flux_lora.expected_layout(trainer.comp, cfg)

@@ -37,8 +37,6 @@ NOT_YET = (
     ("use_ema", False, "EMA is not done for Flux yet", "turn use_ema off"),
     ("lora_merge", False, "merging into a Flux checkpoint is not done yet",
      "turn lora_merge off"),
-    ("sample_every_epochs", 0, "preview images are not made for Flux yet",
-     "set sample_every_epochs to 0"),
     ("compile", "off", "compiling is not done for Flux yet", "set compile to 'off'"),
     ("train_norm", False, "train_norm is not done for Flux yet", "turn train_norm off"),
     ("min_snr_gamma", 0.0, "Min-SNR weighting is for noise-prediction models, not Flux's flow "
@@ -55,12 +53,6 @@ def check_flux(cfg, check_paths: bool) -> list[Problem]:
     if cfg.lora_targets == "transformer+conv":
         problems.append(Problem("lora_targets", cfg.lora_targets, "Flux's transformer has no "
                                 "convolutions", "use 'attention' or 'transformer'"))
-    for i, concept in enumerate(cfg.concepts):
-        if getattr(concept, "uses_prior", False):
-            problems.append(Problem(f"concepts[{i}].class_images_per_instance",
-                                    concept.class_images_per_instance,
-                                    "prior preservation is not done for Flux yet",
-                                    "set it to 0 (or clear the class prompt)"))
     if check_paths:
         problems += _missing_files(cfg)
     return problems

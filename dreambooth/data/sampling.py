@@ -14,7 +14,10 @@ CLASS_BATCH = 4
 
 def make_pipeline(comp, unet=None, text_encoder=None, device=None, text_encoder_2=None):
     """The diffusers pipeline of the model's family over the working model (no safety checker,
-    no watermark, no downloads): StableDiffusionPipeline, or StableDiffusionXLPipeline."""
+    no watermark, no downloads): StableDiffusionPipeline, StableDiffusionXLPipeline or
+    FluxPipeline (its unet: the transformer)."""
+    if comp.spec.family == "flux":
+        return _flux_pipeline(comp, unet, text_encoder, text_encoder_2)
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     scheduler = DDIMScheduler.from_config(comp.configs["scheduler"])
     parts = dict(vae=comp.vae, text_encoder=text_encoder or comp.text_encoder,
@@ -30,6 +33,27 @@ def make_pipeline(comp, unet=None, text_encoder=None, device=None, text_encoder_
     return pipe
 
 
+def _flux_pipeline(comp, transformer, text_encoder, text_encoder_2):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(comp.configs["scheduler"]),
+        vae=comp.vae, text_encoder=text_encoder or comp.text_encoder, tokenizer=comp.tokenizer,
+        text_encoder_2=text_encoder_2 or comp.text_encoder_2, tokenizer_2=comp.tokenizer_2,
+        transformer=transformer or comp.unet)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample_settings(comp, guidance_scale: float) -> tuple[float, dict]:
+    """(guidance, the pipeline's other arguments) a model samples with: SD's classifier-free
+    guidance as configured; Flux dev's distilled guidance (3.5; schnell: none) and T5's tokens
+    as training reads them."""
+    if comp.spec.family != "flux":
+        return guidance_scale, {}
+    return comp.spec.guidance or 0.0, {
+        "max_sequence_length": min(512, comp.tokenizer_2.model_max_length)}
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:60] or "class"
 
@@ -37,9 +61,11 @@ def slug(text: str) -> str:
 @torch.no_grad()
 def generate_images(pipe, prompt: str, count: int, folder: Path, stem: str, start: int,
                     resolution: int, steps: int, guidance: float, seed: int,
-                    dtype: torch.dtype = torch.float32, on_image=None) -> list[Path]:
-    """Generate `count` images of `prompt` into folder as <stem>_<n>.png, n from `start`."""
-    device = pipe.unet.device
+                    dtype: torch.dtype = torch.float32, on_image=None,
+                    extra: dict | None = None) -> list[Path]:
+    """Generate `count` images of `prompt` into folder as <stem>_<n>.png, n from `start`
+    (`extra`: the pipeline's other arguments, sample_settings)."""
+    device = (getattr(pipe, "unet", None) or pipe.transformer).device
     written = []
     for first in range(0, count, CLASS_BATCH):
         n = min(CLASS_BATCH, count - first)
@@ -47,7 +73,7 @@ def generate_images(pipe, prompt: str, count: int, folder: Path, stem: str, star
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             images = pipe([prompt] * n, height=resolution, width=resolution,
                           num_inference_steps=steps, guidance_scale=guidance,
-                          generator=gen).images
+                          generator=gen, **(extra or {})).images
         for k, image in enumerate(images):
             path = folder / f"{stem}_{start + first + k:05d}.png"
             write_with(path, lambda tmp, im=image: im.save(tmp, format="PNG"), overwrite=True)
@@ -70,7 +96,8 @@ def ensure_class_images(comp, concept, needed: int, folder: Path, cfg, device, d
         numbers = [int(m.group(1)) for p in folder.iterdir()
                    if (m := re.fullmatch(r"class_(\d+)\.png", p.name))]
         start = max(numbers, default=-1) + 1
+        guidance, extra = sample_settings(comp, cfg.guidance_scale)
         found += generate_images(pipe, concept.class_prompt, missing, folder, "class", start,
-                                 cfg.resolution, cfg.class_generation_steps, cfg.guidance_scale,
-                                 cfg.seed, dtype)
+                                 cfg.resolution, cfg.class_generation_steps, guidance,
+                                 cfg.seed, dtype, extra=extra)
     return sorted(found)[:needed]

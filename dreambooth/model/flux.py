@@ -167,15 +167,22 @@ def _ae(cfg, dtype):
     return config, module
 
 
+def scheduler_config(spec) -> dict:
+    """FLUX.1's own (dev: shift 3, shifted by the image's size when sampling; schnell: none);
+    training draws its timesteps with spec.shift (training/flow.py)."""
+    dynamic = {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+               "base_image_seq_len": 256, "max_image_seq_len": 4096} if spec.shift != 1 else {}
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+            "shift": spec.shift, **dynamic}
+
+
 def load_flux(cfg, dtype: torch.dtype | None = torch.float32) -> Components:
     """The Flux working model of `cfg` (weights in `dtype`; None: as stored)."""
     spec = spec_for(cfg.model_type)
     unet_config, transformer = _transformer(cfg, dtype)
     configs, encoders = _encoders(cfg, dtype)
     vae_config, vae = _ae(cfg, dtype)
-    configs.update(unet=unet_config, vae=vae_config, scheduler={
-        "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
-        "shift": spec.shift})
+    configs.update(unet=unet_config, vae=vae_config, scheduler=scheduler_config(spec))
     tokenizer_2 = t5_tokenizer(cfg.t5_tokenizer_dir, spec.t5_tokens)
     return Components(cfg.model_type, configs, transformer, vae, encoders["text_encoder"],
                       assets.load_tokenizer(), text_encoder_2=encoders["text_encoder_2"],

@@ -14,7 +14,7 @@ import torch
 
 from ..config import events as ev
 from ..config.errors import DreamboothError
-from ..data.sampling import generate_images, make_pipeline
+from ..data.sampling import generate_images, make_pipeline, sample_settings
 from ..model.checkpoint import write_text
 from ..model.components import te_state
 from ..model.metadata import training_metadata
@@ -206,16 +206,14 @@ class Saver:
         """Preview images of every concept with the UNet as it is now (the frozen modules must
         be on the UNet's device)."""
         cfg, comp = self.cfg, self.comp
-        if comp.spec.family == "flux":
-            self.emit(ev.Message("Preview images are not made for Flux yet.", "warning"))
-            return
         pipe = make_pipeline(comp, unet=unet, text_encoder=comp.text_encoder)
         folder = cfg.model_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
+        guidance, extra = sample_settings(comp, cfg.guidance_scale)
         for i, concept in enumerate(cfg.concepts):
             prompt = concept.sample_prompt or concept.instance_prompt.replace("[filewords]", "")
             text = comp.rewrite_prompt(prompt) if comp.rewrite_prompt else prompt
             for path in generate_images(pipe, text, 1, folder, f"step{step:06d}_c{i}", 0,
-                                        cfg.resolution, cfg.sample_steps, cfg.guidance_scale,
-                                        cfg.seed, dtype):
+                                        cfg.resolution, cfg.sample_steps, guidance, cfg.seed,
+                                        dtype, extra=extra):
                 self.emit(ev.SampleSaved(str(path), step, prompt))
