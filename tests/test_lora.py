@@ -215,6 +215,17 @@ def _openclip(layer: str, rest: str, prefix: str) -> str:
     return f"{prefix}_transformer_resblocks_{layer}_{rest}"
 
 
+def layout_modules(model_type: str) -> set[str]:
+    """The ('_'-flattened) modules of the committed full-size single-file layout of
+    `model_type` that a network key can land on: every weight's, and OpenCLIP's fused in_proj."""
+    text = gzip.decompress((Path(__file__).parent / "data" / f"layout_{model_type}.txt.gz")
+                           .read_bytes()).decode()
+    keys = [line.split("\t")[0] for line in text.splitlines() if not line.startswith("#")]
+    modules = {k.rsplit(".", 1)[0].replace(".", "_") for k in keys if k.endswith(".weight")}
+    return modules | {k[:-len("_weight")].replace(".", "_") for k in keys
+                      if k.endswith(".in_proj_weight")}
+
+
 def webui_module(stem: str, sd2: bool) -> str:
     """A kohya key stem as the ('_'-flattened) single-file module it lands on, by the rules of the
     WebUI's built-in Lora (convert_diffusers_name_to_compvis, q/k/v onto OpenCLIP's fused
@@ -253,12 +264,7 @@ def test_full_size_keys_all_land_on_modules_of_the_file(model_type, unet, te):
     from dreambooth.model.components import build_meta
     from dreambooth.training.lora import expected_layout
     comp, counts, unmatched = build_meta(model_type), {}, []
-    text = gzip.decompress((Path(__file__).parent / "data" / f"layout_{model_type}.txt.gz")
-                           .read_bytes()).decode()
-    keys = [line.split("\t")[0] for line in text.splitlines() if not line.startswith("#")]
-    modules = {k.rsplit(".", 1)[0].replace(".", "_") for k in keys if k.endswith(".weight")}
-    modules |= {k[:-len("_weight")].replace(".", "_") for k in keys
-                if k.endswith(".in_proj_weight")}
+    modules = layout_modules(model_type)
     for targets in ("attention", "transformer", "transformer+conv"):
         stems = [k[:-6] for k in expected_layout(comp, 4, True, targets, 2) if k.endswith(".alpha")]
         counts[targets] = sum(s.startswith("lora_unet_") for s in stems), len(stems)

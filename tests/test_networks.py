@@ -4,7 +4,6 @@ from their code: AUTOMATIC1111 1.10.1, extensions-builtin/Lora (network.py Netwo
 .finalize_updown / .apply_weight_decompose, network_lora.py, network_hada.py, network_lokr.py,
 lyco_helpers.rebuild_conventional) and Forge (backend/patcher/lora.py merge_lora_to_weight /
 weight_decompose). What the host adds to a weight must be what the trained module used."""
-import gzip
 import json
 from pathlib import Path
 
@@ -250,14 +249,9 @@ def test_full_size_network_keys_all_land_on_modules_of_the_file(model_type):
     """At full size, every type's keys (with the text encoders) name a module of the committed
     single-file layout by the WebUI's own mapping rules, and their count is kohya's."""
     from dreambooth.model.components import build_meta
-    from test_lora import webui_module
+    from test_lora import layout_modules, webui_module
     comp = build_meta(model_type)
-    text = gzip.decompress((Path(__file__).parent / "data" / f"layout_{model_type}.txt.gz")
-                           .read_bytes()).decode()
-    keys = [line.split("\t")[0] for line in text.splitlines() if not line.startswith("#")]
-    modules = {k.rsplit(".", 1)[0].replace(".", "_") for k in keys if k.endswith(".weight")}
-    modules |= {k[:-len("_weight")].replace(".", "_") for k in keys
-                if k.endswith(".in_proj_weight")}
+    modules = layout_modules(model_type)
     for network in OURS:
         cfg = TrainingConfig(use_lora=True, network=network, lora_text_encoder=True)
         layout = adapters.expected_network_layout(comp, cfg)

@@ -306,17 +306,11 @@ def test_full_size_norm_keys_land_on_modules_of_the_file(model_type):
     """At full size, every train_norm stem names a norm of the committed single-file layout by
     the WebUI's own mapping rules (the new types' other stems are the modules test_networks
     checks: the same targets, ia3 and glora their linear ones)."""
-    import gzip
-    from pathlib import Path
-
     from dreambooth.model.components import build_meta
     from dreambooth.training.network_norm import expected_norms
-    from test_lora import webui_module
+    from test_lora import layout_modules, webui_module
     comp = build_meta(model_type)
-    text = gzip.decompress((Path(__file__).parent / "data" / f"layout_{model_type}.txt.gz")
-                           .read_bytes()).decode()
-    keys = [line.split("\t")[0] for line in text.splitlines() if not line.startswith("#")]
-    modules = {k.rsplit(".", 1)[0].replace(".", "_") for k in keys if k.endswith(".weight")}
+    modules = layout_modules(model_type)
     stems = {k.split(".")[0] for k in expected_norms(comp)}
     assert len(stems) == {"v1x": 16 * 4, "sdxl": 70 * 3 + 11}[model_type]
     missed = [s for s in stems if webui_module(s, False) not in modules]

@@ -188,3 +188,19 @@ def merged_state(state: dict, scale: float, base: dict | None = None,
         out[f"{path}.weight"] = (weight.float() + k * delta.reshape(weight.shape)
                                  ).to(weight.dtype)
     return out
+
+
+def by_module(state: dict, leaves) -> dict:
+    """module path -> {leaf: tensor} of the keys of `state` whose last part is in `leaves`."""
+    out: dict = {}
+    for key, value in state.items():
+        path, _, leaf = key.rpartition(".")
+        if leaf in leaves:
+            out.setdefault(path, {})[leaf] = value
+    return out
+
+
+def put_module(root, path: str, layer) -> None:
+    """`layer` in place of the submodule of `root` at `path`."""
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, layer)

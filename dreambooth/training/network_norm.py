@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import TRANSFORMER, kohya_name
+from .lora import TRANSFORMER, by_module, kohya_name, put_module
 
 NORM_PARAMS = ("w_norm", "b_norm")  # parameter name = file key
 
@@ -50,20 +50,14 @@ def inject_norms(unet: nn.Module) -> list:
     found, params = dict(unet.named_modules()), []
     for path in norm_paths(unet):
         layer = NormLayer(found[path])
-        parent, _, leaf = path.rpartition(".")
-        setattr(found[parent] if parent else unet, leaf, layer)
+        put_module(unet, path, layer)
         params += [layer.w_norm, layer.b_norm]
     return params
 
 
 def norm_params(state: dict) -> dict:
     """module path -> {w_norm, b_norm} of every NormLayer in a state dict."""
-    out: dict = {}
-    for key, value in state.items():
-        path, _, leaf = key.rpartition(".")
-        if leaf in NORM_PARAMS:
-            out.setdefault(path, {})[leaf] = value
-    return out
+    return by_module(state, NORM_PARAMS)
 
 
 def norm_state(comp, unet_state: dict) -> dict:

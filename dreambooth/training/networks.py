@@ -28,7 +28,7 @@ from torch import nn
 
 from ..config.network import targets_of
 from . import network_kinds as kinds
-from .lora import is_conv_target
+from .lora import by_module, is_conv_target, put_module
 
 PARAMS = {"hada_w1_a": "hada_w1_a", "hada_w1_b": "hada_w1_b", "hada_w2_a": "hada_w2_a",
           "hada_w2_b": "hada_w2_b", "lokr_w1": "lokr_w1", "lokr_w2": "lokr_w2",
@@ -220,17 +220,11 @@ def inject_network(module: nn.Module, paths: list[str], cfg) -> list:
         if not shapes:
             continue
         layer = NetworkLayer(base, shapes, rank_alpha(cfg, path)[1])
-        parent, _, leaf = path.rpartition(".")
-        setattr(found[parent] if parent else module, leaf, layer)
+        put_module(module, path, layer)
         params += list(layer.params().values())
     return params
 
 
 def network_params(state: dict) -> dict:
     """module path -> {parameter name: tensor} of every network layer in a state dict."""
-    out: dict = {}
-    for key, value in state.items():
-        path, _, leaf = key.rpartition(".")
-        if leaf in PARAMS:
-            out.setdefault(path, {})[leaf] = value
-    return out
+    return by_module(state, PARAMS)
