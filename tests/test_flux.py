@@ -77,7 +77,6 @@ def thin_bfl(meta) -> dict:
             for i, (k, v) in enumerate(sorted(shapes.items()))}
 
 
-@pytest.mark.once
 def test_key_map_is_diffusers_converter_at_full_size(full_meta):
     from diffusers.loaders.single_file_utils import \
         convert_flux_transformer_checkpoint_to_diffusers as theirs
@@ -116,7 +115,6 @@ def random_peft_state(module, targets: str, rank: int) -> dict:
     return state
 
 
-@pytest.mark.once
 def forge_key_map(bfl: dict) -> dict:
     """Forge's map (dfdcbab6, packages_3rdparty/comfyui_lora_collection/lora.py
     model_lora_keys_unet) onto its Flux model, whose module names are BFL's
@@ -227,7 +225,6 @@ def test_tiny_flux_schnell_learns(tmp_path_factory, instance_dir, tmp_path):
     assert trained < 0.85 * frozen
 
 
-@pytest.mark.once
 def test_an_fp8_all_in_one_prefixed_transformer_loads(tiny_flux, tmp_path):
     """Forge/ComfyUI's fp8 files, keys under 'model.diffusion_model.': detected and loaded as
     stored (upcast when placed), each weight the file's."""
@@ -273,7 +270,6 @@ def test_a_cancelled_flux_run_resumes_where_it_stopped(tiny_flux, instance_dir, 
     assert rest.steps == 8 and rest.losses == whole.losses[3:]
 
 
-@pytest.mark.once
 def test_configs_from_real_size_files(full_meta):
     """Each part's config read off the shapes of full-size files (meta tensors: no memory):
     FLUX.1-dev's transformer, CLIP-L, T5-XXL (v1.1), the 16-channel autoencoder."""
@@ -304,7 +300,6 @@ def test_configs_from_real_size_files(full_meta):
     assert {k: flux.ae_config(ldm)[k] for k in ae} == ae
 
 
-@pytest.mark.once
 def test_flow_maths_against_independent_sums():
     """Packing (each 2x2 patch one token, channels first), the ids, the shift, and the loss:
     the noisy input and the velocity target computed here by hand."""
