@@ -61,6 +61,14 @@ def test_a_host_without_flux_offers_no_flux_type_and_says_why(tmp_path):
     assert "sdxl" in str(widget.choices) and "flux" not in str(widget.choices)
     assert "has no Flux" in widget.info
     assert "flux-dev" in str(build_tab(Host(paths)).widgets["model_type"].choices)
+    import json
+    import struct
+    header = json.dumps({"double_blocks.0.img_attn.norm.key_norm.scale": {
+        "dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    (paths.checkpoints_dir / "flux1-schnell.safetensors").write_bytes(
+        struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    update, message = build_tab(a1111).on_source("flux1-schnell.safetensors", "v1x")
+    assert "value" not in update and "flux-schnell" in message and "has no Flux" in message
 
 
 def test_model_type_is_detected_from_the_checkpoint_header(host, tmp_path):

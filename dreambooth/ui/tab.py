@@ -228,6 +228,10 @@ class Tab:
         detected = self.actions.detect_type(source)
         if detected is None or detected == current_type:
             return gr.update(), ""
+        host = self.actions.host
+        if host.model_types is not None and detected not in host.model_types:  # Flux in A1111
+            return gr.update(), render.banner(
+                "error", f"This checkpoint is {detected}. {host.no_flux_note}")
         return gr.update(value=detected), render.banner(
             "info", f"Model type set to {detected} (detected from the checkpoint); change it "
             "if that is wrong.")
