@@ -66,7 +66,8 @@ class TrainingConfig:
     source_checkpoint: str = _f("", "Single-file checkpoint to start from (.safetensors, or .ckpt "
                                     "loaded safely).")
     model_type: str = _f("v1x", "Architecture of the source checkpoint (flux-*: the transformer "
-                                "file; its other parts are the flux_* fields).", choices=MODEL_TYPES)
+                                "file; its other parts are the flux_* fields).",
+                         choices=MODEL_TYPES)
     flux_clip_l: str = FLUX_CLIP_L
     flux_t5xxl: str = FLUX_T5XXL
     flux_ae: str = FLUX_AE

@@ -6,8 +6,8 @@ from datetime import datetime, timezone
 
 SPEC_VERSION = "1.0.0"
 IMPL_STABILITY = "https://github.com/Stability-AI/generative-models"  # the single-file layout
-IMPL_DIFFUSERS = "diffusers"
-IMPL_BFL = "https://github.com/black-forest-labs/flux"  # Flux: BFL's module names  # module names of diffusers (kohya LoRAs of SD 1.x/2.x)
+IMPL_DIFFUSERS = "diffusers"  # module names of diffusers (kohya LoRAs of SD 1.x/2.x)
+IMPL_BFL = "https://github.com/black-forest-labs/flux"  # Flux: BFL's module names
 PREDICTION = {"epsilon": "epsilon", "v_prediction": "v", "v": "v", "flow": "flow"}
 
 
