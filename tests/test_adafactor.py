@@ -138,7 +138,7 @@ def test_a_state_saved_by_transformers_adafactor_is_converted_on_resume():
 
 @pytest.mark.parametrize("batch", [None, 100])
 def test_weights_of_one_shape_step_together_as_each_would_alone(batch, monkeypatch):
-    """The stacked update (weights of one shape together, in batches of BATCH_ELEMENTS
+    """The update of many weights together (multi-tensor ops, in batches of BATCH_ELEMENTS
     numbers) is the update each weight gets from an optimizer of its own."""
     import dreambooth.training.adafactor as module
     if batch:

@@ -15,12 +15,15 @@ what transformers keeps). A 1-d weight keeps the full average.
 
 The statistics and the arithmetic are fp32: a bf16 or fp16 weight is updated in fp32 and copied
 back (Bucketed passes its bf16 weights as fp32 stand-ins and does the stochastic rounding
-itself). Weights of the same shape are updated together, stacked (up to BATCH_ELEMENTS numbers
-at a time): a step is a few dozen ops per shape, not per weight, which for a UNet (686 weights,
-a few dozen shapes) is most of its ops. A step reads no device tensor, since the step count is a
-Python int. A state saved by
-transformers' Adafactor, with statistics over the last two dims, is converted when it is loaded
-(see `_refactored`), so a snapshot from before this module resumes.
+itself). The weights of a group (in Bucketed: of a bucket) are updated together by torch's
+multi-tensor `_foreach_*` ops, as torch.optim.Adafactor's foreach path does: per weight, only
+the two means over a dimension the factoring needs (no multi-tensor op reduces along a dim);
+everything else is a few dozen ops for all of them (up to BATCH_ELEMENTS numbers at a time, the
+size of the fp32 temporaries). The row and column statistics are kept with views shaped to
+broadcast against the weight ((out, 1, ...) and (1, in, k, k)), made once. A step reads no
+device tensor, since the step count is a Python int. A state saved by transformers' Adafactor,
+with statistics over the last two dims, is converted when it is loaded (see `_refactored`), so
+a snapshot from before this module resumes.
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ import math
 import torch
 
 
-BATCH_ELEMENTS = 16 * 2 ** 20  # weights stacked into one update: fp32 temporaries of 64 MiB
+BATCH_ELEMENTS = 32 * 2 ** 20  # numbers updated at once: fp32 temporaries of 128 MiB (one at
+# a time: the squared gradients, then the update), a bucket of Bucketed's 64 MiB of bf16 weights
 
 
 class Adafactor(torch.optim.Optimizer):
@@ -41,6 +45,7 @@ class Adafactor(torch.optim.Optimizer):
                  decay_rate: float = -0.8) -> None:
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "eps": eps,
                                   "clip_threshold": clip_threshold, "decay_rate": decay_rate})
+        self.shaped: dict = {}  # id(statistic) -> (it, its view shaped to broadcast)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -49,7 +54,7 @@ class Adafactor(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            batches: dict = {}  # weights of one shape, dtype, device and step count
+            sets: dict = {}  # weights of one step count, dtypes and device
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -57,57 +62,85 @@ class Adafactor(torch.optim.Optimizer):
                     raise RuntimeError("Adafactor does not support sparse gradients.")
                 state = self.state[p]
                 state["step"] = state.get("step", 0) + 1
-                key = (tuple(p.shape), p.dtype, p.grad.dtype, p.device, state["step"])
-                batches.setdefault(key, []).append(p)
-            for (shape, *_, step), ps in batches.items():
-                size = max(1, BATCH_ELEMENTS // max(1, ps[0].numel()))
-                for i in range(0, len(ps), size):
-                    self._update(ps[i:i + size], shape, step, group)
+                sets.setdefault((p.dtype, p.grad.dtype, p.device, state["step"]), []).append(p)
+            for (*_, step), ps in sets.items():
+                for batch in _batches(ps, BATCH_ELEMENTS):
+                    self._update(batch, step, group)
         return loss
 
-    def _update(self, ps: list, shape: tuple, step: int, group: dict) -> None:
-        """One update of weights of the same shape, stacked: a few ops for all of them."""
-        n, eps1, lr = len(ps), group["eps"][0], group["lr"]
+    def _update(self, ps: list, step: int, group: dict) -> None:
+        """One update of weights `ps`, together: multi-tensor ops but two means per matrix."""
+        eps1, lr = group["eps"][0], group["lr"]
         beta = 1.0 - math.pow(step, group["decay_rate"])
-        grad = torch.stack([p.grad for p in ps])
-        if grad.dtype != torch.float32:
-            grad = grad.float()
-        states = [self.state[p] for p in ps]
-        if len(shape) >= 2:
-            grad = grad.view(n, shape[0], -1)
-            row = _stacked(states, "exp_avg_sq_row", shape[0], grad)
-            col = _stacked(states, "exp_avg_sq_col", grad.shape[-1], grad)
-            squared = grad.square().add_(eps1)
-            row.mul_(beta).add_(squared.mean(dim=-1), alpha=1.0 - beta)
-            col.mul_(beta).add_(squared.mean(dim=-2), alpha=1.0 - beta)
-            del squared  # before the update is made: two stacked temporaries at a time
-            update = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1) * \
-                col.unsqueeze(-2).rsqrt()
-            update.mul_(grad)
-        else:
-            grad = grad.view(n, -1)
-            second = _stacked(states, "exp_avg_sq", grad.shape[-1], grad)
-            second.mul_(beta).add_(grad.square().add_(eps1), alpha=1.0 - beta)
-            update = second.rsqrt().mul_(grad)
-        del grad
-        update = update.view(n, -1)
+        grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in ps]
+        factored = [i for i, p in enumerate(ps) if p.dim() >= 2]
+        full = [i for i, p in enumerate(ps) if p.dim() < 2]
+        rows, cols = self._statistics(ps, grads, factored)
+        seconds = [self._statistic(ps[i], "exp_avg_sq", ps[i].shape, grads[i]) for i in full]
+        squared = torch._foreach_mul(grads, grads)
+        torch._foreach_add_(squared, eps1)
+        means = [squared[i].mean(dim=tuple(range(1, ps[i].dim())), keepdim=True)
+                 for i in factored] + [squared[i].mean(dim=0, keepdim=True) for i in factored]
+        averages = rows + cols + seconds
+        torch._foreach_mul_(averages, beta)
+        torch._foreach_add_(averages, means + [squared[i] for i in full], alpha=1.0 - beta)
+        del squared, means
+        update = []
+        if factored:  # (row / mean(row)) ^ -1/2 x col ^ -1/2, the outer product by broadcasting
+            row_means = torch._foreach_norm(rows, 1)  # the sums: every entry is positive
+            torch._foreach_div_(row_means, [float(r.numel()) for r in rows])
+            scaled = torch._foreach_div(rows, row_means)
+            torch._foreach_rsqrt_(scaled)
+            update = torch._foreach_mul(scaled, torch._foreach_rsqrt(cols))
+            del scaled
+        if full:
+            update += torch._foreach_rsqrt(seconds)
+        order = factored + full
+        torch._foreach_mul_(update, [grads[i] for i in order])
+        del grads
         # the RMS clipping, weight by weight; the learning rate goes with the subtraction
-        rms = torch.linalg.vector_norm(update, dim=1)
-        update.div_(rms.div_(update.shape[1] ** 0.5 * group["clip_threshold"])
-                    .clamp_(min=1.0).unsqueeze(1))
-        fp32 = ps[0].dtype == torch.float32
-        weights = ps if fp32 else list(torch.stack(ps).float().unbind(0))
+        rms = torch._foreach_norm(update)
+        torch._foreach_div_(rms, [u.numel() ** 0.5 * group["clip_threshold"] for u in update])
+        torch._foreach_clamp_min_(rms, 1.0)
+        torch._foreach_div_(update, rms)
+        chosen = [ps[i] for i in order]
+        fp32 = chosen[0].dtype == torch.float32
+        weights = chosen if fp32 else [p.float() for p in chosen]
         if group["weight_decay"] != 0:
             torch._foreach_add_(weights, weights, alpha=-group["weight_decay"] * lr)
-        torch._foreach_sub_(weights, update.view(n, *shape).unbind(0), alpha=lr)
+        torch._foreach_sub_(weights, update, alpha=lr)
         if not fp32:
-            torch._foreach_copy_(ps, weights)
+            torch._foreach_copy_(chosen, weights)
+
+    def _statistics(self, ps: list, grads: list, factored: list) -> tuple[list, list]:
+        """The row and column averages of the matrices among `ps`, as views that broadcast
+        against the weight: (out, 1, ...) and (1, in, k, ...)."""
+        rows = [self._statistic(ps[i], "exp_avg_sq_row", (-1,) + (1,) * (ps[i].dim() - 1),
+                                grads[i]) for i in factored]
+        cols = [self._statistic(ps[i], "exp_avg_sq_col", (1, *ps[i].shape[1:]), grads[i])
+                for i in factored]
+        return rows, cols
+
+    def _statistic(self, p, key: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+        """The statistic `key` of weight p (fp32, on the gradient's device; zeros at the first
+        step), through a view of `shape` made once."""
+        state = self.state[p]
+        kept = state.get(key)
+        if kept is None or kept.dtype != torch.float32 or kept.device != like.device:
+            size = p.shape[0] if key.endswith("row") else p.numel() // p.shape[0] \
+                if key.endswith("col") else p.numel()
+            kept = state[key] = torch.zeros(size, dtype=torch.float32, device=like.device) \
+                if kept is None else kept.to(device=like.device, dtype=torch.float32)
+        made = self.shaped.get(id(kept))
+        if made is None or made[0] is not kept:
+            made = self.shaped[id(kept)] = (kept, kept.view(shape))
+        return made[1]
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Also converts transformers' statistics (counted in `converted`: such a resume is
         close to, not bit-identical with, an uninterrupted run)."""
         super().load_state_dict(state_dict)
-        self.converted = 0
+        self.converted, self.shaped = 0, {}
         for state in self.state.values():
             state.pop("RMS", None)  # transformers' (unused with parameter scaling off)
             if "exp_avg_sq_row" in state and state["exp_avg_sq_row"].dim() > 1:
@@ -116,26 +149,16 @@ class Adafactor(torch.optim.Optimizer):
                     state["exp_avg_sq_row"], state["exp_avg_sq_col"])
 
 
-def _stacked(states: list, key: str, size: int, like: torch.Tensor) -> torch.Tensor:
-    """The statistic `key` of the weights of one update, as one fp32 tensor (n, size) on the
-    gradient's device whose rows are the weights' states (views): made once, so a step neither
-    stacks nor copies back. Zeros at the first step; a loaded state (separate tensors, in the
-    weight's dtype) is stacked into one at its first step."""
-    first = states[0].get(key)
-    if first is not None and first.dtype == torch.float32 and first.device == like.device:
-        base = first._base
-        if base is not None and base.shape == (len(states), size) and all(
-                s[key]._base is base and s[key].storage_offset() == i * size
-                for i, s in enumerate(states)):
-            return base
-    if first is None:
-        stacked = torch.zeros(len(states), size, dtype=torch.float32, device=like.device)
-    else:
-        stacked = torch.stack([s[key] for s in states]).to(device=like.device,
-                                                           dtype=torch.float32)
-    for state, view in zip(states, stacked.unbind(0)):
-        state[key] = view
-    return stacked
+def _batches(ps: list, limit: int) -> list[list]:
+    """`ps` in runs of at most `limit` numbers (a larger weight alone)."""
+    batches, size = [], 0
+    for p in ps:
+        if not batches or size + p.numel() > limit:
+            batches.append([])
+            size = 0
+        batches[-1].append(p)
+        size += p.numel()
+    return batches
 
 
 def _refactored(row: torch.Tensor, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
