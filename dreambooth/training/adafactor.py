@@ -45,7 +45,7 @@ class Adafactor(torch.optim.Optimizer):
                  decay_rate: float = -0.8) -> None:
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "eps": eps,
                                   "clip_threshold": clip_threshold, "decay_rate": decay_rate})
-        self.shaped: dict = {}  # id(statistic) -> (it, its view shaped to broadcast)
+        self.plans: dict = {}  # ids of a group's weights with gradients -> _Plan (see step)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -54,93 +54,88 @@ class Adafactor(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            sets: dict = {}  # weights of one step count, dtypes and device
+            ready = []
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Adafactor does not support sparse gradients.")
-                state = self.state[p]
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError("Adafactor does not support sparse gradients.")
+                    ready.append(p)
+            if not ready:
+                continue
+            key = tuple(map(id, ready))
+            plan = self.plans.get(key)
+            if plan is None or not plan.current():  # new weights, or a state made or loaded
+                plan = self.plans[key] = _Plan(self, ready)
+            for state in plan.states:
                 state["step"] = state.get("step", 0) + 1
-                sets.setdefault((p.dtype, p.grad.dtype, p.device, state["step"]), []).append(p)
-            for (*_, step), ps in sets.items():
-                for batch in _batches(ps, BATCH_ELEMENTS):
+            steps = {state["step"] for state in plan.states}
+            if len(steps) == 1:
+                step = steps.pop()
+                for batch in plan.batches:
+                    self._update(batch, step, group)
+                continue
+            sets: dict = {}  # weights stepped apart before: grouped by their counts
+            for p, state in zip(ready, plan.states):
+                sets.setdefault(state["step"], []).append(p)
+            for step, ps in sets.items():
+                for batch in _Plan(self, ps).batches:
                     self._update(batch, step, group)
         return loss
 
-    def _update(self, ps: list, step: int, group: dict) -> None:
-        """One update of weights `ps`, together: multi-tensor ops but two means per matrix."""
+    def _update(self, b: "_Batch", step: int, group: dict) -> None:
+        """One update of the weights of batch `b`, together: multi-tensor ops but two means
+        per matrix."""
         eps1, lr = group["eps"][0], group["lr"]
         beta = 1.0 - math.pow(step, group["decay_rate"])
-        grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in ps]
-        factored = [i for i, p in enumerate(ps) if p.dim() >= 2]
-        full = [i for i, p in enumerate(ps) if p.dim() < 2]
-        rows, cols = self._statistics(ps, grads, factored)
-        seconds = [self._statistic(ps[i], "exp_avg_sq", ps[i].shape, grads[i]) for i in full]
+        grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in b.params]
         squared = torch._foreach_mul(grads, grads)
         torch._foreach_add_(squared, eps1)
-        means = [squared[i].mean(dim=tuple(range(1, ps[i].dim())), keepdim=True)
-                 for i in factored] + [squared[i].mean(dim=0, keepdim=True) for i in factored]
-        averages = rows + cols + seconds
-        torch._foreach_mul_(averages, beta)
-        torch._foreach_add_(averages, means + [squared[i] for i in full], alpha=1.0 - beta)
+        n = len(b.rows)
+        means = [squared[i].mean(dim=dims, keepdim=True) for i, dims in enumerate(b.dims)] + \
+            [squared[i].mean(dim=0, keepdim=True) for i in range(n)] + list(squared[n:])
+        torch._foreach_mul_(b.averages, beta)
+        torch._foreach_add_(b.averages, means, alpha=1.0 - beta)
         del squared, means
         update = []
-        if factored:  # (row / mean(row)) ^ -1/2 x col ^ -1/2, the outer product by broadcasting
-            row_means = torch._foreach_norm(rows, 1)  # the sums: every entry is positive
-            torch._foreach_div_(row_means, [float(r.numel()) for r in rows])
-            scaled = torch._foreach_div(rows, row_means)
+        if n:  # (row / mean(row)) ^ -1/2 x col ^ -1/2, the outer product by broadcasting
+            row_means = torch._foreach_norm(b.rows, 1)  # the sums: every entry is positive
+            torch._foreach_div_(row_means, b.row_sizes)
+            scaled = torch._foreach_div(b.rows, row_means)
             torch._foreach_rsqrt_(scaled)
-            update = torch._foreach_mul(scaled, torch._foreach_rsqrt(cols))
+            update = list(torch._foreach_mul(scaled, torch._foreach_rsqrt(b.cols)))
             del scaled
-        if full:
-            update += torch._foreach_rsqrt(seconds)
-        order = factored + full
-        torch._foreach_mul_(update, [grads[i] for i in order])
+        if b.seconds:
+            update += torch._foreach_rsqrt(b.seconds)
+        torch._foreach_mul_(update, grads)
         del grads
         # the RMS clipping, weight by weight; the learning rate goes with the subtraction
         rms = torch._foreach_norm(update)
-        torch._foreach_div_(rms, [u.numel() ** 0.5 * group["clip_threshold"] for u in update])
+        torch._foreach_div_(rms, [root * group["clip_threshold"] for root in b.roots])
         torch._foreach_clamp_min_(rms, 1.0)
         torch._foreach_div_(update, rms)
-        chosen = [ps[i] for i in order]
-        fp32 = chosen[0].dtype == torch.float32
-        weights = chosen if fp32 else [p.float() for p in chosen]
+        fp32 = b.params[0].dtype == torch.float32
+        weights = b.params if fp32 else [p.float() for p in b.params]
         if group["weight_decay"] != 0:
             torch._foreach_add_(weights, weights, alpha=-group["weight_decay"] * lr)
         torch._foreach_sub_(weights, update, alpha=lr)
         if not fp32:
-            torch._foreach_copy_(chosen, weights)
+            torch._foreach_copy_(b.params, weights)
 
-    def _statistics(self, ps: list, grads: list, factored: list) -> tuple[list, list]:
-        """The row and column averages of the matrices among `ps`, as views that broadcast
-        against the weight: (out, 1, ...) and (1, in, k, ...)."""
-        rows = [self._statistic(ps[i], "exp_avg_sq_row", (-1,) + (1,) * (ps[i].dim() - 1),
-                                grads[i]) for i in factored]
-        cols = [self._statistic(ps[i], "exp_avg_sq_col", (1, *ps[i].shape[1:]), grads[i])
-                for i in factored]
-        return rows, cols
-
-    def _statistic(self, p, key: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
-        """The statistic `key` of weight p (fp32, on the gradient's device; zeros at the first
-        step), through a view of `shape` made once."""
-        state = self.state[p]
+    def statistic(self, p, state: dict, key: str, size: int) -> torch.Tensor:
+        """The statistic `key` of weight p: fp32, on the gradient's device, `size` numbers
+        (zeros at the first step)."""
         kept = state.get(key)
-        if kept is None or kept.dtype != torch.float32 or kept.device != like.device:
-            size = p.shape[0] if key.endswith("row") else p.numel() // p.shape[0] \
-                if key.endswith("col") else p.numel()
-            kept = state[key] = torch.zeros(size, dtype=torch.float32, device=like.device) \
-                if kept is None else kept.to(device=like.device, dtype=torch.float32)
-        made = self.shaped.get(id(kept))
-        if made is None or made[0] is not kept:
-            made = self.shaped[id(kept)] = (kept, kept.view(shape))
-        return made[1]
+        device = p.grad.device
+        if kept is None or kept.dtype != torch.float32 or kept.device != device:
+            kept = state[key] = torch.zeros(size, dtype=torch.float32, device=device) \
+                if kept is None else kept.to(device=device, dtype=torch.float32)
+        return kept
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Also converts transformers' statistics (counted in `converted`: such a resume is
         close to, not bit-identical with, an uninterrupted run)."""
         super().load_state_dict(state_dict)
-        self.converted, self.shaped = 0, {}
+        self.converted, self.plans = 0, {}
         for state in self.state.values():
             state.pop("RMS", None)  # transformers' (unused with parameter scaling off)
             if "exp_avg_sq_row" in state and state["exp_avg_sq_row"].dim() > 1:
@@ -149,15 +144,62 @@ class Adafactor(torch.optim.Optimizer):
                     state["exp_avg_sq_row"], state["exp_avg_sq_col"])
 
 
-def _batches(ps: list, limit: int) -> list[list]:
-    """`ps` in runs of at most `limit` numbers (a larger weight alone)."""
+class _Plan:
+    """What a step of a group's weights `ps` (those with gradients) needs, made once for them:
+    their states, and their batches (of at most BATCH_ELEMENTS numbers, one dtype and device
+    each) with the statistics' views. current(): the states still hold those tensors."""
+
+    def __init__(self, opt: Adafactor, ps: list) -> None:
+        self.states = [opt.state[p] for p in ps]
+        sets: dict = {}
+        for p, state in zip(ps, self.states):
+            sets.setdefault((p.dtype, p.grad.dtype, p.grad.device), []).append((p, state))
+        self.batches = [_Batch(opt, batch) for pairs in sets.values()
+                        for batch in _batches(pairs, BATCH_ELEMENTS)]
+
+    def current(self) -> bool:
+        for b in self.batches:
+            for state, key, kept in b.kept:
+                if state.get(key) is not kept:
+                    return False
+        return True
+
+
+class _Batch:
+    """Weights updated together: the matrices first (their row and column statistics as views
+    that broadcast against the weight: (out, 1, ...) and (1, in, k, ...)), then the others."""
+
+    def __init__(self, opt: Adafactor, pairs: list) -> None:
+        matrices = [(p, s) for p, s in pairs if p.dim() >= 2]
+        others = [(p, s) for p, s in pairs if p.dim() < 2]
+        self.params = [p for p, _ in matrices + others]
+        self.kept, self.rows, self.cols, self.seconds = [], [], [], []
+        for p, state in matrices:
+            row = opt.statistic(p, state, "exp_avg_sq_row", p.shape[0])
+            col = opt.statistic(p, state, "exp_avg_sq_col", p.numel() // p.shape[0])
+            self.rows.append(row.view(-1, *(1,) * (p.dim() - 1)))
+            self.cols.append(col.view(1, *p.shape[1:]))
+            self.kept += [(state, "exp_avg_sq_row", row), (state, "exp_avg_sq_col", col)]
+        for p, state in others:
+            second = opt.statistic(p, state, "exp_avg_sq", p.numel())
+            self.seconds.append(second.view(p.shape))
+            self.kept.append((state, "exp_avg_sq", second))
+        self.averages = self.rows + self.cols + self.seconds
+        self.dims = [tuple(range(1, p.dim())) for p, _ in matrices]
+        self.row_sizes = [float(r.numel()) for r in self.rows]
+        self.roots = [p.numel() ** 0.5 for p in self.params]
+
+
+def _batches(pairs: list, limit: int) -> list[list]:
+    """(weight, state) `pairs` in runs of at most `limit` numbers (a larger weight alone)."""
     batches, size = [], 0
-    for p in ps:
-        if not batches or size + p.numel() > limit:
+    for pair in pairs:
+        n = pair[0].numel()
+        if not batches or size + n > limit:
             batches.append([])
             size = 0
-        batches[-1].append(p)
-        size += p.numel()
+        batches[-1].append(pair)
+        size += n
     return batches
 
 
