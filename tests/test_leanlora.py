@@ -58,3 +58,26 @@ def test_a_hooked_or_disabled_layer_runs_pefts_forward():
     model.to_k.enable_adapters(False)
     plain = model.to_k.base_layer(model.act(model.to_q(x)))
     assert torch.equal(model(x), plain)  # the adapter off: the base layer alone
+
+
+@pytest.mark.once
+def test_the_lean_forward_makes_a_fraction_of_pefts_python_calls():
+    """Python function calls (cProfile, builtins not counted) of a forward and backward
+    through two LoRA layers (and a GELU, in an nn.Sequential): 98 with peft's forward, 28 with
+    the lean one (35 fewer a layer: peft's checks, properties, ModuleDict lookups and four
+    nn.Module calls; the lean forward makes two, itself and one check)."""
+    import cProfile
+
+    def calls(model, x) -> int:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        model(x).sum().backward()
+        profiler.disable()
+        return sum(e.callcount for e in profiler.getstats() if not isinstance(e.code, str))
+    peft_model = _model()
+    lean = copy.deepcopy(peft_model)
+    streamline([lean])
+    x = torch.randn(3, 8)
+    calls(peft_model, x), calls(lean, x)  # (first calls: imports, caches)
+    plain, ours = calls(peft_model, x), calls(lean, x)
+    assert plain - ours >= 2 * 30, (plain, ours)
