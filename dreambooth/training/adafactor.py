@@ -15,15 +15,18 @@ what transformers keeps). A 1-d weight keeps the full average.
 
 The statistics and the arithmetic are fp32: a bf16 or fp16 weight is updated in fp32 and copied
 back (Bucketed passes its bf16 weights as fp32 stand-ins and does the stochastic rounding
-itself). The weights of a group (in Bucketed: of a bucket) are updated together by torch's
-multi-tensor `_foreach_*` ops, as torch.optim.Adafactor's foreach path does: per weight, only
-the two means over a dimension the factoring needs (no multi-tensor op reduces along a dim);
-everything else is a few dozen ops for all of them (up to BATCH_ELEMENTS numbers at a time, the
-size of the fp32 temporaries). The row and column statistics are kept with views shaped to
-broadcast against the weight ((out, 1, ...) and (1, in, k, k)), made once. A step reads no
-device tensor, since the step count is a Python int. A state saved by transformers' Adafactor,
-with statistics over the last two dims, is converted when it is loaded (see `_refactored`), so
-a snapshot from before this module resumes.
+itself). Where the weights are on CUDA (`foreach`, torch's own pick for its optimizers), the
+weights of a group (in Bucketed: of a bucket) are updated together by torch's multi-tensor
+`_foreach_*` ops, as torch.optim.Adafactor's foreach path does: per weight, only the two means
+along a dim that the factoring needs (no multi-tensor op reduces along a dim); everything else
+is about 20 ops for all of them (up to BATCH_ELEMENTS numbers at a time, the size of the fp32
+temporaries), planned once (the statistics' views that broadcast against the weight, (out, 1,
+...) and (1, in, k, k)). Elsewhere, where a multi-tensor op runs weight by weight (a CPU), the
+weights of one shape are updated together, stacked (up to STACK_ELEMENTS numbers at a time): a
+few dozen ops per shape. Either way reads the other's state. A step reads no device tensor,
+since the step count is a Python int. A state saved by transformers' Adafactor, with statistics
+over the last two dims, is converted when it is loaded (see `_refactored`), so a snapshot from
+before this module resumes.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import math
 import torch
 
 
+STACK_ELEMENTS = 16 * 2 ** 20  # weights stacked into one update: fp32 temporaries of 64 MiB
 BATCH_ELEMENTS = 32 * 2 ** 20  # numbers updated at once: fp32 temporaries of 128 MiB (one at
 # a time: the squared gradients, then the update), a bucket of Bucketed's 64 MiB of bf16 weights
 
@@ -42,10 +46,21 @@ class Adafactor(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0,
                  eps: tuple = (1e-30, 1e-3), clip_threshold: float = 1.0,
-                 decay_rate: float = -0.8) -> None:
+                 decay_rate: float = -0.8, foreach: bool | None = None) -> None:
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "eps": eps,
                                   "clip_threshold": clip_threshold, "decay_rate": decay_rate})
+        # multi-tensor ops (as torch's optimizers, by default where the weights are on CUDA),
+        # else the weights of one shape stacked (fewer kernels on a CPU, which runs a
+        # multi-tensor op weight by weight)
+        self.foreach = foreach
         self.plans: dict = {}  # ids of a group's weights with gradients -> _Plan (see step)
+
+    @property
+    def way(self) -> str:
+        """How it steps: 'foreach' or 'stacked' (see the module's docstring)."""
+        first = self.param_groups[0]["params"][0]
+        return "foreach" if (self.foreach if self.foreach is not None else first.is_cuda) \
+            else "stacked"
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -61,6 +76,9 @@ class Adafactor(torch.optim.Optimizer):
                         raise RuntimeError("Adafactor does not support sparse gradients.")
                     ready.append(p)
             if not ready:
+                continue
+            if not (self.foreach if self.foreach is not None else ready[0].grad.is_cuda):
+                self._step_stacked(ready, group)
                 continue
             key = tuple(map(id, ready))
             plan = self.plans.get(key)
@@ -121,6 +139,57 @@ class Adafactor(torch.optim.Optimizer):
         if not fp32:
             torch._foreach_copy_(b.params, weights)
 
+    def _update_stacked(self, ps: list, shape: tuple, step: int, group: dict) -> None:
+        """One update of weights of the same shape, stacked: a few ops for all of them."""
+        n, eps1, lr = len(ps), group["eps"][0], group["lr"]
+        beta = 1.0 - math.pow(step, group["decay_rate"])
+        grad = torch.stack([p.grad for p in ps])
+        if grad.dtype != torch.float32:
+            grad = grad.float()
+        states = [self.state[p] for p in ps]
+        if len(shape) >= 2:
+            grad = grad.view(n, shape[0], -1)
+            row = _stacked(states, "exp_avg_sq_row", shape[0], grad)
+            col = _stacked(states, "exp_avg_sq_col", grad.shape[-1], grad)
+            squared = grad.square().add_(eps1)
+            row.mul_(beta).add_(squared.mean(dim=-1), alpha=1.0 - beta)
+            col.mul_(beta).add_(squared.mean(dim=-2), alpha=1.0 - beta)
+            del squared  # before the update is made: two stacked temporaries at a time
+            update = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1) * \
+                col.unsqueeze(-2).rsqrt()
+            update.mul_(grad)
+        else:
+            grad = grad.view(n, -1)
+            second = _stacked(states, "exp_avg_sq", grad.shape[-1], grad)
+            second.mul_(beta).add_(grad.square().add_(eps1), alpha=1.0 - beta)
+            update = second.rsqrt().mul_(grad)
+        del grad
+        update = update.view(n, -1)
+        # the RMS clipping, weight by weight; the learning rate goes with the subtraction
+        rms = torch.linalg.vector_norm(update, dim=1)
+        update.div_(rms.div_(update.shape[1] ** 0.5 * group["clip_threshold"])
+                    .clamp_(min=1.0).unsqueeze(1))
+        fp32 = ps[0].dtype == torch.float32
+        weights = ps if fp32 else list(torch.stack(ps).float().unbind(0))
+        if group["weight_decay"] != 0:
+            torch._foreach_add_(weights, weights, alpha=-group["weight_decay"] * lr)
+        torch._foreach_sub_(weights, update.view(n, *shape).unbind(0), alpha=lr)
+        if not fp32:
+            torch._foreach_copy_(ps, weights)
+
+    def _step_stacked(self, ready: list, group: dict) -> None:
+        """The step without multi-tensor ops: the weights of one shape stacked."""
+        batches: dict = {}  # weights of one shape, dtype, device and step count
+        for p in ready:
+            state = self.state[p]
+            state["step"] = state.get("step", 0) + 1
+            key = (tuple(p.shape), p.dtype, p.grad.dtype, p.device, state["step"])
+            batches.setdefault(key, []).append(p)
+        for (shape, *_, step), ps in batches.items():
+            size = max(1, STACK_ELEMENTS // max(1, ps[0].numel()))
+            for i in range(0, len(ps), size):
+                self._update_stacked(ps[i:i + size], shape, step, group)
+
     def statistic(self, p, state: dict, key: str, size: int) -> torch.Tensor:
         """The statistic `key` of weight p: fp32, on the gradient's device, `size` numbers
         (zeros at the first step)."""
@@ -142,6 +211,28 @@ class Adafactor(torch.optim.Optimizer):
                 self.converted += 1
                 state["exp_avg_sq_row"], state["exp_avg_sq_col"] = _refactored(
                     state["exp_avg_sq_row"], state["exp_avg_sq_col"])
+
+
+def _stacked(states: list, key: str, size: int, like: torch.Tensor) -> torch.Tensor:
+    """The statistic `key` of the weights of one update, as one fp32 tensor (n, size) on the
+    gradient's device whose rows are the weights' states (views): made once, so a step neither
+    stacks nor copies back. Zeros at the first step; a loaded state (separate tensors, in the
+    weight's dtype) is stacked into one at its first step."""
+    first = states[0].get(key)
+    if first is not None and first.dtype == torch.float32 and first.device == like.device:
+        base = first._base
+        if base is not None and base.shape == (len(states), size) and all(
+                s[key]._base is base and s[key].storage_offset() == i * size
+                for i, s in enumerate(states)):
+            return base
+    if first is None:
+        stacked = torch.zeros(len(states), size, dtype=torch.float32, device=like.device)
+    else:
+        stacked = torch.stack([s[key] for s in states]).to(device=like.device,
+                                                           dtype=torch.float32)
+    for state, view in zip(states, stacked.unbind(0)):
+        state[key] = view
+    return stacked
 
 
 class _Plan:

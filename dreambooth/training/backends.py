@@ -273,7 +273,8 @@ def _prodigy(groups, cfg, device):
 
 def _adafactor(groups, cfg, device):
     from .adafactor import Adafactor  # transformers' rule, conv weights factored as matrices
-    return Adafactor(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return Adafactor(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                     foreach=torch.device(device).type == "cuda")  # (as torch's own pick)
 
 
 OPTIMIZERS = {"adamw": _adamw, "adamw_8bit": _adamw_8bit, "lion": _lion, "prodigy": _prodigy,
