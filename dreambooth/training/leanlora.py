@@ -6,10 +6,12 @@ properties, looks its adapter up in three ModuleDicts and calls four modules (th
 lora_A, lora_B and an Identity dropout), each through nn.Module's call machinery: about 30
 Python calls a layer and step (SD1.5 attention LoRA: 128 layers, twice with checkpointing).
 `streamline` gives each plain layer (one adapter, 'default', active and not merged, no dropout,
-no variant such as peft's DoRA, bias-free lora_A/lora_B) a forward that makes exactly peft's
+no variant such as peft's DoRA, bias-free lora_A/lora_B) a forward that makes peft's
 ops in peft's order (so the result and the gradients are bit-identical: tested), calling the
 base layer's own forward directly where it has no hooks (fp8_base's upcasting forward
-included). A layer in any other state, or called with other arguments, runs peft's forward.
+included). Under autocast it also leaves out peft's cast of the input up to the LoRA weights'
+fp32, which autocast undoes before the matmul (bit for bit: see _autocast_in). A layer in any
+other state, or called with other arguments, runs peft's forward.
 """
 from __future__ import annotations
 
@@ -83,8 +85,21 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = base.forward(x)
     dtype = result.dtype
     weight = down._parameters["weight"]
-    if getattr(self, "cast_input_dtype_enabled", True) and x.dtype != weight.dtype:
+    if x.dtype != weight.dtype and getattr(self, "cast_input_dtype_enabled", True) \
+            and not _autocast_in(x):
         x = x.to(dtype=weight.dtype)
     result = result + F.linear(F.linear(x, weight), up._parameters["weight"]) \
         * self.scaling[ADAPTER]
     return result.to(dtype)
+
+
+def _autocast_in(x: torch.Tensor) -> bool:
+    """Whether autocast runs x's device in x's dtype: then peft's cast of x up to its fp32
+    LoRA weights is undone, bit for bit, by autocast's cast back down before the matmul (and in
+    backward the gradient goes down, up and down again), so it is left out: two copies of the
+    activation a layer. Where torch can't say (before 2.4), peft's cast is kept."""
+    kind = x.device.type
+    try:
+        return torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == x.dtype
+    except (AttributeError, TypeError):
+        return False
