@@ -219,7 +219,10 @@ ATTENTION = {"default": _plain, "sdpa": _sdpa, "xformers": _xformers}
 
 
 def set_attention(unet, choice: str, say: Say) -> str:
-    """Apply the attention backend; when it can't run here, say why and use SDPA."""
+    """Apply the attention backend; when it can't run here, say why and use SDPA. (And the
+    attention modules' lean forward: leanattn.py.)"""
+    from .leanattn import streamline
+    streamline(unet)
     try:
         ATTENTION[choice](unet)
         return choice
