@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 
 from dreambooth.training.leanattn import streamline
@@ -20,7 +19,6 @@ def _calls(fn) -> int:
     return sum(e.callcount for e in profiler.getstats() if not isinstance(e.code, str))
 
 
-@pytest.mark.once
 def test_the_lean_attention_forward_gives_diffusers_output_with_fewer_python_calls():
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""The lean forward of peft's LoRA layers (training/leanlora.py): the same ops as peft's, so the
+"""The lean forward of peft's LoRA layers (training/leanlora.py): peft's ops (less a cast autocast undoes), so the
 output and every gradient are bit-identical, in fp32 and under bf16 autocast; a layer with a
 hook, or one whose adapter is off, runs peft's own forward."""
 from __future__ import annotations
@@ -33,7 +33,6 @@ def _run(model, x, autocast):
     return out, [p.grad for p in model.parameters() if p.requires_grad]
 
 
-@pytest.mark.once
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_the_lean_forward_is_peft_bit_for_bit(autocast):
     peft_model = _model()
@@ -46,7 +45,6 @@ def test_the_lean_forward_is_peft_bit_for_bit(autocast):
     assert len(grads) == 4 and all(torch.equal(a, b) for a, b in zip(grads, lean_grads))
 
 
-@pytest.mark.once
 def test_a_hooked_or_disabled_layer_runs_pefts_forward():
     model = _model()
     streamline([model])
@@ -60,7 +58,6 @@ def test_a_hooked_or_disabled_layer_runs_pefts_forward():
     assert torch.equal(model(x), plain)  # the adapter off: the base layer alone
 
 
-@pytest.mark.once
 def test_the_lean_forward_makes_a_fraction_of_pefts_python_calls():
     """Python function calls (cProfile, builtins not counted) of a forward and backward
     through two LoRA layers (and a GELU, in an nn.Sequential): 98 with peft's forward, 28 with
