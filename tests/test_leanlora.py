@@ -1,6 +1,6 @@
-"""The lean forward of peft's LoRA layers (training/leanlora.py): peft's ops (less a cast autocast undoes), so the
-output and every gradient are bit-identical, in fp32 and under bf16 autocast; a layer with a
-hook, or one whose adapter is off, runs peft's own forward."""
+"""The lean forward of peft's LoRA layers (training/leanlora.py): peft's ops (less a cast that
+autocast undoes), so the output and every gradient are bit-identical, in fp32 and under bf16
+autocast; a layer with a hook, or one whose adapter is off, runs peft's own forward."""
 from __future__ import annotations
 
 import copy
