@@ -3,11 +3,11 @@ every Python call of a step is host time the kernels may wait for).
 
 Each call of diffusers' Attention.forward inspects its processor's `__call__` signature
 (`inspect.signature`: about 80 of the 120 Python calls an attention call makes) only to filter
-and warn about extra keyword arguments, then calls the processor. SD1.5's UNet has 32
-attention modules, called once a forward (twice with gradient checkpointing). `streamline` gives each Attention module whose
-forward is diffusers' own a forward that, called without extra keyword arguments (how the
-UNet calls them), calls the processor as diffusers' forward would: the same call, so the
-same result; with extra keyword arguments it runs diffusers' forward.
+and warn about extra keyword arguments, then calls the processor. SD1.5's UNet has 32 attention
+modules, called once a forward (twice with gradient checkpointing). `streamline` gives each
+Attention module whose forward is diffusers' own a forward that, called without extra keyword
+arguments (how the UNet calls them), calls the processor as diffusers' forward would: the same
+call, so the same result; with extra keyword arguments it runs diffusers' forward.
 """
 from __future__ import annotations
 
