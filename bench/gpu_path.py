@@ -55,11 +55,12 @@ def _fused_here(device) -> bool:
 
 def implementation(optimizer) -> str:
     """What stepped, as it ran: 'fused', 'foreach' or 'for-loop' for torch's optimizers
-    (joined where buckets differ), else the optimizer's class (ours steps stacked by shape)."""
+    (joined where buckets differ), else the optimizer's class (our Adafactor with its way:
+    'foreach' on CUDA, 'stacked' by shape elsewhere)."""
     seen = []
     for opt in torch_optimizers(optimizer):
         if not isinstance(opt, torch.optim.Adam):  # AdamW is one
-            name = type(opt).__name__
+            name = type(opt).__name__ + (f" {opt.way}" if hasattr(opt, "way") else "")
         else:
             group = opt.param_groups[0]
             fused, foreach = group.get("fused"), group.get("foreach")

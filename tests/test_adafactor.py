@@ -25,24 +25,29 @@ def run(optimizer, p, grads):
         optimizer.step()
 
 
+FOREACH = pytest.mark.parametrize("foreach", [False, True], ids=["stacked", "foreach"])
+
+
+@FOREACH
 @pytest.mark.parametrize("shape", [(24, 40), (40,)])
-def test_matrices_and_vectors_step_as_transformers_does(shape):
+def test_matrices_and_vectors_step_as_transformers_does(shape, foreach):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(shape, generator=g)
     grads = [torch.randn(shape, generator=g) * 10 ** -i for i in range(6)]
     ours, theirs = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
-    run(Adafactor([ours], **SETTINGS), ours, grads)
+    run(Adafactor([ours], **SETTINGS, foreach=foreach), ours, grads)
     run(transformers_adafactor([theirs]), theirs, grads)
     assert not torch.equal(ours, w)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
 
 
+@FOREACH
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_conv_weight_keeps_one_row_and_one_column_and_learns(dtype):
+def test_a_conv_weight_keeps_one_row_and_one_column_and_learns(dtype, foreach):
     g = torch.Generator().manual_seed(1)
     target = torch.randn(8, 4, 3, 3, generator=g)
     p = torch.nn.Parameter(torch.randn(8, 4, 3, 3, generator=g).to(dtype))
-    opt = Adafactor([p], lr=5e-2)
+    opt = Adafactor([p], lr=5e-2, foreach=foreach)
     losses = []
     for _ in range(20):
         loss = ((p.float() - target) ** 2).sum()
@@ -67,7 +72,11 @@ def test_the_state_is_what_memory_count_says(shape):
     assert held == optimizer_state_bytes("adafactor", [shape])
 
 
-def test_a_saved_state_continues_bit_identically():
+@pytest.mark.parametrize("first_way,then", [(False, False), (True, True), (False, True)],
+                         ids=["stacked", "foreach", "stacked-then-foreach"])
+def test_a_saved_state_continues_bit_identically(first_way, then):
+    """(A state saved by one way of stepping is resumed by the other too: a snapshot moved
+    between a CPU and a GPU.)"""
     g = torch.Generator().manual_seed(2)
     shapes = [(6, 5, 3, 3), (7, 9), (11,)]
     params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
@@ -79,14 +88,15 @@ def test_a_saved_state_continues_bit_identically():
                 p.grad = grad.clone()
             opt.step()
 
-    first = Adafactor(params, **SETTINGS)
+    first = Adafactor(params, **SETTINGS, foreach=first_way)
     steps(first, params, grads[:3])
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)  # as a snapshot saves it
     resumed = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    second = Adafactor(resumed, **SETTINGS)
+    second = Adafactor(resumed, **SETTINGS, foreach=then)
     buffer.seek(0)
     second.load_state_dict(torch.load(buffer, weights_only=True))
+    first.foreach = then
     steps(first, params, grads[3:])
     steps(second, resumed, grads[3:])
     assert all(torch.equal(a, b) for a, b in zip(params, resumed))
@@ -136,21 +146,23 @@ def test_a_state_saved_by_transformers_adafactor_is_converted_on_resume():
         torch.testing.assert_close(new_params[i], old_params[i], rtol=1e-6, atol=1e-7)
 
 
+@FOREACH
 @pytest.mark.parametrize("batch", [None, 100])
-def test_weights_of_one_shape_step_together_as_each_would_alone(batch, monkeypatch):
-    """The stacked update (weights of one shape together, in batches of BATCH_ELEMENTS
+def test_weights_of_one_shape_step_together_as_each_would_alone(batch, foreach, monkeypatch):
+    """The update of many weights together (multi-tensor ops, in batches of BATCH_ELEMENTS
     numbers) is the update each weight gets from an optimizer of its own."""
     import dreambooth.training.adafactor as module
     if batch:
         monkeypatch.setattr(module, "BATCH_ELEMENTS", batch)
+        monkeypatch.setattr(module, "STACK_ELEMENTS", batch)
     g = torch.Generator().manual_seed(4)
     shapes = [(6, 5, 3, 3), (7, 9), (6, 5, 3, 3), (11,), (7, 9), (11,), (7, 9)]
     w = [torch.randn(s, generator=g) for s in shapes]
     grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(4)]
     together = [torch.nn.Parameter(t.clone()) for t in w]
     alone = [torch.nn.Parameter(t.clone()) for t in w]
-    opt = Adafactor(together, **SETTINGS)
-    opts = [Adafactor([p], **SETTINGS) for p in alone]
+    opt = Adafactor(together, **SETTINGS, foreach=foreach)
+    opts = [Adafactor([p], **SETTINGS, foreach=foreach) for p in alone]
     for step_grads in grads:
         for p, q, grad in zip(together, alone, step_grads):
             p.grad, q.grad = grad.clone(), grad.clone()

@@ -15,12 +15,18 @@ what transformers keeps). A 1-d weight keeps the full average.
 
 The statistics and the arithmetic are fp32: a bf16 or fp16 weight is updated in fp32 and copied
 back (Bucketed passes its bf16 weights as fp32 stand-ins and does the stochastic rounding
-itself). Weights of the same shape are updated together, stacked (up to BATCH_ELEMENTS numbers
-at a time): a step is a few dozen ops per shape, not per weight, which for a UNet (686 weights,
-a few dozen shapes) is most of its ops. A step reads no device tensor, since the step count is a
-Python int. A state saved by
-transformers' Adafactor, with statistics over the last two dims, is converted when it is loaded
-(see `_refactored`), so a snapshot from before this module resumes.
+itself). Where the weights are on CUDA (`foreach`, torch's own pick for its optimizers), the
+weights of a group (in Bucketed: of a bucket) are updated together by torch's multi-tensor
+`_foreach_*` ops, as torch.optim.Adafactor's foreach path does: per weight, only the two means
+along a dim that the factoring needs (no multi-tensor op reduces along a dim); everything else
+is about 20 ops for all of them (up to BATCH_ELEMENTS numbers at a time, the size of the fp32
+temporaries), planned once (the statistics' views that broadcast against the weight, (out, 1,
+...) and (1, in, k, k)). Elsewhere, where a multi-tensor op runs weight by weight (a CPU), the
+weights of one shape are updated together, stacked (up to STACK_ELEMENTS numbers at a time): a
+few dozen ops per shape. Either way reads the other's state. A step reads no device tensor,
+since the step count is a Python int. A state saved by transformers' Adafactor, with statistics
+over the last two dims, is converted when it is loaded (see `_refactored`), so a snapshot from
+before this module resumes.
 """
 from __future__ import annotations
 
@@ -29,7 +35,9 @@ import math
 import torch
 
 
-BATCH_ELEMENTS = 16 * 2 ** 20  # weights stacked into one update: fp32 temporaries of 64 MiB
+STACK_ELEMENTS = 16 * 2 ** 20  # weights stacked into one update: fp32 temporaries of 64 MiB
+BATCH_ELEMENTS = 32 * 2 ** 20  # numbers updated at once: fp32 temporaries of 128 MiB (one at
+# a time: the squared gradients, then the update), a bucket of Bucketed's 64 MiB of bf16 weights
 
 
 class Adafactor(torch.optim.Optimizer):
@@ -38,9 +46,21 @@ class Adafactor(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0,
                  eps: tuple = (1e-30, 1e-3), clip_threshold: float = 1.0,
-                 decay_rate: float = -0.8) -> None:
+                 decay_rate: float = -0.8, foreach: bool | None = None) -> None:
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "eps": eps,
                                   "clip_threshold": clip_threshold, "decay_rate": decay_rate})
+        # multi-tensor ops (as torch's optimizers, by default where the weights are on CUDA),
+        # else the weights of one shape stacked (fewer kernels on a CPU, which runs a
+        # multi-tensor op weight by weight)
+        self.foreach = foreach
+        self.plans: dict = {}  # ids of a group's weights with gradients -> _Plan (see step)
+
+    @property
+    def way(self) -> str:
+        """How it steps: 'foreach' or 'stacked' (see the module's docstring)."""
+        first = self.param_groups[0]["params"][0]
+        return "foreach" if (self.foreach if self.foreach is not None else first.is_cuda) \
+            else "stacked"
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -49,23 +69,77 @@ class Adafactor(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            batches: dict = {}  # weights of one shape, dtype, device and step count
+            ready = []
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Adafactor does not support sparse gradients.")
-                state = self.state[p]
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError("Adafactor does not support sparse gradients.")
+                    ready.append(p)
+            if not ready:
+                continue
+            if not (self.foreach if self.foreach is not None else ready[0].grad.is_cuda):
+                self._step_stacked(ready, group)
+                continue
+            key = tuple(map(id, ready))
+            plan = self.plans.get(key)
+            if plan is None or not plan.current():  # new weights, or a state made or loaded
+                plan = self.plans[key] = _Plan(self, ready)
+            for state in plan.states:
                 state["step"] = state.get("step", 0) + 1
-                key = (tuple(p.shape), p.dtype, p.grad.dtype, p.device, state["step"])
-                batches.setdefault(key, []).append(p)
-            for (shape, *_, step), ps in batches.items():
-                size = max(1, BATCH_ELEMENTS // max(1, ps[0].numel()))
-                for i in range(0, len(ps), size):
-                    self._update(ps[i:i + size], shape, step, group)
+            steps = {state["step"] for state in plan.states}
+            if len(steps) == 1:
+                step = steps.pop()
+                for batch in plan.batches:
+                    self._update(batch, step, group)
+                continue
+            sets: dict = {}  # weights stepped apart before: grouped by their counts
+            for p, state in zip(ready, plan.states):
+                sets.setdefault(state["step"], []).append(p)
+            for step, ps in sets.items():
+                for batch in _Plan(self, ps).batches:
+                    self._update(batch, step, group)
         return loss
 
-    def _update(self, ps: list, shape: tuple, step: int, group: dict) -> None:
+    def _update(self, b: "_Batch", step: int, group: dict) -> None:
+        """One update of the weights of batch `b`, together: multi-tensor ops but two means
+        per matrix."""
+        eps1, lr = group["eps"][0], group["lr"]
+        beta = 1.0 - math.pow(step, group["decay_rate"])
+        grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in b.params]
+        squared = torch._foreach_mul(grads, grads)
+        torch._foreach_add_(squared, eps1)
+        n = len(b.rows)
+        means = [squared[i].mean(dim=dims, keepdim=True) for i, dims in enumerate(b.dims)] + \
+            [squared[i].mean(dim=0, keepdim=True) for i in range(n)] + list(squared[n:])
+        torch._foreach_mul_(b.averages, beta)
+        torch._foreach_add_(b.averages, means, alpha=1.0 - beta)
+        del squared, means
+        update = []
+        if n:  # (row / mean(row)) ^ -1/2 x col ^ -1/2, the outer product by broadcasting
+            row_means = torch._foreach_norm(b.rows, 1)  # the sums: every entry is positive
+            torch._foreach_div_(row_means, b.row_sizes)
+            scaled = torch._foreach_div(b.rows, row_means)
+            torch._foreach_rsqrt_(scaled)
+            update = list(torch._foreach_mul(scaled, torch._foreach_rsqrt(b.cols)))
+            del scaled
+        if b.seconds:
+            update += torch._foreach_rsqrt(b.seconds)
+        torch._foreach_mul_(update, grads)
+        del grads
+        # the RMS clipping, weight by weight; the learning rate goes with the subtraction
+        rms = torch._foreach_norm(update)
+        torch._foreach_div_(rms, [root * group["clip_threshold"] for root in b.roots])
+        torch._foreach_clamp_min_(rms, 1.0)
+        torch._foreach_div_(update, rms)
+        fp32 = b.params[0].dtype == torch.float32
+        weights = b.params if fp32 else [p.float() for p in b.params]
+        if group["weight_decay"] != 0:
+            torch._foreach_add_(weights, weights, alpha=-group["weight_decay"] * lr)
+        torch._foreach_sub_(weights, update, alpha=lr)
+        if not fp32:
+            torch._foreach_copy_(b.params, weights)
+
+    def _update_stacked(self, ps: list, shape: tuple, step: int, group: dict) -> None:
         """One update of weights of the same shape, stacked: a few ops for all of them."""
         n, eps1, lr = len(ps), group["eps"][0], group["lr"]
         beta = 1.0 - math.pow(step, group["decay_rate"])
@@ -103,11 +177,34 @@ class Adafactor(torch.optim.Optimizer):
         if not fp32:
             torch._foreach_copy_(ps, weights)
 
+    def _step_stacked(self, ready: list, group: dict) -> None:
+        """The step without multi-tensor ops: the weights of one shape stacked."""
+        batches: dict = {}  # weights of one shape, dtype, device and step count
+        for p in ready:
+            state = self.state[p]
+            state["step"] = state.get("step", 0) + 1
+            key = (tuple(p.shape), p.dtype, p.grad.dtype, p.device, state["step"])
+            batches.setdefault(key, []).append(p)
+        for (shape, *_, step), ps in batches.items():
+            size = max(1, STACK_ELEMENTS // max(1, ps[0].numel()))
+            for i in range(0, len(ps), size):
+                self._update_stacked(ps[i:i + size], shape, step, group)
+
+    def statistic(self, p, state: dict, key: str, size: int) -> torch.Tensor:
+        """The statistic `key` of weight p: fp32, on the gradient's device, `size` numbers
+        (zeros at the first step)."""
+        kept = state.get(key)
+        device = p.grad.device
+        if kept is None or kept.dtype != torch.float32 or kept.device != device:
+            kept = state[key] = torch.zeros(size, dtype=torch.float32, device=device) \
+                if kept is None else kept.to(device=device, dtype=torch.float32)
+        return kept
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Also converts transformers' statistics (counted in `converted`: such a resume is
         close to, not bit-identical with, an uninterrupted run)."""
         super().load_state_dict(state_dict)
-        self.converted = 0
+        self.converted, self.plans = 0, {}
         for state in self.state.values():
             state.pop("RMS", None)  # transformers' (unused with parameter scaling off)
             if "exp_avg_sq_row" in state and state["exp_avg_sq_row"].dim() > 1:
@@ -136,6 +233,65 @@ def _stacked(states: list, key: str, size: int, like: torch.Tensor) -> torch.Ten
     for state, view in zip(states, stacked.unbind(0)):
         state[key] = view
     return stacked
+
+
+class _Plan:
+    """What a step of a group's weights `ps` (those with gradients) needs, made once for them:
+    their states, and their batches (of at most BATCH_ELEMENTS numbers, one dtype and device
+    each) with the statistics' views. current(): the states still hold those tensors."""
+
+    def __init__(self, opt: Adafactor, ps: list) -> None:
+        self.states = [opt.state[p] for p in ps]
+        sets: dict = {}
+        for p, state in zip(ps, self.states):
+            sets.setdefault((p.dtype, p.grad.dtype, p.grad.device), []).append((p, state))
+        self.batches = [_Batch(opt, batch) for pairs in sets.values()
+                        for batch in _batches(pairs, BATCH_ELEMENTS)]
+
+    def current(self) -> bool:
+        for b in self.batches:
+            for state, key, kept in b.kept:
+                if state.get(key) is not kept:
+                    return False
+        return True
+
+
+class _Batch:
+    """Weights updated together: the matrices first (their row and column statistics as views
+    that broadcast against the weight: (out, 1, ...) and (1, in, k, ...)), then the others."""
+
+    def __init__(self, opt: Adafactor, pairs: list) -> None:
+        matrices = [(p, s) for p, s in pairs if p.dim() >= 2]
+        others = [(p, s) for p, s in pairs if p.dim() < 2]
+        self.params = [p for p, _ in matrices + others]
+        self.kept, self.rows, self.cols, self.seconds = [], [], [], []
+        for p, state in matrices:
+            row = opt.statistic(p, state, "exp_avg_sq_row", p.shape[0])
+            col = opt.statistic(p, state, "exp_avg_sq_col", p.numel() // p.shape[0])
+            self.rows.append(row.view(-1, *(1,) * (p.dim() - 1)))
+            self.cols.append(col.view(1, *p.shape[1:]))
+            self.kept += [(state, "exp_avg_sq_row", row), (state, "exp_avg_sq_col", col)]
+        for p, state in others:
+            second = opt.statistic(p, state, "exp_avg_sq", p.numel())
+            self.seconds.append(second.view(p.shape))
+            self.kept.append((state, "exp_avg_sq", second))
+        self.averages = self.rows + self.cols + self.seconds
+        self.dims = [tuple(range(1, p.dim())) for p, _ in matrices]
+        self.row_sizes = [float(r.numel()) for r in self.rows]
+        self.roots = [p.numel() ** 0.5 for p in self.params]
+
+
+def _batches(pairs: list, limit: int) -> list[list]:
+    """(weight, state) `pairs` in runs of at most `limit` numbers (a larger weight alone)."""
+    batches, size = [], 0
+    for pair in pairs:
+        n = pair[0].numel()
+        if not batches or size + n > limit:
+            batches.append([])
+            size = 0
+        batches[-1].append(pair)
+        size += n
+    return batches
 
 
 def _refactored(row: torch.Tensor, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

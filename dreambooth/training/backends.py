@@ -219,7 +219,10 @@ ATTENTION = {"default": _plain, "sdpa": _sdpa, "xformers": _xformers}
 
 
 def set_attention(unet, choice: str, say: Say) -> str:
-    """Apply the attention backend; when it can't run here, say why and use SDPA."""
+    """Apply the attention backend; when it can't run here, say why and use SDPA. (And the
+    attention modules' lean forward: leanattn.py.)"""
+    from .leanattn import streamline
+    streamline(unet)
     try:
         ATTENTION[choice](unet)
         return choice
@@ -273,7 +276,8 @@ def _prodigy(groups, cfg, device):
 
 def _adafactor(groups, cfg, device):
     from .adafactor import Adafactor  # transformers' rule, conv weights factored as matrices
-    return Adafactor(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return Adafactor(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                     foreach=torch.device(device).type == "cuda")  # (as torch's own pick)
 
 
 OPTIMIZERS = {"adamw": _adamw, "adamw_8bit": _adamw_8bit, "lion": _lion, "prodigy": _prodigy,

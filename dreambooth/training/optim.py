@@ -344,6 +344,7 @@ def trainable_groups(cfg, comp) -> list[dict]:
     the text encoders at their own learning rate."""
     from .embedding import embedding_groups
     from .adapters import add_lora
+    from .leanlora import streamline
     unet, tes = comp.unet, comp.text_encoders
     if cfg.method == "textual_inversion":
         unet.requires_grad_(False)
@@ -352,6 +353,7 @@ def trainable_groups(cfg, comp) -> list[dict]:
         groups = add_lora(comp, cfg)
         for p in (p for g in groups for p in g["params"]):
             p.data = p.data.float()
+        streamline([unet, *tes])  # peft's LoRA layers: the same ops, less Python a call
         if cfg.trains_embedding:  # pivotal
             groups += embedding_groups(cfg, comp)
     else:
