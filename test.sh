@@ -6,8 +6,8 @@
 #   3. the core with the oldest supported packages (.venv-oldest, Forge's pins); tests marked
 #      `once` (learning, benchmark smoke: nothing version-sensitive) run in step 1 only
 # Two lanes run side by side, one per core: step 1 in this terminal; steps 2-3 (their venvs
-# built first) and a share of step 1's `once` tests (LANE2_CORE) in the background, logged to
-# .test-logs/lane2.log and printed when step 1 ends
+# built first) in the background, logged to .test-logs/lane2.log and printed when step 1 ends;
+# step 1's longest modules (POOL) go to whichever lane is free first
 # (one after the other where OMP_NUM_THREADS is more than half the cores).
 # Each test process uses one CPU thread unless OMP_NUM_THREADS says otherwise (tiny models
 # gain nothing from more, and two lanes of two threads would fight over two cores).
@@ -51,9 +51,20 @@ fi
 bash tools/bootstrap.sh .venv test constraints/newest.txt
 export DREAMBOOTH_TEST_TRAIN_PYTHON=$PWD/.venv/bin/python
 FREEZE_TEST=tests/test_install_freeze.py
-# tests marked `once` that step 3's lane runs after its stages (tested packages, .venv), so
-# that both lanes end together; step 1 runs them where there is one lane
-LANE2_CORE="tests/test_learning.py tests/test_compile.py tests/test_bench_smoke.py"
+# the longest modules of step 1 (tested packages, .venv), longest first: with two lanes, each
+# lane takes the next one nobody has taken when its own stages end (a claim is a mkdir), so the
+# lanes end together whatever the load; with one lane, step 1 runs them
+POOL="tests/test_profile.py tests/test_learning.py tests/test_bench_smoke.py tests/test_compile.py"
+run_pool() {  # ARGS...: the pool's modules this lane claims; 0 unless one of them failed
+  local rc=0 r t
+  for t in $POOL; do
+    mkdir ".test-logs/claim-${t//\//_}" 2>/dev/null || continue
+    echo "== tests: core, tested packages, from the shared pool: $t =="
+    r=0; pytest_in .venv "$t" "$@" || r=$?
+    [ $r = 0 ] || [ $r = 5 ] || rc=1  # extra arguments may select none of its tests
+  done
+  return $rc
+}
 WEBUI_TESTS="tests/test_ui_fields.py tests/test_ui_build.py tests/test_webui_glue.py tests/test_forge_glue.py tests/test_api.py tests/test_confinement.py tests/test_browser.py tests/test_page_script.py tests/test_install.py"
 
 lane2() {  # steps 2 and 3: build each venv, then run its tests; a failed stage does not stop the next
@@ -78,11 +89,7 @@ lane2() {  # steps 2 and 3: build each venv, then run its tests; a failed stage 
   bash tools/bootstrap.sh .venv-oldest test constraints/oldest.txt
   echo "== tests: core, oldest supported packages (constraints/oldest.txt) =="
   pytest_in .venv-oldest -m "not once" "$@" || rc=1
-  if [ $lanes = 2 ]; then
-    echo "== tests: core, tested packages: this lane's share ($LANE2_CORE) =="
-    local r=0; pytest_in .venv $LANE2_CORE "$@" || r=$?
-    [ $r = 0 ] || [ $r = 5 ] || rc=1  # extra arguments may select none of them
-  fi
+  if [ $lanes = 2 ]; then run_pool "$@" || rc=1; fi
   return $rc
 }
 
@@ -98,6 +105,7 @@ if [ $mode = full ]; then
 fi
 if [ $lanes = 2 ]; then
   mkdir -p .test-logs
+  rm -rf .test-logs/claim-*
   echo "== steps 2-3 (WebUI side, oldest packages) run alongside: .test-logs/lane2.log =="
   ( lane2 "$@" ) > .test-logs/lane2.log 2>&1 &
   lane2_pid=$!
@@ -107,9 +115,10 @@ fi
 
 echo "== tests: core, tested packages (constraints/newest.txt) =="
 core_args=(); [ $lanes = 0 ] || core_args=(--ignore=$FREEZE_TEST)  # step 2 runs it
-if [ $lanes = 2 ]; then for t in $LANE2_CORE; do core_args+=(--ignore=$t); done; fi
+if [ $lanes = 2 ]; then for t in $POOL; do core_args+=(--ignore=$t); done; fi
 rc1=0; pytest_in .venv "${core_args[@]}" "$@" || rc1=$?
 if [ $lanes = 2 ]; then
+  run_pool "$@" || rc1=1
   echo "== waiting for steps 2-3 =="
   wait $lane2_pid || rc2=$?
   cat .test-logs/lane2.log
