@@ -133,8 +133,7 @@ def upload_file(local: Path, url: str, on_bytes: Callable[[int, int], None] | No
     how = "sent"
     if keep is not None and resumable(fs, want.size, PART):
         first = put_in_parts(fs, path, local, PART, upload_id, keep, on_bytes)
-        count = int(want.etags[1].rsplit("-", 1)[1])
-        how = f"resumed at part {first} of {count}" if first > 1 else how
+        how = f"resumed at part {first} of {-(-want.size // PART)}" if first > 1 else how
     else:
         kwargs = {"chunksize": PART} if "s3" in fs.protocol else {}
         if on_bytes is not None:

@@ -67,7 +67,7 @@ def fetch(url: str, cache: Path, say: Callable[[str], None], one_file: bool = Fa
         raise DreamboothError(f"'{redact(url)}' can't be read ({reason(e)}).",
                               "Check the URL and the credentials (the backend's environment "
                               "variables, profile or instance role).") from None
-    files = {(p.rsplit("/", 1)[-1] if one_file else p[len(root):].strip("/")): (p, info)
+    files = {(p.rsplit("/", 1)[-1] if one_file else _name(p, root)): (p, info)
              for p, info in listing.items() if info.get("type", "file") == "file"}
     if not files and not empty:
         raise DreamboothError(f"'{redact(url)}' holds no files.", "Check the URL.")
@@ -90,6 +90,11 @@ def fetch(url: str, cache: Path, say: Callable[[str], None], one_file: bool = Fa
     say(f"{redact(url)}: {fetched} file(s) fetched, {len(files) - fetched} reused from the "
         f"cache {folder}")
     return folder / next(iter(files)) if one_file else folder
+
+
+def _name(path: str, root: str) -> str:
+    """An object's name inside the folder at `root`, as the cache's index keys it."""
+    return path[len(root):].strip("/")
 
 
 def send_back(original, local, say: Callable[[str], None]) -> None:
@@ -120,8 +125,7 @@ def _send_folder(url: str, folder: Path, say: Callable[[str], None]) -> None:
     try:  # the identities a listing gives, as the next fetch compares them
         fs, root = open_url(url)
         fs.invalidate_cache()
-        listing = {p[len(root):].strip("/"): info for p, info in
-                   fs.find(root, detail=True).items()}
+        listing = {_name(p, root): info for p, info in fs.find(root, detail=True).items()}
         index.update({rel: identity(listing[rel]) for rel in sent if rel in listing})
         _write_index(folder.with_suffix(".json"), index)
     except Exception:  # unrecorded: the next run fetches them once more
