@@ -58,9 +58,19 @@ class Adafactor(torch.optim.Optimizer):
     @property
     def way(self) -> str:
         """How it steps: 'foreach' or 'stacked' (see the module's docstring)."""
-        first = self.param_groups[0]["params"][0]
-        return "foreach" if (self.foreach if self.foreach is not None else first.is_cuda) \
-            else "stacked"
+        return "foreach" if self._foreach(self.param_groups[0]["params"][0]) else "stacked"
+
+    def _foreach(self, p: torch.Tensor) -> bool:
+        return self.foreach if self.foreach is not None else p.is_cuda
+
+    def _plan(self, ps: list) -> "_Plan":
+        """The cached plan of weights `ps` (rebuilt for new weights, or a state made or
+        loaded since)."""
+        key = tuple(map(id, ps))
+        plan = self.plans.get(key)
+        if plan is None or not plan.current():
+            plan = self.plans[key] = _Plan(self, ps)
+        return plan
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -77,13 +87,10 @@ class Adafactor(torch.optim.Optimizer):
                     ready.append(p)
             if not ready:
                 continue
-            if not (self.foreach if self.foreach is not None else ready[0].grad.is_cuda):
+            if not self._foreach(ready[0].grad):
                 self._step_stacked(ready, group)
                 continue
-            key = tuple(map(id, ready))
-            plan = self.plans.get(key)
-            if plan is None or not plan.current():  # new weights, or a state made or loaded
-                plan = self.plans[key] = _Plan(self, ready)
+            plan = self._plan(ready)
             for state in plan.states:
                 state["step"] = state.get("step", 0) + 1
             steps = {state["step"] for state in plan.states}
@@ -96,7 +103,7 @@ class Adafactor(torch.optim.Optimizer):
             for p, state in zip(ready, plan.states):
                 sets.setdefault(state["step"], []).append(p)
             for step, ps in sets.items():
-                for batch in _Plan(self, ps).batches:
+                for batch in self._plan(ps).batches:
                     self._update(batch, step, group)
         return loss
 

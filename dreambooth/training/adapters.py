@@ -74,8 +74,9 @@ def extra_keys(cfg, path: str, params: dict, name: str) -> dict:
     out = {}
     if cfg.network not in KINDS or cfg.network in HAS_ALPHA:
         out[f"{name}.alpha"] = torch.tensor(float(rank_alpha(cfg, path)[1]))
-    if on_input(params) is not None:
-        out[f"{name}.on_input"] = torch.tensor(on_input(params))
+    flag = on_input(params)
+    if flag is not None:
+        out[f"{name}.on_input"] = torch.tensor(flag)
     return out
 
 
@@ -100,9 +101,10 @@ def merged_network_state(state: dict, cfg, base: dict) -> dict:
         weight = out[f"{path}.weight"]
         delta = update(params, weight, rank_alpha(cfg, path)[1])
         out[f"{path}.weight"] = (weight.float() + delta).to(weight.dtype)
-        if bias_update(params) is not None:
+        delta = bias_update(params)
+        if delta is not None:
             bias = out[f"{path}.bias"]
-            out[f"{path}.bias"] = (bias.float() + bias_update(params).float()).to(bias.dtype)
+            out[f"{path}.bias"] = (bias.float() + delta.float()).to(bias.dtype)
     return out
 
 

@@ -26,6 +26,7 @@ from ..config.checks import token_in
 from ..config.errors import DreamboothError
 from ..model.checkpoint import SAVE_DTYPES, cast_for_save
 from ..model.metadata import model_metadata
+from .lora import put_module
 
 PLACEHOLDER = "<dreambooth-embedding-{}>"
 SDXL_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
@@ -116,8 +117,7 @@ def _path_of(module, target) -> str:
 
 
 def _replace(module, old, new) -> None:
-    parent, _, leaf = _path_of(module, old).rpartition(".")
-    setattr(module.get_submodule(parent) if parent else module, leaf, new)
+    put_module(module, _path_of(module, old), new)
 
 
 def vectors_of(comp) -> list[torch.Tensor]:

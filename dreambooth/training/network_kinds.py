@@ -145,7 +145,7 @@ def forward(layer, x: torch.Tensor, dtype, weight: torch.Tensor) -> torch.Tensor
         return layer._run(x.to(dtype), w, bias)
     if kind == "full":
         w = weight + p["diff"]
-        bias = bias if "diff_b" not in p else (base.bias.float() + p["diff_b"]).to(dtype)
+        bias = bias if "diff_b" not in p else layer.effective_bias().to(dtype)
         return layer._run(x.to(dtype), w.to(dtype), bias)
     if kind == "glora":
         return base(x) + F.linear(x.to(dtype), glora_update(p, weight).to(dtype))
