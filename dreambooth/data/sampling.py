@@ -34,9 +34,9 @@ def make_pipeline(comp, unet=None, text_encoder=None, device=None, text_encoder_
 
 
 def _flux_pipeline(comp, transformer, text_encoder, text_encoder_2):
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import FluxPipeline
     pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(comp.configs["scheduler"]),
+        scheduler=comp.noise_scheduler(),
         vae=comp.vae, text_encoder=text_encoder or comp.text_encoder, tokenizer=comp.tokenizer,
         text_encoder_2=text_encoder_2 or comp.text_encoder_2, tokenizer_2=comp.tokenizer_2,
         transformer=transformer or comp.unet)
@@ -51,7 +51,7 @@ def sample_settings(comp, guidance_scale: float) -> tuple[float, dict]:
     if comp.spec.family != "flux":
         return guidance_scale, {}
     return comp.spec.guidance or 0.0, {
-        "max_sequence_length": min(512, comp.tokenizer_2.model_max_length)}
+        "max_sequence_length": comp.tokenizer_2.model_max_length}  # spec.t5_tokens (flux.py)
 
 
 def slug(text: str) -> str:

@@ -167,6 +167,11 @@ class LazyState(Mapping):
         return tuple(self._entries[key]["shape"])
 
 
+def tensor_shape(state, key: str) -> tuple:
+    """A tensor's shape, from a LazyState's header (nothing read) or the tensor itself."""
+    return tuple(state.shape(key)) if isinstance(state, LazyState) else tuple(state[key].shape)
+
+
 def tensor_dtype(state, key: str) -> torch.dtype:
     """A tensor's dtype, from a LazyState's header (nothing read) or the tensor itself."""
     return state.dtype(key) if isinstance(state, LazyState) else state[key].dtype

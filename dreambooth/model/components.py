@@ -94,7 +94,7 @@ def unet_kwargs(comp: Components, cond: dict, geometry: list, device) -> dict:
 def instantiate(model_type: str, configs: dict, empty: bool, meta: bool = False) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    ctx = torch.device("meta") if meta else _empty_weights() if empty else contextlib.nullcontext()
+    ctx = torch.device("meta") if meta else empty_weights() if empty else contextlib.nullcontext()
     wanted = ["unet", "vae", "scheduler"] + [s.component for s in spec_for(model_type).text_encoders]
     bad = [n for n in wanted if not isinstance(configs, dict) or not isinstance(configs.get(n), dict)]
     if bad:  # diffusers takes a config that is not a dict for a model hub name: never go there
@@ -110,7 +110,7 @@ def instantiate(model_type: str, configs: dict, empty: bool, meta: bool = False)
     return modules
 
 
-def _empty_weights():
+def empty_weights():
     from accelerate import init_empty_weights
     return init_empty_weights(include_buffers=False)
 

@@ -8,7 +8,6 @@ CLIP-L, text_encoder_2: T5; vae: the autoencoder), its weights as stored (or in 
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -16,8 +15,8 @@ import torch
 from .. import assets
 from ..config.errors import CheckpointError
 from . import convert, flux_keys
-from .checkpoint import LazyState, open_checkpoint
-from .components import Components, load_module, te_load
+from .checkpoint import LazyState, open_checkpoint, tensor_shape
+from .components import Components, empty_weights, load_module, te_load
 from .detect import flux_type
 from .spec import spec_for
 
@@ -26,39 +25,30 @@ CLIP_EXTRA = ("text_projection.weight", "logit_scale")  # in some clip_l files, 
 SCALES = (".scale_weight", ".scale_input")  # ComfyUI's scaled fp8 files (with 'scaled_fp8')
 
 
-def _count(keys, pattern: str) -> int:
-    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
-    return max(found) + 1 if found else 0
-
-
-def _shape(state, key: str) -> tuple:
-    return tuple(state.shape(key)) if isinstance(state, LazyState) else tuple(state[key].shape)
-
-
 def clip_config(state) -> dict:
     """CLIP-L's text config (the one SD 1.x ships: the same encoder) sized from a file."""
     cfg = assets.load_config("v1x", "text_encoder")
     keys = {k.removeprefix("text_model.") for k in state}
     prefix = "text_model." if any(k.startswith("text_model.") for k in state) else ""
-    vocab, hidden = _shape(state, prefix + "embeddings.token_embedding.weight")
+    vocab, hidden = tensor_shape(state, prefix + "embeddings.token_embedding.weight")
     cfg.update(vocab_size=vocab, hidden_size=hidden, projection_dim=hidden,
                num_attention_heads=max(1, hidden // 64),
-               intermediate_size=_shape(state, prefix + "encoder.layers.0.mlp.fc1.weight")[0],
-               max_position_embeddings=_shape(
+               intermediate_size=tensor_shape(state, prefix + "encoder.layers.0.mlp.fc1.weight")[0],
+               max_position_embeddings=tensor_shape(
                    state, prefix + "embeddings.position_embedding.weight")[0],
-               num_hidden_layers=_count(keys, r"encoder\.layers\.(\d+)\."))
+               num_hidden_layers=flux_keys.count_indices(keys, r"encoder\.layers\.(\d+)\."))
     return {k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}
 
 
 def t5_config(state) -> dict:
     """T5 v1.1's encoder config (gated GELU) sized from a transformers-layout file."""
     attn = "encoder.block.0.layer.0.SelfAttention."
-    buckets, heads = _shape(state, attn + "relative_attention_bias.weight")
-    vocab, width = _shape(state, "shared.weight")
+    buckets, heads = tensor_shape(state, attn + "relative_attention_bias.weight")
+    vocab, width = tensor_shape(state, "shared.weight")
     return {"vocab_size": vocab, "d_model": width, "num_heads": heads,
-            "d_kv": _shape(state, attn + "q.weight")[0] // heads,
-            "d_ff": _shape(state, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight")[0],
-            "num_layers": _count(state, r"encoder\.block\.(\d+)\."),
+            "d_kv": tensor_shape(state, attn + "q.weight")[0] // heads,
+            "d_ff": tensor_shape(state, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight")[0],
+            "num_layers": flux_keys.count_indices(state, r"encoder\.block\.(\d+)\."),
             "relative_attention_num_buckets": buckets, "relative_attention_max_distance": 128,
             "feed_forward_proj": "gated-gelu", "is_encoder_decoder": False, "use_cache": False,
             "tie_word_embeddings": False, "dropout_rate": 0.0}
@@ -67,12 +57,13 @@ def t5_config(state) -> dict:
 def ae_config(state) -> dict:
     """The autoencoder's AutoencoderKL config from a BFL ae file (no quant convs)."""
     cfg = assets.load_config("v1x", "vae")
-    levels = _count(state, r"encoder\.down\.(\d+)\.")
-    blocks = [_shape(state, f"encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)]
+    levels = flux_keys.count_indices(state, r"encoder\.down\.(\d+)\.")
+    blocks = [tensor_shape(state, f"encoder.down.{i}.block.0.conv1.weight")[0]
+              for i in range(levels)]
     cfg.update(block_out_channels=blocks, down_block_types=["DownEncoderBlock2D"] * levels,
                up_block_types=["UpDecoderBlock2D"] * levels,
-               layers_per_block=_count(state, r"encoder\.down\.0\.block\.(\d+)\."),
-               latent_channels=_shape(state, "decoder.conv_in.weight")[1],
+               layers_per_block=flux_keys.count_indices(state, r"encoder\.down\.0\.block\.(\d+)\."),
+               latent_channels=tensor_shape(state, "decoder.conv_in.weight")[1],
                use_quant_conv="quant_conv.weight" in state,
                use_post_quant_conv="post_quant_conv.weight" in state,
                scaling_factor=AE_SCALE, shift_factor=AE_SHIFT)
@@ -131,8 +122,7 @@ def _transformer(cfg, dtype):
 
 
 def _empty(build):
-    from accelerate import init_empty_weights
-    with init_empty_weights(include_buffers=False):
+    with empty_weights():
         return build()
 
 

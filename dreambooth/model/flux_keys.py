@@ -15,6 +15,7 @@ import re
 
 import torch
 
+from .checkpoint import tensor_shape
 from .detect import FLUX_MARK, FLUX_PREFIX
 
 QKV, LINEAR1, SWAP, NORM = "qkv", "linear1", "swap", "norm"
@@ -67,14 +68,21 @@ def module_map(n_double: int, n_single: int, guidance: bool) -> list:
                   ("final_layer.adaLN_modulation.1", ("norm_out.linear",), SWAP)]
 
 
+def count_indices(keys, pattern: str) -> int:
+    """1 + the highest index the group of `pattern` matches at the start of a key (0: none)."""
+    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else 0
+
+
 def block_counts(keys, prefix: str = "") -> tuple[int, int]:
     """(double blocks, single blocks) of a BFL state's keys."""
-    counts = []
-    for kind in ("double_blocks", "single_blocks"):
-        found = {int(m.group(1)) for k in keys
-                 if (m := re.match(re.escape(prefix + kind) + r"\.(\d+)\.", k))}
-        counts.append(max(found) + 1 if found else 0)
-    return counts[0], counts[1]
+    return tuple(count_indices(keys, re.escape(prefix + kind) + r"\.(\d+)\.")
+                 for kind in ("double_blocks", "single_blocks"))
+
+
+def _prefix(state) -> str:
+    """The all-in-one files' 'model.diffusion_model.' where the state has it."""
+    return FLUX_PREFIX if FLUX_PREFIX + FLUX_MARK in state else ""
 
 
 def _leaves(kind) -> tuple:
@@ -87,14 +95,14 @@ def _sizes(kind, rows: int, inner: int, parts: int) -> list[int]:
     return [rows // parts] * parts
 
 
-def to_diffusers(state, inner: int | None = None) -> dict:
+def to_diffusers(state) -> dict:
     """A BFL-layout transformer state (with or without 'model.diffusion_model.'; a LazyState
     reads each tensor once) as FluxTransformer2DModel's. Every key must be mapped: one that is
     not raises KeyError."""
-    prefix = FLUX_PREFIX if FLUX_PREFIX + FLUX_MARK in state else ""
+    prefix = _prefix(state)
     n_double, n_single = block_counts(state, prefix)
     guidance = prefix + "guidance_in.in_layer.weight" in state
-    inner = inner or _rows(state, prefix + "img_in.weight")
+    inner = tensor_shape(state, prefix + "img_in.weight")[0]
     out, seen = {}, set()
     for bfl, parts, kind in module_map(n_double, n_single, guidance):
         for leaf, dleaf in _leaves(kind):
@@ -128,19 +136,13 @@ def to_bfl(state: dict, n_double: int, n_single: int, guidance: bool) -> dict:
     return out
 
 
-def _rows(state, key: str) -> int:
-    shape = state.shape(key) if hasattr(state, "shape") else tuple(state[key].shape)
-    return shape[0]
-
-
 def transformer_config(state) -> dict:
     """FluxTransformer2DModel's config from a BFL state's keys and shapes (nothing else is
     needed: the widths, depths and the guidance embedding are all in the file)."""
-    prefix = FLUX_PREFIX if FLUX_PREFIX + FLUX_MARK in state else ""
+    prefix = _prefix(state)
 
     def shape(key: str) -> tuple:
-        key = prefix + key
-        return tuple(state.shape(key)) if hasattr(state, "shape") else tuple(state[key].shape)
+        return tensor_shape(state, prefix + key)
     inner, in_channels = shape("img_in.weight")
     head = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
     n_double, n_single = block_counts(state, prefix)
