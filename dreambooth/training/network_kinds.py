@@ -133,13 +133,13 @@ def bias_update(params: dict) -> torch.Tensor | None:
     return params.get("diff_b")
 
 
-def forward(layer, x: torch.Tensor, dtype, weight: torch.Tensor) -> torch.Tensor:
+def forward(layer, x: torch.Tensor, dtype, weight: torch.Tensor, p: dict) -> torch.Tensor:
     """The layer's output with its base's fp32 weight `weight`, in the compute dtype: the base's
-    function with W', b'. (IA)3 too scales the weight, not the activations: a weight-sized copy
-    is kept for backward instead of an activation-sized one, smaller at SD's sizes."""
-    p, base = layer.params(), layer.base_layer
+    function with W', b' (`p`: the layer's parameters). (IA)3 too scales the weight, not the
+    activations: a weight-sized copy is kept for backward instead of an activation-sized one,
+    smaller at SD's sizes."""
+    base, kind = layer.base_layer, layer.kind
     bias = None if base.bias is None else base.bias.to(dtype)
-    kind = kind_of(p)
     if kind == "ia3":  # in the compute dtype: backward keeps W's copy in it, not in fp32
         w = weight.to(dtype) * (1 + ia3_scale(p, weight)).to(dtype)
         return layer._run(x.to(dtype), w, bias)

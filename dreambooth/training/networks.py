@@ -159,6 +159,7 @@ class NetworkLayer(nn.Module):
     def __init__(self, base: nn.Module, shapes: dict, alpha: float) -> None:
         super().__init__()
         self.base_layer, self.alpha = base, alpha
+        self.kind = kinds.kind_of(shapes)  # ia3 / full / glora / oft (network_kinds), else None
         device = base.weight.device
         for name, shape in shapes.items():
             setattr(self, name, nn.Parameter(torch.zeros(shape, device=device)))
@@ -199,8 +200,8 @@ class NetworkLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .fp8 import compute_dtype
         dtype, p = compute_dtype(x), self.params()
-        if kinds.kind_of(p):
-            return kinds.forward(self, x, dtype, base_weight(self.base_layer))
+        if self.kind:
+            return kinds.forward(self, x, dtype, base_weight(self.base_layer), p)
         if "dora_scale" in p:  # the whole weight: W' replaces W
             w = decomposed(base_weight(self.base_layer), p, self.alpha)
             bias = self.base_layer.bias
