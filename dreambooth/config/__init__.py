@@ -9,9 +9,10 @@ Standard library only: the WebUI process imports this package without torch. Not
 imports another stage of `dreambooth`.
 """
 from .errors import CheckpointError, ConfigError, DataError, DreamboothError, Problem, TrainingError
+from .levers import ATTENTION, MEMORY_PRESETS
 from .migrate import MIGRATIONS, SCHEMA_VERSION, migrate
-from .schema import ATTENTION, DETERMINISTIC, LR_SCHEDULERS, MEMORY_PRESETS, MIXED_PRECISION, \
-    MODEL_TYPES, OPTIMIZERS, SAVE_PRECISION, Concept, TrainingConfig, field_help
+from .schema import DETERMINISTIC, LR_SCHEDULERS, MIXED_PRECISION, MODEL_TYPES, OPTIMIZERS, \
+    SAVE_PRECISION, Concept, TrainingConfig, field_help
 
 __all__ = ["TrainingConfig", "Concept", "Problem", "field_help", "migrate", "MIGRATIONS",
            "SCHEMA_VERSION", "MODEL_TYPES", "OPTIMIZERS", "MIXED_PRECISION", "ATTENTION",

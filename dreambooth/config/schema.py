@@ -18,6 +18,8 @@ from .checks import (check_concept, check_embedding, check_fields, check_lora_an
 from .errors import ConfigError, Problem
 from .fieldspec import spec_field as _f
 from .flux import FLUX_AE, FLUX_CLIP_L, FLUX_T5XXL, FLUX_TYPES, T5_TOKENIZER_DIR, check_flux
+from .levers import (ATTENTION_FIELD, BF16_WEIGHTS, COMPILE_FIELD, FP8_BASE, FUSED_OPTIMIZER,
+                     GRADIENT_CHECKPOINTING, MEMORY_PRESET)
 from .migrate import SCHEMA_VERSION, migrate
 from .network import (DORA_WD, GLORA_RANK, LOHA_ALPHA, LOHA_RANK, LOKR_ALPHA, LOKR_FACTOR,
                       LOKR_RANK, LORA_TARGETS, NETWORK, OFT_BLOCK_SIZE, OFT_CONSTRAINT,
@@ -27,13 +29,10 @@ from .textfile import parse_json, read_config_text
 MODEL_TYPES = ("v1x", "v2x-512", "v2x-768-v", "sdxl", *FLUX_TYPES)
 OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "prodigy", "adafactor")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
-ATTENTION = ("default", "sdpa", "xformers")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine",
                  "cosine_with_restarts", "polynomial")
 SAVE_PRECISION = ("fp32", "fp16", "bf16")
-MEMORY_PRESETS = ("auto", "lowest", "off")
 DETERMINISTIC = ("auto", "on", "off")
-COMPILE = ("off", "blocks", "full")
 METHODS = ("dreambooth", "lora", "textual_inversion")
 
 
@@ -104,37 +103,14 @@ class TrainingConfig:
     mixed_precision: str = _f("auto", "Mixed precision: auto (bf16 on a GPU that has it, else "
                               "fp16; none on a CPU), no (fp32), fp16, bf16 (fp16/bf16 need a "
                               "GPU that supports them).", choices=MIXED_PRECISION)
-    attention: str = _f("sdpa", "Memory attention: default (plain), sdpa (PyTorch fused), xformers.",
-                        choices=ATTENTION)
-    gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, "
-                                             "slower.")
+    attention: str = ATTENTION_FIELD
+    gradient_checkpointing: bool = GRADIENT_CHECKPOINTING
     cache_latents: bool = _f(True, "Encode the images with the VAE once, not every step.")
-    memory_preset: str = _f("auto", "'auto': on a GPU, estimate the memory the run needs before "
-                                    "it starts and, when it won't fit, change the settings that "
-                                    "make it fit at the least cost in training time (each "
-                                    "change is said in the log); 'lowest': the least memory (frozen text encoder, cached "
-                                    "latents, gradient checkpointing; a full fine-tune: fused "
-                                    "optimizer, Adafactor on bf16 weights; a LoRA or textual "
-                                    "inversion: fp8_base); 'off': the settings exactly as given.",
-                            choices=MEMORY_PRESETS)
-    fused_optimizer: bool = _f(False, "Update the weights inside backward, a 64 MiB bucket at a "
-                                      "time as soon as its gradients are ready, so no gradient "
-                                      "buffer the size of the model is kept (SD1.5: 3.4 GB "
-                                      "less). Needs gradient_accumulation_steps 1; gradients are "
-                                      "clipped per bucket.", advanced=True)
-    bf16_weights: bool = _f(False, "Keep the trained weights in bf16 instead of fp32 (half their "
-                                   "memory), updated with stochastic rounding so that small "
-                                   "updates are not lost. Needs mixed_precision bf16.",
-                            advanced=True)
-    fp8_base: bool = _f(False, "LoRA or textual inversion: store the frozen UNet's Linear and "
-                               "Conv2d weights in fp8 (SD1.5: 0.8 GiB less than bf16), each "
-                               "upcast only while its layer runs. Costs precision of the frozen "
-                               "model (each weight within about 1/16); the LoRA file and the "
-                               "merged checkpoint are unaffected.", advanced=True)
-    compile: str = _f("off", "torch.compile the UNet: 'blocks' compiles each transformer and "
-                             "ResNet block (a short start), 'full' the whole UNet as one graph "
-                             "(the longest start). Off by default until measured on GPUs.",
-                      choices=COMPILE, advanced=True)
+    memory_preset: str = MEMORY_PRESET
+    fused_optimizer: bool = FUSED_OPTIMIZER
+    bf16_weights: bool = BF16_WEIGHTS
+    fp8_base: bool = FP8_BASE
+    compile: str = COMPILE_FIELD
     train_text_encoder: bool = _f(False, "Also train the text encoder.")
     text_encoder_steps_ratio: float = _f(1.0, "Train the text encoder for this fraction of the "
                                               "steps.", advanced=True, minimum=0.0, maximum=1.0)
