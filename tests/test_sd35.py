@@ -140,3 +140,112 @@ def test_kohya_file_is_mapped_by_forge_at_full_size(conf):
     want = torch.cat([state[f"{p}.lora_B.default.weight"] @ state[f"{p}.lora_A.default.weight"]
                       for p in parts]) * 2.0
     torch.testing.assert_close(up @ down * kohya[f"{stem}.alpha"].item() / down.shape[0], want)
+
+
+def trained_deltas(unet, alpha: float) -> dict:
+    """module path -> the update its trained peft LoRA makes (B @ A x alpha / rank)."""
+    return {path: up.float() @ down.float() * alpha / down.shape[0]
+            for path, (down, up) in lora_pairs(unet.state_dict()).items()}
+
+
+def test_tiny_sd35_trains_end_to_end_offline(tiny_medium, instance_dir, tmp_path, no_network):
+    """An all-in-one tiny SD3.5 medium detected from its file, loaded, its class images made with
+    StableDiffusion3Pipeline, trained two steps with prior preservation, a preview made: a
+    kohya SD3 LoRA in lora_dir with exactly its layout, whose every stem applied as Forge does
+    (up @ down x alpha / rank on SAI's stacked rows) is the trained update, attn2 included."""
+    from safetensors.torch import load_file
+    from dreambooth.config import events as ev
+    from dreambooth.host.interface import sniff_model_type
+    from dreambooth.model.filecheck import read_layout
+    from dreambooth.training.trainer import Trainer
+    assert sniff_model_type(tiny_medium["source_checkpoint"]) == "sd3.5-medium"
+    concept = Concept(str(instance_dir), "photo of sks dog", "photo of a dog",
+                      class_images_per_instance=1)
+    cfg = sd35_config(tiny_medium, instance_dir, tmp_path, batch_size=2,
+                      gradient_checkpointing=True, concepts=(concept,), class_generation_steps=2,
+                      sample_every_epochs=1, sample_steps=2)
+    events = []
+    trainer = Trainer(cfg.check(), ev.EventBus(events.append), ev.CancelToken())
+    result = trainer.run()
+    assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert len(list((cfg.model_dir / "class_images").rglob("*.png"))) == 4
+    assert [e.step for e in events if isinstance(e, ev.SampleSaved)] == [2]
+    shapes, _, meta = read_layout(result.path)
+    assert result.path.parent == tmp_path / "Lora"
+    assert shapes == flux_lora.expected_layout(trainer.comp, cfg)
+    assert meta["ss_base_model_version"] == "sd3" and meta["ss_network_dim"] == "2"
+    assert meta["modelspec.architecture"] == "stable-diffusion-3.5-medium/lora"
+    lora, trained = load_file(str(result.path)), trained_deltas(trainer.comp.unet, 4.0)
+    assert any(".attn2." in p for p in trained)
+    # every layer learnt but the last block's text query: the text stream's attention output
+    # is dropped there (context_pre_only), so it has no gradient (kohya's stacked qkv holds it)
+    assert [p for p, d in trained.items() if not d.abs().sum() > 0] == \
+        ["transformer_blocks.1.attn.add_q_proj"]
+    stems: dict = {}
+    for path, (stem, part, _) in sd35_keys.lora_names(2, (0,)).items():
+        if path in trained:
+            stems.setdefault(stem, {})[part] = trained[path]
+    assert {k.split(".")[0] for k in lora} == set(stems)
+    for stem, parts in stems.items():
+        down, up = lora[f"{stem}.lora_down.weight"], lora[f"{stem}.lora_up.weight"]
+        host = up @ down * lora[f"{stem}.alpha"].item() / down.shape[0]
+        torch.testing.assert_close(host, torch.cat([parts[i] for i in sorted(parts)]))
+
+
+def test_separate_files_load_as_the_all_in_one(tmp_path):
+    """A tiny SD3.5 large as an MMDiT-only file with clip_l / clip_g / t5xxl / VAE files loads
+    into exactly the weights its all-in-one twin does; a part neither holds is asked for by its
+    field; a medium/large mix-up is refused in words."""
+    from dreambooth.config.errors import CheckpointError
+    from dreambooth.model.sd35 import load_sd35
+    empty = {f: "" for f in ("sd35_clip_l", "sd35_clip_g", "sd35_t5xxl", "sd35_vae")}
+    split = make_tiny_sd35(tmp_path / "split", "sd3.5-large", all_in_one=False)
+    whole = make_tiny_sd35(tmp_path / "whole", "sd3.5-large")
+    assert detect_model_type(dict.fromkeys(
+        __import__("safetensors").safe_open(split["source_checkpoint"], "pt").keys())) \
+        == "sd3.5-large"
+    a = load_sd35(SimpleNamespace(**{**empty, **split, "model_type": "sd3.5-large"}))
+    b = load_sd35(SimpleNamespace(**{**empty, **whole, "model_type": "sd3.5-large"}))
+    assert a.configs == b.configs and a.configs["unet"]["dual_attention_layers"] == ()
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa), name
+    with pytest.raises(CheckpointError, match="holds no CLIP-G text encoder and sd35_clip_g "
+                                              "is empty"):
+        load_sd35(SimpleNamespace(**{**split, "sd35_clip_g": "", "model_type": "sd3.5-large"}))
+    with pytest.raises(CheckpointError, match="is an sd3.5-large checkpoint, but the model type "
+                                              "is set to sd3.5-medium"):
+        load_sd35(SimpleNamespace(**{**empty, **whole, "model_type": "sd3.5-medium"}))
+
+
+def test_sd3_objective_against_independent_sums():
+    """The timesteps (a logit-normal index into SD3's shift-3 scheduler), the noisy input, the
+    MMDiT's inputs and the preconditioned loss, computed here by hand."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from dreambooth.training import flow
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    gen = torch.Generator().manual_seed(3)
+    sigmas, timesteps = flow.sd3_draws(gen, 4, scheduler)
+    u = torch.sigmoid(torch.randn(4, generator=torch.Generator().manual_seed(3)))
+    t = 1 - (u * 1000).long() / 1000  # the unshifted sigma of that step
+    torch.testing.assert_close(sigmas, flow.shifted(t, 3.0))
+    torch.testing.assert_close(timesteps, sigmas * 1000)
+    torch.manual_seed(0)
+    x, noise = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    cond = {"hidden": torch.randn(2, 5, 8), "pooled": torch.randn(2, 6)}
+    seen, v = {}, torch.randn(2, 4, 4, 4)
+
+    def mmdit(hidden_states, timestep, encoder_hidden_states, pooled_projections, return_dict):
+        seen.update(x=hidden_states, t=timestep, ctx=encoder_hidden_states,
+                    pooled=pooled_projections)
+        return (v,)
+    total, inst, prior = flow.sd3_loss(mmdit, x, cond, noise, sigmas[:2], timesteps[:2], 1,
+                                       0.5)
+    s = sigmas[:2].reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(seen["x"], (1 - s) * x + s * noise)
+    assert seen["t"] is not None and torch.equal(seen["t"], timesteps[:2])
+    assert seen["ctx"] is cond["hidden"] and seen["pooled"] is cond["pooled"]
+    per_sample = ((s * (noise - x - v)) ** 2).mean(dim=(1, 2, 3))  # t^2 |v_target - v|^2
+    torch.testing.assert_close(inst, per_sample[0])
+    torch.testing.assert_close(prior, per_sample[1])
+    torch.testing.assert_close(total, per_sample[0] + 0.5 * per_sample[1])
