@@ -249,3 +249,4 @@ def test_sd3_objective_against_independent_sums():
     torch.testing.assert_close(inst, per_sample[0])
     torch.testing.assert_close(prior, per_sample[1])
     torch.testing.assert_close(total, per_sample[0] + 0.5 * per_sample[1])
+
