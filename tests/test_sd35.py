@@ -210,6 +210,15 @@ def test_separate_files_load_as_the_all_in_one(tmp_path):
     for name in ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
         assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa), name
+    from safetensors.torch import load_file, save_file
+    fp8 = tmp_path / "sd3.5_large_fp8.safetensors"  # as Forge / ComfyUI write them: loaded as is
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in load_file(split["source_checkpoint"])
+               .items()}, str(fp8))
+    c = load_sd35(SimpleNamespace(**{**empty, **split, "source_checkpoint": str(fp8),
+                                     "model_type": "sd3.5-large"}), dtype=None)
+    sc, sa = c.unet.state_dict(), a.unet.state_dict()
+    assert all(v.dtype == torch.float8_e4m3fn for v in sc.values())
+    assert all(torch.equal(sc[k].float(), sa[k].to(torch.float8_e4m3fn).float()) for k in sa)
     with pytest.raises(CheckpointError, match="holds no CLIP-G text encoder and sd35_clip_g "
                                               "is empty"):
         load_sd35(SimpleNamespace(**{**split, "sd35_clip_g": "", "model_type": "sd3.5-large"}))
