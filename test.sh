@@ -105,7 +105,9 @@ if [ $mode = full ]; then
 fi
 if [ $lanes = 2 ]; then
   mkdir -p .test-logs
-  rm -rf .test-logs/claim-*
+  rm -rf .test-logs/claim-* .test-logs/tiny-inputs
+  # the gradio lanes' tiny checkpoint and images: made once by the first, read by the next
+  export DREAMBOOTH_TEST_TINY_CACHE=$PWD/.test-logs/tiny-inputs
   echo "== steps 2-3 (WebUI side, oldest packages) run alongside: .test-logs/lane2.log =="
   ( lane2 "$@" ) > .test-logs/lane2.log 2>&1 &
   lane2_pid=$!

@@ -7,6 +7,7 @@ stack, e.g. .venv/bin/python), exactly as the WebUI runs it with an extension-lo
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import json
 import os
@@ -26,16 +27,31 @@ if str(STUB_DIR.parent) not in sys.path:
 from patience import Deadline, deadline  # noqa: E402
 
 
+def _shared(python: str) -> Path | None:
+    """Where test.sh's one run of the suite keeps what the gradio lanes share for `python`
+    (emptied when test.sh starts, so all of it was made by this run's code), if it does."""
+    shared = os.environ.get("DREAMBOOTH_TEST_TINY_CACHE")
+    return Path(shared) / hashlib.sha256(python.encode()).hexdigest()[:16] if shared else None
+
+
 @functools.lru_cache(maxsize=None)
 def _can_train(python: str) -> str:
     """'' when `python` can import the training stack, else the reason it can't."""
+    known = _shared(python)
+    if known and (known / "can-train").is_file():  # an earlier lane of this run found it can
+        return ""
     try:
         out = subprocess.run([python, "-c", "import torch, diffusers, transformers, dreambooth"],
                              capture_output=True, text=True, timeout=deadline(120),
                              env={**os.environ, "PYTHONPATH": str(REPO)})
     except (OSError, subprocess.TimeoutExpired) as e:
         return str(e)
-    return "" if out.returncode == 0 else out.stderr.strip().splitlines()[-1]
+    if out.returncode:
+        return out.stderr.strip().splitlines()[-1]
+    if known:
+        known.mkdir(parents=True, exist_ok=True)
+        (known / "can-train").touch()
+    return ""
 
 
 @pytest.fixture(scope="session")
@@ -56,14 +72,26 @@ def tiny_inputs(request, tmp_path_factory, train_python) -> dict:
     if train_python == sys.executable:
         return {"checkpoint": request.getfixturevalue("tiny_source"),
                 "instance": request.getfixturevalue("instance_dir")}
-    root = tmp_path_factory.mktemp("tiny_inputs")
-    code = textwrap.dedent(f"""
-        from dreambooth.model.tiny import make_tiny_checkpoint, write_images
-        make_tiny_checkpoint({str(root / 'tiny_v1x.safetensors')!r}, 'v1x')
-        write_images({str(root / 'instance')!r}, 'checker', 2)
-    """)
-    subprocess.run([train_python, "-c", code], check=True, timeout=deadline(300),
-                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    shared = _shared(train_python)  # made by the first gradio lane, read by the next
+    root = shared / "tiny" if shared else tmp_path_factory.mktemp("tiny_inputs")
+    if not (root / "made").is_file():
+        building = tmp_path_factory.mktemp("tiny_inputs_new")
+        code = textwrap.dedent(f"""
+            from dreambooth.model.tiny import make_tiny_checkpoint, write_images
+            make_tiny_checkpoint({str(building / 'tiny_v1x.safetensors')!r}, 'v1x')
+            write_images({str(building / 'instance')!r}, 'checker', 2)
+        """)
+        subprocess.run([train_python, "-c", code], check=True, timeout=deadline(300),
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+        (building / "made").touch()
+        if shared:
+            shared.mkdir(parents=True, exist_ok=True)
+            try:
+                building.rename(root)  # whole, or not at all
+            except OSError:  # another lane's came first, or another file system
+                pass
+        if not (root / "made").is_file():
+            root = building
     return {"checkpoint": root / "tiny_v1x.safetensors", "instance": root / "instance"}
 
 
