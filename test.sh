@@ -54,7 +54,7 @@ FREEZE_TEST=tests/test_install_freeze.py
 # the longest modules of step 1 (tested packages, .venv), longest first: with two lanes, each
 # lane takes the next one nobody has taken when its own stages end (a claim is a mkdir), so the
 # lanes end together whatever the load; with one lane, step 1 runs them
-POOL="tests/test_profile.py tests/test_learning.py tests/test_bench_smoke.py tests/test_compile.py"
+POOL="tests/test_profile.py tests/test_learning.py tests/test_reliability.py tests/test_bench_smoke.py tests/test_compile.py tests/test_profile_reference.py"
 run_pool() {  # ARGS...: the pool's modules this lane claims; 0 unless one of them failed
   local rc=0 r t
   for t in $POOL; do
