@@ -45,6 +45,8 @@ def applies(cfg) -> bool:
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a layer computes in for input `x`: autocast's where it is on, else x's."""
     kind = x.device.type
+    if kind == "meta":  # (the memory estimate's count: no autocast there)
+        return x.dtype
     try:
         on, dtype = torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)
     except (AttributeError, TypeError):  # torch < 2.4: one function per device type
