@@ -243,10 +243,12 @@ def profile_case(case: ProfileCase, resolution: int | None = None, configs: dict
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from dreambooth.model.components import build_meta
+    from dreambooth.model.flux import build_meta_flux
     started = time.perf_counter()
     cfg = make_config(case, resolution or case.resolution, work)
     device = torch.device("cuda")  # what the trainer is told; OnDevice maps it to FAKE_DEVICE
-    comp = build_meta(case.model_type, configs)
+    comp = (build_meta_flux if case.model_type.startswith("flux") else build_meta)(
+        case.model_type, configs)
     if cfg.trains_text_encoder:  # prompts are tokenized every step
         from dreambooth import assets
         for slot in comp.spec.text_encoders:

@@ -166,9 +166,6 @@ def build_random(model_type: str, configs: dict, seed: int = 0) -> Components:
 def build_meta(model_type: str, configs: dict | None = None, extra: dict | None = None
                ) -> Components:
     """The model on the meta device: shapes without memory (reference layouts, checks)."""
-    if spec_for(model_type).family == "flux":  # (no shipped configs: FLUX.1's full size)
-        from .flux import build_meta_flux
-        return build_meta_flux(model_type, configs)
     configs = configs or shipped_configs(model_type)
     modules = instantiate(model_type, configs, empty=True, meta=True)
     extra = standard_extras(model_type, configs, "meta") if extra is None else \

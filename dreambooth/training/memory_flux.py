@@ -1,5 +1,6 @@
 """Will a Flux.1 LoRA fit? Its peak GPU memory, counted on the meta device as memory.py counts
-SD's (memory.estimate hands flux-* configs here), and the presets' levers for it.
+SD's (memory.estimate hands flux-* configs here and makes its Estimate of the figures; the
+presets plan with it as with SD's: advice.py).
 
 What a Flux LoRA run holds, phase by phase (the trainer's order, trainer.Trainer.setup):
 - caching: the text encoders on the GPU in bf16 (T5-XXL 8.9 GiB; flow.frozen_dtype) to encode
@@ -12,8 +13,8 @@ What a Flux LoRA run holds, phase by phase (the trainer's order, trainer.Trainer
   keep (every block's inputs among it: the checkpoints keep them) and one block recomputed in
   backward; and what a block's backward adds while all that is kept.
 The peak is the larger of the two. memory.ACTIVATION_FACTOR and CUDA_OVERHEAD, the GPU-only
-parts, are SD's (not measured on Flux yet); `gpu=False` leaves them out, which the step
-profile's count on fake tensors (bench/profile.py) holds within 10%.
+parts, are SD's (not measured on Flux yet); without them (memory.estimate's `gpu=False`) the
+estimate is within 10% of the step profile's count on fake tensors (bench/profile.py).
 """
 from __future__ import annotations
 
@@ -22,8 +23,7 @@ import functools
 import torch
 
 from . import fp8
-from .memory import ACTIVATION_FACTOR, CUDA_OVERHEAD, HALF, Estimate, count_images
-from .memory_count import _flash_like, _quiet, _saved_bytes, numel, optimizer_state_bytes
+from .memory_count import flash_like, numel, optimizer_state_bytes, quiet, saved_bytes
 
 BLOCKS = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
 
@@ -50,7 +50,7 @@ def _meta_transformer(model_type: str, blocks, rank: int, targets: str):
     from .flux_lora import target_paths
     from .lora import inject
     config = _parts(model_type, blocks)["configs"]["unet"]
-    with torch.device("meta"), _quiet():
+    with torch.device("meta"), quiet():
         model = FluxTransformer2DModel.from_config(config).to(torch.bfloat16).train()
     inject(model, rank, float(rank), target_paths(model, targets))
     return model
@@ -128,29 +128,30 @@ def _saved(model_type: str, resolution: int, rank: int, targets: str, blocks: tu
     kwargs = _inputs(dict(model.config), resolution, spec_for(model_type).t5_tokens)
     plain_sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _sdpa
     try:
-        total, block = _saved_bytes(model, lambda: model(**kwargs), BLOCKS)
+        total, block = saved_bytes(model, lambda: model(**kwargs), BLOCKS)
         model.enable_gradient_checkpointing()
-        kept, _ = _saved_bytes(model, lambda: model(**kwargs))
+        kept, _ = saved_bytes(model, lambda: model(**kwargs))
     finally:
         F.scaled_dot_product_attention = plain_sdpa
     return total, block, kept
 
 
 def _sdpa(query, key, value, *args, **kwargs):
-    """memory_count._flash_like as diffusers' attention dispatch calls SDPA (by keyword)."""
-    return _flash_like(query, key, value)
+    """memory_count.flash_like as diffusers' attention dispatch calls SDPA (by keyword)."""
+    return flash_like(query, key, value)
 
 
-def estimate_flux(cfg, n_images: tuple[int, int] | None = None, gpu: bool = True,
-                  half: str = "bf16", blocks: tuple | None = None, caching: bool = True
-                  ) -> Estimate:
-    """Peak GPU memory of a Flux LoRA run with `cfg` (bytes), as memory.estimate's; `blocks`:
-    a (double, single) blocks deep Flux at full width (the tests' shorter profile); `caching`
-    off: the training step's peak only (what the step profile counts)."""
+def flux_peak(cfg, images: tuple[int, int], factor: float, overhead: int,
+              blocks: tuple | None = None, caching: bool = True) -> tuple[int, dict, str]:
+    """(peak GPU bytes, what makes them up, the phase at the peak) of a Flux LoRA run with
+    `cfg` and `images` (instance, class) images, memory.estimate's Estimate; `factor`, `overhead`:
+    its GPU-only ACTIVATION_FACTOR and CUDA_OVERHEAD (1.0 and 0: what the step profile holds);
+    `blocks`: a (double, single) blocks deep Flux at full width (the tests' shorter profile);
+    `caching` off: the training step's peak only (what the step profile counts)."""
     from .optim import BUCKET_BYTES
     from ..model.spec import spec_for
-    halfp = cfg.mixed_precision in HALF
-    wbytes, parts_of = 2 if halfp else 4, _parts(cfg.model_type, blocks)
+    wbytes = 2 if cfg.mixed_precision in ("fp16", "bf16", "auto") else 4  # (memory.HALF)
+    parts_of = _parts(cfg.model_type, blocks)
     stored = fp8.applies(cfg)
     transformer = parts_of["linear"] + 4 * parts_of["linears"] + wbytes * (
         parts_of["transformer"] - parts_of["linear"]) if stored \
@@ -166,11 +167,11 @@ def estimate_flux(cfg, n_images: tuple[int, int] | None = None, gpu: bool = True
                                                     parts_of["vae"]),
              "optimizer": optimizer_state_bytes(cfg.optimizer, trained),
              "caches": _caches(cfg, parts_of["configs"], spec_for(cfg.model_type).t5_tokens,
-                               n_images or count_images(cfg), wbytes),
-             "overhead": CUDA_OVERHEAD if gpu else 0,
+                               images, wbytes),
+             "overhead": overhead,
              "gradients": 4 * (bucket if cfg.fused_optimizer else lora_n),
              "activations": acts,
-             "GPU-only activations": int((ACTIVATION_FACTOR - 1) * acts) if gpu else 0,
+             "GPU-only activations": int((factor - 1) * acts),
              "vae encode": 0 if cfg.cache_latents else encode}
     resident = sum(parts[k] for k in ("weights", "optimizer", "caches", "overhead"))
     grads, acts = parts["gradients"], parts["activations"] + parts["GPU-only activations"]
@@ -179,12 +180,12 @@ def estimate_flux(cfg, n_images: tuple[int, int] | None = None, gpu: bool = True
     phase = max(phases, key=phases.get)
     peak = resident + phases[phase]
     # before training (no transformer, no LoRA): the prompts, then the latents, are encoded
-    before = {"prompt caching": (2 if gpu else wbytes) * parts_of["text encoders"],
+    before = {"prompt caching": 2 * parts_of["text encoders"],  # bf16 (flow.frozen_dtype)
               "latent caching": 4 * parts_of["vae"] + encode}
     for name, held in before.items() if caching else ():
         if held + parts["caches"] + parts["overhead"] > peak:
             phase, peak = name, held + parts["caches"] + parts["overhead"]
-    return Estimate(peak, parts, phase)
+    return peak, parts, phase
 
 
 def _caches(cfg, configs: dict, tokens: int, images: tuple[int, int], wbytes: int) -> int:
