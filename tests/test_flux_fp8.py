@@ -91,7 +91,8 @@ def test_an_fp8_file_is_stored_as_it_is(flux_files, instance_dir, tmp_path):
 
 @pytest.mark.once
 def test_flux_text_encoders_run_in_bf16_on_a_gpu_and_leave_it_once_cached():
-    """On a GPU Flux's frozen text encoders are placed in bf16 (T5-XXL in fp32 is 18 GiB), and
+    """On a GPU Flux's (and SD3.5's) frozen text encoders are placed in bf16 (T5-XXL in fp32 is
+    17.7 GiB), and
     they are among the modules parked off the GPU once the prompts are cached; on the CPU, and
     for SD's encoders and every VAE, fp32 as before."""
     te, te2, vae = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
@@ -104,6 +105,7 @@ def test_flux_text_encoders_run_in_bf16_on_a_gpu_and_leave_it_once_cached():
     assert flow.frozen_dtype(comp("flux"), te, gpu) == torch.bfloat16
     assert flow.frozen_dtype(comp("flux"), vae, gpu) == torch.float32
     assert flow.frozen_dtype(comp("flux"), te2, cpu) == torch.float32
+    assert flow.frozen_dtype(comp("sd3"), te2, gpu) == torch.bfloat16  # SD3.5's T5 too
     assert flow.frozen_dtype(comp("sdxl"), te2, gpu) == torch.float32
     trainer = Trainer.__new__(Trainer)
     trainer.cfg = SimpleNamespace(cache_latents=True, trains_text_encoder=False)
