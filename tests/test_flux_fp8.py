@@ -25,8 +25,8 @@ def flux_files(tiny_flux, tmp_path_factory):
 
 
 def _train(files, instance_dir, tmp_path, name, **changes):
-    cfg = flux_config(files, instance_dir, tmp_path, model_name=name, steps_per_image=1,
-                      batch_size=2, log_every_steps=1, seed=3, **changes)
+    settings = dict(steps_per_image=1, batch_size=2, log_every_steps=1, seed=3)
+    cfg = flux_config(files, instance_dir, tmp_path, model_name=name, **{**settings, **changes})
     events = []
     trainer = Trainer(cfg.check(), ev.EventBus(events.append), ev.CancelToken())
     return trainer, trainer.run(), events
@@ -111,3 +111,35 @@ def test_flux_text_encoders_run_in_bf16_on_a_gpu_and_leave_it_once_cached():
     trainer.cfg = SimpleNamespace(cache_latents=True, trains_text_encoder=False)
     trainer.comp = comp("flux")
     assert trainer.frozen_modules() == [vae, te, te2]
+
+
+@pytest.mark.once
+def test_flux_previews_come_from_cached_prompt_states(flux_files, instance_dir, tmp_path):
+    """A Flux preview is drawn from the prompt's states cached with the training prompts', T5
+    left where it was parked (it would not fit beside the transformer on a 16 GB card): T5
+    never runs for it, and the image is the one the pipeline draws from the prompt itself."""
+    import numpy as np
+    from PIL import Image
+    from dreambooth.data.sampling import (generate_images, make_pipeline, preview_prompt,
+                                          sample_settings)
+    files, _ = flux_files
+    trainer, _, _ = _train(files, instance_dir, tmp_path, "previews", batch_size=1,
+                           sample_steps=2)
+    comp, cfg = trainer.comp, trainer.cfg
+    assert flow.preview_modules(comp, trainer.frozen_modules()) == [comp.vae, comp.text_encoder]
+    calls = []
+    comp.text_encoder_2.register_forward_hook(lambda *a: calls.append(1))
+    events = []
+    trainer.saver.emit = events.append
+    trainer.sample(2)
+    assert calls == [] and [type(e).__name__ for e in events] == ["SampleSaved"]
+    prompt = preview_prompt(cfg.concepts[0])
+    pipe = make_pipeline(comp, unet=comp.unet, text_encoder=comp.text_encoder)
+    guidance, extra = sample_settings(comp, cfg.guidance_scale)
+    drawn = [np.asarray(Image.open(generate_images(
+        pipe, prompt, 1, tmp_path / name, "x", 0, cfg.resolution, 2, guidance, cfg.seed,
+        extra=extra, embeds=embeds)[0])) for name, embeds in
+        (("cached", trainer.feed.embeddings[prompt]), ("prompt", None))]
+    assert calls == [1]  # (the second, from the prompt)
+    assert np.array_equal(*drawn)
+    assert np.array_equal(drawn[0], np.asarray(Image.open(events[0].path)))

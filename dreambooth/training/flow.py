@@ -90,6 +90,15 @@ def frozen_dtype(comp, module, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def preview_modules(comp, frozen: list) -> list:
+    """The frozen modules previews need on the GPU: all but Flux's T5, whose states for the
+    previews' prompts were cached with the training prompts' (DataFeed.cache): the fp8
+    transformer (11.1 GiB) and T5 (8.9) would not fit a 16 GB card together."""
+    if comp.spec.family != "flux":
+        return frozen
+    return [m for m in frozen if m is not comp.text_encoder_2]
+
+
 def flow_step(trainer, order, b: int, rng, gen) -> tuple:
     """Trainer.step_loss for Flux and SD3.5: the batch, its noise and timesteps (drawn for the
     whole global batch, as step_draws does), the loss."""

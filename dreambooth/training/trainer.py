@@ -371,9 +371,9 @@ class Trainer:
         self.log.read()
         unet = self.acc.unwrap_model(self.models[0])
         unet.eval()
-        for module in self.frozen_modules():  # as they ran for the caches (fp32; Flux's
-            module.to(self.device, flow.frozen_dtype(self.comp, module, self.device))  # TEs bf16)
-        self.saver.sample(step, unet, self.dtype)
+        for module in flow.preview_modules(self.comp, self.frozen_modules()):  # as they ran for
+            module.to(self.device, flow.frozen_dtype(self.comp, module, self.device))  # caching
+        self.saver.sample(step, unet, self.dtype, self.feed.embeddings)
         unet.train()
         self.park_frozen()
 
