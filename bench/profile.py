@@ -74,6 +74,17 @@ def network_cases() -> list[ProfileCase]:
         [ProfileCase("loha_dora_bs1", {**lora, "network": "loha", "dora_wd": True})]
 
 
+def flux_cases() -> list[ProfileCase]:
+    """FLUX.1-dev LoRA r16 at 1024 px, full size: under the 'lowest' preset (gradient
+    checkpointing, fp8_base) and as given (bf16 base, no checkpointing). Profiled by
+    `python -m bench --profile --only flux_dev_lora_r16_lowest_1024`, not by the test suite
+    (it profiles a 2+2 blocks deep one at full width: tests/test_flux_memory.py)."""
+    lora = {"use_lora": True, "lora_rank": 16, "lora_alpha": 16.0, "lora_learning_rate": 5e-4}
+    return [ProfileCase("flux_dev_lora_r16_lowest_1024", {**lora, "memory_preset": "lowest"},
+                        "flux-dev", 1024),
+            ProfileCase("flux_dev_lora_r16_1024", lora, "flux-dev", 1024)]
+
+
 class _OneProcess:
     """What accelerate does for a single process with bf16/no mixed precision."""
     num_processes, process_index, is_main_process, sync_gradients = 1, 0, True, True
@@ -193,13 +204,9 @@ def build_trainer(cfg, comp, device):
                                                torch.ones(1, *shape, device=device),
                                                (*bucket, 0, 0, *bucket))
     if not cfg.trains_text_encoder:
-        hidden = comp.configs["unet"]["cross_attention_dim"]
-        cond = {"hidden": torch.zeros(77, hidden, device=device)}
-        if comp.spec.family == "sdxl":
-            pooled = comp.configs["text_encoder_2"]["projection_dim"]
-            cond["pooled"] = torch.zeros(pooled, device=device)
-        feed.embeddings["photo of sks dog"] = cond
-    t.attention = backends.set_attention(comp.unet, cfg.attention, t.warn)
+        feed.embeddings["photo of sks dog"] = _cached_prompt(comp, device)
+    t.attention = "sdpa" if comp.spec.family == "flux" else \
+        backends.set_attention(comp.unet, cfg.attention, t.warn)
     t.plan_steps()
     with _lora_made_already(cfg, comp):
         t.setup_optimization()
@@ -213,6 +220,21 @@ def build_trainer(cfg, comp, device):
     return t
 
 
+def _cached_prompt(comp, device) -> dict:
+    """A prompt's cached states: the text encoder's [77, D] (SDXL: and the pooled vector);
+    Flux: T5's [tokens, 4096] and CLIP's pooled vector."""
+    unet = comp.configs["unet"]
+    if comp.spec.family == "flux":
+        return {"hidden": torch.zeros(comp.spec.t5_tokens, unet["joint_attention_dim"],
+                                      device=device),
+                "pooled": torch.zeros(unet["pooled_projection_dim"], device=device)}
+    cond = {"hidden": torch.zeros(77, unet["cross_attention_dim"], device=device)}
+    if comp.spec.family == "sdxl":
+        pooled = comp.configs["text_encoder_2"]["projection_dim"]
+        cond["pooled"] = torch.zeros(pooled, device=device)
+    return cond
+
+
 def profile_case(case: ProfileCase, resolution: int | None = None, configs: dict | None = None,
                  work: Path = Path("/nonexistent/profile"), python_calls: bool = True) -> dict:
     """One configuration: two steps (the first makes the optimizer state); the second counted
@@ -221,10 +243,12 @@ def profile_case(case: ProfileCase, resolution: int | None = None, configs: dict
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from dreambooth.model.components import build_meta
+    from dreambooth.model.flux import build_meta_flux
     started = time.perf_counter()
     cfg = make_config(case, resolution or case.resolution, work)
     device = torch.device("cuda")  # what the trainer is told; OnDevice maps it to FAKE_DEVICE
-    comp = build_meta(case.model_type, configs)
+    comp = (build_meta_flux if case.model_type.startswith("flux") else build_meta)(
+        case.model_type, configs)
     if cfg.trains_text_encoder:  # prompts are tokenized every step
         from dreambooth import assets
         for slot in comp.spec.text_encoders:
@@ -272,7 +296,7 @@ def run_profile(only: set | None = None, resolution: int | None = None, configs=
                 ) -> list[dict]:
     from .profile_reference import comparison_cases, profile_row
     rows = []
-    for case in profile_cases() + network_cases() + comparison_cases():
+    for case in profile_cases() + network_cases() + flux_cases() + comparison_cases():
         if only is not None and case.name not in only:
             continue
         rows.append(profile_row(case, resolution, configs))

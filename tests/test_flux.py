@@ -298,6 +298,11 @@ def test_configs_from_real_size_files(full_meta):
     ldm = convert.to_ldm(ae_model.state_dict(), convert.vae_prefix_map(dict(ae_model.config)),
                          "", vae=True)
     assert {k: flux.ae_config(ldm)[k] for k in ae} == ae
+    full = flux.full_size_configs("flux-dev")  # what the estimate and the profile count
+    assert {k: full["unet"][k] for k in FULL} == {**FULL, "axes_dims_rope": [16, 56, 56]}
+    assert full["text_encoder"] == clip and {k: full["text_encoder_2"][k] for k in xxl} == xxl
+    assert {k: full["vae"][k] for k in ae} == ae
+    assert not flux.full_size_configs("flux-schnell")["unet"]["guidance_embeds"]
 
 
 def test_flow_maths_against_independent_sums():

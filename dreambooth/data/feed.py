@@ -17,7 +17,7 @@ from ..model.components import encode_prompts
 from . import buckets
 from .buckets import load_bucketed
 from .images import Item, instance_items
-from .sampling import ensure_class_images, slug
+from .sampling import ensure_class_images, preview_prompt, slug
 
 
 class DataFeed:
@@ -97,7 +97,8 @@ class DataFeed:
 
     def cache(self) -> None:
         """Latents of every (image, bucket) a batch can use (class images: every bucket of their
-        concept's instance images), and the prompt embeddings when the text encoder is frozen."""
+        concept's instance images), and the prompt embeddings when the text encoder is frozen
+        (Flux: the previews' prompts' too, so that T5 never comes back to the GPU)."""
         cfg, self.latents = self.cfg, {}
         pairs = [(it, self.bucket_of[it.path]) for it in self.items]
         for concept, pool in self.class_items.items():
@@ -108,8 +109,10 @@ class DataFeed:
                 for (it, b), lat in zip(pairs, self.encode_images(pairs, flip)):
                     self.latents[(it.path, flip, b)] = lat
         self.embeddings = {}
+        previews = {preview_prompt(c) for c in cfg.concepts} \
+            if self.comp.spec.family == "flux" else set()  # (drawn from these: saver.sample)
         if not cfg.trains_text_encoder:
-            for prompt in sorted({it.prompt for it, _ in pairs}):
+            for prompt in sorted({it.prompt for it, _ in pairs} | previews):
                 self.embeddings[prompt] = {k: v[0] for k, v in
                                            self.encode_prompts([prompt]).items()}
 

@@ -58,6 +58,20 @@ def sample_settings(comp, guidance_scale: float) -> tuple[float, dict]:
         "max_sequence_length": comp.tokenizer_2.model_max_length}  # spec.t5_tokens (flux.py)
 
 
+def preview_prompt(concept) -> str:
+    """The prompt a concept's previews are drawn with."""
+    return concept.sample_prompt or concept.instance_prompt.replace("[filewords]", "")
+
+
+def prompt_arguments(prompt: str, n: int, embeds: dict | None) -> dict:
+    """The pipeline's prompt arguments for n images: the prompt, or (Flux) its cached states,
+    which FluxPipeline takes instead of running the text encoders (T5 stays off the GPU)."""
+    if embeds is None:
+        return {"prompt": [prompt] * n}
+    return {"prompt_embeds": embeds["hidden"][None].expand(n, -1, -1),
+            "pooled_prompt_embeds": embeds["pooled"][None].expand(n, -1)}
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:60] or "class"
 
@@ -66,17 +80,18 @@ def slug(text: str) -> str:
 def generate_images(pipe, prompt: str, count: int, folder: Path, stem: str, start: int,
                     resolution: int, steps: int, guidance: float, seed: int,
                     dtype: torch.dtype = torch.float32, on_image=None,
-                    extra: dict | None = None) -> list[Path]:
+                    extra: dict | None = None, embeds: dict | None = None) -> list[Path]:
     """Generate `count` images of `prompt` into folder as <stem>_<n>.png, n from `start`
-    (`extra`: the pipeline's other arguments, sample_settings)."""
+    (`extra`: the pipeline's other arguments, sample_settings; `embeds`: the prompt's cached
+    states, prompt_arguments)."""
     device = (getattr(pipe, "unet", None) or pipe.transformer).device
     written = []
     for first in range(0, count, CLASS_BATCH):
         n = min(CLASS_BATCH, count - first)
         gen = torch.Generator(device="cpu").manual_seed(seed + start + first)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            images = pipe([prompt] * n, height=resolution, width=resolution,
-                          num_inference_steps=steps, guidance_scale=guidance,
+            images = pipe(**prompt_arguments(prompt, n, embeds), height=resolution,
+                          width=resolution, num_inference_steps=steps, guidance_scale=guidance,
                           generator=gen, **(extra or {})).images
         for k, image in enumerate(images):
             path = folder / f"{stem}_{start + first + k:05d}.png"

@@ -187,3 +187,50 @@ def load_flux(cfg, dtype: torch.dtype | None = torch.float32) -> Components:
     return Components(cfg.model_type, configs, transformer, vae, encoders["text_encoder"],
                       assets.load_tokenizer(), text_encoder_2=encoders["text_encoder_2"],
                       tokenizer_2=tokenizer_2)
+
+
+# FLUX.1's parts at full size, as their files give them (flux_keys.transformer_config, t5_config,
+# clip_config, ae_config read these off BFL's, Forge's and transformers' files; the tests check
+# it): for counting on the meta device (the memory estimate, the step profile).
+FULL_TRANSFORMER = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
+                    "attention_head_dim": 128, "num_attention_heads": 24,
+                    "joint_attention_dim": 4096, "pooled_projection_dim": 768,
+                    "axes_dims_rope": [16, 56, 56]}
+FULL_T5 = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24,
+           "num_heads": 64, "relative_attention_num_buckets": 32}
+FULL_AE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+           "latent_channels": 16}
+
+
+def full_size_configs(model_type: str, blocks: tuple[int, int] | None = None) -> dict:
+    """FLUX.1 dev's or schnell's component configs at full size; `blocks`: (double, single)
+    blocks instead of (19, 38), at the full width (a shorter model for quick counts)."""
+    spec = spec_for(model_type)
+    unet = {**FULL_TRANSFORMER, "guidance_embeds": spec.guidance is not None}
+    if blocks is not None:
+        unet.update(num_layers=blocks[0], num_single_layers=blocks[1])
+    clip = {k: v for k, v in assets.load_config("v1x", "text_encoder").items()
+            if k not in ("architectures", "model_type")}
+    t5 = {**FULL_T5, "relative_attention_max_distance": 128, "feed_forward_proj": "gated-gelu",
+          "is_encoder_decoder": False, "use_cache": False, "tie_word_embeddings": False}
+    ae = assets.load_config("v1x", "vae")
+    levels = len(FULL_AE["block_out_channels"])
+    ae.update(FULL_AE, down_block_types=["DownEncoderBlock2D"] * levels,
+              up_block_types=["UpDecoderBlock2D"] * levels, use_quant_conv=False,
+              use_post_quant_conv=False, scaling_factor=AE_SCALE, shift_factor=AE_SHIFT)
+    return {"unet": unet, "text_encoder": clip, "text_encoder_2": t5, "vae": ae,
+            "scheduler": scheduler_config(spec)}
+
+
+def build_meta_flux(model_type: str, configs: dict | None = None) -> Components:
+    """A Flux working model on the meta device (shapes, no memory), full size unless `configs`
+    (as full_size_configs gives them) say otherwise; no tokenizers."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    configs = configs or full_size_configs(model_type)
+    with torch.device("meta"):
+        modules = (FluxTransformer2DModel.from_config(configs["unet"]),
+                   AutoencoderKL.from_config(configs["vae"]),
+                   CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])))
+        t5 = T5EncoderModel(T5Config(**configs["text_encoder_2"]))
+    return Components(model_type, configs, *modules, None, text_encoder_2=t5)

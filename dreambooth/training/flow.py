@@ -79,6 +79,26 @@ def sd3_loss(transformer, latents, cond: dict, noise, sigmas, timesteps, n_insta
     return dreambooth_loss(noisy - s * pred, latents, n_instance, prior_weight)
 
 
+def frozen_dtype(comp, module, device: torch.device) -> torch.dtype:
+    """The dtype a frozen module runs in on `device` (to cache the prompts and latents, and for
+    previews): fp32, but Flux's and SD3.5's text encoders on a GPU in bf16 (T5-XXL's 4.8B
+    weights: 17.7 GiB in fp32, 8.9 in bf16; T5 overflows in fp16, not in bf16). They run once,
+    to cache the prompts, and leave the GPU (Trainer.park_frozen)."""
+    if comp.spec.family in ("flux", "sd3") and device.type == "cuda" and \
+            any(module is te for te in comp.text_encoders):
+        return torch.bfloat16
+    return torch.float32
+
+
+def preview_modules(comp, frozen: list) -> list:
+    """The frozen modules previews need on the GPU: all but Flux's T5, whose states for the
+    previews' prompts were cached with the training prompts' (DataFeed.cache): the fp8
+    transformer (11.1 GiB) and T5 (8.9) would not fit a 16 GB card together."""
+    if comp.spec.family != "flux":
+        return frozen
+    return [m for m in frozen if m is not comp.text_encoder_2]
+
+
 def flow_step(trainer, order, b: int, rng, gen) -> tuple:
     """Trainer.step_loss for Flux and SD3.5: the batch, its noise and timesteps (drawn for the
     whole global batch, as step_draws does), the loss."""

@@ -170,6 +170,9 @@ def _saved_bytes(module, run, block_types: tuple = ()) -> tuple[int, int]:
     return state["total"], max(blocks)
 
 
+# what memory_flux.py counts Flux's activations with, the same way
+saved_bytes, flash_like, quiet = _saved_bytes, _flash_like, _quiet
+
 BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock")  # what gradient checkpointing recomputes
 
 

@@ -14,7 +14,7 @@ import torch
 
 from ..config import events as ev
 from ..config.errors import DreamboothError
-from ..data.sampling import generate_images, make_pipeline, sample_settings
+from ..data.sampling import generate_images, make_pipeline, preview_prompt, sample_settings
 from ..model.checkpoint import write_text
 from ..model.components import te_state
 from ..model.metadata import training_metadata
@@ -202,18 +202,19 @@ class Saver:
         write_text(self.cfg.model_dir / "config.json", self.cfg.to_json())
 
     @torch.no_grad()
-    def sample(self, step: int, unet, dtype: torch.dtype) -> None:
+    def sample(self, step: int, unet, dtype: torch.dtype, cached: dict | None = None) -> None:
         """Preview images of every concept with the UNet as it is now (the frozen modules must
-        be on the UNet's device)."""
+        be on the UNet's device; Flux: but T5, its prompts' states `cached` by the feed)."""
         cfg, comp = self.cfg, self.comp
         pipe = make_pipeline(comp, unet=unet, text_encoder=comp.text_encoder)
         folder = cfg.model_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         guidance, extra = sample_settings(comp, cfg.guidance_scale)
         for i, concept in enumerate(cfg.concepts):
-            prompt = concept.sample_prompt or concept.instance_prompt.replace("[filewords]", "")
+            prompt = preview_prompt(concept)
             text = comp.rewrite_prompt(prompt) if comp.rewrite_prompt else prompt
+            embeds = (cached or {}).get(prompt) if comp.spec.family == "flux" else None
             for path in generate_images(pipe, text, 1, folder, f"step{step:06d}_c{i}", 0,
                                         cfg.resolution, cfg.sample_steps, guidance, cfg.seed,
-                                        dtype, extra=extra):
+                                        dtype, extra=extra, embeds=embeds):
                 self.emit(ev.SampleSaved(str(path), step, prompt))

@@ -122,15 +122,17 @@ class Trainer:
         self.revision = snapshot_info(self.resume_from)["revision"] if self.resume_from \
             else self.base_revision
         # trained weights in fp32 (bf16 with bf16_weights); a LoRA's frozen base in the mixed
-        # precision's dtype; the VAE and frozen text encoders stay as loaded (fp32: their outputs
-        # are cached, and SDXL's VAE overflows in fp16) and leave the GPU once cached, so what
+        # precision's dtype; the VAE and frozen text encoders run in fp32 (their outputs are
+        # cached, and SDXL's VAE overflows in fp16; Flux's T5 on a GPU: bf16, flow.frozen_dtype)
+        # and leave the GPU once cached, back as loaded, so what
         # gets saved of them is untouched. The UNet comes to the GPU after the caching (unless
         # class images are to be made), so the two never share it.
         trained = torch.bfloat16 if cfg.bf16_weights and not cfg.use_lora else torch.float32
         self.comp.vae.to(self.device, torch.float32).requires_grad_(False).eval()
         for te in self.comp.text_encoders:
             te.to(self.device, self.dtype if cfg.use_lora and cfg.lora_text_encoder
-                  else trained if cfg.train_text_encoder else torch.float32).requires_grad_(False)
+                  else trained if cfg.train_text_encoder else
+                  flow.frozen_dtype(self.comp, te, self.device)).requires_grad_(False)
         self.unet_dtype = self.dtype if cfg.method != "dreambooth" else trained
         self.scheduler = self.comp.noise_scheduler()
         self.feed = DataFeed(cfg, self.comp, self.acc, self.dtype, self.say, self.warn)
@@ -369,9 +371,9 @@ class Trainer:
         self.log.read()
         unet = self.acc.unwrap_model(self.models[0])
         unet.eval()
-        for module in self.frozen_modules():  # in fp32, as they ran for the caches
-            module.to(self.device, torch.float32)
-        self.saver.sample(step, unet, self.dtype)
+        for module in flow.preview_modules(self.comp, self.frozen_modules()):  # as they ran for
+            module.to(self.device, flow.frozen_dtype(self.comp, module, self.device))  # caching
+        self.saver.sample(step, unet, self.dtype, self.feed.embeddings)
         unet.train()
         self.park_frozen()
 
