@@ -259,3 +259,17 @@ def test_sd3_objective_against_independent_sums():
     torch.testing.assert_close(prior, per_sample[1])
     torch.testing.assert_close(total, per_sample[0] + 0.5 * per_sample[1])
 
+
+
+@pytest.mark.once
+def test_sd35_class_images_come_from_cached_prompt_states(tiny_medium, tmp_path, monkeypatch):
+    """As Flux's: SD3.5's missing class images are drawn from the class prompt's cached states
+    and the empty prompt's as CFG's negative, T5 parked; the same images as from the prompt."""
+    from dreambooth.model.tiny import write_images
+    from test_flux_fp8 import class_images_from_states
+    write_images(tmp_path / "inst", "checker", 2)
+    concept = Concept(str(tmp_path / "inst"), "photo of sks dog", class_prompt="photo of a dog",
+                      class_images_per_instance=1)
+    cfg = sd35_config(tiny_medium, None, tmp_path, concepts=(concept,), class_generation_steps=2)
+    assert cfg.guidance_scale > 1  # (CFG: the negative's states are used)
+    class_images_from_states(cfg, monkeypatch, tmp_path, "text_encoder_3")
