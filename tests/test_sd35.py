@@ -65,10 +65,10 @@ def test_refusals_before_loading(tiny_medium, instance_dir, tmp_path):
         train(cfg)
     assert {p.field for p in e.value.problems} == {"t5_tokenizer_dir"}
     not_yet = sd35_config(tiny_medium, instance_dir, tmp_path, method="dreambooth",
-                          fp8_base=True, sd35_clip_g=str(tmp_path / "none.safetensors"))
+                          use_ema=True, sd35_clip_g=str(tmp_path / "none.safetensors"))
     problems = {p.field: p for p in not_yet.validate()}
-    assert set(problems) == {"method", "fp8_base", "sd35_clip_g"}
-    assert "SD3.5" in problems["fp8_base"].why
+    assert set(problems) == {"method", "use_ema", "sd35_clip_g"}
+    assert "SD3.5" in problems["use_ema"].why
 
 
 def _thin_sai(conf: dict) -> tuple:
@@ -150,8 +150,8 @@ def trained_deltas(unet, alpha: float) -> dict:
 
 def test_tiny_sd35_trains_end_to_end_offline(tiny_medium, instance_dir, tmp_path, no_network):
     """An all-in-one tiny SD3.5 medium detected from its file, loaded, its class images made with
-    StableDiffusion3Pipeline, trained two steps with prior preservation, a preview made: a
-    kohya SD3 LoRA in lora_dir with exactly its layout, whose every stem applied as Forge does
+    StableDiffusion3Pipeline, trained two steps with prior preservation on an fp8 base (every
+    frozen Linear of the MMDiT in fp8 with its scale), a preview made: a kohya SD3 LoRA in lora_dir with exactly its layout, whose every stem applied as Forge does
     (up @ down x alpha / rank on SAI's stacked rows) is the trained update, attn2 included."""
     from safetensors.torch import load_file
     from dreambooth.config import events as ev
@@ -163,11 +163,14 @@ def test_tiny_sd35_trains_end_to_end_offline(tiny_medium, instance_dir, tmp_path
                       class_images_per_instance=1)
     cfg = sd35_config(tiny_medium, instance_dir, tmp_path, batch_size=2,
                       gradient_checkpointing=True, concepts=(concept,), class_generation_steps=2,
-                      sample_every_epochs=1, sample_steps=2)
+                      sample_every_epochs=1, sample_steps=2, fp8_base=True)
     events = []
     trainer = Trainer(cfg.check(), ev.EventBus(events.append), ev.CancelToken())
     result = trainer.run()
     assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    from dreambooth.training import fp8
+    base = [m for p, m in trainer.comp.unet.named_modules() if fp8.storable(p, m)]
+    assert len(base) > 20 and all(m.weight.dtype == fp8.FP8 and fp8.is_stored(m) for m in base)
     assert len(list((cfg.model_dir / "class_images").rglob("*.png"))) == 4
     assert [e.step for e in events if isinstance(e, ev.SampleSaved)] == [2]
     shapes, _, meta = read_layout(result.path)
