@@ -62,11 +62,15 @@ def flow_loss(transformer, latents, cond: dict, noise, sigmas, n_instance: int,
 
 def sd3_draws(gen, n: int, scheduler) -> tuple:
     """(sigmas, timesteps) of n samples: a logit-normal u picks the scheduler's step
-    int(u x 1000), as the SD3 script's compute_density_for_timestep_sampling('logit_normal')."""
+    int(u x 1000), as the SD3 script's compute_density_for_timestep_sampling('logit_normal')
+    (the trainer's own scheduler: its tables move to the generator's device)."""
     u = torch.sigmoid(torch.randn((n,), generator=gen, device=gen.device))
-    sigmas = scheduler.sigmas.to(gen.device)
+    if scheduler.sigmas.device != gen.device:  # the tables to the device once, not each step
+        scheduler.sigmas = scheduler.sigmas.to(gen.device)  # (a copy that waits for the host)
+        scheduler.timesteps = scheduler.timesteps.to(gen.device)
+    sigmas = scheduler.sigmas
     index = (u * scheduler.config.num_train_timesteps).long().clamp(max=len(sigmas) - 1)
-    return sigmas[index], scheduler.timesteps.to(gen.device)[index]
+    return sigmas[index], scheduler.timesteps[index]
 
 
 def sd3_loss(transformer, latents, cond: dict, noise, sigmas, timesteps, n_instance: int,
