@@ -196,7 +196,9 @@ def build_meta_sd35(model_type: str, configs: dict | None = None) -> Components:
     with torch.device("meta"):
         clips = [CLIPTextModelWithProjection(CLIPTextConfig(**configs[name]))
                  for name in ("text_encoder", "text_encoder_2")]
-        return Components(model_type, configs, SD3Transformer2DModel.from_config(configs["unet"]),
+        mmdit = SD3Transformer2DModel.from_config(configs["unet"]).to("meta")  # (diffusers <
+        # 0.32 makes its positions with numpy: on the CPU whatever the default device)
+        return Components(model_type, configs, mmdit,
                           AutoencoderKL.from_config(configs["vae"]), clips[0], None,
                           text_encoder_2=clips[1],
                           text_encoder_3=T5EncoderModel(T5Config(**configs["text_encoder_3"])))

@@ -77,7 +77,8 @@ def _meta_transformer(model_type: str, blocks, rank: int, targets: str):
     from .lora import inject
     with quiet():
         config = _parts(model_type, blocks)["configs"]["unet"]
-        model = meta_transformer(config).to(torch.bfloat16).train()
+        model = meta_transformer(config).to("meta", torch.bfloat16).train()  # (diffusers <
+        # 0.32 makes SD3.5's positions with numpy: on the CPU whatever the default device)
     inject(model, rank, float(rank), target_paths(model, targets))
     return model
 
