@@ -149,7 +149,8 @@ class ForgeCalls(A1111Calls):
         """Forge's "VAE / Text Encoder" list: file name -> path of the files under models/VAE,
         models/text_encoder, --vae-dir and --text-encoder-dir, as its last refresh read them."""
         from modules_forge import main_entry
-        return {str(k): str(v) for k, v in main_entry.module_list.items()}
+        # a copy first: Forge's refresh_models clears and refills it from another thread
+        return {str(k): str(v) for k, v in list(main_entry.module_list.items())}
 
     def refresh_part_files(self) -> None:
         """Forge's refresh of that list (it re-reads the checkpoint list too)."""

@@ -105,6 +105,11 @@ def test_the_standalone_tab_lists_part_files_beside_its_checkpoints(host):
                        "flux_t5xxl": "", "flux_ae": "", "sd35_vae": "sd3.5_vae.safetensors"}
     assert likely_part("flux_ae", listed, ["/m/VAE/flux_vae.safetensors"]) == \
         "flux_vae.safetensors"
+    # listed as Forge lists them, never a default: a GGUF or a scaled fp8 file (not read here)
+    assert likely_part("flux_t5xxl", dict.fromkeys(["t5-v1_1-xxl-encoder-Q8_0.gguf"], "")) == ""
+    assert likely_part("flux_t5xxl", dict.fromkeys(["t5xxl_fp8_e4m3fn_scaled.safetensors",
+                                                    "t5xxl_fp16.safetensors"], "")) == \
+        "t5xxl_fp16.safetensors"
 
 
 def test_model_type_is_detected_from_the_checkpoint_header(host, tmp_path):

@@ -70,7 +70,10 @@ def likely_part(field: str, listed: dict[str, str], selected: Iterable[str] = ()
     """The listed file name that `field` most likely wants: the one whose name suits it, or,
     where several do, the one of those the user picked in the host's own picker (`selected`:
     paths or names); '' when that leaves none or more than one."""
-    fits = [n for n in listed if LIKELY[field](n)]
+    # a GGUF or ComfyUI's scaled fp8 file is listed (Forge loads them) but never a default:
+    # this version reads neither
+    fits = [n for n in listed if LIKELY[field](n) and n.lower().endswith(".safetensors")
+            and "scaled" not in n.lower()]
     picked = {os.path.basename(str(s)) for s in selected}
     if len(fits) > 1:
         fits = [n for n in fits if n in picked]
