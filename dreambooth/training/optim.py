@@ -345,6 +345,7 @@ def trainable_groups(cfg, comp) -> list[dict]:
     from .embedding import embedding_groups
     from .adapters import add_lora
     from .leanlora import streamline
+    from . import selective
     unet, tes = comp.unet, comp.text_encoders
     if cfg.method == "textual_inversion":
         unet.requires_grad_(False)
@@ -363,11 +364,14 @@ def trainable_groups(cfg, comp) -> list[dict]:
             groups.append({"params": [p for te in tes for p in te.requires_grad_(True)
                                       .parameters()], "lr": cfg.text_encoder_learning_rate})
     unet.train()
-    if cfg.gradient_checkpointing:
+    if selective.selective(cfg):  # the UNet's blocks the estimate picks; the text encoder's none
+        selective.checkpoint_blocks(unet, selective.chosen_blocks(
+            comp.configs, cfg.resolution, cfg.attention))
+    elif cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     for te in tes if cfg.trains_text_encoder else ():
         te.train()
-        if cfg.gradient_checkpointing:
+        if selective.full(cfg):
             te.gradient_checkpointing_enable(  # reentrant would leave it without grads
                 gradient_checkpointing_kwargs={"use_reentrant": False})
     return groups

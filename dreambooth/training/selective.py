@@ -1,0 +1,241 @@
+"""Selective gradient checkpointing (checkpoint_blocks 'selective'): backward recomputes only
+the UNet blocks that free the most memory for the compute they cost, the rest keep their
+activations.
+
+The set is a fixed rule that the memory count decides, per model type and resolution: one
+forward of the UNet on the meta device measures, for each block gradient checkpointing can
+recompute (memory_count.BLOCKS: every ResnetBlock2D and BasicTransformerBlock), the bytes
+autograd saves inside it and its forward FLOPs (what recomputing it costs); the blocks chosen
+are those that save more bytes per FLOP than the blocks do together, i.e. those where
+checkpointing buys more memory per recompute than full checkpointing does. At SD1.5 512 px
+these are the transformer blocks of the two highest resolutions (10 of 38 blocks: about 2/3 of
+the blocks' saved bytes for about 1/3 of their FLOPs). The estimate (memory.py) counts the
+selective forward the same way as the full one, and the trainer checkpoints the same set.
+
+    names = chosen_blocks(comp.configs, 512, "sdpa")   # comp: model.components.Components
+    checkpoint_blocks(comp.unet, names)                # what optim.trainable_groups does
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .memory_count import BLOCKS, flash_like, quiet, unet_inputs
+
+
+@dataclass(frozen=True)
+class Block:
+    name: str  # its path in the UNet
+    saved: int  # bytes autograd saves inside it in one forward (per image)
+    flops: int  # its forward FLOPs (per image): what recomputing it costs
+
+
+def full(cfg) -> bool:
+    """Every block recomputed (gradient checkpointing as diffusers does it)."""
+    return bool(cfg.gradient_checkpointing) and getattr(cfg, "checkpoint_blocks", "all") == "all"
+
+
+def selective(cfg) -> bool:
+    return bool(cfg.gradient_checkpointing) and \
+        getattr(cfg, "checkpoint_blocks", "all") == "selective"
+
+
+def _attention(attention: str) -> str:
+    """What decides the saved bytes: the T x T matrix of plain attention, or none (fused)."""
+    return "default" if attention == "default" else "sdpa"
+
+
+def _key(configs: dict) -> str:
+    """The UNet's and the VAE's configs (what decides the blocks), hashable for the caches."""
+    return json.dumps({k: configs[k] for k in ("unet", "vae")}, sort_keys=True)
+
+
+def _shipped(model_type: str) -> str:
+    from ..model.spec import shipped_configs
+    return _key(shipped_configs(model_type))
+
+
+def chosen_blocks(configs: dict, resolution: int, attention: str) -> tuple:
+    """Names of the blocks selective checkpointing recomputes in the UNet of `configs` (a
+    model's component configs: Components.configs) at `resolution` (see the module's text)."""
+    return _chosen(_key(configs), resolution, _attention(attention))
+
+
+@functools.lru_cache(maxsize=None)
+def _chosen(key: str, resolution: int, attention: str) -> tuple:
+    blocks = block_costs(key, resolution, attention)
+    saved, flops = sum(b.saved for b in blocks), sum(b.flops for b in blocks)
+    return tuple(b.name for b in blocks if b.saved * flops > saved * b.flops)
+
+
+def recompute_share(model_type: str, resolution: int, attention: str) -> float:
+    """The chosen blocks' share of the FLOPs full checkpointing recomputes (the model type's
+    shipped UNet)."""
+    key, attention = _shipped(model_type), _attention(attention)
+    blocks = block_costs(key, resolution, attention)
+    chosen = set(_chosen(key, resolution, attention))
+    return sum(b.flops for b in blocks if b.name in chosen) / sum(b.flops for b in blocks)
+
+
+def _meta_unet(key: str, attention: str):
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+    configs = json.loads(key)
+    with torch.device("meta"), quiet():
+        unet = UNet2DConditionModel.from_config(configs["unet"]).to(torch.bfloat16).train()
+    unet.set_attn_processor(AttnProcessor() if attention == "default" else AttnProcessor2_0())
+    return unet, configs
+
+
+class _Counting:
+    """Saved bytes (as memory_count._saved_bytes counts them) and FLOPs so far, of a forward
+    with fused attention counted as its kernels keep it (memory_count.flash_like)."""
+
+    def __init__(self, unet) -> None:
+        self.params = {id(p) for p in unet.parameters()}
+        self.seen, self.saved, self.attention_flops = set(), 0, 0
+        self.flop_mode = _MatmulFlops()
+
+    def pack(self, t):
+        base = t._base if t._base is not None else t
+        if id(base) not in self.params and id(t) not in self.params and id(base) not in self.seen:
+            self.seen.add(id(base))
+            self.saved += base.numel() * base.element_size()
+        return t
+
+    def inputs(self, module, args, kwargs) -> None:
+        """A checkpointed block's inputs: kept by its checkpoint until backward."""
+        for t in (*args, *kwargs.values()):
+            if isinstance(t, torch.Tensor):
+                self.pack(t)
+
+    def attention(self, q, k, v, *args, **kwargs):
+        self.attention_flops += 2 * q.numel() * k.shape[-2] + 2 * q[..., :1].numel() \
+            * k.shape[-2] * v.shape[-1]  # q k^T and (.) v
+        return flash_like(q, k, v)
+
+    def flops(self) -> int:
+        return self.flop_mode.total + self.attention_flops
+
+
+class _MatmulFlops(TorchDispatchMode):
+    """FLOPs of the matrix products and convolutions (what a block's compute is made of;
+    torch's FlopCounterMode counts the same and takes seconds more for its module tracking)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in ("mm", "addmm", "bmm", "baddbmm"):  # (.., M, K) @ (.., K, N)
+            self.total += 2 * out.numel() * args[-1].shape[-2]
+        elif name == "convolution":  # out x in/groups x kernel
+            self.total += 2 * out.numel() * args[1][0].numel()
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def block_costs(key: str, resolution: int, attention: str) -> tuple:
+    """Every block's saved bytes and forward FLOPs at `resolution` (bf16), in forward order,
+    of the UNet of `key` (_key)."""
+    import torch.nn.functional as F
+    unet, configs = _meta_unet(key, attention)
+    names = {m: n for n, m in unet.named_modules() if type(m).__name__ in BLOCKS}
+    count, start, rows = _Counting(unet), {}, []
+    hooks = [h for m in names for h in (
+        m.register_forward_pre_hook(lambda m, a: start.__setitem__(m, (count.saved,
+                                                                          count.flops()))),
+        m.register_forward_hook(lambda m, a, o: rows.append(Block(
+            names[m], count.saved - start[m][0], count.flops() - start[m][1]))))]
+    args, kwargs = unet_inputs(configs, resolution, torch.bfloat16)
+    plain, F.scaled_dot_product_attention = F.scaled_dot_product_attention, count.attention
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(count.pack, lambda t: t), count.flop_mode:
+            unet(*args, **kwargs)
+    finally:
+        F.scaled_dot_product_attention = plain
+        for h in hooks:
+            h.remove()
+    return tuple(rows)
+
+
+def activation_bytes(cfg, half: bool) -> int:
+    """Bytes the UNet holds for backward per image under selective checkpointing: what a
+    forward with the chosen blocks checkpointed saves, their inputs (each checkpoint keeps its
+    own), and the most one chosen block saves (recomputed in backward, one at a time)."""
+    return _selective_saved(_shipped(cfg.model_type), cfg.resolution, _attention(cfg.attention),
+                            half)
+
+
+def recomputed_weights(cfg, recast: int | None) -> int:
+    """Values of the UNet's weights inside the chosen blocks, whose half-precision copies
+    backward does not keep (cast again in the recompute), less the Linear/Conv2d ones of
+    `recast` values or more, which the gradient park casts again anyway (parked.RECAST_ELEMENTS
+    where it applies, else None); 0 unless selective."""
+    if not selective(cfg):
+        return 0
+    sizes = _inside(_shipped(cfg.model_type), cfg.resolution, _attention(cfg.attention))
+    return sum(n for n, matrix in sizes if not (recast and matrix and n >= recast))
+
+
+@functools.lru_cache(maxsize=None)
+def _inside(key: str, resolution: int, attention: str) -> tuple:
+    """(values, a Linear/Conv2d parameter?) of each parameter inside the chosen blocks."""
+    unet, _ = _meta_unet(key, attention)
+    found = dict(unet.named_modules())
+    return tuple((p.numel(), isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+                 for name in _chosen(key, resolution, attention)
+                 for m in found[name].modules() for p in m.parameters(recurse=False))
+
+
+@functools.lru_cache(maxsize=None)
+def _selective_saved(key: str, resolution: int, attention: str, half: bool) -> int:
+    import torch.nn.functional as F
+    unet, configs = _meta_unet(key, attention)
+    dtype = torch.bfloat16 if half else torch.float32
+    unet.to(dtype)
+    names = _chosen(key, resolution, attention)
+    checkpoint_blocks(unet, names)
+    count = _Counting(unet)
+    found = dict(unet.named_modules())
+    hooks = [found[n].register_forward_pre_hook(count.inputs, with_kwargs=True) for n in names]
+    args, kwargs = unet_inputs(configs, resolution, dtype)
+    plain, F.scaled_dot_product_attention = F.scaled_dot_product_attention, flash_like
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(count.pack, lambda t: t):
+            unet(*args, **kwargs)
+    finally:
+        F.scaled_dot_product_attention = plain
+        for h in hooks:
+            h.remove()
+    scale = 1 if half else 2  # block_costs counted bf16
+    widest = max((b.saved for b in block_costs(key, resolution, attention)
+                  if b.name in names), default=0)
+    return count.saved + scale * widest
+
+
+# -- in the trainer ------------------------------------------------------------------------------
+def checkpoint_blocks(unet, names) -> None:
+    """Recompute the named blocks in backward (torch's non-reentrant checkpoint, as diffusers'
+    gradient checkpointing runs each block), and mark their modules so that the gradient park
+    keeps no saved tensors of its own inside them (parked.GradPark: its saved-tensor hooks would
+    take the checkpoint's place)."""
+    found = dict(unet.named_modules())
+    for name in names:
+        block = found[name]
+        block.forward = functools.partial(_checkpointed, block.forward)
+        for sub in block.modules():
+            sub._recomputed = True
+
+
+def _checkpointed(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    from torch.utils.checkpoint import checkpoint
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
