@@ -40,10 +40,10 @@ HELD = {
     # noise, timesteps and the latent draw come from a generator on the device, the loss stays
     # there (read every log_every_steps, not in this step); 5 before (issue 13)
     "full_adamw_bs1": (512, False, 0, 5638, 12_504_306_176),
-    # the lowest preset at real size: 2.23 GiB, 10 788 ops (1.12x the 9 596 of the same step
-    # with checkpointing and plain fused AdamW; issue 25's bound 1.15x). 4.00 GiB before our
-    # Adafactor factored conv weights as (out, in*k*k) and the stochastic rounding went in
-    # place; 37 372 ops one Adafactor per weight, 22 090 bucketed, 14 094 with weights of one
+    # the lowest preset at real size: 2.23 GiB, 10 788 ops (1.14x the 9 446 of the same step
+    # with checkpointing and plain fused AdamW, 9 596 before; issue 25's bound 1.15x). 4.00 GiB
+    # before our Adafactor factored conv weights as (out, in*k*k) and the stochastic rounding
+    # went in place; 37 372 ops one Adafactor per weight, 22 090 bucketed, 14 094 with weights of one
     # shape stacked (issue 13), 10 788 with a bucket's weights in multi-tensor ops (issue 25)
     "lowest_bs1": (512, False, 0, 10788, 2_398_075_904),
     # a LoRA r16 under the lowest preset at real size: 1.10 GiB, its frozen UNet stored in fp8

@@ -20,10 +20,10 @@ GRADIENT_CHECKPOINTING = spec_field(
 CHECKPOINT_BLOCKS_FIELD = spec_field(
     "all", "Which UNet blocks gradient checkpointing recomputes: 'all' every transformer and "
            "ResNet block; 'selective' only those that free the most memory for the compute they "
-           "cost at the resolution, as the memory estimate measures them (SD1.5 at 512 px: the "
-           "transformer blocks of the two highest resolutions, about half the memory saving "
-           "of 'all' for 40% of its extra compute). The 'auto' memory preset chooses "
-           "between no checkpointing, 'selective' and 'all'.",
+           "cost at the resolution, as the memory estimate measures them (SD1.5 at 512 px: "
+           "the transformer blocks of the two highest resolutions and the middle one, two "
+           "thirds of the memory 'all' saves for 40% of its extra compute). The 'auto' memory "
+           "preset chooses between no checkpointing, 'selective' and 'all'.",
     choices=CHECKPOINT_BLOCKS, advanced=True)
 MEMORY_PRESET = spec_field(
     "auto", "'auto': on a GPU, estimate the memory the run needs before it starts and, when it "
