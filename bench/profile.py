@@ -294,8 +294,9 @@ HEADER = (f"{'configuration':<22} {'ops/step':>9} {'py calls':>9} {'host syncs':
 
 def format_row(r: dict) -> str:
     s = r["settings"]
-    extra = ", ".join(k for k in ("fused", "bf16_weights", "fp8_base", "use_lora",
-                                  "train_text_encoder", "gradient_checkpointing", "ema")
+    extra = ", ".join(k + (" (selective)" if s[k] == "selective" else "")
+                      for k in ("fused", "bf16_weights", "fp8_base", "use_lora",
+                                "train_text_encoder", "gradient_checkpointing", "ema")
                       if s.get(k))
     return (f"{r['name']:<22} {r['ops']:>9} {r['python_calls']:>9} {r['host_syncs']:>10} "
             f"{r['read_syncs']:>9} "
