@@ -171,9 +171,10 @@ if not LOAD_ERROR:
                              api_auth=_opt("api_auth", ""))
             self.missing, self.fix_command = missing_dependencies(self.python)
             self.calls = host_calls()
-            if not isinstance(self.calls, ForgeCalls):  # AUTOMATIC1111 1.10 loads no Flux
+            if not isinstance(self.calls, ForgeCalls):  # 1.10 loads no Flux, no SD3.5
                 self.model_types = db_host.types_without_flux()
-            else:  # Forge (dfdcbab6) ships FLUX.1-dev's T5 tokenizer (tokenizer.json)
+            else:  # Forge (dfdcbab6) ships FLUX.1-dev's T5 tokenizer (tokenizer.json; SD3's
+                # tokenizer_3 there is the same T5 vocabulary)
                 self.t5_tokenizer_dir = str(Path(paths.script_path) / FORGE_T5_TOKENIZER)
 
         def list_checkpoints(self):

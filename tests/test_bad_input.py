@@ -33,6 +33,7 @@ def final_files(folder):
         if folder.exists() else []
 
 
+@pytest.mark.once  # our checks before any library runs (torch.load: the same torch)
 def test_empty_instance_folder(quick_config, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -68,6 +69,7 @@ def test_one_corrupt_image_is_skipped_with_a_warning_naming_it(quick_config, tmp
     assert started.instance_images == 2
 
 
+@pytest.mark.once  # our checks before any library runs (torch.load: the same torch)
 def test_missing_source_file(quick_config, tmp_path):
     out = run_cli(quick_config.replace(source_checkpoint=str(tmp_path / "nope.safetensors")),
                   tmp_path)
@@ -85,6 +87,7 @@ class Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.once  # our checks before any library runs (torch.load: the same torch)
 def test_ckpt_whose_pickle_would_run_code_is_refused_and_nothing_runs(quick_config, tmp_path):
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "evil.ckpt"
@@ -96,6 +99,7 @@ def test_ckpt_whose_pickle_would_run_code_is_refused_and_nothing_runs(quick_conf
     assert final_files(tmp_path / "out") == []
 
 
+@pytest.mark.once  # our checks before any library runs (torch.load: the same torch)
 def test_existing_output_is_never_replaced_unless_asked(quick_config, tmp_path):
     first = train(quick_config.replace(steps_per_image=1))
     before = first.path.read_bytes()

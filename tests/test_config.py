@@ -37,7 +37,9 @@ def full_config():
         pivotal=True, embedding_token="zwx", embedding_init_word="dog", embedding_vectors=3,
         embedding_learning_rate=1e-3, embedding_dir="/e", log_with="tensorboard",
         logging_dir="/t", flux_clip_l="/f/clip_l.safetensors", flux_t5xxl="/f/t5.safetensors",
-        flux_ae="/f/ae.safetensors", t5_tokenizer_dir="/f/tokenizer_2")
+        flux_ae="/f/ae.safetensors", t5_tokenizer_dir="/f/tokenizer_2",
+        sd35_clip_l="/s/clip_l.safetensors", sd35_clip_g="/s/clip_g.safetensors",
+        sd35_t5xxl="/s/t5.safetensors", sd35_vae="/s/vae.safetensors")
 
 
 def test_every_field_round_trips_through_json():

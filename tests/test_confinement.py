@@ -124,9 +124,10 @@ def test_api_refuses_folders_outside_the_hosts(world, route, field, case):
     assert tree_hash(world["root"]) == before and not world["manager"].busy()
 
 
-@pytest.mark.parametrize("field", ["flux_clip_l", "flux_t5xxl", "flux_ae", "t5_tokenizer_dir"])
+@pytest.mark.parametrize("field", ["flux_clip_l", "flux_t5xxl", "flux_ae", "t5_tokenizer_dir",
+                                   "sd35_clip_g"])
 def test_flux_files_come_from_the_hosts_models_folder(world, field):
-    """A remote caller names Flux's files inside the host's models folder (or the work dir),
+    """A remote caller names Flux's (and SD3.5's) files inside the host's models folder (or the work dir),
     never elsewhere."""
     from dreambooth import TrainingConfig
     from dreambooth.host.confine import confine

@@ -126,7 +126,7 @@ def test_under_the_a1111_stand_in_the_glue_keeps_a1111s_calls(monkeypatch, tmp_p
     host = glue.WebUIHost()
     assert type(host.calls) is glue.A1111Calls
     assert "modules_forge" not in sys.modules and "backend" not in sys.modules
-    assert host.model_types and not any(t.startswith("flux") for t in host.model_types)
+    assert host.model_types and not any(t.startswith(("flux", "sd3")) for t in host.model_types)
 
 
 def test_the_tab_offers_flux_under_forge_only(forge, tmp_path):
@@ -136,7 +136,8 @@ def test_the_tab_offers_flux_under_forge_only(forge, tmp_path):
     _, glue = forge
     host = glue._manager()[0]
     spec = next(s for s in fields.config_specs()["Model"] if s.key == "model_type")
-    assert {"flux-dev", "flux-schnell"} <= set(fields.host_model_types(spec, host).choices)
+    assert {"flux-dev", "flux-schnell", "sd3.5-medium", "sd3.5-large"} <= set(
+        fields.host_model_types(spec, host).choices)
     # Forge ships FLUX.1-dev's T5 tokenizer: a new model's default where the folder is there
     assert host.t5_tokenizer_dir.endswith(glue.FORGE_T5_TOKENIZER)
     assert "t5_tokenizer_dir" not in glue.db_host.host_defaults(host)  # (not in the stand-in)

@@ -295,6 +295,7 @@ def test_out_of_memory_says_what_to_change_and_loses_nothing(quick_config, monke
     assert not (quick_config.replace(model_name="oom").model_dir / "lock").exists()
 
 
+@pytest.mark.once  # our state and preset record; torch is the same in both core venvs
 def test_auto_preset_resumes_with_the_settings_it_chose(quick_config, monkeypatch):
     """A run the 'auto' preset changed, interrupted, goes on with those changes even when more
     memory is free now (else its saved state would belong to another configuration)."""

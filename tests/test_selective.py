@@ -116,8 +116,10 @@ def test_checkpoint_blocks_is_checked_and_old_configs_keep_all_blocks():
         check_paths=False)
     assert [p.field for p in sd15(checkpoint_blocks="some").validate(check_paths=False)] == \
         ["checkpoint_blocks"]
-    flux = sd15(model_type="flux-dev", checkpoint_blocks="selective", gradient_checkpointing=True)
-    assert "checkpoint_blocks" in [p.field for p in flux.validate(check_paths=False)]
+    for transformer in ("flux-dev", "sd3.5-medium"):
+        other = sd15(model_type=transformer, checkpoint_blocks="selective",
+                     gradient_checkpointing=True)
+        assert "checkpoint_blocks" in [p.field for p in other.validate(check_paths=False)]
     old = sd15(gradient_checkpointing=True).to_dict()
     old.pop("checkpoint_blocks")  # a file written before the field
     loaded = TrainingConfig.from_dict(old)

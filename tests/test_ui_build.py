@@ -59,8 +59,10 @@ def test_a_host_without_flux_offers_no_flux_type_and_says_why(tmp_path):
     a1111.model_types = types_without_flux()
     widget = build_tab(a1111).widgets["model_type"]
     assert "sdxl" in str(widget.choices) and "flux" not in str(widget.choices)
-    assert "has no Flux" in widget.info
-    assert "flux-dev" in str(build_tab(Host(paths)).widgets["model_type"].choices)
+    assert "sd3" not in str(widget.choices)
+    assert "has no Flux or SD3.5" in widget.info
+    everything = str(build_tab(Host(paths)).widgets["model_type"].choices)
+    assert all(t in everything for t in ("flux-dev", "sd3.5-medium", "sd3.5-large"))
     import json
     import struct
     header = json.dumps({"double_blocks.0.img_attn.norm.key_norm.scale": {

@@ -18,9 +18,9 @@ FLUX_CLIP_L = spec_field("", "Flux: the CLIP-L text encoder file (e.g. Forge's "
 FLUX_T5XXL = spec_field("", "Flux: the T5-XXL text encoder file (e.g. Forge's "
                             "models/text_encoder/t5xxl_fp16.safetensors).")
 FLUX_AE = spec_field("", "Flux: the autoencoder file (e.g. Forge's models/VAE/ae.safetensors).")
-T5_TOKENIZER_DIR = spec_field("", "Flux: a folder holding T5's tokenizer (tokenizer.json or "
-                                  "spiece.model, e.g. the tokenizer_2 folder of FLUX.1-dev); "
-                                  "nothing is downloaded.")
+T5_TOKENIZER_DIR = spec_field("", "Flux, SD3.5: a folder holding T5's tokenizer "
+                                  "(tokenizer.json or spiece.model, e.g. the tokenizer_2 folder "
+                                  "of FLUX.1-dev or SD3's tokenizer_3); nothing is downloaded.")
 FLUX_FILES = ("flux_clip_l", "flux_t5xxl", "flux_ae")
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 # (field, value it must have, why not yet): what this version does not train of Flux
@@ -62,18 +62,22 @@ def _missing_files(cfg) -> list[Problem]:
     problems = []
     for name in FLUX_FILES:
         value = getattr(cfg, name)
-        if not isinstance(value, str) or not _is_file(value):
+        if not isinstance(value, str) or not is_file(value):
             problems.append(Problem(name, value, "is not an existing file; a Flux run needs the "
                                     "text encoders and the autoencoder as separate files",
                                     f"give the path of the {_WHAT[name]}"))
-    folder = cfg.t5_tokenizer_dir
-    if not isinstance(folder, str) or not folder.strip() or not any(
-            _is_file(str(Path(folder) / f)) for f in TOKENIZER_FILES):
-        problems.append(Problem("t5_tokenizer_dir", folder, "holds no T5 tokenizer "
-                                "(tokenizer.json or spiece.model), and none is downloaded",
-                                "give a folder with T5's tokenizer, e.g. the tokenizer_2 folder "
-                                "of FLUX.1-dev or of google/t5-v1_1-xxl"))
-    return problems
+    return problems + tokenizer_problems(cfg.t5_tokenizer_dir)
+
+
+def tokenizer_problems(folder) -> list[Problem]:
+    """The T5 tokenizer folder's problem, if it holds none (Flux and SD3.5 read the same)."""
+    if isinstance(folder, str) and folder.strip() and any(
+            is_file(str(Path(folder) / f)) for f in TOKENIZER_FILES):
+        return []
+    return [Problem("t5_tokenizer_dir", folder, "holds no T5 tokenizer (tokenizer.json or "
+                    "spiece.model), and none is downloaded", "give a folder with T5's "
+                    "tokenizer, e.g. the tokenizer_2 folder of FLUX.1-dev or of "
+                    "google/t5-v1_1-xxl")]
 
 
 _WHAT = {"flux_clip_l": "CLIP-L text encoder (clip_l.safetensors)",
@@ -81,7 +85,7 @@ _WHAT = {"flux_clip_l": "CLIP-L text encoder (clip_l.safetensors)",
          "flux_ae": "Flux autoencoder (ae.safetensors)"}
 
 
-def _is_file(path: str) -> bool:
+def is_file(path: str) -> bool:
     try:
         return bool(path) and Path(path).is_file()
     except (OSError, ValueError):

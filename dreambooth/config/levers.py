@@ -55,17 +55,19 @@ COMPILE_FIELD = spec_field(
 
 
 def check_checkpoint_blocks(cfg) -> list:
-    """checkpoint_blocks 'selective' needs gradient checkpointing on and an SD UNet."""
+    """checkpoint_blocks 'selective' needs gradient checkpointing on and a UNet (SD1.x, SD2.x,
+    SDXL)."""
     from .errors import Problem
     from .flux import FLUX_TYPES
+    from .sd35 import SD35_TYPES
     if cfg.checkpoint_blocks != "selective":
         return []
     if cfg.gradient_checkpointing is not True:
         return [Problem("checkpoint_blocks", "selective", "chooses which blocks gradient "
                         "checkpointing recomputes, but gradient_checkpointing is off",
                         "turn gradient_checkpointing on, or set checkpoint_blocks to 'all'")]
-    if cfg.model_type in FLUX_TYPES:
+    if cfg.model_type in FLUX_TYPES + SD35_TYPES:
         return [Problem("checkpoint_blocks", "selective", "is done for the UNet of SD1.x, SD2.x "
-                        "and SDXL, not yet for Flux's transformer", "set checkpoint_blocks to "
-                        "'all'")]
+                        "and SDXL, not yet for the transformers of Flux and SD3.5",
+                        "set checkpoint_blocks to 'all'")]
     return []

@@ -18,6 +18,7 @@ from .checks import (check_concept, check_embedding, check_fields, check_lora_an
 from .errors import ConfigError, Problem
 from .fieldspec import spec_field as _f
 from .flux import FLUX_AE, FLUX_CLIP_L, FLUX_T5XXL, FLUX_TYPES, T5_TOKENIZER_DIR, check_flux
+from .sd35 import SD35_CLIP_G, SD35_CLIP_L, SD35_T5XXL, SD35_TYPES, SD35_VAE, check_sd35
 from .levers import (ATTENTION_FIELD, BF16_WEIGHTS, CHECKPOINT_BLOCKS_FIELD, COMPILE_FIELD,
                      FP8_BASE, FUSED_OPTIMIZER, GRADIENT_CHECKPOINTING, MEMORY_PRESET)
 from .migrate import SCHEMA_VERSION, migrate
@@ -26,7 +27,7 @@ from .network import (DORA_WD, GLORA_RANK, LOHA_ALPHA, LOHA_RANK, LOKR_ALPHA, LO
                       TRAIN_NORM, check_network)
 from .textfile import parse_json, read_config_text
 
-MODEL_TYPES = ("v1x", "v2x-512", "v2x-768-v", "sdxl", *FLUX_TYPES)
+MODEL_TYPES = ("v1x", "v2x-512", "v2x-768-v", "sdxl", *FLUX_TYPES, *SD35_TYPES)
 OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "prodigy", "adafactor")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine",
@@ -65,11 +66,16 @@ class TrainingConfig:
     source_checkpoint: str = _f("", "Single-file checkpoint to start from (.safetensors, or .ckpt "
                                     "loaded safely).")
     model_type: str = _f("v1x", "Architecture of the source checkpoint (flux-*: the transformer "
-                                "file; its other parts are the flux_* fields).",
+                                "file; its other parts are the flux_* fields; sd3.5-*: the "
+                                "MMDiT file, other parts in it or the sd35_* fields).",
                          choices=MODEL_TYPES)
     flux_clip_l: str = FLUX_CLIP_L
     flux_t5xxl: str = FLUX_T5XXL
     flux_ae: str = FLUX_AE
+    sd35_clip_l: str = SD35_CLIP_L
+    sd35_clip_g: str = SD35_CLIP_G
+    sd35_t5xxl: str = SD35_T5XXL
+    sd35_vae: str = SD35_VAE
     t5_tokenizer_dir: str = T5_TOKENIZER_DIR
     method: str = _f("dreambooth", "What to train: 'dreambooth' (the whole model, a checkpoint to "
                                    "output_dir), 'lora' (a LoRA file to lora_dir; use_lora is the "
@@ -299,7 +305,8 @@ class TrainingConfig:
         if check_paths:
             problems += check_source(self.source_checkpoint)
         problems += check_lora_and_buckets(self) + check_path_lengths(self) + check_network(self)
-        problems += check_embedding(self) + check_flux(self, check_paths)
+        problems += check_embedding(self) + check_flux(self, check_paths) + \
+            check_sd35(self, check_paths)
         if isinstance(self.resume, str) and self.resume not in ("auto", "never") and (
                 not self.resume.strip() or (check_paths and not is_dir(self.resume))):
             problems.append(Problem("resume", self.resume, "is not 'auto', 'never' or an "

@@ -15,9 +15,9 @@ CLASS_BATCH = 4
 def make_pipeline(comp, unet=None, text_encoder=None, device=None, text_encoder_2=None):
     """The diffusers pipeline of the model's family over the working model (no safety checker,
     no watermark, no downloads): StableDiffusionPipeline, StableDiffusionXLPipeline or
-    FluxPipeline (its unet: the transformer)."""
-    if comp.spec.family == "flux":
-        return _flux_pipeline(comp, unet, text_encoder, text_encoder_2)
+    FluxPipeline / StableDiffusion3Pipeline (its unet: the transformer)."""
+    if comp.spec.family in ("flux", "sd3"):
+        return _flow_pipeline(comp, unet, text_encoder, text_encoder_2)
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     scheduler = DDIMScheduler.from_config(comp.configs["scheduler"])
     parts = dict(vae=comp.vae, text_encoder=text_encoder or comp.text_encoder,
@@ -33,13 +33,15 @@ def make_pipeline(comp, unet=None, text_encoder=None, device=None, text_encoder_
     return pipe
 
 
-def _flux_pipeline(comp, transformer, text_encoder, text_encoder_2):
-    from diffusers import FluxPipeline
-    pipe = FluxPipeline(
+def _flow_pipeline(comp, transformer, text_encoder, text_encoder_2):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    sd3 = {"text_encoder_3": comp.text_encoder_3, "tokenizer_3": comp.tokenizer_3} \
+        if comp.spec.family == "sd3" else {}
+    pipe = (StableDiffusion3Pipeline if sd3 else FluxPipeline)(
         scheduler=comp.noise_scheduler(),
         vae=comp.vae, text_encoder=text_encoder or comp.text_encoder, tokenizer=comp.tokenizer,
         text_encoder_2=text_encoder_2 or comp.text_encoder_2, tokenizer_2=comp.tokenizer_2,
-        transformer=transformer or comp.unet)
+        transformer=transformer or comp.unet, **sd3)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -47,7 +49,9 @@ def _flux_pipeline(comp, transformer, text_encoder, text_encoder_2):
 def sample_settings(comp, guidance_scale: float) -> tuple[float, dict]:
     """(guidance, the pipeline's other arguments) a model samples with: SD's classifier-free
     guidance as configured; Flux dev's distilled guidance (3.5; schnell: none) and T5's tokens
-    as training reads them."""
+    as training reads them; SD3.5: the guidance as configured, T5's tokens as trained."""
+    if comp.spec.family == "sd3":
+        return guidance_scale, {"max_sequence_length": comp.tokenizer_3.model_max_length}
     if comp.spec.family != "flux":
         return guidance_scale, {}
     return comp.spec.guidance or 0.0, {

@@ -39,6 +39,8 @@ def roots_of(host: Host, field: str) -> list[Path]:
     models = [p.checkpoints_dir.parent, p.work_dir]  # Flux's files: the host's models folder
     shipped = [Path(host.t5_tokenizer_dir)] if getattr(host, "t5_tokenizer_dir", None) else []
     roots = {"flux_clip_l": models, "flux_t5xxl": models, "flux_ae": models,
+             "sd35_clip_l": models, "sd35_clip_g": models, "sd35_t5xxl": models,
+             "sd35_vae": models,
              "t5_tokenizer_dir": models + shipped, "work_dir": [p.work_dir],
             "output_dir": [p.checkpoints_dir, p.work_dir],
             "lora_dir": [p.lora_dir, p.work_dir],
@@ -166,7 +168,8 @@ def confine(config: TrainingConfig, host: Host, need_source: bool = True) -> Tra
 
     changes["work_dir"] = check("work_dir", config.work_dir, allow_empty=False)
     for name in ("output_dir", "lora_dir", "embedding_dir", "logging_dir", "flux_clip_l",
-                 "flux_t5xxl", "flux_ae", "t5_tokenizer_dir"):
+                 "flux_t5xxl", "flux_ae", "t5_tokenizer_dir", "sd35_clip_l", "sd35_clip_g",
+                 "sd35_t5xxl", "sd35_vae"):
         if name in {f.name for f in dataclasses.fields(config)}:
             changes[name] = check(name, getattr(config, name))
     if isinstance(config.resume, str) and config.resume.strip() not in ("", "auto", "never"):

@@ -12,8 +12,8 @@ def demo_config(out: Path, model_type: str = "v1x", steps_per_image: int = 30,
     """Write the demo's inputs under `out` and return the config that trains on them (a LoRA
     into out/output with `lora`)."""
     out.mkdir(parents=True, exist_ok=True)
-    if model_type.startswith("flux"):
-        return _flux_demo(out, model_type, steps_per_image)
+    if model_type.startswith(("flux", "sd3")):
+        return _flow_demo(out, model_type, steps_per_image)
     source = out / f"tiny_{model_type}.safetensors"
     if not source.exists():
         make_tiny_checkpoint(source, model_type)
@@ -32,11 +32,13 @@ def demo_config(out: Path, model_type: str = "v1x", steps_per_image: int = 30,
         lora_learning_rate=1e-3)
 
 
-def _flux_demo(out: Path, model_type: str, steps_per_image: int) -> TrainingConfig:
-    """A tiny Flux's files (transformer, clip_l, t5xxl, ae, a T5 tokenizer) and a LoRA run on
-    them (no class images or previews: not done for Flux yet)."""
+def _flow_demo(out: Path, model_type: str, steps_per_image: int) -> TrainingConfig:
+    """A tiny Flux's files (transformer, clip_l, t5xxl, ae, a T5 tokenizer) or a tiny SD3.5's
+    (an all-in-one file, a T5 tokenizer) and a LoRA run on them."""
     from ..model.tiny_flux import make_tiny_flux
-    files = make_tiny_flux(out / "flux", model_type)
+    from ..model.tiny_sd35 import make_tiny_sd35
+    files = make_tiny_flux(out / "flux", model_type) if model_type.startswith("flux") else \
+        make_tiny_sd35(out / "sd35", model_type)
     instance = out / "instance_images"
     if not instance.exists():
         write_images(instance, "checker", 4)

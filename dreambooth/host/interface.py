@@ -55,10 +55,11 @@ class Host:
     # Forge: the extra networks' HTML is built once per page and by that button)
     cards_need_refresh: bool = False
     # the model types whose outputs the host can load (None: all); AUTOMATIC1111 1.10 has no
-    # Flux, so its tab offers none of the flux-* types and says why
+    # Flux and no SD3.5, so its tab offers none of the flux-* / sd3.5-* types and says why
     model_types: tuple | None = None
-    no_flux_note = "AUTOMATIC1111 1.10 has no Flux: train Flux LoRAs under Forge."
-    t5_tokenizer_dir: str | None = None  # a T5 tokenizer the host ships (Forge's FLUX.1-dev's)
+    no_flux_note = "AUTOMATIC1111 1.10 has no Flux or SD3.5: train their LoRAs under Forge."
+    # a T5 tokenizer the host ships (Forge's FLUX.1-dev's; SD3.5's T5 reads the same)
+    t5_tokenizer_dir: str | None = None
 
     def __init__(self, paths: HostPaths, python: str = sys.executable,
                  api_auth: str = "") -> None:
@@ -202,10 +203,11 @@ def sniff_model_type(path: str | os.PathLike, strict: bool = False) -> str | Non
 
 
 def types_without_flux() -> tuple:
-    """The model types a host without Flux (AUTOMATIC1111 1.10) can load."""
+    """The model types a host without Flux and SD3.5 (AUTOMATIC1111 1.10) can load."""
     from ..config.flux import FLUX_TYPES
     from ..config.schema import MODEL_TYPES
-    return tuple(t for t in MODEL_TYPES if t not in FLUX_TYPES)
+    from ..config.sd35 import SD35_TYPES
+    return tuple(t for t in MODEL_TYPES if t not in FLUX_TYPES + SD35_TYPES)
 
 
 def host_defaults(host: Host) -> dict[str, str]:

@@ -168,8 +168,10 @@ class LazyState(Mapping):
 
 
 def tensor_shape(state, key: str) -> tuple:
-    """A tensor's shape, from a LazyState's header (nothing read) or the tensor itself."""
-    return tuple(state.shape(key)) if isinstance(state, LazyState) else tuple(state[key].shape)
+    """A tensor's shape, from a LazyState's header (or a view's that has `shape`: nothing
+    read) or the tensor itself."""
+    return tuple(state.shape(key)) if callable(getattr(state, "shape", None)) \
+        else tuple(state[key].shape)
 
 
 def tensor_dtype(state, key: str) -> torch.dtype:

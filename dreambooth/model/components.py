@@ -30,6 +30,8 @@ class Components:
     source_yaml: str | None = None  # the WebUI's <name>.yaml beside the source checkpoint
     # a prompt's text before tokenizing (a trained embedding: its word -> its placeholder tokens)
     rewrite_prompt: Any = None
+    text_encoder_3: Any = None  # SD3.5's T5
+    tokenizer_3: Any = None
 
     @property
     def spec(self) -> ModelSpec:
@@ -41,11 +43,12 @@ class Components:
 
     @property
     def tokenizers(self) -> list:
-        return [self.tokenizer if s.component == "text_encoder" else self.tokenizer_2
-                for s in self.spec.text_encoders]
+        names = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2",
+                 "text_encoder_3": "tokenizer_3"}
+        return [getattr(self, names[s.component]) for s in self.spec.text_encoders]
 
     def noise_scheduler(self):
-        if self.spec.family == "flux":
+        if self.spec.prediction_type == "flow":
             from diffusers import FlowMatchEulerDiscreteScheduler
             return FlowMatchEulerDiscreteScheduler.from_config(self.configs["scheduler"])
         from diffusers import DDPMScheduler
@@ -67,6 +70,8 @@ def encode_prompts(comp: Components, prompts: list[str], device, encoders=None) 
     encoders = list(encoders) if encoders else comp.text_encoders
     if comp.rewrite_prompt is not None:
         prompts = [comp.rewrite_prompt(p) for p in prompts]
+    if comp.spec.family == "sd3":
+        return _sd3_prompts(comp, prompts, device, encoders)
     if comp.spec.family == "flux":  # as diffusers' FluxPipeline: CLIP's pooled, T5's states
         pooled = encoders[0](_token_ids(comp.tokenizer, prompts, device))[1]
         return {"hidden": encoders[1](_token_ids(comp.tokenizer_2, prompts, device))[0],
@@ -78,6 +83,21 @@ def encode_prompts(comp: Components, prompts: list[str], device, encoders=None) 
         out = encoder(_token_ids(tokenizer, prompts, device), output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
     return {"hidden": torch.cat(hidden, dim=-1), "pooled": out[0]}
+
+
+def _sd3_prompts(comp: Components, prompts: list[str], device, encoders) -> dict:
+    """As diffusers' StableDiffusion3Pipeline: CLIP-L's and CLIP-G's penultimate states side by
+    side, zero-padded to T5's width, then T5's states after them; pooled: both projections."""
+    hidden, pooled = [], []
+    for tokenizer, encoder in zip(comp.tokenizers[:2], encoders[:2]):
+        out = encoder(_token_ids(tokenizer, prompts, device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled.append(out[0])
+    t5 = encoders[2](_token_ids(comp.tokenizer_3, prompts, device))[0]
+    clip = torch.cat(hidden, dim=-1)
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return {"hidden": torch.cat([clip, t5.to(clip.dtype)], dim=-2),
+            "pooled": torch.cat(pooled, dim=-1)}
 
 
 def unet_kwargs(comp: Components, cond: dict, geometry: list, device) -> dict:

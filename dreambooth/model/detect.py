@@ -11,7 +11,7 @@ import re
 from ..config.errors import CheckpointError
 
 FAMILY = {"v1x": "v1", "v2x-512": "v2", "v2x-768-v": "v2", "sdxl": "sdxl", "flux-dev": "flux",
-          "flux-schnell": "flux"}
+          "flux-schnell": "flux", "sd3.5-medium": "sd3", "sd3.5-large": "sd3"}
 ARCHITECTURE_TYPES = {"stable-diffusion-v1": "v1x", "stable-diffusion-v2-512": "v2x-512",
                       "stable-diffusion-v2-768-v": "v2x-768-v",
                       "stable-diffusion-xl-v1-base": "sdxl"}
@@ -41,6 +41,25 @@ def flux_type(state) -> str | None:
     return None
 
 
+SD3_MARK = "joint_blocks.0.context_block.adaLN_modulation.1.bias"  # SAI's MMDiT layout
+SD35_QK_NORM = "joint_blocks.0.x_block.attn.ln_q.weight"  # SD3.5's (3.0 had none)
+
+
+def sd3_prefix(state) -> str | None:
+    """'' or 'model.diffusion_model.' where the state holds an MMDiT in SAI's layout."""
+    return next((p for p in ("", FLUX_PREFIX) if p + SD3_MARK in state), None)
+
+
+def sd35_type(state) -> str | None:
+    """'sd3.5-medium' (MMDiT-X: some x_blocks have a second attention, attn2), 'sd3.5-large'
+    (none, 38 blocks; also its turbo), or None: no SD3.5 MMDiT (SD3.0 medium has no qk norm)."""
+    prefix = sd3_prefix(state)
+    if prefix is None or prefix + SD35_QK_NORM not in state:
+        return None
+    dual = any(".x_block.attn2." in k for k in state if k.startswith(prefix + "joint_blocks."))
+    return "sd3.5-medium" if dual else "sd3.5-large"
+
+
 def family_of(state: dict) -> str | None:
     """'v1', 'v2' or 'sdxl' from the text encoder keys, or None when none is there."""
     if "conditioner.embedders.1.model.ln_final.weight" in state:
@@ -57,6 +76,8 @@ def unsupported(state: dict) -> str | None:
     for prefix, what in OTHER_KINDS.items():
         if any(k.startswith(prefix) for k in state):
             return what
+    if sd3_prefix(state) is not None and sd35_type(state) is None:
+        return "a Stable Diffusion 3.0 model (SD3.5 medium and large are trained)"
     if "conditioner.embedders.0.model.ln_final.weight" in state and family_of(state) != "sdxl":
         return "an SDXL refiner"
     w = state.get("model.diffusion_model.input_blocks.0.0.weight")
@@ -88,7 +109,7 @@ def detect_model_type(state: dict, metadata: dict | None = None,
     `state` that is not a mapping: a damaged header)."""
     if not hasattr(state, "keys"):
         return None
-    if flux := flux_type(state):
+    if flux := flux_type(state) or sd35_type(state):
         return flux
     family = family_of(state)
     if family == "v2":

@@ -25,9 +25,10 @@ CLIP_EXTRA = ("text_projection.weight", "logit_scale")  # in some clip_l files, 
 SCALES = (".scale_weight", ".scale_input")  # ComfyUI's scaled fp8 files (with 'scaled_fp8')
 
 
-def clip_config(state) -> dict:
-    """CLIP-L's text config (the one SD 1.x ships: the same encoder) sized from a file."""
-    cfg = assets.load_config("v1x", "text_encoder")
+def clip_config(state, base: tuple = ("v1x", "text_encoder")) -> dict:
+    """CLIP-L's text config (the one SD 1.x ships: the same encoder; `base`: another shipped
+    one, SDXL's CLIP-G for SD3.5's) sized from a file."""
+    cfg = assets.load_config(*base)
     keys = {k.removeprefix("text_model.") for k in state}
     prefix = "text_model." if any(k.startswith("text_model.") for k in state) else ""
     vocab, hidden = tensor_shape(state, prefix + "embeddings.token_embedding.weight")
@@ -54,8 +55,9 @@ def t5_config(state) -> dict:
             "tie_word_embeddings": False, "dropout_rate": 0.0}
 
 
-def ae_config(state) -> dict:
-    """The autoencoder's AutoencoderKL config from a BFL ae file (no quant convs)."""
+def ae_config(state, scale: float = AE_SCALE, shift: float = AE_SHIFT) -> dict:
+    """The autoencoder's AutoencoderKL config from a BFL ae file (no quant convs; SD3.5's VAE
+    is the same autoencoder with its own latent scale and shift)."""
     cfg = assets.load_config("v1x", "vae")
     levels = flux_keys.count_indices(state, r"encoder\.down\.(\d+)\.")
     blocks = [tensor_shape(state, f"encoder.down.{i}.block.0.conv1.weight")[0]
@@ -66,7 +68,7 @@ def ae_config(state) -> dict:
                latent_channels=tensor_shape(state, "decoder.conv_in.weight")[1],
                use_quant_conv="quant_conv.weight" in state,
                use_post_quant_conv="post_quant_conv.weight" in state,
-               scaling_factor=AE_SCALE, shift_factor=AE_SHIFT)
+               scaling_factor=scale, shift_factor=shift)
     return cfg
 
 
@@ -85,7 +87,7 @@ def t5_tokenizer(folder: str, max_length: int):
     return tok
 
 
-def _opened(path: str, what: str) -> LazyState | dict:
+def opened(path: str, what: str) -> LazyState | dict:
     state, _ = open_checkpoint(path)
     name = Path(path).name
     if not len(state):
@@ -102,7 +104,7 @@ def _opened(path: str, what: str) -> LazyState | dict:
 def _transformer(cfg, dtype):
     from diffusers import FluxTransformer2DModel
     name = Path(cfg.source_checkpoint).name
-    state = _opened(cfg.source_checkpoint, "Flux transformer")
+    state = opened(cfg.source_checkpoint, "Flux transformer")
     found = flux_type(state)
     if found is None:
         raise CheckpointError(f"'{name}' is not a Flux.1 transformer in BFL's layout (no "
@@ -116,42 +118,50 @@ def _transformer(cfg, dtype):
     except KeyError as e:
         raise CheckpointError(f"'{name}' is not a complete Flux.1 transformer ({e.args[0]}).",
                               "Choose the transformer file as Forge or BFL wrote it.") from None
-    module = _empty(lambda: FluxTransformer2DModel.from_config(config))
+    module = empty(lambda: FluxTransformer2DModel.from_config(config))
     load_module(module, converted, f"Flux transformer '{name}'", dtype)
     return config, module
 
 
-def _empty(build):
+def empty(build):
     with empty_weights():
         return build()
 
 
 def _encoders(cfg, dtype) -> tuple[dict, dict]:
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-    clip = _opened(cfg.flux_clip_l, "CLIP-L")
+    from transformers import CLIPTextConfig, CLIPTextModel
+    clip = opened(cfg.flux_clip_l, "CLIP-L")
     configs = {"text_encoder": clip_config(clip)}
-    modules = {"text_encoder": _empty(lambda: CLIPTextModel(CLIPTextConfig(
+    modules = {"text_encoder": empty(lambda: CLIPTextModel(CLIPTextConfig(
         **configs["text_encoder"])))}
     te_load(modules["text_encoder"], {k: clip[k] for k in clip
                                       if k.removeprefix("text_model.") not in CLIP_EXTRA},
             f"CLIP-L text encoder '{Path(cfg.flux_clip_l).name}'", dtype)
-    t5 = _opened(cfg.flux_t5xxl, "T5-XXL")
-    configs["text_encoder_2"] = t5_config(t5)
-    module = _empty(lambda: T5EncoderModel(T5Config(**configs["text_encoder_2"])))
+    configs["text_encoder_2"], modules["text_encoder_2"] = t5_module(
+        opened(cfg.flux_t5xxl, "T5-XXL"), f"T5 text encoder '{Path(cfg.flux_t5xxl).name}'",
+        dtype)
+    return configs, modules
+
+
+def t5_module(t5, what: str, dtype) -> tuple[dict, object]:
+    """(config, T5EncoderModel) of a transformers-layout T5 state (its tied embedding filled
+    from `shared` where the file leaves it out)."""
+    from transformers import T5Config, T5EncoderModel
+    config = t5_config(t5)
+    module = empty(lambda: T5EncoderModel(T5Config(**config)))
     wanted = set(module.state_dict())
     state = {k: t5[k] for k in t5 if k in wanted}
     if "encoder.embed_tokens.weight" in wanted and "encoder.embed_tokens.weight" not in state:
         state["encoder.embed_tokens.weight"] = state.get("shared.weight")  # tied in T5
-    load_module(module, state, f"T5 text encoder '{Path(cfg.flux_t5xxl).name}'", dtype)
-    modules["text_encoder_2"] = module
-    return configs, modules
+    load_module(module, state, what, dtype)
+    return config, module
 
 
 def _ae(cfg, dtype):
     from diffusers import AutoencoderKL
-    state = _opened(cfg.flux_ae, "autoencoder")
+    state = opened(cfg.flux_ae, "autoencoder")
     config = ae_config(state)
-    module = _empty(lambda: AutoencoderKL.from_config(config))
+    module = empty(lambda: AutoencoderKL.from_config(config))
     load_module(module, convert.from_ldm(state, convert.vae_prefix_map(config), "", vae=True),
                 f"autoencoder '{Path(cfg.flux_ae).name}'", dtype)
     return config, module

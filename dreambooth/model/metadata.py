@@ -15,7 +15,7 @@ def model_metadata(spec, title: str, given: dict, lora: bool = False) -> dict:
     """modelspec.* for a file of `spec` (a LoRA when `lora`), completed with and overridden
     by `given` (title, trigger phrase, resolution, ...); prediction type in the spec's words."""
     impl = IMPL_BFL if spec.family == "flux" else \
-        IMPL_STABILITY if not lora or spec.family == "sdxl" else IMPL_DIFFUSERS
+        IMPL_STABILITY if not lora or spec.family in ("sdxl", "sd3") else IMPL_DIFFUSERS
     meta = {"modelspec.sai_model_spec": SPEC_VERSION,
             "modelspec.architecture": spec.architecture + ("/lora" if lora else ""),
             "modelspec.implementation": impl, "modelspec.title": title,

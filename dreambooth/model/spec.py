@@ -34,7 +34,7 @@ class TextEncoderSlot:
 class ModelSpec:
     name: str
     title: str
-    family: str  # "v1", "v2", "sdxl": single-file layout, conditioning, LDM yaml, LoRA names
+    family: str  # "v1", "v2", "sdxl", "flux", "sd3": single-file layout, conditioning, LDM yaml, LoRA names
     resolution: int
     prediction_type: str  # the scheduler's: "epsilon" or "v_prediction"
     architecture: str  # modelspec.architecture id
@@ -42,7 +42,7 @@ class ModelSpec:
     # the computed (not learned) buffers the original architecture's checkpoints carry, each
     # [num_train_timesteps] and fp32 in every save precision
     buffers: tuple = ()
-    # flow matching (Flux): the timestep shift, the guidance the transformer is given (dev's
+    # flow matching (Flux, SD3.5): the timestep shift, the guidance the transformer is given (dev's
     # guidance embedding; None: none), the tokens of T5 read
     shift: float = 1.0
     guidance: float | None = None
@@ -68,6 +68,12 @@ LDM_BUFFERS = (  # ldm.models.diffusion.ddpm.LatentDiffusion.register_schedule
 SGM_BUFFERS = ("denoiser.sigmas",)  # sgm DiffusionEngine's DiscreteDenoiser
 FLUX_TE = (TextEncoderSlot("text_encoder", "", lora_prefix="lora_te1"),
            TextEncoderSlot("text_encoder_2", "", "t5", lora_prefix="lora_te2"))
+SD3_TE = (TextEncoderSlot("text_encoder", "text_encoders.clip_l.transformer.",
+                          with_projection=True, lora_prefix="lora_te1"),
+          TextEncoderSlot("text_encoder_2", "text_encoders.clip_g.transformer.",
+                          with_projection=True, pad_token="!", lora_prefix="lora_te2"),
+          TextEncoderSlot("text_encoder_3", "text_encoders.t5xxl.transformer.", "t5",
+                          lora_prefix="lora_te3"))
 SPECS = {
     "v1x": ModelSpec("v1x", "Stable Diffusion 1.x", "v1", 512, "epsilon", "stable-diffusion-v1",
                      V1_TE, LDM_BUFFERS),
@@ -83,6 +89,13 @@ SPECS = {
                           FLUX_TE, shift=3.0, guidance=3.5, t5_tokens=512),
     "flux-schnell": ModelSpec("flux-schnell", "FLUX.1 [schnell]", "flux", 1024, "flow",
                               "flux-1-schnell", FLUX_TE, shift=1.0, t5_tokens=256),
+    # as diffusers' train_dreambooth_lora_sd3.py trains them: SD3's scheduler (shift 3.0),
+    # T5's 77 tokens (its max_sequence_length)
+    "sd3.5-medium": ModelSpec("sd3.5-medium", "Stable Diffusion 3.5 Medium", "sd3", 1024,
+                              "flow", "stable-diffusion-3.5-medium", SD3_TE, shift=3.0,
+                              t5_tokens=77),
+    "sd3.5-large": ModelSpec("sd3.5-large", "Stable Diffusion 3.5 Large", "sd3", 1024, "flow",
+                             "stable-diffusion-3.5-large", SD3_TE, shift=3.0, t5_tokens=77),
 }
 
 

@@ -41,19 +41,31 @@ def _transformer(dev: bool):
 
 
 def _encoders():
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModel
     from .. import assets
     clip = {k: v for k, v in assets.load_config("v1x", "text_encoder").items()
             if k not in ("architectures", "model_type")}
     clip.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=1, projection_dim=32)
-    t5 = T5Config(vocab_size=len(WORDS) + 3, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                  num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
-                  is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)
-    return CLIPTextModel(CLIPTextConfig(**clip)), T5EncoderModel(t5)
+    return CLIPTextModel(CLIPTextConfig(**clip)), tiny_t5()
 
 
-def _ae():
+def tiny_t5():
+    """A T5 v1.1 encoder (gated GELU) 32 wide over the tiny tokenizer's words."""
+    from transformers import T5Config, T5EncoderModel
+    return T5EncoderModel(T5Config(
+        vocab_size=len(WORDS) + 3, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False))
+
+
+def t5_state(t5) -> dict:
+    """A T5 encoder's weights as its single files hold them (the tied embedding once)."""
+    return {k: v.contiguous() for k, v in t5.state_dict().items()
+            if k != "encoder.embed_tokens.weight"}
+
+
+def tiny_ae():
     from diffusers import AutoencoderKL
     return AutoencoderKL(block_out_channels=[32, 32], layers_per_block=1,
                          down_block_types=["DownEncoderBlock2D"] * 2,
@@ -75,7 +87,7 @@ def make_tiny_flux(folder: str | Path, model_type: str = "flux-dev", seed: int =
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     dev = model_type == "flux-dev"
-    transformer, (clip, t5), ae = _transformer(dev), _encoders(), _ae()
+    transformer, (clip, t5), ae = _transformer(dev), _encoders(), tiny_ae()
     bfl = flux_keys.to_bfl(transformer.state_dict(), 1, 1, dev)
     files = {"source_checkpoint": folder / f"tiny_{model_type}.safetensors",
              "flux_clip_l": folder / "clip_l.safetensors",
@@ -83,8 +95,7 @@ def make_tiny_flux(folder: str | Path, model_type: str = "flux-dev", seed: int =
     save_file({prefix + k: v.contiguous() for k, v in bfl.items()},
               str(files["source_checkpoint"]))
     save_file({k: v.contiguous() for k, v in te_state(clip).items()}, str(files["flux_clip_l"]))
-    save_file({k: v.contiguous() for k, v in t5.state_dict().items()
-               if k != "encoder.embed_tokens.weight"}, str(files["flux_t5xxl"]))
+    save_file(t5_state(t5), str(files["flux_t5xxl"]))
     ldm = convert.to_ldm(ae.state_dict(), convert.vae_prefix_map(dict(ae.config)), "", vae=True)
     save_file({k: v.contiguous() for k, v in ldm.items()}, str(files["flux_ae"]))
     out = {k: str(v) for k, v in files.items()}

@@ -14,6 +14,7 @@ from .. import assets
 from ..config import TrainingConfig
 from ..config.errors import DreamboothError, short_repr
 from ..config.flux import FLUX_TYPES
+from ..config.sd35 import SD35_TYPES
 from .checkpoint import write_safetensors, write_text
 from .components import Components, instantiate, load_module, make_components, te_load, te_state
 from .single_file import load_single_file, read_ahead
@@ -136,6 +137,9 @@ def load_model(config: TrainingConfig, say,
     if config.model_type in FLUX_TYPES:  # a LoRA of its files, no working folder
         from .flux import load_flux
         return load_flux(config, dtype), 0
+    if config.model_type in SD35_TYPES:  # the same: a LoRA of its file(s)
+        from .sd35 import load_sd35
+        return load_sd35(config, dtype), 0
     info = _working_info(config)
     if info is not None:
         say(f"Continuing from the working model at revision {info.get('revision', 0)}.")
@@ -165,7 +169,8 @@ def read_source_ahead(config: TrainingConfig, dtype: torch.dtype | None = None) 
     """Start reading what load_model(config, dtype=dtype) will load from the source file, if
     it will (single_file.read_ahead): not when the working folder goes on from it."""
     try:
-        if _working_info(config) is None and config.model_type not in FLUX_TYPES:
+        if _working_info(config) is None and config.model_type not in \
+                FLUX_TYPES + SD35_TYPES:
             read_ahead(config.source_checkpoint, config.model_type, dtype)
     except (OSError, ValueError, DreamboothError):  # load_model says what is wrong
         pass

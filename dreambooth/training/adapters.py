@@ -136,10 +136,11 @@ def ss_metadata(cfg, spec, steps: int, epochs: int, images: list, n_class: int,
         folder = tags.setdefault(Path(item.path).parent.name, Counter())
         folder.update(t.strip() for t in item.prompt.split(",") if t.strip())
     when = (trained_at or datetime.now(timezone.utc)).timestamp()
-    flux = {} if spec.family != "flux" else {  # kohya's Flux keys, in its words
+    flux = {} if spec.prediction_type != "flow" else {  # kohya's Flux / SD3 keys, its words
         "ss_model_prediction_type": "raw", "ss_timestep_sampling": "shift" if spec.shift != 1
         else "uniform", "ss_discrete_flow_shift": str(spec.shift),
-        "ss_guidance_scale": str(spec.guidance or 1.0), "ss_weighting_scheme": "none"}
+        "ss_guidance_scale": str(spec.guidance or 1.0),
+        "ss_weighting_scheme": "logit_normal" if spec.family == "sd3" else "none"}
     return {**network_keys(cfg), **flux, "ss_base_model_version": BASE_VERSION[spec.family],
         "ss_v2": str(spec.family == "v2"),
         "ss_v_parameterization": str(spec.prediction_type == "v_prediction"),
@@ -183,7 +184,7 @@ def network_keys(cfg) -> dict:
 def file_tensors(comp, cfg, states: dict) -> tuple[dict, dict]:
     """(the file's tensors, key -> shape they must have) of the network cfg trains, with the
     norms' under train_norm."""
-    if comp.spec.family == "flux":  # kohya's Flux layout (flux_lora.py)
+    if comp.spec.prediction_type == "flow":  # kohya's Flux / SD3 layout (flux_lora.py)
         from . import flux_lora
         return (flux_lora.kohya_state(comp, cfg, lora_pairs(states["unet"])),
                 flux_lora.expected_layout(comp, cfg))

@@ -186,10 +186,10 @@ def plan(config, free_bytes: int | None, half: str = "bf16",
     """(config to train with, what to tell the user) for the config's memory_preset, given the
     free GPU memory (None: no GPU, nothing to fit)."""
     preset, said = config.memory_preset, []
-    if config.model_type.startswith("flux") and (preset == "lowest" or free_bytes is not None
-                                                 and preset != "off"):
-        return config, ["The memory presets do not cover Flux yet: the settings are used as "
-                        "given."]
+    if config.model_type.startswith(("flux", "sd3")) and (
+            preset == "lowest" or free_bytes is not None and preset != "off"):
+        return config, ["The memory presets do not cover Flux or SD3.5 yet: the settings are "
+                        "used as given."]
     if preset == "lowest":
         changes = lowest(config, half)
         if changes:

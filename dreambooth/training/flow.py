@@ -3,7 +3,12 @@ point between the latents (t = 0) and noise (t = 1), x_t = (1 - t) x_0 + t e, wi
 uniformly and shifted toward noise by the spec's shift (t' = s t / (1 + (s - 1) t)); the
 transformer reads x_t as packed 2x2 patches with their positions, the text as T5's states with
 CLIP's pooled vector, t (and, for dev, the guidance it was distilled with) and predicts the
-velocity e - x_0. Pure helpers and one step, tested against independent sums."""
+velocity e - x_0. Pure helpers and one step, tested against independent sums.
+
+SD3.5, as diffusers' train_dreambooth_lora_sd3.py trains it by default: the same interpolation,
+t drawn logit-normal (sigmoid of a standard normal) as an index into SD3's scheduler (shift 3),
+the MMDiT reading x_t unpacked with t x 1000, its output preconditioned (x_t - t v, "as in
+EDM") against x_0, which is t^2 times the velocity loss with no further weighting."""
 from __future__ import annotations
 
 import torch
@@ -54,13 +59,38 @@ def flow_loss(transformer, latents, cond: dict, noise, sigmas, n_instance: int,
     return dreambooth_loss(unpack(pred, h, w), noise - latents, n_instance, prior_weight)
 
 
+def sd3_draws(gen, n: int, scheduler) -> tuple:
+    """(sigmas, timesteps) of n samples: a logit-normal u picks the scheduler's step
+    int(u x 1000), as the SD3 script's compute_density_for_timestep_sampling('logit_normal')."""
+    u = torch.sigmoid(torch.randn((n,), generator=gen, device=gen.device))
+    sigmas = scheduler.sigmas.to(gen.device)
+    index = (u * scheduler.config.num_train_timesteps).long().clamp(max=len(sigmas) - 1)
+    return sigmas[index], scheduler.timesteps.to(gen.device)[index]
+
+
+def sd3_loss(transformer, latents, cond: dict, noise, sigmas, timesteps, n_instance: int,
+             prior_weight: float) -> tuple:
+    """Interpolate, predict, precondition (x_t - t v) and return dreambooth_loss against x_0."""
+    s = sigmas.reshape(-1, 1, 1, 1).to(latents.dtype)
+    noisy = (1 - s) * latents + s * noise
+    pred = transformer(hidden_states=noisy, timestep=timesteps,
+                       encoder_hidden_states=cond["hidden"], pooled_projections=cond["pooled"],
+                       return_dict=False)[0]
+    return dreambooth_loss(noisy - s * pred, latents, n_instance, prior_weight)
+
+
 def flow_step(trainer, order, b: int, rng, gen) -> tuple:
-    """Trainer.step_loss for Flux: the batch, its noise and timesteps (drawn for the whole global
-    batch, as step_draws does), the loss."""
+    """Trainer.step_loss for Flux and SD3.5: the batch, its noise and timesteps (drawn for the
+    whole global batch, as step_draws does), the loss."""
     cfg, spec, device = trainer.cfg, trainer.comp.spec, trainer.device
     latents, cond, _, n_inst, rows, n_global = trainer.feed.batch(order, b, rng, gen, None)
     noise = draw_noise((n_global, *latents.shape[1:]), gen, gen.device, cfg.offset_noise)
-    sigmas = shifted(torch.rand((n_global,), generator=gen, device=gen.device), spec.shift)
     cond = {k: v.to(device) for k, v in cond.items()}
+    if spec.family == "sd3":
+        sigmas, timesteps = sd3_draws(gen, n_global, trainer.scheduler)
+        return sd3_loss(trainer.models[0], latents, cond, take_rows(noise, rows),
+                        take_rows(sigmas, rows), take_rows(timesteps, rows), n_inst,
+                        cfg.prior_loss_weight)
+    sigmas = shifted(torch.rand((n_global,), generator=gen, device=gen.device), spec.shift)
     return flow_loss(trainer.models[0], latents, cond, take_rows(noise, rows),
                      take_rows(sigmas, rows), n_inst, cfg.prior_loss_weight, spec.guidance)

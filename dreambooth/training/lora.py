@@ -28,8 +28,9 @@ TRANSFORMER = re.compile(r"(^|\.)attentions\.\d+\.")  # inside a Transformer2DMo
 CONV = r"resnets\.\d+\.(conv1|conv2|conv_shortcut)"  # LoCon's modules (peft pattern)
 RESNET_CONV = re.compile(rf"(^|\.){CONV}$")
 ADAPTER = "default"
-BASE_VERSION = {"v1": "sd_v1", "v2": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}
-WEBUI_VERSION = {"v1": "SD1", "v2": "SD2", "sdxl": "SDXL", "flux": "Unknown"}
+BASE_VERSION = {"v1": "sd_v1", "v2": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux": "flux1",
+                "sd3": "sd3"}
+WEBUI_VERSION = {"v1": "SD1", "v2": "SD2", "sdxl": "SDXL", "flux": "Unknown", "sd3": "Unknown"}
 
 
 def inject(module, rank: int, alpha: float, targets=UNET_TARGETS,
@@ -72,8 +73,8 @@ def target_paths(module, component: str, targets: str = "attention") -> list[str
     """The module paths `targets` ('attention' | 'transformer' | 'transformer+conv') adapts in
     a plain (not yet wrapped) UNet or text encoder."""
     import torch.nn as nn
-    from .flux_lora import is_flux
-    if component == "unet" and is_flux(module):
+    from .flux_lora import is_flux, is_sd3
+    if component == "unet" and (is_flux(module) or is_sd3(module)):
         from .flux_lora import target_paths as flux_paths
         return flux_paths(module, targets)
     out = []

@@ -138,7 +138,7 @@ class Trainer:
         self.feed.cache()
         self.park_frozen()
         self.place_unet()
-        self.attention = "sdpa" if self.comp.spec.family == "flux" else \
+        self.attention = "sdpa" if self.comp.spec.prediction_type == "flow" else \
             backends.set_attention(self.comp.unet, cfg.attention, self.warn)  # Flux's: SDPA
         self.plan_steps()
         self.saver = Saver(cfg, self.comp, self.acc, self.emit, self.revision)
@@ -212,7 +212,7 @@ class Trainer:
 
     # -- one step ------------------------------------------------------------------------
     def step_loss(self, order, b, rng, gen):
-        if self.comp.spec.family == "flux":  # flow matching (flow.py)
+        if self.comp.spec.prediction_type == "flow":  # Flux, SD3.5 (flow.py)
             return flow.flow_step(self, order, b, rng, gen)
         encoders = self.models[1:] if self.cfg.trains_text_encoder else None
         latents, cond, geometry, n_inst, rows, n_global = self.feed.batch(order, b, rng, gen,

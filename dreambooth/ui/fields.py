@@ -18,7 +18,8 @@ MAX_CONCEPTS = 4
 # user needs; every other field shows under the section's "Advanced" accordion.
 SECTIONS: dict[str, tuple[str, ...]] = {
     "Model": ("model_name", "source_checkpoint", "model_type", "work_dir", "resume",
-              "flux_clip_l", "flux_t5xxl", "flux_ae", "t5_tokenizer_dir"),
+              "flux_clip_l", "flux_t5xxl", "flux_ae", "sd35_clip_l", "sd35_clip_g",
+              "sd35_t5xxl", "sd35_vae", "t5_tokenizer_dir"),
     "Parameters": ("steps_per_image", "batch_size", "learning_rate", "resolution",
                    "optimizer", "mixed_precision", "attention", "cache_latents",
                    "memory_preset", "train_text_encoder", "prior_loss_weight", "sample_every_epochs",
@@ -107,7 +108,10 @@ LABELS = {
     "log_with": "Run tracking (TensorBoard, wandb, MLflow ...)",
     "logging_dir": "Tracking folder",
     "flux_clip_l": "Flux: CLIP-L file", "flux_t5xxl": "Flux: T5-XXL file",
-    "flux_ae": "Flux: autoencoder (ae) file", "t5_tokenizer_dir": "Flux: T5 tokenizer folder",
+    "flux_ae": "Flux: autoencoder (ae) file",
+    "t5_tokenizer_dir": "Flux/SD3.5: T5 tokenizer folder",
+    "sd35_clip_l": "SD3.5: CLIP-L file", "sd35_clip_g": "SD3.5: CLIP-G file",
+    "sd35_t5xxl": "SD3.5: T5-XXL file", "sd35_vae": "SD3.5: VAE file",
 }
 
 
@@ -164,12 +168,13 @@ def config_specs() -> dict[str, list[WidgetSpec]]:
 
 def host_model_types(spec: WidgetSpec, host) -> WidgetSpec:
     """The model type widget as `host` can use it: only the types it loads (Host.model_types),
-    and, where that leaves out Flux, its note why."""
+    and, where that leaves out Flux or SD3.5, its note why."""
     allowed = getattr(host, "model_types", None)
     if allowed is None:
         return spec
     left_out = [c for c in spec.choices if c not in allowed]
-    note = f" {host.no_flux_note}" if any(c.startswith("flux") for c in left_out) else ""
+    note = f" {host.no_flux_note}" if any(c.startswith(("flux", "sd3")) for c in left_out) \
+        else ""
     return dataclasses.replace(spec, choices=tuple(c for c in spec.choices if c in allowed),
                                help=spec.help + note)
 
