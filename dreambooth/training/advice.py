@@ -107,7 +107,8 @@ def _slower(config, step: dict) -> float:
     if "gradient_checkpointing" not in step:
         return SLOWER.get(next(iter(step)), 1.0)
     full = SLOWER["gradient_checkpointing"]
-    if step.get("checkpoint_blocks") != "selective":
+    if step.get("checkpoint_blocks") != "selective" or \
+            _refused(config.replace(**step), _problems(config)):  # (no UNet: never advised)
         return full
     from .selective import recompute_share
     return 1 + (full - 1) * recompute_share(config.model_type, config.resolution,
