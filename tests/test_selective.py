@@ -54,6 +54,8 @@ def test_selective_checkpointing_gives_the_gradients_of_none(tiny, monkeypatch):
     names = selective.chosen_blocks(configs, 64, "sdpa")
     every = [n for n, m in unet.named_modules() if type(m).__name__ in BLOCKS]
     assert names and set(names) < set(every), names
+    assert selective.describe(configs, 64, "sdpa").startswith(
+        f"Selective gradient checkpointing: {len(names)} of the UNet's {len(every)} blocks")
     plain_saved, chosen_saved = [], []
     plain = _grads(copy.deepcopy(unet).train(), plain_saved)
     chosen = copy.deepcopy(unet).train()

@@ -337,8 +337,9 @@ def make_optimizer(cfg, groups: list, acc, warn) -> tuple:
     return Bucketed(groups, build, fused, cfg.max_grad_norm if fused else 0.0, cfg.seed), name
 
 
-def trainable_groups(cfg, comp) -> list[dict]:
-    """The parameter groups a run trains, set to train (and to checkpoint gradients): a new
+def trainable_groups(cfg, comp, say=lambda text: None) -> list[dict]:
+    """The parameter groups a run trains, set to train (and to checkpoint gradients, saying
+    which blocks where the checkpointing is selective): a new
     token's embedding alone, the LoRA layers (in fp32; pivotal: and the embedding) with
     everything else frozen, or the UNet and, with train_text_encoder,
     the text encoders at their own learning rate."""
@@ -365,8 +366,9 @@ def trainable_groups(cfg, comp) -> list[dict]:
                                       .parameters()], "lr": cfg.text_encoder_learning_rate})
     unet.train()
     if selective.selective(cfg):  # the UNet's blocks the estimate picks; the text encoder's none
-        selective.checkpoint_blocks(unet, selective.chosen_blocks(
-            comp.configs, cfg.resolution, cfg.attention))
+        names = selective.chosen_blocks(comp.configs, cfg.resolution, cfg.attention)
+        selective.checkpoint_blocks(unet, names)
+        say(selective.describe(comp.configs, cfg.resolution, cfg.attention))
     elif cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     for te in tes if cfg.trains_text_encoder else ():

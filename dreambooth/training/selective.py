@@ -81,10 +81,26 @@ def _chosen(key: str, resolution: int, attention: str) -> tuple:
 def recompute_share(model_type: str, resolution: int, attention: str) -> float:
     """The chosen blocks' share of the FLOPs full checkpointing recomputes (the model type's
     shipped UNet)."""
-    key, attention = _shipped(model_type), _attention(attention)
+    return _shares(_shipped(model_type), resolution, _attention(attention))[1]
+
+
+def _shares(key: str, resolution: int, attention: str) -> tuple[float, float]:
+    """(share of the blocks' saved bytes, share of their FLOPs) in the chosen blocks."""
     blocks = block_costs(key, resolution, attention)
     chosen = set(_chosen(key, resolution, attention))
-    return sum(b.flops for b in blocks if b.name in chosen) / sum(b.flops for b in blocks)
+    return tuple(sum(getattr(b, k) for b in blocks if b.name in chosen)
+                 / sum(getattr(b, k) for b in blocks) for k in ("saved", "flops"))
+
+
+def describe(configs: dict, resolution: int, attention: str) -> str:
+    """What the trainer says of its selective checkpointing."""
+    key, attention = _key(configs), _attention(attention)
+    saved, flops = _shares(key, resolution, attention)
+    n, every = len(_chosen(key, resolution, attention)), len(block_costs(key, resolution,
+                                                                         attention))
+    return (f"Selective gradient checkpointing: {n} of the UNet's {every} blocks are recomputed "
+            f"in backward, those that save {saved:.0%} of the blocks' activations at "
+            f"{resolution} px for {flops:.0%} of their compute.")
 
 
 def _meta_unet(key: str, attention: str):
