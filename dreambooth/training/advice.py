@@ -78,7 +78,11 @@ def suggest(config, free_bytes: int, half: str = "bf16",
                and ("fp8_base" not in step or config.method != "dreambooth")]  # (refused)
     known = _problems(config)
     plans = {}  # mask of options -> (cost, estimate) of each plan that fits
-    for mask in range(1, 2 ** len(options)):
+    # fewest changes first; a plan holding a smaller one that fits is never the best (it takes
+    # at least that one's time, with more changes): not estimated
+    for mask in sorted(range(1, 2 ** len(options)), key=lambda m: bin(m).count("1")):
+        if any(mask & fits == fits for fits in plans):
+            continue
         chosen = [i for i in range(len(options)) if mask >> i & 1]
         candidate = config.replace(**{k: v for i in chosen for k, v in options[i][0].items()})
         if _refused(candidate, known):

@@ -28,7 +28,6 @@ import json
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from .memory_count import BLOCKS, flash_like, quiet, unet_inputs
 
@@ -38,6 +37,7 @@ class Block:
     name: str  # its path in the UNet
     saved: int  # bytes autograd saves inside it in one forward (per image)
     flops: int  # its forward FLOPs (per image): what recomputing it costs
+    params: tuple = ()  # (values, a Linear/Conv2d weight or bias?) of each parameter inside
 
 
 def full(cfg) -> bool:
@@ -119,8 +119,7 @@ class _Counting:
 
     def __init__(self, unet) -> None:
         self.params = {id(p) for p in unet.parameters()}
-        self.seen, self.saved, self.attention_flops = set(), 0, 0
-        self.flop_mode = _MatmulFlops()
+        self.seen, self.saved, self.flops = set(), 0, 0
 
     def pack(self, t):
         base = t._base if t._base is not None else t
@@ -135,56 +134,56 @@ class _Counting:
             if isinstance(t, torch.Tensor):
                 self.pack(t)
 
-    def attention(self, q, k, v, *args, **kwargs):
-        self.attention_flops += 2 * q.numel() * k.shape[-2] + 2 * q[..., :1].numel() \
-            * k.shape[-2] * v.shape[-1]  # q k^T and (.) v
-        return flash_like(q, k, v)
+    def count_flops(self, unet) -> list:
+        """Hooks adding each matrix product's FLOPs (Linear, Conv2d, attention's two) to
+        self.flops: what a block's compute is made of (torch's FlopCounterMode counts the same
+        from the dispatched ops, seconds slower)."""
+        def linear(m, args, out):
+            self.flops += 2 * out.numel() * m.in_features
 
-    def flops(self) -> int:
-        return self.flop_mode.total + self.attention_flops
+        def conv(m, args, out):
+            self.flops += 2 * out.numel() * m.weight[0].numel()
 
-
-class _MatmulFlops(TorchDispatchMode):
-    """FLOPs of the matrix products and convolutions (what a block's compute is made of;
-    torch's FlopCounterMode counts the same and takes seconds more for its module tracking)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = func.overloadpacket.__name__
-        if name in ("mm", "addmm", "bmm", "baddbmm"):  # (.., M, K) @ (.., K, N)
-            self.total += 2 * out.numel() * args[-1].shape[-2]
-        elif name == "convolution":  # out x in/groups x kernel
-            self.total += 2 * out.numel() * args[1][0].numel()
-        return out
+        def attention(m, args, kwargs, out):  # q k^T and (.) v over every head
+            context = kwargs.get("encoder_hidden_states")
+            q, kv = args[0], args[0] if context is None else context
+            self.flops += 4 * q[..., :1].numel() * kv.shape[-2] * m.to_q.out_features
+        return [m.register_forward_hook(linear) if isinstance(m, torch.nn.Linear) else
+                m.register_forward_hook(conv) if isinstance(m, torch.nn.Conv2d) else
+                m.register_forward_hook(attention, with_kwargs=True)
+                for m in unet.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+                or type(m).__name__ == "Attention"]
 
 
 @functools.lru_cache(maxsize=None)
 def block_costs(key: str, resolution: int, attention: str) -> tuple:
     """Every block's saved bytes and forward FLOPs at `resolution` (bf16), in forward order,
-    of the UNet of `key` (_key)."""
+    of the UNet of `key` (_key), and the parameters inside it: (values, Linear/Conv2d?) each."""
     import torch.nn.functional as F
     unet, configs = _meta_unet(key, attention)
     names = {m: n for n, m in unet.named_modules() if type(m).__name__ in BLOCKS}
     count, start, rows = _Counting(unet), {}, []
     hooks = [h for m in names for h in (
         m.register_forward_pre_hook(lambda m, a: start.__setitem__(m, (count.saved,
-                                                                          count.flops()))),
+                                                                          count.flops))),
         m.register_forward_hook(lambda m, a, o: rows.append(Block(
-            names[m], count.saved - start[m][0], count.flops() - start[m][1]))))]
+            names[m], count.saved - start[m][0], count.flops - start[m][1], _params(m)))))]
+    hooks += count.count_flops(unet)
     args, kwargs = unet_inputs(configs, resolution, torch.bfloat16)
-    plain, F.scaled_dot_product_attention = F.scaled_dot_product_attention, count.attention
+    plain, F.scaled_dot_product_attention = F.scaled_dot_product_attention, flash_like
     try:
-        with torch.autograd.graph.saved_tensors_hooks(count.pack, lambda t: t), count.flop_mode:
+        with torch.autograd.graph.saved_tensors_hooks(count.pack, lambda t: t):
             unet(*args, **kwargs)
     finally:
         F.scaled_dot_product_attention = plain
         for h in hooks:
             h.remove()
     return tuple(rows)
+
+
+def _params(block) -> tuple:
+    return tuple((p.numel(), isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+                 for m in block.modules() for p in m.parameters(recurse=False))
 
 
 def activation_bytes(cfg, half: bool) -> int:
@@ -202,18 +201,10 @@ def recomputed_weights(cfg, recast: int | None) -> int:
     where it applies, else None); 0 unless selective."""
     if not selective(cfg):
         return 0
-    sizes = _inside(_shipped(cfg.model_type), cfg.resolution, _attention(cfg.attention))
-    return sum(n for n, matrix in sizes if not (recast and matrix and n >= recast))
-
-
-@functools.lru_cache(maxsize=None)
-def _inside(key: str, resolution: int, attention: str) -> tuple:
-    """(values, a Linear/Conv2d parameter?) of each parameter inside the chosen blocks."""
-    unet, _ = _meta_unet(key, attention)
-    found = dict(unet.named_modules())
-    return tuple((p.numel(), isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
-                 for name in _chosen(key, resolution, attention)
-                 for m in found[name].modules() for p in m.parameters(recurse=False))
+    key, attention = _shipped(cfg.model_type), _attention(cfg.attention)
+    chosen = set(_chosen(key, cfg.resolution, attention))
+    return sum(n for b in block_costs(key, cfg.resolution, attention) if b.name in chosen
+               for n, matrix in b.params if not (recast and matrix and n >= recast))
 
 
 @functools.lru_cache(maxsize=None)
