@@ -119,20 +119,28 @@ class _Counting:
 
     def __init__(self, unet) -> None:
         self.params = {id(p) for p in unet.parameters()}
-        self.seen, self.saved, self.flops = set(), 0, 0
+        self.saved, self.flops = 0, 0
+        self.block = None  # the block running now (None: outside every block)
+        # id of each saved tensor (its base) -> [bytes, the blocks that save it (None: outside)]
+        self.saves: dict = {}
+        self.inputs: dict = {}  # block -> ids and bytes of its tensor inputs
+        self.alive: list = []  # (the inputs: no id used twice while counting)
 
     def pack(self, t):
         base = t._base if t._base is not None else t
-        if id(base) not in self.params and id(t) not in self.params and id(base) not in self.seen:
-            self.seen.add(id(base))
-            self.saved += base.numel() * base.element_size()
+        if id(base) not in self.params and id(t) not in self.params:
+            if id(base) not in self.saves:
+                self.saves[id(base)] = [base.numel() * base.element_size(), set()]
+                self.saved += self.saves[id(base)][0]
+            self.saves[id(base)][1].add(self.block)
         return t
 
-    def inputs(self, module, args, kwargs) -> None:
-        """A checkpointed block's inputs: kept by its checkpoint until backward."""
-        for t in (*args, *kwargs.values()):
-            if isinstance(t, torch.Tensor):
-                self.pack(t)
+    def enter(self, name: str, args, kwargs) -> None:
+        self.block = name
+        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        self.alive += tensors
+        self.inputs[name] = [(id(t._base if t._base is not None else t),
+                              t.numel() * t.element_size()) for t in tensors]
 
     def count_flops(self, unet) -> list:
         """Hooks adding each matrix product's FLOPs (Linear, Conv2d, attention's two) to
@@ -155,21 +163,35 @@ class _Counting:
                 or type(m).__name__ == "Attention"]
 
 
-@functools.lru_cache(maxsize=None)
 def block_costs(key: str, resolution: int, attention: str) -> tuple:
     """Every block's saved bytes and forward FLOPs at `resolution` (bf16), in forward order,
     of the UNet of `key` (_key), and the parameters inside it: (values, Linear/Conv2d?) each."""
+    return _record(key, resolution, attention, True)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _record(key: str, resolution: int, attention: str, half: bool) -> tuple:
+    """(block_costs, what each saved tensor weighs and which blocks save it, each block's
+    inputs): one forward on the meta device, without checkpointing."""
     import torch.nn.functional as F
     unet, configs = _meta_unet(key, attention)
+    dtype = torch.bfloat16 if half else torch.float32
+    unet.to(dtype)
     names = {m: n for n, m in unet.named_modules() if type(m).__name__ in BLOCKS}
     count, start, rows = _Counting(unet), {}, []
-    hooks = [h for m in names for h in (
-        m.register_forward_pre_hook(lambda m, a: start.__setitem__(m, (count.saved,
-                                                                          count.flops))),
-        m.register_forward_hook(lambda m, a, o: rows.append(Block(
-            names[m], count.saved - start[m][0], count.flops - start[m][1], _params(m)))))]
+
+    def enter(m, args, kwargs) -> None:
+        start[m] = (count.saved, count.flops)
+        count.enter(names[m], args, kwargs)
+
+    def leave(m, args, out) -> None:
+        count.block = None
+        rows.append(Block(names[m], count.saved - start[m][0], count.flops - start[m][1],
+                          _params(m)))
+    hooks = [h for m in names for h in (m.register_forward_pre_hook(enter, with_kwargs=True),
+                                        m.register_forward_hook(leave))]
     hooks += count.count_flops(unet)
-    args, kwargs = unet_inputs(configs, resolution, torch.bfloat16)
+    args, kwargs = unet_inputs(configs, resolution, dtype)
     plain, F.scaled_dot_product_attention = F.scaled_dot_product_attention, flash_like
     try:
         with torch.autograd.graph.saved_tensors_hooks(count.pack, lambda t: t):
@@ -178,7 +200,7 @@ def block_costs(key: str, resolution: int, attention: str) -> tuple:
         F.scaled_dot_product_attention = plain
         for h in hooks:
             h.remove()
-    return tuple(rows)
+    return tuple(rows), count.saves, count.inputs
 
 
 def _params(block) -> tuple:
@@ -209,28 +231,14 @@ def recomputed_weights(cfg, recast: int | None) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _selective_saved(key: str, resolution: int, attention: str, half: bool) -> int:
-    import torch.nn.functional as F
-    unet, configs = _meta_unet(key, attention)
-    dtype = torch.bfloat16 if half else torch.float32
-    unet.to(dtype)
-    names = _chosen(key, resolution, attention)
-    checkpoint_blocks(unet, names)
-    count = _Counting(unet)
-    found = dict(unet.named_modules())
-    hooks = [found[n].register_forward_pre_hook(count.inputs, with_kwargs=True) for n in names]
-    args, kwargs = unet_inputs(configs, resolution, dtype)
-    plain, F.scaled_dot_product_attention = F.scaled_dot_product_attention, flash_like
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(count.pack, lambda t: t):
-            unet(*args, **kwargs)
-    finally:
-        F.scaled_dot_product_attention = plain
-        for h in hooks:
-            h.remove()
-    scale = 1 if half else 2  # block_costs counted bf16
-    widest = max((b.saved for b in block_costs(key, resolution, attention)
-                  if b.name in names), default=0)
-    return count.saved + scale * widest
+    """What a forward with the chosen blocks checkpointed saves, from the forward without
+    (_record): a tensor that some op outside them saves, and each chosen block's inputs (each
+    checkpoint keeps its own), once each; and the most one chosen block saves."""
+    chosen = set(_chosen(key, resolution, attention))
+    blocks, saves, inputs = _record(key, resolution, attention, half)
+    kept = {i: size for i, (size, savers) in saves.items() if not savers <= chosen}
+    kept.update((i, size) for name in chosen for i, size in inputs[name])
+    return sum(kept.values()) + max((b.saved for b in blocks if b.name in chosen), default=0)
 
 
 # -- in the trainer ------------------------------------------------------------------------------
