@@ -12,8 +12,9 @@ these are the transformer blocks of the two highest resolutions and the middle o
 blocks: 67% of the blocks' saved bytes for 40% of their FLOPs; per image 0.45 GiB kept by the
 estimate, 0.92 without checkpointing, 0.22 with every block); at 1024 px, where attention's
 FLOPs grow with the square of the tokens, the ResNet blocks of the highest resolution instead
-of its transformer blocks. The estimate (memory.py) counts the selective forward as it counts
-the full one, and the trainer checkpoints the same set (of its own UNet's config). This is a
+of its transformer blocks. The estimate (memory.py) counts what a forward with those blocks
+checkpointed keeps, from the same forward (which blocks save each tensor, what each block takes
+in), and the trainer checkpoints the same set (of its own UNet's config). This is a
 fixed rule, not the smallest set that fits the free memory: the set stays a function of the
 config (a resumed run recomputes the same blocks), and the 'auto' preset weighs it as one
 lever between none and full (advice.py: its cost is full's, times the share of the FLOPs).
