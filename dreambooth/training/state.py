@@ -40,7 +40,8 @@ BEFORE_FIELD = {"lora_targets": "attention", "lora_conv_rank": 8, "lora_conv_alp
                 "lokr_rank": 0, "lokr_alpha": 1.0, "dora_wd": False, "glora_rank": 8,
                 "oft_block_size": 32, "oft_constraint": 0.0, "train_norm": False,
                 "flux_clip_l": "", "flux_t5xxl": "", "flux_ae": "", "t5_tokenizer_dir": "",
-                "sd35_clip_l": "", "sd35_clip_g": "", "sd35_t5xxl": "", "sd35_vae": ""}
+                "sd35_clip_l": "", "sd35_clip_g": "", "sd35_t5xxl": "", "sd35_vae": "",
+                "checkpoint_blocks": "all"}
 
 
 def snapshots(model_dir: Path) -> list[Path]:

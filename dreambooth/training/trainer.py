@@ -190,7 +190,7 @@ class Trainer:
     def setup_optimization(self) -> None:
         from diffusers.optimization import get_scheduler
         cfg, unet, tes = self.cfg, self.comp.unet, self.comp.text_encoders
-        groups = trainable_groups(cfg, self.comp)
+        groups = trainable_groups(cfg, self.comp, self.say)
         optimizer, self.optimizer_name = make_optimizer(cfg, groups, self.acc, self.warn)
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
                                           num_warmup_steps=cfg.lr_warmup_steps,
