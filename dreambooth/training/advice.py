@@ -99,7 +99,8 @@ def suggest(config, free_bytes: int, half: str = "bf16",
         return _greedy(config, free_bytes, half, n_images, before)
     best = min(minimal, key=lambda m: plans[m][0])
     chosen = [o for i, o in enumerate(options) if best >> i & 1]
-    changes = {k: v for step, _, _ in chosen for k, v in step.items()}
+    changes = {k: v for step, _, _ in chosen for k, v in step.items()
+               if getattr(config, k) != v}  # (checkpoint_blocks 'all' is the default)
     return Suggestion(tuple(changes.items()), True, before, plans[best][1],
                       _sentence(before, plans[best][1], free_bytes,
                                 [text for _, text, _ in chosen], True))
@@ -137,7 +138,7 @@ def _greedy(config, free_bytes: int, half: str, n_images, before: Estimate) -> S
         if trial.total > after.total * (1 - MIN_SAVING):  # not worth a change (e.g. 8-bit
             continue                                     # AdamW on a LoRA's few weights)
         current, after = candidate, trial
-        changes.update(step)
+        changes.update((k, v) for k, v in step.items() if getattr(config, k) != v)
         words = [(k, w) for k, w in words if not k <= step.keys()]  # overridden: unsaid
         words.append((set(step), text))
     words = [w for _, w in words]
