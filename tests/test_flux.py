@@ -179,11 +179,13 @@ def test_tiny_flux_trains_end_to_end_offline(tiny_flux, instance_dir, tmp_path, 
                       class_images_per_instance=1)
     cfg = flux_config(tiny_flux, instance_dir, tmp_path, steps_per_image=1, batch_size=2,
                       gradient_checkpointing=True, concepts=(concept,), class_generation_steps=2,
-                      sample_every_epochs=1, sample_steps=2)
+                      sample_every_epochs=1, sample_steps=2, attention="default")
     events = []
     trainer = Trainer(cfg.check(), ev.EventBus(events.append), ev.CancelToken())
     result = trainer.run()
     assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    said = [e.text for e in events if isinstance(e, ev.Message) and e.level == "warning"]
+    assert any("Memory attention 'default' is for SD's UNet" in t for t in said), said
     assert len(list((cfg.model_dir / "class_images").rglob("*.png"))) == 4
     assert [e.step for e in events if isinstance(e, ev.SampleSaved)] == [2]
     assert result.path.parent == tmp_path / "Lora"

@@ -140,8 +140,8 @@ class Trainer:
         self.feed.cache()
         self.park_frozen()
         self.place_unet()
-        self.attention = "sdpa" if self.comp.spec.prediction_type == "flow" else \
-            backends.set_attention(self.comp.unet, cfg.attention, self.warn)  # Flux's: SDPA
+        self.attention = (backends.flow_attention if self.comp.spec.prediction_type == "flow"
+                          else backends.set_attention)(self.comp.unet, cfg.attention, self.warn)
         self.plan_steps()
         self.saver = Saver(cfg, self.comp, self.acc, self.emit, self.revision)
         self.saver.refuse_clashes(self.save_steps())
