@@ -60,6 +60,10 @@ def profile_cases() -> list[ProfileCase]:
             ProfileCase("lowest_bs1", {"memory_preset": "lowest"}),
             ProfileCase("ema_bs1", {"use_ema": True}),
             ProfileCase("lora_r16_ema_bs1", {**lora, "use_ema": True}),
+            # selective checkpointing where the activations are most of the peak
+            ProfileCase("lora_r16_selective_bs4", {**lora, "batch_size": 4,
+                                                   "gradient_checkpointing": True,
+                                                   "checkpoint_blocks": "selective"}),
             ProfileCase("sdxl_lora_r16_1024", lora, "sdxl", 1024),
             ProfileCase("sdxl_full_lowest_1024", {"memory_preset": "lowest"}, "sdxl", 1024)]
 
@@ -125,8 +129,7 @@ class _OneProcess:
 def make_config(case: ProfileCase, resolution: int, work: Path):
     from dreambooth.config import Concept, TrainingConfig
     from dreambooth.training.advice import plan_run
-    settings = {"batch_size": 1, **case.settings}
-    cfg = TrainingConfig(
+    settings = dict(
         model_name=f"profile_{case.name}", source_checkpoint="(fake tensors)",
         work_dir=str(work / "runs"), output_dir=str(work / "out"),
         concepts=(Concept(str(work / "instance"), "photo of sks dog", "", "", 0),),
@@ -134,7 +137,8 @@ def make_config(case: ProfileCase, resolution: int, work: Path):
         text_encoder_learning_rate=5e-6, weight_decay=1e-2, max_grad_norm=1.0,
         lr_scheduler="constant", optimizer="adamw", mixed_precision="bf16", attention="sdpa",
         gradient_checkpointing=False, cache_latents=True, steps_per_image=100, seed=0,
-        state_every_steps=0, **settings)
+        state_every_steps=0, batch_size=1)
+    cfg = TrainingConfig(**{**settings, **case.settings})
     return plan_run(cfg, None, None, "bf16", lambda text: None)
 
 
@@ -257,6 +261,7 @@ def profile_case(case: ProfileCase, resolution: int | None = None, configs: dict
     from dreambooth.model.components import build_meta
     from dreambooth.model.flux import build_meta_flux
     from dreambooth.model.sd35 import build_meta_sd35
+    from dreambooth.training import selective
     started = time.perf_counter()
     cfg = make_config(case, resolution or case.resolution, work)
     device = torch.device("cuda")  # what the trainer is told; OnDevice maps it to FAKE_DEVICE
@@ -271,6 +276,8 @@ def profile_case(case: ProfileCase, resolution: int | None = None, configs: dict
     if cfg.use_lora:
         from dreambooth.training.adapters import add_lora
         add_lora(comp, cfg)  # on the meta model: see _lora_made_already
+    if selective.selective(cfg):  # the blocks it recomputes, measured on the meta device
+        selective.chosen_blocks(comp.configs, cfg.resolution, cfg.attention)  # (cached)
     with FakeTensorMode(allow_non_fake_inputs=True), StepCounter(python_calls) as counter, \
             OnDevice(counter):
         t = build_trainer(cfg, comp, device)
@@ -300,7 +307,8 @@ def profile_case(case: ProfileCase, resolution: int | None = None, configs: dict
                          "bf16_weights": cfg.bf16_weights, "fp8_base": cfg.fp8_base,
                          "use_lora": cfg.use_lora,
                          "train_text_encoder": cfg.train_text_encoder,
-                         "gradient_checkpointing": cfg.gradient_checkpointing,
+                         "gradient_checkpointing": cfg.gradient_checkpointing and
+                         cfg.checkpoint_blocks,
                          "mixed_precision": t.precision, "ema": cfg.use_ema,
                          "memory_preset": cfg.memory_preset},
             "seconds": round(time.perf_counter() - started, 1)}
@@ -325,8 +333,9 @@ HEADER = (f"{'configuration':<22} {'ops/step':>9} {'py calls':>9} {'host syncs':
 
 def format_row(r: dict) -> str:
     s = r["settings"]
-    extra = ", ".join(k for k in ("fused", "bf16_weights", "fp8_base", "use_lora",
-                                  "train_text_encoder", "gradient_checkpointing", "ema")
+    extra = ", ".join(k + (" (selective)" if s[k] == "selective" else "")
+                      for k in ("fused", "bf16_weights", "fp8_base", "use_lora",
+                                "train_text_encoder", "gradient_checkpointing", "ema")
                       if s.get(k))
     return (f"{r['name']:<22} {r['ops']:>9} {r['python_calls']:>9} {r['host_syncs']:>10} "
             f"{r['read_syncs']:>9} "

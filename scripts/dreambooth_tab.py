@@ -73,8 +73,9 @@ def missing_dependencies(python: str = sys.executable) -> tuple[list[str], str]:
 
 class A1111Calls:
     """The seam between our host and the WebUI's model: AUTOMATIC1111's calls (v1.10) to load
-    a checkpoint, to free the GPU and to reload embeddings. ForgeCalls answers the same three
-    questions for Forge, whose sd_models keeps these names with empty bodies."""
+    a checkpoint, to free the GPU and to reload embeddings, and the list of Flux / SD3.5 part
+    files (none in 1.10). ForgeCalls answers the same questions for Forge, whose sd_models
+    keeps these names with empty bodies and whose top bar lists those files."""
 
     name = "AUTOMATIC1111"
 
@@ -105,6 +106,16 @@ class A1111Calls:
             finally:
                 sd_models.send_model_to_device(model)
 
+    def part_files(self) -> dict[str, str] | None:
+        """AUTOMATIC1111 1.10 has no Flux / SD3.5 and no list of their files: None."""
+        return None
+
+    def refresh_part_files(self) -> None:
+        return None
+
+    def selected_parts(self) -> list[str]:
+        return []
+
     def reload_embeddings(self) -> None:
         try:  # the embedding database of the loaded model
             from modules import sd_hijack
@@ -133,6 +144,22 @@ class ForgeCalls(A1111Calls):
         from backend import memory_management
         memory_management.unload_all_models()
         yield  # nothing after: the next generation loads what it needs
+
+    def part_files(self) -> dict[str, str] | None:
+        """Forge's "VAE / Text Encoder" list: file name -> path of the files under models/VAE,
+        models/text_encoder, --vae-dir and --text-encoder-dir, as its last refresh read them."""
+        from modules_forge import main_entry
+        # a copy first: Forge's refresh_models clears and refills it from another thread
+        return {str(k): str(v) for k, v in list(main_entry.module_list.items())}
+
+    def refresh_part_files(self) -> None:
+        """Forge's refresh of that list (it re-reads the checkpoint list too)."""
+        from modules_forge import main_entry
+        main_entry.refresh_models()
+
+    def selected_parts(self) -> list[str]:
+        """The modules picked in Forge's top bar for generating (paths)."""
+        return [str(m) for m in getattr(shared.opts, "forge_additional_modules", None) or []]
 
     def reload_embeddings(self) -> None:
         """Each text encoder of the loaded model has its own embedding database (none loaded:
@@ -191,6 +218,15 @@ if not LOAD_ERROR:
 
         def refresh_embeddings(self) -> None:
             self.calls.reload_embeddings()
+
+        def part_files(self) -> dict[str, str] | None:
+            return self.calls.part_files()
+
+        def refresh_part_files(self) -> None:
+            self.calls.refresh_part_files()
+
+        def selected_parts(self) -> list[str]:
+            return self.calls.selected_parts()
 
         def select_checkpoint(self, path: str) -> str:
             info = self._info(path)

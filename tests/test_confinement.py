@@ -459,3 +459,37 @@ def test_the_standalone_server_gives_no_page_of_another_site_a_cors_allowance(st
             if not ok:
                 wrong.append(f"{method} {path} Origin {origin}: {status} {allowance} {body[:80]}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_a_part_file_named_as_the_host_lists_it_is_that_file(world):
+    """Flux's / SD3.5's part files by the name the host lists (Forge's VAE / Text Encoder list;
+    here the standalone host's): the name is the listed file, wherever the host keeps it. What
+    the list leaves out (a symlink out, a FIFO), and any path beside a listed file outside the
+    roots, are checked as every path is."""
+    import dataclasses
+    from dreambooth import TrainingConfig
+    from dreambooth.host.confine import confine
+    host, outside = world["host"], world["outside"]
+    encoders = host.paths.checkpoints_dir.parent / "text_encoder"
+    encoders.mkdir()
+    _fake_safetensors(encoders / "clip_l.safetensors")
+    (host.paths.checkpoints_dir / "leak.safetensors").symlink_to(outside / "secret.safetensors")
+    listed = host.part_files()
+    assert listed["clip_l.safetensors"] == str(encoders / "clip_l.safetensors")
+    assert "leak.safetensors" not in listed and "fifo.safetensors" not in listed
+    cfg = TrainingConfig.from_dict({**_good(world), "flux_clip_l": "clip_l.safetensors",
+                                    "sd35_clip_l": str(encoders / "clip_l.safetensors")})
+    assert confine(cfg, host).flux_clip_l == confine(cfg, host).sd35_clip_l == \
+        str(encoders / "clip_l.safetensors")
+    far = outside / "t5" / "t5xxl_fp16.safetensors"  # a host's folder outside ours
+    far.parent.mkdir()
+    _fake_safetensors(far)
+    host.part_files = lambda: {**listed, far.name: str(far)}
+    cfg = dataclasses.replace(cfg, flux_t5xxl=far.name)
+    assert confine(cfg, host).flux_t5xxl == str(far)
+    before = tree_hash(world["root"])
+    for value in ("models/leak.safetensors", str(outside / "secret.safetensors"),
+                  str(far.parent / "other.safetensors"), "../t5/t5xxl_fp16.safetensors"):
+        r = world["client"].post(api.PREFIX + "/train", json={**_good(world), "flux_t5xxl": value})
+        assert r.status_code == 403 and "flux_t5xxl" in {d["field"] for d in r.json()["detail"]}
+    assert tree_hash(world["root"]) == before and not world["manager"].busy()

@@ -179,17 +179,20 @@ def test_tiny_flux_trains_end_to_end_offline(tiny_flux, instance_dir, tmp_path, 
                       class_images_per_instance=1)
     cfg = flux_config(tiny_flux, instance_dir, tmp_path, steps_per_image=1, batch_size=2,
                       gradient_checkpointing=True, concepts=(concept,), class_generation_steps=2,
-                      sample_every_epochs=1, sample_steps=2)
+                      sample_every_epochs=1, sample_steps=2, attention="default")
     events = []
     trainer = Trainer(cfg.check(), ev.EventBus(events.append), ev.CancelToken())
     result = trainer.run()
     assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    said = [e.text for e in events if isinstance(e, ev.Message) and e.level == "warning"]
+    assert any("Memory attention 'default' is for SD's UNet" in t for t in said), said
     assert len(list((cfg.model_dir / "class_images").rglob("*.png"))) == 4
     assert [e.step for e in events if isinstance(e, ev.SampleSaved)] == [2]
     assert result.path.parent == tmp_path / "Lora"
     shapes, _, meta = read_layout(result.path)
     assert shapes == flux_lora.expected_layout(trainer.comp, cfg)
     assert meta["ss_base_model_version"] == "flux1" and meta["ss_network_dim"] == "2"
+    assert meta["ss_model_prediction_type"] == "raw" and meta["ss_weighting_scheme"] == "none"
     lora, trained = load_file(str(result.path)), trained_deltas(trainer.comp.unet, 4.0)
     assert lora["lora_unet_double_blocks_0_img_attn_qkv.alpha"].item() == 12.0
     assert all(d.abs().sum() > 0 for d in trained.values())  # every layer learnt
@@ -339,3 +342,30 @@ def test_flow_maths_against_independent_sums():
     per_sample = ((noise - x) ** 2).mean(dim=(1, 2, 3))  # the prediction was 0
     assert torch.allclose(inst, per_sample[0]) and torch.allclose(prior, per_sample[1])
     assert torch.allclose(total, per_sample[0] + 0.5 * per_sample[1])
+
+
+@pytest.mark.once  # our resume check
+def test_a_new_part_file_in_the_hosts_list_does_not_block_an_sd_runs_resume():
+    """The tab fills flux_* / sd35_* from the host's list for every new model: a file added
+    there later changes those guesses, which only a run of that family reads."""
+    from dreambooth.training.state import config_differences
+    sd = TrainingConfig(flux_t5xxl="/m/t5xxl_fp16.safetensors", sd35_clip_g="/m/clip_g.st")
+    later = sd.replace(flux_t5xxl="", sd35_clip_g="/m/other.st", t5_tokenizer_dir="/t")
+    assert config_differences(sd.to_dict(), later.to_dict()) == []
+    flux = sd.replace(model_type="flux-dev")
+    assert config_differences(flux.to_dict(), later.replace(model_type="flux-dev").to_dict()) \
+        == ["flux_t5xxl: '/m/t5xxl_fp16.safetensors' -> ''", "t5_tokenizer_dir: '' -> '/t'"]
+    sd35 = sd.replace(model_type="sd3.5-large")
+    assert config_differences(sd35.to_dict(), later.replace(model_type="sd3.5-large").to_dict()) \
+        == ["sd35_clip_g: '/m/clip_g.st' -> '/m/other.st'", "t5_tokenizer_dir: '' -> '/t'"]
+
+
+@pytest.mark.once  # our own check, before anything loads
+def test_a_part_file_of_a_kind_not_read_here_is_refused_naming_the_field(tmp_path):
+    gguf = tmp_path / "t5-v1_1-xxl-encoder-Q8_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    for model_type, field in (("flux-dev", "flux_t5xxl"), ("sd3.5-large", "sd35_t5xxl")):
+        problems = TrainingConfig(model_type=model_type, method="lora",
+                                  **{field: str(gguf)}).validate()
+        said = [p for p in problems if p.field == field]
+        assert said and ".gguf" in said[0].why and ".safetensors" in said[0].fix, problems

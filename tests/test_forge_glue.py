@@ -6,6 +6,7 @@ checkpoint saved, finished): what is tested is the glue around it, not training.
 from __future__ import annotations
 
 import inspect
+import json
 import sys
 from pathlib import Path
 
@@ -127,6 +128,7 @@ def test_under_the_a1111_stand_in_the_glue_keeps_a1111s_calls(monkeypatch, tmp_p
     assert type(host.calls) is glue.A1111Calls
     assert "modules_forge" not in sys.modules and "backend" not in sys.modules
     assert host.model_types and not any(t.startswith(("flux", "sd3")) for t in host.model_types)
+    assert host.part_files() is None and host.selected_parts() == []  # the fields take paths
 
 
 def test_the_tab_offers_flux_under_forge_only(forge, tmp_path):
@@ -189,6 +191,9 @@ def test_the_forge_stand_in_has_forges_signatures_and_page_elements(forge):
     expected = {
         ("main_entry", "checkpoint_change"): "(ckpt_name: str, save=True, refresh=True)",
         ("main_entry", "refresh_model_loading_parameters"): "()",
+        ("main_entry", "refresh_models"): "()",
+        ("main_entry", "find_files_with_extensions"): "(base_path, extensions)",
+        ("main_entry", "modules_change"): "(module_values: list, save=True, refresh=True) -> bool",
         ("memory_management", "unload_all_models"): "()",
         ("sd_models", "forge_model_reload"): "()",
         ("sd_models", "reload_model_weights"): "(sd_model=None, info=None, forced_reload=False)",
@@ -204,3 +209,52 @@ def test_the_forge_stand_in_has_forges_signatures_and_page_elements(forge):
     assert [b for b in blocks if getattr(b, "elem_id", None) == "forge_refresh_checkpoint"]
     assert [b for b in blocks if "model_selection" in (getattr(b, "elem_classes", None) or [])]
     assert '"forge_refresh_checkpoint"' in (REPO / "javascript" / "dreambooth.js").read_text()
+
+
+def test_forges_part_files_are_the_tabs_dropdowns_by_name(forge, tmp_path):
+    """Issue 26: under Forge, the Flux / SD3.5 part fields list what Forge's "VAE / Text
+    Encoder" picker lists (models/VAE, models/text_encoder, --text-encoder-dir), by file name;
+    each starts on the one file its name suggests, Forge's top-bar pick where several do; the
+    saved settings hold the paths (Load shows the names again); the tab's refresh re-reads."""
+    from dreambooth.host.parts import PART_FIELDS
+    from dreambooth.ui import fields
+    from dreambooth.ui.tab import build_tab
+    mods, glue = forge
+    models, main_entry = Path(mods["paths"].models_path), mods["main_entry"]
+    far = tmp_path / "encoders"  # Forge's --text-encoder-dir, outside its models folder
+    mods["shared"].cmd_opts.text_encoder_dir = str(far)
+    files = [models / "VAE" / "ae.safetensors", models / "VAE" / "sdxl_vae.safetensors",
+             models / "text_encoder" / "clip_l.safetensors",
+             models / "text_encoder" / "clip_g.safetensors",
+             models / "text_encoder" / "t5xxl_fp16.safetensors",
+             far / "t5xxl_fp8_e4m3fn.safetensors"]
+    for f in files:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"x")
+    assert main_entry.module_list == {}  # Forge reads it when it builds its top bar, after tabs
+    host, manager = glue._manager()
+    tab = build_tab(host, manager)
+    w = tab.widgets
+    assert all(isinstance(w[k], gr.Dropdown) for k in PART_FIELDS)
+    assert sorted(n if isinstance(n, str) else n[0] for n in w["flux_ae"].choices) == \
+        sorted(f.name for f in files)
+    assert (w["flux_clip_l"].value, w["flux_ae"].value, w["sd35_clip_g"].value) == (
+        "clip_l.safetensors", "ae.safetensors", "clip_g.safetensors")
+    assert not w["flux_t5xxl"].value and not w["sd35_vae"].value  # two T5s; no SD3 VAE
+    main_entry.modules_change(["t5xxl_fp8_e4m3fn.safetensors", "ae.safetensors"])
+    assert tab.actions.part_value("flux_t5xxl", "", tab.parts, guess=True) == \
+        "t5xxl_fp8_e4m3fn.safetensors"
+    values, _ = fields.config_to_values(tab.actions.default_config())
+    values.update(model_name="fluxdog", flux_clip_l="clip_l.safetensors",
+                  flux_t5xxl="t5xxl_fp8_e4m3fn.safetensors", flux_ae=" ae.safetensors")
+    assert "Settings saved" in tab.actions.save_settings(values, 1)
+    saved = json.loads((host.paths.work_dir / "fluxdog" / "config.json").read_text())
+    assert (saved["flux_clip_l"], saved["flux_t5xxl"], saved["flux_ae"]) == (
+        str(files[2]), str(files[5]), str(files[0]))
+    shown = dict(zip(tab.widgets, tab.on_load("fluxdog")[2 + fields.MAX_CONCEPTS:]))
+    assert shown["flux_t5xxl"] == "t5xxl_fp8_e4m3fn.safetensors"
+    (models / "text_encoder" / "t5xxl_fp8_e4m3fn_scaled.safetensors").write_bytes(b"x")
+    updates = tab.on_refresh()
+    assert len(updates) == 1 + len(tab.part_widgets) == 1 + len(PART_FIELDS)
+    assert "t5xxl_fp8_e4m3fn_scaled.safetensors" in str(updates[PART_FIELDS.index(
+        "flux_t5xxl") + 1]) and "t5xxl_fp8_e4m3fn_scaled.safetensors" in main_entry.module_list

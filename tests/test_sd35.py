@@ -177,6 +177,9 @@ def test_tiny_sd35_trains_end_to_end_offline(tiny_medium, instance_dir, tmp_path
     assert result.path.parent == tmp_path / "Lora"
     assert shapes == flux_lora.expected_layout(trainer.comp, cfg)
     assert meta["ss_base_model_version"] == "sd3" and meta["ss_network_dim"] == "2"
+    # SD3's training, in kohya's words: logit-normal weighting, none of Flux's own keys
+    assert meta["ss_weighting_scheme"] == "logit_normal" and meta["ss_discrete_flow_shift"] == \
+        "3.0" and "ss_timestep_sampling" not in meta and "ss_guidance_scale" not in meta
     assert meta["modelspec.architecture"] == "stable-diffusion-3.5-medium/lora"
     lora, trained = load_file(str(result.path)), trained_deltas(trainer.comp.unet, 4.0)
     assert any(".attn2." in p for p in trained)

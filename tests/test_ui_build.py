@@ -57,7 +57,11 @@ def test_a_host_without_flux_offers_no_flux_type_and_says_why(tmp_path):
     paths.checkpoints_dir.mkdir(parents=True)
     a1111 = Host(paths)
     a1111.model_types = types_without_flux()
-    widget = build_tab(a1111).widgets["model_type"]
+    a1111.part_files = lambda: None  # AUTOMATIC1111 lists no Flux / SD3.5 files
+    tab = build_tab(a1111)
+    widget = tab.widgets["model_type"]
+    assert isinstance(tab.widgets["flux_clip_l"], gr.Textbox) and not tab.part_widgets
+    assert isinstance(tab.on_refresh(), dict)  # the checkpoint list's update alone
     assert "sdxl" in str(widget.choices) and "flux" not in str(widget.choices)
     assert "sd3" not in str(widget.choices)
     assert "has no Flux or SD3.5" in widget.info
@@ -71,6 +75,41 @@ def test_a_host_without_flux_offers_no_flux_type_and_says_why(tmp_path):
         struct.pack("<Q", len(header)) + header + b"\0" * 4)
     update, message = build_tab(a1111).on_source("flux1-schnell.safetensors", "v1x")
     assert "value" not in update and "flux-schnell" in message and "has no Flux" in message
+
+
+def test_the_standalone_tab_lists_part_files_beside_its_checkpoints(host):
+    """Flux's / SD3.5's part fields choose among the files of the checkpoints folder and of
+    VAE/ and text_encoder/ beside it (a WebUI's models folder), by name, each starting on
+    the one file its name suggests; a path still goes in (the dropdown takes any value)."""
+    from dreambooth.host.parts import likely_part
+    models = host.paths.checkpoints_dir
+    for f in (models / "flux1-dev.safetensors", models / "clip_l.safetensors",
+              models.parent / "VAE" / "ae.safetensors", models.parent / "VAE" / "notes.txt",
+              models.parent / "text_encoder" / "t5xxl_fp16.safetensors"):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"x")
+    tab = build_tab(host)
+    w = tab.widgets
+    assert isinstance(w["flux_t5xxl"], gr.Dropdown) and w["flux_t5xxl"].allow_custom_value
+    assert tab.parts["ae.safetensors"] == str(models.parent / "VAE" / "ae.safetensors")
+    assert "notes.txt" not in tab.parts and "flux1-dev.safetensors" in tab.parts
+    assert (w["flux_clip_l"].value, w["flux_t5xxl"].value, w["flux_ae"].value) == (
+        "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors")
+    assert not w["sd35_clip_g"].value
+    listed = dict.fromkeys(["clip_g.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors",
+                            "t5xxl_fp8_e4m3fn.safetensors", "flux_vae.safetensors",
+                            "sd3.5_vae.safetensors", "ae_fp16.safetensors"], "")
+    guesses = {f: likely_part(f, listed) for f in ("flux_clip_l", "sd35_clip_g", "flux_t5xxl",
+                                                   "flux_ae", "sd35_vae")}
+    assert guesses == {"flux_clip_l": "clip_l.safetensors", "sd35_clip_g": "clip_g.safetensors",
+                       "flux_t5xxl": "", "flux_ae": "", "sd35_vae": "sd3.5_vae.safetensors"}
+    assert likely_part("flux_ae", listed, ["/m/VAE/flux_vae.safetensors"]) == \
+        "flux_vae.safetensors"
+    # listed as Forge lists them, never a default: a GGUF or a scaled fp8 file (not read here)
+    assert likely_part("flux_t5xxl", dict.fromkeys(["t5-v1_1-xxl-encoder-Q8_0.gguf"], "")) == ""
+    assert likely_part("flux_t5xxl", dict.fromkeys(["t5xxl_fp8_e4m3fn_scaled.safetensors",
+                                                    "t5xxl_fp16.safetensors"], "")) == \
+        "t5xxl_fp16.safetensors"
 
 
 def test_model_type_is_detected_from_the_checkpoint_header(host, tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Problem
+from .levers import check_checkpoint_blocks
 
 _RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
                    *(f"lpt{i}" for i in range(1, 10))}
@@ -224,7 +225,7 @@ def check_source(source: Any) -> list[Problem]:
 
 
 def check_memory_levers(cfg) -> list[Problem]:
-    problems = []
+    problems = check_checkpoint_blocks(cfg)
     if cfg.fused_optimizer is True and cfg.gradient_accumulation_steps != 1:
         problems.append(Problem("fused_optimizer", True, "updates each weight during backward, "
                                 "so gradients can't be accumulated over steps",

@@ -65,7 +65,23 @@ def _missing_files(cfg) -> list[Problem]:
             problems.append(Problem(name, value, "is not an existing file; a Flux run needs the "
                                     "text encoders and the autoencoder as separate files",
                                     f"give the path of the {_WHAT[name]}"))
+        else:
+            problems += suffix_problems(name, value)
     return problems + tokenizer_problems(cfg.t5_tokenizer_dir)
+
+
+# what a part file is read from: safetensors, or a pickle loaded safely (not GGUF, which Forge
+# lists too)
+PART_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def suffix_problems(name: str, value: str) -> list[Problem]:
+    """A part file whose kind this version can't read, named before anything loads."""
+    if Path(value).suffix.lower() in PART_SUFFIXES:
+        return []
+    return [Problem(name, value, f"is a {Path(value).suffix or 'suffix-less'} file, which is "
+                    "not read here (only .safetensors, or .ckpt / .pt / .bin loaded safely)",
+                    "choose the .safetensors version of this part")]
 
 
 def tokenizer_problems(folder) -> list[Problem]:

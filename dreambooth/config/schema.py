@@ -19,8 +19,8 @@ from .errors import ConfigError, Problem
 from .fieldspec import spec_field as _f
 from .flux import FLUX_AE, FLUX_CLIP_L, FLUX_T5XXL, FLUX_TYPES, T5_TOKENIZER_DIR, check_flux
 from .sd35 import SD35_CLIP_G, SD35_CLIP_L, SD35_T5XXL, SD35_TYPES, SD35_VAE, check_sd35
-from .levers import (ATTENTION_FIELD, BF16_WEIGHTS, COMPILE_FIELD, FP8_BASE, FUSED_OPTIMIZER,
-                     GRADIENT_CHECKPOINTING, MEMORY_PRESET)
+from .levers import (ATTENTION_FIELD, BF16_WEIGHTS, CHECKPOINT_BLOCKS_FIELD, COMPILE_FIELD,
+                     FP8_BASE, FUSED_OPTIMIZER, GRADIENT_CHECKPOINTING, MEMORY_PRESET)
 from .migrate import SCHEMA_VERSION, migrate
 from .network import (DORA_WD, GLORA_RANK, LOHA_ALPHA, LOHA_RANK, LOKR_ALPHA, LOKR_FACTOR,
                       LOKR_RANK, LORA_TARGETS, NETWORK, OFT_BLOCK_SIZE, OFT_CONSTRAINT,
@@ -111,6 +111,7 @@ class TrainingConfig:
                               "GPU that supports them).", choices=MIXED_PRECISION)
     attention: str = ATTENTION_FIELD
     gradient_checkpointing: bool = GRADIENT_CHECKPOINTING
+    checkpoint_blocks: str = CHECKPOINT_BLOCKS_FIELD
     cache_latents: bool = _f(True, "Encode the images with the VAE once, not every step.")
     memory_preset: str = MEMORY_PRESET
     fused_optimizer: bool = FUSED_OPTIMIZER

@@ -12,7 +12,7 @@ from __future__ import annotations
 from .errors import Problem
 from .fieldspec import spec_field
 from .flux import NOT_YET as FLUX_NOT_YET
-from .flux import is_file, tokenizer_problems
+from .flux import is_file, suffix_problems, tokenizer_problems
 
 SD35_TYPES = ("sd3.5-medium", "sd3.5-large")
 NOT_YET = FLUX_NOT_YET  # what Flux does not do yet (fp8_base: done for both, training/fp8.py)
@@ -46,4 +46,6 @@ def check_sd35(cfg, check_paths: bool) -> list[Problem]:
         if not isinstance(value, str) or (value.strip() and not is_file(value)):
             problems.append(Problem(name, value, "is not an existing file", "give the path of "
                                     "the file, or leave it empty when the checkpoint holds it"))
+        elif value.strip():
+            problems += suffix_problems(name, value)
     return problems + tokenizer_problems(cfg.t5_tokenizer_dir)

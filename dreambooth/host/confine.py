@@ -2,7 +2,9 @@
 roots, and source checkpoints by their name in the host's list. Standard library only.
 
 A path leaves the roots through `..`, an absolute path elsewhere or a symlink; each is refused
-with a Problem naming the field. Relative paths count from the field's first root. The CLI and
+with a Problem naming the field. Flux's and SD3.5's part files may also be named as the host
+lists them (Host.part_files: Forge's VAE / Text Encoder list, by file name or path): such a
+name is the listed file, wherever the host keeps it. Relative paths count from the field's first root. The CLI and
 the Python API don't come through here: they may use any path.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from ..config.cloud import is_url, redact
 from ..config.errors import ConfigError
 from ..config.folders import held_here, lock_owner
 from .interface import Host
+from .parts import PART_FIELDS, listed_part
 
 SHORT = 200  # longest value echoed back in an error
 LEAVES = "leaves the folders this host offers"
@@ -157,9 +160,13 @@ def confine(config: TrainingConfig, host: Host, need_source: bool = True) -> Tra
     problems: list[Problem] = []
     changes: dict = {}
 
+    listed = host.part_files() if any(getattr(config, n, "") for n in PART_FIELDS) else None
+
     def check(field: str, value: str, allow_empty: bool = True):
         if allow_empty and value == "":
             return value
+        if field in PART_FIELDS and (path := listed_part(listed, value)) is not None:
+            return path  # a file the host lists (Forge: its VAE / Text Encoder list)
         try:
             return str(inside(value, roots_of(host, field), field))
         except ConfigError as e:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from .parts import scan_parts
+
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the extension folder when cloned
 LOG_PREFIX = "[dreambooth]"
@@ -88,6 +90,23 @@ class Host:
     @property
     def can_select_checkpoint(self) -> bool:
         return type(self).select_checkpoint is not Host.select_checkpoint
+
+    # -- the separate files of Flux / SD3.5 (text encoders, autoencoder) -------------------------
+    def part_files(self) -> dict[str, str] | None:
+        """File name -> path of the text encoder and VAE files the host offers (Forge: its "VAE
+        / Text Encoder" list); None where the host lists none (the tab then takes a path).
+        Standalone: the files in the checkpoints folder and in VAE/ and text_encoder/ beside it
+        (a WebUI's models folder when --checkpoints-dir is its Stable-diffusion folder)."""
+        folder = self.paths.checkpoints_dir
+        return scan_parts([folder.parent / "VAE", folder.parent / "text_encoder", folder])
+
+    def refresh_part_files(self) -> None:
+        """Re-read the list part_files() answers from (standalone: it is read at each call)."""
+
+    def selected_parts(self) -> list[str]:
+        """The part files the user picked for generating in the host's own UI (Forge's top bar:
+        paths), the tab's first choice where several files suit a field."""
+        return []
 
     # -- training ------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -137,10 +137,11 @@ def ss_metadata(cfg, spec, steps: int, epochs: int, images: list, n_class: int,
         folder.update(t.strip() for t in item.prompt.split(",") if t.strip())
     when = (trained_at or datetime.now(timezone.utc)).timestamp()
     flux = {} if spec.prediction_type != "flow" else {  # kohya's Flux / SD3 keys, its words
-        "ss_model_prediction_type": "raw", "ss_timestep_sampling": "shift" if spec.shift != 1
-        else "uniform", "ss_discrete_flow_shift": str(spec.shift),
-        "ss_guidance_scale": str(spec.guidance or 1.0),
+        "ss_discrete_flow_shift": str(spec.shift),
         "ss_weighting_scheme": "logit_normal" if spec.family == "sd3" else "none"}
+    if spec.prediction_type == "flow" and spec.family != "sd3":  # Flux's own
+        flux.update(ss_model_prediction_type="raw", ss_guidance_scale=str(spec.guidance or 1.0),
+                    ss_timestep_sampling="shift" if spec.shift != 1 else "uniform")
     return {**network_keys(cfg), **flux, "ss_base_model_version": BASE_VERSION[spec.family],
         "ss_v2": str(spec.family == "v2"),
         "ss_v_parameterization": str(spec.prediction_type == "v_prediction"),

@@ -26,7 +26,11 @@ MIN_SAVING = 0.02  # suggest() passes over a change that saves less than this sh
 STEPS = ((("train_text_encoder", False),), "stop training the text encoder"), \
     ((("optimizer", "adamw_8bit"),), "use 8-bit AdamW"), \
     ((("mixed_precision", "{half}"),), "train in {half} mixed precision"), \
-    ((("gradient_checkpointing", True),), "turn on gradient checkpointing"), \
+    ((("checkpoint_blocks", "selective"), ("gradient_checkpointing", True)),
+     "turn on gradient checkpointing for the blocks that hold the most memory "
+     "(checkpoint_blocks 'selective')"), \
+    ((("checkpoint_blocks", "all"), ("gradient_checkpointing", True)),
+     "turn on gradient checkpointing"), \
     ((("cache_latents", True),), "cache the latents"), \
     ((("fused_optimizer", True),), "update the weights inside backward (fused_optimizer)"), \
     ((("bf16_weights", True), ("optimizer", "adafactor")), "keep the weights in bf16 and use "
@@ -69,12 +73,16 @@ def suggest(config, free_bytes: int, half: str = "bf16",
     if before.total <= budget:
         return Suggestion((), True, before, before,
                           _sentence(before, before, free_bytes, [], True))
-    options = [(step, text, SLOWER.get(next(iter(step)), 1.0)) for step, text in _steps(half)
+    options = [(step, text, _slower(config, step)) for step, text in _steps(half)
                if any(getattr(config, k) != v for k, v in step.items())
                and ("fp8_base" not in step or config.method != "dreambooth")]  # (refused)
     known = _problems(config)
     plans = {}  # mask of options -> (cost, estimate) of each plan that fits
-    for mask in range(1, 2 ** len(options)):
+    # fewest changes first; a plan holding a smaller one that fits is never the best (it takes
+    # at least that one's time, with more changes): not estimated
+    for mask in sorted(range(1, 2 ** len(options)), key=lambda m: bin(m).count("1")):
+        if any(mask & fits == fits for fits in plans):
+            continue
         chosen = [i for i in range(len(options)) if mask >> i & 1]
         candidate = config.replace(**{k: v for i in chosen for k, v in options[i][0].items()})
         if _refused(candidate, known):
@@ -91,10 +99,25 @@ def suggest(config, free_bytes: int, half: str = "bf16",
         return _greedy(config, free_bytes, half, n_images, before)
     best = min(minimal, key=lambda m: plans[m][0])
     chosen = [o for i, o in enumerate(options) if best >> i & 1]
-    changes = {k: v for step, _, _ in chosen for k, v in step.items()}
+    changes = {k: v for step, _, _ in chosen for k, v in step.items()
+               if getattr(config, k) != v}  # (checkpoint_blocks 'all' is the default)
     return Suggestion(tuple(changes.items()), True, before, plans[best][1],
                       _sentence(before, plans[best][1], free_bytes,
                                 [text for _, text, _ in chosen], True))
+
+
+def _slower(config, step: dict) -> float:
+    """SLOWER of a step; selective checkpointing: full's extra time in the share of its
+    recompute that the chosen blocks take (selective.py)."""
+    if "gradient_checkpointing" not in step:
+        return SLOWER.get(next(iter(step)), 1.0)
+    full = SLOWER["gradient_checkpointing"]
+    if step.get("checkpoint_blocks") != "selective" or \
+            _refused(config.replace(**step), _problems(config)):  # (no UNet: never advised)
+        return full
+    from .selective import recompute_share
+    return 1 + (full - 1) * recompute_share(config.model_type, config.resolution,
+                                            config.attention)
 
 
 def _greedy(config, free_bytes: int, half: str, n_images, before: Estimate) -> Suggestion:
@@ -115,7 +138,7 @@ def _greedy(config, free_bytes: int, half: str, n_images, before: Estimate) -> S
         if trial.total > after.total * (1 - MIN_SAVING):  # not worth a change (e.g. 8-bit
             continue                                     # AdamW on a LoRA's few weights)
         current, after = candidate, trial
-        changes.update(step)
+        changes.update((k, v) for k, v in step.items() if getattr(config, k) != v)
         words = [(k, w) for k, w in words if not k <= step.keys()]  # overridden: unsaid
         words.append((set(step), text))
     words = [w for _, w in words]
@@ -146,7 +169,8 @@ def lowest(config, half: str = "bf16") -> dict:
     STEPS, as far as the config allows (no bf16 weights on a GPU without bf16), and a frozen
     UNet (LoRA, textual inversion) stored in fp8 (fp8_base)."""
     current = config.replace(train_text_encoder=False, cache_latents=True, use_ema=False,
-                             gradient_checkpointing=True, mixed_precision=half)
+                             gradient_checkpointing=True, checkpoint_blocks="all",
+                             mixed_precision=half)
     if not config.use_lora:  # Adafactor's factored state is the smallest
         current = current.replace(optimizer="adafactor")
         for name in ("fused_optimizer", "bf16_weights"):
@@ -159,7 +183,8 @@ def lowest(config, half: str = "bf16") -> dict:
 
 
 _FIELDS = ("train_text_encoder", "cache_latents", "use_ema", "gradient_checkpointing",
-           "mixed_precision", "optimizer", "fused_optimizer", "bf16_weights", "fp8_base")
+           "checkpoint_blocks", "mixed_precision", "optimizer", "fused_optimizer",
+           "bf16_weights", "fp8_base")
 
 
 def plan(config, free_bytes: int | None, half: str = "bf16",

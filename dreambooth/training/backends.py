@@ -235,6 +235,15 @@ def set_attention(unet, choice: str, say: Say) -> str:
         return "sdpa"
 
 
+def flow_attention(model, choice: str, say: Say) -> str:
+    """Flux's and SD3.5's transformers attend through diffusers' own processors (PyTorch's
+    SDPA): another choice is said, not silently dropped."""
+    if choice != "sdpa":
+        say(f"Memory attention '{choice}' is for SD's UNet; this model's transformer attends "
+            "through PyTorch's SDPA (set attention to 'sdpa' to silence this).")
+    return "sdpa"
+
+
 # -- optimizers -----------------------------------------------------------------------------
 def _adamw(groups, cfg, device):
     fused = device.type == "cuda"

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from . import fp8, parked
+from . import fp8, parked, selective
 from .memory_count import (
     linear_conv_shapes,
     lora_shapes,
@@ -115,7 +115,7 @@ def _network_updates(cfg, tes: list, wbytes: int) -> int:
     compute-dtype copy); under
     gradient checkpointing, one block's at a time (left out)."""
     if not getattr(cfg, "use_lora", False) or getattr(cfg, "network", "lora") not in OURS \
-            or cfg.gradient_checkpointing:
+            or selective.full(cfg):  # (selective: counted as if none)
         return 0
     parts = ["unet"] + (tes if cfg.lora_text_encoder else [])
     adapted = sum(network_shapes(cfg.model_type, c, network_settings(cfg))[1] for c in parts)
@@ -170,8 +170,10 @@ def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True,
         (0 if cfg.cache_latents else frozen["vae"]) + \
         (frozen["text encoders"] if cfg.trains_text_encoder else 0)
     per_step = cfg.batch_size * (2 if any(c.uses_prior for c in cfg.concepts) else 1)
-    acts = unet_activation_bytes(cfg.model_type, cfg.resolution, cfg.attention,
-                                 cfg.gradient_checkpointing, half) + sum(
+    acts = selective.activation_bytes(cfg, half) if selective.selective(cfg) else \
+        unet_activation_bytes(cfg.model_type, cfg.resolution, cfg.attention,
+                              cfg.gradient_checkpointing, half)
+    acts += sum(
         text_encoder_activation_bytes(cfg.model_type, te, half) for te in grad_tes)
     fused = cfg.fused_optimizer
     grad_bytes = 4 if lora else tbytes
@@ -181,7 +183,7 @@ def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True,
     cast = linear_conv_shapes(cfg.model_type)
     matrices = list(cast["unet"]) + [s for te in full_tes for s in cast[te]]  # (not embeddings)
     recast = numel([s for s in matrices if numel([s]) >= parked.RECAST_ELEMENTS]) \
-        if park and not cfg.gradient_checkpointing else 0
+        if park and not selective.full(cfg) else 0
     # bucketed (optim.Bucketed): the widest bucket's weights, a larger weight alone
     bucket = min(numel(trained), max(max(numel([s]) for s in trained),
                                      BUCKET_BYTES // (4 if lora else tbytes)))
@@ -204,8 +206,11 @@ def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True,
         # autocast's cache of half copies of fp32 weights lives through the forward (none under
         # gradient checkpointing: the trainer turns the cache off there; parked: but those of
         # the largest weights, cast again in backward)
-        "autocast copies": 2 * (unet_n + sum(numel(shapes[te]) for te in full_tes) - recast)
-        if upcast and not cfg.gradient_checkpointing else 0,
+        # (selective: but those of the weights in the blocks it recomputes)
+        "autocast copies": 2 * (unet_n + sum(numel(shapes[te]) for te in full_tes) - recast
+                                - selective.recomputed_weights(
+                                    cfg, parked.RECAST_ELEMENTS if park else None))
+        if upcast and not selective.full(cfg) else 0,
         "activations": int(per_step * acts),
         "GPU-only activations": int((ACTIVATION_FACTOR - 1) * per_step * acts) if gpu else 0,
         "vae encode": 0 if cfg.cache_latents else encode,

@@ -337,14 +337,16 @@ def make_optimizer(cfg, groups: list, acc, warn) -> tuple:
     return Bucketed(groups, build, fused, cfg.max_grad_norm if fused else 0.0, cfg.seed), name
 
 
-def trainable_groups(cfg, comp) -> list[dict]:
-    """The parameter groups a run trains, set to train (and to checkpoint gradients): a new
+def trainable_groups(cfg, comp, say=lambda text: None) -> list[dict]:
+    """The parameter groups a run trains, set to train (and to checkpoint gradients, saying
+    which blocks where the checkpointing is selective): a new
     token's embedding alone, the LoRA layers (in fp32; pivotal: and the embedding) with
     everything else frozen, or the UNet and, with train_text_encoder,
     the text encoders at their own learning rate."""
     from .embedding import embedding_groups
     from .adapters import add_lora
     from .leanlora import streamline
+    from . import selective
     unet, tes = comp.unet, comp.text_encoders
     if cfg.method == "textual_inversion":
         unet.requires_grad_(False)
@@ -363,11 +365,15 @@ def trainable_groups(cfg, comp) -> list[dict]:
             groups.append({"params": [p for te in tes for p in te.requires_grad_(True)
                                       .parameters()], "lr": cfg.text_encoder_learning_rate})
     unet.train()
-    if cfg.gradient_checkpointing:
+    if selective.selective(cfg):  # the UNet's blocks the estimate picks; the text encoder's none
+        names = selective.chosen_blocks(comp.configs, cfg.resolution, cfg.attention)
+        selective.checkpoint_blocks(unet, names)
+        say(selective.describe(comp.configs, cfg.resolution, cfg.attention))
+    elif cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     for te in tes if cfg.trains_text_encoder else ():
         te.train()
-        if cfg.gradient_checkpointing:
+        if selective.full(cfg):
             te.gradient_checkpointing_enable(  # reentrant would leave it without grads
                 gradient_checkpointing_kwargs={"use_reentrant": False})
     return groups

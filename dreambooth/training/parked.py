@@ -36,6 +36,7 @@ from types import MethodType
 
 import torch
 
+from . import selective
 from .optim import split_buckets
 
 CHUNK_BYTES = 128 * 2 ** 20  # of fp32 gradients stepped at once (the scratch buffer)
@@ -129,9 +130,9 @@ def attach(cfg, precision: str, acc, models: list, optimizer) -> "GradPark | Non
     if getattr(inner, "in_backward", False):  # optim.Bucketed: a bucket steps as it completes
         # (a weight changes in backward once its bucket completes: after the one node that
         # casts it again has run)
-        inner.use_park(GradPark(models, not cfg.gradient_checkpointing, inner.bucket_bytes // 4))
+        inner.use_park(GradPark(models, not selective.full(cfg), inner.bucket_bytes // 4))
         return None
-    return GradPark(models, recast=not cfg.gradient_checkpointing)  # (its own hooks)
+    return GradPark(models, recast=not selective.full(cfg))  # (its own hooks)
 
 
 def update(acc, optimizer, park: "GradPark | None", models: list, max_norm: float,
@@ -165,7 +166,8 @@ class GradPark:
                 if kind is not None and type(m).forward is kind.forward \
                         and "forward" not in vars(m) and m.weight.dtype == torch.float32:
                     m._park, m.forward = self, MethodType(FORWARDS[kind], m)
-                    m._recast = recast and m.weight.numel() >= RECAST_ELEMENTS  # see saving
+                    m._recast = recast and m.weight.numel() >= RECAST_ELEMENTS \
+                        and not getattr(m, "_recomputed", False)  # see saving; selective.py
                     self.modules.append(m)
         self.parked = {id(p) for m in self.modules for p in (m.weight, m.bias)
                        if p is not None}

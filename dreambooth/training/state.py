@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from ..config.errors import DreamboothError
+from ..config.flux import FLUX_FILES, FLUX_TYPES
+from ..config.sd35 import SD35_FILES, SD35_TYPES
 from ..model.checkpoint import write_text
 from .housekeeping import image_set, image_set_changes, remove_snapshot_folder
 from .sourcehash import base_identity
@@ -38,7 +40,8 @@ BEFORE_FIELD = {"lora_targets": "attention", "lora_conv_rank": 8, "lora_conv_alp
                 "lokr_rank": 0, "lokr_alpha": 1.0, "dora_wd": False, "glora_rank": 8,
                 "oft_block_size": 32, "oft_constraint": 0.0, "train_norm": False,
                 "flux_clip_l": "", "flux_t5xxl": "", "flux_ae": "", "t5_tokenizer_dir": "",
-                "sd35_clip_l": "", "sd35_clip_g": "", "sd35_t5xxl": "", "sd35_vae": ""}
+                "sd35_clip_l": "", "sd35_clip_g": "", "sd35_t5xxl": "", "sd35_vae": "",
+                "checkpoint_blocks": "all"}
 
 
 def snapshots(model_dir: Path) -> list[Path]:
@@ -55,9 +58,24 @@ def snapshots(model_dir: Path) -> list[Path]:
 def config_differences(saved: dict, current: dict) -> list[str]:
     saved = {**BEFORE_FIELD, "method": "lora" if saved.get("use_lora") else "dreambooth",
              **saved}  # before `method`, use_lora said it
-    keys = sorted((set(saved) | set(current)) - FREE_ON_RESUME)
+    keys = sorted((set(saved) | set(current)) - FREE_ON_RESUME - unread_fields(
+        saved.get("model_type"), current.get("model_type")))
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys
             if saved.get(k) != current.get(k)]
+
+
+def unread_fields(*model_types) -> set[str]:
+    """The part-file fields no run of these model types reads (the tab fills Flux's and
+    SD3.5's from the host's list for every new model: a new file there must not block the
+    resume of an SD run)."""
+    unread = set()
+    if not any(t in FLUX_TYPES for t in model_types):
+        unread |= set(FLUX_FILES)
+    if not any(t in SD35_TYPES for t in model_types):
+        unread |= set(SD35_FILES)
+    if len(unread) == len(FLUX_FILES) + len(SD35_FILES):
+        unread.add("t5_tokenizer_dir")
+    return unread
 
 
 def trained_ids(trainer) -> set[int]:

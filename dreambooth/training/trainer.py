@@ -140,8 +140,8 @@ class Trainer:
         self.feed.cache()
         self.park_frozen()
         self.place_unet()
-        self.attention = "sdpa" if self.comp.spec.prediction_type == "flow" else \
-            backends.set_attention(self.comp.unet, cfg.attention, self.warn)  # Flux's: SDPA
+        self.attention = (backends.flow_attention if self.comp.spec.prediction_type == "flow"
+                          else backends.set_attention)(self.comp.unet, cfg.attention, self.warn)
         self.plan_steps()
         self.saver = Saver(cfg, self.comp, self.acc, self.emit, self.revision)
         self.saver.refuse_clashes(self.save_steps())
@@ -190,7 +190,7 @@ class Trainer:
     def setup_optimization(self) -> None:
         from diffusers.optimization import get_scheduler
         cfg, unet, tes = self.cfg, self.comp.unet, self.comp.text_encoders
-        groups = trainable_groups(cfg, self.comp)
+        groups = trainable_groups(cfg, self.comp, self.say)
         optimizer, self.optimizer_name = make_optimizer(cfg, groups, self.acc, self.warn)
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
                                           num_warmup_steps=cfg.lr_warmup_steps,

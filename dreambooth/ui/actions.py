@@ -12,6 +12,7 @@ from ..config import TrainingConfig
 from ..config.errors import ConfigError
 from ..host.confine import checked, model_folder, pick_source, training_now
 from ..host.interface import Host, host_defaults, sniff_model_type
+from ..host.parts import likely_part, shown_part
 from ..host.runner import Progress, RunManager, is_under
 from . import fields, render
 
@@ -73,6 +74,26 @@ class TabActions:
             return sniff_model_type(pick_source(self.host, source))
         except ConfigError:
             return None
+
+    # -- Flux / SD3.5 part files (text encoders, autoencoder) ----------------------------------
+    def part_files(self, refresh: bool = False) -> dict[str, str] | None:
+        """The host's part files (name -> path; None: it lists none, the fields take paths),
+        re-read first when `refresh` or while the list is empty (Forge reads it when it builds
+        its top bar, after the extensions' tabs)."""
+        listed = self.host.part_files()
+        if listed is not None and (refresh or not listed):
+            self.host.refresh_part_files()
+            listed = self.host.part_files()
+        return listed
+
+    def part_value(self, field: str, value, listed: dict[str, str] | None,
+                   guess: bool = False) -> str:
+        """What the part field's dropdown shows for `value`: a listed path by its file name;
+        with `guess`, an empty field as the one listed file its name suggests (the user's pick
+        in the host's own picker first)."""
+        if guess and value == "" and listed:
+            return likely_part(field, listed, self.host.selected_parts())
+        return shown_part(listed, value)
 
     # -- values <-> config ---------------------------------------------------------------------
     def config_from(self, values: dict[str, Any], count: int, **how) -> TrainingConfig:

@@ -11,6 +11,7 @@ import time
 import gradio as gr
 
 from ..host.interface import Host
+from ..host.parts import PART_FIELDS
 from ..host.runner import RunManager
 from . import compat, fields, render
 from .actions import TabActions
@@ -44,12 +45,14 @@ class Tab:
     def __init__(self, host: Host, manager: RunManager | None = None, banner: str = "") -> None:
         self.actions = TabActions(host, manager)
         self.host, self.banner = host, banner
+        self.parts: dict[str, str] | None = None  # the host's part files, name -> path
         self.widgets: dict[str, gr.components.Component] = {}
         self.concept_boxes: list = []
 
     # -- layout ----------------------------------------------------------------------------------
     def build(self) -> gr.Blocks:
         compat.allow_paths([self.host.paths.work_dir, self.host.paths.checkpoints_dir])
+        self.parts = self.actions.part_files()
         values, count = fields.config_to_values(self.actions.default_config())
         with gr.Blocks(analytics_enabled=False) as blocks:
             gr.HTML(self.banner, elem_id=f"{ELEM}_banner", visible=bool(self.banner))
@@ -104,7 +107,15 @@ class Tab:
         choices = self.actions.checkpoint_titles() if spec.key == "source_checkpoint" else None
         if spec.key == "model_type":
             spec = fields.host_model_types(spec, self.actions.host)
+        if spec.key in PART_FIELDS and self.parts is not None:  # the host's list, by name
+            choices = sorted(self.parts)
+            value = self.actions.part_value(spec.key, value, self.parts, guess=True)
         self.widgets[spec.key] = _widget(spec, value, choices)
+
+    @property
+    def part_widgets(self) -> list:
+        """The part fields' dropdowns (none where the host lists no part files)."""
+        return [] if self.parts is None else [self.widgets[k] for k in PART_FIELDS]
 
     def _concepts_section(self, values: dict, count: int) -> None:
         with gr.Tab("Concepts", elem_id=f"{ELEM}_tab_concepts"):
@@ -173,7 +184,8 @@ class Tab:
                             [self.message, self.count] + self.concept_boxes
                             + list(self.widgets.values()))
         source = self.widgets["source_checkpoint"]
-        self.refresh_btn.click(self.on_refresh, None, [source], queue=False)
+        self.refresh_btn.click(self.on_refresh, None, [source] + self.part_widgets,
+                               queue=False)
         source.change(self.on_source, [source, self.widgets["model_type"]],
                       [self.widgets["model_type"], self.message])
         self.add_concept.click(lambda n: self.on_count(n + 1), [self.count],
@@ -219,10 +231,17 @@ class Tab:
     def on_load(self, model_name: str):
         values, count, message = self.actions.load_settings(model_name)
         boxes = [gr.update(visible=i < count) for i in range(fields.MAX_CONCEPTS)]
+        values.update({k: self.actions.part_value(k, values[k], self.parts)
+                       for k in PART_FIELDS if self.parts is not None})
         return [message, count] + boxes + [values[k] for k in self.widgets]
 
     def on_refresh(self):
-        return gr.update(choices=self.actions.refresh_checkpoint_titles())
+        """The checkpoint list and (where the host lists them) the part files, re-read."""
+        source = gr.update(choices=self.actions.refresh_checkpoint_titles())
+        if self.parts is None:
+            return source
+        self.parts = self.actions.part_files(refresh=True)
+        return [source] + [gr.update(choices=sorted(self.parts or {})) for _ in PART_FIELDS]
 
     def on_source(self, source: str, current_type: str):
         detected = self.actions.detect_type(source)

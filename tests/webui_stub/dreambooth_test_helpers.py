@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -75,7 +76,11 @@ def tiny_inputs(request, tmp_path_factory, train_python) -> dict:
     shared = _shared(train_python)  # made by the first gradio lane, read by the next
     root = shared / "tiny" if shared else tmp_path_factory.mktemp("tiny_inputs")
     if not (root / "made").is_file():
-        building = tmp_path_factory.mktemp("tiny_inputs_new")
+        if shared:  # made beside where it goes: the rename never crosses file systems
+            shared.mkdir(parents=True, exist_ok=True)
+            building = Path(tempfile.mkdtemp(prefix="new-", dir=shared))
+        else:
+            building = tmp_path_factory.mktemp("tiny_inputs_new")
         code = textwrap.dedent(f"""
             from dreambooth.model.tiny import make_tiny_checkpoint, write_images
             make_tiny_checkpoint({str(building / 'tiny_v1x.safetensors')!r}, 'v1x')
@@ -85,10 +90,9 @@ def tiny_inputs(request, tmp_path_factory, train_python) -> dict:
                        env={**os.environ, "PYTHONPATH": str(REPO)})
         (building / "made").touch()
         if shared:
-            shared.mkdir(parents=True, exist_ok=True)
             try:
                 building.rename(root)  # whole, or not at all
-            except OSError:  # another lane's came first, or another file system
+            except OSError:  # another lane's came first: that one serves
                 pass
         if not (root / "made").is_file():
             root = building

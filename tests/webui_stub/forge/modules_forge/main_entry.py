@@ -3,10 +3,15 @@ and the calls behind it. The dropdown (class `model_selection`) calls checkpoint
 does nothing when the picked name matches the option; otherwise it sets the option and
 refresh_model_loading_parameters(), which is what makes the next generation load the model
 (sd_models.forge_model_reload). The refresh button `#forge_refresh_checkpoint` re-reads the
-list. Stand-in: no VAE / text-encoder modules, no low-bit dtypes, no settings file."""
+list, and with it the "VAE / Text Encoder" modules: `module_list` (file name -> path of the
+files under models/VAE, models/text_encoder, --vae-dir and --text-encoder-dir), the picked ones
+kept as paths in shared.opts.forge_additional_modules by modules_change. Stand-in: no low-bit
+dtypes, no settings file, no memory sliders."""
+import os
+
 import gradio as gr
 
-from modules import processing, sd_models, shared, shared_items, ui_common
+from modules import paths, processing, sd_models, shared, shared_items, ui_common
 
 ui_checkpoint = None
 module_list = {}
@@ -33,18 +38,55 @@ def make_checkpoint_manager_ui():
     ui_checkpoint.change(checkpoint_change, inputs=[ui_checkpoint])
 
 
+def find_files_with_extensions(base_path, extensions):
+    found_files = {}
+    for root, _, files in os.walk(base_path):
+        for file in files:
+            if any(file.endswith(ext) for ext in extensions):
+                found_files[file] = os.path.join(root, file)
+    return found_files
+
+
 def refresh_models():
     shared_items.refresh_checkpoints()
     ckpt_list = shared_items.list_checkpoint_tiles(False)
+    file_extensions = ['ckpt', 'pt', 'bin', 'safetensors', 'gguf']
     module_list.clear()
+    module_paths = [os.path.abspath(os.path.join(paths.models_path, "VAE")),
+                    os.path.abspath(os.path.join(paths.models_path, "text_encoder"))]
+    if isinstance(shared.cmd_opts.vae_dir, str):
+        module_paths.append(os.path.abspath(shared.cmd_opts.vae_dir))
+    if isinstance(shared.cmd_opts.text_encoder_dir, str):
+        module_paths.append(os.path.abspath(shared.cmd_opts.text_encoder_dir))
+    for vae_path in module_paths:
+        module_list.update(find_files_with_extensions(vae_path, file_extensions))
     return ckpt_list, module_list.keys()
+
+
+def modules_change(module_values: list, save=True, refresh=True) -> bool:
+    """What the top bar's "VAE / Text Encoder" dropdown calls with the names picked: the
+    option holds their paths (module_list's), as the loading parameters use them."""
+    modules = []
+    for v in module_values:
+        module_name = os.path.basename(v)
+        if module_name in module_list:
+            modules.append(module_list[module_name])
+    if sorted(modules) == sorted(shared.opts.data.get('forge_additional_modules', [])):
+        return False
+    shared.opts.set('forge_additional_modules', modules)
+    if save:
+        saves.append(modules)
+    if refresh:
+        refresh_model_loading_parameters()
+    return True
 
 
 def refresh_model_loading_parameters():
     from modules.sd_models import select_checkpoint, model_data
     checkpoint_info = select_checkpoint()
-    model_data.forge_loading_parameters = dict(checkpoint_info=checkpoint_info,
-                                               additional_modules=[], unet_storage_dtype=None)
+    model_data.forge_loading_parameters = dict(
+        checkpoint_info=checkpoint_info,
+        additional_modules=shared.opts.forge_additional_modules, unet_storage_dtype=None)
     processing.need_global_unload = True
 
 
