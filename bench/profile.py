@@ -89,6 +89,17 @@ def flux_cases() -> list[ProfileCase]:
             ProfileCase("flux_dev_lora_r16_1024", lora, "flux-dev", 1024)]
 
 
+def sd35_cases() -> list[ProfileCase]:
+    """SD3.5 large and medium LoRA r16 at 1024 px, full size, under the 'lowest' preset
+    (gradient checkpointing, fp8_base). Profiled by `python -m bench --profile --only
+    sd35_large_lora_r16_lowest_1024,sd35_medium_lora_r16_lowest_1024`, not by the test suite
+    (it profiles a shorter large at full width: tests/test_sd35_memory.py)."""
+    lora = {"use_lora": True, "lora_rank": 16, "lora_alpha": 16.0, "lora_learning_rate": 5e-4,
+            "memory_preset": "lowest"}
+    return [ProfileCase(f"sd35_{size}_lora_r16_lowest_1024", lora, f"sd3.5-{size}", 1024)
+            for size in ("large", "medium")]
+
+
 class _OneProcess:
     """What accelerate does for a single process with bf16/no mixed precision."""
     num_processes, process_index, is_main_process, sync_gradients = 1, 0, True, True
@@ -209,7 +220,7 @@ def build_trainer(cfg, comp, device):
                                                (*bucket, 0, 0, *bucket))
     if not cfg.trains_text_encoder:
         feed.embeddings["photo of sks dog"] = _cached_prompt(comp, device)
-    t.attention = "sdpa" if comp.spec.family == "flux" else \
+    t.attention = "sdpa" if comp.spec.prediction_type == "flow" else \
         backends.set_attention(comp.unet, cfg.attention, t.warn)
     t.plan_steps()
     with _lora_made_already(cfg, comp):
@@ -226,10 +237,11 @@ def build_trainer(cfg, comp, device):
 
 def _cached_prompt(comp, device) -> dict:
     """A prompt's cached states: the text encoder's [77, D] (SDXL: and the pooled vector);
-    Flux: T5's [tokens, 4096] and CLIP's pooled vector."""
+    Flux: T5's [tokens, 4096] and CLIP's pooled vector; SD3.5: CLIP's 77 and T5's, pooled."""
     unet = comp.configs["unet"]
-    if comp.spec.family == "flux":
-        return {"hidden": torch.zeros(comp.spec.t5_tokens, unet["joint_attention_dim"],
+    if comp.spec.prediction_type == "flow":
+        from dreambooth.training.memory_flux import text_tokens
+        return {"hidden": torch.zeros(text_tokens(comp.spec.name), unet["joint_attention_dim"],
                                       device=device),
                 "pooled": torch.zeros(unet["pooled_projection_dim"], device=device)}
     cond = {"hidden": torch.zeros(77, unet["cross_attention_dim"], device=device)}
@@ -248,12 +260,14 @@ def profile_case(case: ProfileCase, resolution: int | None = None, configs: dict
 
     from dreambooth.model.components import build_meta
     from dreambooth.model.flux import build_meta_flux
+    from dreambooth.model.sd35 import build_meta_sd35
     from dreambooth.training import selective
     started = time.perf_counter()
     cfg = make_config(case, resolution or case.resolution, work)
     device = torch.device("cuda")  # what the trainer is told; OnDevice maps it to FAKE_DEVICE
-    comp = (build_meta_flux if case.model_type.startswith("flux") else build_meta)(
-        case.model_type, configs)
+    build = build_meta_flux if case.model_type.startswith("flux") else \
+        build_meta_sd35 if case.model_type.startswith("sd3") else build_meta
+    comp = build(case.model_type, configs)
     if cfg.trains_text_encoder:  # prompts are tokenized every step
         from dreambooth import assets
         for slot in comp.spec.text_encoders:
@@ -304,7 +318,8 @@ def run_profile(only: set | None = None, resolution: int | None = None, configs=
                 ) -> list[dict]:
     from .profile_reference import comparison_cases, profile_row
     rows = []
-    for case in profile_cases() + network_cases() + flux_cases() + comparison_cases():
+    for case in (profile_cases() + network_cases() + flux_cases() + sd35_cases()
+                 + comparison_cases()):
         if only is not None and case.name not in only:
             continue
         rows.append(profile_row(case, resolution, configs))

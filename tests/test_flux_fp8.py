@@ -143,3 +143,51 @@ def test_flux_previews_come_from_cached_prompt_states(flux_files, instance_dir, 
     assert calls == [1]  # (the second, from the prompt)
     assert np.array_equal(*drawn)
     assert np.array_equal(drawn[0], np.asarray(Image.open(events[0].path)))
+
+
+def class_images_from_states(cfg, monkeypatch, tmp_path, t5_name: str) -> None:
+    """Set a run up (its missing class images made): T5 never runs once they are begun, and each class image is the one the pipeline draws from the class prompt itself."""
+    import numpy as np
+    from PIL import Image
+    from dreambooth.data.sampling import generate_images, make_pipeline, sample_settings
+    from dreambooth.data import feed
+    from dreambooth.training import trainer as trainer_module
+    calls, load, ensure = [], trainer_module.load_model, feed.ensure_class_images
+
+    def hooked(*args, **kwargs):
+        comp, revision = load(*args, **kwargs)
+        getattr(comp, t5_name).register_forward_hook(lambda *a: calls.append("t5"))
+        comp.unet.register_forward_hook(lambda *a: calls.append("transformer"))
+        return comp, revision
+    monkeypatch.setattr(trainer_module, "load_model", hooked)
+    monkeypatch.setattr(feed, "ensure_class_images",
+                        lambda *a, **k: calls.append("generate") or ensure(*a, **k))
+    trainer = Trainer(cfg.check(), ev.EventBus(lambda e: None), ev.CancelToken())
+    trainer.setup()
+    start = calls.index("generate")  # (T5 ran before, for the prompts' states)
+    assert "t5" in calls[:start] and "transformer" in calls and "t5" not in calls[start:]
+    made = [it.path for it in trainer.feed.class_items[0]]
+    comp, concept = trainer.comp, cfg.concepts[0]
+    assert len(made) == 2 and all(p.name == f"class_{k:05d}.png" for k, p in enumerate(made))
+    guidance, extra, seen = *sample_settings(comp, cfg.guidance_scale), len(calls)
+    drawn = generate_images(make_pipeline(comp), concept.class_prompt, 2, tmp_path / "prompt",
+                            "x", 0, cfg.resolution, cfg.class_generation_steps, guidance,
+                            cfg.seed, extra=extra)
+    assert "t5" in calls[seen:]  # (the pipeline's own encoding: the hook sees T5 run)
+    for a, b in zip(made, drawn):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+@pytest.mark.once
+def test_flux_class_images_come_from_cached_prompt_states(flux_files, tmp_path, monkeypatch):
+    """Prior preservation on a small GPU: the class prompt's states are cached before the
+    transformer comes to the device and T5 leaves it (flow.ready_to_generate), so the missing
+    class images are drawn without T5, the same images as from the prompt."""
+    from dreambooth import Concept
+    from dreambooth.model.tiny import write_images
+    files, _ = flux_files
+    write_images(tmp_path / "inst", "checker", 2)
+    concept = Concept(str(tmp_path / "inst"), "photo of sks dog", class_prompt="photo of a dog",
+                      class_images_per_instance=1)
+    cfg = flux_config(files, None, tmp_path, concepts=(concept,), class_generation_steps=2)
+    class_images_from_states(cfg, monkeypatch, tmp_path, "text_encoder_2")

@@ -33,7 +33,7 @@ def test_flux_estimate_is_the_step_profile_count(tmp_path):
     assert r["host_syncs"] == 0, r["syncs_by_kind"]
     assert r["read_syncs"] == 1 and r["ops"] > 1000
     cfg = make_config(case, case.resolution, tmp_path)
-    counted, parts, _ = memory_flux.flux_peak(cfg, (1, 0), 1.0, 0, SHORT, caching=False)
+    counted, parts, _ = memory_flux.flow_peak(cfg, (1, 0), 1.0, 0, SHORT, caching=False)
     assert abs(counted / r["peak_bytes"] - 1) <= 0.10, (counted / GIB, parts, r["peak_gib"])
 
 

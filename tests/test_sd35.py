@@ -65,10 +65,10 @@ def test_refusals_before_loading(tiny_medium, instance_dir, tmp_path):
         train(cfg)
     assert {p.field for p in e.value.problems} == {"t5_tokenizer_dir"}
     not_yet = sd35_config(tiny_medium, instance_dir, tmp_path, method="dreambooth",
-                          fp8_base=True, sd35_clip_g=str(tmp_path / "none.safetensors"))
+                          use_ema=True, sd35_clip_g=str(tmp_path / "none.safetensors"))
     problems = {p.field: p for p in not_yet.validate()}
-    assert set(problems) == {"method", "fp8_base", "sd35_clip_g"}
-    assert "SD3.5" in problems["fp8_base"].why
+    assert set(problems) == {"method", "use_ema", "sd35_clip_g"}
+    assert "SD3.5" in problems["use_ema"].why
 
 
 def _thin_sai(conf: dict) -> tuple:
@@ -150,8 +150,8 @@ def trained_deltas(unet, alpha: float) -> dict:
 
 def test_tiny_sd35_trains_end_to_end_offline(tiny_medium, instance_dir, tmp_path, no_network):
     """An all-in-one tiny SD3.5 medium detected from its file, loaded, its class images made with
-    StableDiffusion3Pipeline, trained two steps with prior preservation, a preview made: a
-    kohya SD3 LoRA in lora_dir with exactly its layout, whose every stem applied as Forge does
+    StableDiffusion3Pipeline, trained two steps with prior preservation on an fp8 base (every
+    frozen Linear of the MMDiT in fp8 with its scale), a preview made: a kohya SD3 LoRA in lora_dir with exactly its layout, whose every stem applied as Forge does
     (up @ down x alpha / rank on SAI's stacked rows) is the trained update, attn2 included."""
     from safetensors.torch import load_file
     from dreambooth.config import events as ev
@@ -163,11 +163,14 @@ def test_tiny_sd35_trains_end_to_end_offline(tiny_medium, instance_dir, tmp_path
                       class_images_per_instance=1)
     cfg = sd35_config(tiny_medium, instance_dir, tmp_path, batch_size=2,
                       gradient_checkpointing=True, concepts=(concept,), class_generation_steps=2,
-                      sample_every_epochs=1, sample_steps=2)
+                      sample_every_epochs=1, sample_steps=2, fp8_base=True)
     events = []
     trainer = Trainer(cfg.check(), ev.EventBus(events.append), ev.CancelToken())
     result = trainer.run()
     assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    from dreambooth.training import fp8
+    base = [m for p, m in trainer.comp.unet.named_modules() if fp8.storable(p, m)]
+    assert len(base) > 20 and all(m.weight.dtype == fp8.FP8 and fp8.is_stored(m) for m in base)
     assert len(list((cfg.model_dir / "class_images").rglob("*.png"))) == 4
     assert [e.step for e in events if isinstance(e, ev.SampleSaved)] == [2]
     shapes, _, meta = read_layout(result.path)
@@ -262,3 +265,53 @@ def test_sd3_objective_against_independent_sums():
     torch.testing.assert_close(prior, per_sample[1])
     torch.testing.assert_close(total, per_sample[0] + 0.5 * per_sample[1])
 
+
+
+@pytest.mark.once
+def test_sd35_class_images_come_from_cached_prompt_states(tiny_medium, tmp_path, monkeypatch):
+    """As Flux's: SD3.5's missing class images are drawn from the class prompt's cached states
+    and the empty prompt's as CFG's negative, T5 parked; the same images as from the prompt."""
+    from dreambooth.model.tiny import write_images
+    from test_flux_fp8 import class_images_from_states
+    write_images(tmp_path / "inst", "checker", 2)
+    concept = Concept(str(tmp_path / "inst"), "photo of sks dog", class_prompt="photo of a dog",
+                      class_images_per_instance=1)
+    cfg = sd35_config(tiny_medium, None, tmp_path, concepts=(concept,), class_generation_steps=2)
+    assert cfg.guidance_scale > 1  # (CFG: the negative's states are used)
+    class_images_from_states(cfg, monkeypatch, tmp_path, "text_encoder_3")
+
+
+def _fixed_noise_loss(trainer) -> float:
+    """The SD3 loss of every instance image at four fixed timesteps and fixed noise, from the
+    run's cached latents (their means) and prompt states."""
+    from dreambooth.training import flow
+    feed, gen, total = trainer.feed, torch.Generator().manual_seed(0), 0.0
+    with torch.no_grad():
+        for item in feed.items:
+            latent, _ = feed.latent_of(item, False, 0, torch.zeros(1), feed.bucket_of[item.path])
+            cond = {k: v[None] for k, v in feed.embeddings[item.prompt].items()}
+            for t in (0.25, 0.5, 0.75, 0.9):
+                sigma, noise = torch.tensor([t]), torch.randn(latent.shape, generator=gen)
+                total += float(flow.sd3_loss(trainer.comp.unet, latent, cond, noise, sigma,
+                                             sigma * 1000, 1, 1.0)[0])
+    return total
+
+
+@pytest.mark.once
+def test_tiny_sd35_learns(tiny_medium, instance_dir, tmp_path):
+    """40 steps of a LoRA on the tiny medium: the loss at fixed noise and timesteps on the
+    instance images falls by over 15% from the base model's (the same model with the LoRA's
+    B matrices zeroed, as they start; measured: 9.04 against 12.02, -25%)."""
+    from dreambooth.config import events as ev
+    from dreambooth.training.trainer import Trainer
+    cfg = sd35_config(tiny_medium, instance_dir, tmp_path, steps_per_image=10, lora_rank=4,
+                      seed=1)
+    trainer = Trainer(cfg.check(), ev.EventBus(lambda e: None), ev.CancelToken())
+    assert trainer.run().steps == 40
+    trained = _fixed_noise_loss(trainer)
+    for name, p in trainer.comp.unet.named_parameters():
+        if ".lora_B." in name:
+            p.data.zero_()
+    base = _fixed_noise_loss(trainer)
+    print(f"\nSD3.5 medium, fixed-noise loss: trained {trained:.4f}, base {base:.4f}")
+    assert trained < 0.85 * base, (trained, base)

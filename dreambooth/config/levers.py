@@ -43,7 +43,7 @@ BF16_WEIGHTS = spec_field(
            "stochastic rounding so that small updates are not lost. Needs mixed_precision bf16.",
     advanced=True)
 FP8_BASE = spec_field(
-    False, "LoRA or textual inversion: store the frozen UNet's (Flux: transformer's) Linear and "
+    False, "LoRA or textual inversion: store the frozen UNet's (Flux, SD3.5: transformer's) Linear and "
            "Conv2d weights in fp8 (SD1.5: 0.8 GiB less than bf16; FLUX.1: 11.1 GiB instead of "
            "22.2), each upcast only while its layer runs. Costs "
            "precision of the frozen model (each weight within about 1/16); the LoRA file and "

@@ -15,9 +15,7 @@ from .flux import NOT_YET as FLUX_NOT_YET
 from .flux import is_file, suffix_problems, tokenizer_problems
 
 SD35_TYPES = ("sd3.5-medium", "sd3.5-large")
-# what Flux does not do yet, and fp8_base (done for Flux: training/fp8.py, memory_flux.py)
-NOT_YET = FLUX_NOT_YET + (("fp8_base", False, "fp8_base is not done for SD3.5 yet",
-                           "turn fp8_base off"),)
+NOT_YET = FLUX_NOT_YET  # what Flux does not do yet (fp8_base: done for both, training/fp8.py)
 
 _EMPTY = " Empty: the one inside the checkpoint (all-in-one files)."
 SD35_CLIP_L = spec_field("", "SD3.5: the CLIP-L text encoder file (e.g. Forge's "

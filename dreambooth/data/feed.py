@@ -17,7 +17,7 @@ from ..model.components import encode_prompts
 from . import buckets
 from .buckets import load_bucketed
 from .images import Item, instance_items
-from .sampling import ensure_class_images, preview_prompt, slug
+from .sampling import FLOW_FAMILIES, ensure_class_images, preview_prompt, slug
 
 
 class DataFeed:
@@ -37,20 +37,28 @@ class DataFeed:
 
     def collect(self, make_ready_to_generate) -> None:
         """Find every instance image (and make the missing class images: the UNet goes to the
-        device first, through `make_ready_to_generate`), then plan the buckets."""
-        cfg, self.items, self.class_items = self.cfg, [], {}
+        device first, through `make_ready_to_generate`), then plan the buckets. Flux / SD3.5:
+        the prompts' states are cached first, so T5 can leave the device before the transformer
+        comes to it (class images are drawn from the states)."""
+        cfg, self.items, self.class_items, self.embeddings = self.cfg, [], {}, {}
         buckets.refuse_resolution(cfg.resolution, self.comp.vae.config, self.comp.unet.config)
+        found = [instance_items(c.instance_data_dir, c.instance_prompt, self.warn)
+                 for c in cfg.concepts]
+        for i, items in enumerate(found):
+            self.items += [Item(it.path, it.prompt, False, i) for it in items]
+        flow = self.comp.spec.family in FLOW_FAMILIES
+        if flow and any(c.uses_prior for c in cfg.concepts):
+            self.cache_prompts()
         for i, concept in enumerate(cfg.concepts):
-            found = instance_items(concept.instance_data_dir, concept.instance_prompt, self.warn)
-            self.items += [Item(it.path, it.prompt, False, i) for it in found]
             if concept.uses_prior:
                 folder = Path(concept.class_data_dir) if concept.class_data_dir else \
                     cfg.model_dir / "class_images" / slug(concept.class_prompt)
                 make_ready_to_generate()  # to make any that are missing
                 with self.acc.main_process_first():  # rank 0 makes them, the others reuse them
                     paths = ensure_class_images(self.comp, concept, concept.class_images_per_instance
-                                                * len(found), folder, cfg, self.device, self.dtype,
-                                                self.say)
+                                                * len(found[i]), folder, cfg, self.device,
+                                                self.dtype, self.say,
+                                                self.embeddings if flow else None)
                 self.class_items[i] = [Item(p, concept.class_prompt, True, i) for p in paths]
         self.bucket_of = buckets.plan([it.path for it in self.items], cfg.resolution,
                                       cfg.bucketing, cfg.bucket_no_upscale)
@@ -98,7 +106,7 @@ class DataFeed:
     def cache(self) -> None:
         """Latents of every (image, bucket) a batch can use (class images: every bucket of their
         concept's instance images), and the prompt embeddings when the text encoder is frozen
-        (Flux: the previews' prompts' too, so that T5 never comes back to the GPU)."""
+        (cache_prompts: those collect cached already are kept)."""
         cfg, self.latents = self.cfg, {}
         pairs = [(it, self.bucket_of[it.path]) for it in self.items]
         for concept, pool in self.class_items.items():
@@ -108,13 +116,22 @@ class DataFeed:
             for flip in ((False, True) if cfg.hflip else (False,)):
                 for (it, b), lat in zip(pairs, self.encode_images(pairs, flip)):
                     self.latents[(it.path, flip, b)] = lat
-        self.embeddings = {}
-        previews = {preview_prompt(c) for c in cfg.concepts} \
-            if self.comp.spec.family == "flux" else set()  # (drawn from these: saver.sample)
         if not cfg.trains_text_encoder:
-            for prompt in sorted({it.prompt for it, _ in pairs} | previews):
-                self.embeddings[prompt] = {k: v[0] for k, v in
-                                           self.encode_prompts([prompt]).items()}
+            self.cache_prompts()
+
+    def cache_prompts(self) -> None:
+        """The states of every prompt a batch can read (the class prompts' included), and of a
+        flow model's previews' prompts, with SD3.5's negative (the empty prompt, for its CFG), so
+        that T5 never comes back to the device; each encoded once."""
+        cfg = self.cfg
+        prompts = {it.prompt for it in self.items} | \
+            {c.class_prompt for c in cfg.concepts if c.uses_prior}
+        if self.comp.spec.family in FLOW_FAMILIES:  # (drawn from these: saver.sample)
+            prompts |= {preview_prompt(c) for c in cfg.concepts} | \
+                ({""} if self.comp.spec.family == "sd3" else set())
+        for prompt in sorted(prompts - self.embeddings.keys()):
+            self.embeddings[prompt] = {k: v[0] for k, v in
+                                       self.encode_prompts([prompt]).items()}
 
     def global_batch(self, order: list[int], b: int) -> tuple[list[Item], list[int]]:
         """The b-th global batch (batch size x processes; the last one wraps around): instance

@@ -10,6 +10,7 @@ from ..model.checkpoint import write_with
 from .images import scan_images
 
 CLASS_BATCH = 4
+FLOW_FAMILIES = ("flux", "sd3")  # drawn from their prompts' cached states (T5 kept parked)
 
 
 def make_pipeline(comp, unet=None, text_encoder=None, device=None, text_encoder_2=None):
@@ -63,13 +64,29 @@ def preview_prompt(concept) -> str:
     return concept.sample_prompt or concept.instance_prompt.replace("[filewords]", "")
 
 
+def cached_states(comp, cached: dict | None, prompt: str) -> dict | None:
+    """The states a flow model's pipeline is given instead of `prompt`, from the feed's cache:
+    the prompt's and, for SD3.5 (its CFG), the empty prompt's as the negative, as the pipeline
+    would encode them (None: SD's pipelines run their text encoders)."""
+    if comp.spec.family not in FLOW_FAMILIES or not cached:
+        return None
+    states = dict(cached[prompt])
+    if comp.spec.family == "sd3":
+        states.update({"negative_" + k: v for k, v in cached[""].items()})
+    return states
+
+
+PIPELINE_NAMES = {"hidden": "prompt_embeds", "pooled": "pooled_prompt_embeds",
+                  "negative_hidden": "negative_prompt_embeds",
+                  "negative_pooled": "negative_pooled_prompt_embeds"}
+
+
 def prompt_arguments(prompt: str, n: int, embeds: dict | None) -> dict:
-    """The pipeline's prompt arguments for n images: the prompt, or (Flux) its cached states,
-    which FluxPipeline takes instead of running the text encoders (T5 stays off the GPU)."""
+    """The pipeline's prompt arguments for n images: the prompt, or (Flux, SD3.5) its cached
+    states (cached_states), which the pipeline takes instead of running the text encoders."""
     if embeds is None:
         return {"prompt": [prompt] * n}
-    return {"prompt_embeds": embeds["hidden"][None].expand(n, -1, -1),
-            "pooled_prompt_embeds": embeds["pooled"][None].expand(n, -1)}
+    return {PIPELINE_NAMES[k]: v[None].expand(n, *v.shape) for k, v in embeds.items()}
 
 
 def slug(text: str) -> str:
@@ -103,20 +120,24 @@ def generate_images(pipe, prompt: str, count: int, folder: Path, stem: str, star
 
 
 def ensure_class_images(comp, concept, needed: int, folder: Path, cfg, device, dtype,
-                        say) -> list[Path]:
-    """Reuse the class images already in `folder`; generate the missing ones with the base model."""
+                        say, cached: dict | None = None) -> list[Path]:
+    """Reuse the class images already in `folder`; generate the missing ones with the base model
+    (Flux / SD3.5: from the class prompt's states `cached` by the feed, on the modules the
+    trainer placed, T5 parked off the device)."""
     folder.mkdir(parents=True, exist_ok=True)
     found, _bad = scan_images(folder)
     missing = max(0, needed - len(found))
     say(f"Class images for '{concept.class_prompt}': found {len(found)}, generating {missing}.")
     if missing:
         pipe = make_pipeline(comp)
-        pipe.to(device)
+        embeds = cached_states(comp, cached, concept.class_prompt)
+        if embeds is None:
+            pipe.to(device)
         numbers = [int(m.group(1)) for p in folder.iterdir()
                    if (m := re.fullmatch(r"class_(\d+)\.png", p.name))]
         start = max(numbers, default=-1) + 1
         guidance, extra = sample_settings(comp, cfg.guidance_scale)
         found += generate_images(pipe, concept.class_prompt, missing, folder, "class", start,
                                  cfg.resolution, cfg.class_generation_steps, guidance,
-                                 cfg.seed, dtype, extra=extra)
+                                 cfg.seed, dtype, extra=extra, embeds=embeds)
     return sorted(found)[:needed]

@@ -154,3 +154,51 @@ def load_sd35(cfg, dtype: torch.dtype | None = torch.float32) -> Components:
                       tokenizer_2=assets.load_tokenizer(pad_token="!"),
                       text_encoder_3=modules["text_encoder_3"],
                       tokenizer_3=t5_tokenizer(cfg.t5_tokenizer_dir, spec.t5_tokens))
+
+
+# SD3.5's MMDiTs at full size, as sd35_keys.transformer_config reads them off SAI's files (the
+# tests' MEDIUM / LARGE, checked against diffusers' converter): for counting on the meta device
+# (the memory estimate, the step profile). blocks: (MMDiT-X blocks with a second attention,
+# other blocks) before the last one, which drops the text stream's output.
+FULL_MMDIT = {"sd3.5-medium": ({"num_attention_heads": 24, "caption_projection_dim": 1536,
+                                "pos_embed_max_size": 384}, (13, 10)),
+              "sd3.5-large": ({"num_attention_heads": 38, "caption_projection_dim": 2432,
+                               "pos_embed_max_size": 192}, (0, 37))}
+
+
+def full_size_configs(model_type: str, blocks: tuple[int, int] | None = None) -> dict:
+    """SD3.5 medium's or large's component configs at full size; `blocks`: (dual-attention,
+    other) blocks before the last instead of the full size's (FULL_MMDIT), at the full width."""
+    from .flux import FULL_AE, full_size_configs as flux_configs
+    wide, full = FULL_MMDIT[model_type]
+    dual, other = blocks or full
+    unet = {"_class_name": "SD3Transformer2DModel", "sample_size": 128, "patch_size": 2,
+            "in_channels": 16, "num_layers": dual + other + 1, "attention_head_dim": 64,
+            "joint_attention_dim": 4096, "pooled_projection_dim": 2048, "out_channels": 16,
+            "dual_attention_layers": tuple(range(dual)), "qk_norm": "rms_norm", **wide}
+    flux = flux_configs("flux-schnell")
+    clips = [{k: v for k, v in assets.load_config(*base).items()
+              if k not in ("architectures", "model_type")} for base in
+             (("v1x", "text_encoder"), ("sdxl", "text_encoder_2"))]
+    clips[0]["projection_dim"] = clips[0]["hidden_size"]  # (as clip_config reads the files)
+    vae = {**flux["vae"], **FULL_AE, "scaling_factor": VAE_SCALE, "shift_factor": VAE_SHIFT}
+    return {"unet": unet, "text_encoder": clips[0], "text_encoder_2": clips[1],
+            "text_encoder_3": flux["text_encoder_2"], "vae": vae, "scheduler": scheduler_config()}
+
+
+def build_meta_sd35(model_type: str, configs: dict | None = None) -> Components:
+    """An SD3.5 working model on the meta device (shapes, no memory), full size unless
+    `configs` (as full_size_configs gives them) say otherwise; no tokenizers."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, T5Config,
+                              T5EncoderModel)
+    configs = configs or full_size_configs(model_type)
+    with torch.device("meta"):
+        clips = [CLIPTextModelWithProjection(CLIPTextConfig(**configs[name]))
+                 for name in ("text_encoder", "text_encoder_2")]
+        mmdit = SD3Transformer2DModel.from_config(configs["unet"]).to("meta")  # (diffusers <
+        # 0.32 makes its positions with numpy: on the CPU whatever the default device)
+        return Components(model_type, configs, mmdit,
+                          AutoencoderKL.from_config(configs["vae"]), clips[0], None,
+                          text_encoder_2=clips[1],
+                          text_encoder_3=T5EncoderModel(T5Config(**configs["text_encoder_3"])))

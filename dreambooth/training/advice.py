@@ -192,10 +192,6 @@ def plan(config, free_bytes: int | None, half: str = "bf16",
     """(config to train with, what to tell the user) for the config's memory_preset, given the
     free GPU memory (None: no GPU, nothing to fit)."""
     preset, said = config.memory_preset, []
-    if config.model_type.startswith("sd3") and (  # (Flux: memory_flux.py)
-            preset == "lowest" or free_bytes is not None and preset != "off"):
-        return config, ["The memory presets do not cover SD3.5 yet: the settings are used as "
-                        "given."]
     if preset == "lowest":
         changes = lowest(config, half)
         if changes:

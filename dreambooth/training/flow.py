@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from . import backends
 from .loss import draw_noise, dreambooth_loss, take_rows
 
 
@@ -61,11 +62,15 @@ def flow_loss(transformer, latents, cond: dict, noise, sigmas, n_instance: int,
 
 def sd3_draws(gen, n: int, scheduler) -> tuple:
     """(sigmas, timesteps) of n samples: a logit-normal u picks the scheduler's step
-    int(u x 1000), as the SD3 script's compute_density_for_timestep_sampling('logit_normal')."""
+    int(u x 1000), as the SD3 script's compute_density_for_timestep_sampling('logit_normal')
+    (the trainer's own scheduler: its tables move to the generator's device)."""
     u = torch.sigmoid(torch.randn((n,), generator=gen, device=gen.device))
-    sigmas = scheduler.sigmas.to(gen.device)
+    if scheduler.sigmas.device != gen.device:  # the tables to the device once, not each step
+        scheduler.sigmas = scheduler.sigmas.to(gen.device)  # (a copy that waits for the host)
+        scheduler.timesteps = scheduler.timesteps.to(gen.device)
+    sigmas = scheduler.sigmas
     index = (u * scheduler.config.num_train_timesteps).long().clamp(max=len(sigmas) - 1)
-    return sigmas[index], scheduler.timesteps.to(gen.device)[index]
+    return sigmas[index], scheduler.timesteps[index]
 
 
 def sd3_loss(transformer, latents, cond: dict, noise, sigmas, timesteps, n_instance: int,
@@ -90,13 +95,27 @@ def frozen_dtype(comp, module, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def big_text_encoder(comp):
+    """The text encoder a flow model's previews and class images run without, their prompts'
+    states cached beforehand (DataFeed): T5-XXL (8.9 GiB in bf16), which would not fit a 16 GB
+    card beside the fp8 transformer (Flux: 11.1 GiB); None for the other families. The CLIPs
+    stay (1.6 GiB at most), so the pipeline keeps finding its device where it computes."""
+    return {"flux": comp.text_encoder_2, "sd3": comp.text_encoder_3}.get(comp.spec.family)
+
+
 def preview_modules(comp, frozen: list) -> list:
-    """The frozen modules previews need on the GPU: all but Flux's T5, whose states for the
-    previews' prompts were cached with the training prompts' (DataFeed.cache): the fp8
-    transformer (11.1 GiB) and T5 (8.9) would not fit a 16 GB card together."""
-    if comp.spec.family != "flux":
-        return frozen
-    return [m for m in frozen if m is not comp.text_encoder_2]
+    """The frozen modules previews need on the GPU: all but T5 (big_text_encoder)."""
+    big = big_text_encoder(comp)
+    return [m for m in frozen if m is not big]
+
+
+def ready_to_generate(trainer) -> None:
+    """Before class images are made: T5 leaves the GPU (the prompts' states are cached:
+    DataFeed.collect), then the transformer comes to it, so the two never share it."""
+    big = big_text_encoder(trainer.comp)
+    if big is not None and trainer.device.type == "cuda":
+        backends.park([big], trainer.stored)
+    trainer.place_unet()
 
 
 def flow_step(trainer, order, b: int, rng, gen) -> tuple:

@@ -55,7 +55,7 @@ def _names(config: dict) -> dict:
     return flux_keys.lora_names(config["num_layers"], config["num_single_layers"])
 
 
-def _meta(config: dict):
+def meta_transformer(config: dict):
     """The plain transformer of `config` on the meta device."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
     cls = FluxTransformer2DModel if "num_single_layers" in config else SD3Transformer2DModel
@@ -86,7 +86,7 @@ def kohya_state(comp, cfg, pairs: dict) -> dict:
 
 def expected_layout(comp, cfg) -> dict:
     """Key -> shape the file must hold, from the plain transformer built on the meta device."""
-    meta = _meta(comp.configs["unet"])
+    meta = meta_transformer(comp.configs["unet"])
     found, names, rank = dict(meta.named_modules()), _names(comp.configs["unet"]), cfg.lora_rank
     rows: dict = {}
     for path in target_paths(meta, cfg.lora_targets):

@@ -21,6 +21,7 @@ same trade (there without a scale).
 Flux's transformer (a LoRA's frozen base, 11.9B weights: 22 GiB in bf16) is stored the same
 way, 11.1 GiB; a transformer read from an fp8 file (Forge's and ComfyUI's flux1-dev-fp8, e4m3)
 keeps its weights as the file has them (scale 1, exact), with no full-precision copy on the way.
+SD3.5's MMDiT likewise (large: 8.1B weights, 15.0 GiB in bf16, 7.6 in fp8).
 
 The trainer places its UNet through `place_unet` (also before it makes class images: the
 upcast works in inference too, under the pipeline's autocast).
@@ -165,7 +166,7 @@ def place_unet(unet: nn.Module, cfg, device: torch.device, dtype: torch.dtype, s
         unet.to(device, dtype)
         return
     layers = place(unet, device, dtype)
-    what = "transformer" if hasattr(unet, "single_transformer_blocks") else "UNet"  # (Flux)
+    what = "transformer" if hasattr(unet, "transformer_blocks") else "UNet"  # (Flux, SD3.5)
     say(f"fp8_base: the {what}'s {layers} Linear/Conv2d weights are stored in fp8 "
         f"({stored_bytes(unet) / 2**30:.2f} GiB), each upcast to "
         f"{str(dtype).removeprefix('torch.')} only while its layer runs.")

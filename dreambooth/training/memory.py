@@ -149,9 +149,9 @@ def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True,
     gradients are kept in bf16 (parked.py), a Linear/Conv2d weight's takes 2 bytes, and the
     bf16 copies of the largest weights are not held through the forward.
     """
-    if config.model_type.startswith("flux"):  # a Flux LoRA: counted in memory_flux.py
-        from .memory_flux import flux_peak
-        return Estimate(*flux_peak(config, n_images or count_images(config), *(
+    if config.model_type.startswith(("flux", "sd3")):  # Flux, SD3.5: memory_flux.py
+        from .memory_flux import flow_peak
+        return Estimate(*flow_peak(config, n_images or count_images(config), *(
             (ACTIVATION_FACTOR, CUDA_OVERHEAD) if gpu else (1.0, 0))))
     cfg, half = config, config.mixed_precision in HALF
     lora = bool(getattr(cfg, "use_lora", False))

@@ -1,19 +1,21 @@
-"""Will a Flux.1 LoRA fit? Its peak GPU memory, counted on the meta device as memory.py counts
-SD's (memory.estimate hands flux-* configs here and makes its Estimate of the figures; the
-presets plan with it as with SD's: advice.py).
+"""Will a Flux.1 or SD3.5 LoRA fit? Its peak GPU memory, counted on the meta device as memory.py
+counts SD's (memory.estimate hands flux-* and sd3.5-* configs here and makes its Estimate of the
+figures; the presets plan with it as with SD's: advice.py). The two flow transformers are
+counted alike; what differs (the model's parts, its inputs, its kinds of blocks) is looked up.
 
-What a Flux LoRA run holds, phase by phase (the trainer's order, trainer.Trainer.setup):
+What a Flux / SD3.5 LoRA run holds, phase by phase (the trainer's order, trainer.Trainer.setup):
 - caching: the text encoders on the GPU in bf16 (T5-XXL 8.9 GiB; flow.frozen_dtype) to encode
   the prompts once, the autoencoder in fp32 to encode the images; then both leave the GPU;
-- training: the frozen transformer (bf16: 22.2 GiB; with fp8_base each Linear weight in fp8
-  with its scale: 11.1 GiB, the rest in bf16), the LoRA layers, their gradients and optimizer
-  state in fp32, the cached latents and prompt states, and a step's activations: what autograd
-  saves in one meta forward of the transformer with its LoRA layers at the resolution, per
-  image (fp8_base's upcasting layers keep no more: their fp8 weight is the model's own); with gradient checkpointing, what the blocks outside
-  keep (every block's inputs among it: the checkpoints keep them) and one block recomputed in
-  backward; and what a block's backward adds while all that is kept.
+- training: the frozen transformer (bf16: Flux 22.2 GiB, SD3.5 large 15.0, medium 4.2; with
+  fp8_base each Linear weight in fp8 with its scale: about half), the LoRA layers, their
+  gradients and optimizer state in fp32, the cached latents and prompt states, and a step's
+  activations: what autograd saves in one meta forward of the transformer with its LoRA layers
+  at the resolution, per image (fp8_base's upcasting layers keep no more: their fp8 weight is
+  the model's own); with gradient checkpointing, what the blocks outside keep (every block's
+  inputs among it: the checkpoints keep them) and one block recomputed in backward; and what a
+  block's backward adds while all that is kept.
 The peak is the larger of the two. memory.ACTIVATION_FACTOR and CUDA_OVERHEAD, the GPU-only
-parts, are SD's (not measured on Flux yet); without them (memory.estimate's `gpu=False`) the
+parts, are SD's (not measured on these yet); without them (memory.estimate's `gpu=False`) the
 estimate is within 10% of the step profile's count on fake tensors (bench/profile.py).
 """
 from __future__ import annotations
@@ -25,33 +27,58 @@ import torch
 from . import fp8
 from .memory_count import flash_like, numel, optimizer_state_bytes, quiet, saved_bytes
 
-BLOCKS = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+BLOCKS = ("FluxTransformerBlock", "FluxSingleTransformerBlock", "JointTransformerBlock")
+
+
+def _model(model_type: str, blocks: tuple | None):
+    """(configs, meta Components) of a full-size, or `blocks` deep, Flux ((double, single)
+    blocks) or SD3.5 ((dual-attention, other) blocks before the last)."""
+    if model_type.startswith("flux"):
+        from ..model.flux import build_meta_flux as build, full_size_configs
+    else:
+        from ..model.sd35 import build_meta_sd35 as build, full_size_configs
+    configs = full_size_configs(model_type, blocks)
+    return configs, build(model_type, configs)
+
+
+def full_blocks(model_type: str) -> tuple:
+    """The full size's blocks, as `blocks` counts them."""
+    if model_type.startswith("flux"):
+        from ..model.flux import FULL_TRANSFORMER as unet
+        return unet["num_layers"], unet["num_single_layers"]
+    from ..model.sd35 import FULL_MMDIT
+    return FULL_MMDIT[model_type][1]
+
+
+def text_tokens(model_type: str) -> int:
+    """Tokens of a prompt's cached states: T5's (SD3.5: after CLIP's 77)."""
+    from ..model.spec import spec_for
+    spec = spec_for(model_type)
+    return spec.t5_tokens + (77 if spec.family == "sd3" else 0)
 
 
 @functools.lru_cache(maxsize=None)
 def _parts(model_type: str, blocks: tuple | None) -> dict:
-    """Counts of a (full-size, or `blocks` deep) Flux's parts on the meta device."""
-    from ..model.flux import build_meta_flux, full_size_configs
-    configs = full_size_configs(model_type, blocks)
-    comp = build_meta_flux(model_type, configs)
+    """Counts of a (full-size, or `blocks` deep) model's parts on the meta device."""
+    configs, comp = _model(model_type, blocks)
     linears = [m.weight.shape for p, m in comp.unet.named_modules() if fp8.storable(p, m)]
-    return {"configs": configs, "transformer": numel(p.shape for p in comp.unet.parameters()),
+    return {"configs": configs, "transformer": numel(p.shape for p in comp.unet.parameters())
+            + numel(b.shape for b in comp.unet.buffers()),  # (SD3.5's positions: 0.4 GiB)
             "linear": numel(linears), "linears": len(linears),
             "text encoders": sum(numel(p.shape for p in te.parameters())
                                  for te in comp.text_encoders),
-            "vae": numel(p.shape for p in comp.vae.parameters()),
+            "vae": numel(p.shape for p in comp.vae.parameters()), "unet": comp.unet,
             "vae channels": configs["vae"]["block_out_channels"][0]}
 
 
 def _meta_transformer(model_type: str, blocks, rank: int, targets: str):
     """The transformer on the meta device in bf16 with its LoRA layers."""
-    from diffusers import FluxTransformer2DModel
-
-    from .flux_lora import target_paths
+    from .flux_lora import meta_transformer, target_paths
     from .lora import inject
-    config = _parts(model_type, blocks)["configs"]["unet"]
-    with torch.device("meta"), quiet():
-        model = FluxTransformer2DModel.from_config(config).to(torch.bfloat16).train()
+    with quiet():
+        config = _parts(model_type, blocks)["configs"]["unet"]
+        model = meta_transformer(config).to("meta", torch.bfloat16).train()  # (diffusers <
+        # 0.32 makes SD3.5's positions with numpy: on the CPU whatever the default device)
     inject(model, rank, float(rank), target_paths(model, targets))
     return model
 
@@ -59,9 +86,8 @@ def _meta_transformer(model_type: str, blocks, rank: int, targets: str):
 @functools.lru_cache(maxsize=None)
 def lora_shapes(model_type: str, blocks, rank: int, targets: str) -> tuple:
     """Shapes of the LoRA A/B matrices of `targets` in the transformer."""
-    from ..model.flux import build_meta_flux, full_size_configs
     from .flux_lora import target_paths
-    unet = build_meta_flux(model_type, full_size_configs(model_type, blocks)).unet
+    unet = _parts(model_type, blocks)["unet"]
     found = dict(unet.named_modules())
     return tuple(s for path in target_paths(unet, targets)
                  for s in ((rank, found[path].weight.shape[1]),
@@ -69,46 +95,57 @@ def lora_shapes(model_type: str, blocks, rank: int, targets: str) -> tuple:
 
 
 def _inputs(config: dict, resolution: int, tokens: int) -> dict:
+    """One image's inputs of the transformer (Flux: packed 2x2 patches with their positions;
+    SD3.5: the latents as they are, patched inside)."""
+    meta, bf16 = {"device": "meta"}, {"device": "meta", "dtype": torch.bfloat16}
+    text = dict(encoder_hidden_states=torch.empty(1, tokens, config["joint_attention_dim"],
+                                                  **bf16),
+                pooled_projections=torch.empty(1, config["pooled_projection_dim"], **bf16),
+                timestep=torch.empty(1, **meta), return_dict=False)
+    if "num_single_layers" not in config:  # SD3.5
+        side = resolution // 8
+        return dict(hidden_states=torch.empty(1, config["in_channels"], side, side, **bf16),
+                    **text)
     side = resolution // 16  # 8x the autoencoder, 2x2 patches
-    meta = {"device": "meta"}
     extra = {"guidance": torch.empty(1, **meta)} if config["guidance_embeds"] else {}
-    return dict(hidden_states=torch.empty(1, side * side, config["in_channels"],
-                                          dtype=torch.bfloat16, **meta),
-                encoder_hidden_states=torch.empty(1, tokens, config["joint_attention_dim"],
-                                                  dtype=torch.bfloat16, **meta),
-                pooled_projections=torch.empty(1, config["pooled_projection_dim"],
-                                               dtype=torch.bfloat16, **meta),
-                timestep=torch.empty(1, **meta), txt_ids=torch.empty(tokens, 3, **meta),
-                img_ids=torch.empty(side * side, 3, **meta), return_dict=False, **extra)
+    return dict(hidden_states=torch.empty(1, side * side, config["in_channels"], **bf16),
+                txt_ids=torch.empty(tokens, 3, **meta),
+                img_ids=torch.empty(side * side, 3, **meta), **text, **extra)
 
 
 @functools.lru_cache(maxsize=None)
 def activation_bytes(model_type: str, resolution: int, checkpointing: bool, rank: int,
                      targets: str, blocks: tuple | None = None) -> int:
     """Bytes one image's forward keeps for backward (before ACTIVATION_FACTOR). The blocks of a
-    kind are alike, so the full-size count is the 2+2 blocks deep one's plus 17 times what a
-    third double block adds and 36 times what a third single block adds (tested against the
-    direct count); fp8_base's upcasting layers keep no more (their fp8 weight is the model's)."""
+    kind are alike, so the full-size count is built from counts 2 or 3 blocks of each kind deep
+    (extrapolated, tested against the direct count); fp8_base's upcasting layers keep no more
+    (their fp8 weight is the model's)."""
     if blocks is not None:
         return _counted(model_type, resolution, checkpointing, rank, targets, blocks)
-    unet = _parts(model_type, None)["configs"]["unet"]
     return extrapolated(model_type, resolution, checkpointing, rank, targets,
-                        (unet["num_layers"], unet["num_single_layers"]))
+                        full_blocks(model_type))
 
 
 def extrapolated(model_type: str, resolution: int, checkpointing: bool, rank: int,
                  targets: str, blocks: tuple) -> int:
-    """_counted of a `blocks` deep Flux (2 or more of each kind) from three counts 2 or 3
-    blocks deep (from 2 on, each block of a kind keeps what the one before it kept: the first
-    double block's input was partly kept already)."""
-    two, double, single = (_counted(model_type, resolution, checkpointing, rank, targets, b)
-                           for b in ((2, 2), (3, 2), (2, 3)))
-    return two + (blocks[0] - 2) * (double - two) + (blocks[1] - 2) * (single - two)
+    """_counted of a `blocks` deep model from counts at most 2 blocks of each kind deep and
+    one more of each kind (from 2 on, each block of a kind keeps what the one before it kept:
+    Flux's first double block's input was partly kept already). Flux (19, 38): the 2+2, 3+2
+    and 2+3 deep ones' counts; SD3.5 large (0, 37): 0+2 and 0+3; medium (13, 10): 2+2, 3+2
+    and 2+3, each with the last block."""
+    args = (model_type, resolution, checkpointing, rank, targets)
+    base = tuple(min(n, 2) for n in blocks)
+    two, total = _counted(*args, base), 0
+    for i, n in enumerate(blocks):
+        if n > base[i]:
+            more = tuple(b + (j == i) for j, b in enumerate(base))
+            total += (n - base[i]) * (_counted(*args, more) - two)
+    return two + total
 
 
 def _counted(model_type: str, resolution: int, checkpointing: bool, rank: int, targets: str,
              blocks: tuple) -> int:
-    """activation_bytes of a `blocks` deep Flux, counted on the meta device: what autograd
+    """activation_bytes of a `blocks` deep model, counted on the meta device: what autograd
     keeps (with gradient checkpointing: what the blocks' outside keeps, the blocks' inputs
     among it, and the most one block keeps, recomputed in backward), and the gradients a
     block's backward makes while it is all kept, about half of what the block kept (the step
@@ -122,10 +159,8 @@ def _counted(model_type: str, resolution: int, checkpointing: bool, rank: int, t
 def _saved(model_type: str, resolution: int, rank: int, targets: str, blocks: tuple) -> tuple:
     """(bytes a forward keeps, the most one block keeps, bytes a checkpointed forward keeps)."""
     import torch.nn.functional as F
-
-    from ..model.spec import spec_for
     model = _meta_transformer(model_type, blocks, rank, targets)
-    kwargs = _inputs(dict(model.config), resolution, spec_for(model_type).t5_tokens)
+    kwargs = _inputs(dict(model.config), resolution, text_tokens(model_type))
     plain_sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _sdpa
     try:
         total, block = saved_bytes(model, lambda: model(**kwargs), BLOCKS)
@@ -141,15 +176,14 @@ def _sdpa(query, key, value, *args, **kwargs):
     return flash_like(query, key, value)
 
 
-def flux_peak(cfg, images: tuple[int, int], factor: float, overhead: int,
+def flow_peak(cfg, images: tuple[int, int], factor: float, overhead: int,
               blocks: tuple | None = None, caching: bool = True) -> tuple[int, dict, str]:
-    """(peak GPU bytes, what makes them up, the phase at the peak) of a Flux LoRA run with
-    `cfg` and `images` (instance, class) images, memory.estimate's Estimate; `factor`, `overhead`:
-    its GPU-only ACTIVATION_FACTOR and CUDA_OVERHEAD (1.0 and 0: what the step profile holds);
-    `blocks`: a (double, single) blocks deep Flux at full width (the tests' shorter profile);
+    """(peak GPU bytes, what makes them up, the phase at the peak) of a Flux or SD3.5 LoRA run
+    with `cfg` and `images` (instance, class) images, memory.estimate's Estimate; `factor`,
+    `overhead`: its GPU-only ACTIVATION_FACTOR and CUDA_OVERHEAD (1.0 and 0: what the step
+    profile holds); `blocks`: a model this many blocks deep (_model) at full width (the tests' shorter profile);
     `caching` off: the training step's peak only (what the step profile counts)."""
     from .optim import BUCKET_BYTES
-    from ..model.spec import spec_for
     wbytes = 2 if cfg.mixed_precision in ("fp16", "bf16", "auto") else 4  # (memory.HALF)
     parts_of = _parts(cfg.model_type, blocks)
     stored = fp8.applies(cfg)
@@ -166,7 +200,7 @@ def flux_peak(cfg, images: tuple[int, int], factor: float, overhead: int,
     parts = {"weights": transformer + 4 * lora_n + (0 if cfg.cache_latents else 4 *
                                                     parts_of["vae"]),
              "optimizer": optimizer_state_bytes(cfg.optimizer, trained),
-             "caches": _caches(cfg, parts_of["configs"], spec_for(cfg.model_type).t5_tokens,
+             "caches": _caches(cfg, parts_of["configs"], text_tokens(cfg.model_type),
                                images, wbytes),
              "overhead": overhead,
              "gradients": 4 * (bucket if cfg.fused_optimizer else lora_n),
@@ -189,8 +223,8 @@ def flux_peak(cfg, images: tuple[int, int], factor: float, overhead: int,
 
 
 def _caches(cfg, configs: dict, tokens: int, images: tuple[int, int], wbytes: int) -> int:
-    """The cached latents (mean and std, fp32) and prompt states (T5's and CLIP's pooled, in
-    the text encoders' dtype), at most one prompt per image."""
+    """The cached latents (mean and std, fp32) and prompt states (T5's, SD3.5's after CLIP's;
+    the pooled vector), in the text encoders' dtype, at most one prompt per image."""
     side = cfg.resolution // 8
     n = images[0] + images[1]
     latents = n * (2 if cfg.hflip else 1) * 2 * 4 * configs["vae"]["latent_channels"] * side ** 2 \

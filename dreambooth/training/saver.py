@@ -14,7 +14,8 @@ import torch
 
 from ..config import events as ev
 from ..config.errors import DreamboothError
-from ..data.sampling import generate_images, make_pipeline, preview_prompt, sample_settings
+from ..data.sampling import (cached_states, generate_images, make_pipeline, preview_prompt,
+                             sample_settings)
 from ..model.checkpoint import write_text
 from ..model.components import te_state
 from ..model.metadata import training_metadata
@@ -204,7 +205,7 @@ class Saver:
     @torch.no_grad()
     def sample(self, step: int, unet, dtype: torch.dtype, cached: dict | None = None) -> None:
         """Preview images of every concept with the UNet as it is now (the frozen modules must
-        be on the UNet's device; Flux: but T5, its prompts' states `cached` by the feed)."""
+        be on the UNet's device; Flux / SD3.5: but T5, its prompts' states `cached` by the feed)."""
         cfg, comp = self.cfg, self.comp
         pipe = make_pipeline(comp, unet=unet, text_encoder=comp.text_encoder)
         folder = cfg.model_dir / "samples"
@@ -213,7 +214,7 @@ class Saver:
         for i, concept in enumerate(cfg.concepts):
             prompt = preview_prompt(concept)
             text = comp.rewrite_prompt(prompt) if comp.rewrite_prompt else prompt
-            embeds = (cached or {}).get(prompt) if comp.spec.family == "flux" else None
+            embeds = cached_states(comp, cached, prompt)
             for path in generate_images(pipe, text, 1, folder, f"step{step:06d}_c{i}", 0,
                                         cfg.resolution, cfg.sample_steps, guidance, cfg.seed,
                                         dtype, extra=extra, embeds=embeds):

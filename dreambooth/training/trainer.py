@@ -136,7 +136,7 @@ class Trainer:
         self.unet_dtype = self.dtype if cfg.method != "dreambooth" else trained
         self.scheduler = self.comp.noise_scheduler()
         self.feed = DataFeed(cfg, self.comp, self.acc, self.dtype, self.say, self.warn)
-        self.feed.collect(self.place_unet)
+        self.feed.collect(lambda: flow.ready_to_generate(self))  # Flux/SD3.5: T5 parked
         self.feed.cache()
         self.park_frozen()
         self.place_unet()
