@@ -369,3 +369,15 @@ def test_a_part_file_of_a_kind_not_read_here_is_refused_naming_the_field(tmp_pat
                                   **{field: str(gguf)}).validate()
         said = [p for p in problems if p.field == field]
         assert said and ".gguf" in said[0].why and ".safetensors" in said[0].fix, problems
+
+
+@pytest.mark.once  # our own checks of the files' keys
+def test_a_part_file_of_another_kind_is_said_naming_its_field(tiny_flux):
+    from dreambooth.config.errors import CheckpointError
+    from dreambooth.model.flux import load_flux
+    files = {k: v for k, v in tiny_flux.items()}
+    for field, other, kind in (("flux_ae", "flux_clip_l", "Flux autoencoder"),
+                               ("flux_t5xxl", "flux_ae", "T5-XXL"),
+                               ("flux_clip_l", "flux_t5xxl", "CLIP-L")):
+        with pytest.raises(CheckpointError, match=f"not a {kind}.*{field}"):
+            load_flux(SimpleNamespace(**{**files, field: files[other], "model_type": "flux-dev"}))

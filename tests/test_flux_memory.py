@@ -65,3 +65,9 @@ def test_lowest_and_auto_store_flux_in_fp8_and_checkpoint_it():
     assert dict(both.changes) == {"gradient_checkpointing": True, "fp8_base": True}
     alone = suggest(cfg, int(bf16.total / 0.85), n_images=(20, 0))
     assert dict(alone.changes) == {"gradient_checkpointing": True}
+    # on a GPU without bf16 neither preset switches Flux to fp16 (its activations overflow it)
+    full = cfg.replace(mixed_precision="no")
+    assert "mixed_precision" not in lowest(full, "fp16")
+    tight = suggest(full, int(least.total / 0.85), half="fp16", n_images=(20, 0))
+    assert "mixed_precision" not in dict(tight.changes) and "fp16" not in tight.message
+    assert lowest(full, "bf16")["mixed_precision"] == "bf16"

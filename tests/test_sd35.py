@@ -231,6 +231,19 @@ def test_separate_files_load_as_the_all_in_one(tmp_path):
     with pytest.raises(CheckpointError, match="is an sd3.5-large checkpoint, but the model type "
                                               "is set to sd3.5-medium"):
         load_sd35(SimpleNamespace(**{**empty, **whole, "model_type": "sd3.5-medium"}))
+    # a part of another kind (the dropdowns list every encoder and VAE in every field): said,
+    # naming the field, not a KeyError; an SD (4-channel) VAE before the first step
+    with pytest.raises(CheckpointError, match="not a CLIP-L file.*sd35_clip_l"):
+        load_sd35(SimpleNamespace(**{**split, "sd35_clip_l": split["sd35_t5xxl"],
+                                     "model_type": "sd3.5-large"}))
+    vae = load_file(split["sd35_vae"])
+    narrow = {"decoder.conv_in.weight": lambda v: v[:, :2],  # 2-channel latents (the tiny's: 4)
+              "encoder.conv_out.weight": lambda v: v[:4], "encoder.conv_out.bias": lambda v: v[:4]}
+    save_file({k: narrow.get(k, lambda v: v)(v).contiguous() for k, v in vae.items()},
+              str(tmp_path / "sd_vae.safetensors"))
+    with pytest.raises(CheckpointError, match="makes 2-channel latents.*takes 4.*sd35_vae"):
+        load_sd35(SimpleNamespace(**{**split, "sd35_vae": str(tmp_path / "sd_vae.safetensors"),
+                                     "model_type": "sd3.5-large"}))
 
 
 def test_sd3_objective_against_independent_sums():

@@ -72,6 +72,29 @@ def ae_config(state, scale: float = AE_SCALE, shift: float = AE_SHIFT) -> dict:
     return cfg
 
 
+def sized(read, state, what: str, field: str, kind: str) -> dict:
+    """`read(state)`: a part's config from its file's keys and shapes; a file of another kind
+    (a T5 given as CLIP-L, an SD VAE as the autoencoder) lacks them, which is said naming the
+    field, not raised as a KeyError."""
+    try:
+        return read(state)
+    except (KeyError, IndexError, ValueError) as e:
+        raise CheckpointError(f"The {what} is not a {kind} file (it has no "
+                              f"{str(e).strip(chr(39)) or 'such keys'}).",
+                              f"Choose the {kind} file in {field}.") from None
+
+
+def latents_match(vae_config: dict, transformer_config: dict, packed: int, what: str,
+                  field: str) -> None:
+    """An autoencoder whose latents the transformer can't take (SD's 4 channels for Flux's or
+    SD3.5's 16), said before training rather than at the first step."""
+    channels = vae_config["latent_channels"]
+    if channels * packed != transformer_config["in_channels"]:
+        raise CheckpointError(f"The {what} makes {channels}-channel latents; this transformer "
+                              f"takes {transformer_config['in_channels'] // packed}.",
+                              f"Choose the model's own 16-channel autoencoder in {field}.")
+
+
 def t5_tokenizer(folder: str, max_length: int):
     """T5's tokenizer from the user's folder, offline."""
     from transformers import T5TokenizerFast
@@ -131,7 +154,8 @@ def empty(build):
 def _encoders(cfg, dtype) -> tuple[dict, dict]:
     from transformers import CLIPTextConfig, CLIPTextModel
     clip = opened(cfg.flux_clip_l, "CLIP-L")
-    configs = {"text_encoder": clip_config(clip)}
+    configs = {"text_encoder": sized(clip_config, clip, f"CLIP-L text encoder "
+                                     f"'{Path(cfg.flux_clip_l).name}'", "flux_clip_l", "CLIP-L")}
     modules = {"text_encoder": empty(lambda: CLIPTextModel(CLIPTextConfig(
         **configs["text_encoder"])))}
     te_load(modules["text_encoder"], {k: clip[k] for k in clip
@@ -139,15 +163,15 @@ def _encoders(cfg, dtype) -> tuple[dict, dict]:
             f"CLIP-L text encoder '{Path(cfg.flux_clip_l).name}'", dtype)
     configs["text_encoder_2"], modules["text_encoder_2"] = t5_module(
         opened(cfg.flux_t5xxl, "T5-XXL"), f"T5 text encoder '{Path(cfg.flux_t5xxl).name}'",
-        dtype)
+        dtype, "flux_t5xxl")
     return configs, modules
 
 
-def t5_module(t5, what: str, dtype) -> tuple[dict, object]:
+def t5_module(t5, what: str, dtype, field: str) -> tuple[dict, object]:
     """(config, T5EncoderModel) of a transformers-layout T5 state (its tied embedding filled
     from `shared` where the file leaves it out)."""
     from transformers import T5Config, T5EncoderModel
-    config = t5_config(t5)
+    config = sized(t5_config, t5, what, field, "T5-XXL")
     module = empty(lambda: T5EncoderModel(T5Config(**config)))
     wanted = set(module.state_dict())
     state = {k: t5[k] for k in t5 if k in wanted}
@@ -160,7 +184,8 @@ def t5_module(t5, what: str, dtype) -> tuple[dict, object]:
 def _ae(cfg, dtype):
     from diffusers import AutoencoderKL
     state = opened(cfg.flux_ae, "autoencoder")
-    config = ae_config(state)
+    config = sized(ae_config, state, f"autoencoder '{Path(cfg.flux_ae).name}'", "flux_ae",
+                   "Flux autoencoder (ae)")
     module = empty(lambda: AutoencoderKL.from_config(config))
     load_module(module, convert.from_ldm(state, convert.vae_prefix_map(config), "", vae=True),
                 f"autoencoder '{Path(cfg.flux_ae).name}'", dtype)
@@ -182,6 +207,8 @@ def load_flux(cfg, dtype: torch.dtype | None = torch.float32) -> Components:
     unet_config, transformer = _transformer(cfg, dtype)
     configs, encoders = _encoders(cfg, dtype)
     vae_config, vae = _ae(cfg, dtype)
+    latents_match(vae_config, unet_config, 4, f"autoencoder '{Path(cfg.flux_ae).name}'",
+                  "flux_ae")  # (2x2 patches of latents per token)
     configs.update(unet=unet_config, vae=vae_config, scheduler=scheduler_config(spec))
     tokenizer_2 = t5_tokenizer(cfg.t5_tokenizer_dir, spec.t5_tokens)
     return Components(cfg.model_type, configs, transformer, vae, encoders["text_encoder"],

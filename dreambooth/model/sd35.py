@@ -22,7 +22,8 @@ from . import convert, sd35_keys
 from .checkpoint import tensor_dtype, tensor_shape
 from .components import Components, load_module, te_load
 from .detect import sd3_prefix, sd35_type
-from .flux import ae_config, clip_config, empty, opened, t5_module, t5_tokenizer
+from .flux import (ae_config, clip_config, empty, latents_match, opened, sized, t5_module,
+                   t5_tokenizer)
 from .spec import spec_for
 
 VAE_SCALE, VAE_SHIFT = 1.5305, 0.0609  # SD3's VAE latents: (z - shift) * scale
@@ -108,7 +109,8 @@ def _transformer(cfg, source, dtype):
 def _clip(cfg, source, field: str, base: tuple, dtype):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
     state, what = part(cfg, source, field)
-    config = clip_config(state, base)
+    config = sized(lambda s: clip_config(s, base), state, what, field,
+                   "CLIP-G" if field.endswith("_g") else "CLIP-L")
     module = empty(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**config)))
     weights = {k: state[k] for k in state if k != "logit_scale"}
     if "text_projection.weight" not in weights:  # as ComfyUI: the identity where a file has none
@@ -121,7 +123,8 @@ def _clip(cfg, source, field: str, base: tuple, dtype):
 def _vae(cfg, source, dtype):
     from diffusers import AutoencoderKL
     state, what = part(cfg, source, "sd35_vae")
-    config = ae_config(state, VAE_SCALE, VAE_SHIFT)
+    config = sized(lambda s: ae_config(s, VAE_SCALE, VAE_SHIFT), state, what, "sd35_vae",
+                   "SD3.5 VAE")
     module = empty(lambda: AutoencoderKL.from_config(config))
     load_module(module, convert.from_ldm(state, convert.vae_prefix_map(config), "", vae=True),
                 what, dtype)
@@ -145,8 +148,10 @@ def load_sd35(cfg, dtype: torch.dtype | None = torch.float32) -> Components:
     configs["text_encoder_2"], modules["text_encoder_2"] = _clip(
         cfg, source, "sd35_clip_g", ("sdxl", "text_encoder_2"), dtype)
     t5, what = part(cfg, source, "sd35_t5xxl")
-    configs["text_encoder_3"], modules["text_encoder_3"] = t5_module(t5, what, dtype)
+    configs["text_encoder_3"], modules["text_encoder_3"] = t5_module(t5, what, dtype,
+                                                                     "sd35_t5xxl")
     configs["vae"], modules["vae"] = _vae(cfg, source, dtype)
+    latents_match(configs["vae"], configs["unet"], 1, "VAE", "sd35_vae")
     configs["scheduler"] = scheduler_config()
     return Components(cfg.model_type, configs, modules["unet"], modules["vae"],
                       modules["text_encoder"], assets.load_tokenizer(),

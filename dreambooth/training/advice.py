@@ -73,7 +73,7 @@ def suggest(config, free_bytes: int, half: str = "bf16",
     if before.total <= budget:
         return Suggestion((), True, before, before,
                           _sentence(before, before, free_bytes, [], True))
-    options = [(step, text, _slower(config, step)) for step, text in _steps(half)
+    options = [(step, text, _slower(config, step)) for step, text in _steps(half, config)
                if any(getattr(config, k) != v for k, v in step.items())
                and ("fp8_base" not in step or config.method != "dreambooth")]  # (refused)
     known = _problems(config)
@@ -126,7 +126,7 @@ def _greedy(config, free_bytes: int, half: str, n_images, before: Estimate) -> S
     budget = free_bytes * (1 - MARGIN)
     after = before
     current, changes, words = config, {}, []
-    for step, text in _steps(half):
+    for step, text in _steps(half, config):
         if after.total <= budget:
             break
         if all(getattr(current, k) == v for k, v in step.items()):
@@ -147,10 +147,17 @@ def _greedy(config, free_bytes: int, half: str, n_images, before: Estimate) -> S
                       _sentence(before, after, free_bytes, words, fits))
 
 
-def _steps(half: str) -> list:
-    """STEPS as (changes, words) with the GPU's half precision filled in."""
+def _steps(half: str, config=None) -> list:
+    """STEPS as (changes, words) with the GPU's half precision filled in; never fp16 for a flow
+    transformer (Flux's, SD3.5's activations overflow it)."""
     return [({k: (half if v == "{half}" else v) for k, v in step}, text.format(half=half))
-            for step, text in STEPS]
+            for step, text in STEPS if not (dict(step).get("mixed_precision") == "{half}"
+                                            and not _half_suits(config, half))]
+
+
+def _half_suits(config, half: str) -> bool:
+    """Whether the presets may switch `config` to the GPU's half precision."""
+    return half != "fp16" or config is None or not config.model_type.startswith(("flux", "sd3"))
 
 
 def _problems(config) -> set:
@@ -170,7 +177,8 @@ def lowest(config, half: str = "bf16") -> dict:
     UNet (LoRA, textual inversion) stored in fp8 (fp8_base)."""
     current = config.replace(train_text_encoder=False, cache_latents=True, use_ema=False,
                              gradient_checkpointing=True, checkpoint_blocks="all",
-                             mixed_precision=half)
+                             mixed_precision=half if _half_suits(config, half)
+                             else config.mixed_precision)
     if not config.use_lora:  # Adafactor's factored state is the smallest
         current = current.replace(optimizer="adafactor")
         for name in ("fused_optimizer", "bf16_weights"):
