@@ -5,6 +5,7 @@ converter and the LoRA's every key against diffusers' reader."""
 from types import SimpleNamespace
 
 import pytest
+from flow_helpers import flow_lora_config
 import torch
 
 from dreambooth import Concept, TrainingConfig
@@ -27,12 +28,7 @@ def tiny_flux(tmp_path_factory):
 
 
 def flux_config(files, instance_dir, tmp_path, **changes) -> TrainingConfig:
-    settings = dict(model_name="flux", model_type="flux-dev", method="lora",
-                    work_dir=str(tmp_path / "runs"), lora_dir=str(tmp_path / "Lora"),
-                    resolution=32, center_crop=True, batch_size=1, steps_per_image=1,
-                    lora_rank=2, lora_alpha=4.0, lora_learning_rate=1e-2,
-                    concepts=(Concept(str(instance_dir), "photo of sks dog"),), **files)
-    return TrainingConfig(**{**settings, **changes})
+    return flow_lora_config("flux-dev", files, instance_dir, tmp_path, **changes)
 
 
 @pytest.mark.once
@@ -245,7 +241,7 @@ def test_an_fp8_all_in_one_prefixed_transformer_loads(tiny_flux, tmp_path):
     assert all(v.dtype == torch.float8_e4m3fn for v in state.values())
     expected = flux_keys.to_diffusers({k.split(".", 2)[2]: v for k, v in fp8.items()})
     assert all(torch.equal(state[k].float(), v.float()) for k, v in expected.items())
-    with pytest.raises(Exception, match="flux-dev transformer, but the model type is set to "
+    with pytest.raises(Exception, match="is a flux-dev checkpoint, but the model type is set to "
                                         "flux-schnell"):
         load_flux(SimpleNamespace(**{**tiny_flux, "model_type": "flux-schnell"}))
     scaled = tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"  # ComfyUI's: weights x scales

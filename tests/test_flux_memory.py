@@ -4,6 +4,7 @@ px but 2+2 blocks deep (the full-size profile takes minutes on this CPU: `python
 --profile --only flux_dev_lora_r16_lowest_1024`); the full-size count built from shorter ones
 exactly; 'lowest' and 'auto' turning on fp8_base and gradient checkpointing for Flux."""
 import pytest
+from flow_helpers import estimate_is_the_count
 
 from dreambooth import Concept, TrainingConfig
 from dreambooth.training import memory_flux
@@ -25,16 +26,10 @@ def test_flux_estimate_is_the_step_profile_count(tmp_path):
     """A 2+2 blocks deep FLUX.1-dev LoRA r16 at 1024 px under 'lowest' (fp8_base, gradient
     checkpointing): the step makes no host sync, the read of the losses one, and the estimate
     of its training step is within 10% of the peak the step holds."""
-    from bench.profile import flux_cases, make_config, profile_case
+    from bench.profile import flux_cases
     from dreambooth.model.flux import full_size_configs
     case = {c.name: c for c in flux_cases()}["flux_dev_lora_r16_lowest_1024"]
-    r = profile_case(case, None, full_size_configs("flux-dev", SHORT), python_calls=False)
-    assert r["settings"]["fp8_base"] and r["settings"]["gradient_checkpointing"]
-    assert r["host_syncs"] == 0, r["syncs_by_kind"]
-    assert r["read_syncs"] == 1 and r["ops"] > 1000
-    cfg = make_config(case, case.resolution, tmp_path)
-    counted, parts, _ = memory_flux.flow_peak(cfg, (1, 0), 1.0, 0, SHORT, caching=False)
-    assert abs(counted / r["peak_bytes"] - 1) <= 0.10, (counted / GIB, parts, r["peak_gib"])
+    estimate_is_the_count(case, full_size_configs("flux-dev", SHORT), SHORT, tmp_path)
 
 
 @pytest.mark.once

@@ -6,6 +6,7 @@ SD3 layout (its SD3LoraLoaderMixin takes diffusers/peft keys only), so none is c
 from types import SimpleNamespace
 
 import pytest
+from flow_helpers import flow_lora_config
 import torch
 
 from dreambooth import Concept, TrainingConfig
@@ -33,12 +34,7 @@ def tiny_medium(tmp_path_factory):
 
 
 def sd35_config(files, instance_dir, tmp_path, **changes) -> TrainingConfig:
-    settings = dict(model_name="sd35", model_type="sd3.5-medium", method="lora",
-                    work_dir=str(tmp_path / "runs"), lora_dir=str(tmp_path / "Lora"),
-                    resolution=32, center_crop=True, batch_size=1, steps_per_image=1,
-                    lora_rank=2, lora_alpha=4.0, lora_learning_rate=1e-2,
-                    concepts=(Concept(str(instance_dir), "photo of sks dog"),), **files)
-    return TrainingConfig(**{**settings, **changes})
+    return flow_lora_config("sd3.5-medium", files, instance_dir, tmp_path, **changes)
 
 
 @pytest.mark.once

@@ -5,6 +5,7 @@ profile's fake-tensor step holds for a 0+1 blocks deep SD3.5 large at full width
 size's activations built from shorter counts exactly; 'lowest' and 'auto' storing the MMDiT in
 fp8 and checkpointing it."""
 import pytest
+from flow_helpers import estimate_is_the_count
 
 from dreambooth import Concept, TrainingConfig
 from dreambooth.training import memory_flux
@@ -26,16 +27,10 @@ def test_sd35_estimate_is_the_step_profile_count(tmp_path):
     checkpointing): the step makes no host sync (the scheduler's tables are on the device),
     the read of the losses one, and the estimate of its training step is within 10% of the
     peak the step holds."""
-    from bench.profile import make_config, profile_case, sd35_cases
+    from bench.profile import sd35_cases
     from dreambooth.model.sd35 import full_size_configs
     case = {c.name: c for c in sd35_cases()}["sd35_large_lora_r16_lowest_1024"]
-    r = profile_case(case, None, full_size_configs("sd3.5-large", SHORT), python_calls=False)
-    assert r["settings"]["fp8_base"] and r["settings"]["gradient_checkpointing"]
-    assert r["host_syncs"] == 0, r["syncs_by_kind"]
-    assert r["read_syncs"] == 1 and r["ops"] > 1000
-    cfg = make_config(case, case.resolution, tmp_path)
-    counted, parts, _ = memory_flux.flow_peak(cfg, (1, 0), 1.0, 0, SHORT, caching=False)
-    assert abs(counted / r["peak_bytes"] - 1) <= 0.10, (counted / GIB, parts, r["peak_gib"])
+    estimate_is_the_count(case, full_size_configs("sd3.5-large", SHORT), SHORT, tmp_path)
 
 
 @pytest.mark.once

@@ -124,18 +124,25 @@ def opened(path: str, what: str) -> LazyState | dict:
     return state
 
 
+def of_type(found: str | None, cfg, what: str, choose: str) -> None:
+    """The source checkpoint is `what` (its type `found` from its keys, None: not one) of the
+    config's model type, or the user is told which it is."""
+    name = Path(cfg.source_checkpoint).name
+    if found is None:
+        raise CheckpointError(f"'{name}' is not {what}.", f"Choose {choose}.")
+    if found != cfg.model_type:
+        article = "an" if found.startswith("sd") else "a"  # (said "es-dee")
+        raise CheckpointError(f"'{name}' is {article} {found} checkpoint, but the model type is "
+                              f"set to {cfg.model_type}.", f"Set the model type to {found}.")
+
+
 def _transformer(cfg, dtype):
     from diffusers import FluxTransformer2DModel
     name = Path(cfg.source_checkpoint).name
     state = opened(cfg.source_checkpoint, "Flux transformer")
-    found = flux_type(state)
-    if found is None:
-        raise CheckpointError(f"'{name}' is not a Flux.1 transformer in BFL's layout (no "
-                              "double_blocks.* keys).", "Choose the transformer file (e.g. "
-                              "flux1-dev.safetensors from Forge's models/Stable-diffusion).")
-    if found != cfg.model_type:
-        raise CheckpointError(f"'{name}' is a {found} transformer, but the model type is set "
-                              f"to {cfg.model_type}.", f"Set the model type to {found}.")
+    of_type(flux_type(state), cfg, "a Flux.1 transformer in BFL's layout (no double_blocks.* "
+            "keys)", "the transformer file (e.g. flux1-dev.safetensors from Forge's "
+            "models/Stable-diffusion)")
     try:
         config, converted = flux_keys.transformer_config(state), flux_keys.to_diffusers(state)
     except KeyError as e:

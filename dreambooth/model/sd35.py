@@ -22,8 +22,8 @@ from . import convert, sd35_keys
 from .checkpoint import tensor_dtype, tensor_shape
 from .components import Components, load_module, te_load
 from .detect import sd3_prefix, sd35_type
-from .flux import (ae_config, clip_config, empty, latents_match, opened, sized, t5_module,
-                   t5_tokenizer)
+from .flux import (ae_config, clip_config, empty, latents_match, of_type, opened, sized,
+                   t5_module, t5_tokenizer)
 from .spec import spec_for
 
 VAE_SCALE, VAE_SHIFT = 1.5305, 0.0609  # SD3's VAE latents: (z - shift) * scale
@@ -80,14 +80,8 @@ def _transformer(cfg, source, dtype):
     from diffusers.loaders.single_file_utils import \
         convert_sd3_transformer_checkpoint_to_diffusers as convert_sd3
     name = Path(cfg.source_checkpoint).name
-    found = sd35_type(source)
-    if found is None:
-        raise CheckpointError(f"'{name}' is not an SD3.5 MMDiT in SAI's layout (no "
-                              "joint_blocks.* keys with qk norms).", "Choose the SD3.5 "
-                              "checkpoint (e.g. sd3.5_medium.safetensors).")
-    if found != cfg.model_type:
-        raise CheckpointError(f"'{name}' is an {found} checkpoint, but the model type is set "
-                              f"to {cfg.model_type}.", f"Set the model type to {found}.")
+    of_type(sd35_type(source), cfg, "an SD3.5 MMDiT in SAI's layout (no joint_blocks.* keys "
+            "with qk norms)", "the SD3.5 checkpoint (e.g. sd3.5_medium.safetensors)")
     prefix = sd3_prefix(source)
     config = sd35_keys.transformer_config(source)
     mmdit = Part(source, prefix)
