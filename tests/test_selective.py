@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dreambooth import Concept, TrainingConfig
-from dreambooth.training import parked, selective
+from dreambooth.training import leanckpt, parked, selective
 from dreambooth.training.advice import MARGIN, plan, suggest
 from dreambooth.training.memory import GIB, estimate
 from dreambooth.training.memory_count import BLOCKS
@@ -73,6 +73,31 @@ def test_selective_checkpointing_gives_the_gradients_of_none(tiny, monkeypatch):
     with torch.no_grad():  # previews: no checkpoint, the same output
         x = (torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.randn(1, 77, 32))
         assert torch.equal(chosen(*x).sample, unet.eval()(*x).sample)
+
+
+def test_the_lean_checkpoint_gives_torchs_gradients(tiny, monkeypatch):
+    """Full gradient checkpointing through leanckpt (what the trainer enables): every block run
+    again once in backward, and every gradient bit-identical to torch's checkpoint (diffusers'
+    default), the gradient park on; a block with an active dropout is left to torch's."""
+    unet, _ = tiny
+    monkeypatch.setattr(parked, "RECAST_ELEMENTS", 1)
+    torchs, lean = copy.deepcopy(unet).train(), copy.deepcopy(unet).train()
+    torchs.enable_gradient_checkpointing()
+    assert leanckpt.enable(lean)
+    made, runs, init, recompute = [], [], leanckpt._Frame.__init__, leanckpt._Frame.recompute
+    monkeypatch.setattr(leanckpt._Frame, "__init__", lambda f, *a: made.append(f) or init(f, *a))
+    monkeypatch.setattr(leanckpt._Frame, "recompute", lambda f: runs.append(f) or recompute(f))
+    want, got = _grads(torchs, []), _grads(lean, [])
+    # each checkpointed call (all blocks but the middle block's first ResNet) once
+    assert len(made) == sum(type(m).__name__ in BLOCKS for m in unet.modules()) - 1
+    assert len(runs) == len(made) and {id(f) for f in runs} == {id(f) for f in made}
+    assert want.keys() == got.keys() and all(g is not None for g in got.values())
+    for name, grad in want.items():
+        assert torch.equal(got[name], grad), name
+    block = next(m for m in lean.modules() if type(m).__name__ == "ResnetBlock2D")
+    assert not leanckpt.draws(block)
+    block.dropout.p = 0.1
+    assert leanckpt.draws(block)
 
 
 def sd15(**changes) -> TrainingConfig:

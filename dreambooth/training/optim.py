@@ -346,7 +346,7 @@ def trainable_groups(cfg, comp, say=lambda text: None) -> list[dict]:
     from .embedding import embedding_groups
     from .adapters import add_lora
     from .leanlora import streamline
-    from . import selective
+    from . import leanckpt, selective
     unet, tes = comp.unet, comp.text_encoders
     if cfg.method == "textual_inversion":
         unet.requires_grad_(False)
@@ -369,8 +369,8 @@ def trainable_groups(cfg, comp, say=lambda text: None) -> list[dict]:
         names = selective.chosen_blocks(comp.configs, cfg.resolution, cfg.attention)
         selective.checkpoint_blocks(unet, names)
         say(selective.describe(comp.configs, cfg.resolution, cfg.attention))
-    elif cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    elif cfg.gradient_checkpointing:  # each block: leanckpt's checkpoint (torch's, less Python)
+        leanckpt.enable(unet)
     for te in tes if cfg.trains_text_encoder else ():
         te.train()
         if selective.full(cfg):

@@ -244,14 +244,17 @@ def _selective_saved(key: str, resolution: int, attention: str, half: bool) -> i
 
 # -- in the trainer ------------------------------------------------------------------------------
 def checkpoint_blocks(unet, names) -> None:
-    """Recompute the named blocks in backward (torch's non-reentrant checkpoint, as diffusers'
-    gradient checkpointing runs each block), and mark their modules so that the gradient park
-    keeps no saved tensors of its own inside them (parked.GradPark: its saved-tensor hooks would
-    take the checkpoint's place)."""
+    """Recompute the named blocks in backward (leanckpt's checkpoint: torch's non-reentrant one,
+    as diffusers' gradient checkpointing runs each block, with less Python; torch's own for a
+    block that draws random numbers), and mark their modules so that the gradient park keeps no
+    saved tensors of its own inside them (parked.GradPark: its saved-tensor hooks would take the
+    checkpoint's place)."""
+    from . import leanckpt
     found = dict(unet.named_modules())
     for name in names:
         block = found[name]
-        block.forward = functools.partial(_checkpointed, block.forward)
+        run = leanckpt.checkpoint if not leanckpt.draws(block) else _checkpointed
+        block.forward = functools.partial(run, block.forward)
         for sub in block.modules():
             sub._recomputed = True
 
