@@ -220,8 +220,7 @@ def build_trainer(cfg, comp, device):
                                                (*bucket, 0, 0, *bucket))
     if not cfg.trains_text_encoder:
         feed.embeddings["photo of sks dog"] = _cached_prompt(comp, device)
-    t.attention = "sdpa" if comp.spec.prediction_type == "flow" else \
-        backends.set_attention(comp.unet, cfg.attention, t.warn)
+    t.attention = backends.apply_attention(comp, cfg.attention, t.warn)
     t.plan_steps()
     with _lora_made_already(cfg, comp):
         t.setup_optimization()
@@ -239,7 +238,7 @@ def _cached_prompt(comp, device) -> dict:
     """A prompt's cached states: the text encoder's [77, D] (SDXL: and the pooled vector);
     Flux: T5's [tokens, 4096] and CLIP's pooled vector; SD3.5: CLIP's 77 and T5's, pooled."""
     unet = comp.configs["unet"]
-    if comp.spec.prediction_type == "flow":
+    if comp.spec.flow:
         from dreambooth.training.memory_flux import text_tokens
         return {"hidden": torch.zeros(text_tokens(comp.spec.name), unet["joint_attention_dim"],
                                       device=device),

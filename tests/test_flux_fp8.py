@@ -98,8 +98,9 @@ def test_flux_text_encoders_run_in_bf16_on_a_gpu_and_leave_it_once_cached():
     te, te2, vae = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
 
     def comp(family):
-        return SimpleNamespace(spec=SimpleNamespace(family=family), text_encoders=[te, te2],
-                               vae=vae)
+        from dreambooth.model.spec import spec_for
+        model_type = {"flux": "flux-dev", "sd3": "sd3.5-large", "sdxl": "sdxl"}[family]
+        return SimpleNamespace(spec=spec_for(model_type), text_encoders=[te, te2], vae=vae)
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     assert flow.frozen_dtype(comp("flux"), te2, gpu) == torch.bfloat16
     assert flow.frozen_dtype(comp("flux"), te, gpu) == torch.bfloat16

@@ -12,9 +12,10 @@ from __future__ import annotations
 from .errors import Problem
 from .fieldspec import spec_field
 from .flux import NOT_YET as FLUX_NOT_YET
-from .flux import is_file, suffix_problems, tokenizer_problems
+from .flux import FLUX_TYPES, is_file, suffix_problems, tokenizer_problems
 
 SD35_TYPES = ("sd3.5-medium", "sd3.5-large")
+FLOW_TYPES = FLUX_TYPES + SD35_TYPES  # the flow transformers (memory_flux, the demo, presets)
 NOT_YET = FLUX_NOT_YET  # what Flux does not do yet (fp8_base: done for both, training/fp8.py)
 
 _EMPTY = " Empty: the one inside the checkpoint (all-in-one files)."

@@ -17,7 +17,7 @@ from ..model.components import encode_prompts
 from . import buckets
 from .buckets import load_bucketed
 from .images import Item, instance_items
-from .sampling import FLOW_FAMILIES, ensure_class_images, preview_prompt, slug
+from .sampling import ensure_class_images, preview_prompt, slug
 
 
 class DataFeed:
@@ -46,7 +46,7 @@ class DataFeed:
                  for c in cfg.concepts]
         for i, items in enumerate(found):
             self.items += [Item(it.path, it.prompt, False, i) for it in items]
-        flow = self.comp.spec.family in FLOW_FAMILIES
+        flow = self.comp.spec.flow
         if flow and any(c.uses_prior for c in cfg.concepts):
             self.cache_prompts()
         for i, concept in enumerate(cfg.concepts):
@@ -126,7 +126,7 @@ class DataFeed:
         cfg = self.cfg
         prompts = {it.prompt for it in self.items} | \
             {c.class_prompt for c in cfg.concepts if c.uses_prior}
-        if self.comp.spec.family in FLOW_FAMILIES:  # (drawn from these: saver.sample)
+        if self.comp.spec.flow:  # (drawn from these: saver.sample)
             prompts |= {preview_prompt(c) for c in cfg.concepts} | \
                 ({""} if self.comp.spec.family == "sd3" else set())
         for prompt in sorted(prompts - self.embeddings.keys()):

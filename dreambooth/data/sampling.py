@@ -10,14 +10,13 @@ from ..model.checkpoint import write_with
 from .images import scan_images
 
 CLASS_BATCH = 4
-FLOW_FAMILIES = ("flux", "sd3")  # drawn from their prompts' cached states (T5 kept parked)
 
 
 def make_pipeline(comp, unet=None, text_encoder=None, device=None, text_encoder_2=None):
     """The diffusers pipeline of the model's family over the working model (no safety checker,
     no watermark, no downloads): StableDiffusionPipeline, StableDiffusionXLPipeline or
     FluxPipeline / StableDiffusion3Pipeline (its unet: the transformer)."""
-    if comp.spec.family in ("flux", "sd3"):
+    if comp.spec.flow:
         return _flow_pipeline(comp, unet, text_encoder, text_encoder_2)
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     scheduler = DDIMScheduler.from_config(comp.configs["scheduler"])
@@ -68,7 +67,7 @@ def cached_states(comp, cached: dict | None, prompt: str) -> dict | None:
     """The states a flow model's pipeline is given instead of `prompt`, from the feed's cache:
     the prompt's and, for SD3.5 (its CFG), the empty prompt's as the negative, as the pipeline
     would encode them (None: SD's pipelines run their text encoders)."""
-    if comp.spec.family not in FLOW_FAMILIES or not cached:
+    if not comp.spec.flow or not cached:
         return None
     states = dict(cached[prompt])
     if comp.spec.family == "sd3":

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Concept, TrainingConfig
+from ..config.sd35 import FLOW_TYPES
 from ..model.tiny import TINY_RESOLUTION, make_tiny_checkpoint, write_images
 
 
@@ -12,7 +13,7 @@ def demo_config(out: Path, model_type: str = "v1x", steps_per_image: int = 30,
     """Write the demo's inputs under `out` and return the config that trains on them (a LoRA
     into out/output with `lora`)."""
     out.mkdir(parents=True, exist_ok=True)
-    if model_type.startswith(("flux", "sd3")):
+    if model_type in FLOW_TYPES:
         return _flow_demo(out, model_type, steps_per_image)
     source = out / f"tiny_{model_type}.safetensors"
     if not source.exists():

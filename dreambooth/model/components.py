@@ -48,7 +48,7 @@ class Components:
         return [getattr(self, names[s.component]) for s in self.spec.text_encoders]
 
     def noise_scheduler(self):
-        if self.spec.prediction_type == "flow":
+        if self.spec.flow:
             from diffusers import FlowMatchEulerDiscreteScheduler
             return FlowMatchEulerDiscreteScheduler.from_config(self.configs["scheduler"])
         from diffusers import DDPMScheduler

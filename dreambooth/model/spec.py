@@ -36,7 +36,7 @@ class ModelSpec:
     title: str
     family: str  # "v1", "v2", "sdxl", "flux", "sd3": single-file layout, conditioning, LDM yaml, LoRA names
     resolution: int
-    prediction_type: str  # the scheduler's: "epsilon" or "v_prediction"
+    prediction_type: str  # the scheduler's: "epsilon", "v_prediction" or "flow"
     architecture: str  # modelspec.architecture id
     text_encoders: tuple = ()
     # the computed (not learned) buffers the original architecture's checkpoints carry, each
@@ -47,6 +47,11 @@ class ModelSpec:
     shift: float = 1.0
     guidance: float | None = None
     t5_tokens: int = 0
+
+    @property
+    def flow(self) -> bool:
+        """A flow-matching transformer (Flux, SD3.5): its text states cached, T5 kept parked."""
+        return self.prediction_type == "flow"
 
     @property
     def components(self) -> tuple:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config.sd35 import FLOW_TYPES
 from .memory import GIB, Estimate, estimate
 
 MARGIN = 0.10  # suggest() wants this much of the free memory to spare
@@ -157,7 +158,7 @@ def _steps(half: str, config=None) -> list:
 
 def _half_suits(config, half: str) -> bool:
     """Whether the presets may switch `config` to the GPU's half precision."""
-    return half != "fp16" or config is None or not config.model_type.startswith(("flux", "sd3"))
+    return half != "fp16" or config is None or config.model_type not in FLOW_TYPES
 
 
 def _problems(config) -> set:

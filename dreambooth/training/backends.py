@@ -235,6 +235,12 @@ def set_attention(unet, choice: str, say: Say) -> str:
         return "sdpa"
 
 
+def apply_attention(comp, choice: str, say: Say) -> str:
+    """The attention the working model runs: `choice` on SD's UNet (set_attention), PyTorch's
+    SDPA on a flow transformer (flow_attention)."""
+    return (flow_attention if comp.spec.flow else set_attention)(comp.unet, choice, say)
+
+
 def flow_attention(model, choice: str, say: Say) -> str:
     """Flux's and SD3.5's transformers attend through diffusers' own processors (PyTorch's
     SDPA): another choice is said, not silently dropped."""

@@ -89,7 +89,7 @@ def frozen_dtype(comp, module, device: torch.device) -> torch.dtype:
     previews): fp32, but Flux's and SD3.5's text encoders on a GPU in bf16 (T5-XXL's 4.8B
     weights: 17.7 GiB in fp32, 8.9 in bf16; T5 overflows in fp16, not in bf16). They run once,
     to cache the prompts, and leave the GPU (Trainer.park_frozen)."""
-    if comp.spec.family in ("flux", "sd3") and device.type == "cuda" and \
+    if comp.spec.flow and device.type == "cuda" and \
             any(module is te for te in comp.text_encoders):
         return torch.bfloat16
     return torch.float32

@@ -47,6 +47,7 @@ from .memory_count import (
     unet_activation_bytes,
 )
 from ..config.network import targets_of
+from ..config.sd35 import FLOW_TYPES
 from .networks import OURS
 from .optim import BUCKET_BYTES, split_buckets
 
@@ -149,7 +150,7 @@ def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True,
     gradients are kept in bf16 (parked.py), a Linear/Conv2d weight's takes 2 bytes, and the
     bf16 copies of the largest weights are not held through the forward.
     """
-    if config.model_type.startswith(("flux", "sd3")):  # Flux, SD3.5: memory_flux.py
+    if config.model_type in FLOW_TYPES:  # Flux, SD3.5: memory_flux.py
         from .memory_flux import flow_peak
         return Estimate(*flow_peak(config, n_images or count_images(config), *(
             (ACTIVATION_FACTOR, CUDA_OVERHEAD) if gpu else (1.0, 0))))

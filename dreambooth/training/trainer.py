@@ -140,8 +140,7 @@ class Trainer:
         self.feed.cache()
         self.park_frozen()
         self.place_unet()
-        self.attention = (backends.flow_attention if self.comp.spec.prediction_type == "flow"
-                          else backends.set_attention)(self.comp.unet, cfg.attention, self.warn)
+        self.attention = backends.apply_attention(self.comp, cfg.attention, self.warn)
         self.plan_steps()
         self.saver = Saver(cfg, self.comp, self.acc, self.emit, self.revision)
         self.saver.refuse_clashes(self.save_steps())

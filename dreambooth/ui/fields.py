@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import Concept, TrainingConfig
+from ..config.sd35 import FLOW_TYPES
 
 MAX_CONCEPTS = 4
 
@@ -173,7 +174,7 @@ def host_model_types(spec: WidgetSpec, host) -> WidgetSpec:
     if allowed is None:
         return spec
     left_out = [c for c in spec.choices if c not in allowed]
-    note = f" {host.no_flux_note}" if any(c.startswith(("flux", "sd3")) for c in left_out) \
+    note = f" {host.no_flux_note}" if any(c in FLOW_TYPES for c in left_out) \
         else ""
     return dataclasses.replace(spec, choices=tuple(c for c in spec.choices if c in allowed),
                                help=spec.help + note)
