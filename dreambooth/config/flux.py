@@ -1,7 +1,8 @@
 """Flux.1 (dev, schnell) settings: the separate files a Flux run is given beside the transformer
 (the source checkpoint), and what this version trains of Flux. Standard library only.
 
-A Flux run is a LoRA on the transformer, with the text encoders and the autoencoder frozen;
+A Flux run is a LoRA (or DoRA, LoHa, Full: FLOW_NETWORKS) on the transformer, with the text
+encoders and the autoencoder frozen;
 what that does not cover yet is refused here, before anything loads, one sentence each.
 """
 from __future__ import annotations
@@ -27,8 +28,6 @@ TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 NOT_YET = (
     ("method", "lora", "only a LoRA of the transformer is trained for Flux so far",
      "set method to 'lora'"),
-    ("network", "lora", "Flux LoRAs are plain LoRA so far (LoCon/LoHa/LoKr/DoRA are not done)",
-     "set network to 'lora'"),
     ("lora_text_encoder", False, "Flux's text encoders are not trained yet",
      "turn lora_text_encoder off"),
     ("train_text_encoder", False, "Flux's text encoders are not trained yet",
@@ -43,12 +42,44 @@ NOT_YET = (
 )
 
 
+# The networks trained for Flux and SD3.5: those whose per-layer tensors stack exactly into the
+# one weight BFL's / SAI's files hold for q, k, v (and a Flux single block's MLP input), the
+# weight Forge applies a file's module to (training/flux_lora.py). The others, why not, the fix:
+FLOW_NETWORKS = ("lora", "dora", "loha", "full")
+_ALTERNATIVES = "choose network 'lora', 'dora', 'loha' or 'full'"
+FLOW_REFUSED = {
+    "locon": ("is LoRA plus the ResNet convolutions, and {model}'s transformer has none",
+              "choose network 'lora' (the same layers)"),
+    "lokr": ("trains a Kronecker product per layer, and those of q, k and v are not one "
+             "Kronecker product of the stacked weight Forge applies the file to ({stacks}); "
+             "the fix is one LoKr over each stacked weight, not done yet",
+             "choose network 'loha' (small files too) or 'lora' / 'dora'"),
+    "glora": ("has a W @ a2 @ a1 term whose a2, a1 a stacked weight's rows ({stacks}) would "
+              "share, so q's, k's and v's own can't be put in one file entry", _ALTERNATIVES),
+    "ia3": ("is not applied by Forge: its loader (backend/patcher/lora.py) has no (IA)3 patch, "
+            "so every key of the file would be left unmatched", _ALTERNATIVES),
+    "oft": ("is not applied by Forge: its loader (backend/patcher/lora.py) has no OFT patch "
+            "(a TODO there), so every key of the file would be left unmatched", _ALTERNATIVES),
+}
+
+
+def network_problems(cfg, model: str, stacks: str) -> list[Problem]:
+    """`network` where it is one {model} can't have (FLOW_REFUSED's sentence)."""
+    network = getattr(cfg, "network", "lora")
+    if network not in FLOW_REFUSED:
+        return []
+    why, fix = FLOW_REFUSED[network]
+    return [Problem("network", network, f"'{network}' " + why.format(model=model,
+                                                                       stacks=stacks), fix)]
+
+
 def check_flux(cfg, check_paths: bool) -> list[Problem]:
     """What a Flux config lacks or asks for that is not done yet (nothing for other types)."""
     if cfg.model_type not in FLUX_TYPES:
         return []
     problems = [Problem(name, getattr(cfg, name), why, fix) for name, want, why, fix in NOT_YET
                 if getattr(cfg, name, want) != want]
+    problems += network_problems(cfg, "Flux", "img_attn.qkv, txt_attn.qkv, linear1")
     if cfg.lora_targets == "transformer+conv":
         problems.append(Problem("lora_targets", cfg.lora_targets, "Flux's transformer has no "
                                 "convolutions", "use 'attention' or 'transformer'"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from .errors import Problem
 from .fieldspec import spec_field
 from .flux import NOT_YET as FLUX_NOT_YET
-from .flux import FLUX_TYPES, is_file, suffix_problems, tokenizer_problems
+from .flux import FLUX_TYPES, is_file, network_problems, suffix_problems, tokenizer_problems
 
 SD35_TYPES = ("sd3.5-medium", "sd3.5-large")
 FLOW_TYPES = FLUX_TYPES + SD35_TYPES  # the flow transformers (memory_flux, the demo, presets)
@@ -37,6 +37,7 @@ def check_sd35(cfg, check_paths: bool) -> list[Problem]:
         return []
     problems = [Problem(name, getattr(cfg, name), why.replace("Flux", "SD3.5"), fix)
                 for name, want, why, fix in NOT_YET if getattr(cfg, name, want) != want]
+    problems += network_problems(cfg, "SD3.5", "attn.qkv")
     if cfg.lora_targets == "transformer+conv":
         problems.append(Problem("lora_targets", cfg.lora_targets, "SD3.5's MMDiT has no "
                                 "convolutions to adapt", "use 'attention' or 'transformer'"))

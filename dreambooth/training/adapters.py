@@ -14,10 +14,11 @@ import torch
 
 from ..config.errors import DreamboothError
 from ..config.network import targets_of
+from ..config.sd35 import FLOW_TYPES
 from ..model.checkpoint import SAVE_DTYPES, cast_for_save, write_text
 from ..model.metadata import model_metadata
 from .lora import (BASE_VERSION, WEBUI_VERSION, expected_layout, inject, kohya_name, kohya_state,
-                   lora_pairs, merged_state, target_modules, target_paths)
+                   merged_state, target_modules, target_paths)
 from .network_kinds import HAS_ALPHA, KINDS, bias_update, on_input
 from .network_norm import expected_norms, inject_norms, merged_norms, norm_state
 from .networks import (OURS, PARAMS, inject_network, network_params, param_shapes, rank_alpha,
@@ -118,7 +119,8 @@ def network_metadata(cfg) -> dict:
     if cfg.network == "oft":
         args.update(constraint=str(cfg.oft_constraint))
     if cfg.network == "dora" or getattr(cfg, "dora_wd", False):
-        args.update(dora_wd="True", wd_on_output="False")  # per input column: the WebUI's
+        row = str(getattr(cfg, "model_type", "") in FLOW_TYPES)  # Flux, SD3.5: per output row,
+        args.update(dora_wd="True", wd_on_output=row)  # else per input column (the WebUI's)
     if conv:
         conv_rank, conv_alpha = (cfg.lora_conv_rank, cfg.lora_conv_alpha) \
             if cfg.network == "dora" else (rank, alpha)
@@ -187,7 +189,7 @@ def file_tensors(comp, cfg, states: dict) -> tuple[dict, dict]:
     norms' under train_norm."""
     if comp.spec.prediction_type == "flow":  # kohya's Flux / SD3 layout (flux_lora.py)
         from . import flux_lora
-        return (flux_lora.kohya_state(comp, cfg, lora_pairs(states["unet"])),
+        return (flux_lora.file_state(comp, cfg, states["unet"]),
                 flux_lora.expected_layout(comp, cfg))
     state, expected = network_tensors(comp, cfg, states)
     if getattr(cfg, "train_norm", False):

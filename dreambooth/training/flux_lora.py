@@ -14,6 +14,12 @@ output rows (img_attn.qkv, SD3's attn.qkv = to_q, to_k, to_v; a single block's l
 to_v, proj_mlp). Each part trains its own LoRA of rank r; the stacked module's file entry is their
 exact sum: down = the parts' downs stacked [k r, in], up = their ups block-diagonal [out, k r],
 alpha = k x alpha, so the host's up @ down x alpha / rank is each part's own update, unchanged.
+
+The networks that stack as exactly (`network`; config/flux.py refuses the others, saying why):
+DoRA (LoRA's, with dora_scale [out, 1] per output row stacked: networks.py), LoHa (each product's
+first factor block-diagonal, its second stacked: (A1 B1) * (A2 B2) of the stack is the parts'
+rows; alpha = k x alpha as for LoRA; with dora_wd, dora_scale stacked) and Full (diff and diff_b
+stacked; no alpha). STACK says how each file tensor of a part joins its stack's.
 """
 from __future__ import annotations
 
@@ -63,41 +69,80 @@ def meta_transformer(config: dict):
         return cls.from_config(config)
 
 
-def kohya_state(comp, cfg, pairs: dict) -> dict:
-    """The file's tensors from the transformer's LoRA layers: module path -> (down, up), as
-    lora.lora_pairs reads them from its peft state."""
+ROWS, DIAGONAL = "rows", "diagonal"
+STACK = {"lora_down.weight": ROWS, "lora_up.weight": DIAGONAL, "dora_scale": ROWS,
+         "hada_w1_a": DIAGONAL, "hada_w1_b": ROWS, "hada_w2_a": DIAGONAL, "hada_w2_b": ROWS,
+         "diff": ROWS, "diff_b": ROWS}  # file key -> how a stack's parts join
+
+
+def _join(key: str, parts: list):
+    """A stack's file tensor (or shape) from its parts', as STACK says."""
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], tuple):  # shapes
+        rows = sum(p[0] for p in parts)
+        if STACK[key] == DIAGONAL:
+            return (rows, sum(p[1] for p in parts))
+        return (rows, *parts[0][1:])
+    return torch.block_diag(*parts) if STACK[key] == DIAGONAL else torch.cat(parts)
+
+
+def stacked(comp, per_module: dict, alpha: float | None) -> dict:
+    """The file's entries from each adapted module's {file key: tensor or shape}: a stack's
+    parts joined (STACK), its `.alpha` = parts x `alpha` (None: no alpha, Full)."""
     names, stems = _names(comp.configs["unet"]), {}
-    for path, (down, up) in pairs.items():
+    for path, tensors in per_module.items():
         stem, part, parts = names[path]
-        stems.setdefault(stem, [None] * parts)[part] = (down, up)
+        stems.setdefault(stem, [None] * parts)[part] = tensors
     out = {}
     for stem, parts in stems.items():
         if any(p is None for p in parts):
             raise DreamboothError(f"The LoRA adapts only some of the layers stacked in {stem}; "
                                   "kohya's layout can't hold that.", "This is a bug; "
                                   "please report it with the log.")
-        out[f"{stem}.lora_down.weight"] = torch.cat([d for d, _ in parts]) \
-            if len(parts) > 1 else parts[0][0]
-        out[f"{stem}.lora_up.weight"] = torch.block_diag(*[u for _, u in parts]) \
-            if len(parts) > 1 else parts[0][1]
-        out[f"{stem}.alpha"] = torch.tensor(float(cfg.lora_alpha * len(parts)))
+        out.update({f"{stem}.{key}": _join(key, [p[key] for p in parts]) for key in parts[0]})
+        if alpha is not None:
+            value = float(alpha * len(parts))
+            out[f"{stem}.alpha"] = () if isinstance(next(iter(parts[0].values())), tuple) \
+                else torch.tensor(value)
     return out
+
+
+def kohya_state(comp, cfg, pairs: dict) -> dict:
+    """The file's tensors from the transformer's LoRA layers: module path -> (down, up), as
+    lora.lora_pairs reads them from its peft state."""
+    return stacked(comp, {path: {"lora_down.weight": down, "lora_up.weight": up}
+                          for path, (down, up) in pairs.items()}, cfg.lora_alpha)
+
+
+def _alpha(cfg) -> float | None:
+    """The per-part alpha of our network's file (None: its type has none, Full)."""
+    from .network_kinds import HAS_ALPHA, KINDS
+    from .networks import rank_alpha
+    return None if cfg.network in KINDS and cfg.network not in HAS_ALPHA \
+        else rank_alpha(cfg, "")[1]
+
+
+def file_state(comp, cfg, unet_state: dict) -> dict:
+    """The file's tensors of the network cfg trains, from the transformer's state."""
+    from .lora import lora_pairs
+    from .networks import OURS, PARAMS, network_params
+    if getattr(cfg, "network", "lora") not in OURS:
+        return kohya_state(comp, cfg, lora_pairs(unet_state))
+    return stacked(comp, {path: {PARAMS[k]: v for k, v in params.items()}
+                          for path, params in network_params(unet_state).items()}, _alpha(cfg))
 
 
 def expected_layout(comp, cfg) -> dict:
     """Key -> shape the file must hold, from the plain transformer built on the meta device."""
+    from .networks import OURS, PARAMS, param_shapes
     meta = meta_transformer(comp.configs["unet"])
-    found, names, rank = dict(meta.named_modules()), _names(comp.configs["unet"]), cfg.lora_rank
-    rows: dict = {}
+    found, ours = dict(meta.named_modules()), getattr(cfg, "network", "lora") in OURS
+    per_module = {}
     for path in target_paths(meta, cfg.lora_targets):
-        stem, part, parts = names[path]
-        rows.setdefault(stem, [0, parts, found[path].weight.shape[1]])[0] += \
-            found[path].weight.shape[0]
-    out = {}
-    for stem, (out_rows, parts, cols) in rows.items():
-        out[f"{stem}.lora_down.weight"] = (parts * rank, cols)
-        out[f"{stem}.lora_up.weight"] = (out_rows, parts * rank)
-        out[f"{stem}.alpha"] = ()
-    return out
-
-
+        w = found[path].weight
+        per_module[path] = {PARAMS[k]: tuple(v) for k, v in param_shapes(
+            cfg, path, tuple(w.shape), found[path].bias is not None).items()} if ours else \
+            {"lora_down.weight": (cfg.lora_rank, w.shape[1]),
+             "lora_up.weight": (w.shape[0], cfg.lora_rank)}
+    return stacked(comp, per_module, _alpha(cfg) if ours else cfg.lora_alpha)

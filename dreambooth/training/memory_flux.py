@@ -25,7 +25,8 @@ import functools
 import torch
 
 from . import fp8
-from .memory_count import flash_like, numel, optimizer_state_bytes, quiet, saved_bytes
+from .memory_count import (flash_like, network_settings, numel, optimizer_state_bytes, quiet,
+                           saved_bytes)
 
 BLOCKS = ("FluxTransformerBlock", "FluxSingleTransformerBlock", "JointTransformerBlock")
 
@@ -71,27 +72,50 @@ def _parts(model_type: str, blocks: tuple | None) -> dict:
             "vae channels": configs["vae"]["block_out_channels"][0]}
 
 
-def _meta_transformer(model_type: str, blocks, rank: int, targets: str):
-    """The transformer on the meta device in bf16 with its LoRA layers."""
+def network_of(cfg):
+    """What decides the trained layers beside the targets: the rank of a plain (peft) LoRA, or
+    memory_count.network_settings of networks.py's (DoRA, LoHa, Full)."""
+    from .networks import OURS
+    return network_settings(cfg) if getattr(cfg, "network", "lora") in OURS else cfg.lora_rank
+
+
+def _ours(model_type: str, net):
+    """A config of networks.py's layers from network_of's settings (None: a plain LoRA)."""
+    from types import SimpleNamespace
+    return None if isinstance(net, int) else SimpleNamespace(**dict(net), model_type=model_type)
+
+
+def _meta_transformer(model_type: str, blocks, net, targets: str):
+    """The transformer on the meta device in bf16 with its network's layers (`net`:
+    network_of)."""
     from .flux_lora import meta_transformer, target_paths
     from .lora import inject
+    from .networks import inject_network
     with quiet():
         config = _parts(model_type, blocks)["configs"]["unet"]
         model = meta_transformer(config).to("meta", torch.bfloat16).train()  # (diffusers <
         # 0.32 makes SD3.5's positions with numpy: on the CPU whatever the default device)
-    inject(model, rank, float(rank), target_paths(model, targets))
+    paths, ours = target_paths(model, targets), _ours(model_type, net)
+    if ours is None:
+        inject(model, net, float(net), paths)
+    else:
+        inject_network(model, paths, ours)
     return model
 
 
 @functools.lru_cache(maxsize=None)
-def lora_shapes(model_type: str, blocks, rank: int, targets: str) -> tuple:
-    """Shapes of the LoRA A/B matrices of `targets` in the transformer."""
+def lora_shapes(model_type: str, blocks, net, targets: str) -> tuple:
+    """Shapes of the trained tensors of `targets` in the transformer (`net`: network_of)."""
     from .flux_lora import target_paths
-    unet = _parts(model_type, blocks)["unet"]
+    from .networks import param_shapes
+    unet, ours = _parts(model_type, blocks)["unet"], _ours(model_type, net)
     found = dict(unet.named_modules())
+    if ours is not None:
+        return tuple(s for path in target_paths(unet, targets) for s in param_shapes(
+            ours, path, tuple(found[path].weight.shape), found[path].bias is not None).values())
     return tuple(s for path in target_paths(unet, targets)
-                 for s in ((rank, found[path].weight.shape[1]),
-                           (found[path].weight.shape[0], rank)))
+                 for s in ((net, found[path].weight.shape[1]),
+                           (found[path].weight.shape[0], net)))
 
 
 def _inputs(config: dict, resolution: int, tokens: int) -> dict:
@@ -114,26 +138,26 @@ def _inputs(config: dict, resolution: int, tokens: int) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def activation_bytes(model_type: str, resolution: int, checkpointing: bool, rank: int,
+def activation_bytes(model_type: str, resolution: int, checkpointing: bool, net,
                      targets: str, blocks: tuple | None = None) -> int:
     """Bytes one image's forward keeps for backward (before ACTIVATION_FACTOR). The blocks of a
     kind are alike, so the full-size count is built from counts 2 or 3 blocks of each kind deep
     (extrapolated, tested against the direct count); fp8_base's upcasting layers keep no more
     (their fp8 weight is the model's)."""
     if blocks is not None:
-        return _counted(model_type, resolution, checkpointing, rank, targets, blocks)
-    return extrapolated(model_type, resolution, checkpointing, rank, targets,
+        return _counted(model_type, resolution, checkpointing, net, targets, blocks)
+    return extrapolated(model_type, resolution, checkpointing, net, targets,
                         full_blocks(model_type))
 
 
-def extrapolated(model_type: str, resolution: int, checkpointing: bool, rank: int,
+def extrapolated(model_type: str, resolution: int, checkpointing: bool, net,
                  targets: str, blocks: tuple) -> int:
     """_counted of a `blocks` deep model from counts at most 2 blocks of each kind deep and
     one more of each kind (from 2 on, each block of a kind keeps what the one before it kept:
     Flux's first double block's input was partly kept already). Flux (19, 38): the 2+2, 3+2
     and 2+3 deep ones' counts; SD3.5 large (0, 37): 0+2 and 0+3; medium (13, 10): 2+2, 3+2
     and 2+3, each with the last block."""
-    args = (model_type, resolution, checkpointing, rank, targets)
+    args = (model_type, resolution, checkpointing, net, targets)
     base = tuple(min(n, 2) for n in blocks)
     two, total = _counted(*args, base), 0
     for i, n in enumerate(blocks):
@@ -143,7 +167,7 @@ def extrapolated(model_type: str, resolution: int, checkpointing: bool, rank: in
     return two + total
 
 
-def _counted(model_type: str, resolution: int, checkpointing: bool, rank: int, targets: str,
+def _counted(model_type: str, resolution: int, checkpointing: bool, net, targets: str,
              blocks: tuple) -> int:
     """activation_bytes of a `blocks` deep model, counted on the meta device: what autograd
     keeps (with gradient checkpointing: what the blocks' outside keeps, the blocks' inputs
@@ -151,15 +175,15 @@ def _counted(model_type: str, resolution: int, checkpointing: bool, rank: int, t
     block's backward makes while it is all kept, about half of what the block kept (the step
     profile's count: 0.23 GiB at 1024 px, at 2+2 blocks and at full depth, with and without
     checkpointing)."""
-    total, block, kept = _saved(model_type, resolution, rank, targets, blocks)
+    total, block, kept = _saved(model_type, resolution, net, targets, blocks)
     return (kept + block if checkpointing else total) + block // 2
 
 
 @functools.lru_cache(maxsize=None)
-def _saved(model_type: str, resolution: int, rank: int, targets: str, blocks: tuple) -> tuple:
+def _saved(model_type: str, resolution: int, net, targets: str, blocks: tuple) -> tuple:
     """(bytes a forward keeps, the most one block keeps, bytes a checkpointed forward keeps)."""
     import torch.nn.functional as F
-    model = _meta_transformer(model_type, blocks, rank, targets)
+    model = _meta_transformer(model_type, blocks, net, targets)
     kwargs = _inputs(dict(model.config), resolution, text_tokens(model_type))
     plain_sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _sdpa
     try:
@@ -190,11 +214,12 @@ def flow_peak(cfg, images: tuple[int, int], factor: float, overhead: int,
     transformer = parts_of["linear"] + 4 * parts_of["linears"] + wbytes * (
         parts_of["transformer"] - parts_of["linear"]) if stored \
         else wbytes * parts_of["transformer"]
-    trained = lora_shapes(cfg.model_type, blocks, cfg.lora_rank, cfg.lora_targets)
+    net = network_of(cfg)
+    trained = lora_shapes(cfg.model_type, blocks, net, cfg.lora_targets)
     lora_n = numel(trained)
     per_step = cfg.batch_size * (2 if any(c.uses_prior for c in cfg.concepts) else 1)
     acts = per_step * activation_bytes(cfg.model_type, cfg.resolution, cfg.gradient_checkpointing,
-                                       cfg.lora_rank, cfg.lora_targets, blocks)
+                                       net, cfg.lora_targets, blocks)
     bucket = min(lora_n, max(max(numel([s]) for s in trained), BUCKET_BYTES // 4))
     encode = 4 * parts_of["vae channels"] * cfg.resolution ** 2 * wbytes
     parts = {"weights": transformer + 4 * lora_n + (0 if cfg.cache_latents else 4 *

@@ -50,7 +50,8 @@ def shapes(cfg, path: str, weight_shape: tuple, bias: bool) -> dict:
             return {}
         return {"ia3_in": (cin,)} if path.endswith(ON_INPUT) else {"ia3_out": (out,)}
     if cfg.network == "full":
-        bias = bias and not path.endswith(NO_DIFF_B)
+        bias = bias and not path.endswith(tuple("." + n for n in NO_DIFF_B))  # (not
+        # Flux's / SD3.5's add_q_proj: their change is applied)
         return {"diff": tuple(weight_shape), **({"diff_b": (out,)} if bias else {})}
     if cfg.network == "glora":
         r = cfg.glora_rank

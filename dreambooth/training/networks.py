@@ -13,6 +13,12 @@ The update of a module with weight W [out, in, *k] (k: the kernel of a conv), sc
   each input column (over out and the kernel) and `dora_scale` shaped [1, in] / [1, in, 1, 1],
   the WebUI's `apply_weight_decompose` (peft's DoRA normalises each output row instead, which
   the WebUI would apply silently wrong; that is why DoRA is ours). The update is W' - W.
+  Flux and SD3.5 (FLOW_TYPES): `dora_scale` [out, 1], a magnitude per output row, applied as
+  Forge's `weight_decompose` (backend/patcher/lora.py, dfdcbab6; ComfyUI's) applies one of that
+  shape: W' = V * dora_scale / (||W|| + eps), the norm of each row of the frozen W (not of V,
+  as LyCORIS's own wd_on_out would), eps fp32's. Rows stack: BFL's / SAI's q, k, v (and a single
+  block's MLP input) in one weight take their parts' rows exactly (flux_lora.py); a column's
+  norm would run over all of them.
   With dora_wd, LoHa and LoKr take the same `dora_scale` over their own update (1.10.1's
   network.py applies it to any module type).
 
@@ -27,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config.network import targets_of
+from ..config.sd35 import FLOW_TYPES
 from . import network_kinds as kinds
 from .lora import by_module, is_conv_target, put_module
 
@@ -70,7 +77,9 @@ def param_shapes(cfg, path: str, weight_shape: tuple, bias: bool = False) -> dic
     out, cin, kernel = weight_shape[0], weight_shape[1], tuple(weight_shape[2:])
     rest, ones = cin * math.prod(kernel), tuple(1 for _ in kernel)
     rank, _ = rank_alpha(cfg, path)
-    dora = {"dora_scale": (1, cin, *ones)} if getattr(cfg, "dora_wd", False) else {}
+    magnitude = (out, 1, *ones) if getattr(cfg, "model_type", "") in FLOW_TYPES \
+        else (1, cin, *ones)  # per output row (Flux, SD3.5), else per input column
+    dora = {"dora_scale": magnitude} if getattr(cfg, "dora_wd", False) else {}
     if cfg.network == "loha":
         return {"hada_w1_a": (out, rank), "hada_w1_b": (rank, rest),
                 "hada_w2_a": (out, rank), "hada_w2_b": (rank, rest), **dora}
@@ -81,7 +90,7 @@ def param_shapes(cfg, path: str, weight_shape: tuple, bias: bool = False) -> dic
             else {"lokr_w2": (o2, i2, *kernel)}
         return {"lokr_w1": (o1, i1), **w2, **dora}
     return {"lora_down": (rank, cin, *kernel), "lora_up": (out, rank, *ones),
-            "dora_scale": (1, cin, *ones)}
+            "dora_scale": magnitude}
 
 
 def scale_of(params: dict, alpha: float) -> float:
@@ -130,10 +139,25 @@ def column_norm(v: torch.Tensor) -> torch.Tensor:
                                                             *(1 for _ in v.shape[2:]))
 
 
+EPS = torch.finfo(torch.float32).eps  # Forge's, on its fp32 weight
+
+
+def row_norm(w: torch.Tensor) -> torch.Tensor:
+    """||w|| over each output row, plus Forge's eps: [out, 1, ...] like a row dora_scale."""
+    return w.flatten(1).norm(dim=1).reshape(w.shape[0], *(1 for _ in w.shape[1:])) + EPS
+
+
+def per_row(magnitude: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A magnitude per output row: Forge's test (dora_scale's first size is the weight's)."""
+    return magnitude.shape[0] == weight.shape[0]
+
+
 def decomposed(weight: torch.Tensor, params: dict, alpha: float) -> torch.Tensor:
-    """DoRA's weight W' = (W + s up@down) * dora_scale / column norm."""
+    """DoRA's weight W' = (W + s up@down) * dora_scale / column norm of that (per output row:
+    / the frozen W's row norm, as Forge applies it)."""
     v = weight + product(params).reshape(weight.shape) * scale_of(params, alpha)
-    return v * (params["dora_scale"] / column_norm(v))
+    m = params["dora_scale"]
+    return v * (m / row_norm(weight)) if per_row(m, weight) else v * (m / column_norm(v))
 
 
 def update(params: dict, weight: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -171,7 +195,7 @@ class NetworkLayer(nn.Module):
     @torch.no_grad()
     def reset(self) -> None:
         """A zero update to start: LoHa's hada_w2_a, LoKr's w2 (or w2_a), DoRA's up are zero;
-        DoRA's magnitude is the base's column norm (network_kinds.reset: the others)."""
+        DoRA's magnitude is the base's column (row) norm (network_kinds.reset: the others)."""
         p = self.params()
         kinds.reset(p)
         for name in ("lokr_w1", "lokr_w2_b", "lora_down"):
@@ -180,8 +204,9 @@ class NetworkLayer(nn.Module):
         for name, std in (("hada_w1_a", 0.1), ("hada_w1_b", 1.0), ("hada_w2_b", 1.0)):
             if name in p:  # the Hadamard product of two small products: larger factors
                 nn.init.normal_(p[name], std=std)
-        if "dora_scale" in p:
-            p["dora_scale"].copy_(column_norm(base_weight(self.base_layer)))
+        if "dora_scale" in p:  # W' = W to start
+            w = base_weight(self.base_layer)
+            p["dora_scale"].copy_(row_norm(w) if per_row(p["dora_scale"], w) else column_norm(w))
 
     def _run(self, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
         b = self.base_layer

@@ -1,0 +1,196 @@
+"""The LyCORIS networks on Flux.1 and SD3.5 (training/flux_lora.py, networks.py): DoRA, LoHa
+(with and without dora_wd) and Full, trained per diffusers layer and saved stacked into the one
+weight BFL's / SAI's files hold for q, k, v (and a Flux single block's MLP input). Checked
+against Forge's loader (dfdcbab6: backend/patcher/lora.py merge_lora_to_weight and
+weight_decompose, packages_3rdparty/comfyui_lora_collection/lora.py load_lora), re-implemented
+here: every key of the file is read and mapped onto a weight of its shape at full size, and
+what Forge makes of the stacked tensors is the trained layers' weights, concatenated. The
+networks that do not stack (or that Forge does not apply) are refused in a sentence each."""
+from types import SimpleNamespace
+
+import pytest
+from flow_helpers import flow_lora_config
+import torch
+
+from dreambooth.model import flux_keys, sd35_keys
+from dreambooth.training import flux_lora
+from dreambooth.training.networks import inject_network
+
+NETWORKS = {"dora": {}, "loha": {}, "loha_wd": {"network": "loha", "dora_wd": True},
+            "full": {}}
+FLUX_FULL = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                 guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+SD35_MEDIUM = dict(num_layers=24, attention_head_dim=64, num_attention_heads=24,
+                   joint_attention_dim=4096, caption_projection_dim=1536,
+                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+                   dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+
+
+def net_cfg(name: str, model_type: str, targets: str = "transformer") -> SimpleNamespace:
+    settings = dict(network=name, model_type=model_type, lora_targets=targets, lora_rank=2,
+                    lora_alpha=3.0, lora_conv_rank=2, lora_conv_alpha=1.0, loha_rank=2,
+                    loha_alpha=5.0, dora_wd=False)
+    return SimpleNamespace(**{**settings, **NETWORKS[name]})
+
+
+# -- Forge's loader, re-implemented (strength 1, fp32) --------------------------------------------
+# the keys load_lora reads of a module x, per patch it makes
+READS = {"lora": ("lora_up.weight", "lora_down.weight", "lora_mid.weight"),
+         "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+         "diff": ("diff", "diff_b")}
+
+
+def forge_load(keys, key_map: dict) -> tuple[dict, set]:
+    """load_lora's reading of a file's `keys`: ({weight key: {leaf: file key}}, the keys left
+    unread), alpha and dora_scale read for any module it maps."""
+    patches, read = {}, set()
+    for x, target in key_map.items():
+        leaves = {leaf: f"{x}.{leaf}" for kind in READS for leaf in READS[kind] + ("alpha",
+                  "dora_scale") if f"{x}.{leaf}" in keys}
+        if leaves:
+            patches[target] = leaves
+            read |= set(leaves.values())
+    return patches, set(keys) - read
+
+
+def forge_weight(weight: torch.Tensor, t: dict) -> torch.Tensor:
+    """merge_lora_to_weight's patch of one weight from its tensors `t` (leaf -> tensor):
+    'lora' (mat1 = up, mat2 = down, alpha / mat2's rows), 'loha' (alpha / w1b's rows), 'diff';
+    with dora_scale, weight_decompose."""
+    w = weight.float().clone()
+    if "diff" in t:
+        return w + t["diff"]
+    if "lora_up.weight" in t:
+        mat1, mat2 = t["lora_up.weight"], t["lora_down.weight"]
+        alpha = t["alpha"].item() / mat2.shape[0]
+        diff = (mat1.flatten(1) @ mat2.flatten(1)).reshape(w.shape)
+    else:
+        alpha = t["alpha"].item() / t["hada_w1_b"].shape[0]
+        diff = ((t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])) \
+            .reshape(w.shape)
+    if "dora_scale" not in t:
+        return w + alpha * diff
+    scale, calc = t["dora_scale"], w + diff * alpha
+    if scale.shape[0] == calc.shape[0]:  # wd_on_output_axis: the norm of the weight given
+        norm = w.reshape(w.shape[0], -1).norm(dim=1, keepdim=True) \
+            .reshape(w.shape[0], *[1] * (w.dim() - 1))
+    else:
+        norm = calc.transpose(0, 1).reshape(calc.shape[1], -1).norm(dim=1, keepdim=True) \
+            .reshape(calc.shape[1], *[1] * (calc.dim() - 1)).transpose(0, 1)
+    return calc * (scale / (norm + torch.finfo(w.dtype).eps))
+
+
+def forge_key_map(host_keys) -> dict:
+    """model_lora_keys_unet on Forge's Flux / SD3 model, whose module names are BFL's / SAI's:
+    'lora_unet_' + a weight's module path with '_' for '.'."""
+    return {"lora_unet_" + k[:-len(".weight")].replace(".", "_"): k for k in host_keys
+            if k.endswith(".weight")}
+
+
+def to_host(config: dict, state: dict) -> dict:
+    """A plain diffusers transformer state in the layout Forge's model has (BFL's / SAI's)."""
+    if "num_single_layers" in config:
+        return flux_keys.to_bfl(state, config["num_layers"], config["num_single_layers"],
+                                config["guidance_embeds"])
+    return sd35_keys.to_sai(state, config["num_layers"],
+                            tuple(config.get("dual_attention_layers") or ()))
+
+
+# -- the tests ------------------------------------------------------------------------------------
+@pytest.mark.once
+@pytest.mark.parametrize("family", ["flux", "sd35"])
+def test_every_key_is_read_and_mapped_by_forge_at_full_size(family):
+    """A full-size FLUX.1-dev and SD3.5 medium (meta device), every module 'transformer'
+    adapts: the file's layout for DoRA, LoHa (also with dora_wd) and Full is wholly read by
+    Forge's load_lora under its key map, each stem onto a weight (and bias) of its shapes,
+    DoRA's magnitude on the output axis."""
+    config = FLUX_FULL if family == "flux" else SD35_MEDIUM
+    model_type = "flux-dev" if family == "flux" else "sd3.5-medium"
+    meta = flux_lora.meta_transformer(config)
+    host = {k: tuple(v.shape) for k, v in to_host(dict(meta.config), meta.state_dict()).items()}
+    comp = SimpleNamespace(configs={"unet": dict(meta.config)})
+    for name in NETWORKS:
+        layout = flux_lora.expected_layout(comp, net_cfg(name, model_type))
+        patches, left = forge_load(layout, forge_key_map(host))
+        assert not left, (name, sorted(left)[:3])
+        assert len(patches) == len({k.split(".")[0] for k in layout}) > 100
+        for target, t in patches.items():
+            rows, cols = host[target]
+            s = {leaf: layout[key] for leaf, key in t.items()}
+            if "diff" in s:
+                assert s["diff"] == (rows, cols)
+                assert s.get("diff_b", (rows,)) == host[target[:-len("weight")] + "bias"]
+                continue
+            a, b = ("lora_up.weight", "lora_down.weight") if "lora_up.weight" in s else \
+                ("hada_w1_a", "hada_w1_b")
+            assert (s[a][0], s[b][1]) == (rows, cols) and s["alpha"] == ()
+            assert s.get("dora_scale", (rows, 1)) == (rows, 1)
+
+
+def tiny_transformer(family: str):
+    from dreambooth.model import tiny_flux, tiny_sd35
+    torch.manual_seed(0)
+    return tiny_flux._transformer(True) if family == "flux" else \
+        tiny_sd35._transformer("sd3.5-medium")
+
+
+def plain_states(model) -> tuple[dict, dict]:
+    """(the frozen weights, the trained ones) of a transformer with network layers, in the
+    plain module's keys: each layer's base weight and bias, and what the layer makes of them."""
+    base, trained = {}, {}
+    layers = {p: m for p, m in model.named_modules() if hasattr(m, "effective_weight")}
+    for key, value in model.state_dict().items():
+        path, _, leaf = key.rpartition(".")
+        if path.endswith(".base_layer"):
+            layer = layers[path[:-len(".base_layer")]]
+            plain = f"{path[:-len('.base_layer')]}.{leaf}"
+            base[plain] = value
+            trained[plain] = layer.effective_weight() if leaf == "weight" else \
+                layer.effective_bias()
+        elif path not in layers:
+            base[key] = trained[key] = value
+    return base, {k: v.detach().float() for k, v in trained.items()}
+
+
+def assert_forge_makes(config: dict, file: dict, base: dict, trained: dict) -> int:
+    """Forge's load_lora + merge_lora_to_weight of `file` on the host layout of `base` gives
+    the host layout of `trained`, weight and bias, and reads every key; how many stems."""
+    host, want = to_host(config, base), to_host(config, trained)
+    patches, left = forge_load(file, forge_key_map(host))
+    assert not left, sorted(left)[:3]
+    for target, t in patches.items():
+        tensors = {leaf: file[key].float() for leaf, key in t.items()}
+        torch.testing.assert_close(forge_weight(host[target], tensors), want[target].float(),
+                                   rtol=1e-5, atol=1e-5)
+        if "diff_b" in tensors:
+            bias = target[:-len("weight")] + "bias"
+            torch.testing.assert_close(host[bias] + tensors["diff_b"], want[bias])
+    changed = {k for k in want if not torch.equal(want[k].float(), host[k].float())}
+    assert changed <= set(patches) | {k[:-len("weight")] + "bias" for k in patches}
+    return len(patches)
+
+
+@pytest.mark.once
+@pytest.mark.parametrize("family", ["flux", "sd35"])
+def test_forge_makes_the_trained_weights_from_the_stacked_tensors(family):
+    """Each network on a tiny Flux (a double and a single block) and SD3.5 medium (a dual
+    attention block and the last), every tensor drawn at random (no zero update anywhere):
+    the file's tensors, stacked, applied by Forge's formulas (re-implemented above) to the
+    host's stacked weights are the layers' trained weights, concatenated, and their biases
+    (Full), exactly but for rounding; no other weight changes."""
+    model_type = "flux-dev" if family == "flux" else "sd3.5-medium"
+    for name in NETWORKS:
+        model = tiny_transformer(family)
+        cfg = net_cfg(name, model_type)
+        params = inject_network(model, flux_lora.target_paths(model, "transformer"), cfg)
+        with torch.no_grad():
+            for p in params:
+                p.copy_(torch.randn_like(p) * (0.3 if p.ndim > 1 or p.shape[0] > 1 else 1))
+        comp = SimpleNamespace(configs={"unet": dict(model.config)})
+        file = flux_lora.file_state(comp, cfg, model.state_dict())
+        assert {k: tuple(v.shape) for k, v in file.items()} == \
+            flux_lora.expected_layout(comp, cfg)
+        base, trained = plain_states(model)
+        stems = assert_forge_makes(dict(model.config), file, base, trained)
+        assert stems == (10 if family == "flux" else 15), (name, stems)
