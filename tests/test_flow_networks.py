@@ -194,3 +194,75 @@ def test_forge_makes_the_trained_weights_from_the_stacked_tensors(family):
         base, trained = plain_states(model)
         stems = assert_forge_makes(dict(model.config), file, base, trained)
         assert stems == (10 if family == "flux" else 15), (name, stems)
+
+
+def trained_states(model) -> tuple[dict, dict]:
+    """plain_states with each adapted layer's base weight as it computes with it (fp8_base:
+    upcast with its scale)."""
+    from dreambooth.training.networks import base_weight
+    base, trained = plain_states(model)
+    for path, m in model.named_modules():
+        if hasattr(m, "effective_weight"):
+            base[f"{path}.weight"] = base_weight(m.base_layer)
+    return base, trained
+
+
+@pytest.mark.parametrize("family, network", [("flux", "dora"), ("sd35", "loha_wd")])
+def test_a_tiny_flow_model_trains_a_network_end_to_end(family, network, instance_dir, tmp_path,
+                                                        tmp_path_factory):
+    """A tiny FLUX.1-dev DoRA on an fp8 base, a tiny SD3.5 medium LoHa with dora_wd: one step
+    of four images, the file written in lora_dir with exactly its layout and LyCORIS's
+    metadata (the magnitude on the output axis), read back and applied as Forge does: the
+    weights the run trained."""
+    from safetensors.torch import load_file
+    from dreambooth.config import events as ev
+    from dreambooth.model.filecheck import read_layout
+    from dreambooth.model.tiny_flux import make_tiny_flux
+    from dreambooth.model.tiny_sd35 import make_tiny_sd35
+    from dreambooth.training.trainer import Trainer
+    model_type = "flux-dev" if family == "flux" else "sd3.5-medium"
+    make = make_tiny_flux if family == "flux" else make_tiny_sd35
+    files = make(tmp_path_factory.mktemp("tiny_" + family), model_type)
+    cfg = flow_lora_config(model_type, files, instance_dir, tmp_path, batch_size=4,
+                           lora_targets="transformer", fp8_base=family == "flux",
+                           loha_rank=2, network=network.split("_")[0],
+                           dora_wd=network.endswith("_wd"))
+    assert cfg.validate() == []
+    trainer = Trainer(cfg.check(), ev.EventBus(lambda e: None), ev.CancelToken())
+    result = trainer.run()
+    assert result.steps == 1 and all(torch.isfinite(torch.tensor(result.losses)))
+    shapes, _, meta = read_layout(result.path)
+    assert shapes == flux_lora.expected_layout(trainer.comp, cfg)
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    assert '"wd_on_output": "True"' in meta["ss_network_args"]
+    file, unet = load_file(str(result.path)), trainer.comp.unet
+    base, trained = trained_states(unet)
+    assert sum(not torch.equal(trained[k], base[k].float()) for k in base) > 10  # it learnt
+    assert assert_forge_makes(dict(unet.config), file, base, trained) == \
+        (10 if family == "flux" else 15)
+
+
+@pytest.mark.once
+def test_networks_that_do_not_stack_or_load_are_refused_saying_why(tmp_path):
+    """Flux and SD3.5 train lora, dora, loha and full; LoCon, LoKr, GLoRA, (IA)3 and OFT are
+    refused on `network` before anything loads, each with its reason and a network to choose
+    (the model's own stacked weights named)."""
+    from dreambooth.config.flux import FLOW_NETWORKS, FLOW_REFUSED
+    from dreambooth.config.network import NETWORKS as ALL
+    assert set(FLOW_NETWORKS) | set(FLOW_REFUSED) == set(ALL)
+    for model_type, model, stacks in (("flux-dev", "Flux", "linear1"),
+                                      ("sd3.5-large", "SD3.5", "attn.qkv")):
+        why = {"locon": f"{model}'s transformer has none",
+               "lokr": f"not one Kronecker product of the stacked weight Forge applies the "
+                       f"file to (", "glora": "would share", "ia3": "Forge: its loader",
+               "oft": "Forge: its loader"}
+        for network in ALL:
+            cfg = flow_lora_config(model_type, {}, tmp_path, tmp_path, network=network,
+                                   lora_targets="transformer")
+            problems = [p for p in cfg.validate(check_paths=False) if p.field == "network"]
+            if network in FLOW_NETWORKS:
+                assert problems == [], (model_type, network)
+                continue
+            (problem,) = problems
+            assert why[network] in problem.why and problem.fix.startswith("choose network")
+            assert (stacks in problem.why) == (network in ("lokr", "glora")), problem.why
