@@ -13,7 +13,7 @@ from flow_helpers import flow_lora_config
 import torch
 
 from dreambooth.model import flux_keys, sd35_keys
-from dreambooth.training import flux_lora
+from dreambooth.training import flow_networks, flux_lora
 from dreambooth.training.networks import inject_network
 
 NETWORKS = {"dora": {}, "loha": {}, "loha_wd": {"network": "loha", "dora_wd": True},
@@ -111,7 +111,7 @@ def test_every_key_is_read_and_mapped_by_forge_at_full_size(family):
     host = {k: tuple(v.shape) for k, v in to_host(dict(meta.config), meta.state_dict()).items()}
     comp = SimpleNamespace(configs={"unet": dict(meta.config)})
     for name in NETWORKS:
-        layout = flux_lora.expected_layout(comp, net_cfg(name, model_type))
+        layout = flow_networks.expected_layout(comp, net_cfg(name, model_type))
         patches, left = forge_load(layout, forge_key_map(host))
         assert not left, (name, sorted(left)[:3])
         assert len(patches) == len({k.split(".")[0] for k in layout}) > 100
@@ -188,9 +188,9 @@ def test_forge_makes_the_trained_weights_from_the_stacked_tensors(family):
             for p in params:
                 p.copy_(torch.randn_like(p) * (0.3 if p.ndim > 1 or p.shape[0] > 1 else 1))
         comp = SimpleNamespace(configs={"unet": dict(model.config)})
-        file = flux_lora.file_state(comp, cfg, model.state_dict())
+        file = flow_networks.file_state(comp, cfg, model.state_dict())
         assert {k: tuple(v.shape) for k, v in file.items()} == \
-            flux_lora.expected_layout(comp, cfg)
+            flow_networks.expected_layout(comp, cfg)
         base, trained = plain_states(model)
         stems = assert_forge_makes(dict(model.config), file, base, trained)
         assert stems == (10 if family == "flux" else 15), (name, stems)
@@ -232,7 +232,7 @@ def test_a_tiny_flow_model_trains_a_network_end_to_end(family, network, instance
     result = trainer.run()
     assert result.steps == 1 and all(torch.isfinite(torch.tensor(result.losses)))
     shapes, _, meta = read_layout(result.path)
-    assert shapes == flux_lora.expected_layout(trainer.comp, cfg)
+    assert shapes == flow_networks.expected_layout(trainer.comp, cfg)
     assert meta["ss_network_module"] == "lycoris.kohya"
     assert '"wd_on_output": "True"' in meta["ss_network_args"]
     file, unet = load_file(str(result.path)), trainer.comp.unet

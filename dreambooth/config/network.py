@@ -25,7 +25,8 @@ NETWORK_LINES = {
     "lokr": "LoKr: a Kronecker product of a small and a larger matrix: the smallest files; "
             "often chosen for styles.",
     "dora": "DoRA: LoRA plus a learnt magnitude per input column of each weight (the WebUI's "
-            "convention): closer to a full fine-tune, slower steps.",
+            "convention; Flux, SD3.5: per output row, as Forge applies it): closer to a full "
+            "fine-tune, slower steps.",
     "ia3": "(IA)3: a learnt scale per output of each adapted linear layer (per input for the "
            "feed-forward's second one): tiny files, learns the least.",
     "full": "Full: the whole change of each adapted layer's weight and bias: a fine-tune of "
@@ -39,7 +40,8 @@ NETWORK_LINES = {
 NETWORK = spec_field("lora", "With method lora, the network trained (each line its name "
                      "in lowercase): " + " ".join(NETWORK_LINES.values()) + " Each is saved in "
                      "the layout the "
-    "WebUI's Lora extension loads; lora_targets picks the layers for all of them.",
+    "WebUI's Lora extension loads; lora_targets picks the layers for all of them. Flux and "
+    "SD3.5 train lora, dora, loha and full (the others are refused, saying why).",
     choices=NETWORKS)
 LOHA_RANK = spec_field(8, "With network 'loha', the rank of each of the two products (the "
                           "update's rank is up to its square).", advanced=True, minimum=1,
@@ -72,7 +74,8 @@ OFT_CONSTRAINT = spec_field(0.0, "With network 'oft', 0: the rotations are free;
                             minimum=0.0, maximum=1000.0)
 DORA_WD = spec_field(False, "With network 'loha' or 'lokr', also learn a magnitude per input "
                             "column of each weight (DoRA's decomposition, LyCORIS's dora_wd), "
-                            "as the WebUI applies it: closer to a full fine-tune, slower steps.",
+                            "as the WebUI applies it (Flux, SD3.5: per output row, as Forge "
+                            "does): closer to a full fine-tune, slower steps.",
                      advanced=True)
 
 TRAIN_NORM = spec_field(False, "With method lora, also learn a change of the weight and bias of "

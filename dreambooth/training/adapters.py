@@ -188,9 +188,9 @@ def file_tensors(comp, cfg, states: dict) -> tuple[dict, dict]:
     """(the file's tensors, key -> shape they must have) of the network cfg trains, with the
     norms' under train_norm."""
     if comp.spec.prediction_type == "flow":  # kohya's Flux / SD3 layout (flux_lora.py)
-        from . import flux_lora
-        return (flux_lora.file_state(comp, cfg, states["unet"]),
-                flux_lora.expected_layout(comp, cfg))
+        from . import flow_networks
+        return (flow_networks.file_state(comp, cfg, states["unet"]),
+                flow_networks.expected_layout(comp, cfg))
     state, expected = network_tensors(comp, cfg, states)
     if getattr(cfg, "train_norm", False):
         state.update(norm_state(comp, states["unet"]))

@@ -19,7 +19,8 @@ The networks that stack as exactly (`network`; config/flux.py refuses the others
 DoRA (LoRA's, with dora_scale [out, 1] per output row stacked: networks.py), LoHa (each product's
 first factor block-diagonal, its second stacked: (A1 B1) * (A2 B2) of the stack is the parts'
 rows; alpha = k x alpha as for LoRA; with dora_wd, dora_scale stacked) and Full (diff and diff_b
-stacked; no alpha). STACK says how each file tensor of a part joins its stack's.
+stacked; no alpha). STACK says how each file tensor of a part joins its stack's; flow_networks.py
+gives it any network's tensors.
 """
 from __future__ import annotations
 
@@ -115,34 +116,11 @@ def kohya_state(comp, cfg, pairs: dict) -> dict:
                           for path, (down, up) in pairs.items()}, cfg.lora_alpha)
 
 
-def _alpha(cfg) -> float | None:
-    """The per-part alpha of our network's file (None: its type has none, Full)."""
-    from .network_kinds import HAS_ALPHA, KINDS
-    from .networks import rank_alpha
-    return None if cfg.network in KINDS and cfg.network not in HAS_ALPHA \
-        else rank_alpha(cfg, "")[1]
-
-
-def file_state(comp, cfg, unet_state: dict) -> dict:
-    """The file's tensors of the network cfg trains, from the transformer's state."""
-    from .lora import lora_pairs
-    from .networks import OURS, PARAMS, network_params
-    if getattr(cfg, "network", "lora") not in OURS:
-        return kohya_state(comp, cfg, lora_pairs(unet_state))
-    return stacked(comp, {path: {PARAMS[k]: v for k, v in params.items()}
-                          for path, params in network_params(unet_state).items()}, _alpha(cfg))
-
-
 def expected_layout(comp, cfg) -> dict:
-    """Key -> shape the file must hold, from the plain transformer built on the meta device."""
-    from .networks import OURS, PARAMS, param_shapes
+    """Key -> shape a LoRA's file must hold, from the plain transformer built on the meta
+    device (flow_networks.expected_layout: any network's)."""
     meta = meta_transformer(comp.configs["unet"])
-    found, ours = dict(meta.named_modules()), getattr(cfg, "network", "lora") in OURS
-    per_module = {}
-    for path in target_paths(meta, cfg.lora_targets):
-        w = found[path].weight
-        per_module[path] = {PARAMS[k]: tuple(v) for k, v in param_shapes(
-            cfg, path, tuple(w.shape), found[path].bias is not None).items()} if ours else \
-            {"lora_down.weight": (cfg.lora_rank, w.shape[1]),
-             "lora_up.weight": (w.shape[0], cfg.lora_rank)}
-    return stacked(comp, per_module, _alpha(cfg) if ours else cfg.lora_alpha)
+    found = dict(meta.named_modules())
+    return stacked(comp, {path: {"lora_down.weight": (cfg.lora_rank, found[path].weight.shape[1]),
+                                 "lora_up.weight": (found[path].weight.shape[0], cfg.lora_rank)}
+                          for path in target_paths(meta, cfg.lora_targets)}, cfg.lora_alpha)

@@ -7,16 +7,19 @@ What a Flux / SD3.5 LoRA run holds, phase by phase (the trainer's order, trainer
 - caching: the text encoders on the GPU in bf16 (T5-XXL 8.9 GiB; flow.frozen_dtype) to encode
   the prompts once, the autoencoder in fp32 to encode the images; then both leave the GPU;
 - training: the frozen transformer (bf16: Flux 22.2 GiB, SD3.5 large 15.0, medium 4.2; with
-  fp8_base each Linear weight in fp8 with its scale: about half), the LoRA layers, their
-  gradients and optimizer state in fp32, the cached latents and prompt states, and a step's
-  activations: what autograd saves in one meta forward of the transformer with its LoRA layers
+  fp8_base each Linear weight in fp8 with its scale: about half), the network's layers (peft's
+  LoRA; DoRA, LoHa, Full: networks.py's), their gradients and optimizer state in fp32, the
+  cached latents and prompt states, and a step's activations: what autograd saves in one meta
+  forward of the transformer with those layers (DoRA's, LoHa's, Full's: weight-sized copies too)
   at the resolution, per image (fp8_base's upcasting layers keep no more: their fp8 weight is
   the model's own); with gradient checkpointing, what the blocks outside keep (every block's
   inputs among it: the checkpoints keep them) and one block recomputed in backward; and what a
   block's backward adds while all that is kept.
 The peak is the larger of the two. memory.ACTIVATION_FACTOR and CUDA_OVERHEAD, the GPU-only
 parts, are SD's (not measured on these yet); without them (memory.estimate's `gpu=False`) the
-estimate is within 10% of the step profile's count on fake tensors (bench/profile.py).
+estimate is within 10% of the step profile's count on fake tensors (bench/profile.py); DoRA's
+and dora_wd's 20% above it at 2+2 blocks (a block's backward holds less than half of what it
+saved when that is mostly weight-sized copies: 0.6 GiB, 4% at full size).
 """
 from __future__ import annotations
 
