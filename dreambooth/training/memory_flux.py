@@ -17,9 +17,7 @@ What a Flux / SD3.5 LoRA run holds, phase by phase (the trainer's order, trainer
   block's backward adds while all that is kept.
 The peak is the larger of the two. memory.ACTIVATION_FACTOR and CUDA_OVERHEAD, the GPU-only
 parts, are SD's (not measured on these yet); without them (memory.estimate's `gpu=False`) the
-estimate is within 10% of the step profile's count on fake tensors (bench/profile.py); DoRA's
-and dora_wd's 20% above it at 2+2 blocks (a block's backward holds less than half of what it
-saved when that is mostly weight-sized copies: 0.6 GiB, 4% at full size).
+estimate is within 10% of the step profile's count on fake tensors (bench/profile.py).
 """
 from __future__ import annotations
 
@@ -177,9 +175,13 @@ def _counted(model_type: str, resolution: int, checkpointing: bool, net, targets
     among it, and the most one block keeps, recomputed in backward), and the gradients a
     block's backward makes while it is all kept, about half of what the block kept (the step
     profile's count: 0.23 GiB at 1024 px, at 2+2 blocks and at full depth, with and without
-    checkpointing)."""
+    checkpointing). The weight-sized copies DoRA's, LoHa's and Full's layers keep add nothing
+    there (the step profile's count at 2+2 blocks: within 3% of this), so that half is of what
+    the block keeps with plain LoRA layers of the network's rank."""
     total, block, kept = _saved(model_type, resolution, net, targets, blocks)
-    return (kept + block if checkpointing else total) + block // 2
+    plain = block if isinstance(net, int) else \
+        _saved(model_type, resolution, dict(net)["lora_rank"], targets, blocks)[1]
+    return (kept + block if checkpointing else total) + plain // 2
 
 
 @functools.lru_cache(maxsize=None)
