@@ -236,6 +236,9 @@ def test_a_tiny_flow_model_trains_a_network_end_to_end(family, network, instance
     assert meta["ss_network_module"] == "lycoris.kohya"
     assert '"wd_on_output": "True"' in meta["ss_network_args"]
     file, unet = load_file(str(result.path)), trainer.comp.unet
+    from dreambooth.training import fp8
+    stored = [m for p, m in unet.named_modules() if fp8.storable(p, m)]
+    assert len(stored) > 10 and all(fp8.is_stored(m) for m in stored) == (family == "flux")
     base, trained = trained_states(unet)
     assert sum(not torch.equal(trained[k], base[k].float()) for k in base) > 10  # it learnt
     assert assert_forge_makes(dict(unet.config), file, base, trained) == \
@@ -253,8 +256,8 @@ def test_networks_that_do_not_stack_or_load_are_refused_saying_why(tmp_path):
     for model_type, model, stacks in (("flux-dev", "Flux", "linear1"),
                                       ("sd3.5-large", "SD3.5", "attn.qkv")):
         why = {"locon": f"{model}'s transformer has none",
-               "lokr": f"not one Kronecker product of the stacked weight Forge applies the "
-                       f"file to (", "glora": "would share", "ia3": "Forge: its loader",
+               "lokr": "not one Kronecker product of the stacked weight Forge applies the "
+                       "file to (", "glora": "would share", "ia3": "Forge: its loader",
                "oft": "Forge: its loader"}
         for network in ALL:
             cfg = flow_lora_config(model_type, {}, tmp_path, tmp_path, network=network,
