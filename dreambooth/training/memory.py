@@ -43,6 +43,7 @@ from .memory_count import (
     numel,
     optimizer_state_bytes,
     parameter_shapes,
+    sizes_of,
     text_encoder_activation_bytes,
     unet_activation_bytes,
 )
@@ -89,19 +90,19 @@ def count_images(config) -> tuple[int, int]:
     return instance or DEFAULT_IMAGES, classes
 
 
-def _trainable(cfg, shapes: dict) -> tuple[list, list]:
+def _trainable(cfg, shapes: dict, sizes: str) -> tuple[list, list]:
     """(shapes of the trained parameters, names of the text encoders that run with gradients)."""
     tes = [k for k in shapes if k.startswith("text_encoder")]
     if getattr(cfg, "use_lora", False) and getattr(cfg, "network", "lora") in OURS:
         parts = ["unet"] + (tes if cfg.lora_text_encoder else [])
         trained = [s for c in parts for s in network_shapes(cfg.model_type, c,
-                                                             network_settings(cfg))[0]]
+                                                             network_settings(cfg), sizes)[0]]
     elif getattr(cfg, "use_lora", False):
         which = (targets_of(cfg), getattr(cfg, "lora_conv_rank", None))
-        trained = list(lora_shapes(cfg.model_type, cfg.lora_rank, "unet", *which))
+        trained = list(lora_shapes(cfg.model_type, cfg.lora_rank, "unet", *which, sizes))
         if cfg.lora_text_encoder:
             trained += [s for te in tes for s in lora_shapes(cfg.model_type, cfg.lora_rank, te,
-                                                             *which)]
+                                                             *which, sizes)]
     else:
         trained = list(shapes["unet"]) + [s for te in tes if cfg.train_text_encoder
                                           for s in shapes[te]]
@@ -109,7 +110,7 @@ def _trainable(cfg, shapes: dict) -> tuple[list, list]:
     return trained, grad_tes
 
 
-def _network_updates(cfg, tes: list, wbytes: int) -> int:
+def _network_updates(cfg, tes: list, wbytes: int, sizes: str) -> int:
     """Our layers build each adapted weight's update (or new weight) in forward, and backward
     needs it: its compute-dtype copy, one per adapted weight (DoRA, dora_wd: also V = W +
     update in fp32; (IA)3's W * (1 + w), GLoRA's W @ a2 and OFT's rotation of W: also W's
@@ -119,7 +120,8 @@ def _network_updates(cfg, tes: list, wbytes: int) -> int:
             or selective.full(cfg):  # (selective: counted as if none)
         return 0
     parts = ["unet"] + (tes if cfg.lora_text_encoder else [])
-    adapted = sum(network_shapes(cfg.model_type, c, network_settings(cfg))[1] for c in parts)
+    adapted = sum(network_shapes(cfg.model_type, c, network_settings(cfg), sizes)[1]
+                  for c in parts)
     dora = cfg.network == "dora" or getattr(cfg, "dora_wd", False)
     base_copy = cfg.network in ("ia3", "glora", "oft")
     return adapted * (wbytes + (4 if dora else 0) + (wbytes if base_copy else 0))
@@ -137,7 +139,7 @@ def _caches(cfg, shapes: dict, images: tuple[int, int], half: bool) -> int:
 
 
 def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True,
-             half: str = "bf16") -> Estimate:
+             half: str = "bf16", configs: dict | None = None) -> Estimate:
     """Peak GPU memory of training with `config` (bytes), and what it is made of.
 
     Where the weights are: a trained model in fp32 (bf16 with bf16_weights), a LoRA's frozen
@@ -146,7 +148,8 @@ def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True,
     VAE leaves the GPU once the latents are cached, a frozen text encoder once the prompts are.
     `gpu=False`: without the two GPU-only constants (CUDA_OVERHEAD, and the share of
     ACTIVATION_FACTOR above 1), i.e. what the step profile's fake tensors hold; tests keep the
-    two within 10% of each other. `half`: what mixed precision 'auto' is on the GPU. Where the
+    two within 10% of each other (`configs`: of an SD model type at another size than its
+    shipped one). `half`: what mixed precision 'auto' is on the GPU. Where the
     gradients are kept in bf16 (parked.py), a Linear/Conv2d weight's takes 2 bytes, and the
     bf16 copies of the largest weights are not held through the forward.
     """
@@ -156,8 +159,9 @@ def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True,
             (ACTIVATION_FACTOR, CUDA_OVERHEAD) if gpu else (1.0, 0))))
     cfg, half = config, config.mixed_precision in HALF
     lora = bool(getattr(cfg, "use_lora", False))
-    shapes, wbytes = parameter_shapes(cfg.model_type), 2 if half else 4
-    trained, grad_tes = _trainable(cfg, shapes)
+    sizes = sizes_of(configs)
+    shapes, wbytes = parameter_shapes(cfg.model_type, sizes), 2 if half else 4
+    trained, grad_tes = _trainable(cfg, shapes, sizes)
     tbytes = 2 if cfg.bf16_weights and half and not lora else 4
     tes = [te for te in shapes if te.startswith("text_encoder")]
     full_tes = [] if lora else [te for te in grad_tes]
@@ -171,17 +175,17 @@ def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True,
         (0 if cfg.cache_latents else frozen["vae"]) + \
         (frozen["text encoders"] if cfg.trains_text_encoder else 0)
     per_step = cfg.batch_size * (2 if any(c.uses_prior for c in cfg.concepts) else 1)
-    acts = selective.activation_bytes(cfg, half) if selective.selective(cfg) else \
+    acts = selective.activation_bytes(cfg, half, sizes) if selective.selective(cfg) else \
         unet_activation_bytes(cfg.model_type, cfg.resolution, cfg.attention,
-                              cfg.gradient_checkpointing, half)
+                              cfg.gradient_checkpointing, half, sizes)
     acts += sum(
-        text_encoder_activation_bytes(cfg.model_type, te, half) for te in grad_tes)
+        text_encoder_activation_bytes(cfg.model_type, te, half, sizes) for te in grad_tes)
     fused = cfg.fused_optimizer
     grad_bytes = 4 if lora else tbytes
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
     park = parked.applies(cfg, half if cfg.mixed_precision == "auto" else cfg.mixed_precision,
                           processes)
-    cast = linear_conv_shapes(cfg.model_type)
+    cast = linear_conv_shapes(cfg.model_type, sizes)
     matrices = list(cast["unet"]) + [s for te in full_tes for s in cast[te]]  # (not embeddings)
     recast = numel([s for s in matrices if numel([s]) >= parked.RECAST_ELEMENTS]) \
         if park and not selective.full(cfg) else 0
@@ -210,12 +214,12 @@ def estimate(config, n_images: tuple[int, int] | None = None, gpu: bool = True,
         # (selective: but those of the weights in the blocks it recomputes)
         "autocast copies": 2 * (unet_n + sum(numel(shapes[te]) for te in full_tes) - recast
                                 - selective.recomputed_weights(
-                                    cfg, parked.RECAST_ELEMENTS if park else None))
+                                    cfg, parked.RECAST_ELEMENTS if park else None, sizes))
         if upcast and not selective.full(cfg) else 0,
         "activations": int(per_step * acts),
         "GPU-only activations": int((ACTIVATION_FACTOR - 1) * per_step * acts) if gpu else 0,
         "vae encode": 0 if cfg.cache_latents else encode,
-        "network updates": _network_updates(cfg, tes, wbytes),
+        "network updates": _network_updates(cfg, tes, wbytes, sizes),
     }
     resident = sum(parts[k] for k in ("weights", "optimizer", "stand-ins", "ema", "caches",
                                       "overhead"))

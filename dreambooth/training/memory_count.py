@@ -6,26 +6,44 @@ all without memory or weights. See memory.py for how these add up to a peak.
 from __future__ import annotations
 
 import functools
+import json
 
 import torch
 
 
+# Every count below is of a model type at its shipped size, or at the size `sizes` gives: the
+# JSON of its component configs (sizes_of), e.g. a shallower SDXL that the step profile can
+# count in seconds, to hold the estimate to (tests/test_profile.py).
+def sizes_of(configs: dict | None) -> str:
+    """The hashable form of a model's component configs ('' for the shipped ones)."""
+    return json.dumps(configs, sort_keys=True) if configs else ""
+
+
+def _configs(model_type: str, sizes: str) -> dict:
+    from ..model.spec import shipped_configs
+    return json.loads(sizes) if sizes else shipped_configs(model_type)
+
+
+def _meta(model_type: str, sizes: str):
+    from ..model.components import build_meta
+    return build_meta(model_type, json.loads(sizes) if sizes else None)
+
+
 # -- parameters ---------------------------------------------------------------------------------
-def parameter_shapes(model_type: str) -> dict:
+def parameter_shapes(model_type: str, sizes: str = "") -> dict:
     """{component: tuple of parameter shapes} of a model type, from meta-device instantiation."""
-    return _shapes(model_type)[0]
+    return _shapes(model_type, sizes)[0]
 
 
-def linear_conv_shapes(model_type: str) -> dict:
+def linear_conv_shapes(model_type: str, sizes: str = "") -> dict:
     """{component: tuple of the shapes of its nn.Linear and nn.Conv2d weights and biases}: what
     bf16 autocast runs in bf16 (parked.py keeps their gradients in bf16)."""
-    return _shapes(model_type)[1]
+    return _shapes(model_type, sizes)[1]
 
 
 @functools.lru_cache(maxsize=None)
-def _shapes(model_type: str) -> tuple[dict, dict]:
-    from ..model.components import build_meta
-    comp = build_meta(model_type)
+def _shapes(model_type: str, sizes: str) -> tuple[dict, dict]:
+    comp = _meta(model_type, sizes)
     modules = {"unet": comp.unet, "vae": comp.vae}
     modules.update({s.component: getattr(comp, s.component) for s in comp.spec.text_encoders})
     every = {name: tuple(tuple(p.shape) for p in m.parameters()) for name, m in modules.items()}
@@ -38,11 +56,10 @@ def _shapes(model_type: str) -> tuple[dict, dict]:
 
 @functools.lru_cache(maxsize=None)
 def lora_shapes(model_type: str, rank: int, component: str = "unet", targets: str = "attention",
-                conv_rank: int | None = None) -> tuple:
+                conv_rank: int | None = None, sizes: str = "") -> tuple:
     """Shapes of the LoRA A/B matrices peft adds to the `targets` of a component."""
-    from ..model.components import build_meta
     from .lora import is_conv_target, target_paths
-    module = getattr(build_meta(model_type), component)
+    module = getattr(_meta(model_type, sizes), component)
     found = dict(module.named_modules())
     shapes = []
     for path in target_paths(module, component, targets):
@@ -63,17 +80,17 @@ def network_settings(cfg) -> tuple:
 
 
 @functools.lru_cache(maxsize=None)
-def network_shapes(model_type: str, component: str, settings: tuple) -> tuple[tuple, int]:
+def network_shapes(model_type: str, component: str, settings: tuple, sizes: str = ""
+                   ) -> tuple[tuple, int]:
     """(shapes of the parameters our layers (LoHa, LoKr, DoRA, IA3, ...) add to a component,
     elements of the weights they adapt), `settings` from network_settings."""
     from types import SimpleNamespace
 
     from ..config.network import targets_of
-    from ..model.components import build_meta
     from .lora import target_paths
     from .networks import param_shapes
     cfg = SimpleNamespace(**dict(settings))
-    module = getattr(build_meta(model_type), component)
+    module = getattr(_meta(model_type, sizes), component)
     found = dict(module.named_modules())
     shapes, adapted = [], 0
     for path in target_paths(module, component, targets_of(cfg)):
@@ -195,26 +212,25 @@ def _unet_inputs(configs: dict, resolution: int, dtype) -> tuple:
 
 
 def unet_activation_bytes(model_type: str, resolution: int, attention: str,
-                          checkpointing: bool, half: bool) -> int:
+                          checkpointing: bool, half: bool, sizes: str = "") -> int:
     """Bytes the UNet saves for backward per image (before ACTIVATION_FACTOR)."""
-    total, block = _unet_saved(model_type, resolution, attention, half, False)
+    total, block = _unet_saved(model_type, resolution, attention, half, False, sizes)
     if not checkpointing:
         return total
-    kept, _ = _unet_saved(model_type, resolution, attention, half, True)
+    kept, _ = _unet_saved(model_type, resolution, attention, half, True, sizes)
     return kept + block  # block inputs kept, plus one block recomputed in backward
 
 
 @functools.lru_cache(maxsize=None)
 def _unet_saved(model_type: str, resolution: int, attention: str, half: bool,
-                checkpointing: bool) -> tuple[int, int]:
+                checkpointing: bool, sizes: str) -> tuple[int, int]:
     """(bytes one meta forward of the UNet saves, most saved inside one of BLOCKS); only the
     UNet is built (the plan's start-up time)."""
     import torch.nn.functional as F
     from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    from ..model.spec import shipped_configs
-    configs = shipped_configs(model_type)
+    configs = _configs(model_type, sizes)
     dtype = torch.bfloat16 if half else torch.float32
     with torch.device("meta"), _quiet():
         unet = UNet2DConditionModel.from_config(configs["unet"]).to(dtype).train()
@@ -230,10 +246,10 @@ def _unet_saved(model_type: str, resolution: int, attention: str, half: bool,
 
 
 @functools.lru_cache(maxsize=None)
-def text_encoder_activation_bytes(model_type: str, component: str, half: bool) -> int:
+def text_encoder_activation_bytes(model_type: str, component: str, half: bool, sizes: str = ""
+                                  ) -> int:
     """Bytes a trained text encoder saves for backward per prompt (77 tokens)."""
-    from ..model.components import build_meta
-    te = getattr(build_meta(model_type), component).to(
+    te = getattr(_meta(model_type, sizes), component).to(
         torch.bfloat16 if half else torch.float32).train()
     ids = torch.zeros(1, 77, dtype=torch.long, device="meta")
     return _saved_bytes(te, lambda: te(ids, output_hidden_states=True))[0]

@@ -61,9 +61,10 @@ def _key(configs: dict) -> str:
     return json.dumps({k: configs[k] for k in ("unet", "vae")}, sort_keys=True)
 
 
-def _shipped(model_type: str) -> str:
+def _shipped(model_type: str, sizes: str = "") -> str:
+    """The key of a model type's UNet at its shipped size, or at `sizes` (memory_count.sizes_of)."""
     from ..model.spec import shipped_configs
-    return _key(shipped_configs(model_type))
+    return _key(json.loads(sizes) if sizes else shipped_configs(model_type))
 
 
 def chosen_blocks(configs: dict, resolution: int, attention: str) -> tuple:
@@ -209,22 +210,22 @@ def _params(block) -> tuple:
                  for m in block.modules() for p in m.parameters(recurse=False))
 
 
-def activation_bytes(cfg, half: bool) -> int:
+def activation_bytes(cfg, half: bool, sizes: str = "") -> int:
     """Bytes the UNet holds for backward per image under selective checkpointing: what a
     forward with the chosen blocks checkpointed saves, their inputs (each checkpoint keeps its
     own), and the most one chosen block saves (recomputed in backward, one at a time)."""
-    return _selective_saved(_shipped(cfg.model_type), cfg.resolution, _attention(cfg.attention),
-                            half)
+    return _selective_saved(_shipped(cfg.model_type, sizes), cfg.resolution,
+                            _attention(cfg.attention), half)
 
 
-def recomputed_weights(cfg, recast: int | None) -> int:
+def recomputed_weights(cfg, recast: int | None, sizes: str = "") -> int:
     """Values of the UNet's weights inside the chosen blocks, whose half-precision copies
     backward does not keep (cast again in the recompute), less the Linear/Conv2d ones of
     `recast` values or more, which the gradient park casts again anyway (parked.RECAST_ELEMENTS
     where it applies, else None); 0 unless selective."""
     if not selective(cfg):
         return 0
-    key, attention = _shipped(cfg.model_type), _attention(cfg.attention)
+    key, attention = _shipped(cfg.model_type, sizes), _attention(cfg.attention)
     chosen = set(_chosen(key, cfg.resolution, attention))
     return sum(n for b in block_costs(key, cfg.resolution, attention) if b.name in chosen
                for n, matrix in b.params if not (recast and matrix and n >= recast))
