@@ -18,10 +18,10 @@ pytestmark = pytest.mark.once
 def test_parked_gradients_train_exactly_as_a_plain_bf16_step(quick_config, monkeypatch, clip,
                                                             fused, checkpointing):
     """Stepped by the park after backward, or (fused) by the optimizer's buckets in backward;
-    1e-3: every step is clipped (globally, or bucket by bucket when fused)."""
+    1e-3: every step is clipped (globally, or bucket by bucket when fused). 4 steps."""
     base = quick_config.replace(mixed_precision="bf16", train_text_encoder=True,
                                 max_grad_norm=clip, memory_preset="off", fused_optimizer=fused,
-                                gradient_checkpointing=checkpointing)
+                                gradient_checkpointing=checkpointing, steps_per_image=1)
     received = []
     receive = parked.GradPark.receive
     monkeypatch.setattr(parked.GradPark, "receive",
