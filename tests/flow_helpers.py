@@ -1,8 +1,22 @@
-"""What the Flux and SD3.5 tests share: a tiny LoRA run's config, and the check that the memory
-estimate of a reduced-depth, full-width model is the step profile's count."""
+"""What the Flux and SD3.5 tests share: the full-size transformers' configs, a tiny LoRA run's
+config, and the check that the memory estimate of a reduced-depth, full-width model is the step
+profile's count."""
 from __future__ import annotations
 
 from dreambooth import Concept, TrainingConfig
+
+# FLUX.1-dev's and SD3.5 medium's / large's transformers (diffusers' configs)
+FLUX_FULL = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                 guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+MEDIUM = dict(num_layers=24, attention_head_dim=64, num_attention_heads=24,
+              joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+              out_channels=16, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
+              qk_norm="rms_norm")
+LARGE = dict(num_layers=38, attention_head_dim=64, num_attention_heads=38,
+             joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
+             out_channels=16, pos_embed_max_size=192, dual_attention_layers=(),
+             qk_norm="rms_norm")
 
 
 def flow_lora_config(family: str, files: dict, instance_dir, tmp_path, /,

@@ -9,7 +9,7 @@ networks that do not stack (or that Forge does not apply) are refused in a sente
 from types import SimpleNamespace
 
 import pytest
-from flow_helpers import estimate_is_the_count, flow_lora_config
+from flow_helpers import FLUX_FULL, MEDIUM, estimate_is_the_count, flow_lora_config
 import torch
 
 from dreambooth.model import flux_keys, sd35_keys
@@ -18,13 +18,6 @@ from dreambooth.training.networks import inject_network
 
 NETWORKS = {"dora": {}, "loha": {}, "loha_wd": {"network": "loha", "dora_wd": True},
             "full": {}}
-FLUX_FULL = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                 guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-SD35_MEDIUM = dict(num_layers=24, attention_head_dim=64, num_attention_heads=24,
-                   joint_attention_dim=4096, caption_projection_dim=1536,
-                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
-                   dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
 
 
 def net_cfg(name: str, model_type: str, targets: str = "transformer") -> SimpleNamespace:
@@ -105,7 +98,7 @@ def test_every_key_is_read_and_mapped_by_forge_at_full_size(family):
     adapts: the file's layout for DoRA, LoHa (also with dora_wd) and Full is wholly read by
     Forge's load_lora under its key map, each stem onto a weight (and bias) of its shapes,
     DoRA's magnitude on the output axis."""
-    config = FLUX_FULL if family == "flux" else SD35_MEDIUM
+    config = FLUX_FULL if family == "flux" else MEDIUM
     model_type = "flux-dev" if family == "flux" else "sd3.5-medium"
     meta = flux_lora.meta_transformer(config)
     host = {k: tuple(v.shape) for k, v in to_host(dict(meta.config), meta.state_dict()).items()}

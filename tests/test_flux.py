@@ -5,7 +5,7 @@ converter and the LoRA's every key against diffusers' reader."""
 from types import SimpleNamespace
 
 import pytest
-from flow_helpers import flow_lora_config
+from flow_helpers import FLUX_FULL, flow_lora_config
 import torch
 
 from dreambooth import Concept, TrainingConfig
@@ -16,9 +16,6 @@ from dreambooth.model.tiny_flux import make_tiny_flux
 from dreambooth.training import flux_lora
 from dreambooth.training.lora import lora_pairs
 
-FULL = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-            guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +59,7 @@ def full_meta():
     """A full-size FLUX.1-dev transformer on the meta device (shapes, no memory)."""
     from diffusers import FluxTransformer2DModel
     with torch.device("meta"):
-        return FluxTransformer2DModel(**FULL)
+        return FluxTransformer2DModel(**FLUX_FULL)
 
 
 def thin_bfl(meta) -> dict:
@@ -280,7 +277,7 @@ def test_configs_from_real_size_files(full_meta):
     bfl = {"model.diffusion_model." + k: v
            for k, v in flux_keys.to_bfl(full_meta.state_dict(), 19, 38, True).items()}
     got = flux_keys.transformer_config(bfl)
-    assert {k: got[k] for k in FULL} == {**FULL, "axes_dims_rope": [16, 56, 56]}
+    assert {k: got[k] for k in FLUX_FULL} == {**FLUX_FULL, "axes_dims_rope": [16, 56, 56]}
     clip = {k: v for k, v in assets.load_config("v1x", "text_encoder").items()
             if k not in ("architectures", "model_type")}
     xxl = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
@@ -298,7 +295,7 @@ def test_configs_from_real_size_files(full_meta):
                          "", vae=True)
     assert {k: flux.ae_config(ldm)[k] for k in ae} == ae
     full = flux.full_size_configs("flux-dev")  # what the estimate and the profile count
-    assert {k: full["unet"][k] for k in FULL} == {**FULL, "axes_dims_rope": [16, 56, 56]}
+    assert {k: full["unet"][k] for k in FLUX_FULL} == {**FLUX_FULL, "axes_dims_rope": [16, 56, 56]}
     assert full["text_encoder"] == clip and {k: full["text_encoder_2"][k] for k in xxl} == xxl
     assert {k: full["vae"][k] for k in ae} == ae
     assert not flux.full_size_configs("flux-schnell")["unet"]["guidance_embeds"]

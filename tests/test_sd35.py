@@ -6,7 +6,7 @@ SD3 layout (its SD3LoraLoaderMixin takes diffusers/peft keys only), so none is c
 from types import SimpleNamespace
 
 import pytest
-from flow_helpers import flow_lora_config
+from flow_helpers import LARGE, MEDIUM, flow_lora_config
 import torch
 
 from dreambooth import Concept, TrainingConfig
@@ -17,14 +17,6 @@ from dreambooth.model.tiny_sd35 import make_tiny_sd35
 from dreambooth.training import flux_lora
 from dreambooth.training.lora import lora_pairs
 
-MEDIUM = dict(num_layers=24, attention_head_dim=64, num_attention_heads=24,
-              joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-              out_channels=16, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
-              qk_norm="rms_norm")
-LARGE = dict(num_layers=38, attention_head_dim=64, num_attention_heads=38,
-             joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
-             out_channels=16, pos_embed_max_size=192, dual_attention_layers=(),
-             qk_norm="rms_norm")
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +62,7 @@ def test_refusals_before_loading(tiny_medium, instance_dir, tmp_path):
 def _thin_sai(conf: dict) -> tuple:
     """A full-size MMDiT on the meta device and its SAI keys, each tensor one column whose rows
     count up (each from its own start): the rows' order is what the converters change."""
-    from diffusers import SD3Transformer2DModel
-    with torch.device("meta"):
-        meta = SD3Transformer2DModel(**conf)
+    meta = flux_lora.meta_transformer(conf)  # (one per size: see there)
     sai = sd35_keys.to_sai(meta.state_dict(), conf["num_layers"], conf["dual_attention_layers"])
     thin = {k: torch.arange(v.shape[0], dtype=torch.float64)[:, None] + i * 1e6
             for i, (k, v) in enumerate(sorted(sai.items()))}

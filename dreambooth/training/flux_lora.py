@@ -24,6 +24,9 @@ gives it any network's tensors.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import json
 import re
 
 import torch
@@ -63,11 +66,20 @@ def _names(config: dict) -> dict:
 
 
 def meta_transformer(config: dict):
-    """The plain transformer of `config` on the meta device."""
+    """The plain transformer of `config` on the meta device: one per configuration (the same
+    model for each call: read it, don't change it; diffusers < 0.32 spends seconds on SD3.5's
+    positions, made with numpy whatever the device)."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
     cls = FluxTransformer2DModel if "num_single_layers" in config else SD3Transformer2DModel
-    with torch.device("meta"):
-        return cls.from_config(config)
+    given = inspect.signature(cls.__init__).parameters
+    full = {k: config.get(k, p.default) for k, p in given.items() if k != "self"}
+    return _built(cls, json.dumps(full, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=4)
+def _built(cls, config: str):
+    with torch.device("meta"):  # (and diffusers < 0.32's CPU positions moved there)
+        return cls.from_config(json.loads(config)).to("meta")
 
 
 ROWS, DIAGONAL = "rows", "diagonal"

@@ -21,6 +21,7 @@ estimate is within 10% of the step profile's count on fake tensors (bench/profil
 """
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -94,8 +95,7 @@ def _meta_transformer(model_type: str, blocks, net, targets: str):
     from .networks import inject_network
     with quiet():
         config = _parts(model_type, blocks)["configs"]["unet"]
-        model = meta_transformer(config).to("meta", torch.bfloat16).train()  # (diffusers <
-        # 0.32 makes SD3.5's positions with numpy: on the CPU whatever the default device)
+        model = copy.deepcopy(meta_transformer(config)).to("meta", torch.bfloat16).train()
     paths, ours = target_paths(model, targets), _ours(model_type, net)
     if ours is None:
         inject(model, net, float(net), paths)
