@@ -61,10 +61,11 @@ def test_refusals_before_loading(tiny_medium, instance_dir, tmp_path):
         train(cfg)
     assert {p.field for p in e.value.problems} == {"t5_tokenizer_dir"}
     not_yet = sd35_config(tiny_medium, instance_dir, tmp_path, method="dreambooth",
-                          use_ema=True, sd35_clip_g=str(tmp_path / "none.safetensors"))
+                          lora_text_encoder=True,
+                          sd35_clip_g=str(tmp_path / "none.safetensors"))
     problems = {p.field: p for p in not_yet.validate()}
-    assert set(problems) == {"method", "use_ema", "sd35_clip_g"}
-    assert "SD3.5" in problems["use_ema"].why
+    assert set(problems) == {"method", "lora_text_encoder", "sd35_clip_g"}
+    assert "SD3.5" in problems["lora_text_encoder"].why
 
 
 def _thin_sai(conf: dict) -> tuple:

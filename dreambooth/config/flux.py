@@ -44,7 +44,6 @@ NOT_YET = (
      "turn lora_text_encoder off"),
     ("train_text_encoder", False, "Flux's text encoders are not trained yet",
      "turn train_text_encoder off"),
-    ("use_ema", False, "EMA is not done for Flux yet", "turn use_ema off"),
     ("lora_merge", False, "merging into a Flux checkpoint is not done yet",
      "turn lora_merge off"),
     ("compile", "off", "compiling is not done for Flux yet", "set compile to 'off'"),
