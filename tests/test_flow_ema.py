@@ -1,6 +1,8 @@
 """EMA of a Flux / SD3.5 LoRA (use_ema): the average is kept of the transformer's LoRA alone (not a
 copy of its frozen base), the LoRA file is written from it, a resumed run goes on with it, and
-the memory estimate counts it."""
+the memory estimate counts it. lora_merge for Flux: the source transformer with the LoRA file
+applied, streamed."""
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -8,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from dreambooth.config import events as ev
+from dreambooth.config.errors import DreamboothError
 from dreambooth.model.filecheck import read_layout
 from dreambooth.training.trainer import Trainer
 from test_flux import flux_config, tiny_flux  # noqa: F401 (the session's tiny Flux)
@@ -92,3 +95,67 @@ def test_flux_lora_ema_resumes_exactly(tiny_flux, instance_dir, tmp_path):
     resumed = train(stopped)
     a, b = load_file(str(straight.path)), load_file(str(resumed.path))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.once
+def test_flux_lora_merge_is_the_source_with_the_file_applied(tiny_flux, instance_dir, tmp_path):
+    """lora_merge for Flux: a transformer-only file in BFL's layout in the checkpoints folder
+    (the all-in-one fp8 source's prefix and other parts left out) whose weights, read back
+    into diffusers' layout, are the trained model's with peft's own merge of its LoRA; written
+    holding about a weight and its update at a time, not the transformer."""
+    import copy
+    from peft.tuners.lora import LoraLayer
+    from dreambooth.model import flux_keys
+    from dreambooth.model.streamed import write_streamed
+    from dreambooth.training.flux_merge import bfl_layout, merged_transformer
+    cfg = flux_config(tiny_flux, instance_dir, tmp_path, lora_merge=True, batch_size=2,
+                      model_name="merge")
+    trainer = Trainer(cfg.check(), ev.EventBus(lambda e: None), ev.CancelToken())
+    result = trainer.run()
+    (merged,) = cfg.resolved_output_dir.glob("*_merged.safetensors")
+    assert merged.name == result.path.stem + "_merged.safetensors"
+    shapes, _, _ = read_layout(merged)
+    assert shapes == bfl_layout(trainer.comp.configs["unet"])
+    unet = copy.deepcopy(trainer.comp.unet)
+    for module in unet.modules():
+        if isinstance(module, LoraLayer):
+            module.merge()
+    want = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items()
+            if ".lora_" not in k}
+    got = load_file(str(merged))
+    read = flux_keys.to_diffusers(got)
+    assert read.keys() == want.keys()
+    for key, value in read.items():
+        torch.testing.assert_close(value, want[key], rtol=1e-5, atol=1e-6)
+    # an all-in-one source: its transformer's keys, unprefixed, the rest left out
+    from safetensors.torch import save_file
+    lora, plain = load_file(str(result.path)), load_file(cfg.source_checkpoint)
+    aio = tmp_path / "aio.safetensors"
+    save_file({**{"model.diffusion_model." + k: v for k, v in plain.items()},
+               "first_stage_model.decoder.conv_in.weight": torch.zeros(2, 2)}, str(aio))
+    from_aio = merged_transformer(str(aio), lora, torch.float32)
+    assert from_aio.keys() == got.keys() == plain.keys()
+    assert all(torch.equal(from_aio[k].make(), got[k]) for k in got)
+    with pytest.raises(DreamboothError, match="lacks"):
+        merged_transformer(str(aio), {**lora, "lora_unet_x.lora_down.weight": lora[next(
+            iter(lora))]}, torch.float32)
+    # written (the source read, each weight merged, cast and written in turn) holding about
+    # one fp32 weight at a time: torch's allocations, as its profiler records them (counts)
+    sizes = [torch.Size(shape).numel() * 4 for shape in shapes.values()]
+    state = merged_transformer(cfg.source_checkpoint, load_file(str(result.path)),
+                               torch.float32)
+    with open(os.devnull, "wb") as sink:
+        held = _peak_tensor_bytes(lambda: write_streamed(sink, state))
+    assert held <= 3 * max(sizes) < sum(sizes) // 3, (held, max(sizes), sum(sizes))
+
+
+def _peak_tensor_bytes(call) -> int:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    held = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in
+                            prof.profiler.kineto_results.events() if e.name() == "[memory]"):
+        held += nbytes
+        peak = max(peak, held)
+    return peak

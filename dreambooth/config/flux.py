@@ -44,8 +44,6 @@ NOT_YET = (
      "turn lora_text_encoder off"),
     ("train_text_encoder", False, "Flux's text encoders are not trained yet",
      "turn train_text_encoder off"),
-    ("lora_merge", False, "merging into a Flux checkpoint is not done yet",
-     "turn lora_merge off"),
     ("compile", "off", "compiling is not done for Flux yet", "set compile to 'off'"),
     ("train_norm", False, "train_norm is not done for Flux yet", "turn train_norm off"),
     ("min_snr_gamma", 0.0, "Min-SNR weighting is for noise-prediction models, not Flux's flow "

@@ -208,7 +208,7 @@ class TrainingConfig:
     lora_dir: str = _f("", "Folder the LoRA file goes to (the WebUI's models/Lora from the tab). "
                            "Empty: <work_dir>/<model_name>/lora.")
     lora_merge: bool = _f(False, "With use_lora, also save a full checkpoint with the LoRA merged "
-                                 "in (to output_dir).", advanced=True)
+                                 "in (to output_dir; Flux: the transformer alone).", advanced=True)
     pivotal: bool = _f(False, "With method lora, pivotal tuning: also train an embedding of "
                               "embedding_token (written to embedding_dir beside the LoRA, same "
                               "step numbers).")

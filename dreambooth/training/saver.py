@@ -26,6 +26,7 @@ from .embedding import activation_text, save_embedding
 from .housekeeping import (no_room_for_extra_save, refuse_no_space,
                            refuse_save_without_space)
 from .adapters import merged_states, save_lora, ss_metadata
+from .flux_merge import save_merged_flux
 
 
 def _same_file(path: Path, source: str) -> bool:
@@ -193,7 +194,11 @@ class Saver:
                             facts["items"], facts["class_images"])
         save_lora(comp, path, cfg, states, {**meta, **stats}, cfg.save_precision,
                   overwrite=cfg.overwrite)
-        if cfg.lora_merge:  # into the untouched weights: training ran on a half-precision copy
+        if cfg.lora_merge and comp.spec.family == "flux":  # the file, as Forge applies it, into
+            # the source transformer, streamed (flux_merge)
+            out = save_merged_flux(comp, cfg, path, self.output_path(step, merged=True), meta)
+            self.emit(ev.CheckpointSaved(str(out), step))
+        elif cfg.lora_merge:  # into the untouched weights: training ran on a half-precision copy
             base, _ = load_model(cfg, lambda *a: None)
             bases = {"unet": base.unet.state_dict(), **{
                 s.component: te_state(getattr(base, s.component)) for s in comp.spec.text_encoders}}
