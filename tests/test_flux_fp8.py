@@ -175,8 +175,10 @@ def class_images_from_states(cfg, monkeypatch, tmp_path, t5_name: str) -> None:
                             "x", 0, cfg.resolution, cfg.class_generation_steps, guidance,
                             cfg.seed, extra=extra)
     assert "t5" in calls[seen:]  # (the pipeline's own encoding: the hook sees T5 run)
-    for a, b in zip(made, drawn):
-        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    for a, b in zip(made, drawn):  # (SD3.5's pooled states, encoded one prompt at a time for
+        # the cache, two at a time by the pipeline, may differ by a float32 ulp: a pixel by 1)
+        diff = np.asarray(Image.open(a)).astype(int) - np.asarray(Image.open(b)).astype(int)
+        assert np.abs(diff).max() <= 1 and np.count_nonzero(diff) <= diff.size // 100
 
 
 @pytest.mark.once

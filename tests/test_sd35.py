@@ -53,10 +53,12 @@ def test_refusals_before_loading(tiny_medium, instance_dir, tmp_path):
         train(cfg)
     assert {p.field for p in e.value.problems} == {"t5_tokenizer_dir"}
     not_yet = sd35_config(tiny_medium, instance_dir, tmp_path, method="dreambooth",
-                          use_ema=True, sd35_clip_g=str(tmp_path / "none.safetensors"))
+                          lora_text_encoder=True, lora_merge=True,
+                          sd35_clip_g=str(tmp_path / "none.safetensors"))
     problems = {p.field: p for p in not_yet.validate()}
-    assert set(problems) == {"method", "use_ema", "sd35_clip_g"}
-    assert "SD3.5" in problems["use_ema"].why
+    assert set(problems) == {"method", "lora_text_encoder", "lora_merge", "sd35_clip_g"}
+    assert "SD3.5" in problems["lora_text_encoder"].why
+    assert "SD3.5 checkpoint" in problems["lora_merge"].why
 
 
 def _thin_sai(conf: dict) -> tuple:

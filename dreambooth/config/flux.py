@@ -23,6 +23,17 @@ T5_TOKENIZER_DIR = spec_field("", "Flux, SD3.5: a folder holding T5's tokenizer 
                                   "(tokenizer.json or spiece.model, e.g. the tokenizer_2 folder "
                                   "of FLUX.1-dev or SD3's tokenizer_3); nothing is downloaded.")
 FLUX_FILES = ("flux_clip_l", "flux_t5xxl", "flux_ae")
+SD_GUIDANCE = 7.5  # guidance_scale's default: SD's classifier-free guidance
+# what a flow model's class images and previews are guided by while guidance_scale keeps SD's
+# default: Forge's defaults (modules_forge/main_entry.py, lllyasviel/stable-diffusion-webui-forge
+# dfdcbab6): its 'flux' preset's distilled CFG 3.5 (CFG 1: none); SD3.5, which has no preset of
+# its own, the CFG 7 of Forge's default preset ('sd') and of 'all'; schnell takes no guidance
+FORGE_GUIDANCE = {"flux-dev": 3.5, "sd3.5-medium": 7.0, "sd3.5-large": 7.0}
+GUIDANCE_SCALE = spec_field(SD_GUIDANCE, "Classifier-free guidance of class and preview images "
+                                         "(Flux dev: its distilled guidance, with no CFG, as in "
+                                         "Forge; schnell: none). At 7.5, SD's default, Flux dev "
+                                         "and SD3.5 take Forge's defaults: 3.5 and 7.",
+                            advanced=True, minimum=0.0, maximum=50.0)
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 # (field, value it must have, why not yet): what this version does not train of Flux
 NOT_YET = (
@@ -32,9 +43,6 @@ NOT_YET = (
      "turn lora_text_encoder off"),
     ("train_text_encoder", False, "Flux's text encoders are not trained yet",
      "turn train_text_encoder off"),
-    ("use_ema", False, "EMA is not done for Flux yet", "turn use_ema off"),
-    ("lora_merge", False, "merging into a Flux checkpoint is not done yet",
-     "turn lora_merge off"),
     ("compile", "off", "compiling is not done for Flux yet", "set compile to 'off'"),
     ("train_norm", False, "train_norm is not done for Flux yet", "turn train_norm off"),
     ("min_snr_gamma", 0.0, "Min-SNR weighting is for noise-prediction models, not Flux's flow "
@@ -71,6 +79,14 @@ def network_problems(cfg, model: str, stacks: str) -> list[Problem]:
     why, fix = FLOW_REFUSED[network]
     return [Problem("network", network, f"'{network}' " + why.format(model=model,
                                                                        stacks=stacks), fix)]
+
+
+def sample_guidance(model_type: str, value: float) -> float:
+    """The guidance a model's class images and previews are drawn with, for `value` of
+    guidance_scale (0: none, as for schnell, whose transformer takes none)."""
+    if model_type == "flux-schnell":
+        return 0.0
+    return FORGE_GUIDANCE.get(model_type, value) if value == SD_GUIDANCE else value
 
 
 def check_flux(cfg, check_paths: bool) -> list[Problem]:

@@ -17,7 +17,8 @@ from .checks import (check_concept, check_embedding, check_fields, check_lora_an
                      unknown_keys)
 from .errors import ConfigError, Problem
 from .fieldspec import spec_field as _f
-from .flux import FLUX_AE, FLUX_CLIP_L, FLUX_T5XXL, FLUX_TYPES, T5_TOKENIZER_DIR, check_flux
+from .flux import (FLUX_AE, FLUX_CLIP_L, FLUX_T5XXL, FLUX_TYPES, GUIDANCE_SCALE,
+                   T5_TOKENIZER_DIR, check_flux)
 from .sd35 import SD35_CLIP_G, SD35_CLIP_L, SD35_T5XXL, SD35_TYPES, SD35_VAE, check_sd35
 from .levers import (ATTENTION_FIELD, BF16_WEIGHTS, CHECKPOINT_BLOCKS_FIELD, COMPILE_FIELD,
                      FP8_BASE, FUSED_OPTIMIZER, GRADIENT_CHECKPOINTING, MEMORY_PRESET)
@@ -153,8 +154,7 @@ class TrainingConfig:
                                      advanced=True, minimum=1, maximum=1000)
     sample_steps: int = _f(20, "Denoising steps of preview images.", advanced=True, minimum=1,
                            maximum=1000)
-    guidance_scale: float = _f(7.5, "Classifier-free guidance of class and preview images.",
-                               advanced=True, minimum=0.0, maximum=50.0)
+    guidance_scale: float = GUIDANCE_SCALE
     overwrite: bool = _f(False, "Replace output files of the same name (otherwise refuse).",
                          advanced=True)
     state_every_steps: int = _f(500, "Save the full training state every N steps, so a run that "
@@ -208,7 +208,7 @@ class TrainingConfig:
     lora_dir: str = _f("", "Folder the LoRA file goes to (the WebUI's models/Lora from the tab). "
                            "Empty: <work_dir>/<model_name>/lora.")
     lora_merge: bool = _f(False, "With use_lora, also save a full checkpoint with the LoRA merged "
-                                 "in (to output_dir).", advanced=True)
+                                 "in (to output_dir; Flux: the transformer alone).", advanced=True)
     pivotal: bool = _f(False, "With method lora, pivotal tuning: also train an embedding of "
                               "embedding_token (written to embedding_dir beside the LoRA, same "
                               "step numbers).")

@@ -16,7 +16,10 @@ from .flux import FLUX_TYPES, is_file, network_problems, suffix_problems, tokeni
 
 SD35_TYPES = ("sd3.5-medium", "sd3.5-large")
 FLOW_TYPES = FLUX_TYPES + SD35_TYPES  # the flow transformers (memory_flux, the demo, presets)
-NOT_YET = FLUX_NOT_YET  # what Flux does not do yet (fp8_base: done for both, training/fp8.py)
+# what Flux does not do yet (fp8_base: done for both, training/fp8.py), and the merge Flux has
+# (training/flux_merge.py: SD3.5's file for Forge would be the all-in-one with its encoders)
+NOT_YET = FLUX_NOT_YET + (("lora_merge", False, "merging into an SD3.5 checkpoint is not done "
+                           "yet", "turn lora_merge off"),)
 
 _EMPTY = " Empty: the one inside the checkpoint (all-in-one files)."
 SD35_CLIP_L = spec_field("", "SD3.5: the CLIP-L text encoder file (e.g. Forge's "

@@ -1,11 +1,15 @@
 """Images from the model: class images for prior preservation, and preview samples."""
 from __future__ import annotations
 
+import functools
+import math
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from ..config.flux import sample_guidance
 from ..model.checkpoint import write_with
 from .images import scan_images
 
@@ -38,7 +42,7 @@ def _flow_pipeline(comp, transformer, text_encoder, text_encoder_2):
     sd3 = {"text_encoder_3": comp.text_encoder_3, "tokenizer_3": comp.tokenizer_3} \
         if comp.spec.family == "sd3" else {}
     pipe = (StableDiffusion3Pipeline if sd3 else FluxPipeline)(
-        scheduler=comp.noise_scheduler(),
+        scheduler=forge_scheduler(comp),
         vae=comp.vae, text_encoder=text_encoder or comp.text_encoder, tokenizer=comp.tokenizer,
         text_encoder_2=text_encoder_2 or comp.text_encoder_2, tokenizer_2=comp.tokenizer_2,
         transformer=transformer or comp.unet, **sd3)
@@ -46,16 +50,59 @@ def _flow_pipeline(comp, transformer, text_encoder, text_encoder_2):
     return pipe
 
 
+# Forge's flow predictors (backend/modules/k_prediction.py at dfdcbab6): the noise levels of
+# their tables (Flux: 10 000, t shifted by mu, which dev fixes at 1.15, an image of 4096 tokens
+# whatever the size, and schnell at 1.0; SD3.5: 1000, shifted by 3.0)
+FORGE_MU = {"flux-dev": 1.15, "flux-schnell": 1.0}
+
+
+def forge_sigmas(spec, steps: int) -> list[float]:
+    """The noise levels of `steps` steps of Forge's 'Simple' schedule (modules/sd_schedulers.py),
+    the one its 'flux' preset picks: every (table / steps)-th level of the predictor's table from
+    the top (the final 0 is the scheduler's)."""
+    size = 10000 if spec.family == "flux" else 1000
+    ts = [(size - int(x * (size / steps))) / size for x in range(steps)]
+    if spec.family == "flux":
+        e = math.exp(FORGE_MU[spec.name])
+        return [e / (e + (1 / t - 1)) for t in ts]
+    return [spec.shift * t / (1 + (spec.shift - 1) * t) for t in ts]
+
+
+@functools.cache
+def _simple_schedule():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    class SimpleSchedule(FlowMatchEulerDiscreteScheduler):
+        """diffusers' flow-match Euler step (Forge's 'Euler' on a flow model) over Forge's
+        'Simple' levels of `spec` (forge_sigmas), whatever sigmas or mu a pipeline passes."""
+        spec = None
+
+        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None,
+                          **kwargs):
+            n = num_inference_steps or len(sigmas)
+            levels = np.array(forge_sigmas(self.spec, n), dtype=np.float32)
+            super().set_timesteps(n, device=device, sigmas=levels, mu=mu, **kwargs)
+    return SimpleSchedule
+
+
+def forge_scheduler(comp):
+    """The scheduler a flow model's class images and previews are drawn with: Forge's default
+    sampler and schedule for it ('Euler', 'Simple'); the levels are given unshifted (shift 1)."""
+    config = {**comp.configs["scheduler"], "shift": 1.0, "use_dynamic_shifting": False}
+    scheduler = _simple_schedule().from_config(config)
+    scheduler.spec = comp.spec
+    return scheduler
+
+
 def sample_settings(comp, guidance_scale: float) -> tuple[float, dict]:
     """(guidance, the pipeline's other arguments) a model samples with: SD's classifier-free
-    guidance as configured; Flux dev's distilled guidance (3.5; schnell: none) and T5's tokens
-    as training reads them; SD3.5: the guidance as configured, T5's tokens as trained."""
-    if comp.spec.family == "sd3":
-        return guidance_scale, {"max_sequence_length": comp.tokenizer_3.model_max_length}
-    if comp.spec.family != "flux":
+    guidance as configured; Flux and SD3.5: guidance_scale, or Forge's default while it keeps
+    SD's (config.flux.sample_guidance), and T5's tokens as training reads them."""
+    if not comp.spec.flow:
         return guidance_scale, {}
-    return comp.spec.guidance or 0.0, {
-        "max_sequence_length": comp.tokenizer_2.model_max_length}  # spec.t5_tokens (flux.py)
+    tokenizer = comp.tokenizer_3 if comp.spec.family == "sd3" else comp.tokenizer_2
+    return sample_guidance(comp.model_type, guidance_scale), {  # spec.t5_tokens
+        "max_sequence_length": tokenizer.model_max_length}
 
 
 def preview_prompt(concept) -> str:

@@ -90,6 +90,9 @@ def _bytes(modules, dtype: torch.dtype | None) -> int:
 
 
 def checkpoint_bytes(comp, precision: str) -> int:
+    """A full checkpoint's size (Flux's merged file: the transformer alone, flux_merge)."""
+    if comp.spec.family == "flux":
+        return _bytes([comp.unet], SAVE_DTYPES[precision])
     return _bytes([comp.unet, comp.vae, *comp.text_encoders], SAVE_DTYPES[precision]) + \
         sum(t.numel() * t.element_size() for t in comp.extra.values())
 

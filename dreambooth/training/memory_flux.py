@@ -230,6 +230,7 @@ def flow_peak(cfg, images: tuple[int, int], factor: float, overhead: int,
     parts = {"weights": transformer + 4 * lora_n + (0 if cfg.cache_latents else 4 *
                                                     parts_of["vae"]),
              "optimizer": optimizer_state_bytes(cfg.optimizer, trained),
+             "ema": 4 * lora_n if cfg.use_ema else 0,  # of the LoRA alone (ema_parameters)
              "caches": _caches(cfg, parts_of["configs"], text_tokens(cfg.model_type),
                                images, wbytes),
              "overhead": overhead,
@@ -237,7 +238,7 @@ def flow_peak(cfg, images: tuple[int, int], factor: float, overhead: int,
              "activations": acts,
              "GPU-only activations": int((factor - 1) * acts),
              "vae encode": 0 if cfg.cache_latents else encode}
-    resident = sum(parts[k] for k in ("weights", "optimizer", "caches", "overhead"))
+    resident = sum(parts[k] for k in ("weights", "optimizer", "ema", "caches", "overhead"))
     grads, acts = parts["gradients"], parts["activations"] + parts["GPU-only activations"]
     phases = {"forward": acts, "backward": grads + min(acts, grads) // 2,
               "VAE encode": parts["vae encode"], "optimizer step": grads}

@@ -26,6 +26,7 @@ from .embedding import activation_text, save_embedding
 from .housekeeping import (no_room_for_extra_save, refuse_no_space,
                            refuse_save_without_space)
 from .adapters import merged_states, save_lora, ss_metadata
+from .flux_merge import save_merged_flux
 
 
 def _same_file(path: Path, source: str) -> bool:
@@ -49,13 +50,22 @@ def _same_folder(a: Path, b: Path) -> bool:
 PIVOTAL_SUFFIX = "_emb"
 
 
-def ema_state(unet, ema) -> dict:
+def ema_parameters(comp, unet) -> list:
+    """The parameters an EMA averages: a flow transformer's trained ones alone (its LoRA: not
+    a second copy of a frozen 12B base); SD's UNet: all of them."""
+    params = list(unet.parameters())
+    return [p for p in params if p.requires_grad] if comp.spec.flow else params
+
+
+def ema_state(unet, ema, params: list | None = None) -> dict:
     """The UNet's state to save: its own, or with the EMA's weights in place of its
-    parameters, the EMA's tensors themselves (one cast to the parameter's dtype as a streamed
-    save reaches it, where they differ), not a copy of the UNet."""
+    parameters (`params`, the EMA's: ema_parameters), the EMA's tensors themselves (one cast
+    to the parameter's dtype as a streamed save reaches it, where they differ), not a copy of
+    the UNet."""
     if ema is None:
         return unet.state_dict()
-    shadow = {id(p): s for p, s in zip(unet.parameters(), ema.shadow_params)}
+    params = list(unet.parameters()) if params is None else params
+    shadow = {id(p): s for p, s in zip(params, ema.shadow_params)}
     state, found = {}, set()
     for key, value in unet.state_dict(keep_vars=True).items():
         s = shadow.get(id(value))
@@ -67,10 +77,10 @@ def ema_state(unet, ema) -> dict:
             tuple(value.shape), value.dtype, lambda s=s, dtype=value.dtype: s.to(dtype))
     if len(found) == len(shadow):
         return state
-    ema.store(unet.parameters())  # parameters the state dict names otherwise: copied back
-    ema.copy_to(unet.parameters())
+    ema.store(params)  # parameters the state dict names otherwise: copied back
+    ema.copy_to(params)
     state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    ema.restore(unet.parameters())
+    ema.restore(params)
     return state
 
 
@@ -184,7 +194,11 @@ class Saver:
                             facts["items"], facts["class_images"])
         save_lora(comp, path, cfg, states, {**meta, **stats}, cfg.save_precision,
                   overwrite=cfg.overwrite)
-        if cfg.lora_merge:  # into the untouched weights: training ran on a half-precision copy
+        if cfg.lora_merge and comp.spec.family == "flux":  # the file, as Forge applies it, into
+            # the source transformer, streamed (flux_merge)
+            out = save_merged_flux(comp, cfg, path, self.output_path(step, merged=True), meta)
+            self.emit(ev.CheckpointSaved(str(out), step))
+        elif cfg.lora_merge:  # into the untouched weights: training ran on a half-precision copy
             base, _ = load_model(cfg, lambda *a: None)
             bases = {"unet": base.unet.state_dict(), **{
                 s.component: te_state(getattr(base, s.component)) for s in comp.spec.text_encoders}}

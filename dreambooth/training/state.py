@@ -115,7 +115,7 @@ def ema_to_keep(trainer, trained: set[int] | None) -> dict | None:
     state = trainer.ema.state_dict()
     if trained is None:
         return state
-    keep = [i for i, p in enumerate(trainer.comp.unet.parameters()) if id(p) in trained]
+    keep = [i for i, p in enumerate(trainer.ema_params) if id(p) in trained]
     return {**state, "shadow_params": [state["shadow_params"][i] for i in keep],
             "shadow_index": keep}
 

@@ -27,7 +27,7 @@ from .backends import gpu_total_memory
 from .optim import make_optimizer, trainable_groups
 from .loss import compute_loss, step_draws
 from .losslog import LossLog
-from .saver import Saver, ema_state
+from .saver import Saver, ema_parameters, ema_state
 from .housekeeping import refuse_idle_accumulation, remove_leftovers, snapshot_failed
 from .resume import choose_snapshot, resume_position
 from .sourcehash import hash_source_ahead
@@ -200,10 +200,10 @@ class Trainer:
         self.models, self.optimizer = list(prepared[:-1]), prepared[-1]
         self.park = parked.attach(cfg, self.precision, self.acc, self.models, optimizer)
         backends.compile_unet(unet, cfg.compile, self.device, self.say)
-        self.ema = None
+        self.ema, self.ema_params = None, ema_parameters(self.comp, unet)
         if cfg.use_ema:
             from diffusers.training_utils import EMAModel
-            self.ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+            self.ema = EMAModel(self.ema_params, decay=cfg.ema_decay)
             self.ema.to(self.device)
 
     @property
@@ -327,7 +327,7 @@ class Trainer:
     def after_update(self, step: int) -> None:
         self.lr_scheduler.step()
         if self.ema is not None:
-            self.ema.step(self.comp.unet.parameters())
+            self.ema.step(self.ema_params)
         if self.cfg.trains_text_encoder and step == self.te_steps:
             for te in self.comp.text_encoders:
                 te.requires_grad_(False)
@@ -356,7 +356,7 @@ class Trainer:
     # -- outputs (the Saver writes) ----------------------------------------------------------
     def unet_state(self) -> dict:
         """The UNet's weights to save: the EMA's, when one is kept (not copied)."""
-        return ema_state(self.comp.unet, self.ema)
+        return ema_state(self.comp.unet, self.ema, self.ema_params)
 
     def save(self, step: int, final: bool = False) -> Path:
         self.log.read()  # never a save of weights after a non-finite loss
