@@ -262,6 +262,11 @@ def test_networks_that_do_not_stack_or_load_are_refused_saying_why(tmp_path):
             (problem,) = problems
             assert why[network] in problem.why and problem.fix.startswith("choose network")
             assert (stacks in problem.why) == (network in ("lokr", "glora")), problem.why
+    merged = {n: [p.field for p in flow_lora_config("flux-dev", {}, tmp_path, tmp_path,
+                                                     network=n, lora_merge=True
+                                                     ).validate(check_paths=False)]
+              for n in FLOW_NETWORKS}  # flux_merge.py folds in a plain LoRA only
+    assert merged == {n: [] if n == "lora" else ["lora_merge"] for n in FLOW_NETWORKS}, merged
 
 
 @pytest.mark.once

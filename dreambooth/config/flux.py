@@ -96,6 +96,10 @@ def check_flux(cfg, check_paths: bool) -> list[Problem]:
     problems = [Problem(name, getattr(cfg, name), why, fix) for name, want, why, fix in NOT_YET
                 if getattr(cfg, name, want) != want]
     problems += network_problems(cfg, "Flux", "img_attn.qkv, txt_attn.qkv, linear1")
+    if cfg.lora_merge and getattr(cfg, "network", "lora") not in ("lora", *FLOW_REFUSED):
+        problems.append(Problem("lora_merge", True, f"merging a Flux '{cfg.network}' into the "
+                                "transformer is not done yet (a plain LoRA merges)",
+                                "turn lora_merge off, or train network 'lora'"))
     if cfg.lora_targets == "transformer+conv":
         problems.append(Problem("lora_targets", cfg.lora_targets, "Flux's transformer has no "
                                 "convolutions", "use 'attention' or 'transformer'"))
