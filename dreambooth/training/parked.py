@@ -36,7 +36,7 @@ from types import MethodType
 
 import torch
 
-from . import selective
+from . import leanfn, selective
 from .optim import split_buckets
 
 CHUNK_BYTES = 128 * 2 ** 20  # of fp32 gradients stepped at once (the scratch buffer)
@@ -77,20 +77,28 @@ class _Cast(torch.autograd.Function):
         return None, None, None
 
 
-# Function.apply less its Python wrapper (4-6 Python calls a layer and step: a default-arguments
-# check and the unwrapping of functorch's dead wrappers, which matter only under functorch's
-# transforms; there the full apply runs)
-_apply = super(torch.autograd.Function, _Cast).apply
+# Function.apply and the backward node's apply less their Python wrappers (leanfn.py)
+_apply = leanfn.lean(_Cast)
 
 
-def _cast(park, weight, bias):
-    if torch._C._are_functorch_transforms_active():
-        return _Cast.apply(park, weight, bias)
-    return _apply(park, weight, bias)
+def _weights(m) -> tuple:
+    """(weight, bias) for a forward: through the park where a gradient in bf16 is exact (the
+    module's tensors read from its dict: nn.Module's __getattr__ is a Python call)."""
+    params = m._parameters
+    w, bias = params["weight"], params["bias"]
+    if not (w.requires_grad and torch.is_grad_enabled()
+            and torch.is_autocast_enabled(w.device.type)
+            and torch.get_autocast_dtype(w.device.type) == torch.bfloat16):
+        return w, bias
+    if torch._C._are_functorch_transforms_active():  # (leanfn.call, inline)
+        cast = _Cast.apply(m._park, w, bias)
+    else:
+        cast = _apply(m._park, w, bias)
+    return (cast, None) if bias is None else cast
 
 
 def _linear(self, x):
-    weight, bias = self._park.weights(self)
+    weight, bias = _weights(self)
     if self._recast and weight.dtype == torch.bfloat16:  # cast by the park
         with self._park.saving(self, weight):
             return torch.nn.functional.linear(x, weight, bias)
@@ -98,7 +106,7 @@ def _linear(self, x):
 
 
 def _conv(self, x):
-    weight, bias = self._park.weights(self)
+    weight, bias = _weights(self)
     if self._recast and weight.dtype == torch.bfloat16:
         with self._park.saving(self, weight):
             return self._conv_forward(x, weight, bias)
@@ -186,18 +194,6 @@ class GradPark:
         for m in self.modules:
             del m._park, m.forward, m._recast
         self.modules = []
-
-    def weights(self, m) -> tuple:
-        """(weight, bias) for a forward: through the park where a gradient in bf16 is exact."""
-        w = m.weight
-        if not (w.requires_grad and torch.is_grad_enabled()
-                and torch.is_autocast_enabled(w.device.type)
-                and torch.get_autocast_dtype(w.device.type) == torch.bfloat16):
-            return w, m.bias
-        bias = m.bias
-        if bias is None:
-            return _cast(self, w, None), None
-        return _cast(self, w, bias)
 
     def saving(self, m, cast):
         """Around a large weight's forward (`_recast`: RECAST_ELEMENTS, when recast is on):
