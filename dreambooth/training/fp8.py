@@ -89,14 +89,17 @@ _apply = leanfn.lean(_Upcast)  # (about 10 Python calls a layer and step less: l
 _MODES = hasattr(torch, "get_autocast_dtype")  # torch >= 2.4: autocast's state by device type
 
 
-def _upcast(self, x: torch.Tensor, conv):
-    """The layer over its fp8 weight, in the compute dtype (compute_dtype, inline: this runs
-    for every layer of every step, twice under checkpointing)."""
+def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear.forward, or nn.Conv2d.forward (zero padding), over the fp8 weight
+    (`weight_scale` times the stored values), in the compute dtype (compute_dtype, inline:
+    this runs for every layer of every step, twice under checkpointing)."""
     kind = x.device.type
     if _MODES and kind != "meta":
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
     else:
         dtype = compute_dtype(x)
+    conv = None if type(self) is nn.Linear else \
+        (self.stride, self.padding, self.dilation, self.groups)
     # (read from the module's dicts: nn.Module's __getattr__ is a Python call)
     weight, bias = self._parameters["weight"], self._parameters["bias"]
     if bias is not None:
@@ -106,19 +109,9 @@ def _upcast(self, x: torch.Tensor, conv):
     return _apply(x.to(dtype), weight, self._buffers["weight_scale"], bias, conv)
 
 
-def _linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """nn.Linear.forward over the fp8 weight (`weight_scale` times the stored values)."""
-    return _upcast(self, x, None)
-
-
-def _conv2d(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """nn.Conv2d.forward (zero padding) over the fp8 weight, as _linear."""
-    return _upcast(self, x, (self.stride, self.padding, self.dilation, self.groups))
-
-
 # The layer keeps its class (peft wraps it as any Linear / Conv2d, and makes its LoRA layers of
 # that class); only its forward, an attribute of its own, changes.
-FORWARDS = {nn.Linear: _linear, nn.Conv2d: _conv2d}
+FORWARDS = {nn.Linear: _forward, nn.Conv2d: _forward}
 
 
 def is_stored(module: nn.Module) -> bool:
