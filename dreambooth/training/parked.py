@@ -81,36 +81,32 @@ class _Cast(torch.autograd.Function):
 _apply = leanfn.lean(_Cast)
 
 
-def _weights(m) -> tuple:
-    """(weight, bias) for a forward: through the park where a gradient in bf16 is exact (the
-    module's tensors read from its dict: nn.Module's __getattr__ is a Python call)."""
-    params = m._parameters
-    w, bias = params["weight"], params["bias"]
-    if not (w.requires_grad and torch.is_grad_enabled()
-            and torch.is_autocast_enabled(w.device.type)
-            and torch.get_autocast_dtype(w.device.type) == torch.bfloat16):
-        return w, bias
-    if torch._C._are_functorch_transforms_active():  # (leanfn.call, inline)
-        cast = _Cast.apply(m._park, w, bias)
-    else:
-        cast = _apply(m._park, w, bias)
-    return (cast, None) if bias is None else cast
-
-
-def _linear(self, x):
-    weight, bias = _weights(self)
-    if self._recast and weight.dtype == torch.bfloat16:  # cast by the park
-        with self._park.saving(self, weight):
-            return torch.nn.functional.linear(x, weight, bias)
+def _forward(self, x):
+    """nn.Linear's or nn.Conv2d's forward, its weight and bias through the park where a
+    gradient in bf16 is exact (one function, its tensors read from the module's dict:
+    nn.Module's __getattr__ is a Python call)."""
+    params = self._parameters
+    weight, bias = params["weight"], params["bias"]
+    if weight.requires_grad and torch.is_grad_enabled() \
+            and torch.is_autocast_enabled(weight.device.type) \
+            and torch.get_autocast_dtype(weight.device.type) == torch.bfloat16:
+        if torch._C._are_functorch_transforms_active():  # (leanfn.call, inline)
+            cast = _Cast.apply(self._park, weight, bias)
+        else:
+            cast = _apply(self._park, weight, bias)
+        weight, bias = (cast, None) if bias is None else cast
+        if self._recast:  # cast by the park: see saving
+            with self._park.saving(self, weight):
+                return _layer(self, x, weight, bias)
+    if self._conv:
+        return self._conv_forward(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def _conv(self, x):
-    weight, bias = _weights(self)
-    if self._recast and weight.dtype == torch.bfloat16:
-        with self._park.saving(self, weight):
-            return self._conv_forward(x, weight, bias)
-    return self._conv_forward(x, weight, bias)
+def _layer(self, x, weight, bias):
+    if self._conv:
+        return self._conv_forward(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 class _Recast:
@@ -126,7 +122,7 @@ class _Recast:
         return self.weight.to(torch.bfloat16).as_strided(self.size, self.stride, self.offset)
 
 
-FORWARDS = {torch.nn.Linear: _linear, torch.nn.Conv2d: _conv}
+FORWARDS = {torch.nn.Linear: _forward, torch.nn.Conv2d: _forward}
 
 
 def attach(cfg, precision: str, acc, models: list, optimizer) -> "GradPark | None":
@@ -174,6 +170,7 @@ class GradPark:
                 if kind is not None and type(m).forward is kind.forward \
                         and "forward" not in vars(m) and m.weight.dtype == torch.float32:
                     m._park, m.forward = self, MethodType(FORWARDS[kind], m)
+                    m._conv = kind is torch.nn.Conv2d
                     m._recast = recast and m.weight.numel() >= RECAST_ELEMENTS \
                         and not getattr(m, "_recomputed", False)  # see saving; selective.py
                     self.modules.append(m)
@@ -192,7 +189,7 @@ class GradPark:
     def detach(self) -> None:
         """The modules run as they were made."""
         for m in self.modules:
-            del m._park, m.forward, m._recast
+            del m._park, m.forward, m._recast, m._conv
         self.modules = []
 
     def saving(self, m, cast):
