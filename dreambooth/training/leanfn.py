@@ -2,7 +2,7 @@
 every Python call of a step is host time the kernels may wait for).
 
 `Function.apply` checks default arguments and unwraps functorch's dead wrappers before it
-calls the C++ apply (about 2 + one per argument Python calls a call); in backward, the
+calls the C++ apply (4 Python calls and one per argument, a call); in backward, the
 Function's node calls its backward class's `apply`, which looks the user's backward up (two
 calls). Both matter only under functorch's transforms (vmap, grad...), where `call` runs the
 full apply; elsewhere the node's apply is the Function's own backward and the forward goes
