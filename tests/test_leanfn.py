@@ -58,7 +58,7 @@ def test_lean_functions_run_no_python_of_autograd_function():
         assert _function_py_calls(lambda: linear(x).float().sum().backward()) == 0
     assert set(park.slots) == {id(linear.weight), id(linear.bias)}  # through the park
     full = _function_py_calls(lambda: _Twice.apply(x).sum().backward())
-    assert full == 4, full  # (the counting sees the full apply's Python)
+    assert full >= 2, full  # (the counting sees the full apply's Python: 4 with torch 2.13)
 
 
 def test_the_lean_apply_gives_the_full_applys_result():
