@@ -79,16 +79,26 @@ class _Frame:
             if not left[0]:
                 raise _Stop
             return t
+        grad = torch.is_grad_enabled()
+        _push(keep, _same)  # (torch's saved_tensors_hooks and enable_grad, less their Python)
+        torch._C._set_grad_enabled(True)
         try:
-            with torch.autograd.graph.saved_tensors_hooks(keep, _same), \
-                    torch.enable_grad(), _Autocast(self.autocast):
+            with _Autocast(self.autocast):
                 self.run(*self.args, **self.kwargs)
         except _Stop:
             pass
+        finally:
+            torch._C._set_grad_enabled(grad)
+            _pop()
 
 
 def _same(t):
     return t
+
+
+# what torch.autograd.graph.saved_tensors_hooks enters and exits (three Python calls a use)
+_push = torch._C._autograd._push_saved_tensors_default_hooks
+_pop = torch._C._autograd._pop_saved_tensors_default_hooks
 
 
 def _devices(args) -> list:
@@ -125,8 +135,11 @@ def checkpoint(run, *args, **kwargs):
         from torch.utils.checkpoint import checkpoint as torch_checkpoint
         return torch_checkpoint(run, *args, use_reentrant=False, **kwargs)
     frame = _Frame(run, args, kwargs)
-    with torch.autograd.graph.saved_tensors_hooks(frame.pack, frame.unpack):
+    _push(frame.pack, frame.unpack)  # (saved_tensors_hooks, less its Python)
+    try:
         return run(*args, **kwargs)
+    finally:
+        _pop()
 
 
 def draws(block) -> bool:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ADAPTER = "default"
+_MODES = hasattr(torch, "get_autocast_dtype")  # torch >= 2.4: autocast's state by device type
 
 
 def streamline(models: list) -> int:
@@ -85,9 +86,11 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = base.forward(x)
     dtype = result.dtype
     weight = down._parameters["weight"]
-    if x.dtype != weight.dtype and getattr(self, "cast_input_dtype_enabled", True) \
-            and not _autocast_in(x):
-        x = x.to(dtype=weight.dtype)
+    if x.dtype != weight.dtype and getattr(self, "cast_input_dtype_enabled", True):
+        kind = x.device.type  # (_autocast_in, inline where torch can say)
+        if not (torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == x.dtype
+                if _MODES else _autocast_in(x)):
+            x = x.to(dtype=weight.dtype)
     result = result + F.linear(F.linear(x, weight), up._parameters["weight"]) \
         * self.scaling[ADAPTER]
     return result.to(dtype)

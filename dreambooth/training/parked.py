@@ -36,7 +36,7 @@ from types import MethodType
 
 import torch
 
-from . import selective
+from . import leanfn, selective
 from .optim import split_buckets
 
 CHUNK_BYTES = 128 * 2 ** 20  # of fp32 gradients stepped at once (the scratch buffer)
@@ -77,32 +77,36 @@ class _Cast(torch.autograd.Function):
         return None, None, None
 
 
-# Function.apply less its Python wrapper (4-6 Python calls a layer and step: a default-arguments
-# check and the unwrapping of functorch's dead wrappers, which matter only under functorch's
-# transforms; there the full apply runs)
-_apply = super(torch.autograd.Function, _Cast).apply
+# Function.apply and the backward node's apply less their Python wrappers (leanfn.py)
+_apply = leanfn.lean(_Cast)
 
 
-def _cast(park, weight, bias):
-    if torch._C._are_functorch_transforms_active():
-        return _Cast.apply(park, weight, bias)
-    return _apply(park, weight, bias)
-
-
-def _linear(self, x):
-    weight, bias = self._park.weights(self)
-    if self._recast and weight.dtype == torch.bfloat16:  # cast by the park
-        with self._park.saving(self, weight):
-            return torch.nn.functional.linear(x, weight, bias)
+def _forward(self, x):
+    """nn.Linear's or nn.Conv2d's forward, its weight and bias through the park where a
+    gradient in bf16 is exact (one function, its tensors read from the module's dict:
+    nn.Module's __getattr__ is a Python call)."""
+    params = self._parameters
+    weight, bias = params["weight"], params["bias"]
+    if weight.requires_grad and torch.is_grad_enabled() \
+            and torch.is_autocast_enabled(weight.device.type) \
+            and torch.get_autocast_dtype(weight.device.type) == torch.bfloat16:
+        if torch._C._are_functorch_transforms_active():  # (leanfn.call, inline)
+            cast = _Cast.apply(self._park, weight, bias)
+        else:
+            cast = _apply(self._park, weight, bias)
+        weight, bias = (cast, None) if bias is None else cast
+        if self._recast:  # cast by the park: see saving
+            with self._park.saving(self, weight):
+                return _layer(self, x, weight, bias)
+    if self._conv:
+        return self._conv_forward(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def _conv(self, x):
-    weight, bias = self._park.weights(self)
-    if self._recast and weight.dtype == torch.bfloat16:
-        with self._park.saving(self, weight):
-            return self._conv_forward(x, weight, bias)
-    return self._conv_forward(x, weight, bias)
+def _layer(self, x, weight, bias):
+    if self._conv:
+        return self._conv_forward(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 class _Recast:
@@ -118,7 +122,7 @@ class _Recast:
         return self.weight.to(torch.bfloat16).as_strided(self.size, self.stride, self.offset)
 
 
-FORWARDS = {torch.nn.Linear: _linear, torch.nn.Conv2d: _conv}
+FORWARDS = {torch.nn.Linear: _forward, torch.nn.Conv2d: _forward}
 
 
 def attach(cfg, precision: str, acc, models: list, optimizer) -> "GradPark | None":
@@ -166,6 +170,7 @@ class GradPark:
                 if kind is not None and type(m).forward is kind.forward \
                         and "forward" not in vars(m) and m.weight.dtype == torch.float32:
                     m._park, m.forward = self, MethodType(FORWARDS[kind], m)
+                    m._conv = kind is torch.nn.Conv2d
                     m._recast = recast and m.weight.numel() >= RECAST_ELEMENTS \
                         and not getattr(m, "_recomputed", False)  # see saving; selective.py
                     self.modules.append(m)
@@ -184,20 +189,8 @@ class GradPark:
     def detach(self) -> None:
         """The modules run as they were made."""
         for m in self.modules:
-            del m._park, m.forward, m._recast
+            del m._park, m.forward, m._recast, m._conv
         self.modules = []
-
-    def weights(self, m) -> tuple:
-        """(weight, bias) for a forward: through the park where a gradient in bf16 is exact."""
-        w = m.weight
-        if not (w.requires_grad and torch.is_grad_enabled()
-                and torch.is_autocast_enabled(w.device.type)
-                and torch.get_autocast_dtype(w.device.type) == torch.bfloat16):
-            return w, m.bias
-        bias = m.bias
-        if bias is None:
-            return _cast(self, w, None), None
-        return _cast(self, w, bias)
 
     def saving(self, m, cast):
         """Around a large weight's forward (`_recast`: RECAST_ELEMENTS, when recast is on):
