@@ -231,6 +231,22 @@ def test_too_little_space_refused_before_the_first_step(quick_config, monkeypatc
     assert steps == []
 
 
+def test_a_networks_files_are_counted_before_the_first_step(quick_config, monkeypatch,
+                                                             tmp_path):
+    """A LoHa's tensors (not peft's lora_A / lora_B) are its file: with room for half of what
+    its save writes, the run is refused before any step (it was counted as nothing)."""
+    from dreambooth.training import housekeeping
+    cfg = quick_config.replace(use_lora=True, network="loha", steps_per_image=1,
+                               save_every_epochs=1, lora_dir=str(tmp_path / "lora"))
+    made = train(cfg.replace(model_name="sized")).path  # 4 steps, 1 epoch: one file
+    size = made.stat().st_size
+    monkeypatch.setattr(housekeeping, "free_bytes", lambda folder: size // 2)
+    steps = []
+    e = refused(cfg, ["Not enough free space", f"{size // 2 / 2**20:.1f} MB are free"],
+                lambda e: steps.append(e) if isinstance(e, ev.Step) else None)
+    assert steps == [] and "this run writes" in e.message, e.message
+
+
 def run_with_free_space(cfg, monkeypatch, free, on_event=None, cancel=None):
     """Train `cfg` with every free-space check told `free(folder)` bytes are free."""
     from dreambooth.training import housekeeping
@@ -264,12 +280,12 @@ def test_each_save_checks_its_room_before_writing(quick_config, monkeypatch):
     folder, what it needs and what is free."""
     from dreambooth.training.saver import Saver
     full = []
-    checked = Saver.refuse_clashes
+    checked = Saver.refuse_no_room
 
-    def then_fill(self, steps):
-        checked(self, steps)
+    def then_fill(self):
+        checked(self)
         full.append(True)
-    monkeypatch.setattr(Saver, "refuse_clashes", then_fill)
+    monkeypatch.setattr(Saver, "refuse_no_room", then_fill)
     from dreambooth.training import housekeeping
     monkeypatch.setattr(housekeeping, "free_bytes", lambda folder: 1_000 if full else 2**50)
     e = refused(quick_config, ["Not enough free space in", "to save step", "quick_", "MB are free",

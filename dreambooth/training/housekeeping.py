@@ -97,6 +97,18 @@ def checkpoint_bytes(comp, precision: str) -> int:
         sum(t.numel() * t.element_size() for t in comp.extra.values())
 
 
+def trained_bytes(comp, precision: str) -> int:
+    """A LoRA's (any network's, with train_norm's norms) or an embedding's file beside a frozen
+    base: the tensors that train, in the save precision (once the run's layers are added)."""
+    size = SAVE_DTYPES[precision].itemsize
+    return sum(p.numel() * size for m in (comp.unet, *comp.text_encoders)
+               for p in m.parameters() if p.requires_grad)
+
+
+def _small_dir(cfg) -> Path:  # (pivotal tuning's embedding counted with its LoRA)
+    return cfg.resolved_lora_dir if cfg.use_lora else cfg.resolved_embedding_dir
+
+
 def space_needed(cfg, comp, saves: int) -> dict[Path, int]:
     """Bytes the run will write, per existing folder it writes under."""
     need: dict[Path, int] = {}
@@ -110,6 +122,8 @@ def space_needed(cfg, comp, saves: int) -> dict[Path, int]:
         add(cfg.model_dir, _bytes([comp.unet, comp.vae, *comp.text_encoders], None))
     elif cfg.lora_merge:
         add(cfg.resolved_output_dir, saves * full)
+    if cfg.use_lora or cfg.method == "textual_inversion":
+        add(_small_dir(cfg), saves * trained_bytes(comp, cfg.save_precision))
     if cfg.state_every_steps:  # trained weights and two optimizer moments, in fp32
         trained = [comp.unet, *(comp.text_encoders if cfg.train_text_encoder else ())]
         # beside a frozen base (LoRA, textual inversion) a snapshot holds what trains: small
@@ -170,11 +184,7 @@ def save_bytes(cfg, comp, final: bool) -> dict[Path, int]:
         if final:
             add(cfg.model_dir, _bytes([comp.unet, comp.vae, *comp.text_encoders], None))
         return need
-    size = SAVE_DTYPES[cfg.save_precision].itemsize
-    small = sum(p.numel() * size for m in (comp.unet, *comp.text_encoders)
-                for n, p in m.named_parameters()
-                if ".lora_A." in n or ".lora_B." in n or n.endswith(".vectors"))
-    add(cfg.resolved_lora_dir if cfg.use_lora else cfg.resolved_embedding_dir, small)
+    add(_small_dir(cfg), trained_bytes(comp, cfg.save_precision))
     if cfg.use_lora and cfg.lora_merge:
         add(cfg.resolved_output_dir, checkpoint_bytes(comp, cfg.save_precision))
     return need

@@ -87,7 +87,7 @@ def ema_state(unet, ema, params: list | None = None) -> dict:
 class Saver:
     def __init__(self, cfg, comp, acc, emit, revision: int) -> None:
         self.cfg, self.comp, self.acc, self.emit, self.revision = cfg, comp, acc, emit, revision
-        self.planned: set[int] = set()  # the steps refuse_clashes checked the room of
+        self.planned: set[int] = set()  # the steps refuse_no_room checked the room of
 
     def output_path(self, step: int, merged: bool = False) -> Path:
         """The file a save at `step` writes: the checkpoint, or the LoRA (`merged`: the full
@@ -129,8 +129,12 @@ class Saver:
             raise DreamboothError(f"'{clash[0]}' already exists; this run would replace it.",
                                   "Choose another model name or output folder, or turn on "
                                   "'overwrite'.")
-        refuse_no_space(cfg, self.comp, len(steps))
         self.planned = set(steps)
+
+    def refuse_no_room(self) -> None:
+        """Refuse before training when the planned saves won't fit (once the run's trained
+        layers are added: a network's file is counted from them)."""
+        refuse_no_space(self.cfg, self.comp, len(self.planned))
 
     def save_now_refused(self, step: int) -> str:
         """Why a Save now at `step` is not made ('' when it is): its file exists and overwrite

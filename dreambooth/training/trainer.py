@@ -145,6 +145,7 @@ class Trainer:
         self.saver = Saver(cfg, self.comp, self.acc, self.emit, self.revision)
         self.saver.refuse_clashes(self.save_steps())
         self.setup_optimization()
+        self.saver.refuse_no_room()
 
     def place_unet(self) -> None:  # tensor by tensor; fp8_base: the frozen weights in fp8
         fp8.place_unet(self.comp.unet, self.cfg, self.device, self.unet_dtype, self.say)
