@@ -15,6 +15,7 @@ import torch
 from dreambooth.model import flux_keys, sd35_keys
 from dreambooth.training import flow_networks, flux_lora
 from dreambooth.training.networks import inject_network
+from test_networks import forge_weight  # Forge's merge_lora_to_weight, re-implemented
 
 NETWORKS = {"dora": {}, "loha": {}, "loha_wd": {"network": "loha", "dora_wd": True},
             "full": {}}
@@ -45,33 +46,6 @@ def forge_load(keys, key_map: dict) -> tuple[dict, set]:
             patches[target] = leaves
             read |= set(leaves.values())
     return patches, set(keys) - read
-
-
-def forge_weight(weight: torch.Tensor, t: dict) -> torch.Tensor:
-    """merge_lora_to_weight's patch of one weight from its tensors `t` (leaf -> tensor):
-    'lora' (mat1 = up, mat2 = down, alpha / mat2's rows), 'loha' (alpha / w1b's rows), 'diff';
-    with dora_scale, weight_decompose."""
-    w = weight.float().clone()
-    if "diff" in t:
-        return w + t["diff"]
-    if "lora_up.weight" in t:
-        mat1, mat2 = t["lora_up.weight"], t["lora_down.weight"]
-        alpha = t["alpha"].item() / mat2.shape[0]
-        diff = (mat1.flatten(1) @ mat2.flatten(1)).reshape(w.shape)
-    else:
-        alpha = t["alpha"].item() / t["hada_w1_b"].shape[0]
-        diff = ((t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])) \
-            .reshape(w.shape)
-    if "dora_scale" not in t:
-        return w + alpha * diff
-    scale, calc = t["dora_scale"], w + diff * alpha
-    if scale.shape[0] == calc.shape[0]:  # wd_on_output_axis: the norm of the weight given
-        norm = w.reshape(w.shape[0], -1).norm(dim=1, keepdim=True) \
-            .reshape(w.shape[0], *[1] * (w.dim() - 1))
-    else:
-        norm = calc.transpose(0, 1).reshape(calc.shape[1], -1).norm(dim=1, keepdim=True) \
-            .reshape(calc.shape[1], *[1] * (calc.dim() - 1)).transpose(0, 1)
-    return calc * (scale / (norm + torch.finfo(w.dtype).eps))
 
 
 def forge_key_map(host_keys) -> dict:
@@ -154,8 +128,8 @@ def assert_forge_makes(config: dict, file: dict, base: dict, trained: dict) -> i
     assert not left, sorted(left)[:3]
     for target, t in patches.items():
         tensors = {leaf: file[key].float() for leaf, key in t.items()}
-        torch.testing.assert_close(forge_weight(host[target], tensors), want[target].float(),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(forge_weight(tensors, host[target].float()),
+                                   want[target].float(), rtol=1e-5, atol=1e-5)
         if "diff_b" in tensors:
             bias = target[:-len("weight")] + "bias"
             torch.testing.assert_close(host[bias] + tensors["diff_b"], want[bias])

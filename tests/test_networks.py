@@ -64,7 +64,10 @@ def webui_updown(w: dict, orig: torch.Tensor) -> torch.Tensor:
 
 
 def forge_weight(w: dict, weight: torch.Tensor) -> torch.Tensor:
-    """Forge's merge_lora_to_weight for one module (strength 1): the new weight."""
+    """Forge's merge_lora_to_weight for one module (strength 1): the new weight ('diff': Full's
+    weight patch, added)."""
+    if "diff" in w:
+        return weight + w["diff"]
     alpha = w["alpha"].item() if "alpha" in w else None
     if "hada_w1_a" in w:
         diff = (w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"])
