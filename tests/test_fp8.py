@@ -185,3 +185,40 @@ def test_two_processes_train_on_an_fp8_base(tiny_source, instance_dir, tmp_path)
                           text=True, timeout=deadline(100))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "Lora" / "two_2.safetensors").is_file()
+
+
+@pytest.mark.once
+def test_a_cpu_layer_looks_its_weight_up_bit_for_bit_as_the_conversion_makes_it():
+    """On a CPU each fp8 byte is looked up among the 256 values the conversion makes (6x
+    faster there): every code (both NaNs, both zeros, the subnormals) in every compute dtype
+    and at several scales gives the bits the conversion gives, and a layer's output and input
+    gradient through the table are those of the conversion (a GPU's path: no table)."""
+    codes = (torch.randperm(256 * 12, generator=torch.Generator().manual_seed(0)) % 256)
+    for amax in (448.0, 5.3, 0.0371):  # scale 1, and two of SD's weights' sizes
+        layer, plain = nn.Linear(64, 48), nn.Linear(64, 48, device="meta")
+        fp8.place(layer, torch.device("cpu"), torch.float32)
+        fp8.place(plain, torch.device("meta"), torch.float32)
+        assert plain._fp8_tables is None  # placed elsewhere than a CPU: converted, not looked up
+        layer.weight.data = codes[:48 * 64].to(torch.uint8).view(fp8.FP8).reshape(48, 64)
+        layer.weight_scale.fill_(amax / fp8.FP8_MAX)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            table = fp8.tables(layer, dtype)
+            assert table.dtype == dtype and table.shape == (256,)
+            looked_up = fp8.upcast(layer.weight, layer.weight_scale, dtype, table)
+            converted = fp8.upcast(layer.weight, layer.weight_scale, dtype)
+            bits = {1: torch.int8, 2: torch.int16, 4: torch.int32}[converted.element_size()]
+            assert torch.equal(looked_up.view(bits), converted.view(bits))
+            assert looked_up.isnan().sum() == (codes[:48 * 64] % 128 == 127).sum()
+        finite = codes[:48 * 64] % 127 + 128 * (codes[:48 * 64] // 128)  # no NaN code
+        layer.weight.data = finite.to(torch.uint8).view(fp8.FP8).reshape(48, 64)
+        x = torch.randn(3, 5, 64, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        out.float().square().sum().backward()
+        got, x.grad = (out, x.grad), None
+        layer._fp8_tables = None  # the conversion, as on a GPU
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        out.float().square().sum().backward()
+        assert torch.equal(got[0].view(torch.int16), out.view(torch.int16))
+        assert torch.equal(got[1], x.grad) and got[1].isfinite().all()
