@@ -95,14 +95,16 @@ class _Upcast(torch.autograd.Function):
     def forward(ctx, x, weight, scale, bias, conv, table):
         ctx.weight, ctx.scale, ctx.table = weight, scale, table
         ctx.conv, ctx.input_shape = conv, x.shape
-        w = upcast(weight, scale, x.dtype, table)
+        w = weight.to(x.dtype).mul_(scale) if table is None else \
+            upcast(weight, scale, x.dtype, table)  # (no Python call where no table: a GPU)
         return F.linear(x, w, bias) if conv is None else F.conv2d(x, w, bias, *conv)
 
     @staticmethod
     def backward(ctx, grad):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
-        w = upcast(ctx.weight, ctx.scale, grad.dtype, ctx.table)
+        w = ctx.weight.to(grad.dtype).mul_(ctx.scale) if ctx.table is None else \
+            upcast(ctx.weight, ctx.scale, grad.dtype, ctx.table)
         if ctx.conv is None:
             dx = grad @ w
         else:
@@ -129,7 +131,10 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
     weight, bias = self._parameters["weight"], self._parameters["bias"]
     if bias is not None:
         bias = bias.to(dtype)
-    table = tables(self, dtype)
+    made = self.__dict__["_fp8_tables"]  # (tables, inline where there are none: a GPU)
+    table = None if made is None else made.get(dtype)
+    if table is None and made is not None:
+        table = tables(self, dtype)
     if torch._C._are_functorch_transforms_active():  # (leanfn.call, inline)
         return _Upcast.apply(x.to(dtype), weight, self._buffers["weight_scale"], bias, conv,
                              table)
