@@ -152,7 +152,7 @@ class _Done:
 
 
 def metrics(case, clock: Clock, flops: int, runner, loss: float) -> dict:
-    steps_per_s = clock.steps / clock.seconds
+    steps_per_s = clock.steps_per_s()
     tflops = flops * steps_per_s / 1e12
     peak = peak_tflops(device_name())
     return {"steps_per_s": round(steps_per_s, 4),
@@ -175,7 +175,9 @@ def header(args) -> dict:
             "steps_per_run": args.steps,
             "rounds": args.rounds, "warmup": args.warmup, "torch": torch.__version__,
             "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "images_per_step": "images through the UNet (instance + class with prior)"}
+            "images_per_step": "images through the UNet (instance + class with prior)",
+            "timing": "synchronised wall time" if torch.cuda.is_available() else
+            "median of the CPU seconds per step of each timed block (time.process_time)"}
 
 
 def main(argv=None) -> int:
@@ -196,6 +198,10 @@ def main(argv=None) -> int:
     if args.forced_smoke:
         print("No CUDA GPU: running the smoke size (tiny model, 64 px); timings are not "
               "meaningful.", file=sys.stderr)
+    if not torch.cuda.is_available():
+        print("Timing: the median of each block's CPU seconds per step (this process's own "
+              "time); --rounds as large as --steps alternates the runs step by step.",
+              file=sys.stderr)
     only = set(args.only.split(",")) if args.only else None
     report = header(args)
     report["configurations"] = []

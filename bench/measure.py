@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import platform
+import statistics
 import time
 
 import torch
@@ -79,10 +80,21 @@ class _Flops(TorchDispatchMode):
 
 
 class Clock:
-    """Total time and peak memory over the timed blocks of one run."""
+    """Total time and peak memory over the timed blocks of one run; without CUDA also the
+    process's CPU time per step of each block (`per_step`, see steps_per_s)."""
 
     def __init__(self) -> None:
         self.seconds, self.steps, self.peak_allocated, self.peak_reserved = 0.0, 0, 0, 0
+        self.per_step: list = []
+
+    def steps_per_s(self) -> float:
+        """On a GPU: steps over the synchronised wall time. On a CPU (the smoke): one over the
+        median of the blocks' CPU seconds per step (time.process_time), so that a shared
+        machine's other work and its speed drifting between blocks move it least (run with
+        --rounds equal to --steps, the runs alternate step by step)."""
+        if self.per_step:
+            return 1.0 / statistics.median(self.per_step)
+        return self.steps / self.seconds
 
     def time(self, step, n: int) -> float:
         """Run `step()` n times; returns the last loss."""
@@ -90,12 +102,14 @@ class Clock:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = float("nan")
         for _ in range(n):
             loss = step()
         sync()
         self.seconds += time.perf_counter() - start
+        if not cuda:
+            self.per_step.append((time.process_time() - cpu_start) / n)
         loss = float(loss)  # ours leaves it on the device: read after the clock stops
         self.steps += n
         if cuda:

@@ -45,8 +45,10 @@ class OursStep:
         kept = [m for m in (t.comp.vae, *t.comp.text_encoders) if all(m is not p for p in parked)]
         for obj in (t.comp.unet, *kept, t.optimizer, t.feed.latents, t.feed.embeddings):
             move(obj, device)
-        if getattr(t, "park", None) is not None:  # its fp32 scratch: made again where the
-            t.park.release()                         # weights are, at the next step
+        if getattr(t, "park", None) is not None and t.device.type != "cpu":
+            t.park.release()  # its fp32 scratch: made again where the weights are, at the next
+            # step (not on a CPU, where nothing moves: a fresh buffer each round faulted its
+            # pages in again, ~1 200 a step of the smoke's full_bs1, which no run pays)
         if t.ema is not None:
             t.ema.to(device)
 

@@ -259,3 +259,17 @@ def test_the_sdxl_reference_trains_the_scripts_lora_layers_and_conditions_on_siz
     assert ids.tolist() == [[C.TINY, C.TINY, 0, 0, C.TINY, C.TINY]]  # square 64 px images
     loss = ref.step()  # read on the host every step, as the script logs it
     assert isinstance(loss, float) and loss == loss
+
+
+def test_without_cuda_a_run_is_timed_by_the_median_of_its_blocks_cpu_time_per_step():
+    """On a CPU each timed block adds its CPU seconds per step, and steps/s is one over their
+    median (a shared machine's other work and drift between blocks move it least)."""
+    from bench.measure import Clock
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the clock is the synchronised wall time")
+    clock = Clock()
+    for n in (1, 2, 1):
+        clock.time(lambda: torch.ones(()), n)
+    assert len(clock.per_step) == 3 and clock.steps == 4 and all(s >= 0 for s in clock.per_step)
+    clock.per_step = [0.5, 0.1, 0.2]  # (the figures themselves are the machine's)
+    assert clock.steps_per_s() == pytest.approx(5.0)
