@@ -92,12 +92,13 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
                 if _MODES else _autocast_in(x)):
             x = x.to(dtype=weight.dtype)
     casts = self._lean_casts
-    if casts.open:  # this forward's copies of the weights in autocast's dtype, if it has them
-        copies = casts.copies if casts.copies is not None else casts.make(x.device.type)
-        if copies:
-            at = self._lean_at
-            weight, up_weight = copies[at], copies[at + 1]
-    lora = F.linear(F.linear(x, weight), up_weight)
+    copies = (casts.copies if casts.copies is not None else casts.make(x.device.type)) \
+        if casts.open else ()  # this forward's copies in autocast's dtype, if it has them
+    if copies:  # transposed already: F.linear without a bias is matmul(x, weight.t())
+        at = self._lean_at
+        lora = torch.matmul(torch.matmul(x, copies[at]), copies[at + 1])
+    else:
+        lora = F.linear(F.linear(x, weight), up_weight)
     scaling = self.scaling[ADAPTER]
     # (x 1.0 is x, bit for bit, in forward and in backward: alpha = rank leaves it out)
     result = result + (lora if scaling == 1 else lora * scaling)
@@ -110,8 +111,9 @@ class _Casts:
     autocast would cast each as its layer runs and keep the copy in its cache for the rest of
     its region (the weights that train: fp32 leaves). The same copies and the same gradients
     (cast back up to fp32, as the backward of autocast's cast does), in one autograd node
-    instead of one a weight, and without autocast's second dispatch of each matmul whose
-    weight it casts (SD1.5's attention LoRA: 256 weights). Only where autocast caches its
+    instead of two a weight (the cast's and the transpose's of F.linear, which the copies
+    have already: a matmul with them is F.linear's own), and without autocast's second
+    dispatch of each matmul whose weight it casts (SD1.5's attention LoRA: 256 weights). Only where autocast caches its
     casts (a checkpointed run turns the cache off: its recompute casts again) and outside
     torch.compile's tracing; the copies last one forward of the model (its hooks), as
     autocast's cache lasts its region."""
@@ -143,19 +145,20 @@ class _Casts:
 
 
 class _Down(torch.autograd.Function):
-    """Each fp32 weight cast to `dtype` (what autocast's cast of it makes); backward: each
-    gradient cast up to fp32 (what that cast's backward makes), None for a weight this forward
-    left unused. (Through one flat buffer it would be two kernels, not one a weight, on a GPU,
-    but twice the dispatcher ops: the views in and out of it.)"""
+    """Each fp32 weight cast to `dtype` (what autocast's cast of it makes) and transposed
+    (what F.linear takes of it); backward: each gradient transposed back and cast up to fp32
+    (what those two nodes make of it), None for a weight this forward left unused. (Through
+    one flat buffer it would be two kernels, not one a weight, on a GPU, but twice the
+    dispatcher ops: the views in and out of it.)"""
 
     @staticmethod
     def forward(ctx, dtype, *weights):
         ctx.set_materialize_grads(False)
-        return tuple([w.to(dtype) for w in weights])
+        return tuple([w.to(dtype).t() for w in weights])
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, *[g if g is None else g.float() for g in grads])
+        return (None, *[g if g is None else g.t().float() for g in grads])
 
 
 _down = lean(_Down)
