@@ -113,10 +113,10 @@ class _Casts:
     (cast back up to fp32, as the backward of autocast's cast does), in one autograd node
     instead of two a weight (the cast's and the transpose's of F.linear, which the copies
     have already: a matmul with them is F.linear's own), and without autocast's second
-    dispatch of each matmul whose weight it casts (SD1.5's attention LoRA: 256 weights). Only where autocast caches its
-    casts (a checkpointed run turns the cache off: its recompute casts again) and outside
-    torch.compile's tracing; the copies last one forward of the model (its hooks), as
-    autocast's cache lasts its region."""
+    dispatch of each matmul whose weight it casts (SD1.5's attention LoRA: 256 weights).
+    Only where autocast caches its casts (a checkpointed run turns the cache off: its
+    recompute casts again) and outside torch.compile's tracing; the copies last one forward
+    of the model (its hooks), as autocast's cache lasts its region."""
 
     def __init__(self, model, layers) -> None:
         self.weights = tuple(m._modules[side]._modules[ADAPTER]._parameters["weight"]
