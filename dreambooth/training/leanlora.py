@@ -132,10 +132,13 @@ class _Casts:
         self.open, self.copies = False, None
 
     def make(self, kind: str) -> tuple:
-        """The copies for this forward, or () where autocast would not cache its casts."""
+        """The copies for this forward, or () where autocast would not cache its casts. Under
+        torch.compile's tracing: () and no state changed (what a traced layer reads of this
+        object is the same at every step: no guard fails, nothing is compiled again)."""
+        if not _MODES or torch.compiler.is_compiling():
+            return ()
         self.copies = ()
-        if not (_MODES and torch.is_autocast_enabled(kind) and torch.is_autocast_cache_enabled()
-                and not torch.compiler.is_compiling()):
+        if not (torch.is_autocast_enabled(kind) and torch.is_autocast_cache_enabled()):
             return ()
         weights = self.weights
         if {(w.dtype, w.device) for w in weights} == {(torch.float32, weights[0].device)} \
