@@ -298,9 +298,9 @@ class GradPark:
                  and id(p) not in slots]  # fp32, in .grad already
         chunks = plan.chunks if slots.keys() == plan.parked else [plan.split(c) for c in (
             split_buckets([p for p in plan.weights if id(p) in slots], CHUNK_BYTES))]
+        if plain:  # stepped with the first chunk (each weight's update is its own)
+            chunks = plan.with_plain(plain, chunks)
         try:
-            if plain:
-                _step_chunk(optimizer, groups, *plan.split(plain), coef)
             for chunk, by_group in chunks:
                 self.take(chunk)
                 _step_chunk(optimizer, groups, chunk, by_group, coef)
@@ -337,6 +337,18 @@ class _Plan:
         chunked = [p for p in self.weights if id(p) in parked]
         self.parked = set(map(id, chunked))
         self.chunks = [self.split(c) for c in split_buckets(chunked, CHUNK_BYTES)]
+        self.merged: dict = {}  # see with_plain
+
+    def with_plain(self, plain: list, chunks: list) -> list:
+        """`chunks`, the first with the `plain` weights (fp32 .grad) too: one optimizer step
+        fewer (made once for a set of them with the planned chunks)."""
+        key = tuple(map(id, plain)) if chunks is self.chunks else None
+        merged = self.merged.get(key)
+        if merged is None:
+            merged = self.split(plain + (chunks[0][0] if chunks else []))
+            if key is not None:
+                self.merged[key] = merged
+        return [merged] + chunks[1:]
 
     def split(self, chunk: list) -> tuple:
         """(chunk, its weights group by group)."""
