@@ -29,6 +29,10 @@ gets a second gradient in one backward keeps the sum a plain backward makes (see
 within one autocast region, as the trainer runs each model). Layers that autocast runs in fp32
 (norms, embeddings) keep fp32 `.grad`, and so do a Linear/Conv2d subclass with a forward of
 its own and a module whose forward something else replaced.
+
+From the second step, the layers of a model that ran once a step are cast together, in one
+node, and backward hands their gradients over in one call (parkgroup.py: no Python per layer
+in backward).
 """
 from __future__ import annotations
 
