@@ -160,3 +160,46 @@ def test_the_fused_optimizer_steps_a_twice_used_weight_once_with_both_gradients(
     assert [int(s["step"]) for s in kept_state.values()] == \
         [int(s["step"]) for s in plain_state.values()] == [3] * 6
     assert all(torch.equal(plain[k], kept[k]) for k in plain)
+
+
+def _train(net, park, x, steps: int = 3) -> None:
+    """AdamW steps, clipped, the last one running the net twice (its layers' second uses)."""
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    for step in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x) if step < steps - 1 else net(x) + net(x)
+            loss = out.float().square().mean()
+        loss.backward()
+        if park is not None:
+            park.step(opt, 1e-3)
+        else:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1e-3)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
+def test_a_models_layers_cast_in_one_node_train_exactly_as_a_plain_bf16_step(monkeypatch):
+    """From the second step the layers that ran once are cast together (parkgroup.py): one
+    node, their gradients in one call; the twice-used one and the large one keep their own
+    node; a grouped layer run again in a step (the last one here) casts through its own
+    node, its gradients summed with the group's as backward sums them."""
+    from dreambooth.training import parkgroup
+    monkeypatch.setattr(parked, "RECAST_ELEMENTS", 500)  # the conv's 576 values: cast again
+    torch.manual_seed(0)
+    plain, x = _Net(), torch.randn(16, 8)
+    net = _Net()
+    net.load_state_dict(plain.state_dict())
+    park = parked.GradPark([net])
+    collected = []
+    collect = parkgroup.collect
+    monkeypatch.setattr(parkgroup, "collect",
+                        lambda park, group, grads, cached: (collected.append(len(grads)),
+                                                            collect(park, group, grads, cached)))
+    _train(net, park, x)
+    _train(plain, None, x)
+    assert net.big._group is park.home[net.big] and net.big._group.modules == [net.big]
+    assert net.twice._group is False and net.conv._group is False
+    assert collected == [1, 1]  # the big one's weight (no bias), at steps 2 and 3
+    assert not park.slots and not park.casts
+    for (name, a), b in zip(net.named_parameters(), plain.parameters()):
+        assert torch.equal(a, b), name

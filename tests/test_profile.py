@@ -61,8 +61,9 @@ HELD = {
     # the default full fine-tune at real size (SD1.5, 512 px): 11.65 GiB, 5 638 ops; 13.03 GiB
     # and 6 195 ops before its gradients were kept in bf16 (parked.py: exact). No host sync:
     # noise, timesteps and the latent draw come from a generator on the device, the loss stays
-    # there (read every log_every_steps, not in this step); 5 before (issue 13)
-    "full_adamw_bs1": (512, "full", 0, 5638, 12_504_306_176),
+    # there (read every log_every_steps, not in this step); 5 before (issue 13). 5 638 ops
+    # before the park stepped its fp32 .grad weights with its first chunk (issue 25)
+    "full_adamw_bs1": (512, "full", 0, 5633, 12_504_306_176),
     # the lowest preset at real size: 2.23 GiB, 10 788 ops (1.14x the 9 446 of the same step
     # with checkpointing and plain fused AdamW, 9 596 before; issue 25's bound 1.15x). 4.00 GiB
     # before our Adafactor factored conv weights as (out, in*k*k) and the stochastic rounding

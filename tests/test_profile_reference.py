@@ -12,9 +12,11 @@ from bench.profile_reference import (OURS, REFERENCE, TARGET, comparison, compar
 SLACK = 1.05  # as tests/test_profile.py holds its counts
 # Python function calls per step (ours_best, reference), torch 2.13 and diffusers 0.42.1
 # 12 244 before the lean attention forward (leanattn.py), 9 684 before the park's cast without
-# autograd.Function's Python wrappers (leanfn.py)
-PY_CALLS_TINY = (8_000, 17_664)
-PY_CALLS_REAL = (10_664, 18_975)  # 14 872, then 12 312 before those
+# autograd.Function's Python wrappers (leanfn.py), 8 000 before a model's layers were cast in
+# one node by the park (parkgroup.py), 6 980 before the park stepped its fp32 .grad weights
+# with its first chunk (one optimizer step fewer)
+PY_CALLS_TINY = (6_909, 17_664)
+PY_CALLS_REAL = (9_737, 18_975)  # 14 872, then 12 312, 10 664, 9 808 before those
 
 
 _ROWS: dict = {}

@@ -29,6 +29,10 @@ gets a second gradient in one backward keeps the sum a plain backward makes (see
 within one autocast region, as the trainer runs each model). Layers that autocast runs in fp32
 (norms, embeddings) keep fp32 `.grad`, and so do a Linear/Conv2d subclass with a forward of
 its own and a module whose forward something else replaced.
+
+From the second step, the layers of a model that ran once a step are cast together, in one
+node, and backward hands their gradients over in one call (parkgroup.py: no Python per layer
+in backward).
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ from types import MethodType
 
 import torch
 
-from . import leanfn, selective
+from . import leanfn, parkgroup, selective
 from .optim import split_buckets
 
 CHUNK_BYTES = 128 * 2 ** 20  # of fp32 gradients stepped at once (the scratch buffer)
@@ -90,10 +94,16 @@ def _forward(self, x):
     if weight.requires_grad and torch.is_grad_enabled() \
             and torch.is_autocast_enabled(weight.device.type) \
             and torch.get_autocast_dtype(weight.device.type) == torch.bfloat16:
+        park = self._park
         if torch._C._are_functorch_transforms_active():  # (leanfn.call, inline)
-            cast = _Cast.apply(self._park, weight, bias)
+            cast = _Cast.apply(park, weight, bias)
+        elif self._group and ((cast := park.casts.pop(self, None)) is not None
+                              or (cast := parkgroup.cast(park, self)) is not None):
+            pass  # cast with the rest of its group (parkgroup.py)
         else:
-            cast = _apply(self._park, weight, bias)
+            if self._group is None:  # (learnt at the step: parkgroup.learn)
+                park.uses.append(self)
+            cast = _apply(park, weight, bias)
         weight, bias = (cast, None) if bias is None else cast
         if self._recast:  # cast by the park: see saving
             with self._park.saving(self, weight):
@@ -134,7 +144,10 @@ def attach(cfg, precision: str, acc, models: list, optimizer) -> "GradPark | Non
     if getattr(inner, "in_backward", False):  # optim.Bucketed: a bucket steps as it completes
         # (a weight changes in backward once its bucket completes: after the one node that
         # casts it again has run)
-        inner.use_park(GradPark(models, not selective.full(cfg), inner.bucket_bytes // 4))
+        # (its layers each through their own node: the buckets take their gradients as each
+        # weight's arrive, not all at the end of backward)
+        inner.use_park(GradPark(models, not selective.full(cfg), inner.bucket_bytes // 4,
+                                batch=False))
         return None
     return GradPark(models, recast=not selective.full(cfg))  # (its own hooks)
 
@@ -156,13 +169,14 @@ def update(acc, optimizer, park: "GradPark | None", models: list, max_norm: floa
 
 class GradPark:
     def __init__(self, models: list, recast: bool = True,
-                 widest: int = CHUNK_BYTES // 4) -> None:
+                 widest: int = CHUNK_BYTES // 4, batch: bool = True) -> None:
         # id(weight) -> its gradient of this step (bf16; fp32 if summed). By id: a tensor's
         # hash is a Python call, and the step looks weights up a few times each
         self.slots: dict = {}
         self.recast = recast  # large weights' bf16 copies are not kept for backward
-        self.modules = []
+        self.modules, self.home = [], {}  # (home: each layer's model's parkgroup.Group)
         for model in models:
+            group = parkgroup.Group()
             for m in model.modules():
                 kind = next((k for k in FORWARDS if isinstance(m, k)), None)
                 # a subclass with a forward of its own, or a module whose forward was replaced
@@ -173,9 +187,15 @@ class GradPark:
                     m._conv = kind is torch.nn.Conv2d
                     m._recast = recast and m.weight.numel() >= RECAST_ELEMENTS \
                         and not getattr(m, "_recomputed", False)  # see saving; selective.py
+                    # None: not learnt yet (parkgroup.learn); False: through its own node
+                    m._group = None if batch and recast and not m._recast else False
                     self.modules.append(m)
+                    self.home[m] = group
         self.parked = {id(p) for m in self.modules for p in (m.weight, m.bias)
                        if p is not None}
+        # this step's casts of the grouped layers not yet run; the groups cast this step;
+        # the layers run (not grouped yet) since the last step
+        self.casts, self.cast_now, self.uses = {}, set(), []
         self.scratch, self.views = None, {}  # see take
         self.plans: dict = {}  # see _plan
         # values in the widest set taken at once: a chunk, a bucket, or a larger weight alone
@@ -185,12 +205,14 @@ class GradPark:
         """Drop the scratch buffer (and its views): made again where the weights are at the
         next step that needs it (the benchmark moves a run off the GPU between its rounds)."""
         self.scratch, self.views = None, {}
+        self.casts.clear()
+        self.cast_now.clear()
 
     def detach(self) -> None:
         """The modules run as they were made."""
         for m in self.modules:
-            del m._park, m.forward, m._recast, m._conv
-        self.modules = []
+            del m._park, m.forward, m._recast, m._conv, m._group
+        self.modules, self.home, self.casts = [], {}, {}
 
     def saving(self, m, cast):
         """Around a large weight's forward (`_recast`: RECAST_ELEMENTS, when recast is on):
@@ -268,6 +290,7 @@ class GradPark:
     def step(self, optimizer, max_norm: float) -> None:
         """Clip every gradient (parked and .grad) by their global norm, then step `optimizer`
         (accelerate's wrapper or a torch one) a chunk of weights at a time."""
+        parkgroup.learn(self)
         groups = getattr(optimizer, "optimizer", optimizer).param_groups
         plan, slots = self._plan(groups), self.slots
         for p in plan.weights:
@@ -279,9 +302,9 @@ class GradPark:
                  and id(p) not in slots]  # fp32, in .grad already
         chunks = plan.chunks if slots.keys() == plan.parked else [plan.split(c) for c in (
             split_buckets([p for p in plan.weights if id(p) in slots], CHUNK_BYTES))]
+        if plain:  # stepped with the first chunk (each weight's update is its own)
+            chunks = plan.with_plain(plain, chunks)
         try:
-            if plain:
-                _step_chunk(optimizer, groups, *plan.split(plain), coef)
             for chunk, by_group in chunks:
                 self.take(chunk)
                 _step_chunk(optimizer, groups, chunk, by_group, coef)
@@ -318,6 +341,18 @@ class _Plan:
         chunked = [p for p in self.weights if id(p) in parked]
         self.parked = set(map(id, chunked))
         self.chunks = [self.split(c) for c in split_buckets(chunked, CHUNK_BYTES)]
+        self.merged: dict = {}  # see with_plain
+
+    def with_plain(self, plain: list, chunks: list) -> list:
+        """`chunks`, the first with the `plain` weights (fp32 .grad) too: one optimizer step
+        fewer (made once for a set of them with the planned chunks)."""
+        key = tuple(map(id, plain)) if chunks is self.chunks else None
+        merged = self.merged.get(key)
+        if merged is None:
+            merged = self.split(plain + (chunks[0][0] if chunks else []))
+            if key is not None:
+                self.merged[key] = merged
+        return [merged] + chunks[1:]
 
     def split(self, chunk: list) -> tuple:
         """(chunk, its weights group by group)."""
