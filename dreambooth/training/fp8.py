@@ -131,10 +131,8 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
     weight, bias = self._parameters["weight"], self._parameters["bias"]
     if bias is not None:
         bias = bias.to(dtype)
-    made = self.__dict__["_fp8_tables"]  # (tables, inline where there are none: a GPU)
-    table = None if made is None else made.get(dtype)
-    if table is None and made is not None:
-        table = tables(self, dtype)
+    # (no Python call where there are no tables: a GPU)
+    table = None if self.__dict__["_fp8_tables"] is None else tables(self, dtype)
     if torch._C._are_functorch_transforms_active():  # (leanfn.call, inline)
         return _Upcast.apply(x.to(dtype), weight, self._buffers["weight_scale"], bias, conv,
                              table)
